@@ -1,0 +1,440 @@
+//! The gateway's configuration: a documented struct, every key with a default, unknown keys
+//! rejected, and every semantic error reported at once with its key path.
+//!
+//! Files ending in `.toml` are read as TOML, everything else as YAML. Parsing stops at the first
+//! syntax or type error (reported with its path, e.g. `server.max_connections: invalid type`);
+//! [`Config::validate`] then reports every bad value together. Times are seconds (fractions
+//! allowed); sizes are bytes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub service_discovery: ServiceDiscovery,
+    pub routing: RoutingConfig,
+}
+
+/// The `server` section: listeners, workers and limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the HTTP/WebSocket front door (and of the TCP door). `::` listens dual-stack.
+    pub host: String,
+    /// Port of the HTTP/WebSocket front door. 0 picks a free port (logged at startup).
+    pub port: u16,
+    /// Port of the MCPB framed-TCP front door; 0 disables it.
+    pub tcp_port: u16,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/ready`).
+    pub metrics_host: String,
+    /// Port of the admin listener; 0 picks a free port.
+    pub metrics_port: u16,
+    /// Worker runtimes, one per core when 0.
+    pub workers: usize,
+    /// Pin worker `i` to core `i` (modulo the number of cores).
+    pub pin_workers: bool,
+    /// I/O driver: `auto` (io_uring, else epoll), `io_uring` or `epoll`.
+    pub driver: Driver,
+    /// Concurrent connections over all front doors and cores.
+    pub max_connections: usize,
+    /// Concurrent connections from one client address; 0 disables the per-IP limit.
+    pub max_connections_per_ip: u64,
+    /// Seconds a client may take to send a whole request once it has started one.
+    pub read_timeout: f64,
+    /// Seconds a response write may take.
+    pub write_timeout: f64,
+    /// Seconds a connection may sit idle between requests or messages.
+    pub idle_timeout: f64,
+    /// Seconds open connections get to finish after SIGTERM/SIGINT.
+    pub shutdown_timeout: f64,
+    /// Largest request body, WebSocket message or MCPB payload, in bytes.
+    pub max_message_size: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "0.0.0.0".into(),
+            port: 8080,
+            tcp_port: 8444,
+            metrics_host: "127.0.0.1".into(),
+            metrics_port: 9090,
+            workers: 0,
+            pin_workers: true,
+            driver: Driver::Auto,
+            max_connections: 50_000,
+            max_connections_per_ip: 1_000,
+            read_timeout: 30.0,
+            write_timeout: 30.0,
+            idle_timeout: 120.0,
+            shutdown_timeout: 30.0,
+            max_message_size: 1 << 20,
+        }
+    }
+}
+
+/// Which io driver the worker runtimes use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Driver {
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+/// `service_discovery`: where each namespace's upstream MCP servers are.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceDiscovery {
+    #[serde(rename = "static")]
+    pub static_: StaticDiscovery,
+}
+
+impl Default for ServiceDiscovery {
+    fn default() -> Self {
+        let mut endpoints = BTreeMap::new();
+        endpoints.insert(
+            "default".to_string(),
+            vec![Endpoint {
+                url: BUILTIN_ECHO.into(),
+                weight: 1,
+            }],
+        );
+        ServiceDiscovery {
+            static_: StaticDiscovery { endpoints },
+        }
+    }
+}
+
+/// `service_discovery.static`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StaticDiscovery {
+    /// Namespace name to its upstreams. `/mcp` is the `default` namespace, `/mcp/{ns}` is `ns`.
+    pub endpoints: BTreeMap<String, Vec<Endpoint>>,
+}
+
+/// The URL of the MCP server built into the gateway.
+pub const BUILTIN_ECHO: &str = "builtin:echo";
+
+/// One upstream MCP server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    pub url: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `routing`: how a namespace's upstreams share the traffic.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    pub strategy: Strategy,
+    /// Seconds between active health checks of each upstream.
+    pub health_check_interval: f64,
+    pub circuit_breaker: CircuitBreakerConfig,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            strategy: Strategy::RoundRobin,
+            health_check_interval: 10.0,
+            circuit_breaker: CircuitBreakerConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    RoundRobin,
+    LeastConnections,
+    Weighted,
+}
+
+/// `routing.circuit_breaker`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    pub failure_threshold: u32,
+    pub success_threshold: u32,
+    pub timeout_seconds: f64,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        CircuitBreakerConfig {
+            failure_threshold: 5,
+            success_threshold: 2,
+            timeout_seconds: 30.0,
+        }
+    }
+}
+
+/// A configuration that could not be used: every problem, each with its key path.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub source: String,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration {}:", self.source)?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates `path` (TOML when it ends in `.toml`, YAML otherwise).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source: source.clone(),
+            problems: vec![format!("cannot read file: {e}")],
+        })?;
+        let toml = path.extension().is_some_and(|e| e == "toml");
+        Config::parse(&text, toml).map_err(|problems| ConfigError { source, problems })
+    }
+
+    /// Parses and validates a document.
+    pub fn parse(text: &str, toml: bool) -> Result<Config, Vec<String>> {
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else if toml {
+            let de = toml::Deserializer::new(text);
+            serde_path_to_error::deserialize(de)
+                .map_err(|e| vec![describe(&e.path().to_string(), e.inner())])?
+        } else {
+            // serde_yaml's messages already start with the key path ("server.port: ...").
+            serde_yaml::from_str(text).map_err(|e| vec![e.to_string()])?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every semantic problem at once, each naming its key.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut p = Vec::new();
+        let s = &self.server;
+        if s.max_connections == 0 {
+            p.push("server.max_connections: must be at least 1".into());
+        }
+        if s.max_connections_per_ip > crate::limiter::ip_table::MAX_COUNT {
+            p.push(format!(
+                "server.max_connections_per_ip: {} is above the largest supported value {}",
+                s.max_connections_per_ip,
+                crate::limiter::ip_table::MAX_COUNT
+            ));
+        }
+        for (key, v) in [
+            ("server.read_timeout", s.read_timeout),
+            ("server.write_timeout", s.write_timeout),
+            ("server.idle_timeout", s.idle_timeout),
+            ("server.shutdown_timeout", s.shutdown_timeout),
+            (
+                "routing.health_check_interval",
+                self.routing.health_check_interval,
+            ),
+            (
+                "routing.circuit_breaker.timeout_seconds",
+                self.routing.circuit_breaker.timeout_seconds,
+            ),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v <= 86_400.0 * 365.0) {
+                p.push(format!("{key}: {v} is not a positive number of seconds"));
+            }
+        }
+        if !(64..=crate::mcpb::MAX_PAYLOAD).contains(&s.max_message_size) {
+            p.push(format!(
+                "server.max_message_size: {} must be between 64 and {} bytes",
+                s.max_message_size,
+                crate::mcpb::MAX_PAYLOAD
+            ));
+        }
+        for (key, host) in [
+            ("server.host", &s.host),
+            ("server.metrics_host", &s.metrics_host),
+        ] {
+            if host.parse::<std::net::IpAddr>().is_err() {
+                p.push(format!("{key}: {host:?} is not an IP address"));
+            }
+        }
+        if s.tcp_port != 0 && s.tcp_port == s.port && s.port != 0 {
+            p.push("server.tcp_port: must differ from server.port".into());
+        }
+        if s.metrics_port != 0 && s.metrics_port == s.port && s.metrics_host == s.host {
+            p.push("server.metrics_port: must differ from server.port".into());
+        }
+        if s.workers > 4096 {
+            p.push(format!("server.workers: {} is more than 4096", s.workers));
+        }
+        let cb = &self.routing.circuit_breaker;
+        for (key, v) in [
+            (
+                "routing.circuit_breaker.failure_threshold",
+                cb.failure_threshold,
+            ),
+            (
+                "routing.circuit_breaker.success_threshold",
+                cb.success_threshold,
+            ),
+        ] {
+            if v == 0 {
+                p.push(format!("{key}: must be at least 1"));
+            }
+        }
+        let endpoints = &self.service_discovery.static_.endpoints;
+        if endpoints.is_empty() {
+            p.push("service_discovery.static.endpoints: at least one namespace is needed".into());
+        }
+        for (ns, list) in endpoints {
+            let key = format!("service_discovery.static.endpoints.{ns}");
+            if ns.is_empty()
+                || !ns
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                p.push(format!(
+                    "{key}: a namespace is letters, digits, '-', '_' or '.'"
+                ));
+            }
+            if list.is_empty() {
+                p.push(format!("{key}: needs at least one endpoint"));
+            }
+            for (i, e) in list.iter().enumerate() {
+                if e.url != BUILTIN_ECHO {
+                    p.push(format!(
+                        "{key}[{i}].url: {:?}: this version forwards only to {BUILTIN_ECHO} (HTTP upstreams come with forwarding)",
+                        e.url
+                    ));
+                }
+                if e.weight == 0 {
+                    p.push(format!("{key}[{i}].weight: must be at least 1"));
+                }
+            }
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(p)
+        }
+    }
+
+    /// The effective configuration as YAML (for `mcp-gateway check`).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("a Config always serializes")
+    }
+}
+
+fn describe(path: &str, err: &dyn fmt::Display) -> String {
+    if path.is_empty() || path == "." {
+        format!("{err}")
+    } else {
+        format!("{path}: {err}")
+    }
+}
+
+/// Seconds from the file as a `Duration`.
+pub fn secs(v: f64) -> Duration {
+    Duration::from_secs_f64(v)
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_document_is_all_defaults() {
+        let c = Config::parse("", false).unwrap();
+        assert_eq!(c.server.max_connections, 50_000);
+        assert_eq!(c.server.max_connections_per_ip, 1_000);
+        assert_eq!(c.server.port, 8080);
+        assert_eq!(c.server.tcp_port, 8444);
+        assert_eq!(c.server.metrics_port, 9090);
+        assert_eq!(
+            c.service_discovery.static_.endpoints["default"][0].url,
+            BUILTIN_ECHO
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_path() {
+        let e = Config::parse("server:\n  max_conections: 5\n", false).unwrap_err();
+        assert!(
+            e[0].starts_with("server: unknown field `max_conections`"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn bad_type_is_named_with_its_path() {
+        let e = Config::parse("server:\n  max_connections: lots\n", false).unwrap_err();
+        assert!(
+            e[0].starts_with("server.max_connections: invalid type"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_at_once() {
+        let e = Config::parse(
+            "server:\n  max_connections: 0\n  idle_timeout: -1\n  driver: auto\n",
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].contains("server.max_connections"));
+        assert!(e[1].contains("server.idle_timeout"));
+    }
+
+    #[test]
+    fn toml_reads_the_same_keys() {
+        let c = Config::parse(
+            "[server]\nmax_connections = 10\nmax_connections_per_ip = 0\n",
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.server.max_connections, c.server.max_connections_per_ip),
+            (10, 0)
+        );
+        let e = Config::parse("[server]\nbogus = 1\n", true).unwrap_err();
+        assert!(e[0].contains("unknown field `bogus`"), "{e:?}");
+    }
+
+    #[test]
+    fn bundled_configs_are_valid() {
+        for (file, global, per_ip) in [
+            ("gateway.yaml", 50_000, 1_000),
+            ("development.yaml", 1_000, 100),
+            ("enterprise.yaml", 50_000, 5_000),
+            ("public.yaml", 10_000, 50),
+        ] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("config")
+                .join(file);
+            let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(c.server.max_connections, global, "{file}");
+            assert_eq!(c.server.max_connections_per_ip, per_ip, "{file}");
+        }
+    }
+}

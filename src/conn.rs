@@ -1,0 +1,137 @@
+//! Connection I/O shared by the front doors: the per-core buffer pool, the idle wait, deadline
+//! reads and timed writes, and the graceful close.
+//!
+//! Invariants:
+//! - A connection waiting for its next request or message holds no buffer: it waits for
+//!   readiness ([`wait_readable`]), and only then takes a buffer from this core's pool. Buffers go
+//!   back to the pool as soon as no unconsumed bytes are left in them.
+//! - The pool is per thread (so per core), bounded in count and in the capacity of what it keeps.
+//! - Every read and write runs under a deadline; nothing waits on a client forever.
+
+use std::cell::RefCell;
+use std::io;
+use std::time::{Duration, Instant};
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+/// Capacity of a pooled buffer; requests that need more grow their buffer, which is then dropped
+/// instead of pooled when it is larger than [`MAX_POOLED`].
+pub const BUF_SIZE: usize = 16 * 1024;
+const MAX_POOLED: usize = 64 * 1024;
+/// Buffers kept per core. Beyond this, returned buffers are freed.
+const POOL_LEN: usize = 256;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A cleared buffer from this core's pool (or a new one).
+pub fn take_buf() -> Vec<u8> {
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| Vec::with_capacity(BUF_SIZE))
+}
+
+/// Returns a buffer to this core's pool.
+pub fn give_buf(mut buf: Vec<u8>) {
+    if buf.capacity() < BUF_SIZE || buf.capacity() > MAX_POOLED {
+        return;
+    }
+    buf.clear();
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOL_LEN {
+            p.push(buf);
+        }
+    });
+}
+
+/// How waiting for a client ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Wait {
+    Ready,
+    TimedOut,
+}
+
+/// Waits until the socket is readable (data, EOF or error), holding no buffer meanwhile.
+pub async fn wait_readable(stream: &TcpStream, limit: Duration) -> io::Result<Wait> {
+    match monoio::time::timeout(limit, stream.readable(false)).await {
+        Ok(r) => r.map(|()| Wait::Ready),
+        Err(_) => Ok(Wait::TimedOut),
+    }
+}
+
+/// Why a read under a deadline gave no bytes.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The peer closed its side.
+    Eof,
+    TimedOut,
+    Io(io::Error),
+}
+
+/// Appends at least one byte to `buf` (growing it by up to `BUF_SIZE` when full) before
+/// `deadline`.
+pub async fn read_more(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+) -> Result<usize, ReadError> {
+    if buf.capacity() - buf.len() < 512 {
+        buf.reserve(BUF_SIZE);
+    }
+    let len = buf.len();
+    let cap = buf.capacity();
+    let owned = std::mem::take(buf);
+    let left = deadline.saturating_duration_since(Instant::now());
+    let fut = stream.read(owned.slice_mut(len..cap));
+    match monoio::time::timeout(left, fut).await {
+        Ok((res, slice)) => {
+            *buf = slice.into_inner();
+            match res {
+                Ok(0) => Err(ReadError::Eof),
+                Ok(n) => Ok(n),
+                Err(e) => Err(ReadError::Io(e)),
+            }
+        }
+        // The buffer went with the cancelled read; the caller is closing the connection.
+        Err(_) => Err(ReadError::TimedOut),
+    }
+}
+
+/// Writes all of `data` within `limit`. Returns the buffer (cleared) for reuse on success.
+pub async fn write_all(
+    stream: &mut TcpStream,
+    data: Vec<u8>,
+    limit: Duration,
+) -> io::Result<Vec<u8>> {
+    match monoio::time::timeout(limit, stream.write_all(data)).await {
+        Ok((Ok(_), mut buf)) => {
+            buf.clear();
+            Ok(buf)
+        }
+        Ok((Err(e), _)) => Err(e),
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
+    }
+}
+
+/// Closes after an error reply without turning it into a reset: shuts our write side, then reads
+/// and discards what the client still sends (bounded in bytes and time) until it closes too.
+/// Closing a socket with unread bytes makes the kernel send RST, which can destroy the reply
+/// before the client reads it.
+pub async fn linger_close(mut stream: TcpStream, scrap: Option<Vec<u8>>) {
+    let _ = stream.shutdown().await;
+    let mut buf = scrap.unwrap_or_else(take_buf);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut drained = 0usize;
+    while drained < 256 * 1024 {
+        buf.clear();
+        match read_more(&mut stream, &mut buf, deadline).await {
+            Ok(n) => drained += n,
+            Err(ReadError::TimedOut) => return,
+            Err(_) => break,
+        }
+    }
+    give_buf(buf);
+}

@@ -1,0 +1,385 @@
+//! The HTTP front door: MCP Streamable HTTP on `/mcp` and `/mcp/{namespace}`, and the WebSocket
+//! upgrade on the same paths.
+//!
+//! Owns an admitted HTTP connection from its first byte to its close (or to its hand-over to
+//! [`crate::websocket`] after an upgrade), and the replies owed to connections the limiter refused.
+//!
+//! Invariants:
+//! - Between requests a connection holds no buffer: it waits for readiness, then the request is
+//!   handled in a separately allocated future with pooled buffers, so an idle connection costs
+//!   only its small waiting state.
+//! - Keep-alive and pipelining: requests on one connection are answered in order; answers to
+//!   pipelined requests already in the buffer go out in one write.
+//! - Every refusal (400, 408, 413, 415, 431, 501) is a complete response with a JSON-RPC error
+//!   body and `Connection: close`, followed by a lingering close, so the client reads it instead
+//!   of a reset.
+//! - A request must arrive whole within `read_timeout` of its first byte; an idle keep-alive
+//!   connection is closed after `idle_timeout`.
+
+pub mod request;
+pub mod response;
+
+use std::time::Instant;
+
+use monoio::net::TcpStream;
+
+use crate::conn::{
+    give_buf, linger_close, read_more, take_buf, wait_readable, write_all, ReadError, Wait,
+};
+use crate::echo;
+use crate::limiter::Rejection;
+use crate::metrics::{DoorGauge, Frontend};
+use crate::websocket;
+use crate::worker::{Registration, Worker};
+use request::{parse_head, BodyKind, ChunkStep, Chunked, Head, Method, Refusal, Route};
+
+/// How one exchange (one or more requests) left the connection.
+enum Step {
+    /// Wait for the next request; holds the bytes of a partial pipelined request, if any.
+    KeepAlive(Option<Vec<u8>>),
+    /// Close now.
+    Close,
+    /// An error reply was sent: close without resetting it away.
+    Linger(Vec<u8>),
+    /// Switched protocols: hand the connection to the WebSocket door with these bytes.
+    Upgrade(Vec<u8>, usize),
+}
+
+/// Serves an admitted connection on the HTTP port until it closes.
+pub async fn serve(worker: &'static Worker, mut stream: TcpStream, reg: &Registration) {
+    let mut gauge = DoorGauge::open(worker.metrics, Frontend::Http);
+    let settings = worker.settings();
+    let mut pending: Option<Vec<u8>> = None;
+    let mut first = true;
+    loop {
+        if pending.is_none() {
+            if worker.draining() {
+                return;
+            }
+            worker.set_idle(reg, true);
+            let limit = if first {
+                settings.read_timeout
+            } else {
+                settings.idle_timeout
+            };
+            let waited = wait_readable(&stream, limit).await;
+            worker.set_idle(reg, false);
+            if !matches!(waited, Ok(Wait::Ready)) {
+                return; // idle past the limit, or a socket error: close quietly
+            }
+        }
+        first = false;
+        match Box::pin(exchange(worker, &mut stream, pending.take())).await {
+            Step::KeepAlive(rest) => pending = rest,
+            Step::Close => return,
+            Step::Linger(buf) => return linger_close(stream, Some(buf)).await,
+            Step::Upgrade(rest, upstream) => {
+                gauge.switch(Frontend::WebSocket);
+                return websocket::serve(worker, stream, reg, rest, upstream).await;
+            }
+        }
+    }
+}
+
+/// Reads and answers requests while bytes are available.
+async fn exchange(
+    worker: &'static Worker,
+    stream: &mut TcpStream,
+    pending: Option<Vec<u8>>,
+) -> Step {
+    let s = worker.settings();
+    let mut buf = pending.unwrap_or_else(take_buf);
+    let mut out = take_buf();
+    loop {
+        let deadline = Instant::now() + s.read_timeout;
+        let head = loop {
+            match parse_head(&buf, |n| s.namespace(n)) {
+                Ok(Some(head)) => break head,
+                Ok(None) => {}
+                Err(refusal) => return refuse(worker, stream, buf, out, refusal).await,
+            }
+            // Answers already made go out before we wait on the client again.
+            if !out.is_empty() {
+                match write_all(stream, out, s.write_timeout).await {
+                    Ok(o) => out = o,
+                    Err(_) => return Step::Close,
+                }
+            }
+            let started_head = !buf.is_empty();
+            match read_more(stream, &mut buf, deadline).await {
+                Ok(_) => {}
+                Err(ReadError::TimedOut) if started_head => {
+                    return refuse(worker, stream, buf, out, request::TIMEOUT).await
+                }
+                Err(_) => {
+                    give_buf(out);
+                    return Step::Close;
+                }
+            }
+        };
+        let (consumed, body) = match read_body(worker, stream, &mut buf, &head, deadline).await {
+            Ok(b) => b,
+            Err(Some(refusal)) => return refuse(worker, stream, buf, out, refusal).await,
+            Err(None) => return Step::Close,
+        };
+        let started = Instant::now();
+        let keep_alive = head.keep_alive && !worker.draining();
+        if let (Some(upgrade), Route::Mcp(upstream)) = (&head.upgrade, head.route) {
+            let status = websocket::handshake(upgrade, &mut out);
+            if status != 101 {
+                worker
+                    .metrics
+                    .protocol_error(Frontend::Http, crate::metrics::ProtocolError::Malformed);
+                buf.drain(..consumed);
+                let _ = write_all(stream, out, s.write_timeout).await;
+                return Step::Linger(buf);
+            }
+            match write_all(stream, out, s.write_timeout).await {
+                Ok(o) => give_buf(o),
+                Err(_) => return Step::Close,
+            }
+            buf.drain(..consumed);
+            return Step::Upgrade(buf, upstream);
+        }
+        let body_bytes = match &body {
+            Some(decoded) => decoded.as_slice(),
+            None => &buf[head.len..consumed],
+        };
+        answer(worker, &head, body_bytes, keep_alive, &mut out);
+        worker.metrics.request(Frontend::Http, started.elapsed());
+        if let Some(b) = body {
+            give_buf(b);
+        }
+        buf.drain(..consumed);
+        if !keep_alive || buf.is_empty() {
+            match write_all(stream, out, s.write_timeout).await {
+                Ok(o) => give_buf(o),
+                Err(_) => return Step::Close,
+            }
+            if !keep_alive {
+                return if buf.is_empty() {
+                    Step::Close
+                } else {
+                    Step::Linger(buf)
+                };
+            }
+            give_buf(buf);
+            return Step::KeepAlive(None);
+        }
+        // More pipelined bytes are already here: go round without waiting.
+    }
+}
+
+/// Reads the body of `head`. Returns the offset where the request ends in `buf` and, for a
+/// chunked body, the decoded bytes (a `Content-Length` body is `buf[head.len..end]`).
+/// `Err(None)`: the client went away.
+async fn read_body(
+    worker: &'static Worker,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    head: &Head,
+    deadline: Instant,
+) -> Result<(usize, Option<Vec<u8>>), Option<Refusal>> {
+    let s = worker.settings();
+    let more = |e: ReadError| match e {
+        ReadError::TimedOut => Some(request::TIMEOUT),
+        _ => None,
+    };
+    match head.body {
+        BodyKind::None => Ok((head.len, None)),
+        BodyKind::Length(n) => {
+            if n > s.max_message_size {
+                return Err(Some(request::BODY_TOO_LARGE));
+            }
+            let end = head.len + n;
+            if buf.len() < end {
+                continue_if_expected(worker, stream, head).await?;
+                buf.reserve(end - buf.len());
+            }
+            while buf.len() < end {
+                read_more(stream, buf, deadline).await.map_err(more)?;
+            }
+            Ok((end, None))
+        }
+        BodyKind::Chunked => {
+            let mut decoder = Chunked::new(head.len);
+            let mut body = take_buf();
+            let mut asked = false;
+            loop {
+                match decoder.decode(buf, &mut body, s.max_message_size) {
+                    Ok(ChunkStep::Done(end)) => return Ok((end, Some(body))),
+                    Ok(ChunkStep::More) => {}
+                    Err(r) => return Err(Some(r)),
+                }
+                if !asked {
+                    asked = true;
+                    continue_if_expected(worker, stream, head).await?;
+                }
+                read_more(stream, buf, deadline).await.map_err(more)?;
+            }
+        }
+    }
+}
+
+/// Sends `100 Continue` when the client waits for it before sending its body.
+async fn continue_if_expected(
+    worker: &'static Worker,
+    stream: &mut TcpStream,
+    head: &Head,
+) -> Result<(), Option<Refusal>> {
+    if !head.expect_continue {
+        return Ok(());
+    }
+    let msg = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+    write_all(stream, msg, worker.settings().write_timeout)
+        .await
+        .map(drop)
+        .map_err(|_| None)
+}
+
+/// Appends the answer to one complete request to `out`.
+fn answer(worker: &'static Worker, head: &Head, body: &[u8], keep_alive: bool, out: &mut Vec<u8>) {
+    use response::{error, write};
+    let upstream = match head.route {
+        Route::Mcp(u) => u,
+        Route::UnknownNamespace => {
+            return error(out, 404, -32000, "unknown MCP namespace", &[], keep_alive)
+        }
+        Route::NotFound => {
+            return error(
+                out,
+                404,
+                -32000,
+                "not found: MCP is served on /mcp and /mcp/{namespace}",
+                &[],
+                keep_alive,
+            )
+        }
+    };
+    match head.method {
+        Method::Post if head.bad_content_type => error(
+            out,
+            415,
+            -32700,
+            "Content-Type must be application/json",
+            &[],
+            keep_alive,
+        ),
+        Method::Post => {
+            let mut reply = take_buf();
+            let ans = echo::handle(body, &mut reply);
+            worker.metrics.upstream_request(upstream);
+            let session;
+            let mut headers: Vec<(&str, &str)> = Vec::with_capacity(3);
+            if ans.initialize {
+                session = format!("{:016x}{:016x}", worker.random(), worker.random());
+                headers.push(("Mcp-Session-Id", &session));
+            }
+            if ans.parse_error {
+                headers.push(("Content-Type", "application/json"));
+                write(out, 400, &headers, &reply, keep_alive);
+            } else if !ans.replied {
+                write(out, 202, &headers, b"", keep_alive);
+            } else if head.sse_only {
+                let mut event = take_buf();
+                event.extend_from_slice(b"event: message\ndata: ");
+                event.extend_from_slice(&reply);
+                event.extend_from_slice(b"\n\n");
+                headers.push(("Content-Type", "text/event-stream"));
+                headers.push(("Cache-Control", "no-cache"));
+                write(out, 200, &headers, &event, keep_alive);
+                give_buf(event);
+            } else {
+                headers.push(("Content-Type", "application/json"));
+                write(out, 200, &headers, &reply, keep_alive);
+            }
+            give_buf(reply);
+        }
+        // builtin:echo sends nothing unprompted, so it offers no GET stream (MCP: 405).
+        Method::Get => error(
+            out,
+            405,
+            -32000,
+            "this server offers no server-sent event stream",
+            &[("Allow", "POST, DELETE")],
+            keep_alive,
+        ),
+        Method::Delete if head.has_session => write(out, 200, &[], b"", keep_alive),
+        Method::Delete => error(
+            out,
+            400,
+            -32000,
+            "DELETE needs an Mcp-Session-Id header",
+            &[],
+            keep_alive,
+        ),
+        Method::Other => error(
+            out,
+            405,
+            -32000,
+            "method not allowed",
+            &[("Allow", "GET, POST, DELETE")],
+            keep_alive,
+        ),
+    }
+}
+
+/// Sends a refusal and tells the caller to linger-close.
+async fn refuse(
+    worker: &'static Worker,
+    stream: &mut TcpStream,
+    buf: Vec<u8>,
+    mut out: Vec<u8>,
+    r: Refusal,
+) -> Step {
+    worker.metrics.protocol_error(Frontend::Http, r.kind);
+    tracing::debug!(
+        status = r.status,
+        reason = r.message,
+        "refusing HTTP request"
+    );
+    let code = if r.status == 408 { -32000 } else { -32600 };
+    response::error(&mut out, r.status, code, r.message, &[], false);
+    if let Ok(o) = write_all(stream, out, worker.settings().write_timeout).await {
+        give_buf(o);
+    }
+    Step::Linger(buf)
+}
+
+/// Answers a connection the limiter refused: reads its request head (bounded in size and time),
+/// sends 429 or 503 with `Retry-After: 1`, and closes without a reset.
+pub async fn reject(worker: &'static Worker, mut stream: TcpStream, why: Rejection) {
+    let mut buf = take_buf();
+    let deadline = Instant::now()
+        + worker
+            .settings()
+            .read_timeout
+            .min(std::time::Duration::from_secs(2));
+    while buf.len() < 8 * 1024 && !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        if read_more(&mut stream, &mut buf, deadline).await.is_err() {
+            if buf.is_empty() {
+                return; // the client left (or sent nothing): nothing to answer
+            }
+            break;
+        }
+    }
+    let message = match why {
+        Rejection::PerIp => "too many connections from your address (max_connections_per_ip)",
+        Rejection::Global => "gateway at its connection limit (max_connections)",
+        Rejection::IpTableFull => "gateway cannot track more client addresses",
+    };
+    let mut out = take_buf();
+    response::error(
+        &mut out,
+        why.http_status(),
+        -32000,
+        message,
+        &[("Retry-After", "1")],
+        false,
+    );
+    if let Ok(o) = write_all(&mut stream, out, worker.settings().write_timeout).await {
+        give_buf(o);
+    }
+    buf.clear();
+    linger_close(stream, Some(buf)).await;
+}

@@ -1,0 +1,429 @@
+//! HTTP/1.1 request heads and bodies: parsing with hard size caps.
+//!
+//! Owns the translation of raw bytes into a small owned [`Head`] (only what the gateway acts on,
+//! so no borrowed header array outlives the parse) and the decoding of `Content-Length` and
+//! `chunked` bodies. Every input is bounded: [`MAX_HEAD`] bytes and [`MAX_HEADERS`] headers for a
+//! head, `max_message_size` for a body. Ambiguous framing (both `Content-Length` and
+//! `Transfer-Encoding`, or two different lengths) is refused, as RFC 9112 asks, so no request can
+//! be smuggled past the gateway.
+
+use crate::metrics::ProtocolError;
+
+/// Largest request head, bytes (status 431 beyond).
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Most header fields in a head (status 431 beyond).
+pub const MAX_HEADERS: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+    Delete,
+    Other,
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `/mcp` (the `default` namespace) or `/mcp/{ns}`: the namespace's upstream index.
+    Mcp(usize),
+    /// `/mcp/{ns}` for a namespace that is not configured.
+    UnknownNamespace,
+    NotFound,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    None,
+    Length(usize),
+    Chunked,
+}
+
+/// A WebSocket upgrade request's handshake fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgrade {
+    /// `Sec-WebSocket-Key` (base64 of 16 bytes).
+    pub key: Option<String>,
+    pub version_13: bool,
+    /// The client offered the `mcp` subprotocol.
+    pub mcp_protocol: bool,
+}
+
+/// What the gateway needs from a request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub method: Method,
+    pub route: Route,
+    pub keep_alive: bool,
+    pub body: BodyKind,
+    pub expect_continue: bool,
+    /// The client accepts `text/event-stream` but not `application/json`.
+    pub sse_only: bool,
+    /// A `Content-Type` other than JSON was sent.
+    pub bad_content_type: bool,
+    pub has_session: bool,
+    pub upgrade: Option<Upgrade>,
+    /// Bytes of the head, terminating blank line included.
+    pub len: usize,
+}
+
+/// A request the gateway refuses, with the status it is owed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub message: &'static str,
+    pub kind: ProtocolError,
+}
+
+const fn refuse(status: u16, message: &'static str, kind: ProtocolError) -> Refusal {
+    Refusal {
+        status,
+        message,
+        kind,
+    }
+}
+
+pub const MALFORMED: Refusal = refuse(400, "malformed HTTP request", ProtocolError::Malformed);
+pub const HEAD_TOO_LARGE: Refusal = refuse(
+    431,
+    "request header fields too large",
+    ProtocolError::TooLarge,
+);
+pub const BODY_TOO_LARGE: Refusal = refuse(
+    413,
+    "request body larger than max_message_size",
+    ProtocolError::TooLarge,
+);
+pub const TIMEOUT: Refusal = refuse(
+    408,
+    "request not received within read_timeout",
+    ProtocolError::Timeout,
+);
+const BAD_FRAMING: Refusal = refuse(
+    400,
+    "ambiguous or invalid message framing",
+    ProtocolError::Malformed,
+);
+const BAD_CHUNK: Refusal = refuse(400, "malformed chunked body", ProtocolError::Malformed);
+const UNSUPPORTED_TE: Refusal = refuse(
+    501,
+    "unsupported transfer-encoding",
+    ProtocolError::Malformed,
+);
+
+/// Parses a head from the start of `buf`. `Ok(None)`: incomplete, read more.
+/// `namespace` maps a namespace name to its upstream index.
+pub fn parse_head(
+    buf: &[u8],
+    namespace: impl Fn(&str) -> Option<usize>,
+) -> Result<Option<Head>, Refusal> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HEAD_TOO_LARGE),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HEAD_TOO_LARGE),
+        Err(_) => return Err(MALFORMED),
+    };
+    if len > MAX_HEAD {
+        return Err(HEAD_TOO_LARGE);
+    }
+    let http11 = req.version == Some(1);
+    let method = match req.method.unwrap_or("") {
+        "GET" => Method::Get,
+        "POST" => Method::Post,
+        "DELETE" => Method::Delete,
+        _ => Method::Other,
+    };
+    let route = route(req.path.unwrap_or(""), namespace);
+
+    let mut keep_alive = http11;
+    let mut length: Option<usize> = None;
+    let mut chunked = false;
+    let mut other_te = false;
+    let mut expect_continue = false;
+    let mut accept_json = false;
+    let mut accept_sse = false;
+    let mut accept_seen = false;
+    let mut bad_content_type = false;
+    let mut has_session = false;
+    let mut upgrade_ws = false;
+    let mut connection_upgrade = false;
+    let mut ws = Upgrade {
+        key: None,
+        version_13: false,
+        mcp_protocol: false,
+    };
+    for h in req.headers.iter() {
+        let name = h.name;
+        let value = std::str::from_utf8(h.value).map_err(|_| MALFORMED)?.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            let n: usize = value.parse().map_err(|_| BAD_FRAMING)?;
+            if length.is_some_and(|m| m != n) {
+                return Err(BAD_FRAMING);
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            for coding in value.split(',').map(str::trim) {
+                if coding.eq_ignore_ascii_case("chunked") {
+                    chunked = true;
+                } else if !coding.is_empty() {
+                    other_te = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    keep_alive = true;
+                } else if token.eq_ignore_ascii_case("upgrade") {
+                    connection_upgrade = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case("expect") {
+            expect_continue = value.eq_ignore_ascii_case("100-continue");
+        } else if name.eq_ignore_ascii_case("accept") {
+            accept_seen = true;
+            for item in value.split(',') {
+                let media = item.split(';').next().unwrap_or("").trim();
+                if media.eq_ignore_ascii_case("application/json")
+                    || media == "*/*"
+                    || media.eq_ignore_ascii_case("application/*")
+                {
+                    accept_json = true;
+                } else if media.eq_ignore_ascii_case("text/event-stream") {
+                    accept_sse = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case("content-type") {
+            let media = value.split(';').next().unwrap_or("").trim();
+            bad_content_type = !media.eq_ignore_ascii_case("application/json");
+        } else if name.eq_ignore_ascii_case("mcp-session-id") {
+            has_session = !value.is_empty();
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade_ws = value
+                .split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("websocket"));
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            ws.key = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            ws.version_13 = value == "13";
+        } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            ws.mcp_protocol |= value.split(',').any(|p| p.trim() == "mcp");
+        }
+    }
+    let body = match (chunked, other_te, length) {
+        (_, true, _) => return Err(UNSUPPORTED_TE),
+        (true, _, Some(_)) => return Err(BAD_FRAMING),
+        (true, _, None) if http11 => BodyKind::Chunked,
+        (true, _, None) => return Err(BAD_FRAMING),
+        (false, _, Some(0) | None) => BodyKind::None,
+        (false, _, Some(n)) => BodyKind::Length(n),
+    };
+    let upgrade = (upgrade_ws && connection_upgrade && method == Method::Get).then_some(ws);
+    Ok(Some(Head {
+        method,
+        route,
+        keep_alive,
+        body,
+        expect_continue,
+        sse_only: accept_seen && accept_sse && !accept_json,
+        bad_content_type,
+        has_session,
+        upgrade,
+        len,
+    }))
+}
+
+fn route(target: &str, namespace: impl Fn(&str) -> Option<usize>) -> Route {
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    let ns = match path.strip_prefix("/mcp") {
+        Some("") | Some("/") => "default",
+        Some(rest) => match rest.strip_prefix('/') {
+            Some(ns) if !ns.contains('/') => ns.strip_suffix('/').unwrap_or(ns),
+            _ => return Route::NotFound,
+        },
+        None => return Route::NotFound,
+    };
+    namespace(ns).map_or(Route::UnknownNamespace, Route::Mcp)
+}
+
+/// Progress of a chunked body decode over a buffer that grows as bytes arrive.
+#[derive(Debug, Default)]
+pub struct Chunked {
+    /// Offset in the buffer of the next unparsed byte.
+    pub pos: usize,
+    /// Data bytes still expected in the current chunk (plus its CRLF once `in_data`).
+    remaining: usize,
+    in_data: bool,
+    in_trailers: bool,
+}
+
+/// Result of feeding [`Chunked::decode`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChunkStep {
+    /// Need more bytes.
+    More,
+    /// Body complete; the request ends at this offset.
+    Done(usize),
+}
+
+impl Chunked {
+    pub fn new(start: usize) -> Self {
+        Chunked {
+            pos: start,
+            ..Default::default()
+        }
+    }
+
+    /// Decodes from `buf[self.pos..]`, appending data to `body` (at most `max` bytes in all).
+    pub fn decode(
+        &mut self,
+        buf: &[u8],
+        body: &mut Vec<u8>,
+        max: usize,
+    ) -> Result<ChunkStep, Refusal> {
+        loop {
+            if self.in_trailers {
+                // Trailer fields are ignored; the body ends at an empty line.
+                let rest = &buf[self.pos..];
+                let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+                    if rest.len() > MAX_HEAD {
+                        return Err(HEAD_TOO_LARGE);
+                    }
+                    return Ok(ChunkStep::More);
+                };
+                self.pos += eol + 2;
+                if eol == 0 {
+                    return Ok(ChunkStep::Done(self.pos));
+                }
+                continue;
+            }
+            if self.in_data {
+                let avail = buf.len() - self.pos;
+                if self.remaining > 0 {
+                    let take = avail.min(self.remaining);
+                    body.extend_from_slice(&buf[self.pos..self.pos + take]);
+                    self.pos += take;
+                    self.remaining -= take;
+                    if self.remaining > 0 {
+                        return Ok(ChunkStep::More);
+                    }
+                }
+                if buf.len() - self.pos < 2 {
+                    return Ok(ChunkStep::More);
+                }
+                if &buf[self.pos..self.pos + 2] != b"\r\n" {
+                    return Err(BAD_CHUNK);
+                }
+                self.pos += 2;
+                self.in_data = false;
+                continue;
+            }
+            match httparse::parse_chunk_size(&buf[self.pos..]) {
+                Ok(httparse::Status::Complete((used, size))) => {
+                    self.pos += used;
+                    if size == 0 {
+                        self.in_trailers = true;
+                        continue;
+                    }
+                    let size = usize::try_from(size).map_err(|_| BODY_TOO_LARGE)?;
+                    if body.len().saturating_add(size) > max {
+                        return Err(BODY_TOO_LARGE);
+                    }
+                    self.remaining = size;
+                    self.in_data = true;
+                }
+                Ok(httparse::Status::Partial) => {
+                    if buf.len() - self.pos > 1024 {
+                        return Err(BAD_CHUNK);
+                    }
+                    return Ok(ChunkStep::More);
+                }
+                Err(_) => return Err(BAD_CHUNK),
+            }
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn ns(n: &str) -> Option<usize> {
+        match n {
+            "default" => Some(0),
+            "tools" => Some(1),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn routes() {
+        let h = |t: &str| route(t, ns);
+        assert_eq!(h("/mcp"), Route::Mcp(0));
+        assert_eq!(h("/mcp?x=1"), Route::Mcp(0));
+        assert_eq!(h("/mcp/tools"), Route::Mcp(1));
+        assert_eq!(h("/mcp/nope"), Route::UnknownNamespace);
+        assert_eq!(h("/mcpx"), Route::NotFound);
+        assert_eq!(h("/"), Route::NotFound);
+        assert_eq!(h("/mcp/a/b"), Route::NotFound);
+    }
+
+    #[test]
+    fn head_fields() {
+        let raw = b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nAccept: text/event-stream\r\nMcp-Session-Id: abc\r\n\r\nhello";
+        let h = parse_head(raw, ns).unwrap().unwrap();
+        assert_eq!(h.method, Method::Post);
+        assert_eq!(h.body, BodyKind::Length(5));
+        assert!(h.keep_alive && h.sse_only && h.has_session);
+        assert_eq!(h.len, raw.len() - 5);
+        assert_eq!(parse_head(&raw[..20], ns), Ok(None));
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(parse_head(b"BAD\r\n\r\n", ns), Err(MALFORMED));
+        let both = b"POST /mcp HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(parse_head(both, ns).unwrap_err().status, 400);
+        let two = b"POST /mcp HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
+        assert_eq!(parse_head(two, ns).unwrap_err().status, 400);
+        let gzip = b"POST /mcp HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
+        assert_eq!(parse_head(gzip, ns).unwrap_err().status, 501);
+        let big = [b"GET /mcp HTTP/1.1\r\nX: ".as_slice(), &[b'a'; MAX_HEAD]].concat();
+        assert_eq!(parse_head(&big, ns), Err(HEAD_TOO_LARGE));
+        let many: String = (0..100).map(|i| format!("X{i}: y\r\n")).collect();
+        let many = format!("GET /mcp HTTP/1.1\r\n{many}\r\n");
+        assert_eq!(parse_head(many.as_bytes(), ns), Err(HEAD_TOO_LARGE));
+    }
+
+    #[test]
+    fn chunked_in_pieces() {
+        let raw = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        let mut body = Vec::new();
+        let mut c = Chunked::new(0);
+        let mut step = ChunkStep::More;
+        for end in 1..=raw.len() {
+            step = c.decode(&raw[..end], &mut body, 100).unwrap();
+            if step != ChunkStep::More {
+                break;
+            }
+        }
+        assert_eq!(step, ChunkStep::Done(raw.len() - 4));
+        assert_eq!(body, b"hello world");
+        let mut c = Chunked::new(0);
+        assert_eq!(
+            c.decode(b"ff\r\n", &mut Vec::new(), 100),
+            Err(BODY_TOO_LARGE)
+        );
+        let mut c = Chunked::new(0);
+        assert_eq!(
+            c.decode(b"zz\r\n", &mut Vec::new(), 100)
+                .unwrap_err()
+                .status,
+            400
+        );
+    }
+}

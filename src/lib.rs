@@ -1,0 +1,27 @@
+//! mcp-gateway: a thread-per-core, io_uring gateway for MCP (JSON-RPC 2.0) traffic that protects
+//! the MCP servers behind it with a global and a per-client-IP concurrent-connection limit.
+//!
+//! Layout (one module per concept):
+//! - [`config`]: the YAML/TOML configuration, its defaults and its validation.
+//! - [`runtime`]: process start and stop: listeners, pinned workers, signals.
+//! - [`worker`]: one core's runtime: accept loops, admission, drain.
+//! - [`limiter`]: the global count and the per-IP table, and the RAII permit.
+//! - [`conn`]: connection I/O shared by the doors: buffer pool, idle wait, timed reads/writes.
+//! - [`http`]: the Streamable HTTP front door (and the WebSocket upgrade).
+//! - [`websocket`]: the WebSocket front door after the upgrade.
+//! - [`mcpb`]: the framed-TCP (MCPB) front door.
+//! - [`echo`]: `builtin:echo`, the MCP server inside the gateway.
+//! - [`metrics`]: per-core counters, summed into Prometheus text at scrape.
+//! - [`admin`]: `/metrics`, `/healthz`, `/ready`.
+
+pub mod admin;
+pub mod config;
+pub mod conn;
+pub mod echo;
+pub mod http;
+pub mod limiter;
+pub mod mcpb;
+pub mod metrics;
+pub mod runtime;
+pub mod websocket;
+pub mod worker;

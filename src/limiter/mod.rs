@@ -1,0 +1,224 @@
+//! Connection admission: the global limit and the per-client-IP limit, enforced together across
+//! all cores and front doors without locks.
+//!
+//! Owns the global count (a cache-padded `AtomicUsize`) and the per-IP [`IpTable`]. Every admitted
+//! connection holds a [`Permit`] from accept to close; dropping it releases both counts, so a count
+//! cannot leak whatever path ends the connection (error, timeout, panic unwinding a task, shutdown
+//! dropping the runtime).
+//!
+//! Invariants:
+//! - `active() <= max_connections` at every instant: admission is a compare-and-swap against the
+//!   limit, never an increment that is undone afterwards.
+//! - A key's count never exceeds `max_connections_per_ip` (see [`ip_table`]).
+//! - The global place is taken first, so the number of live keys never exceeds `max_connections`
+//!   and the table (twice that many slots) cannot fill in normal operation.
+//! - IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) count as the IPv4 address.
+//!
+//! The limiter is created once and leaked (`&'static`): a permit then needs no reference count,
+//! which would be one more shared cache line written per connection.
+
+pub mod ip_table;
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crossbeam_utils::CachePadded;
+
+pub use ip_table::{IpTable, TableReject};
+
+/// Why a connection was not admitted; the `reason` label of `mcp_gateway_connections_rejected_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// `max_connections` reached.
+    Global,
+    /// `max_connections_per_ip` reached for this client address.
+    PerIp,
+    /// No slot in the per-IP table for a new address (attack or misconfiguration).
+    IpTableFull,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 3] = [Rejection::Global, Rejection::PerIp, Rejection::IpTableFull];
+
+    /// Metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::Global => "global",
+            Rejection::PerIp => "per_ip",
+            Rejection::IpTableFull => "ip_table_full",
+        }
+    }
+
+    /// HTTP status owed to a rejected client: 429 when it is this client's own fault, 503 otherwise.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Rejection::PerIp => 429,
+            Rejection::Global | Rejection::IpTableFull => 503,
+        }
+    }
+}
+
+/// Global and per-IP admission. See the module documentation.
+pub struct Limiter {
+    active: CachePadded<AtomicUsize>,
+    max_connections: usize,
+    /// `None` when the per-IP limit is disabled (`max_connections_per_ip: 0`).
+    per_ip: Option<(IpTable, u64)>,
+}
+
+impl Limiter {
+    /// `max_per_ip == 0` disables the per-IP limit. The table gets `2 * max_connections` slots.
+    pub fn new(max_connections: usize, max_per_ip: u64) -> Self {
+        let per_ip = (max_per_ip > 0).then(|| {
+            let slots = max_connections.saturating_mul(2).max(ip_table::WINDOW);
+            (
+                IpTable::with_min_slots(slots),
+                max_per_ip.min(ip_table::MAX_COUNT),
+            )
+        });
+        Limiter {
+            active: CachePadded::new(AtomicUsize::new(0)),
+            max_connections,
+            per_ip,
+        }
+    }
+
+    /// A limiter that lives as long as the process (permits borrow it without a reference count).
+    pub fn leak(self) -> &'static Limiter {
+        Box::leak(Box::new(self))
+    }
+
+    /// Admits one connection from `ip`, or says why not.
+    pub fn try_acquire(&'static self, ip: IpAddr) -> Result<Permit, Rejection> {
+        // Relaxed: the count guards nothing but itself; the compare-and-swap sees every other
+        // admission and release of this one variable in its modification order, which is all the
+        // limit needs.
+        self.active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max_connections).then_some(n + 1)
+            })
+            .map_err(|_| Rejection::Global)?;
+        let mut permit = Permit {
+            limiter: self,
+            slot: NO_SLOT,
+        };
+        if let Some((table, limit)) = &self.per_ip {
+            match table.acquire(ip_key(ip), *limit) {
+                Ok(slot) => permit.slot = slot,
+                // Dropping the half-made permit gives the global place back.
+                Err(TableReject::LimitReached) => return Err(Rejection::PerIp),
+                Err(TableReject::Full) => return Err(Rejection::IpTableFull),
+            }
+        }
+        Ok(permit)
+    }
+
+    /// Connections admitted and not yet closed.
+    pub fn active(&self) -> usize {
+        // Relaxed: a snapshot for metrics and tests.
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Client addresses with at least one open connection (0 when per-IP limiting is off).
+    pub fn tracked_ips(&self) -> usize {
+        self.per_ip.as_ref().map_or(0, |(t, _)| t.live_keys())
+    }
+
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// The per-IP limit in force, 0 when disabled.
+    pub fn max_per_ip(&self) -> u64 {
+        self.per_ip.as_ref().map_or(0, |(_, l)| *l)
+    }
+
+    /// Slots in the per-IP table (0 when per-IP limiting is off).
+    pub fn ip_table_slots(&self) -> usize {
+        self.per_ip.as_ref().map_or(0, |(t, _)| t.capacity())
+    }
+}
+
+/// The table key of an address: IPv4 and IPv4-mapped IPv6 both become the mapped form.
+pub fn ip_key(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+const NO_SLOT: usize = usize::MAX;
+
+/// One admitted connection's place in both counts; released on drop.
+pub struct Permit {
+    limiter: &'static Limiter,
+    slot: usize,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.slot != NO_SLOT {
+            if let Some((table, _)) = &self.limiter.per_ip {
+                table.release(self.slot);
+            }
+        }
+        // Relaxed: see `try_acquire`.
+        self.limiter.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit").field("slot", &self.slot).finish()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn v4(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+    }
+
+    #[test]
+    fn per_ip_limit_rejects_only_that_ip() {
+        let l = Limiter::new(100, 2).leak();
+        let a = [l.try_acquire(v4(2)).unwrap(), l.try_acquire(v4(2)).unwrap()];
+        assert_eq!(l.try_acquire(v4(2)).unwrap_err(), Rejection::PerIp);
+        let b = l.try_acquire(v4(3)).unwrap();
+        assert_eq!(l.active(), 3);
+        assert_eq!(l.tracked_ips(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!((l.active(), l.tracked_ips()), (0, 0));
+    }
+
+    #[test]
+    fn global_limit_rejects_everyone_and_frees_on_drop() {
+        let l = Limiter::new(2, 0).leak();
+        let a = l.try_acquire(v4(2)).unwrap();
+        let _b = l.try_acquire(v4(3)).unwrap();
+        assert_eq!(l.try_acquire(v4(4)).unwrap_err(), Rejection::Global);
+        drop(a);
+        assert!(l.try_acquire(v4(4)).is_ok());
+    }
+
+    #[test]
+    fn per_ip_rejection_gives_back_the_global_place() {
+        let l = Limiter::new(10, 1).leak();
+        let _a = l.try_acquire(v4(2)).unwrap();
+        assert_eq!(l.try_acquire(v4(2)).unwrap_err(), Rejection::PerIp);
+        assert_eq!(l.active(), 1);
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_is_the_ipv4_address() {
+        let l = Limiter::new(10, 1).leak();
+        let _a = l.try_acquire(v4(9)).unwrap();
+        let mapped = IpAddr::V6(Ipv4Addr::new(127, 0, 0, 9).to_ipv6_mapped());
+        assert_eq!(l.try_acquire(mapped).unwrap_err(), Rejection::PerIp);
+        assert!(l.try_acquire(IpAddr::V6(Ipv6Addr::LOCALHOST)).is_ok());
+    }
+}

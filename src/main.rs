@@ -1,0 +1,81 @@
+//! `mcp-gateway`: parses the command line and hands over to the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mcp_gateway::config::Config;
+
+/// Thread-per-core io_uring gateway for MCP traffic with connection limits and DoS protection.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (YAML; `.toml` is read as TOML). Default: config/gateway.yaml when it
+    /// exists, else built-in defaults.
+    #[arg(short, long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Validate the configuration and print the effective configuration.
+    Check,
+}
+
+/// EX_USAGE: a configuration error, as sysexits.h says.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mcp-gateway: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => {
+            print!("{}", config.to_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Run => {
+            init_logging();
+            match mcp_gateway::runtime::run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "mcp-gateway could not run");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn load(path: Option<&Path>) -> Result<Config, mcp_gateway::config::ConfigError> {
+    match path {
+        Some(p) => Config::load(p),
+        None => {
+            let default = Path::new("config/gateway.yaml");
+            if default.exists() {
+                Config::load(default)
+            } else {
+                Ok(Config::default())
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

@@ -1,0 +1,264 @@
+//! The framed-TCP front door: MCPB frames carrying JSON-RPC.
+//!
+//! Frame (big-endian, 12-byte header): magic `0x4D435042` ("MCPB"), version u16 = 1, type u16,
+//! payload length u32, then the payload. Types: 1 Request, 2 Response, 3 Control,
+//! 4 HealthCheck, 5 Error, 6 VersionNegotiation, 7 VersionAck.
+//!
+//! Owns the codec and an admitted TCP connection's message loop:
+//! - Request: its JSON-RPC payload goes to the upstream; a reply comes back as a Response frame
+//!   (a notification gets none).
+//! - HealthCheck: answered with a HealthCheck frame, payload `{"status":"ok"}`.
+//! - VersionNegotiation: answered with VersionAck, payload `{"version":1}`.
+//! - Response, Control, Error and VersionAck from a client are accepted and ignored.
+//! - A bad magic, version, type or length gets an Error frame whose payload is a JSON-RPC error
+//!   object, then a lingering close. The length is checked before any payload byte is read, so a
+//!   frame can never make the gateway buffer more than `max_message_size` (at most 10 MiB).
+
+use std::time::Instant;
+
+use monoio::net::TcpStream;
+
+use crate::conn::{
+    give_buf, linger_close, read_more, take_buf, wait_readable, write_all, ReadError, Wait,
+};
+use crate::echo;
+use crate::metrics::{DoorGauge, Frontend, ProtocolError};
+use crate::worker::{Registration, Worker};
+
+pub const MAGIC: u32 = 0x4D43_5042;
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 12;
+/// The protocol's own cap on a payload.
+pub const MAX_PAYLOAD: usize = 10 * 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum FrameType {
+    Request = 1,
+    Response = 2,
+    Control = 3,
+    HealthCheck = 4,
+    Error = 5,
+    VersionNegotiation = 6,
+    VersionAck = 7,
+}
+
+impl FrameType {
+    fn from_u16(v: u16) -> Option<Self> {
+        use FrameType::*;
+        [
+            Request,
+            Response,
+            Control,
+            HealthCheck,
+            Error,
+            VersionNegotiation,
+            VersionAck,
+        ]
+        .into_iter()
+        .find(|t| *t as u16 == v)
+    }
+}
+
+/// Why a frame header is refused: JSON-RPC error code and message for the Error frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadFrame(pub i64, pub &'static str);
+
+/// Parses a frame header. `Ok(None)`: fewer than 12 bytes so far.
+pub fn parse_header(buf: &[u8], max: usize) -> Result<Option<(FrameType, usize)>, BadFrame> {
+    if buf.len() < HEADER_LEN {
+        // A wrong magic is refused as soon as its bytes are here.
+        let n = buf.len().min(4);
+        if buf[..n] != MAGIC.to_be_bytes()[..n] {
+            return Err(BadFrame(-32600, "bad frame magic (expected MCPB)"));
+        }
+        return Ok(None);
+    }
+    let word = |i: usize| u32::from_be_bytes(buf[i..i + 4].try_into().expect("4 bytes"));
+    let half = |i: usize| u16::from_be_bytes(buf[i..i + 2].try_into().expect("2 bytes"));
+    if word(0) != MAGIC {
+        return Err(BadFrame(-32600, "bad frame magic (expected MCPB)"));
+    }
+    if half(4) != VERSION {
+        return Err(BadFrame(-32600, "unsupported frame version (expected 1)"));
+    }
+    let Some(kind) = FrameType::from_u16(half(6)) else {
+        return Err(BadFrame(-32600, "unknown frame type"));
+    };
+    let len = word(8) as usize;
+    if len > max.min(MAX_PAYLOAD) {
+        return Err(BadFrame(
+            -32600,
+            "frame payload larger than max_message_size",
+        ));
+    }
+    Ok(Some((kind, len)))
+}
+
+/// Appends a frame.
+pub fn write_frame(out: &mut Vec<u8>, kind: FrameType, payload: &[u8]) {
+    out.extend_from_slice(&MAGIC.to_be_bytes());
+    out.extend_from_slice(&VERSION.to_be_bytes());
+    out.extend_from_slice(&(kind as u16).to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+enum Step {
+    Continue,
+    Close,
+    Linger(Vec<u8>),
+}
+
+/// Serves an admitted TCP connection until it closes.
+pub async fn serve(worker: &'static Worker, mut stream: TcpStream, reg: &Registration) {
+    let _gauge = DoorGauge::open(worker.metrics, Frontend::Tcp);
+    let s = worker.settings();
+    // MCPB has no namespace in its frames: it serves the `default` namespace.
+    let Some(upstream) = s
+        .namespace("default")
+        .or_else(|| s.namespaces.first().map(|n| n.1))
+    else {
+        return;
+    };
+    let mut pending: Option<Vec<u8>> = None;
+    loop {
+        if pending.is_none() {
+            if worker.draining() {
+                return;
+            }
+            worker.set_idle(reg, true);
+            let waited = wait_readable(&stream, s.idle_timeout).await;
+            worker.set_idle(reg, false);
+            if !matches!(waited, Ok(Wait::Ready)) {
+                return;
+            }
+        }
+        match Box::pin(exchange(worker, &mut stream, &mut pending, upstream)).await {
+            Step::Continue => {}
+            Step::Close => return,
+            Step::Linger(buf) => return linger_close(stream, Some(buf)).await,
+        }
+    }
+}
+
+async fn exchange(
+    worker: &'static Worker,
+    stream: &mut TcpStream,
+    pending: &mut Option<Vec<u8>>,
+    upstream: usize,
+) -> Step {
+    let s = worker.settings();
+    let mut buf = pending.take().unwrap_or_else(take_buf);
+    let mut out = take_buf();
+    let deadline = Instant::now() + s.read_timeout;
+    loop {
+        let (kind, len) = match parse_header(&buf, s.max_message_size) {
+            Ok(Some((kind, len))) if buf.len() >= HEADER_LEN + len => (kind, len),
+            Ok(found) => {
+                if !out.is_empty() {
+                    match write_all(stream, out, s.write_timeout).await {
+                        Ok(o) => out = o,
+                        Err(_) => return Step::Close,
+                    }
+                }
+                if buf.is_empty() {
+                    give_buf(buf);
+                    give_buf(out);
+                    return Step::Continue;
+                }
+                if let Some((_, len)) = found {
+                    buf.reserve(HEADER_LEN + len - buf.len());
+                }
+                match read_more(stream, &mut buf, deadline).await {
+                    Ok(_) => continue,
+                    Err(ReadError::TimedOut) => {
+                        worker
+                            .metrics
+                            .protocol_error(Frontend::Tcp, ProtocolError::Timeout);
+                        return refuse(
+                            worker,
+                            stream,
+                            out,
+                            BadFrame(-32000, "frame not received within read_timeout"),
+                        )
+                        .await;
+                    }
+                    Err(_) => return Step::Close,
+                }
+            }
+            Err(bad) => {
+                let kind = if bad.1.contains("larger") {
+                    ProtocolError::TooLarge
+                } else {
+                    ProtocolError::Malformed
+                };
+                worker.metrics.protocol_error(Frontend::Tcp, kind);
+                return refuse(worker, stream, out, bad).await;
+            }
+        };
+        let payload = &buf[HEADER_LEN..HEADER_LEN + len];
+        let started = Instant::now();
+        match kind {
+            FrameType::Request => {
+                let mut reply = take_buf();
+                if echo::handle(payload, &mut reply).replied {
+                    write_frame(&mut out, FrameType::Response, &reply);
+                }
+                give_buf(reply);
+                worker.metrics.upstream_request(upstream);
+                worker.metrics.request(Frontend::Tcp, started.elapsed());
+            }
+            FrameType::HealthCheck => {
+                write_frame(&mut out, FrameType::HealthCheck, br#"{"status":"ok"}"#)
+            }
+            FrameType::VersionNegotiation => {
+                write_frame(&mut out, FrameType::VersionAck, br#"{"version":1}"#)
+            }
+            FrameType::Response | FrameType::Control | FrameType::Error | FrameType::VersionAck => {
+            }
+        }
+        // Round again: the next frame if it is here, else flush and wait.
+        buf.drain(..HEADER_LEN + len);
+    }
+}
+
+async fn refuse(
+    worker: &'static Worker,
+    stream: &mut TcpStream,
+    mut out: Vec<u8>,
+    bad: BadFrame,
+) -> Step {
+    tracing::debug!(reason = bad.1, "refusing MCPB frame");
+    let mut payload = take_buf();
+    echo::write_error(&mut payload, &serde_json::Value::Null, bad.0, bad.1);
+    write_frame(&mut out, FrameType::Error, &payload);
+    give_buf(payload);
+    let _ = write_all(stream, out, worker.settings().write_timeout).await;
+    Step::Linger(take_buf())
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_roundtrip_and_refusals() {
+        let mut f = Vec::new();
+        write_frame(&mut f, FrameType::HealthCheck, b"{}");
+        assert_eq!(&f[..4], b"MCPB");
+        assert_eq!(parse_header(&f, 100), Ok(Some((FrameType::HealthCheck, 2))));
+        assert_eq!(parse_header(&f[..7], 100), Ok(None));
+        assert!(
+            parse_header(b"GET ", 100).is_err(),
+            "wrong magic is refused early"
+        );
+        let mut v2 = f.clone();
+        v2[5] = 2;
+        assert!(parse_header(&v2, 100).unwrap_err().1.contains("version"));
+        let mut t9 = f.clone();
+        t9[7] = 9;
+        assert!(parse_header(&t9, 100).unwrap_err().1.contains("type"));
+        assert!(parse_header(&f, 1).unwrap_err().1.contains("larger"));
+    }
+}

@@ -1,0 +1,513 @@
+//! Metrics: per-core counters written on the hot path, summed into Prometheus text at scrape time.
+//!
+//! Owns every counter, gauge and histogram the gateway exports. Each worker writes only its own
+//! cache-padded [`CoreMetrics`], so recording a request never bounces a cache line shared with
+//! another core; the admin thread reads all cores and adds them up when `/metrics` is scraped.
+//! The connection gauges that must be exact come from the [`Limiter`] itself, not from a second
+//! count that could drift from it.
+//!
+//! Orderings: every access is Relaxed. Each value is an independent statistic; a scrape wants a
+//! recent value of each, not a consistent cut across them, and nothing is published through them.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crossbeam_utils::CachePadded;
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+use prometheus::{Encoder, TextEncoder};
+
+use crate::limiter::{Limiter, Rejection};
+
+/// The front doors, as the `frontend` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frontend {
+    Http = 0,
+    WebSocket = 1,
+    Tcp = 2,
+}
+
+impl Frontend {
+    pub const ALL: [Frontend; 3] = [Frontend::Http, Frontend::WebSocket, Frontend::Tcp];
+    pub fn label(self) -> &'static str {
+        ["http", "websocket", "tcp"][self as usize]
+    }
+}
+
+/// Kinds of failed `accept()` calls.
+#[derive(Debug, Clone, Copy)]
+pub enum AcceptError {
+    /// EMFILE/ENFILE: out of file descriptors.
+    FdLimit = 0,
+    /// ENOBUFS/ENOMEM.
+    NoMemory = 1,
+    Other = 2,
+}
+
+impl AcceptError {
+    const LABELS: [&'static str; 3] = ["fd_limit", "no_memory", "other"];
+    pub fn of(e: &std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE) => AcceptError::FdLimit,
+            Some(libc::ENOBUFS | libc::ENOMEM) => AcceptError::NoMemory,
+            _ => AcceptError::Other,
+        }
+    }
+}
+
+/// Client protocol errors that ended a connection, as the `kind` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// Unparsable request, frame or handshake (HTTP 400, WebSocket 1002, MCPB Error frame).
+    Malformed = 0,
+    /// Request head, body, message or payload over its limit (431, 413, 1009).
+    TooLarge = 1,
+    /// Request not received within `read_timeout` (408).
+    Timeout = 2,
+}
+
+impl ProtocolError {
+    const LABELS: [&'static str; 3] = ["malformed", "too_large", "timeout"];
+}
+
+/// Request latency bucket bounds, seconds.
+const BUCKETS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+    5.0,
+];
+
+#[derive(Default)]
+struct Histo {
+    /// Per-bucket (not cumulative) counts; the last one is +Inf.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Histo {
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_nanos.fetch_add(d.as_nanos() as u64, Relaxed);
+    }
+}
+
+/// One worker's counters. Written only by that worker's thread.
+pub struct CoreMetrics {
+    accepted: [AtomicU64; 3],
+    active: [AtomicI64; 3],
+    rejected: [[AtomicU64; 3]; 3],
+    accept_errors: [[AtomicU64; 3]; 3],
+    protocol_errors: [[AtomicU64; 3]; 3],
+    requests: [AtomicU64; 3],
+    latency: [Histo; 3],
+    /// Requests answered by each configured upstream, in `Metrics::upstreams` order.
+    upstream_ok: Box<[AtomicU64]>,
+}
+
+impl CoreMetrics {
+    fn new(upstreams: usize) -> Self {
+        CoreMetrics {
+            accepted: Default::default(),
+            active: Default::default(),
+            rejected: Default::default(),
+            accept_errors: Default::default(),
+            protocol_errors: Default::default(),
+            requests: Default::default(),
+            latency: Default::default(),
+            upstream_ok: (0..upstreams).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Upstream number `i` (see [`Metrics::new`]) answered a request.
+    pub fn upstream_request(&self, i: usize) {
+        self.upstream_ok[i].fetch_add(1, Relaxed);
+    }
+
+    /// A connection was admitted on `door`.
+    pub fn opened(&self, door: Frontend) {
+        self.accepted[door as usize].fetch_add(1, Relaxed);
+        self.active[door as usize].fetch_add(1, Relaxed);
+    }
+
+    /// A connection of `door` closed (or moved to another door: see [`CoreMetrics::upgraded`]).
+    pub fn closed(&self, door: Frontend) {
+        self.active[door as usize].fetch_sub(1, Relaxed);
+    }
+
+    /// An HTTP connection became a WebSocket.
+    pub fn upgraded(&self) {
+        self.closed(Frontend::Http);
+        self.opened(Frontend::WebSocket);
+    }
+
+    pub fn rejected(&self, door: Frontend, why: Rejection) {
+        let r = Rejection::ALL.iter().position(|x| *x == why).unwrap_or(0);
+        self.rejected[door as usize][r].fetch_add(1, Relaxed);
+    }
+
+    pub fn accept_error(&self, door: Frontend, kind: AcceptError) {
+        self.accept_errors[door as usize][kind as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn protocol_error(&self, door: Frontend, kind: ProtocolError) {
+        self.protocol_errors[door as usize][kind as usize].fetch_add(1, Relaxed);
+    }
+
+    /// A request or message was answered after `took`.
+    pub fn request(&self, door: Frontend, took: Duration) {
+        self.requests[door as usize].fetch_add(1, Relaxed);
+        self.latency[door as usize].observe(took);
+    }
+}
+
+/// Keeps a door's active gauge up while a connection is open on it.
+pub struct DoorGauge {
+    core: &'static CoreMetrics,
+    door: Frontend,
+}
+
+impl DoorGauge {
+    pub fn open(core: &'static CoreMetrics, door: Frontend) -> Self {
+        core.opened(door);
+        DoorGauge { core, door }
+    }
+
+    /// The connection now counts on `door` (an HTTP upgrade to WebSocket).
+    pub fn switch(&mut self, door: Frontend) {
+        self.core.closed(self.door);
+        self.core.opened(door);
+        self.door = door;
+    }
+}
+
+impl Drop for DoorGauge {
+    fn drop(&mut self) {
+        self.core.closed(self.door);
+    }
+}
+
+/// Everything `/metrics` reports.
+pub struct Metrics {
+    cores: Box<[CachePadded<CoreMetrics>]>,
+    limiter: &'static Limiter,
+    /// `(namespace, url)` of every configured upstream, for the upstream health gauge.
+    upstreams: Vec<(String, String)>,
+}
+
+impl Metrics {
+    pub fn new(
+        workers: usize,
+        limiter: &'static Limiter,
+        upstreams: Vec<(String, String)>,
+    ) -> Self {
+        Metrics {
+            cores: (0..workers)
+                .map(|_| CachePadded::new(CoreMetrics::new(upstreams.len())))
+                .collect(),
+            limiter,
+            upstreams,
+        }
+    }
+
+    pub fn leak(self) -> &'static Metrics {
+        Box::leak(Box::new(self))
+    }
+
+    /// Worker `i`'s counters.
+    pub fn core(&'static self, i: usize) -> &'static CoreMetrics {
+        &self.cores[i]
+    }
+
+    fn sum<F: Fn(&CoreMetrics) -> u64>(&self, f: F) -> u64 {
+        self.cores.iter().map(|c| f(c)).sum()
+    }
+
+    /// Active connections on `door`, summed over cores.
+    pub fn active(&self, door: Frontend) -> i64 {
+        self.cores
+            .iter()
+            .map(|c| c.active[door as usize].load(Relaxed))
+            .sum()
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut fams = Vec::new();
+        let doors = Frontend::ALL;
+        let active = self.limiter.active() as f64;
+        fams.push(gauge(
+            "mcp_gateway_connections_total",
+            "Active connections over all front doors (original name; same value as mcp_gateway_connections_active).",
+            vec![(vec![], active)],
+        ));
+        fams.push(gauge(
+            "mcp_gateway_connections_active",
+            "Active connections over all front doors.",
+            vec![(vec![], active)],
+        ));
+        let mut rejected = Vec::new();
+        for d in doors {
+            for (ri, r) in Rejection::ALL.iter().enumerate() {
+                let v = self.sum(|c| c.rejected[d as usize][ri].load(Relaxed));
+                rejected.push((
+                    vec![("frontend", d.label()), ("reason", r.label())],
+                    v as f64,
+                ));
+            }
+        }
+        fams.push(counter(
+            "mcp_gateway_connections_rejected_total",
+            "Connections rejected by a limit, by front door and reason.",
+            rejected,
+        ));
+        let tcp = Frontend::Tcp as usize;
+        fams.push(counter(
+            "mcp_gateway_tcp_connections_total",
+            "TCP (MCPB) front-door connections accepted since start.",
+            vec![(vec![], self.sum(|c| c.accepted[tcp].load(Relaxed)) as f64)],
+        ));
+        fams.push(gauge(
+            "mcp_gateway_tcp_connections_active",
+            "TCP (MCPB) front-door connections open now.",
+            vec![(vec![], self.active(Frontend::Tcp) as f64)],
+        ));
+        fams.push(gauge(
+            "mcp_gateway_frontend_connections_active",
+            "Open connections by front door (an upgraded WebSocket counts as websocket).",
+            doors
+                .iter()
+                .map(|d| (vec![("frontend", d.label())], self.active(*d) as f64))
+                .collect(),
+        ));
+        fams.push(counter(
+            "mcp_gateway_frontend_connections_accepted_total",
+            "Connections admitted by front door since start (upgrades count under websocket too).",
+            doors
+                .iter()
+                .map(|d| {
+                    let v = self.sum(|c| c.accepted[*d as usize].load(Relaxed));
+                    (vec![("frontend", d.label())], v as f64)
+                })
+                .collect(),
+        ));
+        fams.push(gauge(
+            "mcp_gateway_connection_limit",
+            "Configured connection limits (per_ip 0 = disabled).",
+            vec![
+                (
+                    vec![("scope", "global")],
+                    self.limiter.max_connections() as f64,
+                ),
+                (vec![("scope", "per_ip")], self.limiter.max_per_ip() as f64),
+            ],
+        ));
+        fams.push(gauge(
+            "mcp_gateway_tracked_ips",
+            "Client addresses with at least one open connection.",
+            vec![(vec![], self.limiter.tracked_ips() as f64)],
+        ));
+        fams.push(gauge(
+            "mcp_gateway_ip_table_slots",
+            "Slots in the per-IP table (fixed at startup).",
+            vec![(vec![], self.limiter.ip_table_slots() as f64)],
+        ));
+        let mut accept_errors = Vec::new();
+        let mut protocol_errors = Vec::new();
+        for d in doors {
+            for (k, label) in AcceptError::LABELS.iter().enumerate() {
+                if d != Frontend::WebSocket {
+                    let v = self.sum(|c| c.accept_errors[d as usize][k].load(Relaxed));
+                    accept_errors.push((vec![("frontend", d.label()), ("kind", *label)], v as f64));
+                }
+            }
+            for (k, label) in ProtocolError::LABELS.iter().enumerate() {
+                let v = self.sum(|c| c.protocol_errors[d as usize][k].load(Relaxed));
+                protocol_errors.push((vec![("frontend", d.label()), ("kind", *label)], v as f64));
+            }
+        }
+        fams.push(counter(
+            "mcp_gateway_accept_errors_total",
+            "Failed accept() calls by listener and kind.",
+            accept_errors,
+        ));
+        fams.push(counter(
+            "mcp_gateway_protocol_errors_total",
+            "Connections ended by a client protocol error, by front door and kind.",
+            protocol_errors,
+        ));
+        fams.push(counter(
+            "mcp_gateway_requests_total",
+            "Requests (HTTP) and messages (WebSocket, MCPB) answered, by front door.",
+            doors
+                .iter()
+                .map(|d| {
+                    let v = self.sum(|c| c.requests[*d as usize].load(Relaxed));
+                    (vec![("frontend", d.label())], v as f64)
+                })
+                .collect(),
+        ));
+        fams.push(self.latency_family());
+        fams.push(gauge(
+            "mcp_gateway_upstream_healthy",
+            "1 when the upstream is taking traffic, 0 when health checks or its breaker took it out.",
+            self.upstreams
+                .iter()
+                .map(|(ns, url)| (vec![("namespace", ns.as_str()), ("upstream", url.as_str())], 1.0))
+                .collect(),
+        ));
+        fams.push(counter(
+            "mcp_gateway_upstream_requests_total",
+            "Requests handled by each upstream, by outcome.",
+            self.upstreams
+                .iter()
+                .enumerate()
+                .map(|(i, (ns, url))| {
+                    let v = self.sum(|c| c.upstream_ok[i].load(Relaxed));
+                    let l = vec![
+                        ("namespace", ns.as_str()),
+                        ("upstream", url.as_str()),
+                        ("outcome", "ok"),
+                    ];
+                    (l, v as f64)
+                })
+                .collect(),
+        ));
+        let mut out = Vec::with_capacity(8 * 1024);
+        TextEncoder::new()
+            .encode(&fams, &mut out)
+            .expect("text encoding of well-formed families");
+        String::from_utf8(out).expect("text encoder writes UTF-8")
+    }
+
+    fn latency_family(&self) -> MetricFamily {
+        let mut fam = family(
+            "mcp_gateway_request_duration_seconds",
+            "Time from a complete request or message to its answer being written, by front door.",
+            MetricType::HISTOGRAM,
+        );
+        for d in Frontend::ALL {
+            let mut h = Histogram::default();
+            let mut cumulative = 0;
+            let mut buckets = Vec::new();
+            for (i, bound) in BUCKETS.iter().enumerate() {
+                cumulative += self.sum(|c| c.latency[d as usize].buckets[i].load(Relaxed));
+                let mut b = Bucket::default();
+                b.set_upper_bound(*bound);
+                b.set_cumulative_count(cumulative);
+                buckets.push(b);
+            }
+            cumulative += self.sum(|c| c.latency[d as usize].buckets[BUCKETS.len()].load(Relaxed));
+            h.set_bucket(buckets);
+            h.set_sample_count(cumulative);
+            let nanos = self.sum(|c| c.latency[d as usize].sum_nanos.load(Relaxed));
+            h.set_sample_sum(nanos as f64 / 1e9);
+            let mut m = Metric::default();
+            m.set_label(labels(&[("frontend", d.label())]));
+            m.set_histogram(h);
+            fam.mut_metric().push(m);
+        }
+        fam
+    }
+}
+
+type Sample<'a> = (Vec<(&'a str, &'a str)>, f64);
+
+fn family(name: &str, help: &str, kind: MetricType) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.into());
+    f.set_help(help.into());
+    f.set_field_type(kind);
+    f
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = LabelPair::default();
+            l.set_name((*k).into());
+            l.set_value((*v).into());
+            l
+        })
+        .collect()
+}
+
+fn gauge(name: &str, help: &str, samples: Vec<Sample>) -> MetricFamily {
+    let mut f = family(name, help, MetricType::GAUGE);
+    for (l, v) in samples {
+        let mut g = Gauge::default();
+        g.set_value(v);
+        let mut m = Metric::default();
+        m.set_label(labels(&l));
+        m.set_gauge(g);
+        f.mut_metric().push(m);
+    }
+    f
+}
+
+fn counter(name: &str, help: &str, samples: Vec<Sample>) -> MetricFamily {
+    let mut f = family(name, help, MetricType::COUNTER);
+    for (l, v) in samples {
+        let mut c = Counter::default();
+        c.set_value(v);
+        let mut m = Metric::default();
+        m.set_label(labels(&l));
+        m.set_counter(c);
+        f.mut_metric().push(m);
+    }
+    f
+}
+
+/// A one-line summary for logs.
+pub fn describe_limits(l: &Limiter) -> String {
+    let mut s = String::new();
+    let _ = write!(s, "max_connections={}", l.max_connections());
+    match l.max_per_ip() {
+        0 => s.push_str(" max_connections_per_ip=disabled"),
+        n => {
+            let _ = write!(
+                s,
+                " max_connections_per_ip={n} ip_table_slots={}",
+                l.ip_table_slots()
+            );
+        }
+    }
+    s
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_core_counters_are_summed_at_scrape() {
+        let limiter = Limiter::new(10, 5).leak();
+        let m = Metrics::new(2, limiter, vec![("default".into(), "builtin:echo".into())]).leak();
+        m.core(0).request(Frontend::Http, Duration::from_micros(30));
+        m.core(1).request(Frontend::Http, Duration::from_millis(2));
+        m.core(1).rejected(Frontend::Tcp, Rejection::PerIp);
+        let _p = limiter.try_acquire("127.0.0.2".parse().unwrap()).unwrap();
+        let text = m.render();
+        assert!(
+            text.contains("mcp_gateway_requests_total{frontend=\"http\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "mcp_gateway_connections_rejected_total{frontend=\"tcp\",reason=\"per_ip\"} 1\n"
+        ));
+        assert!(text.contains("mcp_gateway_connections_active 1\n"));
+        assert!(
+            text.contains(
+                "mcp_gateway_request_duration_seconds_bucket{frontend=\"http\",le=\"0.00005\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("mcp_gateway_request_duration_seconds_count{frontend=\"http\"} 2\n"));
+    }
+}

@@ -1,0 +1,286 @@
+//! Process start and stop: the open-file limit, the listeners, one pinned worker thread per core,
+//! the admin thread, and the signal-driven shutdown.
+//!
+//! Owns the process lifecycle:
+//! 1. raise the open-file soft limit to the hard limit, warn when `max_connections` cannot be
+//!    reached with it;
+//! 2. pick the driver (`auto`: io_uring when the kernel offers it, else epoll, said once);
+//! 3. bind every listener before any worker starts: one `SO_REUSEPORT` socket per worker for the
+//!    HTTP port and for the TCP port (port 0 is resolved by the first and reused by the rest), so
+//!    a bad address fails startup instead of one worker;
+//! 4. start the workers and wait until each has built its runtime, then report ready;
+//! 5. on SIGTERM or SIGINT: tell every worker to stop accepting and drain for up to
+//!    `shutdown_timeout`, join them, exit 0.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+
+use nix::sys::signal::{SigSet, Signal};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::admin;
+use crate::config::{secs, Config, Driver};
+use crate::limiter::Limiter;
+use crate::metrics::{describe_limits, Metrics};
+use crate::worker::{self, Listeners, Settings, Shared, Worker};
+
+/// Runs the gateway until SIGTERM/SIGINT. Errors are startup failures.
+pub fn run(config: Config) -> io::Result<()> {
+    let s = &config.server;
+    let nofile = raise_nofile_limit();
+    let workers = match s.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let driver = choose_driver(s.driver)?;
+
+    let host: IpAddr = s.host.parse().map_err(|_| invalid("server.host"))?;
+    let http = bind_group(SocketAddr::new(host, s.port), workers)?;
+    let tcp = match s.tcp_port {
+        0 => None,
+        port => Some(bind_group(SocketAddr::new(host, port), workers)?),
+    };
+    let metrics_host: IpAddr = s
+        .metrics_host
+        .parse()
+        .map_err(|_| invalid("server.metrics_host"))?;
+    let admin_listener = std::net::TcpListener::bind(SocketAddr::new(metrics_host, s.metrics_port))
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("admin listener {metrics_host}:{}: {e}", s.metrics_port),
+            )
+        })?;
+
+    let limiter = Limiter::new(s.max_connections, s.max_connections_per_ip).leak();
+    let mut upstreams = Vec::new();
+    let mut namespaces = Vec::new();
+    for (ns, endpoints) in &config.service_discovery.static_.endpoints {
+        namespaces.push((ns.clone(), upstreams.len()));
+        upstreams.push((ns.clone(), endpoints[0].url.clone()));
+    }
+    let metrics = Metrics::new(workers, limiter, upstreams).leak();
+    let shared: &'static Shared = Box::leak(Box::new(Shared {
+        settings: Settings {
+            read_timeout: secs(s.read_timeout),
+            write_timeout: secs(s.write_timeout),
+            idle_timeout: secs(s.idle_timeout),
+            shutdown_timeout: secs(s.shutdown_timeout),
+            max_message_size: s.max_message_size,
+            namespaces,
+        },
+        limiter,
+        metrics,
+    }));
+
+    let needed = s.max_connections as u64 + 2 * workers as u64 + 64;
+    tracing::info!(
+        workers,
+        driver = driver.label(),
+        pinned = s.pin_workers,
+        limits = %describe_limits(limiter),
+        open_file_limit = nofile,
+        "mcp-gateway starting"
+    );
+    if nofile < needed {
+        tracing::warn!(
+            open_file_limit = nofile,
+            needed,
+            "server.max_connections cannot be reached with this open-file limit; raise the hard limit (ulimit -Hn, LimitNOFILE=)"
+        );
+    }
+
+    // Workers inherit this mask, so the signals reach only the main thread's sigwait.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().map_err(io::Error::from)?;
+
+    let http_addr = http[0].local_addr()?;
+    let tcp_addr = tcp.as_ref().map(|t| t[0].local_addr()).transpose()?;
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let (started_tx, started_rx) = mpsc::channel::<io::Result<()>>();
+    let mut stops = Vec::with_capacity(workers);
+    let mut threads = Vec::with_capacity(workers);
+    let mut tcp_listeners = tcp.map(|v| v.into_iter());
+    for (index, http) in http.into_iter().enumerate() {
+        let listeners = Listeners {
+            http,
+            tcp: tcp_listeners.as_mut().and_then(|t| t.next()),
+        };
+        let (stop_tx, stop_rx) = futures_channel::oneshot::channel();
+        stops.push(stop_tx);
+        let core = (s.pin_workers && !cores.is_empty()).then(|| cores[index % cores.len()]);
+        let started = started_tx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("mcp-worker-{index}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    if !core_affinity::set_for_current(core) {
+                        tracing::warn!(worker = index, core = core.id, "could not pin worker");
+                    }
+                }
+                let worker = Worker::new(index, shared);
+                let result = run_worker(driver, worker, listeners, stop_rx, &started);
+                if let Err(e) = &result {
+                    tracing::error!(worker = index, error = %e, "worker failed");
+                }
+                result
+            })?;
+        threads.push(thread);
+    }
+    drop(started_tx);
+    for _ in 0..workers {
+        match started_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(io::Error::other("a worker exited during startup")),
+        }
+    }
+    let admin_addr = admin_listener.local_addr()?;
+    admin::spawn(admin_listener, metrics)?;
+    admin::READY.store(true, Ordering::Relaxed);
+    tracing::info!(
+        http = %http_addr,
+        tcp = %tcp_addr.map_or("disabled".to_string(), |a| a.to_string()),
+        admin = %admin_addr,
+        "listening"
+    );
+
+    let signal = signals.wait().map_err(io::Error::from)?;
+    admin::READY.store(false, Ordering::Relaxed);
+    tracing::info!(
+        %signal,
+        shutdown_timeout = s.shutdown_timeout,
+        open_connections = limiter.active(),
+        "shutting down: no new connections, draining open ones"
+    );
+    for stop in stops {
+        let _ = stop.send(());
+    }
+    let mut failed = false;
+    for t in threads {
+        failed |= !matches!(t.join(), Ok(Ok(())));
+    }
+    tracing::info!(open_connections = limiter.active(), "stopped");
+    if failed {
+        return Err(io::Error::other("a worker failed"));
+    }
+    Ok(())
+}
+
+/// The driver in use, for logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chosen {
+    IoUring,
+    Epoll,
+}
+
+impl Chosen {
+    fn label(self) -> &'static str {
+        match self {
+            Chosen::IoUring => "io_uring",
+            Chosen::Epoll => "epoll",
+        }
+    }
+}
+
+fn choose_driver(wanted: Driver) -> io::Result<Chosen> {
+    let uring = monoio::utils::detect_uring();
+    match (wanted, uring) {
+        (Driver::Epoll, _) => Ok(Chosen::Epoll),
+        (_, true) => Ok(Chosen::IoUring),
+        (Driver::IoUring, false) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "server.driver is io_uring but io_uring is unavailable here (old kernel or seccomp); use auto or epoll",
+        )),
+        (Driver::Auto, false) => {
+            tracing::warn!("io_uring is unavailable (old kernel or seccomp profile); falling back to epoll");
+            Ok(Chosen::Epoll)
+        }
+    }
+}
+
+fn run_worker(
+    driver: Chosen,
+    worker: &'static Worker,
+    listeners: Listeners,
+    stop: futures_channel::oneshot::Receiver<()>,
+    started: &mpsc::Sender<io::Result<()>>,
+) -> io::Result<()> {
+    macro_rules! run_on {
+        ($driver:ty) => {{
+            let built = monoio::RuntimeBuilder::<$driver>::new()
+                .enable_timer()
+                .build();
+            match built {
+                Ok(mut rt) => {
+                    let _ = started.send(Ok(()));
+                    rt.block_on(worker::run(worker, listeners, stop))
+                }
+                Err(e) => {
+                    let e = io::Error::new(
+                        e.kind(),
+                        format!("building the {} runtime: {e}", driver.label()),
+                    );
+                    let _ = started.send(Err(io::Error::new(e.kind(), e.to_string())));
+                    Err(e)
+                }
+            }
+        }};
+    }
+    match driver {
+        Chosen::IoUring => run_on!(monoio::IoUringDriver),
+        Chosen::Epoll => run_on!(monoio::LegacyDriver),
+    }
+}
+
+/// `n` listeners sharing `addr` through `SO_REUSEPORT`; port 0 is resolved by the first.
+fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let first = bind_one(addr)?;
+    let addr = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..n {
+        all.push(bind_one(addr)?);
+    }
+    Ok(all)
+}
+
+fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let wrap = |e: io::Error| io::Error::new(e.kind(), format!("listener {addr}: {e}"));
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(wrap)?;
+    if addr.is_ipv6() {
+        // `::` takes IPv4 clients too, as `::ffff:a.b.c.d` (counted as the IPv4 address).
+        socket.set_only_v6(false).map_err(wrap)?;
+    }
+    socket.set_reuse_address(true).map_err(wrap)?;
+    socket.set_reuse_port(true).map_err(wrap)?;
+    socket.set_nonblocking(true).map_err(wrap)?;
+    socket.bind(&addr.into()).map_err(wrap)?;
+    socket.listen(4096).map_err(wrap)?;
+    Ok(socket.into())
+}
+
+/// Raises the open-file soft limit to the hard limit; returns the limit in force.
+fn raise_nofile_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                return hard;
+            }
+            soft
+        }
+        Err(_) => 1024,
+    }
+}
+
+fn invalid(key: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{key} is not an IP address"),
+    )
+}

@@ -1,0 +1,461 @@
+//! The WebSocket front door (RFC 6455): the upgrade handshake and the message loop of an upgraded
+//! connection. Each text message is one JSON-RPC message (or batch) for the namespace's upstream;
+//! each reply goes back as one text message.
+//!
+//! Owns the frame codec (server side: client frames must be masked, ours are not) and the
+//! connection after the `101 Switching Protocols`.
+//!
+//! Invariants:
+//! - A message (all fragments together) never exceeds `max_message_size`: the frame header is
+//!   checked before its payload is read, and the connection is closed with 1009.
+//! - Protocol violations close with the RFC's code (1002 protocol error, 1003 binary data,
+//!   1007 invalid UTF-8), then a lingering close.
+//! - Pings are answered with pongs carrying the same payload; a close frame is answered with a
+//!   close frame echoing its code, then the gateway closes the TCP connection.
+//! - Like HTTP, an idle WebSocket holds no buffer; it is closed with 1001 after `idle_timeout`
+//!   or when the gateway drains.
+
+use std::time::Instant;
+
+use base64::Engine as _;
+use monoio::net::TcpStream;
+use sha1::{Digest, Sha1};
+
+use crate::conn::{
+    give_buf, linger_close, read_more, take_buf, wait_readable, write_all, ReadError, Wait,
+};
+use crate::echo;
+use crate::http::request::Upgrade;
+use crate::http::response;
+use crate::metrics::{Frontend, ProtocolError};
+use crate::worker::{Registration, Worker};
+
+const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+const OP_CONT: u8 = 0;
+const OP_TEXT: u8 = 1;
+const OP_BINARY: u8 = 2;
+const OP_CLOSE: u8 = 8;
+const OP_PING: u8 = 9;
+const OP_PONG: u8 = 10;
+
+/// Writes the handshake answer to `out` and returns its status (101 on success).
+pub fn handshake(up: &Upgrade, out: &mut Vec<u8>) -> u16 {
+    if !up.version_13 {
+        response::error(
+            out,
+            426,
+            -32600,
+            "WebSocket version 13 required",
+            &[("Sec-WebSocket-Version", "13")],
+            false,
+        );
+        return 426;
+    }
+    let key = up.key.as_deref().unwrap_or("");
+    let valid = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .is_ok_and(|k| k.len() == 16);
+    if !valid {
+        response::error(
+            out,
+            400,
+            -32600,
+            "missing or invalid Sec-WebSocket-Key",
+            &[],
+            false,
+        );
+        return 400;
+    }
+    let accept = accept_key(key);
+    let mut headers = vec![
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Accept", accept.as_str()),
+    ];
+    if up.mcp_protocol {
+        headers.push(("Sec-WebSocket-Protocol", "mcp"));
+    }
+    response::write(out, 101, &headers, b"", true);
+    101
+}
+
+/// `Sec-WebSocket-Accept` for a client key.
+pub fn accept_key(key: &str) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
+/// A close with its code and reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseWith(pub u16, pub &'static str);
+
+const PROTOCOL: CloseWith = CloseWith(1002, "protocol error");
+
+/// A parsed frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHead {
+    pub fin: bool,
+    pub opcode: u8,
+    pub mask: [u8; 4],
+    pub header_len: usize,
+    pub payload_len: usize,
+}
+
+/// Parses a client frame header. `Ok(None)`: incomplete.
+pub fn parse_frame_head(buf: &[u8], max: usize) -> Result<Option<FrameHead>, CloseWith> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    let fin = b0 & 0x80 != 0;
+    let opcode = b0 & 0x0f;
+    if b0 & 0x70 != 0
+        || !matches!(
+            opcode,
+            OP_CONT | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG
+        )
+    {
+        return Err(PROTOCOL);
+    }
+    if b1 & 0x80 == 0 {
+        return Err(CloseWith(1002, "client frames must be masked"));
+    }
+    let (len, mut at) = match b1 & 0x7f {
+        126 if buf.len() < 4 => return Ok(None),
+        126 => (u16::from_be_bytes([buf[2], buf[3]]) as u64, 4),
+        127 if buf.len() < 10 => return Ok(None),
+        127 => (
+            u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes")),
+            10,
+        ),
+        n => (n as u64, 2),
+    };
+    if opcode >= OP_CLOSE && (!fin || len > 125) {
+        return Err(CloseWith(1002, "invalid control frame"));
+    }
+    if len > max as u64 {
+        return Err(CloseWith(1009, "message too big"));
+    }
+    if buf.len() < at + 4 {
+        return Ok(None);
+    }
+    let mask = buf[at..at + 4].try_into().expect("4 bytes");
+    at += 4;
+    Ok(Some(FrameHead {
+        fin,
+        opcode,
+        mask,
+        header_len: at,
+        payload_len: len as usize,
+    }))
+}
+
+/// Appends an unmasked server frame.
+pub fn write_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    out.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(n as u8),
+        n if n <= u16::MAX as usize => {
+            out.push(126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(payload);
+}
+
+fn write_close(out: &mut Vec<u8>, CloseWith(code, reason): CloseWith) {
+    let mut payload = [0u8; 125];
+    payload[..2].copy_from_slice(&code.to_be_bytes());
+    let n = reason.len().min(123);
+    payload[2..2 + n].copy_from_slice(&reason.as_bytes()[..n]);
+    write_frame(out, OP_CLOSE, &payload[..2 + n]);
+}
+
+/// A fragmented message being assembled across frames.
+#[derive(Default)]
+struct Assembly {
+    message: Option<Vec<u8>>,
+}
+
+enum WsStep {
+    Continue(Option<Vec<u8>>),
+    Close,
+    Linger(Vec<u8>),
+}
+
+/// Serves an upgraded connection; `pending` holds bytes that came after the handshake.
+pub async fn serve(
+    worker: &'static Worker,
+    mut stream: TcpStream,
+    reg: &Registration,
+    pending: Vec<u8>,
+    upstream: usize,
+) {
+    let s = worker.settings();
+    let mut assembly = Assembly::default();
+    let mut pending = if pending.is_empty() {
+        give_buf(pending);
+        None
+    } else {
+        Some(pending)
+    };
+    loop {
+        if pending.is_none() {
+            let mut reason = None;
+            if worker.draining() {
+                reason = Some(CloseWith(1001, "gateway shutting down"));
+            } else {
+                worker.set_idle(reg, true);
+                let waited = wait_readable(&stream, s.idle_timeout).await;
+                worker.set_idle(reg, false);
+                match waited {
+                    Ok(Wait::Ready) => {}
+                    Ok(Wait::TimedOut) => reason = Some(CloseWith(1001, "idle timeout")),
+                    Err(_) => return,
+                }
+            }
+            if let Some(why) = reason {
+                let mut out = take_buf();
+                write_close(&mut out, why);
+                if write_all(&mut stream, out, s.write_timeout).await.is_ok() {
+                    linger_close(stream, None).await;
+                }
+                return;
+            }
+        }
+        let step = Box::pin(exchange(
+            worker,
+            &mut stream,
+            pending.take(),
+            &mut assembly,
+            upstream,
+        ))
+        .await;
+        match step {
+            WsStep::Continue(rest) => pending = rest,
+            WsStep::Close => return,
+            WsStep::Linger(buf) => return linger_close(stream, Some(buf)).await,
+        }
+    }
+}
+
+async fn exchange(
+    worker: &'static Worker,
+    stream: &mut TcpStream,
+    pending: Option<Vec<u8>>,
+    assembly: &mut Assembly,
+    upstream: usize,
+) -> WsStep {
+    let s = worker.settings();
+    let max = s.max_message_size;
+    let mut buf = pending.unwrap_or_else(take_buf);
+    let mut out = take_buf();
+    let deadline = Instant::now() + s.read_timeout;
+    loop {
+        let head = match parse_frame_head(&buf, max) {
+            Ok(Some(h)) if buf.len() >= h.header_len + h.payload_len => h,
+            Ok(found) => {
+                if buf.is_empty() {
+                    // Nothing pending: flush and go back to waiting without a buffer.
+                    give_buf(buf);
+                    return flush(stream, out, s.write_timeout)
+                        .await
+                        .map_or(WsStep::Close, |_| WsStep::Continue(None));
+                }
+                if let Some(h) = found {
+                    buf.reserve(h.header_len + h.payload_len - buf.len());
+                }
+                if !out.is_empty() {
+                    match write_all(stream, out, s.write_timeout).await {
+                        Ok(o) => out = o,
+                        Err(_) => return WsStep::Close,
+                    }
+                }
+                match read_more(stream, &mut buf, deadline).await {
+                    Ok(_) => continue,
+                    Err(ReadError::TimedOut) => {
+                        worker
+                            .metrics
+                            .protocol_error(Frontend::WebSocket, ProtocolError::Timeout);
+                        return close_with(
+                            worker,
+                            stream,
+                            out,
+                            CloseWith(1008, "frame not received within read_timeout"),
+                        )
+                        .await;
+                    }
+                    Err(_) => return WsStep::Close,
+                }
+            }
+            Err(why) => {
+                let kind = if why.0 == 1009 {
+                    ProtocolError::TooLarge
+                } else {
+                    ProtocolError::Malformed
+                };
+                worker.metrics.protocol_error(Frontend::WebSocket, kind);
+                return close_with(worker, stream, out, why).await;
+            }
+        };
+        let start = head.header_len;
+        let end = start + head.payload_len;
+        for (i, b) in buf[start..end].iter_mut().enumerate() {
+            *b ^= head.mask[i % 4];
+        }
+        let payload = &buf[start..end];
+        let complete: Option<Vec<u8>> = match head.opcode {
+            OP_PING => {
+                write_frame(&mut out, OP_PONG, payload);
+                None
+            }
+            OP_PONG => None,
+            OP_CLOSE => {
+                let code = match payload.len() {
+                    0 => 1000,
+                    1 => return close_with(worker, stream, out, PROTOCOL).await,
+                    _ => u16::from_be_bytes([payload[0], payload[1]]),
+                };
+                write_close(&mut out, CloseWith(code, ""));
+                let _ = write_all(stream, out, s.write_timeout).await;
+                buf.drain(..end);
+                return WsStep::Linger(buf);
+            }
+            OP_BINARY if assembly.message.is_none() => {
+                worker.metrics.protocol_error(Frontend::WebSocket, ProtocolError::Malformed);
+                return close_with(worker, stream, out, CloseWith(1003, "send JSON-RPC as text messages")).await;
+            }
+            OP_TEXT | OP_BINARY if assembly.message.is_some() => {
+                worker.metrics.protocol_error(Frontend::WebSocket, ProtocolError::Malformed);
+                return close_with(worker, stream, out, CloseWith(1002, "new message inside a fragmented one")).await;
+            }
+            OP_TEXT if head.fin => Some(payload.to_vec()),
+            OP_TEXT => {
+                let mut m = take_buf();
+                m.extend_from_slice(payload);
+                assembly.message = Some(m);
+                None
+            }
+            _ /* OP_CONT */ => match assembly.message.as_mut() {
+                None => return close_with(worker, stream, out, CloseWith(1002, "continuation without a message")).await,
+                Some(m) if m.len() + payload.len() > max => {
+                    worker.metrics.protocol_error(Frontend::WebSocket, ProtocolError::TooLarge);
+                    return close_with(worker, stream, out, CloseWith(1009, "message too big")).await;
+                }
+                Some(m) => {
+                    m.extend_from_slice(payload);
+                    if head.fin { assembly.message.take() } else { None }
+                }
+            },
+        };
+        buf.drain(..end);
+        if let Some(message) = complete {
+            if std::str::from_utf8(&message).is_err() {
+                worker
+                    .metrics
+                    .protocol_error(Frontend::WebSocket, ProtocolError::Malformed);
+                return close_with(
+                    worker,
+                    stream,
+                    out,
+                    CloseWith(1007, "text message is not UTF-8"),
+                )
+                .await;
+            }
+            let started = Instant::now();
+            let mut reply = take_buf();
+            if echo::handle(&message, &mut reply).replied {
+                write_frame(&mut out, OP_TEXT, &reply);
+            }
+            worker.metrics.upstream_request(upstream);
+            worker
+                .metrics
+                .request(Frontend::WebSocket, started.elapsed());
+            give_buf(reply);
+            give_buf(message);
+        }
+    }
+}
+
+async fn flush(
+    stream: &mut TcpStream,
+    out: Vec<u8>,
+    limit: std::time::Duration,
+) -> std::io::Result<()> {
+    if out.is_empty() {
+        give_buf(out);
+        return Ok(());
+    }
+    write_all(stream, out, limit).await.map(give_buf)
+}
+
+async fn close_with(
+    worker: &'static Worker,
+    stream: &mut TcpStream,
+    mut out: Vec<u8>,
+    why: CloseWith,
+) -> WsStep {
+    tracing::debug!(code = why.0, reason = why.1, "closing WebSocket");
+    write_close(&mut out, why);
+    let _ = write_all(stream, out, worker.settings().write_timeout).await;
+    WsStep::Linger(take_buf())
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_key_matches_rfc_example() {
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn frame_heads() {
+        // Masked text "Hello" from RFC 6455 section 5.7.
+        let f = [
+            0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+        ];
+        let h = parse_frame_head(&f, 100).unwrap().unwrap();
+        assert_eq!(
+            (h.fin, h.opcode, h.header_len, h.payload_len),
+            (true, OP_TEXT, 6, 5)
+        );
+        assert_eq!(parse_frame_head(&f[..3], 100), Ok(None));
+        assert_eq!(
+            parse_frame_head(&[0x81, 0x05], 100).unwrap_err().0,
+            1002,
+            "unmasked"
+        );
+        assert_eq!(
+            parse_frame_head(&[0x81, 0xfe, 0x01, 0x00], 100)
+                .unwrap_err()
+                .0,
+            1009
+        );
+        assert_eq!(
+            parse_frame_head(&[0x09, 0x80, 0, 0, 0, 0], 100)
+                .unwrap_err()
+                .0,
+            1002,
+            "fragmented ping"
+        );
+    }
+
+    #[test]
+    fn server_frames_use_the_shortest_length() {
+        let mut out = Vec::new();
+        write_frame(&mut out, OP_TEXT, &[b'x'; 200]);
+        assert_eq!(&out[..4], &[0x81, 126, 0, 200]);
+    }
+}

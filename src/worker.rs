@@ -1,0 +1,281 @@
+//! One worker: a pinned monoio runtime that accepts on its own `SO_REUSEPORT` listeners, admits
+//! connections through the limiter, serves them to completion, and drains on shutdown.
+//!
+//! Owns the per-core state: the registry of open connections (used to wake idle ones when the
+//! worker drains), the count of rejection replies in flight, and the core's session-id generator.
+//!
+//! Invariants:
+//! - A connection lives and dies on the worker that accepted it; nothing crosses cores.
+//! - An admitted connection's [`Permit`] is moved into its task and dropped when the task ends,
+//!   however it ends: return, error, panic (caught here, logged) or the runtime being dropped at
+//!   the end of the drain.
+//! - A failed `accept()` backs off (doubling, capped at one second) instead of spinning.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use monoio::net::{TcpListener, TcpStream};
+use slab::Slab;
+
+use crate::limiter::{Limiter, Permit};
+use crate::metrics::{AcceptError, CoreMetrics, Frontend, Metrics};
+use crate::{http, mcpb};
+
+/// Process-wide, read-only settings the connection tasks need, resolved from the configuration.
+pub struct Settings {
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub max_message_size: usize,
+    /// Configured namespaces, in `Metrics` upstream order: `(name, upstream index)`.
+    pub namespaces: Vec<(String, usize)>,
+}
+
+impl Settings {
+    /// The upstream index serving namespace `name`.
+    pub fn namespace(&self, name: &str) -> Option<usize> {
+        self.namespaces
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, u)| *u)
+    }
+}
+
+/// What every worker shares (all `&'static`, created once at startup).
+pub struct Shared {
+    pub settings: Settings,
+    pub limiter: &'static Limiter,
+    pub metrics: &'static Metrics,
+}
+
+/// Rejection replies in flight per worker; past this a rejected HTTP client is closed without a
+/// reply, so a flood cannot make the gateway hold more sockets for refusals than for clients.
+const MAX_REJECTING: usize = 4096;
+
+/// Per-core state. Lives on its worker thread only (`!Sync`).
+pub struct Worker {
+    pub index: usize,
+    pub shared: &'static Shared,
+    pub metrics: &'static CoreMetrics,
+    draining: Cell<bool>,
+    /// Open connections: fd and whether the connection is idle (waiting for a request).
+    conns: RefCell<Slab<(RawFd, bool)>>,
+    rejecting: Cell<usize>,
+    rng: Cell<u64>,
+}
+
+impl Worker {
+    pub fn new(index: usize, shared: &'static Shared) -> &'static Worker {
+        let seed = std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            index,
+        );
+        Box::leak(Box::new(Worker {
+            index,
+            shared,
+            metrics: shared.metrics.core(index),
+            draining: Cell::new(false),
+            conns: RefCell::new(Slab::new()),
+            rejecting: Cell::new(0),
+            rng: Cell::new(seed | 1),
+        }))
+    }
+
+    pub fn settings(&self) -> &'static Settings {
+        &self.shared.settings
+    }
+
+    /// True once shutdown began: finish the current request, then close.
+    pub fn draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// 64 random bits (splitmix64, seeded per process and core): session ids.
+    pub fn random(&self) -> u64 {
+        let s = self.rng.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.rng.set(s);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Tracks a connection until the returned guard drops.
+    pub fn register(&'static self, stream: &TcpStream) -> Registration {
+        let key = self.conns.borrow_mut().insert((stream.as_raw_fd(), false));
+        Registration { worker: self, key }
+    }
+
+    /// Marks whether the connection waits for its next request; idle ones are woken at drain.
+    pub fn set_idle(&self, reg: &Registration, idle: bool) {
+        if let Some(e) = self.conns.borrow_mut().get_mut(reg.key) {
+            e.1 = idle;
+        }
+    }
+
+    fn open_connections(&self) -> usize {
+        self.conns.borrow().len()
+    }
+
+    /// Stops taking new requests: idle connections are woken (their read side is shut, so their
+    /// wait ends with EOF) and busy ones close after their current request.
+    fn begin_drain(&self) {
+        self.draining.set(true);
+        for (_, (fd, idle)) in self.conns.borrow().iter() {
+            if *idle {
+                // SAFETY: the fd belongs to a live connection (it leaves the registry before
+                // its socket closes); shutting the read side only wakes its pending wait.
+                unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+            }
+        }
+    }
+}
+
+/// A connection's entry in its worker's registry; removed on drop.
+pub struct Registration {
+    worker: &'static Worker,
+    key: usize,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.worker.conns.borrow_mut().remove(self.key);
+    }
+}
+
+/// The listeners one worker accepts on.
+pub struct Listeners {
+    pub http: std::net::TcpListener,
+    pub tcp: Option<std::net::TcpListener>,
+}
+
+/// Runs worker `worker` on the current thread until `stop` fires, then drains.
+pub async fn run(
+    worker: &'static Worker,
+    listeners: Listeners,
+    stop: futures_channel::oneshot::Receiver<()>,
+) -> std::io::Result<()> {
+    let http = TcpListener::from_std(listeners.http)?;
+    let tcp = listeners.tcp.map(TcpListener::from_std).transpose()?;
+    {
+        let http_loop = accept_loop(worker, http, Frontend::Http);
+        let tcp_loop = async move {
+            match tcp {
+                Some(l) => accept_loop(worker, l, Frontend::Tcp).await,
+                None => std::future::pending().await,
+            }
+        };
+        monoio::select! {
+            _ = http_loop => {}
+            _ = tcp_loop => {}
+            _ = stop => {}
+        }
+        // The listeners are dropped here: this worker accepts nothing more.
+    }
+    worker.begin_drain();
+    let deadline = Instant::now() + worker.settings().shutdown_timeout;
+    while worker.open_connections() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let left = worker.open_connections();
+    if left > 0 {
+        tracing::warn!(
+            worker = worker.index,
+            connections = left,
+            "shutdown_timeout reached; closing"
+        );
+    }
+    Ok(())
+}
+
+async fn accept_loop(worker: &'static Worker, listener: TcpListener, door: Frontend) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff = Duration::ZERO;
+                admit(worker, stream, peer.ip(), door);
+            }
+            Err(e) => {
+                let kind = AcceptError::of(&e);
+                worker.metrics.accept_error(door, kind);
+                backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                tracing::warn!(worker = worker.index, frontend = door.label(), error = %e, ?backoff, "accept failed; backing off");
+                monoio::time::sleep(backoff).await;
+            }
+        }
+    }
+}
+
+fn admit(worker: &'static Worker, stream: TcpStream, ip: IpAddr, door: Frontend) {
+    match worker.shared.limiter.try_acquire(ip) {
+        Ok(permit) => {
+            let _ = stream.set_nodelay(true);
+            monoio::spawn(CatchUnwind(serve(worker, stream, permit, door)));
+        }
+        Err(why) => {
+            worker.metrics.rejected(door, why);
+            tracing::debug!(%ip, frontend = door.label(), reason = why.label(), "connection rejected");
+            // TCP: closed at once, nothing read or written. HTTP: the status it is owed.
+            if door == Frontend::Http && worker.rejecting.get() < MAX_REJECTING {
+                let slot = RejectSlot::take(worker);
+                monoio::spawn(CatchUnwind(async move {
+                    let _slot = slot;
+                    http::reject(worker, stream, why).await;
+                }));
+            }
+        }
+    }
+}
+
+/// One of the worker's `MAX_REJECTING` places for rejection replies, given back on drop.
+struct RejectSlot(&'static Worker);
+
+impl RejectSlot {
+    fn take(worker: &'static Worker) -> Self {
+        worker.rejecting.set(worker.rejecting.get() + 1);
+        RejectSlot(worker)
+    }
+}
+
+impl Drop for RejectSlot {
+    fn drop(&mut self) {
+        self.0.rejecting.set(self.0.rejecting.get() - 1);
+    }
+}
+
+async fn serve(worker: &'static Worker, stream: TcpStream, permit: Permit, door: Frontend) {
+    let reg = worker.register(&stream);
+    match door {
+        Frontend::Tcp => mcpb::serve(worker, stream, &reg).await,
+        _ => http::serve(worker, stream, &reg).await,
+    }
+    drop(reg);
+    drop(permit);
+}
+
+/// Runs a connection task, turning a panic into a log line instead of a dead worker. The task's
+/// state (its permit included) is dropped either way.
+struct CatchUnwind<F>(F);
+
+impl<F: Future<Output = ()>> Future for CatchUnwind<F> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: structural pinning of the only field; it is never moved out.
+        let inner = unsafe { self.map_unchecked_mut(|s| &mut s.0) };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(p) => p,
+            Err(_) => {
+                tracing::error!("connection task panicked; connection closed");
+                Poll::Ready(())
+            }
+        }
+    }
+}
