@@ -152,6 +152,13 @@ async fn exchange(
     let mut buf = pending.take().unwrap_or_else(take_buf);
     let mut out = take_buf();
     let deadline = Instant::now() + s.read_timeout;
+    if buf.is_empty() {
+        // Woken by readiness: read what arrived (EOF or an error ends the connection).
+        if read_more(stream, &mut buf, deadline).await.is_err() {
+            give_buf(out);
+            return Step::Close;
+        }
+    }
     loop {
         let (kind, len) = match parse_header(&buf, s.max_message_size) {
             Ok(Some((kind, len))) if buf.len() >= HEADER_LEN + len => (kind, len),

@@ -258,6 +258,13 @@ async fn exchange(
     let mut buf = pending.unwrap_or_else(take_buf);
     let mut out = take_buf();
     let deadline = Instant::now() + s.read_timeout;
+    if buf.is_empty() {
+        // Woken by readiness: read what arrived (EOF or an error ends the connection).
+        if read_more(stream, &mut buf, deadline).await.is_err() {
+            give_buf(out);
+            return WsStep::Close;
+        }
+    }
     loop {
         let head = match parse_frame_head(&buf, max) {
             Ok(Some(h)) if buf.len() >= h.header_len + h.payload_len => h,

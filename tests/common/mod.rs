@@ -1,0 +1,328 @@
+//! Test harness: runs the real `mcp-gateway` binary on loopback with a generated configuration,
+//! and gives tests raw sockets bound to chosen client addresses.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mcp-gateway");
+
+/// A running gateway; killed on drop.
+pub struct Gateway {
+    child: Option<Child>,
+    pub http: SocketAddr,
+    pub tcp: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    pub log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts a gateway whose `server` section is `server_yaml` (indented by the caller or not: each
+/// line is put under `server:`) on free ports, dual-stack on `::`.
+pub fn start(server_yaml: &str) -> Gateway {
+    start_with(server_yaml, "")
+}
+
+pub fn start_with(server_yaml: &str, rest_yaml: &str) -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    // `tcp_port: 0` disables the TCP door, so it gets a port that was free a moment ago.
+    let mut yaml =
+        String::from("server:\n  host: \"::\"\n  port: 0\n  metrics_port: 0\n  workers: 2\n");
+    if !server_yaml.contains("tcp_port") {
+        yaml.push_str(&format!("  tcp_port: {}\n", free_port()));
+    }
+    for line in server_yaml.lines().filter(|l| !l.trim().is_empty()) {
+        yaml.push_str("  ");
+        yaml.push_str(line.trim());
+        yaml.push('\n');
+    }
+    yaml.push_str(rest_yaml);
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["-c", path.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mcp-gateway");
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains(" listening ") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(line.clone());
+                    }
+                }
+                let mut l = log.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+    }
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| {
+            panic!(
+                "gateway did not start; config:\n{yaml}\nlog:\n{}",
+                log.lock().unwrap()
+            )
+        });
+    let field = |name: &str| -> Option<SocketAddr> {
+        let v = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))?;
+        let addr: SocketAddr = v.parse().ok()?;
+        // Connect to loopback of the listening family.
+        Some(match addr.ip() {
+            IpAddr::V6(ip) if ip.is_unspecified() => {
+                SocketAddr::new("127.0.0.1".parse().unwrap(), addr.port())
+            }
+            IpAddr::V4(ip) if ip.is_unspecified() => {
+                SocketAddr::new("127.0.0.1".parse().unwrap(), addr.port())
+            }
+            _ => addr,
+        })
+    };
+    Gateway {
+        http: field("http").expect("http address in log"),
+        tcp: field("tcp"),
+        admin: field("admin").expect("admin address in log"),
+        child: Some(child),
+        log,
+        _dir: dir,
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Gateway {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Sends `signal` and waits (up to `limit`) for the exit status.
+    pub fn stop(&mut self, signal: i32, limit: Duration) -> ExitStatus {
+        unsafe { libc::kill(self.pid(), signal) };
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "gateway did not exit within {limit:?}; log:\n{}",
+                    self.log.lock().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn scrape(&self) -> String {
+        let (status, _, body) = http_get(self.admin, "/metrics");
+        assert_eq!(status, 200);
+        String::from_utf8(body).unwrap()
+    }
+
+    /// The value of one sample, e.g. `metric("mcp_gateway_connections_active")` or
+    /// `metric("mcp_gateway_connections_rejected_total{frontend=\"http\",reason=\"per_ip\"}")`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        sample_value(&self.scrape(), sample)
+    }
+
+    /// Polls the metrics until `sample` equals `want` (a gauge settles as soon as the gateway
+    /// has processed a close; the poll only absorbs that scheduling delay), or panics.
+    pub fn wait_metric(&self, sample: &str, want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = self.metric(sample);
+            if got == want {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("{sample} is {got}, expected {want}\n{}", self.scrape());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until every connection gauge and the tracked-IP count are zero.
+    pub fn wait_all_closed(&self) {
+        for s in [
+            "mcp_gateway_connections_active",
+            "mcp_gateway_connections_total",
+            "mcp_gateway_tcp_connections_active",
+            "mcp_gateway_frontend_connections_active{frontend=\"http\"}",
+            "mcp_gateway_frontend_connections_active{frontend=\"websocket\"}",
+            "mcp_gateway_frontend_connections_active{frontend=\"tcp\"}",
+            "mcp_gateway_tracked_ips",
+        ] {
+            self.wait_metric(s, 0.0);
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn sample_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .unwrap_or_else(|| panic!("no sample {sample} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A TCP connection from `from` (port chosen by the kernel) to `to`.
+pub fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let from: IpAddr = from.parse().unwrap();
+    let to = match (from, to.ip()) {
+        (IpAddr::V6(_), IpAddr::V4(_)) => SocketAddr::new("::1".parse().unwrap(), to.port()),
+        _ => to,
+    };
+    let s = Socket::new(Domain::for_address(to), Type::STREAM, None).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.bind(&SocketAddr::new(from, 0).into()).unwrap();
+    s.connect(&to.into()).unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// A JSON-RPC POST to `/mcp`.
+pub fn post_mcp(body: &str) -> String {
+    format!(
+        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+pub const TOOLS_LIST: &str = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+
+/// One parsed HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// Reads one response (Content-Length framed) from `s`, using `buf` for bytes read past it.
+pub fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Response> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(n)) = resp.parse(buf) {
+            let status = resp.code.unwrap();
+            let headers: Vec<(String, String)> = resp
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_string(),
+                        String::from_utf8_lossy(h.value).to_string(),
+                    )
+                })
+                .collect();
+            let len: usize = headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .map_or(0, |(_, v)| v.parse().unwrap());
+            while buf.len() < n + len {
+                let mut chunk = [0u8; 8192];
+                let r = s.read(&mut chunk).ok()?;
+                if r == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..r]);
+            }
+            let body = buf[n..n + len].to_vec();
+            buf.drain(..n + len);
+            return Some(Response {
+                status,
+                headers,
+                body,
+            });
+        }
+        let mut chunk = [0u8; 8192];
+        let r = s.read(&mut chunk).ok()?;
+        if r == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..r]);
+    }
+}
+
+/// Sends `req` and reads one response.
+pub fn roundtrip(s: &mut TcpStream, req: &str) -> Response {
+    s.write_all(req.as_bytes()).unwrap();
+    read_response(s, &mut Vec::new()).expect("a response")
+}
+
+/// True when the peer closed (EOF or reset) within the read timeout, with nothing more to read.
+pub fn closed_by_peer(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+    }
+}
+
+/// A one-shot GET (admin port).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let r = read_response(&mut s, &mut Vec::new()).expect("admin response");
+    let ct = r.header("content-type").unwrap_or("").to_string();
+    (r.status, ct, r.body)
+}

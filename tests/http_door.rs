@@ -1,0 +1,243 @@
+//! The Streamable HTTP front door as a real server: keep-alive, pipelining, chunked bodies, the
+//! MCP reply shapes, and careful answers to bad input, each followed by a close.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn keep_alive_and_pipelining_answer_in_order() {
+    let gw = start("");
+    let mut s = connect_from("127.0.0.2", gw.http);
+    for id in 1..=3 {
+        let r = roundtrip(
+            &mut s,
+            &post_mcp(&format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"ping"}}"#)),
+        );
+        assert_eq!((r.status, r.json()["id"].as_i64()), (200, Some(id)));
+    }
+    // Three requests in one write, the last split across two writes.
+    let reqs: String = (10..13)
+        .map(|id| post_mcp(&format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"ping"}}"#)))
+        .collect();
+    let (a, b) = reqs.split_at(reqs.len() - 7);
+    s.write_all(a.as_bytes()).unwrap();
+    s.write_all(b.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    for id in 10..13 {
+        let r = read_response(&mut s, &mut buf).unwrap();
+        assert_eq!(r.json()["id"].as_i64(), Some(id));
+    }
+    assert_eq!(
+        gw.metric("mcp_gateway_requests_total{frontend=\"http\"}"),
+        6.0
+    );
+}
+
+#[test]
+fn mcp_shapes_json_sse_session_and_notifications() {
+    let gw = start("");
+    let mut s = connect_from("127.0.0.2", gw.http);
+    let init = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let r = roundtrip(&mut s, &post_mcp(init));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let session = r
+        .header("mcp-session-id")
+        .expect("a session id")
+        .to_string();
+    assert!(session.len() >= 16);
+    assert_eq!(r.json()["result"]["serverInfo"]["name"], "mcp-gateway-echo");
+
+    let note = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    let r = roundtrip(&mut s, &post_mcp(note));
+    assert_eq!((r.status, r.body.len()), (202, 0));
+
+    let call = r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"echo","arguments":{"message":"héllo"}}}"#;
+    let req = format!(
+        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\nMcp-Session-Id: {session}\r\nContent-Length: {}\r\n\r\n{call}",
+        call.len()
+    );
+    let r = roundtrip(&mut s, &req);
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let text = String::from_utf8(r.body).unwrap();
+    let data = text
+        .strip_prefix("event: message\ndata: ")
+        .unwrap()
+        .strip_suffix("\n\n")
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(data).unwrap();
+    assert_eq!(v["result"]["content"][0]["text"], "héllo");
+
+    let del = format!("DELETE /mcp HTTP/1.1\r\nHost: t\r\nMcp-Session-Id: {session}\r\n\r\n");
+    assert_eq!(roundtrip(&mut s, &del).status, 200);
+    let get = roundtrip(
+        &mut s,
+        "GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n",
+    );
+    assert_eq!(get.status, 405);
+    assert_eq!(
+        roundtrip(&mut s, "GET /other HTTP/1.1\r\nHost: t\r\n\r\n").status,
+        404
+    );
+    let unknown = post_mcp(TOOLS_LIST).replace("POST /mcp ", "POST /mcp/nosuch ");
+    assert_eq!(roundtrip(&mut s, &unknown).status, 404);
+}
+
+#[test]
+fn namespaces_route_by_path() {
+    let gw = start_with(
+        "",
+        "service_discovery:\n  static:\n    endpoints:\n      default:\n        - url: builtin:echo\n      tools:\n        - url: builtin:echo\n",
+    );
+    let mut s = connect_from("127.0.0.2", gw.http);
+    let r = roundtrip(
+        &mut s,
+        &post_mcp(TOOLS_LIST).replace("POST /mcp ", "POST /mcp/tools "),
+    );
+    assert_eq!(r.status, 200);
+    gw.wait_metric(
+        "mcp_gateway_upstream_requests_total{namespace=\"tools\",upstream=\"builtin:echo\",outcome=\"ok\"}",
+        1.0,
+    );
+}
+
+#[test]
+fn chunked_body_and_expect_continue() {
+    let gw = start("");
+    let mut s = connect_from("127.0.0.2", gw.http);
+    let body = TOOLS_LIST.as_bytes();
+    let (a, b) = body.split_at(10);
+    let req = format!(
+        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{}\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+        a.len(),
+        std::str::from_utf8(a).unwrap(),
+        b.len(),
+        std::str::from_utf8(b).unwrap()
+    );
+    let r = roundtrip(&mut s, &req);
+    assert_eq!(r.json()["result"]["tools"][0]["name"], "echo");
+
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let cont = read_response(&mut s, &mut buf).unwrap();
+    assert_eq!(cont.status, 100);
+    s.write_all(body).unwrap();
+    assert_eq!(read_response(&mut s, &mut buf).unwrap().status, 200);
+}
+
+/// Sends raw bytes and expects `status` with a JSON-RPC error body, then the close.
+fn expect_refusal(gw: &Gateway, raw: &[u8], status: u16) {
+    let mut s = connect_from("127.0.0.3", gw.http);
+    s.write_all(raw).unwrap();
+    let r =
+        read_response(&mut s, &mut Vec::new()).unwrap_or_else(|| panic!("no {status} response"));
+    assert_eq!(r.status, status, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(r.json()["jsonrpc"], "2.0");
+    assert!(closed_by_peer(&mut s));
+}
+
+#[test]
+fn bad_input_gets_the_right_status_then_a_close() {
+    let gw = start("max_message_size: 1024");
+    expect_refusal(&gw, b"this is not http\r\n\r\n", 400);
+    expect_refusal(
+        &gw,
+        b"POST /mcp HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+        400,
+    );
+    expect_refusal(
+        &gw,
+        b"POST /mcp HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        400,
+    );
+    let big_header = format!("GET /mcp HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(20_000));
+    expect_refusal(&gw, big_header.as_bytes(), 431);
+    expect_refusal(
+        &gw,
+        b"POST /mcp HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n{",
+        413,
+    );
+    let chunked_big = format!(
+        "POST /mcp HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n{}\r\n",
+        "a".repeat(2048)
+    );
+    expect_refusal(&gw, chunked_big.as_bytes(), 413);
+    // Errors in the JSON, not in the HTTP, keep the connection usable.
+    let mut s = connect_from("127.0.0.3", gw.http);
+    let r = roundtrip(&mut s, &post_mcp("{not json"));
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_i64()),
+        (400, Some(-32700))
+    );
+    let r = roundtrip(
+        &mut s,
+        "POST /mcp HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{}",
+    );
+    assert_eq!(r.status, 415);
+    assert_eq!(roundtrip(&mut s, &post_mcp(TOOLS_LIST)).status, 200);
+    drop(s);
+    assert!(
+        gw.metric("mcp_gateway_protocol_errors_total{frontend=\"http\",kind=\"malformed\"}") >= 3.0
+    );
+    assert_eq!(
+        gw.metric("mcp_gateway_protocol_errors_total{frontend=\"http\",kind=\"too_large\"}"),
+        3.0
+    );
+    gw.wait_all_closed();
+}
+
+#[test]
+fn slow_request_gets_408_and_idle_keep_alive_is_closed() {
+    let gw = start("read_timeout: 0.3\nidle_timeout: 0.5");
+    let mut slow = connect_from("127.0.0.2", gw.http);
+    slow.write_all(b"POST /mcp HTTP/1.1\r\nHost: t\r\n")
+        .unwrap();
+    let t = Instant::now();
+    let r = read_response(&mut slow, &mut Vec::new()).expect("a 408");
+    assert_eq!(r.status, 408);
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(closed_by_peer(&mut slow));
+
+    let mut idle = connect_from("127.0.0.2", gw.http);
+    assert_eq!(roundtrip(&mut idle, &post_mcp(TOOLS_LIST)).status, 200);
+    let t = Instant::now();
+    assert!(
+        closed_by_peer(&mut idle),
+        "idle keep-alive connection closed"
+    );
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+
+    // A connection that never sends anything is closed after read_timeout.
+    let mut silent = connect_from("127.0.0.2", gw.http);
+    let mut b = [0u8; 1];
+    assert_eq!(silent.read(&mut b).unwrap_or(0), 0);
+    gw.wait_metric(
+        "mcp_gateway_protocol_errors_total{frontend=\"http\",kind=\"timeout\"}",
+        1.0,
+    );
+    gw.wait_all_closed();
+}
+
+#[test]
+fn connection_close_is_honoured() {
+    let gw = start("");
+    let mut s = connect_from("127.0.0.2", gw.http);
+    let req = post_mcp(TOOLS_LIST).replace("Host: t\r\n", "Host: t\r\nConnection: close\r\n");
+    let r = roundtrip(&mut s, &req);
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    assert!(closed_by_peer(&mut s));
+    gw.wait_all_closed();
+}

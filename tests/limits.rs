@@ -1,0 +1,153 @@
+//! Connection limits, end to end: the real binary, clients bound to 127.0.0.x and ::1.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+
+fn assert_rejected(r: &Response, status: u16) {
+    assert_eq!(r.status, status);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let v = r.json();
+    assert_eq!(v["jsonrpc"], "2.0");
+    assert_eq!(v["id"], serde_json::Value::Null);
+    assert_eq!(v["error"]["code"], -32000);
+}
+
+#[test]
+fn per_ip_limit_rejects_that_ip_only_and_frees_on_close() {
+    let gw = start("max_connections_per_ip: 3");
+    let mut held: Vec<_> = (0..3).map(|_| connect_from("127.0.0.2", gw.http)).collect();
+    for s in &mut held {
+        assert_eq!(roundtrip(s, &post_mcp(TOOLS_LIST)).status, 200);
+    }
+    let mut fourth = connect_from("127.0.0.2", gw.http);
+    assert_rejected(&roundtrip(&mut fourth, &post_mcp(TOOLS_LIST)), 429);
+    assert!(closed_by_peer(&mut fourth));
+
+    let mut other = connect_from("127.0.0.3", gw.http);
+    assert_eq!(roundtrip(&mut other, &post_mcp(TOOLS_LIST)).status, 200);
+    assert_eq!(
+        gw.metric("mcp_gateway_connections_rejected_total{frontend=\"http\",reason=\"per_ip\"}"),
+        1.0
+    );
+    assert_eq!(gw.metric("mcp_gateway_tracked_ips"), 2.0);
+
+    // Closing one of the three frees its place.
+    drop(held.pop());
+    gw.wait_metric("mcp_gateway_connections_active", 3.0);
+    let mut again = connect_from("127.0.0.2", gw.http);
+    assert_eq!(roundtrip(&mut again, &post_mcp(TOOLS_LIST)).status, 200);
+
+    drop((held, again, other, fourth));
+    gw.wait_all_closed();
+}
+
+#[test]
+fn global_limit_rejects_everyone_on_every_door() {
+    let gw = start("max_connections: 4\nmax_connections_per_ip: 0");
+    let mut held = Vec::new();
+    for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"] {
+        let mut s = connect_from(ip, gw.http);
+        assert_eq!(roundtrip(&mut s, &post_mcp(TOOLS_LIST)).status, 200);
+        held.push(s);
+    }
+    let mut late = connect_from("127.0.0.9", gw.http);
+    assert_rejected(&roundtrip(&mut late, &post_mcp(TOOLS_LIST)), 503);
+
+    // The TCP door at the limit closes at once: nothing written.
+    let mut tcp = connect_from("127.0.0.9", gw.tcp.unwrap());
+    let mut b = [0u8; 16];
+    let n = tcp.read(&mut b).unwrap_or(0);
+    assert_eq!(n, 0, "a rejected TCP client reads nothing");
+    gw.wait_metric(
+        "mcp_gateway_connections_rejected_total{frontend=\"tcp\",reason=\"global\"}",
+        1.0,
+    );
+    assert_eq!(
+        gw.metric("mcp_gateway_connections_rejected_total{frontend=\"http\",reason=\"global\"}"),
+        1.0
+    );
+    assert_eq!(gw.metric("mcp_gateway_connections_active"), 4.0);
+
+    drop(held.pop());
+    gw.wait_metric("mcp_gateway_connections_active", 3.0);
+    let mut s = connect_from("127.0.0.9", gw.http);
+    assert_eq!(roundtrip(&mut s, &post_mcp(TOOLS_LIST)).status, 200);
+    drop((held, s));
+    gw.wait_all_closed();
+}
+
+#[test]
+fn doors_share_one_per_ip_count() {
+    let gw = start("max_connections_per_ip: 3");
+    // One HTTP, one WebSocket (upgraded), one MCPB connection from the same address.
+    let mut http = connect_from("127.0.0.7", gw.http);
+    assert_eq!(roundtrip(&mut http, &post_mcp(TOOLS_LIST)).status, 200);
+    let mut ws = connect_from("127.0.0.7", gw.http);
+    let up = roundtrip(
+        &mut ws,
+        "GET /mcp HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    assert_eq!(up.status, 101);
+    let mut tcp = connect_from("127.0.0.7", gw.tcp.unwrap());
+    tcp.write_all(&[b'M', b'C', b'P', b'B', 0, 1, 0, 4, 0, 0, 0, 0])
+        .unwrap();
+    let mut hdr = [0u8; 12];
+    tcp.read_exact(&mut hdr).unwrap();
+    assert_eq!(&hdr[..4], b"MCPB");
+    gw.wait_metric(
+        "mcp_gateway_frontend_connections_active{frontend=\"websocket\"}",
+        1.0,
+    );
+    assert_eq!(
+        gw.metric("mcp_gateway_frontend_connections_active{frontend=\"http\"}"),
+        1.0
+    );
+    assert_eq!(gw.metric("mcp_gateway_tcp_connections_active"), 1.0);
+
+    // A fourth on either door is refused.
+    let mut tcp2 = connect_from("127.0.0.7", gw.tcp.unwrap());
+    assert!(closed_by_peer(&mut tcp2));
+    let mut http2 = connect_from("127.0.0.7", gw.http);
+    assert_rejected(&roundtrip(&mut http2, &post_mcp(TOOLS_LIST)), 429);
+
+    drop((http, ws, tcp, tcp2, http2));
+    gw.wait_all_closed();
+}
+
+#[test]
+fn ipv6_clients_and_ipv4_mapped_addresses() {
+    let gw = start("max_connections_per_ip: 1");
+    let mut v6 = connect_from("::1", gw.http);
+    assert_eq!(roundtrip(&mut v6, &post_mcp(TOOLS_LIST)).status, 200);
+    let mut v6b = connect_from("::1", gw.http);
+    assert_rejected(&roundtrip(&mut v6b, &post_mcp(TOOLS_LIST)), 429);
+
+    // The listener is dual-stack: an IPv4 client arrives as ::ffff:127.0.0.8 and is counted
+    // as 127.0.0.8 (one key, limit 1), separately from ::1.
+    let mut v4 = connect_from("127.0.0.8", gw.http);
+    assert_eq!(roundtrip(&mut v4, &post_mcp(TOOLS_LIST)).status, 200);
+    let mut v4b = connect_from("127.0.0.8", gw.http);
+    assert_rejected(&roundtrip(&mut v4b, &post_mcp(TOOLS_LIST)), 429);
+    assert_eq!(gw.metric("mcp_gateway_tracked_ips"), 2.0);
+    drop((v6, v6b, v4, v4b));
+    gw.wait_all_closed();
+}
+
+#[test]
+fn rejected_client_gets_its_status_even_when_it_writes_late() {
+    // The gateway waits (bounded) for the head before answering, so a client that connects and
+    // only then writes still reads a 429 rather than a reset.
+    let gw = start("max_connections_per_ip: 1");
+    let mut first = connect_from("127.0.0.4", gw.http);
+    assert_eq!(roundtrip(&mut first, &post_mcp(TOOLS_LIST)).status, 200);
+    let mut second = connect_from("127.0.0.4", gw.http);
+    gw.wait_metric(
+        "mcp_gateway_connections_rejected_total{frontend=\"http\",reason=\"per_ip\"}",
+        1.0,
+    );
+    assert_rejected(&roundtrip(&mut second, &post_mcp(TOOLS_LIST)), 429);
+}
