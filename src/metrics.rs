@@ -296,6 +296,20 @@ impl Metrics {
                 })
                 .collect(),
         ));
+        let workers: Vec<String> = (0..self.cores.len()).map(|i| i.to_string()).collect();
+        fams.push(counter(
+            "mcp_gateway_worker_connections_accepted_total",
+            "Connections admitted by each worker (core) since start: how SO_REUSEPORT spreads them.",
+            self.cores
+                .iter()
+                .zip(&workers)
+                .map(|(c, w)| {
+                    let v: u64 = c.accepted.iter().map(|a| a.load(Relaxed)).sum::<u64>()
+                        - c.accepted[Frontend::WebSocket as usize].load(Relaxed);
+                    (vec![("worker", w.as_str())], v as f64)
+                })
+                .collect(),
+        ));
         fams.push(gauge(
             "mcp_gateway_connection_limit",
             "Configured connection limits (per_ip 0 = disabled).",

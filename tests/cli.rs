@@ -1,0 +1,135 @@
+//! `mcp-gateway check`, configuration errors, and graceful shutdown.
+
+mod common;
+
+use std::io::Write;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn check(contents: &str, file: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(file);
+    std::fs::write(&path, contents).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "-c", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn check_prints_the_effective_configuration() {
+    let (code, out, _) = check("server:\n  max_connections: 1234\n", "g.yaml");
+    assert_eq!(code, 0);
+    assert!(out.contains("max_connections: 1234"));
+    assert!(
+        out.contains("max_connections_per_ip: 1000"),
+        "defaults are filled in:\n{out}"
+    );
+    assert!(out.contains("url: builtin:echo"));
+    let (code, out, _) = check("[server]\nmax_connections_per_ip = 0\n", "g.toml");
+    assert_eq!(code, 0);
+    assert!(out.contains("max_connections_per_ip: 0"));
+}
+
+#[test]
+fn bad_configuration_names_the_key_and_exits_64() {
+    let (code, _, err) = check("server:\n  max_connectionz: 5\n", "g.yaml");
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("server: unknown field `max_connectionz`"),
+        "{err}"
+    );
+    let (code, _, err) = check(
+        "server:\n  max_connections: 0\n  read_timeout: 0\nrouting:\n  strategy: random\n",
+        "g.yaml",
+    );
+    assert_eq!(code, 64);
+    assert!(err.contains("routing.strategy"), "{err}");
+    let (code, _, err) = check(
+        "server:\n  max_connections: 0\n  read_timeout: 0\n",
+        "g.yaml",
+    );
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("server.max_connections") && err.contains("server.read_timeout"),
+        "all at once: {err}"
+    );
+    let (code, _, err) = check("[server]\nport = \"http\"\n", "g.toml");
+    assert_eq!(code, 64);
+    assert!(err.contains("server.port"), "{err}");
+}
+
+#[test]
+fn bundled_configs_check_clean() {
+    for f in [
+        "gateway.yaml",
+        "development.yaml",
+        "enterprise.yaml",
+        "public.yaml",
+    ] {
+        let path = format!("{}/config/{f}", env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(BIN)
+            .args(["check", "-c", &path])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn sigterm_lets_a_request_in_flight_finish_then_exits_zero() {
+    let mut gw = start("shutdown_timeout: 5");
+    let mut idle = connect_from("127.0.0.2", gw.http);
+    assert_eq!(roundtrip(&mut idle, &post_mcp(TOOLS_LIST)).status, 200);
+    let mut busy = connect_from("127.0.0.3", gw.http);
+    let req = post_mcp(TOOLS_LIST);
+    let (a, b) = req.split_at(req.len() - 5);
+    busy.write_all(a.as_bytes()).unwrap();
+    gw.wait_metric("mcp_gateway_connections_active", 2.0);
+
+    unsafe { libc::kill(gw.pid(), libc::SIGTERM) };
+    // The idle keep-alive connection is closed promptly.
+    assert!(closed_by_peer(&mut idle));
+    // The request in flight is answered, with Connection: close.
+    busy.write_all(b.as_bytes()).unwrap();
+    let r = read_response(&mut busy, &mut Vec::new()).expect("the in-flight request is answered");
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    let t = Instant::now();
+    let status = gw.stop(0, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "exits once drained, not at shutdown_timeout"
+    );
+    assert!(gw.log.lock().unwrap().contains("shutting down"));
+}
+
+#[test]
+fn sigint_with_a_stuck_client_exits_zero_after_shutdown_timeout() {
+    let mut gw = start("shutdown_timeout: 0.5\nread_timeout: 30");
+    let mut stuck = connect_from("127.0.0.2", gw.http);
+    stuck
+        .write_all(b"POST /mcp HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+        .unwrap();
+    gw.wait_metric("mcp_gateway_connections_active", 1.0);
+    let t = Instant::now();
+    let status = gw.stop(libc::SIGINT, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert!(closed_by_peer(&mut stuck));
+}
