@@ -2,8 +2,8 @@
 //! reads and timed writes, and the graceful close.
 //!
 //! Invariants:
-//! - A connection waiting for its next request or message holds no buffer: it waits for
-//!   readiness ([`wait_readable`]), and only then takes a buffer from this core's pool. Buffers go
+//! - A connection waiting for its next request or message holds no buffer and no timer: it
+//!   waits for readiness ([`wait_idle`]), and only then takes a buffer from this core's pool. Buffers go
 //!   back to the pool as soon as no unconsumed bytes are left in them.
 //! - The pool is per thread (so per core), bounded in count and in the capacity of what it keeps.
 //! - Every read and write runs under a deadline; nothing waits on a client forever.
@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
+
+use crate::worker::{Registration, Worker};
 
 /// Capacity of a pooled buffer; requests that need more grow their buffer, which is then dropped
 /// instead of pooled when it is larger than [`MAX_POOLED`].
@@ -50,15 +52,27 @@ pub fn give_buf(mut buf: Vec<u8>) {
 /// How waiting for a client ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Wait {
+    /// Bytes (or EOF) arrived.
     Ready,
-    TimedOut,
+    /// `limit` passed, or the worker is draining: close.
+    Expired,
 }
 
-/// Waits until the socket is readable (data, EOF or error), holding no buffer meanwhile.
-pub async fn wait_readable(stream: &TcpStream, limit: Duration) -> io::Result<Wait> {
-    match monoio::time::timeout(limit, stream.readable(false)).await {
-        Ok(r) => r.map(|()| Wait::Ready),
-        Err(_) => Ok(Wait::TimedOut),
+/// Waits until the socket is readable, holding no buffer and no timer meanwhile: the worker's
+/// idle sweeper enforces `limit` (see [`Worker::idle_begin`]), so a waiting connection costs only
+/// its readiness wait. A timer here would cost more than the rest of the idle state together.
+pub async fn wait_idle(
+    worker: &Worker,
+    reg: &Registration,
+    stream: &TcpStream,
+    limit: Duration,
+) -> Wait {
+    worker.idle_begin(reg, limit);
+    let ready = stream.readable(false).await;
+    if worker.idle_end(reg) || ready.is_err() {
+        Wait::Expired
+    } else {
+        Wait::Ready
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::Instant;
 use monoio::net::TcpStream;
 
 use crate::conn::{
-    give_buf, linger_close, read_more, take_buf, wait_readable, write_all, ReadError, Wait,
+    give_buf, linger_close, read_more, take_buf, wait_idle, write_all, ReadError, Wait,
 };
 use crate::echo;
 use crate::metrics::{DoorGauge, Frontend, ProtocolError};
@@ -127,17 +127,14 @@ pub async fn serve(worker: &'static Worker, mut stream: TcpStream, reg: &Registr
             if worker.draining() {
                 return;
             }
-            worker.set_idle(reg, true);
-            let waited = wait_readable(&stream, s.idle_timeout).await;
-            worker.set_idle(reg, false);
-            if !matches!(waited, Ok(Wait::Ready)) {
+            if wait_idle(worker, reg, &stream, s.idle_timeout).await == Wait::Expired {
                 return;
             }
         }
         match Box::pin(exchange(worker, &mut stream, &mut pending, upstream)).await {
             Step::Continue => {}
             Step::Close => return,
-            Step::Linger(buf) => return linger_close(stream, Some(buf)).await,
+            Step::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
         }
     }
 }

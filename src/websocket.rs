@@ -22,7 +22,7 @@ use monoio::net::TcpStream;
 use sha1::{Digest, Sha1};
 
 use crate::conn::{
-    give_buf, linger_close, read_more, take_buf, wait_readable, write_all, ReadError, Wait,
+    give_buf, linger_close, read_more, take_buf, wait_idle, write_all, ReadError, Wait,
 };
 use crate::echo;
 use crate::http::request::Upgrade;
@@ -207,28 +207,16 @@ pub async fn serve(
         Some(pending)
     };
     loop {
-        if pending.is_none() {
-            let mut reason = None;
-            if worker.draining() {
-                reason = Some(CloseWith(1001, "gateway shutting down"));
+        let expired = pending.is_none()
+            && (worker.draining()
+                || wait_idle(worker, reg, &stream, s.idle_timeout).await == Wait::Expired);
+        if expired {
+            let why = if worker.draining() {
+                CloseWith(1001, "gateway shutting down")
             } else {
-                worker.set_idle(reg, true);
-                let waited = wait_readable(&stream, s.idle_timeout).await;
-                worker.set_idle(reg, false);
-                match waited {
-                    Ok(Wait::Ready) => {}
-                    Ok(Wait::TimedOut) => reason = Some(CloseWith(1001, "idle timeout")),
-                    Err(_) => return,
-                }
-            }
-            if let Some(why) = reason {
-                let mut out = take_buf();
-                write_close(&mut out, why);
-                if write_all(&mut stream, out, s.write_timeout).await.is_ok() {
-                    linger_close(stream, None).await;
-                }
-                return;
-            }
+                CloseWith(1001, "idle timeout")
+            };
+            return Box::pin(close_idle(worker, stream, why)).await;
         }
         let step = Box::pin(exchange(
             worker,
@@ -241,7 +229,7 @@ pub async fn serve(
         match step {
             WsStep::Continue(rest) => pending = rest,
             WsStep::Close => return,
-            WsStep::Linger(buf) => return linger_close(stream, Some(buf)).await,
+            WsStep::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
         }
     }
 }
@@ -388,6 +376,18 @@ async fn exchange(
             give_buf(reply);
             give_buf(message);
         }
+    }
+}
+
+/// Closes a connection that has no exchange in progress (idle timeout, drain).
+async fn close_idle(worker: &'static Worker, mut stream: TcpStream, why: CloseWith) {
+    let mut out = take_buf();
+    write_close(&mut out, why);
+    if write_all(&mut stream, out, worker.settings().write_timeout)
+        .await
+        .is_ok()
+    {
+        linger_close(stream, None).await;
     }
 }
 

@@ -65,8 +65,10 @@ pub struct Worker {
     pub shared: &'static Shared,
     pub metrics: &'static CoreMetrics,
     draining: Cell<bool>,
-    /// Open connections: fd and whether the connection is idle (waiting for a request).
-    conns: RefCell<Slab<(RawFd, bool)>>,
+    /// Open connections: fd and idle state (see [`Idle`]).
+    conns: RefCell<Slab<(RawFd, Idle)>>,
+    /// Origin of the millisecond clock of idle deadlines.
+    epoch: Instant,
     rejecting: Cell<usize>,
     rng: Cell<u64>,
 }
@@ -83,6 +85,7 @@ impl Worker {
             metrics: shared.metrics.core(index),
             draining: Cell::new(false),
             conns: RefCell::new(Slab::new()),
+            epoch: Instant::now(),
             rejecting: Cell::new(0),
             rng: Cell::new(seed | 1),
         }))
@@ -109,33 +112,77 @@ impl Worker {
 
     /// Tracks a connection until the returned guard drops.
     pub fn register(&'static self, stream: &TcpStream) -> Registration {
-        let key = self.conns.borrow_mut().insert((stream.as_raw_fd(), false));
+        let key = self
+            .conns
+            .borrow_mut()
+            .insert((stream.as_raw_fd(), Idle::Busy));
         Registration { worker: self, key }
     }
 
-    /// Marks whether the connection waits for its next request; idle ones are woken at drain.
-    pub fn set_idle(&self, reg: &Registration, idle: bool) {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The connection starts waiting for its next request; the sweeper expires it after `limit`.
+    pub fn idle_begin(&self, reg: &Registration, limit: Duration) {
+        let deadline = self.now_ms() + limit.as_millis() as u64;
+        let state = if self.draining() {
+            Idle::Expired
+        } else {
+            Idle::Until(deadline)
+        };
         if let Some(e) = self.conns.borrow_mut().get_mut(reg.key) {
-            e.1 = idle;
+            e.1 = state;
         }
+    }
+
+    /// The wait ended; true when it ended because the connection expired (timeout or drain).
+    pub fn idle_end(&self, reg: &Registration) -> bool {
+        let mut conns = self.conns.borrow_mut();
+        let Some(e) = conns.get_mut(reg.key) else {
+            return true;
+        };
+        std::mem::replace(&mut e.1, Idle::Busy) == Idle::Expired
     }
 
     fn open_connections(&self) -> usize {
         self.conns.borrow().len()
     }
 
-    /// Stops taking new requests: idle connections are woken (their read side is shut, so their
-    /// wait ends with EOF) and busy ones close after their current request.
-    fn begin_drain(&self) {
-        self.draining.set(true);
-        for (_, (fd, idle)) in self.conns.borrow().iter() {
-            if *idle {
-                // SAFETY: the fd belongs to a live connection (it leaves the registry before
-                // its socket closes); shutting the read side only wakes its pending wait.
-                unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+    /// Expires idle connections whose deadline passed (all idle ones when `all`): marks them and
+    /// shuts their read side, which ends their readiness wait with EOF.
+    fn expire_idle(&self, all: bool) {
+        let now = self.now_ms();
+        for (_, (fd, state)) in self.conns.borrow_mut().iter_mut() {
+            if let Idle::Until(deadline) = *state {
+                if all || deadline <= now {
+                    *state = Idle::Expired;
+                    // SAFETY: an idle entry's fd belongs to a live socket: the connection is
+                    // suspended in `wait_idle`, holding its stream. Shutting the read side only
+                    // wakes that wait.
+                    unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+                }
             }
         }
     }
+
+    /// Stops taking new requests: idle connections are expired now and busy ones close after
+    /// their current request.
+    fn begin_drain(&self) {
+        self.draining.set(true);
+        self.expire_idle(true);
+    }
+}
+
+/// Where a connection stands between requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    /// Reading or answering a request.
+    Busy,
+    /// Waiting for the next request until this many ms after the worker's epoch.
+    Until(u64),
+    /// Expired by the sweeper or the drain; its wait has been woken.
+    Expired,
 }
 
 /// A connection's entry in its worker's registry; removed on drop.
@@ -175,6 +222,7 @@ pub async fn run(
         monoio::select! {
             _ = http_loop => {}
             _ = tcp_loop => {}
+            _ = sweep_idle(worker) => {}
             _ = stop => {}
         }
         // The listeners are dropped here: this worker accepts nothing more.
@@ -193,6 +241,18 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// One coarse timer per core instead of one per connection: every tick, expire the idle
+/// connections past their deadline. Deadlines are honoured within one tick.
+async fn sweep_idle(worker: &'static Worker) {
+    let s = worker.settings();
+    let tick = (s.idle_timeout.min(s.read_timeout) / 8)
+        .clamp(Duration::from_millis(10), Duration::from_millis(500));
+    loop {
+        monoio::time::sleep(tick).await;
+        worker.expire_idle(false);
+    }
 }
 
 async fn accept_loop(worker: &'static Worker, listener: TcpListener, door: Frontend) {

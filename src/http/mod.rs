@@ -24,7 +24,7 @@ use std::time::Instant;
 use monoio::net::TcpStream;
 
 use crate::conn::{
-    give_buf, linger_close, read_more, take_buf, wait_readable, write_all, ReadError, Wait,
+    give_buf, linger_close, read_more, take_buf, wait_idle, write_all, ReadError, Wait,
 };
 use crate::echo;
 use crate::limiter::Rejection;
@@ -56,26 +56,23 @@ pub async fn serve(worker: &'static Worker, mut stream: TcpStream, reg: &Registr
             if worker.draining() {
                 return;
             }
-            worker.set_idle(reg, true);
             let limit = if first {
                 settings.read_timeout
             } else {
                 settings.idle_timeout
             };
-            let waited = wait_readable(&stream, limit).await;
-            worker.set_idle(reg, false);
-            if !matches!(waited, Ok(Wait::Ready)) {
-                return; // idle past the limit, or a socket error: close quietly
+            if wait_idle(worker, reg, &stream, limit).await == Wait::Expired {
+                return; // idle past the limit, draining, or a socket error: close quietly
             }
         }
         first = false;
         match Box::pin(exchange(worker, &mut stream, pending.take())).await {
             Step::KeepAlive(rest) => pending = rest,
             Step::Close => return,
-            Step::Linger(buf) => return linger_close(stream, Some(buf)).await,
+            Step::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
             Step::Upgrade(rest, upstream) => {
                 gauge.switch(Frontend::WebSocket);
-                return websocket::serve(worker, stream, reg, rest, upstream).await;
+                return Box::pin(websocket::serve(worker, stream, reg, rest, upstream)).await;
             }
         }
     }

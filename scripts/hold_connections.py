@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""Opens N keep-alive connections to the gateway from K source addresses (127.0.3.x), sends one
+JSON-RPC request on each (so each sits idle *after* a request, like a real keep-alive client),
+then holds them until stdin closes or --hold seconds pass. Prints a summary line. Loopback only."""
+import argparse, resource, socket, sys, time, select
+
+p = argparse.ArgumentParser(description=__doc__)
+p.add_argument("--port", type=int, required=True)
+p.add_argument("--connections", type=int, default=15000)
+p.add_argument("--sources", type=int, default=16, help="source addresses 127.0.3.1..N")
+p.add_argument("--hold", type=float, default=120.0, help="seconds to hold at most")
+a = p.parse_args()
+
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+if a.connections + 16 > hard:
+    sys.exit(f"need {a.connections} descriptors, hard limit is {hard}: split across processes")
+
+body = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+req = (b"POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+socks, failed = [], 0
+for i in range(a.connections):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((f"127.0.3.{1 + i % a.sources}", 0))
+    try:
+        s.connect(("127.0.0.1", a.port))
+        s.sendall(req)
+        resp = s.recv(4096)
+        if not resp.startswith(b"HTTP/1.1 200"):
+            failed += 1
+    except OSError:
+        failed += 1
+    socks.append(s)
+print(f"held {len(socks) - failed} ok, {failed} failed", flush=True)
+select.select([sys.stdin], [], [], a.hold)
