@@ -23,7 +23,8 @@ use crate::conn::{
 };
 use crate::echo;
 use crate::metrics::{DoorGauge, Frontend, ProtocolError};
-use crate::worker::{Registration, Worker};
+use crate::limiter::Permit;
+use crate::worker::Worker;
 
 pub const MAGIC: u32 = 0x4D43_5042;
 pub const VERSION: u16 = 1;
@@ -111,7 +112,10 @@ enum Step {
 }
 
 /// Serves an admitted TCP connection until it closes.
-pub async fn serve(worker: &'static Worker, mut stream: TcpStream, reg: &Registration) {
+/// The connection's `permit` is held until this returns.
+pub async fn serve(worker: &'static Worker, mut stream: TcpStream, permit: Permit) {
+    let _permit = permit;
+    let reg = &worker.register(&stream);
     let _gauge = DoorGauge::open(worker.metrics, Frontend::Tcp);
     let s = worker.settings();
     // MCPB has no namespace in its frames: it serves the `default` namespace.

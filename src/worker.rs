@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use monoio::net::{TcpListener, TcpStream};
 use slab::Slab;
 
-use crate::limiter::{Limiter, Permit};
+use crate::limiter::Limiter;
 use crate::metrics::{AcceptError, CoreMetrics, Frontend, Metrics};
 use crate::{http, mcpb};
 
@@ -278,7 +278,11 @@ fn admit(worker: &'static Worker, stream: TcpStream, ip: IpAddr, door: Frontend)
     match worker.shared.limiter.try_acquire(ip) {
         Ok(permit) => {
             let _ = stream.set_nodelay(true);
-            monoio::spawn(CatchUnwind(serve(worker, stream, permit, door)));
+            // The door's future is the task itself: no wrapper state on top of its idle wait.
+            match door {
+                Frontend::Tcp => monoio::spawn(CatchUnwind(mcpb::serve(worker, stream, permit))),
+                _ => monoio::spawn(CatchUnwind(http::serve(worker, stream, permit))),
+            };
         }
         Err(why) => {
             worker.metrics.rejected(door, why);
@@ -309,16 +313,6 @@ impl Drop for RejectSlot {
     fn drop(&mut self) {
         self.0.rejecting.set(self.0.rejecting.get() - 1);
     }
-}
-
-async fn serve(worker: &'static Worker, stream: TcpStream, permit: Permit, door: Frontend) {
-    let reg = worker.register(&stream);
-    match door {
-        Frontend::Tcp => mcpb::serve(worker, stream, &reg).await,
-        _ => http::serve(worker, stream, &reg).await,
-    }
-    drop(reg);
-    drop(permit);
 }
 
 /// Runs a connection task, turning a panic into a log line instead of a dead worker. The task's

@@ -30,7 +30,8 @@ use crate::echo;
 use crate::limiter::Rejection;
 use crate::metrics::{DoorGauge, Frontend};
 use crate::websocket;
-use crate::worker::{Registration, Worker};
+use crate::limiter::Permit;
+use crate::worker::Worker;
 use request::{parse_head, BodyKind, ChunkStep, Chunked, Head, Method, Refusal, Route};
 
 /// How one exchange (one or more requests) left the connection.
@@ -46,7 +47,10 @@ enum Step {
 }
 
 /// Serves an admitted connection on the HTTP port until it closes.
-pub async fn serve(worker: &'static Worker, mut stream: TcpStream, reg: &Registration) {
+/// The connection's `permit` is held until this returns.
+pub async fn serve(worker: &'static Worker, mut stream: TcpStream, permit: Permit) {
+    let _permit = permit;
+    let reg = &worker.register(&stream);
     let mut gauge = DoorGauge::open(worker.metrics, Frontend::Http);
     let settings = worker.settings();
     let mut pending: Option<Vec<u8>> = None;
