@@ -22,7 +22,7 @@ use crate::conn::{
     give_buf, linger_close, read_more, take_buf, wait_idle, write_all, ReadError, Wait,
 };
 use crate::echo;
-use crate::metrics::{DoorGauge, Frontend, ProtocolError};
+use crate::metrics::{Frontend, ProtocolError};
 use crate::limiter::Permit;
 use crate::worker::Worker;
 
@@ -115,8 +115,7 @@ enum Step {
 /// The connection's `permit` is held until this returns.
 pub async fn serve(worker: &'static Worker, mut stream: TcpStream, permit: Permit) {
     let _permit = permit;
-    let reg = &worker.register(&stream);
-    let _gauge = DoorGauge::open(worker.metrics, Frontend::Tcp);
+    let reg = &worker.register(&stream, Frontend::Tcp);
     let s = worker.settings();
     // MCPB has no namespace in its frames: it serves the `default` namespace.
     let Some(upstream) = s

@@ -140,12 +140,6 @@ impl CoreMetrics {
         self.active[door as usize].fetch_sub(1, Relaxed);
     }
 
-    /// An HTTP connection became a WebSocket.
-    pub fn upgraded(&self) {
-        self.closed(Frontend::Http);
-        self.opened(Frontend::WebSocket);
-    }
-
     pub fn rejected(&self, door: Frontend, why: Rejection) {
         let r = Rejection::ALL.iter().position(|x| *x == why).unwrap_or(0);
         self.rejected[door as usize][r].fetch_add(1, Relaxed);
@@ -163,32 +157,6 @@ impl CoreMetrics {
     pub fn request(&self, door: Frontend, took: Duration) {
         self.requests[door as usize].fetch_add(1, Relaxed);
         self.latency[door as usize].observe(took);
-    }
-}
-
-/// Keeps a door's active gauge up while a connection is open on it.
-pub struct DoorGauge {
-    core: &'static CoreMetrics,
-    door: Frontend,
-}
-
-impl DoorGauge {
-    pub fn open(core: &'static CoreMetrics, door: Frontend) -> Self {
-        core.opened(door);
-        DoorGauge { core, door }
-    }
-
-    /// The connection now counts on `door` (an HTTP upgrade to WebSocket).
-    pub fn switch(&mut self, door: Frontend) {
-        self.core.closed(self.door);
-        self.core.opened(door);
-        self.door = door;
-    }
-}
-
-impl Drop for DoorGauge {
-    fn drop(&mut self) {
-        self.core.closed(self.door);
     }
 }
 

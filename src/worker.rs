@@ -110,13 +110,15 @@ impl Worker {
         z ^ (z >> 31)
     }
 
-    /// Tracks a connection until the returned guard drops.
-    pub fn register(&'static self, stream: &TcpStream) -> Registration {
-        let key = self
-            .conns
-            .borrow_mut()
-            .insert((stream.as_raw_fd(), Idle::Busy));
-        Registration { worker: self, key }
+    /// Tracks a connection on `door` (registry and active gauge) until the guard drops.
+    pub fn register(&'static self, stream: &TcpStream, door: Frontend) -> Registration {
+        let key = self.conns.borrow_mut().insert((stream.as_raw_fd(), Idle::Busy));
+        self.metrics.opened(door);
+        Registration {
+            worker: self,
+            key,
+            door: Cell::new(door),
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -185,15 +187,26 @@ enum Idle {
     Expired,
 }
 
-/// A connection's entry in its worker's registry; removed on drop.
+/// A connection's entry in its worker's registry and its place in its door's active gauge;
+/// both are given back on drop.
 pub struct Registration {
     worker: &'static Worker,
     key: usize,
+    door: Cell<Frontend>,
+}
+
+impl Registration {
+    /// The connection now counts on `door` (an HTTP upgrade to WebSocket).
+    pub fn switch(&self, door: Frontend) {
+        self.worker.metrics.closed(self.door.replace(door));
+        self.worker.metrics.opened(door);
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         self.worker.conns.borrow_mut().remove(self.key);
+        self.worker.metrics.closed(self.door.get());
     }
 }
 

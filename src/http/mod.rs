@@ -28,7 +28,7 @@ use crate::conn::{
 };
 use crate::echo;
 use crate::limiter::Rejection;
-use crate::metrics::{DoorGauge, Frontend};
+use crate::metrics::Frontend;
 use crate::websocket;
 use crate::limiter::Permit;
 use crate::worker::Worker;
@@ -50,8 +50,7 @@ enum Step {
 /// The connection's `permit` is held until this returns.
 pub async fn serve(worker: &'static Worker, mut stream: TcpStream, permit: Permit) {
     let _permit = permit;
-    let reg = &worker.register(&stream);
-    let mut gauge = DoorGauge::open(worker.metrics, Frontend::Http);
+    let reg = &worker.register(&stream, Frontend::Http);
     let settings = worker.settings();
     let mut pending: Option<Vec<u8>> = None;
     let mut first = true;
@@ -75,7 +74,7 @@ pub async fn serve(worker: &'static Worker, mut stream: TcpStream, permit: Permi
             Step::Close => return,
             Step::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
             Step::Upgrade(rest, upstream) => {
-                gauge.switch(Frontend::WebSocket);
+                reg.switch(Frontend::WebSocket);
                 return Box::pin(websocket::serve(worker, stream, reg, rest, upstream)).await;
             }
         }
