@@ -96,7 +96,11 @@ impl<F: Future<Output = io::Result<()>>> Future for IdleWait<'_, F> {
         let ready = unsafe { Pin::new_unchecked(&mut this.ready) };
         let result = std::task::ready!(ready.poll(cx));
         let expired = this.worker.idle_end(this.reg);
-        Poll::Ready(if expired || result.is_err() { Wait::Expired } else { Wait::Ready })
+        Poll::Ready(if expired || result.is_err() {
+            Wait::Expired
+        } else {
+            Wait::Ready
+        })
     }
 }
 

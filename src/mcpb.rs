@@ -22,8 +22,8 @@ use crate::conn::{
     give_buf, linger_close, read_more, take_buf, wait_idle, write_all, ReadError, Wait,
 };
 use crate::echo;
-use crate::metrics::{Frontend, ProtocolError};
 use crate::limiter::Permit;
+use crate::metrics::{Frontend, ProtocolError};
 use crate::worker::Worker;
 
 pub const MAGIC: u32 = 0x4D43_5042;
@@ -113,8 +113,7 @@ enum Step {
 
 /// Serves an admitted TCP connection until it closes.
 /// The connection's `permit` is held until this returns.
-pub async fn serve(worker: &'static Worker, mut stream: TcpStream, permit: Permit) {
-    let _permit = permit;
+pub async fn serve(worker: &'static Worker, mut stream: TcpStream, _permit: Permit) {
     let reg = &worker.register(&stream, Frontend::Tcp);
     let s = worker.settings();
     // MCPB has no namespace in its frames: it serves the `default` namespace.

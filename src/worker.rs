@@ -112,7 +112,10 @@ impl Worker {
 
     /// Tracks a connection on `door` (registry and active gauge) until the guard drops.
     pub fn register(&'static self, stream: &TcpStream, door: Frontend) -> Registration {
-        let key = self.conns.borrow_mut().insert((stream.as_raw_fd(), Idle::Busy));
+        let key = self
+            .conns
+            .borrow_mut()
+            .insert((stream.as_raw_fd(), Idle::Busy));
         self.metrics.opened(door);
         Registration {
             worker: self,

@@ -27,10 +27,10 @@ use crate::conn::{
     give_buf, linger_close, read_more, take_buf, wait_idle, write_all, ReadError, Wait,
 };
 use crate::echo;
+use crate::limiter::Permit;
 use crate::limiter::Rejection;
 use crate::metrics::Frontend;
 use crate::websocket;
-use crate::limiter::Permit;
 use crate::worker::Worker;
 use request::{parse_head, BodyKind, ChunkStep, Chunked, Head, Method, Refusal, Route};
 
@@ -48,8 +48,7 @@ enum Step {
 
 /// Serves an admitted connection on the HTTP port until it closes.
 /// The connection's `permit` is held until this returns.
-pub async fn serve(worker: &'static Worker, mut stream: TcpStream, permit: Permit) {
-    let _permit = permit;
+pub async fn serve(worker: &'static Worker, mut stream: TcpStream, _permit: Permit) {
     let reg = &worker.register(&stream, Frontend::Http);
     let settings = worker.settings();
     let mut pending: Option<Vec<u8>> = None;
