@@ -101,6 +101,15 @@ fn sigterm_lets_a_request_in_flight_finish_then_exits_zero() {
     unsafe { libc::kill(gw.pid(), libc::SIGTERM) };
     // The idle keep-alive connection is closed promptly.
     assert!(closed_by_peer(&mut idle));
+    // Every worker has stopped accepting (and so is draining) once connecting is refused.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(gw.http).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "listeners still open after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // The request in flight is answered, with Connection: close.
     busy.write_all(b.as_bytes()).unwrap();
     let r = read_response(&mut busy, &mut Vec::new()).expect("the in-flight request is answered");
