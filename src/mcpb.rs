@@ -14,6 +14,7 @@
 //!   object, then a lingering close. The length is checked before any payload byte is read, so a
 //!   frame can never make the gateway buffer more than `max_message_size` (at most 10 MiB).
 
+use std::future::Future;
 use std::time::Instant;
 
 use monoio::net::TcpStream;
@@ -112,31 +113,40 @@ enum Step {
 }
 
 /// Serves an admitted TCP connection until it closes.
-/// The connection's `permit` is held until this returns.
-pub async fn serve(worker: &'static Worker, mut stream: TcpStream, _permit: Permit) {
-    let reg = &worker.register(&stream, Frontend::Tcp);
-    let s = worker.settings();
-    // MCPB has no namespace in its frames: it serves the `default` namespace.
-    let Some(upstream) = s
-        .namespace("default")
-        .or_else(|| s.namespaces.first().map(|n| n.1))
-    else {
-        return;
-    };
-    let mut pending: Option<Vec<u8>> = None;
-    loop {
-        if pending.is_none() {
-            if worker.draining() {
-                return;
+/// Serves an admitted TCP connection until it closes; `permit` is held until then. An `async`
+/// block rather than an `async fn`, for the reason given at [`crate::http::serve`].
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+pub fn serve(
+    worker: &'static Worker,
+    mut stream: TcpStream,
+    permit: Permit,
+) -> impl Future<Output = ()> {
+    async move {
+        let _held = &permit;
+        let reg = &worker.register(&stream, Frontend::Tcp);
+        let s = worker.settings();
+        // MCPB has no namespace in its frames: it serves the `default` namespace.
+        let Some(upstream) = s
+            .namespace("default")
+            .or_else(|| s.namespaces.first().map(|n| n.1))
+        else {
+            return;
+        };
+        let mut pending: Option<Vec<u8>> = None;
+        loop {
+            if pending.is_none() {
+                if worker.draining() {
+                    return;
+                }
+                if wait_idle(worker, reg, &stream, s.idle_timeout).await == Wait::Expired {
+                    return;
+                }
             }
-            if wait_idle(worker, reg, &stream, s.idle_timeout).await == Wait::Expired {
-                return;
+            match Box::pin(exchange(worker, &mut stream, &mut pending, upstream)).await {
+                Step::Continue => {}
+                Step::Close => return,
+                Step::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
             }
-        }
-        match Box::pin(exchange(worker, &mut stream, &mut pending, upstream)).await {
-            Step::Continue => {}
-            Step::Close => return,
-            Step::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
         }
     }
 }
