@@ -15,6 +15,7 @@
 //! - Like HTTP, an idle WebSocket holds no buffer; it is closed with 1001 after `idle_timeout`
 //!   or when the gateway drains.
 
+use std::future::Future;
 use std::time::Instant;
 
 use base64::Engine as _;
@@ -190,46 +191,50 @@ enum WsStep {
     Linger(Vec<u8>),
 }
 
-/// Serves an upgraded connection; `pending` holds bytes that came after the handshake.
-pub async fn serve(
+/// Serves an upgraded connection; `first` holds bytes that came after the handshake.
+/// An `async` block rather than an `async fn`, for the reason given at [`crate::http::serve`].
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+pub fn serve<'a>(
     worker: &'static Worker,
     mut stream: TcpStream,
-    reg: &Registration,
-    pending: Vec<u8>,
+    reg: &'a Registration,
+    first: Vec<u8>,
     upstream: usize,
-) {
-    let s = worker.settings();
-    let mut assembly = Assembly::default();
-    let mut pending = if pending.is_empty() {
-        give_buf(pending);
+) -> impl Future<Output = ()> + 'a {
+    let mut pending = if first.is_empty() {
+        give_buf(first);
         None
     } else {
-        Some(pending)
+        Some(first)
     };
-    loop {
-        let expired = pending.is_none()
-            && (worker.draining()
-                || wait_idle(worker, reg, &stream, s.idle_timeout).await == Wait::Expired);
-        if expired {
-            let why = if worker.draining() {
-                CloseWith(1001, "gateway shutting down")
-            } else {
-                CloseWith(1001, "idle timeout")
-            };
-            return Box::pin(close_idle(worker, stream, why)).await;
-        }
-        let step = Box::pin(exchange(
-            worker,
-            &mut stream,
-            pending.take(),
-            &mut assembly,
-            upstream,
-        ))
-        .await;
-        match step {
-            WsStep::Continue(rest) => pending = rest,
-            WsStep::Close => return,
-            WsStep::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
+    async move {
+        let s = worker.settings();
+        let mut assembly = Assembly::default();
+        loop {
+            let expired = pending.is_none()
+                && (worker.draining()
+                    || wait_idle(worker, reg, &stream, s.idle_timeout).await == Wait::Expired);
+            if expired {
+                let why = if worker.draining() {
+                    CloseWith(1001, "gateway shutting down")
+                } else {
+                    CloseWith(1001, "idle timeout")
+                };
+                return Box::pin(close_idle(worker, stream, why)).await;
+            }
+            let step = Box::pin(exchange(
+                worker,
+                &mut stream,
+                pending.take(),
+                &mut assembly,
+                upstream,
+            ))
+            .await;
+            match step {
+                WsStep::Continue(rest) => pending = rest,
+                WsStep::Close => return,
+                WsStep::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
+            }
         }
     }
 }
