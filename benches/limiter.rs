@@ -1,5 +1,7 @@
 //! Limiter micro-benchmarks: acquire + release of one connection, for one thread, for two threads
 //! on the same IP and on different IPs, against a `Mutex<HashMap>` baseline in the same run.
+//! "present" addresses already hold a connection (the slot exists: one compare-and-swap each
+//! way); "new" ones do not (every acquire claims a slot and every release frees it).
 //!
 //! `cargo bench --bench limiter`. Two-thread cases use `iter_custom`: both threads run the same
 //! number of acquire+release pairs and the reported time is wall time per pair per thread, so a
@@ -94,15 +96,14 @@ fn threaded(design: Arc<dyn Design>, ips: &[IpAddr], iters: u64) -> Duration {
 fn designs() -> Vec<(&'static str, Arc<dyn Design>)> {
     let held = Limiter::new(50_000, 1_000).leak();
     // Some other live keys, as in a running gateway.
-    for n in 100..200 {
+    // Addresses 1..=3 keep one connection open ("present"); 11 and 12 have none ("new").
+    let present = (100..200).chain(1..=3);
+    for n in present.clone() {
         std::mem::forget(held.try_acquire(ip(n)).unwrap());
     }
-    let mut map = HashMap::new();
-    for n in 100..200 {
-        map.insert(ip(n), 1);
-    }
+    let map: HashMap<IpAddr, u32> = present.map(|n| (ip(n), 1)).collect();
     let mutex = MutexLimiter {
-        inner: Mutex::new((100, map)),
+        inner: Mutex::new((map.len(), map)),
         max: 50_000,
         per_ip: 1_000,
     };
@@ -117,18 +118,23 @@ fn bench(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(3))
         .warm_up_time(Duration::from_millis(500));
     for (name, design) in designs() {
-        let d = design.clone();
-        g.bench_function(BenchmarkId::new("1-thread", name), |b| {
-            b.iter(|| d.pair(ip(1)))
-        });
-        let d = design.clone();
-        g.bench_function(BenchmarkId::new("2-threads-same-ip", name), |b| {
-            b.iter_custom(|iters| threaded(d.clone(), &[ip(1), ip(1)], iters))
-        });
-        let d = design.clone();
-        g.bench_function(BenchmarkId::new("2-threads-different-ips", name), |b| {
-            b.iter_custom(|iters| threaded(d.clone(), &[ip(1), ip(2)], iters))
-        });
+        let cases: [(&str, &[IpAddr]); 5] = [
+            ("1-thread-new-ip", &[ip(11)]),
+            ("1-thread-present-ip", &[ip(1)]),
+            ("2-threads-same-ip", &[ip(1), ip(1)]),
+            ("2-threads-different-present-ips", &[ip(1), ip(2)]),
+            ("2-threads-different-new-ips", &[ip(11), ip(12)]),
+        ];
+        for (case, ips) in cases {
+            let d = design.clone();
+            g.bench_function(BenchmarkId::new(case, name), |b| {
+                if ips.len() == 1 {
+                    b.iter(|| d.pair(ips[0]))
+                } else {
+                    b.iter_custom(|iters| threaded(d.clone(), ips, iters))
+                }
+            });
+        }
     }
     g.finish();
 }
