@@ -88,39 +88,25 @@ fn metrics_under_load_pass_promtool_and_match_held_connections() {
     let sent: u64 = load.into_iter().map(|h| h.join().unwrap()).sum();
     assert!(sent > 0);
 
-    assert_eq!(sample_value(&text, "mcp_gateway_connections_total"), 9.0);
-    assert_eq!(sample_value(&text, "mcp_gateway_connections_active"), 9.0);
-    assert_eq!(
-        sample_value(
-            &text,
-            "mcp_gateway_frontend_connections_active{frontend=\"http\"}"
+    for (sample, want) in [
+        ("mcp_gateway_connections_total", 9.0),
+        ("mcp_gateway_connections_active", 9.0),
+        (
+            "mcp_gateway_frontend_connections_active{frontend=\"http\"}",
+            5.0,
         ),
-        5.0
-    );
-    assert_eq!(
-        sample_value(
-            &text,
-            "mcp_gateway_frontend_connections_active{frontend=\"websocket\"}"
+        (
+            "mcp_gateway_frontend_connections_active{frontend=\"websocket\"}",
+            2.0,
         ),
-        2.0
-    );
-    assert_eq!(
-        sample_value(&text, "mcp_gateway_tcp_connections_active"),
-        2.0
-    );
-    assert_eq!(
-        sample_value(&text, "mcp_gateway_tcp_connections_total"),
-        2.0
-    );
-    assert_eq!(sample_value(&text, "mcp_gateway_tracked_ips"), 7.0);
-    assert_eq!(
-        sample_value(&text, "mcp_gateway_connection_limit{scope=\"global\"}"),
-        50000.0
-    );
-    assert_eq!(
-        sample_value(&text, "mcp_gateway_connection_limit{scope=\"per_ip\"}"),
-        1000.0
-    );
+        ("mcp_gateway_tcp_connections_active", 2.0),
+        ("mcp_gateway_tcp_connections_total", 2.0),
+        ("mcp_gateway_tracked_ips", 7.0),
+        ("mcp_gateway_connection_limit{scope=\"global\"}", 50000.0),
+        ("mcp_gateway_connection_limit{scope=\"per_ip\"}", 1000.0),
+    ] {
+        assert_eq!(sample_value(&text, sample), want, "{sample}");
+    }
 
     let Some(promtool) = promtool() else {
         eprintln!("promtool not installed; skipping the lint part");
