@@ -13,6 +13,7 @@
 //! - [`echo`]: `builtin:echo`, the MCP server inside the gateway.
 //! - [`metrics`]: per-core counters, summed into Prometheus text at scrape.
 //! - [`admin`]: `/metrics`, `/healthz`, `/ready`.
+//! - [`loadgen`]: the bench kit's load generator (`mcp-loadgen`), a client of the gateway.
 
 pub mod admin;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod conn;
 pub mod echo;
 pub mod http;
 pub mod limiter;
+pub mod loadgen;
 pub mod mcpb;
 pub mod metrics;
 pub mod runtime;
