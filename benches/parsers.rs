@@ -1,0 +1,45 @@
+//! Hot parsing paths: an HTTP request head, a chunked body, a WebSocket frame header, an MCPB
+//! frame header, and the builtin:echo JSON-RPC handler. `cargo bench --bench parsers`.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use mcp_gateway::http::request::{parse_head, Chunked};
+use mcp_gateway::{echo, mcpb, websocket};
+
+const HEAD: &[u8] = b"POST /mcp HTTP/1.1\r\nHost: gateway.example\r\nUser-Agent: bench\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nMcp-Session-Id: 0123456789abcdef0123456789abcdef\r\nContent-Length: 103\r\n\r\n";
+const CALL: &[u8] = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hello"}}}"#;
+
+fn bench(c: &mut Criterion) {
+    let ns = |n: &str| (n == "default").then_some(0);
+    c.bench_function("http_parse_head", |b| {
+        b.iter(|| parse_head(black_box(HEAD), ns).unwrap())
+    });
+    let chunked = b"40\r\n0123456789012345678901234567890123456789012345678901234567890123\r\n27\r\n012345678901234567890123456789012345678\r\n0\r\n\r\n";
+    c.bench_function("http_chunked_decode", |b| {
+        let mut body = Vec::with_capacity(256);
+        b.iter(|| {
+            body.clear();
+            Chunked::new(0)
+                .decode(black_box(chunked), &mut body, 1 << 20)
+                .unwrap()
+        })
+    });
+    let frame = [0x81u8, 0xfe, 0x01, 0x00, 1, 2, 3, 4];
+    c.bench_function("websocket_frame_head", |b| {
+        b.iter(|| websocket::parse_frame_head(black_box(&frame), 1 << 20).unwrap())
+    });
+    let mut f = Vec::new();
+    mcpb::write_frame(&mut f, mcpb::FrameType::Request, CALL);
+    c.bench_function("mcpb_header", |b| {
+        b.iter(|| mcpb::parse_header(black_box(&f), 1 << 20).unwrap())
+    });
+    c.bench_function("echo_tools_call", |b| {
+        let mut out = Vec::with_capacity(256);
+        b.iter(|| {
+            out.clear();
+            echo::handle(black_box(CALL), &mut out)
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

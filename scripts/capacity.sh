@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Connection capacity: starts a release gateway with the given limits, opens N connections from K
+# source addresses (127.0.2.1..K) at a given rate, holds them, and reports how many the gateway
+# admitted and rejected per reason (from its own metrics, the source of truth) and its resident
+# memory per held connection. Uses tcpkali when installed, mcp-loadgen otherwise, with the same
+# options either way. Loopback only; everything it starts is stopped on exit.
+set -euo pipefail
+usage() {
+  cat <<USAGE
+usage: scripts/capacity.sh [options]
+  --connections N      connections to open (default 10000; 20000 descriptors per process here)
+  --sources K          source addresses 127.0.2.1..K (default 16)
+  --rate R             new connections per second (default 2000)
+  --hold S             seconds to hold them (default 10, at most 300)
+  --protocol P         http | ws | mcpb (default http)
+  --max-connections M  gateway server.max_connections (default 50000)
+  --max-per-ip L       gateway server.max_connections_per_ip (default 1000)
+USAGE
+}
+N=10000; K=16; R=2000; H=10; P=http; MAXC=50000; MAXIP=1000
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --connections) N=$2; shift 2 ;;
+    --sources) K=$2; shift 2 ;;
+    --rate) R=$2; shift 2 ;;
+    --hold) H=$2; shift 2 ;;
+    --protocol) P=$2; shift 2 ;;
+    --max-connections) MAXC=$2; shift 2 ;;
+    --max-per-ip) MAXIP=$2; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage; exit 64 ;;
+  esac
+done
+[ "$H" -le 300 ] || H=300
+cd "$(dirname "$0")/.."
+cargo build --release --quiet
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+cat > "$work/gw.yaml" <<YAML
+server:
+  host: 127.0.0.1
+  port: 0
+  tcp_port: 0
+  metrics_port: 0
+  max_connections: $MAXC
+  max_connections_per_ip: $MAXIP
+  idle_timeout: $((H + 60))
+YAML
+[ "$P" = mcpb ] && sed -i "s/  tcp_port: 0/  tcp_port: $(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')/" "$work/gw.yaml"
+./target/release/mcp-gateway -c "$work/gw.yaml" 2> "$work/gw.log" &
+gw=$!; pids+=("$gw")
+until grep -q listening "$work/gw.log"; do sleep 0.1; kill -0 "$gw"; done
+http=$(grep -o 'http=[0-9.:]*' "$work/gw.log" | head -1 | cut -d= -f2)
+tcp=$(grep -o 'tcp=[0-9.:]*' "$work/gw.log" | head -1 | cut -d= -f2 || true)
+admin=$(grep -o 'admin=[0-9.:]*' "$work/gw.log" | head -1 | cut -d= -f2)
+target=$http; [ "$P" = mcpb ] && target=$tcp
+metric() { curl -s "http://$admin/metrics" | awk -v m="$1" '$1==m {print $2}'; }
+rss() { awk '/VmRSS/{print $2}' "/proc/$gw/status"; }
+before=$(rss)
+
+if command -v tcpkali >/dev/null 2>&1; then
+  tool=tcpkali
+  src=(); for i in $(seq 1 "$K"); do src+=(--source-ip "127.0.2.$i"); done
+  body='{"jsonrpc":"2.0","id":1,"method":"ping"}'
+  case "$P" in
+    http) first=(-e -1 "POST /mcp HTTP/1.1\\r\\nHost: g\\r\\nContent-Type: application/json\\r\\nContent-Length: ${#body}\\r\\n\\r\\n$body") ;;
+    ws) first=(--ws -1 "$body") ;;
+    mcpb) first=() ;;
+  esac
+  tcpkali -c "$N" --connect-rate "$R" -T "$((N / R + H))s" "${src[@]}" "${first[@]}" "$target" > "$work/client.log" 2>&1 &
+else
+  tool=mcp-loadgen
+  ./target/release/mcp-loadgen --target "$target" --protocol "$P" --connections "$N" --rate "$R" \
+    --hold "$H" --sources "127.0.2.1-127.0.2.$K" --threads 1 > "$work/client.log" 2>&1 &
+fi
+client=$!; pids+=("$client")
+# Sample while the connections are held: the peak of admitted connections and the RSS then.
+peak=0; peak_rss=$before
+deadline=$((SECONDS + N / R + H + 30))
+while kill -0 "$client" 2>/dev/null && [ $SECONDS -lt $deadline ]; do
+  a=$(metric mcp_gateway_connections_active); a=${a%.*}
+  if [ "${a:-0}" -gt "$peak" ]; then peak=$a; peak_rss=$(rss); fi
+  sleep 0.5
+done
+wait "$client" || true
+echo "client: $tool, $N connections from $K sources at $R/s, held ${H}s, protocol $P"
+echo "limits: max_connections=$MAXC max_connections_per_ip=$MAXIP"
+echo "admitted (peak open): $peak"
+for reason in global per_ip ip_table_full; do
+  for door in http tcp; do
+    v=$(metric "mcp_gateway_connections_rejected_total{frontend=\"$door\",reason=\"$reason\"}")
+    [ "${v%.*}" != 0 ] && echo "rejected $door/$reason: ${v%.*}"
+  done
+done
+echo "open after the run: $(metric mcp_gateway_connections_active)"
+if [ "$peak" -gt 0 ]; then
+  echo "gateway RSS: ${before} KiB idle, ${peak_rss} KiB at peak: $(( (peak_rss - before) * 1024 / peak )) bytes per held connection"
+fi
+echo "--- client report"; cat "$work/client.log"
