@@ -8,7 +8,11 @@
 //! Input is one JSON-RPC message or a batch (array). Notifications and client responses get no
 //! reply. Malformed JSON gets a `-32700` parse error with `id: null`.
 
-use serde_json::{json, Value};
+use std::borrow::Cow;
+use std::io::Write as _;
+
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
 
 /// The protocol version offered when the client asks for one we do not know.
 pub const PROTOCOL_VERSION: &str = "2025-06-18";
@@ -25,6 +29,55 @@ pub struct Answer {
     pub initialize: bool,
 }
 
+/// One message, borrowed from the input: nothing is copied but escaped strings.
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(default, borrow)]
+    jsonrpc: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    id: Id<'a>,
+    #[serde(default, borrow)]
+    method: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    params: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    result: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    error: Option<&'a RawValue>,
+}
+
+/// A present `id` (`null` included), kept as raw JSON to be echoed back byte for byte.
+#[derive(Default)]
+struct Id<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Id<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&RawValue>::deserialize(d).map(|raw| Id(Some(raw)))
+    }
+}
+
+#[derive(Deserialize)]
+struct CallParams<'a> {
+    #[serde(default, borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    arguments: Option<EchoArguments<'a>>,
+}
+
+#[derive(Deserialize)]
+struct EchoArguments<'a> {
+    #[serde(default, borrow)]
+    message: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct InitializeParams<'a> {
+    #[serde(default, rename = "protocolVersion", borrow)]
+    protocol_version: Option<Cow<'a, str>>,
+}
+
+const TOOLS: &str = r#"{"tools":[{"name":"echo","description":"Returns its message argument unchanged.","inputSchema":{"type":"object","properties":{"message":{"type":"string","description":"Text to echo back."}},"required":["message"]}}]}"#;
+
 /// Handles one JSON-RPC message (or batch) and appends the reply, if any, to `out`.
 pub fn handle(input: &[u8], out: &mut Vec<u8>) -> Answer {
     let mut answer = Answer {
@@ -32,137 +85,154 @@ pub fn handle(input: &[u8], out: &mut Vec<u8>) -> Answer {
         parse_error: false,
         initialize: false,
     };
-    let msg: Value = match serde_json::from_slice(input) {
-        Ok(v) => v,
-        Err(e) => {
+    let first = input.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        let batch: Vec<&RawValue> = match serde_json::from_slice(input) {
+            Ok(b) => b,
+            Err(e) => return parse_error(out, &e, answer),
+        };
+        if batch.is_empty() {
+            write_error(out, "null", -32600, "invalid request: empty batch");
             answer.replied = true;
-            answer.parse_error = true;
-            write_error(out, &Value::Null, -32700, &format!("parse error: {e}"));
             return answer;
         }
-    };
-    match msg {
-        Value::Array(batch) if !batch.is_empty() => {
-            let replies: Vec<Value> = batch
-                .iter()
-                .filter_map(|m| reply_to(m, &mut answer.initialize))
-                .collect();
-            if !replies.is_empty() {
-                serde_json::to_writer(&mut *out, &replies).expect("Vec<u8> write");
-                answer.replied = true;
+        let start = out.len();
+        out.push(b'[');
+        for item in batch {
+            let before = out.len();
+            if before > start + 1 {
+                out.push(b',');
+            }
+            let message = serde_json::from_str::<Message>(item.get());
+            if !reply_to(message, out, &mut answer.initialize) && out.len() == before + 1 {
+                out.pop(); // no reply for this one: drop the comma
             }
         }
-        other => {
-            if let Some(reply) = reply_to(&other, &mut answer.initialize) {
-                serde_json::to_writer(&mut *out, &reply).expect("Vec<u8> write");
-                answer.replied = true;
-            }
+        if out.len() == start + 1 {
+            out.truncate(start); // only notifications and responses
+        } else {
+            out.push(b']');
+            answer.replied = true;
+        }
+        return answer;
+    }
+    match serde_json::from_slice::<Message>(input) {
+        Err(e) if !e.is_data() => parse_error(out, &e, answer),
+        message => {
+            answer.replied = reply_to(message, out, &mut answer.initialize);
+            answer
         }
     }
+}
+
+fn parse_error(out: &mut Vec<u8>, e: &serde_json::Error, mut answer: Answer) -> Answer {
+    answer.replied = true;
+    answer.parse_error = true;
+    write_error(out, "null", -32700, &format!("parse error: {e}"));
     answer
 }
 
-/// Appends `{"jsonrpc":"2.0","id":ID,"error":{"code":C,"message":M}}` to `out`.
-/// Written by hand so the members come in the order of the contract (serde_json sorts them).
-pub fn write_error(out: &mut Vec<u8>, id: &Value, code: i64, message: &str) {
-    use std::io::Write as _;
+/// Appends `{"jsonrpc":"2.0","id":ID,"error":{"code":C,"message":M}}`; `id` is raw JSON.
+pub fn write_error(out: &mut Vec<u8>, id: &str, code: i64, message: &str) {
     out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
-    serde_json::to_writer(&mut *out, id).expect("Vec<u8> write");
+    out.extend_from_slice(id.as_bytes());
     let _ = write!(out, ",\"error\":{{\"code\":{code},\"message\":");
     serde_json::to_writer(&mut *out, message).expect("Vec<u8> write");
     out.extend_from_slice(b"}}");
 }
 
-fn reply_to(msg: &Value, initialize: &mut bool) -> Option<Value> {
-    let Some(obj) = msg.as_object() else {
-        return Some(error(
-            &Value::Null,
-            -32600,
-            "invalid request: not an object",
-        ));
-    };
-    if !obj.contains_key("method") && (obj.contains_key("result") || obj.contains_key("error")) {
-        return None; // a client's response to a server request
-    }
-    let well_formed = obj.get("jsonrpc").and_then(Value::as_str) == Some("2.0");
-    let Some(method) = obj
-        .get("method")
-        .and_then(Value::as_str)
-        .filter(|_| well_formed)
-    else {
-        let id = obj.get("id").cloned().unwrap_or(Value::Null);
-        return Some(error(
-            &id,
-            -32600,
-            "invalid request: expected jsonrpc \"2.0\" and a method",
-        ));
-    };
-    let Some(id) = obj.get("id") else {
-        return None; // a notification
-    };
-    let params = obj.get("params");
-    let result = match method {
-        "initialize" => {
-            *initialize = true;
-            let asked = params
-                .and_then(|p| p.get("protocolVersion"))
-                .and_then(Value::as_str)
-                .filter(|v| KNOWN_VERSIONS.contains(v))
-                .unwrap_or(PROTOCOL_VERSION);
-            json!({
-                "protocolVersion": asked,
-                "capabilities": {"tools": {"listChanged": false}},
-                "serverInfo": {"name": "mcp-gateway-echo", "version": env!("CARGO_PKG_VERSION")},
-            })
-        }
-        "ping" => json!({}),
-        "tools/list" => json!({"tools": [{
-            "name": "echo",
-            "description": "Returns its message argument unchanged.",
-            "inputSchema": {
-                "type": "object",
-                "properties": {"message": {"type": "string", "description": "Text to echo back."}},
-                "required": ["message"],
-            },
-        }]}),
-        "tools/call" => {
-            let name = params.and_then(|p| p.get("name")).and_then(Value::as_str);
-            if name != Some("echo") {
-                return Some(error(
-                    id,
-                    -32602,
-                    &format!("unknown tool: {}", name.unwrap_or("(none)")),
-                ));
-            }
-            let message = params
-                .and_then(|p| p.get("arguments"))
-                .and_then(|a| a.get("message"))
-                .and_then(Value::as_str);
-            match message {
-                Some(text) => {
-                    json!({"content": [{"type": "text", "text": text}], "isError": false})
-                }
-                None => {
-                    return Some(error(
-                        id,
-                        -32602,
-                        "echo needs a string argument \"message\"",
-                    ))
-                }
-            }
-        }
-        other => return Some(error(id, -32601, &format!("method not found: {other}"))),
-    };
-    Some(json!({"jsonrpc": "2.0", "id": id, "result": result}))
+fn write_result(out: &mut Vec<u8>, id: &str, result: impl FnOnce(&mut Vec<u8>)) {
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(b",\"result\":");
+    result(out);
+    out.push(b'}');
 }
 
-fn error(id: &Value, code: i64, message: &str) -> Value {
-    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+/// Appends the reply to one message; false when it gets none (notification, response).
+fn reply_to(
+    message: serde_json::Result<Message>,
+    out: &mut Vec<u8>,
+    initialize: &mut bool,
+) -> bool {
+    let Ok(m) = message else {
+        write_error(
+            out,
+            "null",
+            -32600,
+            "invalid request: not a JSON-RPC message object",
+        );
+        return true;
+    };
+    let id = m.id.0.map_or("null", RawValue::get);
+    if m.method.is_none() && (m.result.is_some() || m.error.is_some()) {
+        return false; // a client's response to a server request
+    }
+    let Some(method) = m.method.filter(|_| m.jsonrpc.as_deref() == Some("2.0")) else {
+        write_error(
+            out,
+            id,
+            -32600,
+            "invalid request: expected jsonrpc \"2.0\" and a method",
+        );
+        return true;
+    };
+    if m.id.0.is_none() {
+        return false; // a notification
+    }
+    let params = m.params.map_or("{}", RawValue::get);
+    match method.as_ref() {
+        "initialize" => {
+            *initialize = true;
+            let asked = serde_json::from_str::<InitializeParams>(params)
+                .ok()
+                .and_then(|p| p.protocol_version);
+            let version = asked
+                .as_deref()
+                .filter(|v| KNOWN_VERSIONS.contains(v))
+                .unwrap_or(PROTOCOL_VERSION);
+            write_result(out, id, |out| {
+                let _ = write!(
+                    out,
+                    r#"{{"protocolVersion":"{version}","capabilities":{{"tools":{{"listChanged":false}}}},"serverInfo":{{"name":"mcp-gateway-echo","version":"{}"}}}}"#,
+                    env!("CARGO_PKG_VERSION")
+                );
+            });
+        }
+        "ping" => write_result(out, id, |out| out.extend_from_slice(b"{}")),
+        "tools/list" => write_result(out, id, |out| out.extend_from_slice(TOOLS.as_bytes())),
+        "tools/call" => {
+            let call = serde_json::from_str::<CallParams>(params).ok();
+            let (name, message) = match call {
+                Some(c) => (c.name, c.arguments.and_then(|a| a.message)),
+                None => (None, None),
+            };
+            match (name.as_deref(), message) {
+                (Some("echo"), Some(text)) => write_result(out, id, |out| {
+                    out.extend_from_slice(br#"{"content":[{"type":"text","text":"#);
+                    serde_json::to_writer(&mut *out, text.as_ref()).expect("Vec<u8> write");
+                    out.extend_from_slice(br#"}],"isError":false}"#);
+                }),
+                (Some("echo"), None) => {
+                    write_error(out, id, -32602, "echo needs a string argument \"message\"")
+                }
+                (other, _) => write_error(
+                    out,
+                    id,
+                    -32602,
+                    &format!("unknown tool: {}", other.unwrap_or("(none)")),
+                ),
+            }
+        }
+        other => write_error(out, id, -32601, &format!("method not found: {other}")),
+    }
+    true
 }
 
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn ask(req: &str) -> (Answer, Value) {
         let mut out = Vec::new();
@@ -216,6 +286,21 @@ mod tests {
             -32601
         );
         assert_eq!(ask(r#"[1]"#).1[0]["error"]["code"], -32600);
+    }
+
+    #[test]
+    fn ids_are_echoed_byte_for_byte() {
+        let mut out = Vec::new();
+        handle(br#"{"jsonrpc":"2.0","id":"a\u0062","method":"ping"}"#, &mut out);
+        assert_eq!(out, br#"{"jsonrpc":"2.0","id":"a\u0062","result":{}}"#);
+        out.clear();
+        handle(br#"{"jsonrpc":"2.0","id":null,"method":"ping"}"#, &mut out);
+        assert_eq!(out, br#"{"jsonrpc":"2.0","id":null,"result":{}}"#);
+        out.clear();
+        let a = handle(br#"[{"jsonrpc":"2.0","method":"a"},{"jsonrpc":"2.0","method":"b"}]"#, &mut out);
+        assert!(!a.replied && out.is_empty(), "a batch of notifications gets nothing");
+        assert_eq!(ask("[]").1["error"]["code"], -32600);
+        assert_eq!(ask(r#"{"jsonrpc":"2.0","id":1,"method":7}"#).1["error"]["code"], -32600);
     }
 
     #[test]

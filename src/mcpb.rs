@@ -247,7 +247,7 @@ async fn refuse(
 ) -> Step {
     tracing::debug!(reason = bad.1, "refusing MCPB frame");
     let mut payload = take_buf();
-    echo::write_error(&mut payload, &serde_json::Value::Null, bad.0, bad.1);
+    echo::write_error(&mut payload, "null", bad.0, bad.1);
     write_frame(&mut out, FrameType::Error, &payload);
     give_buf(payload);
     let _ = write_all(stream, out, worker.settings().write_timeout).await;

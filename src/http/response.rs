@@ -38,7 +38,7 @@ pub fn error(
     keep_alive: bool,
 ) {
     let mut body = Vec::with_capacity(96 + message.len());
-    crate::echo::write_error(&mut body, &serde_json::Value::Null, code, message);
+    crate::echo::write_error(&mut body, "null", code, message);
     let mut headers = Vec::with_capacity(extra.len() + 1);
     headers.push(("Content-Type", "application/json"));
     headers.extend_from_slice(extra);
