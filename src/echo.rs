@@ -291,16 +291,28 @@ mod tests {
     #[test]
     fn ids_are_echoed_byte_for_byte() {
         let mut out = Vec::new();
-        handle(br#"{"jsonrpc":"2.0","id":"a\u0062","method":"ping"}"#, &mut out);
+        handle(
+            br#"{"jsonrpc":"2.0","id":"a\u0062","method":"ping"}"#,
+            &mut out,
+        );
         assert_eq!(out, br#"{"jsonrpc":"2.0","id":"a\u0062","result":{}}"#);
         out.clear();
         handle(br#"{"jsonrpc":"2.0","id":null,"method":"ping"}"#, &mut out);
         assert_eq!(out, br#"{"jsonrpc":"2.0","id":null,"result":{}}"#);
         out.clear();
-        let a = handle(br#"[{"jsonrpc":"2.0","method":"a"},{"jsonrpc":"2.0","method":"b"}]"#, &mut out);
-        assert!(!a.replied && out.is_empty(), "a batch of notifications gets nothing");
+        let a = handle(
+            br#"[{"jsonrpc":"2.0","method":"a"},{"jsonrpc":"2.0","method":"b"}]"#,
+            &mut out,
+        );
+        assert!(
+            !a.replied && out.is_empty(),
+            "a batch of notifications gets nothing"
+        );
         assert_eq!(ask("[]").1["error"]["code"], -32600);
-        assert_eq!(ask(r#"{"jsonrpc":"2.0","id":1,"method":7}"#).1["error"]["code"], -32600);
+        assert_eq!(
+            ask(r#"{"jsonrpc":"2.0","id":1,"method":7}"#).1["error"]["code"],
+            -32600
+        );
     }
 
     #[test]
