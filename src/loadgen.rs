@@ -388,7 +388,10 @@ async fn connection(plan: &Plan, src: IpAddr, report: &RefCell<Report>) -> Outco
         if next >= held_until {
             break;
         }
-        monoio::time::sleep(next.saturating_duration_since(Instant::now())).await;
+        let wait = next.saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            monoio::time::sleep(wait).await;
+        }
     }
     let left = held_until.saturating_duration_since(Instant::now());
     if !left.is_zero() {
