@@ -123,6 +123,7 @@ fn random_and_mutated_inputs_never_panic_and_respect_caps() {
         mcpb,
         echo,
     } = seen;
+    eprintln!("accepted: {seen:?}");
     assert!(
         heads > 1000 && chunked > 100 && frames > 1000 && mcpb > 100 && echo > 1000,
         "{seen:?}"
