@@ -137,13 +137,18 @@ fn one() -> u32 {
     1
 }
 
-/// `routing`: how a namespace's upstreams share the traffic.
+/// `routing`: how a namespace's upstreams share the traffic, and how long they may take.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RoutingConfig {
     pub strategy: Strategy,
     /// Seconds between active health checks of each upstream.
     pub health_check_interval: f64,
+    /// Seconds to open a TCP connection to an upstream (504 beyond).
+    pub connect_timeout: f64,
+    /// Seconds an upstream may take to start its response, and to send each next piece of a
+    /// non-streaming body (504 beyond). Event streams (`text/event-stream`) may be silent longer.
+    pub request_timeout: f64,
     pub circuit_breaker: CircuitBreakerConfig,
 }
 
@@ -152,6 +157,8 @@ impl Default for RoutingConfig {
         RoutingConfig {
             strategy: Strategy::RoundRobin,
             health_check_interval: 10.0,
+            connect_timeout: 5.0,
+            request_timeout: 30.0,
             circuit_breaker: CircuitBreakerConfig::default(),
         }
     }
@@ -254,6 +261,8 @@ impl Config {
                 "routing.health_check_interval",
                 self.routing.health_check_interval,
             ),
+            ("routing.connect_timeout", self.routing.connect_timeout),
+            ("routing.request_timeout", self.routing.request_timeout),
             (
                 "routing.circuit_breaker.timeout_seconds",
                 self.routing.circuit_breaker.timeout_seconds,
@@ -320,12 +329,17 @@ impl Config {
             if list.is_empty() {
                 p.push(format!("{key}: needs at least one endpoint"));
             }
+            let builtin = list.iter().filter(|e| e.url == BUILTIN_ECHO).count();
+            if builtin > 0 && builtin < list.len() {
+                p.push(format!(
+                    "{key}: {BUILTIN_ECHO} cannot share a namespace with HTTP upstreams"
+                ));
+            }
             for (i, e) in list.iter().enumerate() {
                 if e.url != BUILTIN_ECHO {
-                    p.push(format!(
-                        "{key}[{i}].url: {:?}: this version forwards only to {BUILTIN_ECHO} (HTTP upstreams come with forwarding)",
-                        e.url
-                    ));
+                    if let Err(why) = UpstreamUrl::parse(&e.url) {
+                        p.push(format!("{key}[{i}].url: {:?}: {why}", e.url));
+                    }
                 }
                 if e.weight == 0 {
                     p.push(format!("{key}[{i}].weight: must be at least 1"));
@@ -342,6 +356,49 @@ impl Config {
     /// The effective configuration as YAML (for `mcp-gateway check`).
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).expect("a Config always serializes")
+    }
+}
+
+/// An `http://host[:port][/path]` upstream URL, split into what a request needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    /// `host:port`, for connecting (resolved at startup) and for the `Host` header.
+    pub authority: String,
+    /// Request target prefix; `/mcp` when the URL has no path.
+    pub path: String,
+}
+
+impl UpstreamUrl {
+    pub fn parse(url: &str) -> Result<UpstreamUrl, String> {
+        let rest =
+            match url.split_once("://") {
+                Some(("http", rest)) => rest,
+                Some(("https", _)) => return Err(
+                    "https upstreams are not supported (put a TLS terminator beside the upstream)"
+                        .into(),
+                ),
+                _ => return Err(format!("expected http://host:port/path or {BUILTIN_ECHO}")),
+            };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/mcp"),
+        };
+        if authority.is_empty()
+            || authority.contains(['@', '?', '#', ' '])
+            || path.contains(['?', '#', ' '])
+        {
+            return Err("expected http://host:port/path (no user info, query or fragment)".into());
+        }
+        let port_at = authority.rfind(']').unwrap_or(0);
+        let authority = match authority[port_at..].rsplit_once(':') {
+            Some((_, port)) if port.parse::<u16>().is_ok_and(|p| p > 0) => authority.to_string(),
+            Some(_) => return Err("the port is not a number from 1 to 65535".into()),
+            None => format!("{authority}:80"),
+        };
+        Ok(UpstreamUrl {
+            authority,
+            path: path.to_string(),
+        })
     }
 }
 

@@ -11,6 +11,8 @@
 //! - [`websocket`]: the WebSocket front door after the upgrade.
 //! - [`mcpb`]: the framed-TCP (MCPB) front door.
 //! - [`echo`]: `builtin:echo`, the MCP server inside the gateway.
+//! - [`upstream`]: upstream MCP servers: balancing, breakers, health checks, the HTTP client
+//!   and its per-core pool, message forwarding for WebSocket and MCPB.
 //! - [`metrics`]: per-core counters, summed into Prometheus text at scrape.
 //! - [`admin`]: `/metrics`, `/healthz`, `/ready`.
 //! - [`loadgen`]: the bench kit's load generator (`mcp-loadgen`), a client of the gateway.
@@ -25,5 +27,6 @@ pub mod loadgen;
 pub mod mcpb;
 pub mod metrics;
 pub mod runtime;
+pub mod upstream;
 pub mod websocket;
 pub mod worker;

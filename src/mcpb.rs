@@ -25,7 +25,15 @@ use crate::conn::{
 use crate::echo;
 use crate::limiter::Permit;
 use crate::metrics::{Frontend, ProtocolError};
+use crate::upstream::rpc::{self, Framing, MsgSession};
+use crate::upstream::Outcome;
 use crate::worker::Worker;
+
+/// Upstream replies as Response frames, upstream failures as Error frames (the connection stays).
+const FRAMING: Framing = Framing {
+    reply: |out, p| write_frame(out, FrameType::Response, p),
+    fail: |out, p| write_frame(out, FrameType::Error, p),
+};
 
 pub const MAGIC: u32 = 0x4D43_5042;
 pub const VERSION: u16 = 1;
@@ -126,12 +134,8 @@ pub fn serve(
         let reg = &worker.register(&stream, Frontend::Tcp);
         let s = worker.settings();
         // MCPB has no namespace in its frames: it serves the `default` namespace.
-        let Some(upstream) = s
-            .namespace("default")
-            .or_else(|| s.namespaces.first().map(|n| n.1))
-        else {
-            return;
-        };
+        let ns = worker.shared.upstreams.namespace("default").unwrap_or(0);
+        let mut session = MsgSession::default();
         let mut pending: Option<Vec<u8>> = None;
         loop {
             if pending.is_none() {
@@ -142,7 +146,15 @@ pub fn serve(
                     return;
                 }
             }
-            match Box::pin(exchange(worker, &mut stream, &mut pending, upstream)).await {
+            match Box::pin(exchange(
+                worker,
+                &mut stream,
+                &mut pending,
+                ns,
+                &mut session,
+            ))
+            .await
+            {
                 Step::Continue => {}
                 Step::Close => return,
                 Step::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
@@ -155,9 +167,11 @@ async fn exchange(
     worker: &'static Worker,
     stream: &mut TcpStream,
     pending: &mut Option<Vec<u8>>,
-    upstream: usize,
+    ns: usize,
+    session: &mut MsgSession,
 ) -> Step {
     let s = worker.settings();
+    let all = worker.shared.upstreams;
     let mut buf = pending.take().unwrap_or_else(take_buf);
     let mut out = take_buf();
     let deadline = Instant::now() + s.read_timeout;
@@ -216,13 +230,21 @@ async fn exchange(
         let payload = &buf[HEADER_LEN..HEADER_LEN + len];
         let started = Instant::now();
         match kind {
-            FrameType::Request => {
+            FrameType::Request if all.namespaces[ns].builtin => {
                 let mut reply = take_buf();
                 if echo::handle(payload, &mut reply).replied {
                     write_frame(&mut out, FrameType::Response, &reply);
                 }
                 give_buf(reply);
-                worker.metrics.upstream_request(upstream);
+                let upstream = all.namespaces[ns].upstreams[0];
+                worker.metrics.upstream(upstream, Outcome::Ok, None);
+                worker.metrics.request(Frontend::Tcp, started.elapsed());
+            }
+            FrameType::Request => {
+                let sent = rpc::forward(worker, ns, session, payload, stream, &mut out, &FRAMING);
+                if Box::pin(sent).await.is_err() {
+                    return Step::Close;
+                }
                 worker.metrics.request(Frontend::Tcp, started.elapsed());
             }
             FrameType::HealthCheck => {

@@ -20,6 +20,7 @@ use prometheus::proto::{
 use prometheus::{Encoder, TextEncoder};
 
 use crate::limiter::{Limiter, Rejection};
+use crate::upstream::{Outcome, Upstream, Upstreams};
 
 /// The front doors, as the `frontend` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,8 +107,10 @@ pub struct CoreMetrics {
     protocol_errors: [[AtomicU64; 3]; 3],
     requests: [AtomicU64; 3],
     latency: [Histo; 3],
-    /// Requests answered by each configured upstream, in `Metrics::upstreams` order.
-    upstream_ok: Box<[AtomicU64]>,
+    /// Requests to each configured upstream by [`Outcome`], in `Upstreams::all` order.
+    upstream_outcomes: Box<[[AtomicU64; Outcome::COUNT]]>,
+    /// Time to each upstream's response head, per upstream.
+    upstream_latency: Box<[Histo]>,
 }
 
 impl CoreMetrics {
@@ -120,13 +123,17 @@ impl CoreMetrics {
             protocol_errors: Default::default(),
             requests: Default::default(),
             latency: Default::default(),
-            upstream_ok: (0..upstreams).map(|_| AtomicU64::new(0)).collect(),
+            upstream_outcomes: (0..upstreams).map(|_| Default::default()).collect(),
+            upstream_latency: (0..upstreams).map(|_| Histo::default()).collect(),
         }
     }
 
-    /// Upstream number `i` (see [`Metrics::new`]) answered a request.
-    pub fn upstream_request(&self, i: usize) {
-        self.upstream_ok[i].fetch_add(1, Relaxed);
+    /// A request to upstream `i` ended with `outcome`; `took`: time to its response head.
+    pub fn upstream(&self, i: usize, outcome: Outcome, took: Option<Duration>) {
+        self.upstream_outcomes[i][outcome as usize].fetch_add(1, Relaxed);
+        if let Some(d) = took {
+            self.upstream_latency[i].observe(d);
+        }
     }
 
     /// A connection was admitted on `door`.
@@ -164,19 +171,14 @@ impl CoreMetrics {
 pub struct Metrics {
     cores: Box<[CachePadded<CoreMetrics>]>,
     limiter: &'static Limiter,
-    /// `(namespace, url)` of every configured upstream, for the upstream health gauge.
-    upstreams: Vec<(String, String)>,
+    upstreams: &'static Upstreams,
 }
 
 impl Metrics {
-    pub fn new(
-        workers: usize,
-        limiter: &'static Limiter,
-        upstreams: Vec<(String, String)>,
-    ) -> Self {
+    pub fn new(workers: usize, limiter: &'static Limiter, upstreams: &'static Upstreams) -> Self {
         Metrics {
             cores: (0..workers)
-                .map(|_| CachePadded::new(CoreMetrics::new(upstreams.len())))
+                .map(|_| CachePadded::new(CoreMetrics::new(upstreams.all.len())))
                 .collect(),
             limiter,
             upstreams,
@@ -205,7 +207,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+    pub fn render<'a>(&'a self) -> String {
         let mut fams = Vec::new();
         let doors = Frontend::ALL;
         let active = self.limiter.active() as f64;
@@ -335,31 +337,45 @@ impl Metrics {
                 .collect(),
         ));
         fams.push(self.latency_family());
+        let up = |u: &'a Upstream| {
+            vec![
+                ("namespace", u.namespace.as_str()),
+                ("upstream", u.url.as_str()),
+            ]
+        };
         fams.push(gauge(
             "mcp_gateway_upstream_healthy",
             "1 when the upstream is taking traffic, 0 when health checks or its breaker took it out.",
             self.upstreams
+                .all
                 .iter()
-                .map(|(ns, url)| (vec![("namespace", ns.as_str()), ("upstream", url.as_str())], 1.0))
+                .map(|u| (up(u), if u.in_service() { 1.0 } else { 0.0 }))
                 .collect(),
         ));
+        fams.push(gauge(
+            "mcp_gateway_upstream_circuit_state",
+            "Circuit breaker of each upstream: 0 closed, 1 open (failing fast), 2 half-open (probing).",
+            self.upstreams
+                .all
+                .iter()
+                .map(|u| (up(u), u.breaker.state() as i64 as f64))
+                .collect(),
+        ));
+        let mut outcomes = Vec::new();
+        for u in &self.upstreams.all {
+            for (k, label) in Outcome::LABELS.iter().enumerate() {
+                let v = self.sum(|c| c.upstream_outcomes[u.index][k].load(Relaxed));
+                let mut l = up(u);
+                l.push(("outcome", label));
+                outcomes.push((l, v as f64));
+            }
+        }
         fams.push(counter(
             "mcp_gateway_upstream_requests_total",
-            "Requests handled by each upstream, by outcome.",
-            self.upstreams
-                .iter()
-                .enumerate()
-                .map(|(i, (ns, url))| {
-                    let v = self.sum(|c| c.upstream_ok[i].load(Relaxed));
-                    let l = vec![
-                        ("namespace", ns.as_str()),
-                        ("upstream", url.as_str()),
-                        ("outcome", "ok"),
-                    ];
-                    (l, v as f64)
-                })
-                .collect(),
+            "Requests forwarded to each upstream, by outcome (builtin:echo counts its answers as ok).",
+            outcomes,
         ));
+        fams.push(self.upstream_latency_family());
         let mut out = Vec::with_capacity(8 * 1024);
         TextEncoder::new()
             .encode(&fams, &mut out)
@@ -374,28 +390,56 @@ impl Metrics {
             MetricType::HISTOGRAM,
         );
         for d in Frontend::ALL {
-            let mut h = Histogram::default();
-            let mut cumulative = 0;
-            let mut buckets = Vec::new();
-            for (i, bound) in BUCKETS.iter().enumerate() {
-                cumulative += self.sum(|c| c.latency[d as usize].buckets[i].load(Relaxed));
-                let mut b = Bucket::default();
-                b.set_upper_bound(*bound);
-                b.set_cumulative_count(cumulative);
-                buckets.push(b);
-            }
-            cumulative += self.sum(|c| c.latency[d as usize].buckets[BUCKETS.len()].load(Relaxed));
-            h.set_bucket(buckets);
-            h.set_sample_count(cumulative);
-            let nanos = self.sum(|c| c.latency[d as usize].sum_nanos.load(Relaxed));
-            h.set_sample_sum(nanos as f64 / 1e9);
-            let mut m = Metric::default();
-            m.set_label(labels(&[("frontend", d.label())]));
-            m.set_histogram(h);
-            fam.mut_metric().push(m);
+            let h = self.histogram(|c| &c.latency[d as usize]);
+            fam.mut_metric()
+                .push(with_labels(h, &[("frontend", d.label())]));
         }
         fam
     }
+
+    fn upstream_latency_family(&self) -> MetricFamily {
+        let mut fam = family(
+            "mcp_gateway_upstream_request_duration_seconds",
+            "Time from sending a request to an upstream to its response head, per upstream.",
+            MetricType::HISTOGRAM,
+        );
+        for u in &self.upstreams.all {
+            let h = self.histogram(|c| &c.upstream_latency[u.index]);
+            let l = [
+                ("namespace", u.namespace.as_str()),
+                ("upstream", u.url.as_str()),
+            ];
+            fam.mut_metric().push(with_labels(h, &l));
+        }
+        fam
+    }
+
+    /// One histogram summed over cores.
+    fn histogram(&self, of: impl Fn(&CoreMetrics) -> &Histo) -> Histogram {
+        let mut h = Histogram::default();
+        let mut cumulative = 0;
+        let mut buckets = Vec::new();
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.sum(|c| of(c).buckets[i].load(Relaxed));
+            let mut b = Bucket::default();
+            b.set_upper_bound(*bound);
+            b.set_cumulative_count(cumulative);
+            buckets.push(b);
+        }
+        cumulative += self.sum(|c| of(c).buckets[BUCKETS.len()].load(Relaxed));
+        h.set_bucket(buckets);
+        h.set_sample_count(cumulative);
+        let nanos = self.sum(|c| of(c).sum_nanos.load(Relaxed));
+        h.set_sample_sum(nanos as f64 / 1e9);
+        h
+    }
+}
+
+fn with_labels(h: Histogram, l: &[(&str, &str)]) -> Metric {
+    let mut m = Metric::default();
+    m.set_label(labels(l));
+    m.set_histogram(h);
+    m
 }
 
 type Sample<'a> = (Vec<(&'a str, &'a str)>, f64);
@@ -470,7 +514,10 @@ mod tests {
     #[test]
     fn per_core_counters_are_summed_at_scrape() {
         let limiter = Limiter::new(10, 5).leak();
-        let m = Metrics::new(2, limiter, vec![("default".into(), "builtin:echo".into())]).leak();
+        let upstreams = Upstreams::new(&crate::config::Config::default())
+            .unwrap()
+            .leak();
+        let m = Metrics::new(2, limiter, upstreams).leak();
         m.core(0).request(Frontend::Http, Duration::from_micros(30));
         m.core(1).request(Frontend::Http, Duration::from_millis(2));
         m.core(1).rejected(Frontend::Tcp, Rejection::PerIp);

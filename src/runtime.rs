@@ -24,6 +24,7 @@ use crate::admin;
 use crate::config::{secs, Config, Driver};
 use crate::limiter::Limiter;
 use crate::metrics::{describe_limits, Metrics};
+use crate::upstream::{self, Upstreams};
 use crate::worker::{self, Listeners, Settings, Shared, Worker};
 
 /// Runs the gateway until SIGTERM/SIGINT. Errors are startup failures.
@@ -55,12 +56,7 @@ pub fn run(config: Config) -> io::Result<()> {
         })?;
 
     let limiter = Limiter::new(s.max_connections, s.max_connections_per_ip).leak();
-    let mut upstreams = Vec::new();
-    let mut namespaces = Vec::new();
-    for (ns, endpoints) in &config.service_discovery.static_.endpoints {
-        namespaces.push((ns.clone(), upstreams.len()));
-        upstreams.push((ns.clone(), endpoints[0].url.clone()));
-    }
+    let upstreams = Upstreams::new(&config)?.leak();
     let metrics = Metrics::new(workers, limiter, upstreams).leak();
     let shared: &'static Shared = Box::leak(Box::new(Shared {
         settings: Settings {
@@ -69,10 +65,10 @@ pub fn run(config: Config) -> io::Result<()> {
             idle_timeout: secs(s.idle_timeout),
             shutdown_timeout: secs(s.shutdown_timeout),
             max_message_size: s.max_message_size,
-            namespaces,
         },
         limiter,
         metrics,
+        upstreams,
     }));
 
     let needed = s.max_connections as u64 + 2 * workers as u64 + 64;
@@ -141,6 +137,7 @@ pub fn run(config: Config) -> io::Result<()> {
     }
     let admin_addr = admin_listener.local_addr()?;
     admin::spawn(admin_listener, metrics)?;
+    upstream::health::spawn(upstreams)?;
     admin::READY.store(true, Ordering::Relaxed);
     tracing::info!(
         http = %http_addr,

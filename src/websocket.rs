@@ -29,6 +29,8 @@ use crate::echo;
 use crate::http::request::Upgrade;
 use crate::http::response;
 use crate::metrics::{Frontend, ProtocolError};
+use crate::upstream::rpc::{self, Framing, MsgSession};
+use crate::upstream::Outcome;
 use crate::worker::{Registration, Worker};
 
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -191,6 +193,16 @@ enum WsStep {
     Linger(Vec<u8>),
 }
 
+/// Upstream replies as text messages, upstream failures as JSON-RPC errors in text messages.
+const FRAMING: Framing = Framing {
+    reply: text_frame,
+    fail: text_frame,
+};
+
+fn text_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    write_frame(out, OP_TEXT, payload);
+}
+
 /// Serves an upgraded connection; `first` holds bytes that came after the handshake.
 /// An `async` block rather than an `async fn`, for the reason given at [`crate::http::serve`].
 #[allow(clippy::manual_async_fn)] // on purpose: see above
@@ -199,7 +211,7 @@ pub fn serve<'a>(
     mut stream: TcpStream,
     reg: &'a Registration,
     first: Vec<u8>,
-    upstream: usize,
+    ns: usize,
 ) -> impl Future<Output = ()> + 'a {
     let mut pending = if first.is_empty() {
         give_buf(first);
@@ -210,6 +222,7 @@ pub fn serve<'a>(
     async move {
         let s = worker.settings();
         let mut assembly = Assembly::default();
+        let mut session = MsgSession::default();
         loop {
             let expired = pending.is_none()
                 && (worker.draining()
@@ -227,7 +240,8 @@ pub fn serve<'a>(
                 &mut stream,
                 pending.take(),
                 &mut assembly,
-                upstream,
+                ns,
+                &mut session,
             ))
             .await;
             match step {
@@ -244,7 +258,8 @@ async fn exchange(
     stream: &mut TcpStream,
     pending: Option<Vec<u8>>,
     assembly: &mut Assembly,
-    upstream: usize,
+    ns: usize,
+    session: &mut MsgSession,
 ) -> WsStep {
     let s = worker.settings();
     let max = s.max_message_size;
@@ -371,10 +386,19 @@ async fn exchange(
             }
             let started = Instant::now();
             let mut reply = take_buf();
-            if echo::handle(&message, &mut reply).replied {
-                write_frame(&mut out, OP_TEXT, &reply);
+            let all = worker.shared.upstreams;
+            if all.namespaces[ns].builtin {
+                if echo::handle(&message, &mut reply).replied {
+                    write_frame(&mut out, OP_TEXT, &reply);
+                }
+                let upstream = all.namespaces[ns].upstreams[0];
+                worker.metrics.upstream(upstream, Outcome::Ok, None);
+            } else {
+                let sent = rpc::forward(worker, ns, session, &message, stream, &mut out, &FRAMING);
+                if Box::pin(sent).await.is_err() {
+                    return WsStep::Close;
+                }
             }
-            worker.metrics.upstream_request(upstream);
             worker
                 .metrics
                 .request(Frontend::WebSocket, started.elapsed());

@@ -25,6 +25,8 @@ use slab::Slab;
 
 use crate::limiter::Limiter;
 use crate::metrics::{AcceptError, CoreMetrics, Frontend, Metrics};
+use crate::upstream::balance::Balancer;
+use crate::upstream::Upstreams;
 use crate::{http, mcpb};
 
 /// Process-wide, read-only settings the connection tasks need, resolved from the configuration.
@@ -34,18 +36,6 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub max_message_size: usize,
-    /// Configured namespaces, in `Metrics` upstream order: `(name, upstream index)`.
-    pub namespaces: Vec<(String, usize)>,
-}
-
-impl Settings {
-    /// The upstream index serving namespace `name`.
-    pub fn namespace(&self, name: &str) -> Option<usize> {
-        self.namespaces
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, u)| *u)
-    }
 }
 
 /// What every worker shares (all `&'static`, created once at startup).
@@ -53,6 +43,7 @@ pub struct Shared {
     pub settings: Settings,
     pub limiter: &'static Limiter,
     pub metrics: &'static Metrics,
+    pub upstreams: &'static Upstreams,
 }
 
 /// Rejection replies in flight per worker; past this a rejected HTTP client is closed without a
@@ -64,6 +55,8 @@ pub struct Worker {
     pub index: usize,
     pub shared: &'static Shared,
     pub metrics: &'static CoreMetrics,
+    /// This core's choice of upstreams (its own counters; nothing shared).
+    pub balancer: Balancer,
     draining: Cell<bool>,
     /// Open connections: fd and idle state (see [`Idle`]).
     conns: RefCell<Slab<(RawFd, Idle)>>,
@@ -83,6 +76,7 @@ impl Worker {
             index,
             shared,
             metrics: shared.metrics.core(index),
+            balancer: Balancer::new(shared.upstreams),
             draining: Cell::new(false),
             conns: RefCell::new(Slab::new()),
             epoch: Instant::now(),

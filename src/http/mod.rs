@@ -16,6 +16,7 @@
 //! - A request must arrive whole within `read_timeout` of its first byte; an idle keep-alive
 //!   connection is closed after `idle_timeout`.
 
+pub mod proxy;
 pub mod request;
 pub mod response;
 
@@ -31,6 +32,7 @@ use crate::echo;
 use crate::limiter::Permit;
 use crate::limiter::Rejection;
 use crate::metrics::Frontend;
+use crate::upstream::Outcome;
 use crate::websocket;
 use crate::worker::Worker;
 use request::{parse_head, BodyKind, ChunkStep, Chunked, Head, Method, Refusal, Route};
@@ -104,7 +106,7 @@ async fn exchange(
     loop {
         let deadline = Instant::now() + s.read_timeout;
         let head = loop {
-            match parse_head(&buf, |n| s.namespace(n)) {
+            match parse_head(&buf, |n| worker.shared.upstreams.namespace(n)) {
                 Ok(Some(head)) => break head,
                 Ok(None) => {}
                 Err(refusal) => return refuse(worker, stream, buf, out, refusal).await,
@@ -156,6 +158,40 @@ async fn exchange(
             Some(decoded) => decoded.as_slice(),
             None => &buf[head.len..consumed],
         };
+        if let Route::Mcp(ns) = head.route {
+            let all = worker.shared.upstreams;
+            if !all.namespaces[ns].builtin && head.method != Method::Other {
+                // Answers queued for earlier pipelined requests go first, in order.
+                if !out.is_empty() {
+                    match write_all(stream, out, s.write_timeout).await {
+                        Ok(o) => out = o,
+                        Err(_) => return Step::Close,
+                    }
+                }
+                let raw_head = &buf[..head.len];
+                let forwarded = proxy::forward(
+                    worker, stream, raw_head, &head, body_bytes, ns, keep_alive, out,
+                );
+                let ended = Box::pin(forwarded).await;
+                worker.metrics.request(Frontend::Http, started.elapsed());
+                if let Some(b) = body {
+                    give_buf(b);
+                }
+                buf.drain(..consumed);
+                match ended {
+                    proxy::Proxied::KeepAlive if buf.is_empty() => {
+                        give_buf(buf);
+                        return Step::KeepAlive(None);
+                    }
+                    proxy::Proxied::KeepAlive => {
+                        out = take_buf();
+                        continue; // more pipelined requests are already here
+                    }
+                    proxy::Proxied::Close if buf.is_empty() => return Step::Close,
+                    proxy::Proxied::Close => return Step::Linger(buf),
+                }
+            }
+        }
         answer(worker, &head, body_bytes, keep_alive, &mut out);
         worker.metrics.request(Frontend::Http, started.elapsed());
         if let Some(b) = body {
@@ -252,7 +288,7 @@ async fn continue_if_expected(
 fn answer(worker: &'static Worker, head: &Head, body: &[u8], keep_alive: bool, out: &mut Vec<u8>) {
     use response::{error, write};
     let upstream = match head.route {
-        Route::Mcp(u) => u,
+        Route::Mcp(ns) => worker.shared.upstreams.namespaces[ns].upstreams[0],
         Route::UnknownNamespace => {
             return error(out, 404, -32000, "unknown MCP namespace", &[], keep_alive)
         }
@@ -279,7 +315,7 @@ fn answer(worker: &'static Worker, head: &Head, body: &[u8], keep_alive: bool, o
         Method::Post => {
             let mut reply = take_buf();
             let ans = echo::handle(body, &mut reply);
-            worker.metrics.upstream_request(upstream);
+            worker.metrics.upstream(upstream, Outcome::Ok, None);
             let session;
             let mut headers: Vec<(&str, &str)> = Vec::with_capacity(3);
             if ans.initialize {
@@ -315,7 +351,7 @@ fn answer(worker: &'static Worker, head: &Head, body: &[u8], keep_alive: bool, o
             &[("Allow", "POST, DELETE")],
             keep_alive,
         ),
-        Method::Delete if head.has_session => write(out, 200, &[], b"", keep_alive),
+        Method::Delete if head.session.is_some() => write(out, 200, &[], b"", keep_alive),
         Method::Delete => error(
             out,
             400,
@@ -408,7 +444,9 @@ mod tests {
     #[test]
     fn idle_connection_future_stays_small() {
         let limiter = Limiter::new(10, 0).leak();
-        let upstreams = vec![("default".into(), "builtin:echo".into())];
+        let upstreams = crate::upstream::Upstreams::new(&crate::config::Config::default())
+            .unwrap()
+            .leak();
         let metrics = Metrics::new(1, limiter, upstreams).leak();
         let t = Duration::from_secs(1);
         let shared = Box::leak(Box::new(Shared {
@@ -418,10 +456,10 @@ mod tests {
                 idle_timeout: t,
                 shutdown_timeout: t,
                 max_message_size: 1024,
-                namespaces: vec![("default".into(), 0)],
             },
             limiter,
             metrics,
+            upstreams,
         }));
         let worker = Worker::new(0, shared);
         let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()

@@ -61,7 +61,10 @@ pub struct Head {
     pub sse_only: bool,
     /// A `Content-Type` other than JSON was sent.
     pub bad_content_type: bool,
-    pub has_session: bool,
+    /// Where the `Mcp-Session-Id` value is in the head, if one was sent.
+    pub session: Option<(usize, usize)>,
+    /// HTTP/1.1 (not 1.0): can take a chunked response.
+    pub http11: bool,
     pub upgrade: Option<Upgrade>,
     /// Bytes of the head, terminating blank line included.
     pub len: usize,
@@ -147,7 +150,7 @@ pub fn parse_head(
     let mut accept_sse = false;
     let mut accept_seen = false;
     let mut bad_content_type = false;
-    let mut has_session = false;
+    let mut session = None;
     let mut upgrade_ws = false;
     let mut connection_upgrade = false;
     let mut ws = Upgrade {
@@ -201,7 +204,10 @@ pub fn parse_head(
             let media = value.split(';').next().unwrap_or("").trim();
             bad_content_type = !media.eq_ignore_ascii_case("application/json");
         } else if name.eq_ignore_ascii_case("mcp-session-id") {
-            has_session = !value.is_empty();
+            if !value.is_empty() {
+                let at = value.as_ptr() as usize - buf.as_ptr() as usize;
+                session = Some((at, at + value.len()));
+            }
         } else if name.eq_ignore_ascii_case("upgrade") {
             upgrade_ws = value
                 .split(',')
@@ -231,7 +237,8 @@ pub fn parse_head(
         expect_continue,
         sse_only: accept_seen && accept_sse && !accept_json,
         bad_content_type,
-        has_session,
+        session,
+        http11,
         upgrade,
         len,
     }))
@@ -378,7 +385,9 @@ mod tests {
         let h = parse_head(raw, ns).unwrap().unwrap();
         assert_eq!(h.method, Method::Post);
         assert_eq!(h.body, BodyKind::Length(5));
-        assert!(h.keep_alive && h.sse_only && h.has_session);
+        assert!(h.keep_alive && h.sse_only && h.http11);
+        let (a, b) = h.session.unwrap();
+        assert_eq!(&raw[a..b], b"abc");
         assert_eq!(h.len, raw.len() - 5);
         assert_eq!(parse_head(&raw[..20], ns), Ok(None));
     }

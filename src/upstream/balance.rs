@@ -1,0 +1,226 @@
+//! Choosing an upstream, per core: `round_robin`, `least_connections` and `weighted` (smooth
+//! weighted round robin, as nginx does it), over the namespace's upstreams that are in service.
+//!
+//! Owns each core's balancing state ([`Balancer`], kept by the worker): round-robin positions,
+//! weighted-round-robin credits and the count of requests in flight per upstream. Nothing here is
+//! shared between cores, so choosing costs no atomic write; each core balances its own traffic,
+//! which over many connections spreads the same way.
+//!
+//! Invariant: every [`Lease`] counts one request in flight on its upstream from the pick until it
+//! drops, whatever ends the request, so `least_connections` counts go down as well as up.
+
+use std::cell::Cell;
+
+use super::breaker::Admit;
+use super::{Failure, Upstream, Upstreams};
+use crate::config::Strategy;
+
+/// One core's balancing state.
+pub struct Balancer {
+    /// Next round-robin start, per namespace.
+    next: Box<[Cell<usize>]>,
+    /// Smooth-weighted credits, per upstream.
+    credit: Box<[Cell<i64>]>,
+    /// Requests (and streams) in flight from this core, per upstream.
+    in_flight: Box<[Cell<u32>]>,
+}
+
+impl Balancer {
+    pub fn new(u: &Upstreams) -> Balancer {
+        Balancer {
+            next: u.namespaces.iter().map(|_| Cell::new(0)).collect(),
+            credit: u.all.iter().map(|_| Cell::new(0)).collect(),
+            in_flight: u.all.iter().map(|_| Cell::new(0)).collect(),
+        }
+    }
+
+    /// Requests in flight on upstream `i` from this core.
+    pub fn in_flight(&self, i: usize) -> u32 {
+        self.in_flight[i].get()
+    }
+
+    /// Picks an in-service upstream of namespace `ns` and admits a request to it.
+    pub fn pick<'a>(&'a self, all: &'static Upstreams, ns: usize) -> Result<Lease<'a>, Failure> {
+        let members = &all.namespaces[ns].upstreams;
+        let n = members.len();
+        let start = self.next[ns].get();
+        self.next[ns].set(start.wrapping_add(1));
+        // Tried in preference order; one whose breaker refuses at the last moment is skipped.
+        let mut skip = 0u64; // bit i: members[i] refused (namespaces have at most 64 tried)
+        for _ in 0..n {
+            let candidate = |i: usize| {
+                let u = &all.all[members[i]];
+                (skip >> (i % 64)) & 1 == 0 && u.in_service()
+            };
+            let chosen = match all.strategy {
+                Strategy::RoundRobin => (0..n).map(|k| (start + k) % n).find(|i| candidate(*i)),
+                Strategy::LeastConnections => (0..n)
+                    .map(|k| (start + k) % n)
+                    .filter(|i| candidate(*i))
+                    .min_by_key(|i| self.in_flight[members[*i]].get()),
+                Strategy::Weighted => self.smooth_weighted(all, members, candidate),
+            };
+            let Some(i) = chosen else { break };
+            let u = &all.all[members[i]];
+            match u.breaker.admit() {
+                Admit::No => skip |= 1 << (i % 64),
+                admit => return Ok(self.lease(u, admit)),
+            }
+        }
+        Err(Failure::NoUpstream)
+    }
+
+    /// Admits a request to `u` itself (a session pinned to it).
+    pub fn pinned<'a>(&'a self, u: &'static Upstream) -> Result<Lease<'a>, Failure> {
+        if !u.is_healthy() {
+            return Err(Failure::NoUpstream);
+        }
+        match u.breaker.admit() {
+            Admit::No => Err(Failure::CircuitOpen),
+            admit => Ok(self.lease(u, admit)),
+        }
+    }
+
+    fn lease<'a>(&'a self, u: &'static Upstream, admit: Admit) -> Lease<'a> {
+        let c = &self.in_flight[u.index];
+        c.set(c.get() + 1);
+        Lease {
+            balancer: self,
+            upstream: u,
+            admit,
+        }
+    }
+
+    fn smooth_weighted(
+        &self,
+        all: &Upstreams,
+        members: &[usize],
+        candidate: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let mut total = 0i64;
+        let mut best: Option<usize> = None;
+        for (i, m) in members.iter().enumerate() {
+            if !candidate(i) {
+                continue;
+            }
+            let w = i64::from(all.all[*m].weight);
+            total += w;
+            let c = &self.credit[*m];
+            c.set(c.get() + w);
+            if best.is_none_or(|b| c.get() > self.credit[members[b]].get()) {
+                best = Some(i);
+            }
+        }
+        let b = best?;
+        let c = &self.credit[members[b]];
+        c.set(c.get() - total);
+        Some(b)
+    }
+}
+
+/// A request admitted to an upstream: counted in flight until dropped; its result goes to the
+/// upstream's breaker through [`Lease::done`].
+pub struct Lease<'a> {
+    balancer: &'a Balancer,
+    pub upstream: &'static Upstream,
+    admit: Admit,
+}
+
+impl Lease<'_> {
+    /// Reports the result to the breaker (`ok`: the upstream answered, below 500).
+    pub fn done(&mut self, ok: bool) {
+        self.upstream.breaker.record(self.admit, ok);
+        self.admit = Admit::Yes;
+        if ok {
+            return;
+        }
+        tracing::debug!(upstream = %self.upstream.url, "upstream request failed");
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if self.admit == Admit::Probe {
+            // Dropped before a result (the client left): free the probe without judging.
+            self.upstream.breaker.record(Admit::Probe, true);
+        }
+        let c = &self.balancer.in_flight[self.upstream.index];
+        c.set(c.get() - 1);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn upstreams(strategy: &str, weights: &[u32]) -> &'static Upstreams {
+        let mut yaml = format!(
+            "routing:\n  strategy: {strategy}\n  circuit_breaker:\n    failure_threshold: 1\n    timeout_seconds: 60\nservice_discovery:\n  static:\n    endpoints:\n      default:\n"
+        );
+        for (i, w) in weights.iter().enumerate() {
+            yaml += &format!(
+                "        - url: http://127.0.0.1:{}/mcp\n          weight: {w}\n",
+                9001 + i
+            );
+        }
+        Upstreams::new(&Config::parse(&yaml, false).unwrap())
+            .unwrap()
+            .leak()
+    }
+
+    fn picks(b: &Balancer, u: &'static Upstreams, n: usize) -> Vec<usize> {
+        (0..n)
+            .map(|_| b.pick(u, 0).unwrap().upstream.index)
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_rotates_and_skips_what_is_out() {
+        let u = upstreams("round_robin", &[1, 1, 1]);
+        let b = Balancer::new(u);
+        assert_eq!(picks(&b, u, 6), [0, 1, 2, 0, 1, 2]);
+        u.all[1].set_healthy(false);
+        assert!(!picks(&b, u, 6).contains(&1));
+        u.all[1].set_healthy(true);
+        let mut lease = b.pick(u, 0).unwrap();
+        let failed = lease.upstream.index;
+        lease.done(false); // threshold 1: its breaker opens
+        drop(lease);
+        assert!(!picks(&b, u, 6).contains(&failed));
+    }
+
+    #[test]
+    fn least_connections_counts_go_down_as_well_as_up() {
+        let u = upstreams("least_connections", &[1, 1]);
+        let b = Balancer::new(u);
+        let first = b.pick(u, 0).unwrap();
+        let a = first.upstream.index;
+        // While `first` is in flight, every new pick goes to the other one.
+        for _ in 0..3 {
+            assert_ne!(b.pick(u, 0).unwrap().upstream.index, a);
+        }
+        assert_eq!(b.in_flight(a), 1);
+        drop(first);
+        assert_eq!((b.in_flight(0), b.in_flight(1)), (0, 0));
+        let (x, y) = (b.pick(u, 0).unwrap(), b.pick(u, 0).unwrap());
+        assert_ne!(x.upstream.index, y.upstream.index, "ties spread");
+    }
+
+    #[test]
+    fn weighted_follows_the_weights_smoothly() {
+        let u = upstreams("weighted", &[5, 1, 1]);
+        let b = Balancer::new(u);
+        let got = picks(&b, u, 7);
+        assert_eq!(got.iter().filter(|i| **i == 0).count(), 5);
+        assert_eq!(got.iter().filter(|i| **i == 1).count(), 1);
+        // Smooth: the heavy one never takes more than 3 in a row (nginx: a a b a c a a).
+        assert_eq!(got, [0, 0, 1, 0, 2, 0, 0]);
+        let none = upstreams("weighted", &[1]);
+        none.all[0].set_healthy(false);
+        assert_eq!(
+            Balancer::new(none).pick(none, 0).err(),
+            Some(Failure::NoUpstream)
+        );
+    }
+}

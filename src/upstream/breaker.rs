@@ -1,0 +1,218 @@
+//! A circuit breaker per upstream, shared by every core.
+//!
+//! Closed: requests flow; `failure_threshold` consecutive failures open it. Open: requests fail
+//! fast (nothing is sent) for `timeout_seconds`. Then half-open: one probe request at a time is let
+//! through; `success_threshold` consecutive successful probes close it, a failed probe opens it
+//! again for another `timeout_seconds`.
+//!
+//! Shared rather than per core so that every core sees the upstream fail after the same number of
+//! failures. It stays off the hot path's write set: a success while closed only reads (the
+//! failure count is written only when it is not already zero), so healthy traffic keeps these cache
+//! lines shared between cores.
+//!
+//! Orderings: the state word is the only thing decided by compare-and-swap; the counts and the
+//! opening time are advisory statistics read next to it. Relaxed is enough for all of them:
+//! nothing else is published through the breaker, and a race costs at most one extra probe or one
+//! extra failure counted before the state word changes, never a stuck state (every transition is a
+//! CAS from the state it read, and the half-open probe flag is released on every probe result).
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const CLOSED: u8 = 0;
+const OPEN: u8 = 1;
+const HALF_OPEN: u8 = 2;
+
+/// The breaker's state, as the `mcp_gateway_upstream_circuit_state` gauge (0, 1, 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Closed = 0,
+    Open = 1,
+    HalfOpen = 2,
+}
+
+#[derive(Debug)]
+pub struct Breaker {
+    state: AtomicU8,
+    /// Consecutive failures while closed.
+    failures: AtomicU32,
+    /// Consecutive successful probes while half-open.
+    successes: AtomicU32,
+    /// A half-open probe is in flight.
+    probing: AtomicBool,
+    /// When it last opened, ms since [`epoch`].
+    opened_ms: AtomicU64,
+    failure_threshold: u32,
+    success_threshold: u32,
+    open_for: Duration,
+}
+
+/// Whether a request may go to the upstream now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    Yes,
+    /// Yes, as the half-open probe: report its result with `probe = true`.
+    Probe,
+    No,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+impl Breaker {
+    pub fn new(failure_threshold: u32, success_threshold: u32, open_for: Duration) -> Breaker {
+        epoch();
+        Breaker {
+            state: AtomicU8::new(CLOSED),
+            failures: AtomicU32::new(0),
+            successes: AtomicU32::new(0),
+            probing: AtomicBool::new(false),
+            opened_ms: AtomicU64::new(0),
+            failure_threshold,
+            success_threshold,
+            open_for,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        match self.state.load(Relaxed) {
+            CLOSED => State::Closed,
+            OPEN if self.cooled() => State::HalfOpen,
+            OPEN => State::Open,
+            _ => State::HalfOpen,
+        }
+    }
+
+    /// Open and still cooling down: callers should not even try it.
+    pub fn is_open(&self) -> bool {
+        self.state() == State::Open
+    }
+
+    fn cooled(&self) -> bool {
+        now_ms().saturating_sub(self.opened_ms.load(Relaxed)) >= self.open_for.as_millis() as u64
+    }
+
+    /// Asks to send one request.
+    pub fn admit(&self) -> Admit {
+        match self.state.load(Relaxed) {
+            CLOSED => Admit::Yes,
+            OPEN if !self.cooled() => Admit::No,
+            OPEN => {
+                // Cooled down: move to half-open (one winner) and try to be the probe.
+                let _ = self
+                    .state
+                    .compare_exchange(OPEN, HALF_OPEN, Relaxed, Relaxed);
+                self.try_probe()
+            }
+            _ => self.try_probe(),
+        }
+    }
+
+    fn try_probe(&self) -> Admit {
+        if self
+            .probing
+            .compare_exchange(false, true, Relaxed, Relaxed)
+            .is_ok()
+        {
+            Admit::Probe
+        } else {
+            Admit::No
+        }
+    }
+
+    /// Reports the result of a request admitted with `admitted`.
+    pub fn record(&self, admitted: Admit, ok: bool) {
+        if admitted == Admit::Probe {
+            if ok {
+                if self.successes.fetch_add(1, Relaxed) + 1 >= self.success_threshold {
+                    self.successes.store(0, Relaxed);
+                    self.failures.store(0, Relaxed);
+                    if self
+                        .state
+                        .compare_exchange(HALF_OPEN, CLOSED, Relaxed, Relaxed)
+                        .is_ok()
+                    {
+                        tracing::info!("circuit closed: upstream recovered");
+                    }
+                }
+            } else {
+                self.successes.store(0, Relaxed);
+                self.open_from(HALF_OPEN);
+            }
+            self.probing.store(false, Relaxed);
+            return;
+        }
+        if ok {
+            if self.failures.load(Relaxed) != 0 {
+                self.failures.store(0, Relaxed);
+            }
+        } else if self.failures.fetch_add(1, Relaxed) + 1 >= self.failure_threshold {
+            self.open_from(CLOSED);
+        }
+    }
+
+    fn open_from(&self, from: u8) {
+        self.opened_ms.store(now_ms(), Relaxed);
+        if self
+            .state
+            .compare_exchange(from, OPEN, Relaxed, Relaxed)
+            .is_ok()
+            && from == CLOSED
+        {
+            tracing::warn!(
+                failures = self.failure_threshold,
+                "circuit opened: upstream failing; failing fast"
+            );
+        }
+        self.failures.store(0, Relaxed);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_threshold_and_recovers_through_probes() {
+        let b = Breaker::new(3, 2, Duration::from_millis(30));
+        for _ in 0..2 {
+            assert_eq!(b.admit(), Admit::Yes);
+            b.record(Admit::Yes, false);
+        }
+        b.record(Admit::Yes, true); // a success resets the consecutive count
+        for _ in 0..3 {
+            b.record(Admit::Yes, false);
+        }
+        assert_eq!(b.state(), State::Open);
+        assert_eq!(b.admit(), Admit::No, "fails fast while open");
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(b.state(), State::HalfOpen);
+        assert_eq!(b.admit(), Admit::Probe);
+        assert_eq!(b.admit(), Admit::No, "one probe at a time");
+        b.record(Admit::Probe, true);
+        assert_eq!(b.state(), State::HalfOpen, "needs success_threshold probes");
+        assert_eq!(b.admit(), Admit::Probe);
+        b.record(Admit::Probe, true);
+        assert_eq!(b.state(), State::Closed);
+        assert_eq!(b.admit(), Admit::Yes);
+    }
+
+    #[test]
+    fn a_failed_probe_opens_again() {
+        let b = Breaker::new(1, 1, Duration::from_millis(20));
+        b.record(Admit::Yes, false);
+        assert_eq!(b.state(), State::Open);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(b.admit(), Admit::Probe);
+        b.record(Admit::Probe, false);
+        assert_eq!(b.state(), State::Open);
+        assert_eq!(b.admit(), Admit::No);
+    }
+}

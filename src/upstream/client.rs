@@ -1,0 +1,522 @@
+//! The HTTP/1.1 client side of forwarding: a per-core keep-alive pool of upstream connections,
+//! the request head sent upstream, the response head parsed (and rewritten for the client), and
+//! the response body decoded piece by piece as it arrives.
+//!
+//! Invariants:
+//! - Pools are per thread (so per core) and bounded per upstream; a connection goes back to the
+//!   pool only after its response was read to the end and the upstream did not ask to close.
+//! - A request that failed on a pooled connection before any response byte arrived (the upstream
+//!   had closed it while idle) is retried once on a new connection; nothing else is retried.
+//! - Hop-by-hop fields (RFC 9110 7.6.1: `Connection`, the fields it names, `Keep-Alive`,
+//!   `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`) never cross the gateway;
+//!   framing is re-done on each side.
+//! - Every wait on an upstream is bounded: `connect_timeout` to connect, `request_timeout` for the
+//!   response head and for each next piece of a body (callers of [`Body`] pick the wait for event
+//!   streams).
+
+use std::cell::RefCell;
+use std::io::Write as _;
+use std::time::Instant;
+
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+
+use super::{Failure, Upstream, Upstreams, TAG_LEN};
+use crate::conn::{give_buf, read_more, take_buf, ReadError};
+use crate::http::request::{ChunkStep, Chunked};
+
+/// Idle upstream connections kept per upstream per core.
+const POOL_MAX: usize = 256;
+/// Largest upstream response head.
+const MAX_RESPONSE_HEAD: usize = 32 * 1024;
+const MAX_RESPONSE_HEADERS: usize = 96;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<TcpStream>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Returns a connection whose response was read to its end to this core's pool.
+pub fn give_back(upstream: &Upstream, stream: TcpStream) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() <= upstream.index {
+            p.resize_with(upstream.index + 1, Vec::new);
+        }
+        let idle = &mut p[upstream.index];
+        if idle.len() < POOL_MAX {
+            idle.push(stream);
+        }
+    });
+}
+
+fn pooled(upstream: &Upstream) -> Option<TcpStream> {
+    POOL.with(|p| p.borrow_mut().get_mut(upstream.index).and_then(Vec::pop))
+}
+
+async fn connect(all: &Upstreams, upstream: &Upstream) -> Result<TcpStream, Failure> {
+    let (addr, _, _) = upstream.http().ok_or(Failure::Connect)?;
+    match monoio::time::timeout(all.connect_timeout, TcpStream::connect_addr(*addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(_)) => Err(Failure::Connect),
+        Err(_) => Err(Failure::Timeout),
+    }
+}
+
+/// How the response body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes (no length, not chunked).
+    UntilClose,
+}
+
+/// What the gateway needs from an upstream response head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub body: BodyKind,
+    /// The upstream keeps the connection open after this response.
+    pub keep_alive: bool,
+    /// `Content-Type: text/event-stream`.
+    pub event_stream: bool,
+    /// The upstream's `Mcp-Session-Id`, if it sent one.
+    pub session: Option<Vec<u8>>,
+}
+
+/// Sends `req` (a complete request) to `upstream` and reads the response head. Returns the
+/// connection, the bytes read past the head (the start of the body, in a pooled buffer) and the
+/// head. With `client_head`, also writes the head the client gets into it (see [`client_head`]).
+pub async fn send(
+    all: &Upstreams,
+    upstream: &Upstream,
+    mut req: Vec<u8>,
+    head_only_method: bool,
+    mut client_head: Option<&mut ClientHead<'_>>,
+) -> Result<(TcpStream, Vec<u8>, ResponseHead), Failure> {
+    let deadline = Instant::now() + all.request_timeout;
+    let mut retried = false;
+    loop {
+        let (mut stream, reused) = match pooled(upstream) {
+            Some(s) if !retried => (s, true),
+            _ => (connect(all, upstream).await?, false),
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (res, back) = match monoio::time::timeout(left, stream.write_all(req)).await {
+            Ok(r) => r,
+            Err(_) => return Err(Failure::Timeout),
+        };
+        req = back;
+        if res.is_err() {
+            if reused {
+                retried = true;
+                continue;
+            }
+            give_buf(req);
+            return Err(Failure::Reset);
+        }
+        let mut buf = take_buf();
+        loop {
+            match parse_response(&buf, head_only_method, client_head.as_deref_mut()) {
+                Ok(Some((len, head))) if (100..200).contains(&head.status) => {
+                    buf.drain(..len); // informational (100, 103): skip to the final response
+                    if let Some(c) = client_head.as_deref_mut() {
+                        c.out.truncate(c.start);
+                    }
+                }
+                Ok(Some((len, head))) => {
+                    buf.drain(..len);
+                    give_buf(req);
+                    return Ok((stream, buf, head));
+                }
+                Ok(None) => {}
+                Err(f) => {
+                    give_buf(buf);
+                    give_buf(req);
+                    return Err(f);
+                }
+            }
+            match read_more(&mut stream, &mut buf, deadline).await {
+                Ok(_) => {}
+                Err(ReadError::TimedOut) => return Err(Failure::Timeout),
+                Err(_) if reused && buf.is_empty() => break, // stale pooled connection
+                Err(_) => {
+                    give_buf(buf);
+                    give_buf(req);
+                    return Err(Failure::Reset);
+                }
+            }
+        }
+        give_buf(buf);
+        retried = true;
+    }
+}
+
+/// Where and how to write the response head the client gets.
+pub struct ClientHead<'a> {
+    pub out: &'a mut Vec<u8>,
+    /// Where this head starts in `out` (earlier bytes are answers already queued).
+    pub start: usize,
+    /// Tag to put in front of the upstream's session id.
+    pub tag: &'a [u8; TAG_LEN],
+    pub keep_alive: bool,
+    /// The client speaks HTTP/1.1 (can take a chunked body).
+    pub http11: bool,
+}
+
+fn is_hop_by_hop(name: &str, named: &[&str]) -> bool {
+    const HOP: [&str; 8] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+    ];
+    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+        || named.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// The tokens of every `Connection` field (lowercase not required: compared ignoring case).
+fn connection_tokens<'h>(headers: &[httparse::Header<'h>]) -> Vec<&'h str> {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .flat_map(|v| v.split(',').map(str::trim))
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Parses a response head; `Ok(None)`: incomplete. With `client`, writes the client's head.
+fn parse_response(
+    buf: &[u8],
+    head_only_method: bool,
+    client: Option<&mut ClientHead<'_>>,
+) -> Result<Option<(usize, ResponseHead)>, Failure> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut res = httparse::Response::new(&mut headers);
+    let len = match res.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => return Ok(None),
+        _ => return Err(Failure::BadResponse),
+    };
+    let status = res.code.ok_or(Failure::BadResponse)?;
+    let mut keep_alive = res.version == Some(1);
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut event_stream = false;
+    let mut session = None;
+    let named = connection_tokens(res.headers);
+    for t in &named {
+        if t.eq_ignore_ascii_case("close") {
+            keep_alive = false;
+        }
+    }
+    for h in res.headers.iter() {
+        let value = std::str::from_utf8(h.value)
+            .map_err(|_| Failure::BadResponse)?
+            .trim();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let n: u64 = value.parse().map_err(|_| Failure::BadResponse)?;
+            if length.is_some_and(|m| m != n) {
+                return Err(Failure::BadResponse);
+            }
+            length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value
+                .rsplit(',')
+                .next()
+                .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+        } else if h.name.eq_ignore_ascii_case("content-type") {
+            event_stream = value
+                .split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"));
+        } else if h.name.eq_ignore_ascii_case("mcp-session-id") && !value.is_empty() {
+            session = Some(value.as_bytes().to_vec());
+        }
+    }
+    let no_body =
+        head_only_method || status == 204 || status == 304 || (100..200).contains(&status);
+    let body = if no_body {
+        BodyKind::None
+    } else if chunked {
+        BodyKind::Chunked
+    } else if let Some(n) = length {
+        if n == 0 {
+            BodyKind::None
+        } else {
+            BodyKind::Length(n)
+        }
+    } else {
+        keep_alive = false;
+        BodyKind::UntilClose
+    };
+    if let Some(c) = client {
+        let out = &mut *c.out;
+        let reason = res.reason.unwrap_or("");
+        let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
+        for h in res.headers.iter() {
+            if is_hop_by_hop(h.name, &named) || h.name.eq_ignore_ascii_case("content-length") {
+                continue;
+            }
+            out.extend_from_slice(h.name.as_bytes());
+            out.extend_from_slice(b": ");
+            if h.name.eq_ignore_ascii_case("mcp-session-id") {
+                out.extend_from_slice(c.tag);
+            }
+            out.extend_from_slice(h.value);
+            out.extend_from_slice(b"\r\n");
+        }
+        match body {
+            BodyKind::Length(n) => {
+                let _ = write!(out, "Content-Length: {n}\r\n");
+            }
+            BodyKind::Chunked | BodyKind::UntilClose if c.http11 => {
+                out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+            }
+            // An HTTP/1.0 client: the body ends where the connection does.
+            BodyKind::Chunked | BodyKind::UntilClose => c.keep_alive = false,
+            BodyKind::None if !no_body => out.extend_from_slice(b"Content-Length: 0\r\n"),
+            BodyKind::None => {}
+        }
+        if !c.keep_alive {
+            out.extend_from_slice(b"Connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    Ok(Some((
+        len,
+        ResponseHead {
+            status,
+            body,
+            keep_alive,
+            event_stream,
+            session,
+        },
+    )))
+}
+
+/// Writes the request line and fields for `upstream`: `method`, the upstream's path plus
+/// `query`, `Host` set to the upstream, the client's end-to-end fields from `client_head` (raw
+/// request head, parsed again here) except those the gateway re-does (framing, `Host`, the
+/// session id, `Expect`), then `session` and a `Content-Length` of `body_len`.
+pub fn write_request(
+    out: &mut Vec<u8>,
+    method: &str,
+    upstream: &Upstream,
+    query: &str,
+    client_head: Option<&[u8]>,
+    session: Option<&[u8]>,
+    body_len: usize,
+) {
+    let (_, authority, path) = upstream.http().expect("an HTTP upstream");
+    let _ = write!(
+        out,
+        "{method} {path}{query} HTTP/1.1\r\nHost: {authority}\r\n"
+    );
+    if let Some(raw) = client_head {
+        let mut headers = [httparse::EMPTY_HEADER; crate::http::request::MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        if let Ok(httparse::Status::Complete(_)) = req.parse(raw) {
+            let named = connection_tokens(req.headers);
+            for h in req.headers.iter() {
+                let skip = is_hop_by_hop(h.name, &named)
+                    || [
+                        "host",
+                        "content-length",
+                        "mcp-session-id",
+                        "expect",
+                        "proxy-authorization",
+                    ]
+                    .iter()
+                    .any(|n| h.name.eq_ignore_ascii_case(n));
+                if !skip {
+                    out.extend_from_slice(h.name.as_bytes());
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(h.value);
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+        }
+    } else {
+        out.extend_from_slice(
+            b"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n",
+        );
+    }
+    if let Some(id) = session {
+        out.extend_from_slice(b"Mcp-Session-Id: ");
+        out.extend_from_slice(id);
+        out.extend_from_slice(b"\r\n");
+    }
+    if body_len > 0 || method == "POST" {
+        let _ = write!(out, "Content-Length: {body_len}\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Decodes a response body from the bytes read so far, piece by piece.
+pub struct Body {
+    kind: BodyKind,
+    remaining: u64,
+    chunked: Chunked,
+    done: bool,
+}
+
+/// What [`Body::feed`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Feed {
+    /// Some decoded bytes were appended (or none were there yet): read more, unless `done`.
+    More,
+    /// The body is complete.
+    Done,
+}
+
+impl Body {
+    pub fn new(kind: BodyKind) -> Body {
+        Body {
+            kind,
+            remaining: match kind {
+                BodyKind::Length(n) => n,
+                _ => 0,
+            },
+            chunked: Chunked::new(0),
+            done: kind == BodyKind::None,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The connection carries nothing more of this response once done (so it may be pooled).
+    pub fn until_close(&self) -> bool {
+        self.kind == BodyKind::UntilClose
+    }
+
+    /// Moves the decoded body bytes in `buf` to `data`, leaving any undecoded rest in `buf`.
+    pub fn feed(&mut self, buf: &mut Vec<u8>, data: &mut Vec<u8>) -> Result<Feed, Failure> {
+        if self.done {
+            return Ok(Feed::Done);
+        }
+        match self.kind {
+            BodyKind::None => {}
+            BodyKind::Length(_) => {
+                let take = (buf.len() as u64).min(self.remaining) as usize;
+                data.extend_from_slice(&buf[..take]);
+                buf.drain(..take);
+                self.remaining -= take as u64;
+                self.done = self.remaining == 0;
+            }
+            BodyKind::Chunked => {
+                let step = self
+                    .chunked
+                    .decode(buf, data, usize::MAX)
+                    .map_err(|_| Failure::BadResponse)?;
+                buf.drain(..self.chunked.pos);
+                self.chunked.pos = 0;
+                self.done = step != ChunkStep::More;
+            }
+            BodyKind::UntilClose => {
+                data.extend_from_slice(buf);
+                buf.clear();
+            }
+        }
+        Ok(if self.done { Feed::Done } else { Feed::More })
+    }
+
+    /// The upstream closed: the end of an until-close body, else a cut response.
+    pub fn eof(&mut self) -> Result<(), Failure> {
+        if self.kind == BodyKind::UntilClose {
+            self.done = true;
+            Ok(())
+        } else {
+            Err(Failure::Reset)
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_head_rewrite() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nMcp-Session-Id: abc\r\nTransfer-Encoding: chunked\r\nCache-Control: no-cache\r\n\r\nrest";
+        let mut out = Vec::new();
+        let tag = *b"0123abcd";
+        let c = ClientHead {
+            out: &mut out,
+            start: 0,
+            tag: &tag,
+            keep_alive: true,
+            http11: true,
+        };
+        let (len, head) = parse_response(raw, false, Some(&mut { c }))
+            .unwrap()
+            .unwrap();
+        assert_eq!(len, raw.len() - 4);
+        assert_eq!(head.body, BodyKind::Chunked);
+        assert!(head.event_stream && head.keep_alive);
+        assert_eq!(head.session.as_deref(), Some(&b"abc"[..]));
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nMcp-Session-Id: 0123abcdabc\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn response_framing() {
+        let p = |raw: &[u8]| parse_response(raw, false, None).unwrap().unwrap().1;
+        assert_eq!(
+            p(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n").body,
+            BodyKind::None
+        );
+        let close = p(b"HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!(
+            (close.body, close.keep_alive),
+            (BodyKind::UntilClose, false)
+        );
+        assert!(!p(b"HTTP/1.0 200 OK
+Content-Length: 3
+
+").keep_alive);
+        assert!(parse_response(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            false,
+            None
+        )
+        .is_err());
+        assert!(parse_response(b"garbage\r\n\r\n", false, None).is_err());
+        assert_eq!(
+            parse_response(b"HTTP/1.1 200 OK\r\n", false, None),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn bodies_decode_in_pieces() {
+        let mut b = Body::new(BodyKind::Chunked);
+        let (mut buf, mut data) = (b"5\r\nhel".to_vec(), Vec::new());
+        assert_eq!(b.feed(&mut buf, &mut data), Ok(Feed::More));
+        buf.extend_from_slice(b"lo\r\n0\r\n\r\n");
+        assert_eq!(b.feed(&mut buf, &mut data), Ok(Feed::Done));
+        assert_eq!(data, b"hello");
+        let mut b = Body::new(BodyKind::Length(3));
+        let (mut buf, mut data) = (b"abcdef".to_vec(), Vec::new());
+        assert_eq!(b.feed(&mut buf, &mut data), Ok(Feed::Done));
+        assert_eq!(
+            (data.as_slice(), buf.as_slice()),
+            (&b"abc"[..], &b"def"[..])
+        );
+        assert_eq!(Body::new(BodyKind::Length(3)).eof(), Err(Failure::Reset));
+    }
+}

@@ -1,0 +1,69 @@
+//! Active health checks: one thread for the process probes every HTTP upstream each
+//! `routing.health_check_interval` and sets its health flag, which every core's balancer reads.
+//!
+//! A probe is what an MCP client's first request looks like: a `POST` of a JSON-RPC `ping` to the
+//! upstream's path, with `Connection: close`. Any HTTP answer below 500 within the timeouts counts
+//! as healthy (an MCP server may well refuse a ping outside a session with 400: it is up); a
+//! refused or timed-out connection, a 5xx or garbage counts as a failure. One failure takes the
+//! upstream out; one success puts it back.
+//!
+//! Blocking sockets on a thread of its own: probes are rare, and this keeps them off the workers'
+//! rings entirely.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use super::{Upstream, Upstreams};
+
+/// Starts the checker thread (when there is an HTTP upstream). It runs until the process exits.
+pub fn spawn(all: &'static Upstreams) -> std::io::Result<()> {
+    if all.all.iter().all(|u| u.http().is_none()) {
+        return Ok(());
+    }
+    std::thread::Builder::new()
+        .name("mcp-health".into())
+        .spawn(move || loop {
+            std::thread::sleep(all.health_check_interval);
+            for u in &all.all {
+                if u.http().is_some() {
+                    u.set_healthy(probe(all, u));
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// One probe of `u`: true when it answered HTTP below 500.
+pub fn probe(all: &Upstreams, u: &Upstream) -> bool {
+    let Some((addr, authority, path)) = u.http() else {
+        return true;
+    };
+    let wait = all.request_timeout.min(Duration::from_secs(5));
+    let Ok(mut s) = TcpStream::connect_timeout(addr, all.connect_timeout) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(wait));
+    let _ = s.set_write_timeout(Some(wait));
+    let body = r#"{"jsonrpc":"2.0","id":"mcp-gateway-health","method":"ping"}"#;
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: mcp-gateway-health\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    let mut got = 0;
+    while got < 12 {
+        match s.read(&mut buf[got..]) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => got += n,
+        }
+    }
+    // "HTTP/1.x NNN"
+    let status = std::str::from_utf8(&buf[9..12])
+        .ok()
+        .and_then(|s| s.parse::<u16>().ok());
+    buf.starts_with(b"HTTP/1.") && status.is_some_and(|s| s < 500)
+}

@@ -1,0 +1,339 @@
+//! Upstream MCP servers: the configured namespaces and their upstreams, and everything the doors
+//! need to forward to them.
+//!
+//! Owns the process-wide, read-mostly registry ([`Upstreams`], built once at startup) and its
+//! parts:
+//! - [`balance`]: per-core choice of an upstream (`round_robin`, `least_connections`, `weighted`),
+//!   skipping upstreams that health checks or their breaker took out;
+//! - [`breaker`]: one circuit breaker per upstream;
+//! - [`client`]: the HTTP/1.1 client with a per-core keep-alive pool of upstream connections;
+//! - [`health`]: the active health checker (one thread for the process);
+//! - [`rpc`]: one JSON-RPC message forwarded within an upstream MCP session (WebSocket, MCPB).
+//!
+//! Sessions stick without a shared session map: the `Mcp-Session-Id` a client sees is the
+//! upstream's own id behind an 8-character tag naming the upstream ([`Upstream::tag`], a hash of
+//! its namespace and URL, so it is the same on every core and every restart). A request carrying a
+//! session id goes to the upstream its tag names, with the tag removed.
+//!
+//! Invariants: the registry never changes after startup; the only shared state written at run
+//! time is each upstream's health flag (by the checker) and its breaker (on failures and state
+//! changes only, never on a plain success while closed), so the hot path reads shared lines but
+//! does not bounce them.
+
+pub mod balance;
+pub mod breaker;
+pub mod client;
+pub mod health;
+pub mod rpc;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::config::{secs, Config, Strategy, UpstreamUrl, BUILTIN_ECHO};
+use breaker::Breaker;
+
+/// Length of the upstream tag in front of a client-visible session id.
+pub const TAG_LEN: usize = 8;
+
+/// Where an upstream is.
+#[derive(Debug)]
+pub enum Target {
+    /// `builtin:echo`, answered inside the gateway.
+    Builtin,
+    /// An MCP server speaking Streamable HTTP.
+    Http {
+        addr: SocketAddr,
+        /// `host:port` as configured, sent as `Host`.
+        authority: String,
+        /// Request path (`/mcp` unless configured).
+        path: String,
+    },
+}
+
+/// One configured upstream.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Position in [`Upstreams::all`]; also its metrics index.
+    pub index: usize,
+    pub namespace: String,
+    pub url: String,
+    pub target: Target,
+    pub weight: u32,
+    /// Session-id prefix naming this upstream (lowercase hex).
+    pub tag: [u8; TAG_LEN],
+    /// Set by the health checker; true until a check fails. Relaxed: an advisory flag read on
+    /// each pick; a pick that sees a stale value for a moment is what any health check allows.
+    healthy: AtomicBool,
+    pub breaker: Breaker,
+}
+
+impl Upstream {
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Relaxed)
+    }
+
+    pub fn set_healthy(&self, up: bool) {
+        if self.healthy.swap(up, Relaxed) != up {
+            if up {
+                tracing::info!(namespace = %self.namespace, upstream = %self.url, "upstream healthy again");
+            } else {
+                tracing::warn!(namespace = %self.namespace, upstream = %self.url, "upstream failed its health check; taken out");
+            }
+        }
+    }
+
+    /// Takes traffic now: healthy and its breaker not open.
+    pub fn in_service(&self) -> bool {
+        self.is_healthy() && !self.breaker.is_open()
+    }
+
+    pub fn http(&self) -> Option<(&SocketAddr, &str, &str)> {
+        match &self.target {
+            Target::Http {
+                addr,
+                authority,
+                path,
+            } => Some((addr, authority, path)),
+            Target::Builtin => None,
+        }
+    }
+}
+
+/// A namespace: `/mcp` is `default`, `/mcp/{name}` is `name`.
+#[derive(Debug)]
+pub struct Namespace {
+    pub name: String,
+    /// Indices into [`Upstreams::all`].
+    pub upstreams: Vec<usize>,
+    /// Served by `builtin:echo` (never mixed with HTTP upstreams).
+    pub builtin: bool,
+}
+
+/// Every namespace and upstream, and how to reach them.
+#[derive(Debug)]
+pub struct Upstreams {
+    pub all: Vec<Upstream>,
+    pub namespaces: Vec<Namespace>,
+    pub strategy: Strategy,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub health_check_interval: Duration,
+}
+
+impl Upstreams {
+    /// Builds the registry; resolves host names once, here.
+    pub fn new(config: &Config) -> std::io::Result<Upstreams> {
+        let r = &config.routing;
+        let cb = &r.circuit_breaker;
+        let mut all = Vec::new();
+        let mut namespaces = Vec::new();
+        for (ns, endpoints) in &config.service_discovery.static_.endpoints {
+            let mut members = Vec::new();
+            for e in endpoints {
+                let target = if e.url == BUILTIN_ECHO {
+                    Target::Builtin
+                } else {
+                    let u = UpstreamUrl::parse(&e.url).map_err(std::io::Error::other)?;
+                    let addr = u
+                        .authority
+                        .to_socket_addrs()
+                        .ok()
+                        .and_then(|mut a| a.next())
+                        .ok_or_else(|| {
+                            std::io::Error::other(format!(
+                                "service_discovery.static.endpoints.{ns}: cannot resolve {}",
+                                u.authority
+                            ))
+                        })?;
+                    Target::Http {
+                        addr,
+                        authority: u.authority,
+                        path: u.path,
+                    }
+                };
+                members.push(all.len());
+                all.push(Upstream {
+                    index: all.len(),
+                    namespace: ns.clone(),
+                    url: e.url.clone(),
+                    target,
+                    weight: e.weight,
+                    tag: tag(ns, &e.url),
+                    healthy: AtomicBool::new(true),
+                    breaker: Breaker::new(
+                        cb.failure_threshold,
+                        cb.success_threshold,
+                        secs(cb.timeout_seconds),
+                    ),
+                });
+            }
+            namespaces.push(Namespace {
+                name: ns.clone(),
+                builtin: members
+                    .iter()
+                    .all(|i| matches!(all[*i].target, Target::Builtin)),
+                upstreams: members,
+            });
+        }
+        Ok(Upstreams {
+            all,
+            namespaces,
+            strategy: r.strategy,
+            connect_timeout: secs(r.connect_timeout),
+            request_timeout: secs(r.request_timeout),
+            health_check_interval: secs(r.health_check_interval),
+        })
+    }
+
+    pub fn leak(self) -> &'static Upstreams {
+        Box::leak(Box::new(self))
+    }
+
+    /// The namespace index serving `name`.
+    pub fn namespace(&self, name: &str) -> Option<usize> {
+        self.namespaces.iter().position(|n| n.name == name)
+    }
+
+    /// The upstream of namespace `ns` that issued client-visible session id `id`, and the
+    /// upstream's own id; `None` when no upstream of `ns` has the tag `id` starts with.
+    pub fn session<'a>(&self, ns: usize, id: &'a [u8]) -> Option<(&Upstream, &'a [u8])> {
+        if id.len() <= TAG_LEN {
+            return None;
+        }
+        let (t, rest) = id.split_at(TAG_LEN);
+        self.namespaces[ns]
+            .upstreams
+            .iter()
+            .map(|i| &self.all[*i])
+            .find(|u| u.tag == t)
+            .map(|u| (u, rest))
+    }
+
+    /// `(namespace, url)` of every upstream, in index order (metrics labels).
+    pub fn labels(&self) -> Vec<(String, String)> {
+        self.all
+            .iter()
+            .map(|u| (u.namespace.clone(), u.url.clone()))
+            .collect()
+    }
+}
+
+/// FNV-1a over `namespace \0 url`, as 8 lowercase hex digits: stable across cores and restarts.
+fn tag(namespace: &str, url: &str) -> [u8; TAG_LEN] {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in namespace.bytes().chain([0]).chain(url.bytes()) {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    let mut out = [0u8; TAG_LEN];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = b"0123456789abcdef"[((h >> (28 - 4 * i)) & 0xf) as usize];
+    }
+    out
+}
+
+/// Why forwarding failed, as the client and the metrics see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The TCP connection to the upstream could not be opened (refused, unreachable).
+    Connect,
+    /// Connecting, or waiting for the response (or its next bytes), took too long.
+    Timeout,
+    /// The upstream closed or reset the connection before its response was complete.
+    Reset,
+    /// The upstream's response was not valid HTTP/1.1.
+    BadResponse,
+    /// The upstream's breaker is open: failed fast, nothing sent.
+    CircuitOpen,
+    /// No upstream of the namespace is in service.
+    NoUpstream,
+}
+
+impl Failure {
+    pub fn status(self) -> u16 {
+        match self {
+            Failure::Timeout => 504,
+            _ => 502,
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Failure::Connect => "upstream MCP server refused or could not be reached",
+            Failure::Timeout => "upstream MCP server timed out",
+            Failure::Reset => "upstream MCP server closed the connection",
+            Failure::BadResponse => "upstream MCP server sent an invalid response",
+            Failure::CircuitOpen => "upstream MCP server is failing (circuit open)",
+            Failure::NoUpstream => "no upstream MCP server is available",
+        }
+    }
+}
+
+/// Outcome of one forwarded request, as the `outcome` label of the upstream metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok = 0,
+    /// A response with a 5xx status (counts as a failure for the breaker).
+    Http5xx = 1,
+    ConnectError = 2,
+    Timeout = 3,
+    Reset = 4,
+    BadResponse = 5,
+    CircuitOpen = 6,
+}
+
+impl Outcome {
+    pub const COUNT: usize = 7;
+    pub const LABELS: [&'static str; Outcome::COUNT] = [
+        "ok",
+        "http_5xx",
+        "connect_error",
+        "timeout",
+        "reset",
+        "bad_response",
+        "circuit_open",
+    ];
+
+    pub fn of(f: Failure) -> Outcome {
+        match f {
+            Failure::Connect | Failure::NoUpstream => Outcome::ConnectError,
+            Failure::Timeout => Outcome::Timeout,
+            Failure::Reset => Outcome::Reset,
+            Failure::BadResponse => Outcome::BadResponse,
+            Failure::CircuitOpen => Outcome::CircuitOpen,
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_are_stable_hex_and_distinct() {
+        let a = tag("default", "http://127.0.0.1:9001/mcp");
+        assert_eq!(a, tag("default", "http://127.0.0.1:9001/mcp"));
+        assert_ne!(a, tag("default", "http://127.0.0.1:9002/mcp"));
+        assert_ne!(a, tag("other", "http://127.0.0.1:9001/mcp"));
+        assert!(a.iter().all(|b| b.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn session_ids_name_their_upstream() {
+        let yaml = "service_discovery:\n  static:\n    endpoints:\n      default:\n        - url: http://127.0.0.1:9001/mcp\n        - url: http://127.0.0.1:9002\n";
+        let config = Config::parse(yaml, false).unwrap();
+        let u = Upstreams::new(&config).unwrap();
+        let second = &u.all[1];
+        assert_eq!(second.http().unwrap().2, "/mcp");
+        let mut id = second.tag.to_vec();
+        id.extend_from_slice(b"abc-123");
+        let (found, rest) = u.session(0, &id).unwrap();
+        assert_eq!((found.index, rest), (1, &b"abc-123"[..]));
+        assert!(u.session(0, b"deadbeefabc").is_none());
+        assert!(
+            u.session(0, &second.tag).is_none(),
+            "a bare tag names no session"
+        );
+    }
+}

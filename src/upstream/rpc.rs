@@ -1,0 +1,233 @@
+//! Message forwarding for the WebSocket and MCPB doors: each JSON-RPC message a client sends is
+//! `POST`ed to the namespace's upstream over Streamable HTTP, within one upstream MCP session per
+//! client connection, and every message the upstream sends back (a JSON reply, or each event of a
+//! `text/event-stream` reply, notifications included) becomes a message or frame for the client
+//! as soon as it arrives.
+//!
+//! Owns the per-connection [`MsgSession`]: the upstream picked by the first message and the
+//! session id it issued. An upstream failure costs the client a JSON-RPC error for that message
+//! (with the message's id), never the connection; a session whose upstream is gone (refused, or
+//! answering 404 for the id) is forgotten, so the client's next `initialize` starts a new one.
+
+use std::time::Instant;
+
+use monoio::net::TcpStream;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::client::{self, Body};
+use super::{Failure, Outcome, Upstream};
+use crate::conn::{give_buf, read_more, take_buf, write_all, ReadError};
+use crate::worker::Worker;
+
+/// The upstream session of one WebSocket or MCPB connection.
+#[derive(Default)]
+pub struct MsgSession {
+    upstream: Option<&'static Upstream>,
+    id: Option<Vec<u8>>,
+}
+
+/// How a door frames what comes back: a reply message, or an error for a message.
+pub struct Framing {
+    pub reply: fn(&mut Vec<u8>, &[u8]),
+    pub fail: fn(&mut Vec<u8>, &[u8]),
+}
+
+/// The client went away while replies were being written.
+#[derive(Debug)]
+pub struct ClientGone;
+
+/// Forwards `message` to namespace `ns`; frames every reply into `out` and writes `out` to
+/// `client` as replies arrive (`out` is left empty, or holding what could not be written).
+pub async fn forward(
+    worker: &'static Worker,
+    ns: usize,
+    session: &mut MsgSession,
+    message: &[u8],
+    client: &mut TcpStream,
+    out: &mut Vec<u8>,
+    framing: &Framing,
+) -> Result<(), ClientGone> {
+    let all = worker.shared.upstreams;
+    let lease = match session.upstream {
+        Some(u) => worker.balancer.pinned(u),
+        None => worker.balancer.pick(all, ns),
+    };
+    let mut lease = match lease {
+        Ok(l) => l,
+        Err(f) => {
+            if let Some(u) = session.upstream {
+                worker.metrics.upstream(u.index, Outcome::of(f), None);
+            }
+            *session = MsgSession::default();
+            fail(framing, out, message, f.message());
+            return Ok(());
+        }
+    };
+    let u = lease.upstream;
+    session.upstream = Some(u);
+    let mut req = take_buf();
+    client::write_request(
+        &mut req,
+        "POST",
+        u,
+        "",
+        None,
+        session.id.as_deref(),
+        message.len(),
+    );
+    req.extend_from_slice(message);
+    let started = Instant::now();
+    let (mut up, mut buf, head) = match client::send(all, u, req, false, None).await {
+        Ok(r) => r,
+        Err(f) => {
+            lease.done(false);
+            worker.metrics.upstream(u.index, Outcome::of(f), None);
+            if f == Failure::Connect {
+                *session = MsgSession::default();
+            }
+            fail(framing, out, message, f.message());
+            return Ok(());
+        }
+    };
+    let ok = head.status < 500;
+    lease.done(ok);
+    let outcome = if ok { Outcome::Ok } else { Outcome::Http5xx };
+    worker
+        .metrics
+        .upstream(u.index, outcome, Some(started.elapsed()));
+    if session.id.is_none() {
+        session.id = head.session.clone();
+    } else if head.status == 404 {
+        *session = MsgSession::default(); // the upstream no longer knows the session
+    }
+    let mut body = Body::new(head.body);
+    let mut data = take_buf();
+    let mut result = Ok(());
+    let deadline_after = all.request_timeout;
+    loop {
+        if let Err(f) = body.feed(&mut buf, &mut data) {
+            fail(framing, out, message, f.message());
+            break;
+        }
+        if head.event_stream {
+            let mut at = 0;
+            while let Some((used, event)) = next_event(&data[at..]) {
+                at += used;
+                if !event.is_empty() {
+                    (framing.reply)(out, &event);
+                }
+            }
+            data.drain(..at);
+        }
+        if !out.is_empty() {
+            match write_all(client, std::mem::take(out), worker.settings().write_timeout).await {
+                Ok(o) => *out = o,
+                Err(_) => {
+                    result = Err(ClientGone);
+                    break;
+                }
+            }
+        }
+        if body.is_done() {
+            break;
+        }
+        let deadline = Instant::now() + deadline_after;
+        match read_more(&mut up, &mut buf, deadline).await {
+            Ok(_) => {}
+            Err(ReadError::Eof) if body.eof().is_ok() => {}
+            Err(ReadError::TimedOut) => {
+                fail(framing, out, message, Failure::Timeout.message());
+                break;
+            }
+            Err(_) => {
+                fail(framing, out, message, Failure::Reset.message());
+                break;
+            }
+        }
+    }
+    if !head.event_stream && body.is_done() {
+        let json = data
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|b| *b == b'{' || *b == b'[');
+        if head.status < 300 && !data.is_empty() {
+            (framing.reply)(out, &data);
+        } else if head.status >= 400 && json {
+            (framing.fail)(out, &data);
+        } else if head.status >= 300 {
+            fail(
+                framing,
+                out,
+                message,
+                &format!("upstream answered HTTP {}", head.status),
+            );
+        }
+    }
+    give_buf(data);
+    if body.is_done() && head.keep_alive && !body.until_close() && buf.is_empty() {
+        client::give_back(u, up);
+    }
+    give_buf(buf);
+    result
+}
+
+/// Appends a JSON-RPC error for `message` (its id, or null) framed as a failure.
+fn fail(framing: &Framing, out: &mut Vec<u8>, message: &[u8], why: &str) {
+    #[derive(Deserialize)]
+    struct IdOnly<'a> {
+        #[serde(borrow)]
+        id: Option<&'a RawValue>,
+    }
+    let id = serde_json::from_slice::<IdOnly>(message)
+        .ok()
+        .and_then(|m| m.id)
+        .map_or("null", RawValue::get);
+    let mut payload = take_buf();
+    crate::echo::write_error(&mut payload, id, -32000, why);
+    (framing.fail)(out, &payload);
+    give_buf(payload);
+}
+
+/// The next complete server-sent event at the start of `data`: the bytes it used and its data
+/// (the `data:` lines joined with `\n`; empty for events without data, such as comments).
+fn next_event(data: &[u8]) -> Option<(usize, Vec<u8>)> {
+    let mut payload = Vec::new();
+    let mut lines = 0;
+    let mut at = 0;
+    loop {
+        let nl = data[at..].iter().position(|b| *b == b'\n')?;
+        let mut line = &data[at..at + nl];
+        at += nl + 1;
+        if line.last() == Some(&b'\r') {
+            line = &line[..line.len() - 1];
+        }
+        if line.is_empty() {
+            return Some((at, payload));
+        }
+        if let Some(v) = line.strip_prefix(b"data:") {
+            if lines > 0 {
+                payload.push(b'\n');
+            }
+            payload.extend_from_slice(v.strip_prefix(b" ").unwrap_or(v));
+            lines += 1;
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_split_and_join() {
+        let s = b"event: message\r\ndata: {\"a\":1}\r\n\r\n: comment\n\ndata: x\ndata:y\n\ndata: partial";
+        let (n1, e1) = next_event(s).unwrap();
+        assert_eq!(e1, br#"{"a":1}"#);
+        let (n2, e2) = next_event(&s[n1..]).unwrap();
+        assert!(e2.is_empty());
+        let (n3, e3) = next_event(&s[n1 + n2..]).unwrap();
+        assert_eq!(e3, b"x\ny");
+        assert!(next_event(&s[n1 + n2 + n3..]).is_none());
+    }
+}

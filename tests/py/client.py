@@ -1,0 +1,66 @@
+"""The official MCP Python SDK client, through the gateway. Prints one JSON object.
+
+usage: client.py --url URL [--sessions N] [--calls K] [--transport http|ws]
+For each of N sessions: initialize, tools/list, K x whoami, one progress call (its progress
+notifications counted), then close. Output: {"sessions": [{"tools": [...], "served_by": [...],
+"progress_events": n, "progress_result": "..."}...]}
+"""
+import argparse
+import asyncio
+import json
+
+from mcp import ClientSession
+
+p = argparse.ArgumentParser()
+p.add_argument("--url", required=True)
+p.add_argument("--sessions", type=int, default=1)
+p.add_argument("--calls", type=int, default=3)
+p.add_argument("--transport", default="http", choices=["http", "ws"])
+args = p.parse_args()
+
+
+def text(result):
+    return result.content[0].text
+
+
+async def one_session():
+    if args.transport == "ws":
+        from mcp.client.websocket import websocket_client
+
+        transport = websocket_client(args.url)
+    else:
+        from mcp.client.streamable_http import streamablehttp_client
+
+        transport = streamablehttp_client(args.url)
+    async with transport as streams:
+        read, write = streams[0], streams[1]
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            tools = sorted(t.name for t in (await session.list_tools()).tools)
+            served = [text(await session.call_tool("whoami", {})) for _ in range(args.calls)]
+            events = []
+
+            async def on_progress(progress, total, message):
+                events.append(progress)
+
+            result = await session.call_tool(
+                "progress", {"steps": 3, "pause": 0.05}, progress_callback=on_progress
+            )
+            echo = text(await session.call_tool("echo", {"message": "héllo"}))
+            return {
+                "tools": tools,
+                "served_by": served,
+                "progress_events": len(events),
+                "progress_result": text(result),
+                "echo": echo,
+            }
+
+
+async def main():
+    out = []
+    for _ in range(args.sessions):
+        out.append(await asyncio.wait_for(one_session(), 30))
+    print(json.dumps({"sessions": out}))
+
+
+asyncio.run(main())

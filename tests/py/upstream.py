@@ -1,0 +1,42 @@
+"""A real MCP server (official Python SDK, Streamable HTTP) used as an upstream in tests.
+
+usage: upstream.py --port P --name NAME [--json]
+Tools: whoami (returns NAME), echo(message), progress(steps, pause) which sends `steps`
+progress notifications `pause` seconds apart before answering.
+"""
+import argparse
+import asyncio
+
+from mcp.server.fastmcp import Context, FastMCP
+
+p = argparse.ArgumentParser()
+p.add_argument("--port", type=int, required=True)
+p.add_argument("--name", required=True)
+p.add_argument("--json", action="store_true", help="answer with JSON instead of SSE")
+args = p.parse_args()
+
+mcp = FastMCP(args.name, host="127.0.0.1", port=args.port, json_response=args.json, log_level="WARNING")
+
+
+@mcp.tool()
+def whoami() -> str:
+    """The name of this upstream."""
+    return args.name
+
+
+@mcp.tool()
+def echo(message: str) -> str:
+    """Returns its message."""
+    return message
+
+
+@mcp.tool()
+async def progress(steps: int, pause: float, ctx: Context) -> str:
+    """Reports progress `steps` times, `pause` seconds apart."""
+    for i in range(steps):
+        await ctx.report_progress(i + 1, steps)
+        await asyncio.sleep(pause)
+    return f"{args.name} done"
+
+
+mcp.run(transport="streamable-http")
