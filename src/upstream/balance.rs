@@ -26,9 +26,11 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    pub fn new(u: &Upstreams) -> Balancer {
+    /// Core `core`'s state. Its round-robin positions start at `core`, so the first requests on
+    /// different cores go to different upstreams.
+    pub fn new(u: &Upstreams, core: usize) -> Balancer {
         Balancer {
-            next: u.namespaces.iter().map(|_| Cell::new(0)).collect(),
+            next: u.namespaces.iter().map(|_| Cell::new(core)).collect(),
             credit: u.all.iter().map(|_| Cell::new(0)).collect(),
             in_flight: u.all.iter().map(|_| Cell::new(0)).collect(),
         }
@@ -178,7 +180,7 @@ mod tests {
     #[test]
     fn round_robin_rotates_and_skips_what_is_out() {
         let u = upstreams("round_robin", &[1, 1, 1]);
-        let b = Balancer::new(u);
+        let b = Balancer::new(u, 0);
         assert_eq!(picks(&b, u, 6), [0, 1, 2, 0, 1, 2]);
         u.all[1].set_healthy(false);
         assert!(!picks(&b, u, 6).contains(&1));
@@ -193,7 +195,7 @@ mod tests {
     #[test]
     fn least_connections_counts_go_down_as_well_as_up() {
         let u = upstreams("least_connections", &[1, 1]);
-        let b = Balancer::new(u);
+        let b = Balancer::new(u, 0);
         let first = b.pick(u, 0).unwrap();
         let a = first.upstream.index;
         // While `first` is in flight, every new pick goes to the other one.
@@ -210,7 +212,7 @@ mod tests {
     #[test]
     fn weighted_follows_the_weights_smoothly() {
         let u = upstreams("weighted", &[5, 1, 1]);
-        let b = Balancer::new(u);
+        let b = Balancer::new(u, 0);
         let got = picks(&b, u, 7);
         assert_eq!(got.iter().filter(|i| **i == 0).count(), 5);
         assert_eq!(got.iter().filter(|i| **i == 1).count(), 1);
@@ -219,7 +221,7 @@ mod tests {
         let none = upstreams("weighted", &[1]);
         none.all[0].set_healthy(false);
         assert_eq!(
-            Balancer::new(none).pick(none, 0).err(),
+            Balancer::new(none, 0).pick(none, 0).err(),
             Some(Failure::NoUpstream)
         );
     }

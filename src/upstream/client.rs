@@ -485,10 +485,13 @@ mod tests {
             (close.body, close.keep_alive),
             (BodyKind::UntilClose, false)
         );
-        assert!(!p(b"HTTP/1.0 200 OK
+        assert!(
+            !p(b"HTTP/1.0 200 OK
 Content-Length: 3
 
-").keep_alive);
+")
+            .keep_alive
+        );
         assert!(parse_response(
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
             false,

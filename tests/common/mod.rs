@@ -2,6 +2,8 @@
 //! and gives tests raw sockets bound to chosen client addresses.
 #![allow(dead_code)]
 
+pub mod mock;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -29,8 +31,10 @@ pub fn start(server_yaml: &str) -> Gateway {
 pub fn start_with(server_yaml: &str, rest_yaml: &str) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     // `tcp_port: 0` disables the TCP door, so it gets a port that was free a moment ago.
-    let mut yaml =
-        String::from("server:\n  host: \"::\"\n  port: 0\n  metrics_port: 0\n  workers: 2\n");
+    let mut yaml = String::from("server:\n  host: \"::\"\n  port: 0\n  metrics_port: 0\n");
+    if !server_yaml.contains("workers") {
+        yaml.push_str("  workers: 2\n");
+    }
     if !server_yaml.contains("tcp_port") {
         yaml.push_str(&format!("  tcp_port: {}\n", free_port()));
     }

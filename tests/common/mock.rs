@@ -1,0 +1,195 @@
+//! A scriptable HTTP/1.1 upstream for forwarding tests: a std listener on 127.0.0.1 whose
+//! handler gets each parsed request and writes whatever raw response the test wants.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Req {
+    pub method: String,
+    pub target: String,
+    /// Lowercase names; every field kept in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Req {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn body_str(&self) -> &str {
+        std::str::from_utf8(&self.body).unwrap_or("")
+    }
+    pub fn header_map(&self) -> HashMap<String, String> {
+        self.headers.iter().cloned().collect()
+    }
+}
+
+pub type Handler = dyn Fn(&Req, &mut TcpStream) + Send + Sync;
+
+/// A running mock upstream; stops accepting (and closes its connections) on drop.
+pub struct Mock {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Mock {
+    pub fn start(handler: impl Fn(&Req, &mut TcpStream) + Send + Sync + 'static) -> Mock {
+        Mock::start_on("127.0.0.1:0", Arc::new(handler))
+    }
+
+    /// Starts on `addr` (e.g. the address of a mock that was stopped, to restart it).
+    pub fn start_on(addr: &str, handler: Arc<Handler>) -> Mock {
+        let listener = bind_retrying(addr);
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let acceptor = {
+            let (stop, requests, conns) = (stop.clone(), requests.clone(), conns.clone());
+            std::thread::spawn(move || {
+                for s in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(s) = s else { continue };
+                    conns.lock().unwrap().push(s.try_clone().unwrap());
+                    let (handler, requests) = (handler.clone(), requests.clone());
+                    std::thread::spawn(move || serve(s, &*handler, &requests));
+                }
+            })
+        };
+        Mock {
+            addr,
+            requests,
+            stop,
+            conns,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/mcp", self.addr)
+    }
+}
+
+fn bind_retrying(addr: &str) -> TcpListener {
+    for _ in 0..100 {
+        if let Ok(l) = TcpListener::bind(addr) {
+            return l;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("cannot bind {addr}");
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr); // wakes the accept loop, which then exits
+                                               // Once joined, the listener is closed: new connections are refused from here on.
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn serve(mut s: TcpStream, handler: &Handler, requests: &AtomicUsize) {
+    let mut buf = Vec::new();
+    loop {
+        let Some(req) = read_request(&mut s, &mut buf) else {
+            return;
+        };
+        requests.fetch_add(1, Ordering::SeqCst);
+        handler(&req, &mut s);
+    }
+}
+
+fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Req> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut r = httparse::Request::new(&mut headers);
+        if let Ok(httparse::Status::Complete(n)) = r.parse(buf) {
+            let headers: Vec<(String, String)> = r
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_ascii_lowercase(),
+                        String::from_utf8_lossy(h.value).to_string(),
+                    )
+                })
+                .collect();
+            let len: usize = headers
+                .iter()
+                .find(|(k, _)| k == "content-length")
+                .map_or(0, |(_, v)| v.parse().unwrap());
+            let req = Req {
+                method: r.method.unwrap().to_string(),
+                target: r.path.unwrap().to_string(),
+                headers,
+                body: Vec::new(),
+            };
+            while buf.len() < n + len {
+                fill(s, buf)?;
+            }
+            let body = buf[n..n + len].to_vec();
+            buf.drain(..n + len);
+            return Some(Req { body, ..req });
+        }
+        fill(s, buf)?;
+    }
+}
+
+fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
+    let mut chunk = [0u8; 8192];
+    match s.read(&mut chunk) {
+        Ok(0) | Err(_) => None,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            Some(())
+        }
+    }
+}
+
+/// Writes a complete response with a Content-Length body.
+pub fn respond(s: &mut TcpStream, status: u16, headers: &[(&str, &str)], body: &str) {
+    let mut out = format!("HTTP/1.1 {status} X\r\n");
+    for (k, v) in headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    let _ = s.write_all(out.as_bytes());
+}
+
+/// A JSON-RPC result for the request `req` (its id echoed) carrying `result` (raw JSON).
+pub fn json_reply(s: &mut TcpStream, req: &Req, result: &str, extra: &[(&str, &str)]) {
+    let id = serde_json::from_slice::<serde_json::Value>(&req.body)
+        .ok()
+        .and_then(|v| v.get("id").cloned())
+        .unwrap_or(serde_json::Value::Null);
+    let body = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#);
+    let mut headers = vec![("Content-Type", "application/json")];
+    headers.extend_from_slice(extra);
+    respond(s, 200, &headers, &body);
+}
+
+/// One chunk of a chunked body.
+pub fn chunk(s: &mut TcpStream, data: &str) {
+    let _ = write!(s, "{:x}\r\n{data}\r\n", data.len());
+    let _ = s.flush();
+}

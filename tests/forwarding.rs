@@ -1,0 +1,593 @@
+//! Forwarding to HTTP upstreams through the real binary: streaming, header hygiene, sticky
+//! sessions, failures, balancing, health checks and breakers, and the MCPB door's forwarding.
+//! The upstreams are scripted mocks (`common::mock`); `mcp_sdk.rs` does the same with real MCP
+//! servers and clients.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::mock::{self, chunk, json_reply, respond, Mock, Req};
+use common::*;
+
+fn endpoints(namespaces: &[(&str, &[&str])], routing: &str) -> String {
+    let mut y = format!("routing:\n{routing}service_discovery:\n  static:\n    endpoints:\n");
+    for (ns, urls) in namespaces {
+        y += &format!("      {ns}:\n");
+        for u in *urls {
+            y += &format!("        - url: {u}\n");
+        }
+    }
+    y
+}
+
+const ROUTING: &str = "  health_check_interval: 3600\n  request_timeout: 2\n  connect_timeout: 1\n";
+
+/// Reads from `s` into `buf` until `needle` appears; panics after 10 s.
+fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(buf).contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk) {
+            Ok(0) => panic!(
+                "closed before {needle:?}: {:?}",
+                String::from_utf8_lossy(buf)
+            ),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("{e} before {needle:?}: {:?}", String::from_utf8_lossy(buf)),
+        }
+    }
+}
+
+#[test]
+fn event_stream_reaches_the_client_event_by_event() {
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let go_rx = Mutex::new(go_rx);
+    let up = Mock::start(move |req, s| {
+        if req.method == "GET" {
+            // A standalone stream: silent longer than request_timeout, then one event.
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+            std::thread::sleep(Duration::from_millis(2500));
+            chunk(s, "event: message\ndata: {\"late\":true}\n\n");
+            return;
+        }
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        chunk(s, "event: message\ndata: {\"first\":1}\n\n");
+        // The second event waits until the client has seen the first.
+        let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(10));
+        chunk(s, "event: message\ndata: {\"second\":2}\n\n");
+        let _ = s.write_all(b"0\r\n\r\n");
+    });
+    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
+    let mut c = connect_from("127.0.0.2", gw.http);
+    c.write_all(post_mcp(TOOLS_LIST).as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    read_until(&mut c, &mut buf, "{\"first\":1}");
+    let text = String::from_utf8_lossy(&buf).to_string();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("second"),
+        "the second event cannot exist yet"
+    );
+    go_tx.send(()).unwrap();
+    read_until(&mut c, &mut buf, "0\r\n\r\n");
+    assert!(String::from_utf8_lossy(&buf).contains("{\"second\":2}"));
+
+    // The connection is still good, and a GET stream outlives request_timeout (2 s).
+    buf.clear();
+    c.write_all(b"GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n")
+        .unwrap();
+    read_until(&mut c, &mut buf, "{\"late\":true}");
+}
+
+#[test]
+fn a_client_that_leaves_ends_its_event_stream_upstream() {
+    let (closed_tx, closed_rx) = mpsc::channel::<()>();
+    let closed_tx = Mutex::new(closed_tx);
+    let up = Mock::start(move |_, s| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        chunk(s, ": open\n\n");
+        // Wait for the gateway to close its side.
+        let mut b = [0u8; 16];
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        if let Ok(0) = s.read(&mut b) {
+            let _ = closed_tx.lock().unwrap().send(());
+        }
+    });
+    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
+    let mut c = connect_from("127.0.0.2", gw.http);
+    c.write_all(b"GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n")
+        .unwrap();
+    read_until(&mut c, &mut Vec::new(), ": open");
+    drop(c);
+    closed_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the upstream connection is closed when the client leaves");
+    gw.wait_all_closed();
+}
+
+#[test]
+fn hop_by_hop_fields_do_not_cross_and_the_rest_does() {
+    let seen = Arc::new(Mutex::new(None::<Req>));
+    let seen2 = seen.clone();
+    let up = Mock::start(move |req, s| {
+        *seen2.lock().unwrap() = Some(req.clone());
+        respond(
+            s,
+            200,
+            &[
+                ("Content-Type", "application/json"),
+                ("Connection", "X-Up"),
+                ("X-Up", "hop"),
+                ("Keep-Alive", "timeout=1"),
+                ("X-Kept", "yes"),
+            ],
+            "{}",
+        );
+    });
+    let gw = start_with("", &endpoints(&[("tools", &[&up.url()])], ROUTING));
+    let mut c = connect_from("127.0.0.2", gw.http);
+    let body = TOOLS_LIST;
+    let req = format!(
+        "POST /mcp/tools?x=1 HTTP/1.1\r\nHost: gateway\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nX-End: yes\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    let r = roundtrip(&mut c, &req);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-kept"), Some("yes"));
+    assert_eq!(r.header("x-up"), None);
+    assert_eq!(r.header("keep-alive"), None);
+    let got = seen.lock().unwrap().clone().unwrap();
+    let h = got.header_map();
+    assert_eq!(got.target, "/mcp?x=1");
+    assert_eq!(
+        h.get("host").map(String::as_str),
+        Some(up.addr.to_string().as_str())
+    );
+    assert_eq!(h.get("x-end").map(String::as_str), Some("yes"));
+    assert_eq!(
+        h.get("content-length").map(String::as_str),
+        Some(body.len().to_string().as_str())
+    );
+    for hop in [
+        "x-secret",
+        "keep-alive",
+        "te",
+        "transfer-encoding",
+        "connection",
+    ] {
+        assert!(!h.contains_key(hop), "{hop} crossed: {h:?}");
+    }
+    assert_eq!(
+        got.body_str(),
+        body,
+        "the chunked body arrives decoded, with a length"
+    );
+    // Keep-alive on the client side survived.
+    assert_eq!(
+        roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status,
+        404,
+        "/mcp is not configured here"
+    );
+}
+
+/// An upstream that names itself in every reply and issues `sess-{name}` on initialize.
+fn named(name: &'static str) -> Arc<mock::Handler> {
+    Arc::new(move |req: &Req, s: &mut TcpStream| {
+        let session = req.header("mcp-session-id").unwrap_or("").to_string();
+        let result = format!(r#"{{"server":"{name}","session":"{session}"}}"#);
+        if req.body_str().contains("\"initialize\"") {
+            let id = format!("sess-{name}");
+            json_reply(s, req, &result, &[("Mcp-Session-Id", &id)]);
+        } else if req.method == "DELETE" {
+            respond(s, 200, &[], "");
+        } else {
+            json_reply(s, req, &result, &[]);
+        }
+    })
+}
+
+const INIT: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#;
+
+#[test]
+fn sessions_stick_to_their_upstream_and_a_gone_one_gives_404() {
+    let a = Mock::start_on("127.0.0.1:0", named("a"));
+    let b = Mock::start_on("127.0.0.1:0", named("b"));
+    let gw = start_with(
+        "",
+        &endpoints(&[("default", &[&a.url(), &b.url()])], ROUTING),
+    );
+    let mut sessions = Vec::new();
+    for i in 0..6 {
+        let mut c = connect_from(&format!("127.0.0.{}", 2 + i), gw.http);
+        let r = roundtrip(&mut c, &post_mcp(INIT));
+        assert_eq!(r.status, 200);
+        let id = r
+            .header("mcp-session-id")
+            .expect("a session id")
+            .to_string();
+        let server = r.json()["result"]["server"].as_str().unwrap().to_string();
+        assert!(
+            id.ends_with(&format!("sess-{server}")) && id.len() > "sess-a".len(),
+            "{id}"
+        );
+        sessions.push((id, server));
+    }
+    let servers: std::collections::HashSet<_> = sessions.iter().map(|s| s.1.clone()).collect();
+    assert_eq!(servers.len(), 2, "new sessions spread over both upstreams");
+    // Every request of a session, on new connections (so on either worker), reaches its upstream
+    // with the upstream's own id.
+    for (id, server) in &sessions {
+        for i in 0..4 {
+            let mut c = connect_from(&format!("127.0.1.{}", 2 + i), gw.http);
+            let req = post_mcp(TOOLS_LIST).replacen(
+                "\r\n\r\n",
+                &format!("\r\nMcp-Session-Id: {id}\r\n\r\n"),
+                1,
+            );
+            let r = roundtrip(&mut c, &req);
+            assert_eq!(r.json()["result"]["server"], server.as_str());
+            assert_eq!(r.json()["result"]["session"], format!("sess-{server}"));
+        }
+    }
+    let mut c = connect_from("127.0.0.2", gw.http);
+    let unknown =
+        post_mcp(TOOLS_LIST).replacen("\r\n\r\n", "\r\nMcp-Session-Id: 00000000sess-a\r\n\r\n", 1);
+    assert_eq!(roundtrip(&mut c, &unknown).status, 404);
+    // Upstream a goes away: its sessions get 404 (start a new session); b's carry on.
+    drop(a);
+    for (id, server) in &sessions {
+        let req = post_mcp(TOOLS_LIST).replacen(
+            "\r\n\r\n",
+            &format!("\r\nMcp-Session-Id: {id}\r\n\r\n"),
+            1,
+        );
+        let mut c = connect_from("127.0.0.3", gw.http);
+        let r = roundtrip(&mut c, &req);
+        if server == "a" {
+            assert_eq!(r.status, 404, "{:?}", String::from_utf8_lossy(&r.body));
+            assert_eq!(r.json()["error"]["code"], -32000);
+        } else {
+            assert_eq!(r.status, 200);
+        }
+    }
+    drop(b);
+}
+
+#[test]
+fn upstream_failures_are_502_or_504_never_a_hang() {
+    let refused = format!("http://127.0.0.1:{}/mcp", free_port());
+    let stalled = Mock::start(|_, _| std::thread::sleep(Duration::from_secs(20)));
+    let reset = Mock::start(|_, s| {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    });
+    let bad = Mock::start(|_, s| {
+        let _ = s.write_all(b"NOT HTTP AT ALL\r\n\r\n");
+    });
+    let routing = "  health_check_interval: 3600\n  request_timeout: 0.5\n  connect_timeout: 0.5\n  circuit_breaker:\n    failure_threshold: 100\n";
+    let gw = start_with(
+        "",
+        &endpoints(
+            &[
+                ("refused", &[&refused]),
+                ("stalled", &[&stalled.url()]),
+                ("reset", &[&reset.url()]),
+                ("bad", &[&bad.url()]),
+            ],
+            routing,
+        ),
+    );
+    let mut c = connect_from("127.0.0.2", gw.http);
+    for (ns, status) in [
+        ("refused", 502),
+        ("stalled", 504),
+        ("reset", 502),
+        ("bad", 502),
+    ] {
+        let started = Instant::now();
+        let req = post_mcp(TOOLS_LIST).replacen("/mcp", &format!("/mcp/{ns}"), 1);
+        let r = roundtrip(&mut c, &req);
+        assert_eq!(r.status, status, "{ns}");
+        assert_eq!(r.json()["error"]["code"], -32000, "{ns}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{ns} took {:?}",
+            started.elapsed()
+        );
+    }
+    for (ns, url, outcome) in [
+        ("refused", refused.as_str(), "connect_error"),
+        ("stalled", &stalled.url(), "timeout"),
+        ("reset", &reset.url(), "reset"),
+        ("bad", &bad.url(), "bad_response"),
+    ] {
+        let sample = format!("mcp_gateway_upstream_requests_total{{namespace=\"{ns}\",upstream=\"{url}\",outcome=\"{outcome}\"}}");
+        assert_eq!(gw.metric(&sample), 1.0, "{sample}");
+    }
+    drop(c);
+    gw.wait_all_closed();
+}
+
+#[test]
+fn breaker_fails_fast_while_open_and_closes_after_a_good_probe() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let f = failing.clone();
+    let up = Mock::start(move |req, s| {
+        if f.load(Ordering::SeqCst) {
+            respond(s, 503, &[("Content-Type", "application/json")], "{}");
+        } else {
+            json_reply(s, req, "{}", &[]);
+        }
+    });
+    let routing = "  health_check_interval: 3600\n  circuit_breaker:\n    failure_threshold: 2\n    success_threshold: 1\n    timeout_seconds: 0.5\n";
+    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], routing));
+    let state = format!(
+        "mcp_gateway_upstream_circuit_state{{namespace=\"default\",upstream=\"{}\"}}",
+        up.url()
+    );
+    let mut c = connect_from("127.0.0.2", gw.http);
+    for _ in 0..2 {
+        assert_eq!(
+            roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status,
+            503,
+            "the upstream's own answer"
+        );
+    }
+    assert_eq!(
+        gw.metric(&state),
+        1.0,
+        "open after failure_threshold failures"
+    );
+    let before = up.requests.load(Ordering::SeqCst);
+    let r = roundtrip(&mut c, &post_mcp(TOOLS_LIST));
+    assert_eq!(r.status, 502);
+    assert_eq!(
+        up.requests.load(Ordering::SeqCst),
+        before,
+        "failed fast: nothing was sent"
+    );
+    failing.store(false, Ordering::SeqCst);
+    // After timeout_seconds the breaker lets a probe through; it succeeds and closes it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = roundtrip(&mut c, &post_mcp(TOOLS_LIST));
+        if r.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never recovered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(gw.metric(&state), 0.0);
+}
+
+#[test]
+fn health_checks_take_an_upstream_out_and_put_it_back_while_others_never_notice() {
+    let a = Mock::start_on("127.0.0.1:0", named("a"));
+    let b = Mock::start_on("127.0.0.1:0", named("b"));
+    let (a_url, b_url, b_addr) = (a.url(), b.url(), b.addr.to_string());
+    let routing = "  health_check_interval: 0.1\n  request_timeout: 2\n";
+    let gw = start_with("", &endpoints(&[("default", &[&a_url, &b_url])], routing));
+    let healthy_b =
+        format!("mcp_gateway_upstream_healthy{{namespace=\"default\",upstream=\"{b_url}\"}}");
+    // A session on `a`, used throughout by a client thread that must never see an error.
+    let session = loop {
+        let mut c = connect_from("127.0.0.2", gw.http);
+        let r = roundtrip(&mut c, &post_mcp(INIT));
+        if r.json()["result"]["server"] == "a" {
+            break r.header("mcp-session-id").unwrap().to_string();
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let (stop, http, session) = (stop.clone(), gw.http, session.clone());
+        std::thread::spawn(move || {
+            let mut c = connect_from("127.0.0.5", http);
+            let req = post_mcp(TOOLS_LIST).replacen(
+                "\r\n\r\n",
+                &format!("\r\nMcp-Session-Id: {session}\r\n\r\n"),
+                1,
+            );
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let r = roundtrip(&mut c, &req);
+                assert_eq!(r.status, 200, "a client of the healthy upstream noticed");
+                assert_eq!(r.json()["result"]["server"], "a");
+                n += 1;
+            }
+            n
+        })
+    };
+    drop(b);
+    gw.wait_metric(&healthy_b, 0.0);
+    // Out of service: every new request goes to a, without errors.
+    let mut c = connect_from("127.0.0.3", gw.http);
+    for _ in 0..10 {
+        let r = roundtrip(&mut c, &post_mcp(TOOLS_LIST));
+        assert_eq!(
+            (r.status, r.json()["result"]["server"].clone()),
+            (200, "a".into())
+        );
+    }
+    let b = Mock::start_on(&b_addr, named("b"));
+    gw.wait_metric(&healthy_b, 1.0);
+    let served: Vec<_> = (0..10)
+        .map(|_| roundtrip(&mut c, &post_mcp(TOOLS_LIST)).json()["result"]["server"].clone())
+        .collect();
+    assert!(
+        served.contains(&"b".into()),
+        "b takes traffic again: {served:?}"
+    );
+    stop.store(true, Ordering::SeqCst);
+    assert!(traffic.join().unwrap() > 0);
+    drop(b);
+}
+
+#[test]
+fn least_connections_sends_new_requests_to_the_less_busy_upstream() {
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let release_rx = Arc::new(Mutex::new(release_rx));
+    let holding = |name: &'static str| -> Arc<mock::Handler> {
+        let release_rx = release_rx.clone();
+        Arc::new(move |req: &Req, s: &mut TcpStream| {
+            if req.body_str().contains("hold") {
+                let _ = release_rx
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(10));
+            }
+            json_reply(s, req, &format!(r#"{{"server":"{name}"}}"#), &[]);
+        })
+    };
+    let a = Mock::start_on("127.0.0.1:0", holding("a"));
+    let b = Mock::start_on("127.0.0.1:0", holding("b"));
+    let routing =
+        "  strategy: least_connections\n  health_check_interval: 3600\n  request_timeout: 15\n";
+    // One worker: its balancer sees every request in flight.
+    let gw = start_with(
+        "workers: 1",
+        &endpoints(&[("default", &[&a.url(), &b.url()])], routing),
+    );
+    let mut held = connect_from("127.0.0.2", gw.http);
+    let hold = r#"{"jsonrpc":"2.0","id":9,"method":"hold"}"#;
+    held.write_all(post_mcp(hold).as_bytes()).unwrap();
+    // Wait until the held request reached an upstream.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.requests.load(Ordering::SeqCst) + b.requests.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let busy = if a.requests.load(Ordering::SeqCst) == 1 {
+        "a"
+    } else {
+        "b"
+    };
+    let mut c = connect_from("127.0.0.3", gw.http);
+    for _ in 0..6 {
+        let r = roundtrip(&mut c, &post_mcp(TOOLS_LIST));
+        assert_ne!(
+            r.json()["result"]["server"],
+            busy,
+            "went to the busy upstream"
+        );
+    }
+    release_tx.send(()).unwrap();
+    let r = read_response(&mut held, &mut Vec::new()).unwrap();
+    assert_eq!(r.json()["result"]["server"], busy);
+    // Its count went down again: both take new requests.
+    let served: std::collections::HashSet<String> = (0..4)
+        .map(|_| {
+            roundtrip(&mut c, &post_mcp(TOOLS_LIST)).json()["result"]["server"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(served.len(), 2, "{served:?}");
+}
+
+#[test]
+fn weighted_follows_the_weights() {
+    let a = Mock::start_on("127.0.0.1:0", named("a"));
+    let b = Mock::start_on("127.0.0.1:0", named("b"));
+    let mut y = String::from("routing:\n  strategy: weighted\n  health_check_interval: 3600\nservice_discovery:\n  static:\n    endpoints:\n      default:\n");
+    y += &format!(
+        "        - url: {}\n          weight: 3\n        - url: {}\n          weight: 1\n",
+        a.url(),
+        b.url()
+    );
+    let gw = start_with("workers: 1", &y);
+    let mut c = connect_from("127.0.0.2", gw.http);
+    let to_a = (0..40)
+        .filter(|_| roundtrip(&mut c, &post_mcp(TOOLS_LIST)).json()["result"]["server"] == "a")
+        .count();
+    assert_eq!(to_a, 30);
+}
+
+fn mcpb_frame(kind: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = b"MCPB".to_vec();
+    f.extend_from_slice(&1u16.to_be_bytes());
+    f.extend_from_slice(&kind.to_be_bytes());
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn read_mcpb(s: &mut TcpStream) -> (u16, serde_json::Value) {
+    let mut h = [0u8; 12];
+    s.read_exact(&mut h).unwrap();
+    let len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p).unwrap();
+    (
+        u16::from_be_bytes([h[6], h[7]]),
+        serde_json::from_slice(&p).unwrap(),
+    )
+}
+
+#[test]
+fn mcpb_requests_are_forwarded_with_notifications_and_failures_keep_the_connection() {
+    let up = Mock::start(|req, s| {
+        if req.body_str().contains("\"initialize\"") {
+            json_reply(s, req, "{}", &[("Mcp-Session-Id", "S1")]);
+            return;
+        }
+        assert_eq!(
+            req.header("mcp-session-id"),
+            Some("S1"),
+            "later requests carry the session"
+        );
+        let id = serde_json::from_slice::<serde_json::Value>(&req.body).unwrap()["id"].clone();
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        chunk(s, "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":1}}\n\n");
+        chunk(s, &format!("event: message\ndata: {{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"ok\":true}}}}\n\n"));
+        let _ = s.write_all(b"0\r\n\r\n");
+    });
+    let url = up.url();
+    let gw = start_with("", &endpoints(&[("default", &[&url])], ROUTING));
+    let mut c = TcpStream::connect(gw.tcp.unwrap()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(&mcpb_frame(1, INIT.as_bytes())).unwrap();
+    assert_eq!(read_mcpb(&mut c).0, 2);
+    c.write_all(&mcpb_frame(
+        1,
+        br#"{"jsonrpc":"2.0","id":7,"method":"tools/call"}"#,
+    ))
+    .unwrap();
+    let (k1, n) = read_mcpb(&mut c);
+    let (k2, r) = read_mcpb(&mut c);
+    assert_eq!((k1, k2), (2, 2));
+    assert_eq!(n["method"], "notifications/progress");
+    assert_eq!(
+        (r["id"].clone(), r["result"]["ok"].clone()),
+        (7.into(), true.into())
+    );
+    drop(up);
+    c.write_all(&mcpb_frame(
+        1,
+        br#"{"jsonrpc":"2.0","id":8,"method":"ping"}"#,
+    ))
+    .unwrap();
+    let (kind, e) = read_mcpb(&mut c);
+    assert_eq!(kind, 5, "an upstream failure is an Error frame");
+    assert_eq!(
+        (e["id"].clone(), e["error"]["code"].clone()),
+        (8.into(), (-32000).into())
+    );
+    c.write_all(&mcpb_frame(4, b"")).unwrap();
+    assert_eq!(read_mcpb(&mut c).0, 4, "the connection stays usable");
+}

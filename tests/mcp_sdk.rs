@@ -1,0 +1,139 @@
+//! The official MCP Python SDK through the gateway: two real MCP servers built with the SDK
+//! (Streamable HTTP) as upstreams, and the SDK's own clients (Streamable HTTP, with its standalone
+//! GET stream, and WebSocket) talking to them through the gateway.
+//!
+//! Needs `python3` with the PyPI packages `mcp` (1.x), `uvicorn` and `websockets`; `.ci/run`
+//! installs them. Outside CI the test is skipped, saying so, when they are missing.
+
+mod common;
+
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn sdk_available() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import mcp, uvicorn, websockets"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have the MCP Python SDK (pip install 'mcp<2' uvicorn websockets)"
+        );
+        eprintln!("SKIPPED: python3 with the MCP SDK is not installed (pip install 'mcp<2' uvicorn websockets)");
+    }
+    ok
+}
+
+struct Py(Child);
+
+impl Drop for Py {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn py(dir: &str) -> String {
+    format!("{}/tests/py/{dir}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Starts an SDK server named `name` and waits until it accepts connections.
+fn upstream(name: &str) -> (Py, String) {
+    let port = free_port();
+    let child = Command::new("python3")
+        .args([
+            &py("upstream.py"),
+            "--port",
+            &port.to_string(),
+            "--name",
+            name,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "SDK server {name} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (Py(child), format!("http://127.0.0.1:{port}/mcp"))
+}
+
+fn client(url: &str, transport: &str, sessions: usize) -> serde_json::Value {
+    let out = Command::new("python3")
+        .args([&py("client.py"), "--url", url, "--transport", transport])
+        .args(["--sessions", &sessions.to_string(), "--calls", "4"])
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "SDK client ({transport}) failed");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Each session stays on one upstream, sessions spread over both, tools and progress work.
+fn check(report: &serde_json::Value, sessions: usize) {
+    let list = report["sessions"].as_array().unwrap();
+    assert_eq!(list.len(), sessions);
+    let mut used = std::collections::HashSet::new();
+    for s in list {
+        assert_eq!(
+            s["tools"],
+            serde_json::json!(["echo", "progress", "whoami"])
+        );
+        let served = s["served_by"].as_array().unwrap();
+        assert!(
+            served.iter().all(|x| *x == served[0]),
+            "a session moved: {s}"
+        );
+        assert_eq!(
+            s["progress_result"],
+            format!("{} done", served[0].as_str().unwrap())
+        );
+        assert_eq!(s["progress_events"], 3, "progress notifications came back");
+        assert_eq!(s["echo"], "héllo");
+        used.insert(served[0].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        used.len(),
+        2,
+        "sessions spread over both upstreams: {report}"
+    );
+}
+
+#[test]
+fn sdk_clients_work_through_the_gateway_and_sessions_stick() {
+    if !sdk_available() {
+        return;
+    }
+    let (_a, a) = upstream("up-a");
+    let (_b, b) = upstream("up-b");
+    let rest = format!(
+        "routing:\n  health_check_interval: 1\nservice_discovery:\n  static:\n    endpoints:\n      default:\n        - url: {a}\n        - url: {b}\n"
+    );
+    let gw = start_with("", &rest);
+    let port = gw.http.port();
+    let http = format!("http://127.0.0.1:{port}/mcp");
+    check(&client(&http, "http", 4), 4);
+    let ws = format!("ws://127.0.0.1:{port}/mcp");
+    check(&client(&ws, "ws", 2), 2);
+    gw.wait_all_closed();
+    for u in [&a, &b] {
+        let bad = [
+            "connect_error",
+            "timeout",
+            "reset",
+            "bad_response",
+            "http_5xx",
+        ];
+        for outcome in bad {
+            let s = format!("mcp_gateway_upstream_requests_total{{namespace=\"default\",upstream=\"{u}\",outcome=\"{outcome}\"}}");
+            assert_eq!(gw.metric(&s), 0.0, "{s}");
+        }
+    }
+}
