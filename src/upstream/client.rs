@@ -84,7 +84,8 @@ pub struct ResponseHead {
     pub keep_alive: bool,
     /// `Content-Type: text/event-stream`.
     pub event_stream: bool,
-    /// The upstream's `Mcp-Session-Id`, if it sent one.
+    /// The upstream's `Mcp-Session-Id`, if it sent one (only read when no client head is
+    /// written: the HTTP door passes it through, tagged, without looking).
     pub session: Option<Vec<u8>>,
 }
 
@@ -168,7 +169,9 @@ pub struct ClientHead<'a> {
     pub http11: bool,
 }
 
-fn is_hop_by_hop(name: &str, named: &[&str]) -> bool {
+/// True for a hop-by-hop field: one of RFC 9110's list, or one named by a `Connection` field of
+/// `headers`. No allocation: `Connection` values are scanned in place (they are short).
+fn is_hop_by_hop(name: &str, headers: &[httparse::Header<'_>]) -> bool {
     const HOP: [&str; 8] = [
         "connection",
         "keep-alive",
@@ -180,18 +183,17 @@ fn is_hop_by_hop(name: &str, named: &[&str]) -> bool {
         "proxy-authenticate",
     ];
     HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-        || named.iter().any(|h| name.eq_ignore_ascii_case(h))
+        || connection_tokens(headers).any(|t| name.eq_ignore_ascii_case(t))
 }
 
-/// The tokens of every `Connection` field (lowercase not required: compared ignoring case).
-fn connection_tokens<'h>(headers: &[httparse::Header<'h>]) -> Vec<&'h str> {
+/// The tokens of every `Connection` field.
+fn connection_tokens<'h>(headers: &'h [httparse::Header<'_>]) -> impl Iterator<Item = &'h str> {
     headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
         .filter_map(|h| std::str::from_utf8(h.value).ok())
         .flat_map(|v| v.split(',').map(str::trim))
         .filter(|t| !t.is_empty())
-        .collect()
 }
 
 /// Parses a response head; `Ok(None)`: incomplete. With `client`, writes the client's head.
@@ -213,11 +215,8 @@ fn parse_response(
     let mut chunked = false;
     let mut event_stream = false;
     let mut session = None;
-    let named = connection_tokens(res.headers);
-    for t in &named {
-        if t.eq_ignore_ascii_case("close") {
-            keep_alive = false;
-        }
+    if connection_tokens(res.headers).any(|t| t.eq_ignore_ascii_case("close")) {
+        keep_alive = false;
     }
     for h in res.headers.iter() {
         let value = std::str::from_utf8(h.value)
@@ -239,7 +238,7 @@ fn parse_response(
                 .split(';')
                 .next()
                 .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"));
-        } else if h.name.eq_ignore_ascii_case("mcp-session-id") && !value.is_empty() {
+        } else if h.name.eq_ignore_ascii_case("mcp-session-id") && !value.is_empty() && client.is_none() {
             session = Some(value.as_bytes().to_vec());
         }
     }
@@ -264,7 +263,7 @@ fn parse_response(
         let reason = res.reason.unwrap_or("");
         let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
         for h in res.headers.iter() {
-            if is_hop_by_hop(h.name, &named) || h.name.eq_ignore_ascii_case("content-length") {
+            if is_hop_by_hop(h.name, res.headers) || h.name.eq_ignore_ascii_case("content-length") {
                 continue;
             }
             out.extend_from_slice(h.name.as_bytes());
@@ -326,9 +325,8 @@ pub fn write_request(
         let mut headers = [httparse::EMPTY_HEADER; crate::http::request::MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
         if let Ok(httparse::Status::Complete(_)) = req.parse(raw) {
-            let named = connection_tokens(req.headers);
             for h in req.headers.iter() {
-                let skip = is_hop_by_hop(h.name, &named)
+                let skip = is_hop_by_hop(h.name, req.headers)
                     || [
                         "host",
                         "content-length",
@@ -465,7 +463,9 @@ mod tests {
         assert_eq!(len, raw.len() - 4);
         assert_eq!(head.body, BodyKind::Chunked);
         assert!(head.event_stream && head.keep_alive);
-        assert_eq!(head.session.as_deref(), Some(&b"abc"[..]));
+        assert_eq!(head.session, None, "passed through, not copied");
+        let (_, plain) = parse_response(raw, false, None).unwrap().unwrap();
+        assert_eq!(plain.session.as_deref(), Some(&b"abc"[..]));
         let text = String::from_utf8(out).unwrap();
         assert_eq!(
             text,
