@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
 # Side by side: mcp-gateway, nginx (limit_conn per IP) and HAProxy (maxconn, stick table on src
-# with conn_cur), same limits, same JSON-RPC answer, run alternately in one invocation, one
-# markdown table with ratios against nginx.
+# with conn_cur), same limits, run alternately in one invocation, one markdown table with ratios
+# against nginx.
 #
-# Mode "direct" (the only one until forwarding lands): every server answers the JSON-RPC POST
-# itself (mcp-gateway from builtin:echo, nginx with `return 200`, HAProxy with `http-request
-# return`), so the table compares front doors: parsing, limits, keep-alive, connection handling.
+# Mode "proxy" (default): all three forward the JSON-RPC POST to the same upstream MCP server (a
+# second mcp-gateway answering from builtin:echo, one unpinned worker) over keep-alive upstream
+# connections: mcp-gateway with its forwarding, nginx with proxy_pass and an upstream keepalive
+# pool, HAProxy with http-reuse. Mode "direct": every server answers the POST itself
+# (builtin:echo, `return 200`, `http-request return`), which compares the front doors alone.
 # Installs nginx, haproxy and wrk from Debian's packages when missing. Loopback only.
 set -euo pipefail
 usage() {
   cat <<USAGE
-usage: scripts/compare.sh [--duration S] [--connections C] [--idle N] [--max-per-ip L] [--rounds R]
+usage: scripts/compare.sh [--mode proxy|direct] [--duration S] [--connections C] [--idle N] [--max-per-ip L] [--rounds R]
+  --mode M         proxy (default): forward to one shared upstream; direct: answer locally
   --duration S     seconds per throughput measurement (default 5, at most 60)
   --connections C  wrk connections (default 32; must stay under --max-per-ip)
-  --idle N         idle connections for the memory measurement (default 10000)
+  --idle N         idle connections for the memory measurement (default 8000; HAProxy gets
+                   maxconn 9900, as it reserves two descriptors per connection)
   --max-per-ip L   per-IP limit on every server (default 50)
   --rounds R       alternating rounds; the table shows the best of them (default 1)
 USAGE
 }
-D=5; C=32; IDLE=10000; L=50; ROUNDS=1
+D=5; C=32; IDLE=8000; L=50; ROUNDS=1; MODE=proxy
 while [ $# -gt 0 ]; do
   case "$1" in
+    --mode) MODE=$2; shift 2 ;;
     --duration) D=$2; shift 2 ;;
     --connections) C=$2; shift 2 ;;
     --idle) IDLE=$2; shift 2 ;;
@@ -31,6 +36,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ "$D" -le 60 ] || D=60
+case "$MODE" in proxy|direct) ;; *) usage; exit 64 ;; esac
 [ "$C" -lt "$L" ] || { echo "--connections must stay under --max-per-ip (wrk uses one address)" >&2; exit 64; }
 cd "$(dirname "$0")/.."
 need=()
@@ -51,6 +57,41 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ANSWER='{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"hello"}],"isError":false}}'
 
+# The shared upstream (proxy mode): an MCP server answering from builtin:echo.
+uport=$(port)
+if [ "$MODE" = proxy ]; then
+  cat > "$work/up.yaml" <<YAML
+server:
+  host: 127.0.0.1
+  port: $uport
+  tcp_port: 0
+  metrics_port: 0
+  workers: 1
+  pin_workers: false
+  max_connections_per_ip: 0
+  idle_timeout: 600
+YAML
+  ./target/release/mcp-gateway -c "$work/up.yaml" 2> "$work/up.log" &
+  pids+=("$!")
+  until grep -q listening "$work/up.log"; do sleep 0.1; done
+  GW_UPSTREAMS="routing:
+  health_check_interval: 60
+service_discovery:
+  static:
+    endpoints:
+      default:
+        - url: http://127.0.0.1:$uport/mcp"
+  NGINX_MCP="proxy_pass http://mcp; proxy_http_version 1.1; proxy_set_header Connection \"\";"
+  HAPROXY_MCP="default_backend up
+backend up
+  http-reuse always
+  server up 127.0.0.1:$uport"
+else
+  GW_UPSTREAMS=""
+  NGINX_MCP="default_type application/json; return 200 '$ANSWER';"
+  HAPROXY_MCP="http-request return status 200 content-type application/json string '$ANSWER'"
+fi
+
 # mcp-gateway
 gport=$(port)
 cat > "$work/gw.yaml" <<YAML
@@ -62,6 +103,7 @@ server:
   max_connections: 19000
   max_connections_per_ip: $L
   idle_timeout: 600
+$GW_UPSTREAMS
 YAML
 ./target/release/mcp-gateway -c "$work/gw.yaml" 2> "$work/gw.log" &
 gw=$!; pids+=("$gw")
@@ -79,10 +121,11 @@ http {
   keepalive_requests 100000000;
   limit_conn_zone \$binary_remote_addr zone=perip:10m;
   limit_conn_status 429;
+  upstream mcp { server 127.0.0.1:$uport; keepalive 64; }
   server {
     listen 127.0.0.1:$nport reuseport;
     limit_conn perip $L;
-    location /mcp { default_type application/json; return 200 '$ANSWER'; }
+    location /mcp { $NGINX_MCP }
   }
 }
 CONF
@@ -91,7 +134,8 @@ nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" -e "$work/nginx/error.log"
 hport=$(port)
 cat > "$work/haproxy.cfg" <<CFG
 global
-  maxconn 19000
+  maxconn 9900
+  ulimit-n 20000
   nbthread 2
 defaults
   mode http
@@ -101,16 +145,23 @@ defaults
   timeout http-keep-alive 600s
 frontend fe
   bind 127.0.0.1:$hport
-  maxconn 19000
+  maxconn 9900
   stick-table type ip size 100k store conn_cur
   tcp-request connection track-sc0 src
   http-request deny deny_status 429 if { sc0_conn_cur gt $L }
-  http-request return status 200 content-type application/json string '$ANSWER'
+  $HAPROXY_MCP
 CFG
 haproxy -f "$work/haproxy.cfg" -q &
 hp=$!; pids+=("$hp")
 until grep -q listening "$work/gw.log" && [ -s "$work/nginx/nginx.pid" ]; do sleep 0.1; done
-sleep 0.5
+for p in $gport $nport $hport; do # every server answers before anything is measured
+  ok=0
+  for _ in $(seq 50); do
+    if curl -s -o /dev/null -w '%{http_code}' -H 'content-type: application/json' -d '{"jsonrpc":"2.0","id":1,"method":"ping"}' "http://127.0.0.1:$p/mcp" | grep -q 200; then ok=1; break; fi
+    sleep 0.1
+  done
+  [ $ok = 1 ] || { echo "server on port $p does not answer 200 (mcp-gateway $gport, nginx $nport, haproxy $hport)" >&2; cat "$work"/*.log "$work"/*.cfg "$work"/nginx/*.conf >&2 2>/dev/null; exit 1; }
+done
 nginx_pids() { pgrep -P "$(cat "$work/nginx/nginx.pid")" | tr '\n' ' '; }
 declare -A PORT=([mcp-gateway]=$gport [nginx]=$nport [haproxy]=$hport)
 servers=(mcp-gateway nginx haproxy)
@@ -124,9 +175,11 @@ wrk_run() { # server mode -> "req/s p99ms"
 }
 idle_bytes() {
   local before after
+  # Warm up (buffer pools, allocator arenas), then measure the growth for $IDLE idle connections.
+  python3 scripts/hold_connections.py --port "${PORT[$1]}" --connections 200 --sources 8 --hold 0 >/dev/null
   before=$(rss_kib "$1")
   mkfifo "$work/hold-$1-$2"
-  python3 scripts/hold_connections.py --port "${PORT[$1]}" --connections "$IDLE" --sources 400 < "$work/hold-$1-$2" > "$work/held-$1-$2" &
+  python3 scripts/hold_connections.py --port "${PORT[$1]}" --connections "$IDLE" --sources $(( IDLE / (L - 1) + 1 )) < "$work/hold-$1-$2" > "$work/held-$1-$2" &
   local h=$!
   exec 9>"$work/hold-$1-$2"
   until grep -q held "$work/held-$1-$2" 2>/dev/null; do sleep 0.2; done
@@ -150,14 +203,16 @@ flood_kept() { # throughput with a one-address flood / without
 declare -A KA KAP CL MEM FL
 best() { python3 -c "import sys; a=[float(x) for x in sys.argv[2:] if x]; print(max(a) if sys.argv[1]=='max' else min(a))" "$@"; }
 for round in $(seq 1 "$ROUNDS"); do
+  # Memory first: after the throughput runs, allocators hold freed memory that idle connections
+  # would reuse without growing the RSS.
+  for s in "${servers[@]}"; do MEM[$s]="${MEM[$s]:-} $(idle_bytes "$s" "$round")"; done
   for s in "${servers[@]}"; do
     read -r rps p99 <<<"$(wrk_run "$s" 0)"; KA[$s]="${KA[$s]:-} $rps"; KAP[$s]="${KAP[$s]:-} $p99"
   done
   for s in "${servers[@]}"; do CL[$s]="${CL[$s]:-} $(wrk_run "$s" 1 | cut -d' ' -f1)"; done
-  for s in "${servers[@]}"; do MEM[$s]="${MEM[$s]:-} $(idle_bytes "$s" "$round")"; done
   for s in "${servers[@]}"; do FL[$s]="${FL[$s]:-} $(flood_kept "$s")"; done
 done
-ratio() { python3 -c "print(f'{$1/$2:.2f}x')"; }
+ratio() { python3 -c "print(f'{$1/$2:.2f}x' if $2 else 'n/a')"; }
 echo "| server | keep-alive req/s | p99 ms | Connection: close req/s | bytes per idle connection | throughput kept under a one-address flood |"
 echo "|---|---|---|---|---|---|"
 for s in "${servers[@]}"; do
@@ -166,4 +221,5 @@ for s in "${servers[@]}"; do
   echo "| $s | ${ka%.*} ($(ratio "$ka" "$nka")) | $p | ${cl%.*} ($(ratio "$cl" "$ncl")) | ${m%.*} ($(ratio "$m" "$nm")) | $f |"
 done
 echo
-echo "direct mode: each server answers the POST itself; $C wrk connections, ${D} s per run, $IDLE idle connections, per-IP limit $L, $ROUNDS round(s), best of rounds"
+what=$([ "$MODE" = proxy ] && echo "proxy mode: each server forwards to one shared upstream MCP server (mcp-gateway, builtin:echo, 1 worker)" || echo "direct mode: each server answers the POST itself")
+echo "$what; $C wrk connections, ${D} s per run, $IDLE idle connections, per-IP limit $L, $ROUNDS round(s), best of rounds"

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Opens N keep-alive connections to the gateway from K source addresses (127.0.3.x), sends one
+"""Opens N keep-alive connections to the gateway from K source addresses (127.0.3.1, 127.0.3.2,
+... continuing into 127.0.4.x past 250), sends one
 JSON-RPC request on each (so each sits idle *after* a request, like a real keep-alive client),
 then holds them until stdin closes or --hold seconds pass. Prints a summary line. Loopback only."""
 import argparse, resource, socket, sys, time, select
@@ -7,7 +8,7 @@ import argparse, resource, socket, sys, time, select
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--port", type=int, required=True)
 p.add_argument("--connections", type=int, default=15000)
-p.add_argument("--sources", type=int, default=16, help="source addresses 127.0.3.1..N")
+p.add_argument("--sources", type=int, default=16, help="number of source addresses, from 127.0.3.1 (250 per /24)")
 p.add_argument("--hold", type=float, default=120.0, help="seconds to hold at most")
 a = p.parse_args()
 
@@ -22,7 +23,8 @@ socks, failed = [], 0
 for i in range(a.connections):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((f"127.0.3.{1 + i % a.sources}", 0))
+    k = i % a.sources
+    s.bind((f"127.0.{3 + k // 250}.{1 + k % 250}", 0))
     try:
         s.connect(("127.0.0.1", a.port))
         s.sendall(req)
