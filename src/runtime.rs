@@ -208,11 +208,8 @@ fn run_worker(
     started: &mpsc::Sender<io::Result<()>>,
 ) -> io::Result<()> {
     macro_rules! run_on {
-        ($driver:ty) => {{
-            let built = monoio::RuntimeBuilder::<$driver>::new()
-                .enable_timer()
-                .build();
-            match built {
+        ($driver:ty, $built:expr) => {{
+            match $built {
                 Ok(mut rt) => {
                     let _ = started.send(Ok(()));
                     rt.block_on(worker::run(worker, listeners, stop))
@@ -229,8 +226,30 @@ fn run_worker(
         }};
     }
     match driver {
-        Chosen::IoUring => run_on!(monoio::IoUringDriver),
-        Chosen::Epoll => run_on!(monoio::LegacyDriver),
+        Chosen::IoUring => {
+            // Cooperative task running (kernel 5.19+): completions are delivered when the worker
+            // next enters the kernel instead of by interrupting it; the worker enters the kernel
+            // on every turn of its loop anyway. Without it, every completion raised by another
+            // core costs an inter-processor interrupt. Older kernels refuse the flag: build plain.
+            let mut urb = io_uring::IoUring::builder();
+            urb.setup_coop_taskrun();
+            let built = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .uring_builder(urb)
+                .enable_timer()
+                .build()
+                .or_else(|_| {
+                    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                        .enable_timer()
+                        .build()
+                });
+            run_on!(monoio::IoUringDriver, built)
+        }
+        Chosen::Epoll => run_on!(
+            monoio::LegacyDriver,
+            monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()
+        ),
     }
 }
 

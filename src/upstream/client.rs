@@ -238,7 +238,10 @@ fn parse_response(
                 .split(';')
                 .next()
                 .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"));
-        } else if h.name.eq_ignore_ascii_case("mcp-session-id") && !value.is_empty() && client.is_none() {
+        } else if h.name.eq_ignore_ascii_case("mcp-session-id")
+            && !value.is_empty()
+            && client.is_none()
+        {
             session = Some(value.as_bytes().to_vec());
         }
     }
