@@ -591,3 +591,29 @@ fn mcpb_requests_are_forwarded_with_notifications_and_failures_keep_the_connecti
     c.write_all(&mcpb_frame(4, b"")).unwrap();
     assert_eq!(read_mcpb(&mut c).0, 4, "the connection stays usable");
 }
+
+#[test]
+fn a_closed_mcpb_connection_ends_its_upstream_session() {
+    let (deleted_tx, deleted_rx) = mpsc::channel::<String>();
+    let deleted_tx = Mutex::new(deleted_tx);
+    let up = Mock::start(move |req, s| {
+        if req.method == "DELETE" {
+            let id = req.header("mcp-session-id").unwrap_or("").to_string();
+            let _ = deleted_tx.lock().unwrap().send(id);
+            respond(s, 200, &[], "");
+        } else {
+            json_reply(s, req, "{}", &[("Mcp-Session-Id", "S2")]);
+        }
+    });
+    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
+    let mut c = TcpStream::connect(gw.tcp.unwrap()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(&mcpb_frame(1, INIT.as_bytes())).unwrap();
+    assert_eq!(read_mcpb(&mut c).0, 2);
+    drop(c);
+    let id = deleted_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("DELETE sent upstream when the client left");
+    assert_eq!(id, "S2");
+    gw.wait_all_closed();
+}

@@ -20,11 +20,58 @@ use super::{Failure, Outcome, Upstream};
 use crate::conn::{give_buf, read_more, take_buf, write_all, ReadError};
 use crate::worker::Worker;
 
-/// The upstream session of one WebSocket or MCPB connection.
+/// The upstream session of one WebSocket or MCPB connection. When the connection ends, the
+/// session is ended upstream too (`DELETE` with its id, in the background), so upstreams do not
+/// keep sessions nobody can reach.
 #[derive(Default)]
 pub struct MsgSession {
     upstream: Option<&'static Upstream>,
     id: Option<Vec<u8>>,
+    worker: Option<&'static Worker>,
+}
+
+impl MsgSession {
+    /// Drops the session without ending it upstream (it is gone there already).
+    fn forget(&mut self) {
+        self.id = None;
+        self.upstream = None;
+    }
+}
+
+impl Drop for MsgSession {
+    fn drop(&mut self) {
+        let (Some(u), Some(id), Some(worker)) = (self.upstream, self.id.take(), self.worker) else {
+            return;
+        };
+        // While draining (and when the runtime itself is being dropped) nothing new is spawned.
+        if !worker.draining() {
+            monoio::spawn(end_session(worker, u, id));
+        }
+    }
+}
+
+/// Sends `DELETE` for session `id` to `u`; the answer is read and discarded.
+async fn end_session(worker: &'static Worker, u: &'static Upstream, id: Vec<u8>) {
+    let mut req = take_buf();
+    client::write_request(&mut req, "DELETE", u, "", None, Some(&id), 0);
+    if let Ok((mut up, mut buf, head)) =
+        client::send(worker.shared.upstreams, u, req, false, None).await
+    {
+        let mut body = Body::new(head.body);
+        let mut data = take_buf();
+        let deadline = Instant::now() + worker.shared.upstreams.request_timeout;
+        while body.feed(&mut buf, &mut data).is_ok() && !body.is_done() {
+            data.clear();
+            if read_more(&mut up, &mut buf, deadline).await.is_err() {
+                break;
+            }
+        }
+        if body.is_done() && head.keep_alive && buf.is_empty() {
+            client::give_back(u, up);
+        }
+        give_buf(data);
+        give_buf(buf);
+    }
 }
 
 /// How a door frames what comes back: a reply message, or an error for a message.
@@ -59,13 +106,14 @@ pub async fn forward(
             if let Some(u) = session.upstream {
                 worker.metrics.upstream(u.index, Outcome::of(f), None);
             }
-            *session = MsgSession::default();
+            session.forget();
             fail(framing, out, message, f.message());
             return Ok(());
         }
     };
     let u = lease.upstream;
     session.upstream = Some(u);
+    session.worker = Some(worker);
     let mut req = take_buf();
     client::write_request(
         &mut req,
@@ -84,7 +132,7 @@ pub async fn forward(
             lease.done(false);
             worker.metrics.upstream(u.index, Outcome::of(f), None);
             if f == Failure::Connect {
-                *session = MsgSession::default();
+                session.forget();
             }
             fail(framing, out, message, f.message());
             return Ok(());
@@ -99,7 +147,7 @@ pub async fn forward(
     if session.id.is_none() {
         session.id = head.session.clone();
     } else if head.status == 404 {
-        *session = MsgSession::default(); // the upstream no longer knows the session
+        session.forget(); // the upstream no longer knows the session
     }
     let mut body = Body::new(head.body);
     let mut data = take_buf();
