@@ -19,13 +19,11 @@ use std::time::Instant;
 
 use monoio::net::TcpStream;
 
-use crate::conn::{
-    give_buf, linger_close, read_more, take_buf, wait_idle, write_all, ReadError, Wait,
-};
+use crate::conn::{give_buf, linger_close, read_more, take_buf, write_all, ReadError, Wait};
 use crate::echo;
 use crate::limiter::Permit;
 use crate::metrics::{Frontend, ProtocolError};
-use crate::upstream::rpc::{self, Framing, MsgSession};
+use crate::upstream::rpc::{self, Framing, MsgSession, Woke};
 use crate::upstream::Outcome;
 use crate::worker::Worker;
 
@@ -142,8 +140,18 @@ pub fn serve(
                 if worker.draining() {
                     return;
                 }
-                if wait_idle(worker, reg, &stream, s.idle_timeout).await == Wait::Expired {
-                    return;
+                match session.wait(worker, reg, &stream, s.idle_timeout).await {
+                    Woke::Client(Wait::Expired) => return,
+                    Woke::Client(Wait::Ready) => {}
+                    Woke::Notice => {
+                        let mut out = take_buf();
+                        session.drain_notices(&mut out, &FRAMING);
+                        match write_all(&mut stream, out, s.write_timeout).await {
+                            Ok(o) => give_buf(o),
+                            Err(_) => return,
+                        }
+                        continue;
+                    }
                 }
             }
             match Box::pin(exchange(

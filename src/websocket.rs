@@ -22,14 +22,12 @@ use base64::Engine as _;
 use monoio::net::TcpStream;
 use sha1::{Digest, Sha1};
 
-use crate::conn::{
-    give_buf, linger_close, read_more, take_buf, wait_idle, write_all, ReadError, Wait,
-};
+use crate::conn::{give_buf, linger_close, read_more, take_buf, write_all, ReadError, Wait};
 use crate::echo;
 use crate::http::request::Upgrade;
 use crate::http::response;
 use crate::metrics::{Frontend, ProtocolError};
-use crate::upstream::rpc::{self, Framing, MsgSession};
+use crate::upstream::rpc::{self, Framing, MsgSession, Woke};
 use crate::upstream::Outcome;
 use crate::worker::{Registration, Worker};
 
@@ -224,9 +222,21 @@ pub fn serve<'a>(
         let mut assembly = Assembly::default();
         let mut session = MsgSession::default();
         loop {
-            let expired = pending.is_none()
-                && (worker.draining()
-                    || wait_idle(worker, reg, &stream, s.idle_timeout).await == Wait::Expired);
+            let mut expired = pending.is_none() && worker.draining();
+            if pending.is_none() && !expired {
+                match session.wait(worker, reg, &stream, s.idle_timeout).await {
+                    Woke::Client(w) => expired = w == Wait::Expired,
+                    Woke::Notice => {
+                        let mut out = take_buf();
+                        session.drain_notices(&mut out, &FRAMING);
+                        match write_all(&mut stream, out, s.write_timeout).await {
+                            Ok(o) => give_buf(o),
+                            Err(_) => return,
+                        }
+                        continue;
+                    }
+                }
+            }
             if expired {
                 let why = if worker.draining() {
                     CloseWith(1001, "gateway shutting down")

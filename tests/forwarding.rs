@@ -617,3 +617,45 @@ fn a_closed_mcpb_connection_ends_its_upstream_session() {
     assert_eq!(id, "S2");
     gw.wait_all_closed();
 }
+
+#[test]
+fn what_the_upstream_sends_on_its_own_reaches_an_mcpb_client_between_messages() {
+    let (notify_tx, notify_rx) = mpsc::channel::<()>();
+    let notify_rx = Mutex::new(notify_rx);
+    let (gone_tx, gone_rx) = mpsc::channel::<()>();
+    let gone_tx = Mutex::new(gone_tx);
+    let up = Mock::start(move |req, s| {
+        if req.method == "GET" {
+            assert_eq!(req.header("mcp-session-id"), Some("S3"));
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+            let _ = notify_rx.lock().unwrap().recv_timeout(Duration::from_secs(10));
+            chunk(s, "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/tools/list_changed\"}\n\n");
+            // Held open until the gateway drops it.
+            let mut b = [0u8; 16];
+            s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            if let Ok(0) = s.read(&mut b) {
+                let _ = gone_tx.lock().unwrap().send(());
+            }
+        } else if req.method == "DELETE" {
+            respond(s, 200, &[], "");
+        } else {
+            json_reply(s, req, r#"{"n":1}"#, &[("Mcp-Session-Id", "S3")]);
+        }
+    });
+    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
+    let mut c = TcpStream::connect(gw.tcp.unwrap()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(&mcpb_frame(1, INIT.as_bytes())).unwrap();
+    assert_eq!(read_mcpb(&mut c).0, 2);
+    notify_tx.send(()).unwrap();
+    let (kind, n) = read_mcpb(&mut c);
+    assert_eq!((kind, n["method"].clone()), (2, "notifications/tools/list_changed".into()));
+    c.write_all(&mcpb_frame(1, br#"{"jsonrpc":"2.0","id":3,"method":"ping"}"#)).unwrap();
+    let (kind, r) = read_mcpb(&mut c);
+    assert_eq!((kind, r["id"].clone()), (2, 3.into()));
+    drop(c);
+    gone_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the session stream is closed when the client leaves");
+    gw.wait_all_closed();
+}

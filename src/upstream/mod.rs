@@ -8,7 +8,8 @@
 //! - [`breaker`]: one circuit breaker per upstream;
 //! - [`client`]: the HTTP/1.1 client with a per-core keep-alive pool of upstream connections;
 //! - [`health`]: the active health checker (one thread for the process);
-//! - [`rpc`]: one JSON-RPC message forwarded within an upstream MCP session (WebSocket, MCPB).
+//! - [`rpc`]: one JSON-RPC message forwarded within an upstream MCP session (WebSocket, MCPB);
+//! - [`listen`]: that session's standalone `GET` stream, for what the server sends unprompted.
 //!
 //! Sessions stick without a shared session map: the `Mcp-Session-Id` a client sees is the
 //! upstream's own id behind an 8-character tag naming the upstream ([`Upstream::tag`], a hash of
@@ -24,6 +25,7 @@ pub mod balance;
 pub mod breaker;
 pub mod client;
 pub mod health;
+pub mod listen;
 pub mod rpc;
 
 use std::net::{SocketAddr, ToSocketAddrs};

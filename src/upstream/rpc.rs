@@ -8,6 +8,8 @@
 //! session id it issued. An upstream failure costs the client a JSON-RPC error for that message
 //! (with the message's id), never the connection; a session whose upstream is gone (refused, or
 //! answering 404 for the id) is forgotten, so the client's next `initialize` starts a new one.
+//! What the upstream sends outside any request arrives through the session's standalone stream
+//! ([`super::listen`]) and is written between messages ([`MsgSession::wait`]).
 
 use std::time::Instant;
 
@@ -16,8 +18,10 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::client::{self, Body};
+use super::listen::{self, Listener};
 use super::{Failure, Outcome, Upstream};
-use crate::conn::{give_buf, read_more, take_buf, write_all, ReadError};
+use crate::conn::{give_buf, read_more, take_buf, wait_idle, write_all, ReadError, Wait};
+use crate::worker::Registration;
 use crate::worker::Worker;
 
 /// The upstream session of one WebSocket or MCPB connection. When the connection ends, the
@@ -28,6 +32,16 @@ pub struct MsgSession {
     upstream: Option<&'static Upstream>,
     id: Option<Vec<u8>>,
     worker: Option<&'static Worker>,
+    /// The session's standalone stream, once it has an id.
+    listener: Option<Listener>,
+}
+
+/// What ended a wait for the next client message.
+pub enum Woke {
+    /// The client's socket: bytes, or expiry (as [`wait_idle`] says).
+    Client(Wait),
+    /// The upstream sent something on its own: write it ([`MsgSession::drain_notices`]).
+    Notice,
 }
 
 impl MsgSession {
@@ -35,6 +49,35 @@ impl MsgSession {
     fn forget(&mut self) {
         self.id = None;
         self.upstream = None;
+        self.listener = None;
+    }
+
+    /// Frames what the upstream sent on its own into `out`.
+    pub fn drain_notices(&self, out: &mut Vec<u8>, framing: &Framing) {
+        if let Some(l) = &self.listener {
+            l.notices.drain(out, framing.reply);
+        }
+    }
+
+    /// Waits for the client's next message as [`wait_idle`] does, or for a notice.
+    pub async fn wait(
+        &self,
+        worker: &Worker,
+        reg: &Registration,
+        stream: &TcpStream,
+        limit: std::time::Duration,
+    ) -> Woke {
+        let Some(l) = &self.listener else {
+            return Woke::Client(wait_idle(worker, reg, stream, limit).await);
+        };
+        let idle = wait_idle(worker, reg, stream, limit);
+        monoio::select! {
+            w = idle => Woke::Client(w),
+            _ = l.notices.ready() => {
+                worker.idle_end(reg); // the idle wait was dropped unfinished
+                Woke::Notice
+            }
+        }
     }
 }
 
@@ -146,6 +189,9 @@ pub async fn forward(
         .upstream(u.index, outcome, Some(started.elapsed()));
     if session.id.is_none() {
         session.id = head.session.clone();
+        if let Some(id) = &session.id {
+            session.listener = Some(listen::start(worker, u, id.clone()));
+        }
     } else if head.status == 404 {
         session.forget(); // the upstream no longer knows the session
     }
@@ -168,6 +214,7 @@ pub async fn forward(
             }
             data.drain(..at);
         }
+        session.drain_notices(out, framing);
         if !out.is_empty() {
             match write_all(client, std::mem::take(out), worker.settings().write_timeout).await {
                 Ok(o) => *out = o,
@@ -239,7 +286,7 @@ fn fail(framing: &Framing, out: &mut Vec<u8>, message: &[u8], why: &str) {
 
 /// The next complete server-sent event at the start of `data`: the bytes it used and its data
 /// (the `data:` lines joined with `\n`; empty for events without data, such as comments).
-fn next_event(data: &[u8]) -> Option<(usize, Vec<u8>)> {
+pub fn next_event(data: &[u8]) -> Option<(usize, Vec<u8>)> {
     let mut payload = Vec::new();
     let mut lines = 0;
     let mut at = 0;
