@@ -40,6 +40,9 @@ server:
   tcp_port: 0
   metrics_port: 0
   max_connections_per_ip: $L
+  # The load generator shares these cores: unpinned, like nginx's and HAProxy's workers (pinned
+  # workers wait for the core wrk runs on; on dedicated cores pin_workers: true is the default).
+  pin_workers: false
 YAML
 ./target/release/mcp-gateway -c "$work/gw.yaml" 2> "$work/gw.log" &
 pids+=("$!")

@@ -479,6 +479,54 @@ mod tests {
     }
 
     #[test]
+    fn upstream_urls_are_checked_with_their_key() {
+        let u = UpstreamUrl::parse("http://127.0.0.1:9000/mcp/x").unwrap();
+        assert_eq!(
+            (u.authority.as_str(), u.path.as_str()),
+            ("127.0.0.1:9000", "/mcp/x")
+        );
+        let u = UpstreamUrl::parse("http://mcp.internal").unwrap();
+        assert_eq!(
+            (u.authority.as_str(), u.path.as_str()),
+            ("mcp.internal:80", "/mcp")
+        );
+        assert_eq!(
+            UpstreamUrl::parse("http://[::1]").unwrap().authority,
+            "[::1]:80"
+        );
+        assert_eq!(
+            UpstreamUrl::parse("http://[::1]:81/").unwrap().authority,
+            "[::1]:81"
+        );
+        for bad in [
+            "https://x/mcp",
+            "ftp://x",
+            "http://",
+            "http://x:0/",
+            "http://x:99999/",
+            "http://u@x/",
+            "http://x/?q",
+        ] {
+            assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
+        }
+        let yaml = "service_discovery:\n  static:\n    endpoints:\n      default:\n        - url: builtin:echo\n        - url: http://127.0.0.1:1/mcp\n      x:\n        - url: https://h/mcp\n";
+        let e = Config::parse(yaml, false).unwrap_err();
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].starts_with(
+                "service_discovery.static.endpoints.default: builtin:echo cannot share"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e[1].starts_with(
+                "service_discovery.static.endpoints.x[0].url: \"https://h/mcp\": https"
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn bundled_configs_are_valid() {
         for (file, global, per_ip) in [
             ("gateway.yaml", 50_000, 1_000),

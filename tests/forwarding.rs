@@ -628,8 +628,14 @@ fn what_the_upstream_sends_on_its_own_reaches_an_mcpb_client_between_messages() 
         if req.method == "GET" {
             assert_eq!(req.header("mcp-session-id"), Some("S3"));
             let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
-            let _ = notify_rx.lock().unwrap().recv_timeout(Duration::from_secs(10));
-            chunk(s, "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/tools/list_changed\"}\n\n");
+            let _ = notify_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(10));
+            chunk(
+                s,
+                "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/tools/list_changed\"}\n\n",
+            );
             // Held open until the gateway drops it.
             let mut b = [0u8; 16];
             s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
@@ -649,8 +655,15 @@ fn what_the_upstream_sends_on_its_own_reaches_an_mcpb_client_between_messages() 
     assert_eq!(read_mcpb(&mut c).0, 2);
     notify_tx.send(()).unwrap();
     let (kind, n) = read_mcpb(&mut c);
-    assert_eq!((kind, n["method"].clone()), (2, "notifications/tools/list_changed".into()));
-    c.write_all(&mcpb_frame(1, br#"{"jsonrpc":"2.0","id":3,"method":"ping"}"#)).unwrap();
+    assert_eq!(
+        (kind, n["method"].clone()),
+        (2, "notifications/tools/list_changed".into())
+    );
+    c.write_all(&mcpb_frame(
+        1,
+        br#"{"jsonrpc":"2.0","id":3,"method":"ping"}"#,
+    ))
+    .unwrap();
     let (kind, r) = read_mcpb(&mut c);
     assert_eq!((kind, r["id"].clone()), (2, 3.into()));
     drop(c);
