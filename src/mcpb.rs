@@ -144,11 +144,9 @@ pub fn serve(
                     Woke::Client(Wait::Expired) => return,
                     Woke::Client(Wait::Ready) => {}
                     Woke::Notice => {
-                        let mut out = take_buf();
-                        session.drain_notices(&mut out, &FRAMING);
-                        match write_all(&mut stream, out, s.write_timeout).await {
-                            Ok(o) => give_buf(o),
-                            Err(_) => return,
+                        let written = session.write_notices(&mut stream, &FRAMING, s.write_timeout);
+                        if written.await.is_err() {
+                            return;
                         }
                         continue;
                     }

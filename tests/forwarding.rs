@@ -518,27 +518,6 @@ fn weighted_follows_the_weights() {
     assert_eq!(to_a, 30);
 }
 
-fn mcpb_frame(kind: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = b"MCPB".to_vec();
-    f.extend_from_slice(&1u16.to_be_bytes());
-    f.extend_from_slice(&kind.to_be_bytes());
-    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-fn read_mcpb(s: &mut TcpStream) -> (u16, serde_json::Value) {
-    let mut h = [0u8; 12];
-    s.read_exact(&mut h).unwrap();
-    let len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
-    let mut p = vec![0u8; len];
-    s.read_exact(&mut p).unwrap();
-    (
-        u16::from_be_bytes([h[6], h[7]]),
-        serde_json::from_slice(&p).unwrap(),
-    )
-}
-
 #[test]
 fn mcpb_requests_are_forwarded_with_notifications_and_failures_keep_the_connection() {
     let up = Mock::start(|req, s| {

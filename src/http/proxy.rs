@@ -25,7 +25,7 @@ use super::request::{Head, Method};
 use super::response;
 use crate::conn::{give_buf, take_buf, write_all};
 use crate::upstream::client::{self, Body, ClientHead};
-use crate::upstream::{Failure, Outcome};
+use crate::upstream::Failure;
 use crate::worker::Worker;
 
 /// How the exchange left the client connection.
@@ -93,19 +93,13 @@ pub async fn forward(
     let (mut up, mut buf, rh) = match sent {
         Ok(r) => r,
         Err(f) => {
-            lease.done(false);
-            worker.metrics.upstream(u.index, Outcome::of(f), None);
+            lease.record(worker.metrics, Err(f), started);
             out.clear();
             let gone = session.is_some() && f == Failure::Connect;
             return fail(worker, client, out, f, gone, keep_alive).await;
         }
     };
-    let ok = rh.status < 500;
-    lease.done(ok);
-    let outcome = if ok { Outcome::Ok } else { Outcome::Http5xx };
-    worker
-        .metrics
-        .upstream(u.index, outcome, Some(started.elapsed()));
+    lease.record(worker.metrics, Ok(rh.status), started);
     let chunk = !matches!(rh.body, client::BodyKind::Length(_)) && head.http11;
     let mut decoded = Body::new(rh.body);
     let mut data = take_buf();

@@ -10,10 +10,12 @@
 //! drops, whatever ends the request, so `least_connections` counts go down as well as up.
 
 use std::cell::Cell;
+use std::time::Instant;
 
 use super::breaker::Admit;
-use super::{Failure, Upstream, Upstreams};
+use super::{Failure, Outcome, Upstream, Upstreams};
 use crate::config::Strategy;
+use crate::metrics::CoreMetrics;
 
 /// One core's balancing state.
 pub struct Balancer {
@@ -133,10 +135,33 @@ impl Lease<'_> {
     pub fn done(&mut self, ok: bool) {
         self.upstream.breaker.record(self.admit, ok);
         self.admit = Admit::Yes;
-        if ok {
-            return;
+    }
+
+    /// Reports a request sent at `started`: its response status (a 5xx counts as a failure) or
+    /// why it got none, to the breaker and to this core's upstream metrics.
+    pub fn record(
+        &mut self,
+        metrics: &CoreMetrics,
+        result: Result<u16, Failure>,
+        started: Instant,
+    ) {
+        let i = self.upstream.index;
+        match result {
+            Ok(status) => {
+                self.done(status < 500);
+                let outcome = if status < 500 {
+                    Outcome::Ok
+                } else {
+                    Outcome::Http5xx
+                };
+                metrics.upstream(i, outcome, Some(started.elapsed()));
+            }
+            Err(f) => {
+                self.done(false);
+                metrics.upstream(i, Outcome::of(f), None);
+                tracing::debug!(upstream = %self.upstream.url, failure = f.message(), "upstream request failed");
+            }
         }
-        tracing::debug!(upstream = %self.upstream.url, "upstream request failed");
     }
 }
 

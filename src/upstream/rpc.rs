@@ -59,6 +59,24 @@ impl MsgSession {
         }
     }
 
+    /// Writes what the upstream sent on its own to the client (after [`Woke::Notice`]).
+    pub async fn write_notices(
+        &self,
+        client: &mut TcpStream,
+        framing: &Framing,
+        limit: std::time::Duration,
+    ) -> Result<(), ClientGone> {
+        let mut out = take_buf();
+        self.drain_notices(&mut out, framing);
+        match write_all(client, out, limit).await {
+            Ok(o) => {
+                give_buf(o);
+                Ok(())
+            }
+            Err(_) => Err(ClientGone),
+        }
+    }
+
     /// Waits for the client's next message as [`wait_idle`] does, or for a notice.
     pub async fn wait(
         &self,
@@ -172,8 +190,7 @@ pub async fn forward(
     let (mut up, mut buf, head) = match client::send(all, u, req, false, None).await {
         Ok(r) => r,
         Err(f) => {
-            lease.done(false);
-            worker.metrics.upstream(u.index, Outcome::of(f), None);
+            lease.record(worker.metrics, Err(f), started);
             if f == Failure::Connect {
                 session.forget();
             }
@@ -181,12 +198,7 @@ pub async fn forward(
             return Ok(());
         }
     };
-    let ok = head.status < 500;
-    lease.done(ok);
-    let outcome = if ok { Outcome::Ok } else { Outcome::Http5xx };
-    worker
-        .metrics
-        .upstream(u.index, outcome, Some(started.elapsed()));
+    lease.record(worker.metrics, Ok(head.status), started);
     if session.id.is_none() {
         session.id = head.session.clone();
         if let Some(id) = &session.id {

@@ -330,3 +330,32 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, Vec<u8>) {
     let ct = r.header("content-type").unwrap_or("").to_string();
     (r.status, ct, r.body)
 }
+
+/// An MCPB frame: magic, version 1, `kind`, length, payload.
+pub fn mcpb_frame(kind: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = b"MCPB".to_vec();
+    f.extend_from_slice(&1u16.to_be_bytes());
+    f.extend_from_slice(&kind.to_be_bytes());
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads one MCPB frame (checking magic and version): its type and payload.
+pub fn read_mcpb_raw(s: &mut TcpStream) -> (u16, Vec<u8>) {
+    let mut h = [0u8; 12];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(&h[..4], b"MCPB");
+    assert_eq!(u16::from_be_bytes([h[4], h[5]]), 1);
+    let kind = u16::from_be_bytes([h[6], h[7]]);
+    let len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p).unwrap();
+    (kind, p)
+}
+
+/// Reads one MCPB frame whose payload is JSON.
+pub fn read_mcpb(s: &mut TcpStream) -> (u16, serde_json::Value) {
+    let (kind, p) = read_mcpb_raw(s);
+    (kind, serde_json::from_slice(&p).unwrap())
+}
