@@ -169,28 +169,18 @@ nginx_pids() { pgrep -P "$(cat "$work/nginx/nginx.pid")" | tr '\n' ' '; }
 declare -A PORT=([mcp-gateway]=$gport [nginx]=$nport [haproxy]=$hport)
 servers=(mcp-gateway nginx haproxy)
 pids_of() { case "$1" in mcp-gateway) echo "$gw" ;; nginx) nginx_pids ;; haproxy) echo "$hp" ;; esac; }
-rss_kib() { local t=0; for p in $(pids_of "$1"); do t=$((t + $(awk '/VmRSS/{print $2}' "/proc/$p/status"))); done; echo "$t"; }
 
 wrk_run() { # server mode -> "req/s p99ms"
   local out
   out=$(CLOSE=$2 timeout $((D + 30)) wrk -t1 -c"$C" -d"${D}s" -s scripts/mcp.lua "http://127.0.0.1:${PORT[$1]}/mcp")
   echo "$(awk '/^requests\/s:/ {print $2}' <<<"$out") $(awk '/^p99 latency:/ {print $3}' <<<"$out")"
 }
-idle_bytes() {
-  local before after
+idle_bytes() { # server round -> bytes per idle connection
   # Warm up (buffer pools, allocator arenas), then measure the growth for $IDLE idle connections.
   python3 scripts/hold_connections.py --port "${PORT[$1]}" --connections 200 --sources 8 --hold 0 >/dev/null
-  before=$(rss_kib "$1")
-  mkfifo "$work/hold-$1-$2"
-  python3 scripts/hold_connections.py --port "${PORT[$1]}" --connections "$IDLE" --sources $(( IDLE / (L - 1) + 1 )) < "$work/hold-$1-$2" > "$work/held-$1-$2" &
-  local h=$!
-  exec 9>"$work/hold-$1-$2"
-  until grep -q held "$work/held-$1-$2" 2>/dev/null; do sleep 0.2; done
-  sleep 1
-  after=$(rss_kib "$1")
-  exec 9>&-
-  wait "$h" || true
-  echo $(( (after - before) * 1024 / IDLE ))
+  python3 scripts/hold_connections.py --port "${PORT[$1]}" --connections "$IDLE" \
+    --sources $(( IDLE / (L - 1) + 1 )) --measure-pids "$(pids_of "$1" | xargs | tr ' ' ',')" |
+    sed -E 's/.*: (-?[0-9]+) bytes per idle connection/\1/'
 }
 flood_kept() { # throughput with a one-address flood / without
   local quiet flooded f

@@ -10,7 +10,21 @@ p.add_argument("--port", type=int, required=True)
 p.add_argument("--connections", type=int, default=15000)
 p.add_argument("--sources", type=int, default=16, help="number of source addresses, from 127.0.3.1 (250 per /24)")
 p.add_argument("--hold", type=float, default=120.0, help="seconds to hold at most")
+p.add_argument("--measure-pids", default="",
+               help="comma-separated pids: print their RSS growth per held connection, then close")
 a = p.parse_args()
+
+
+def rss_kib(pids):
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            total += next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+    return total
+
+
+measured = [int(x) for x in a.measure_pids.split(",") if x]
+before = rss_kib(measured) if measured else 0
 
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -34,5 +48,11 @@ for i in range(a.connections):
     except OSError:
         failed += 1
     socks.append(s)
+if measured:
+    time.sleep(1)  # let the servers finish with the last requests
+    after = rss_kib(measured)
+    print(f"held {len(socks) - failed} ok, {failed} failed; RSS before {before} KiB, after {after} KiB: "
+          f"{(after - before) * 1024 // a.connections} bytes per idle connection", flush=True)
+    sys.exit(0)
 print(f"held {len(socks) - failed} ok, {failed} failed", flush=True)
 select.select([sys.stdin], [], [], a.hold)

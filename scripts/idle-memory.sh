@@ -27,24 +27,10 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-rss_kib() { # total RSS of the given pids, KiB
-  local t=0; for p in "$@"; do t=$((t + $(awk '/VmRSS/{print $2}' "/proc/$p/status"))); done; echo "$t"
-}
 measure() { # name port pid...
   local name=$1 port=$2; shift 2
-  local before after
-  before=$(rss_kib "$@")
-  mkfifo "$work/hold-$name"
-  python3 scripts/hold_connections.py --port "$port" --connections "$N" < "$work/hold-$name" > "$work/out-$name" &
-  local holder=$!; pids+=("$holder")
-  exec 9>"$work/hold-$name"
-  until grep -q held "$work/out-$name" 2>/dev/null; do sleep 0.2; done
-  sleep 1
-  after=$(rss_kib "$@")
-  exec 9>&-
-  wait "$holder" || true
-  echo "$name: $(cat "$work/out-$name"); RSS before ${before} KiB, after ${after} KiB:" \
-       "$(( (after - before) * 1024 / N )) bytes per idle connection"
+  local pids; pids=$(echo "$@" | tr ' ' ',')
+  echo "$name: $(python3 scripts/hold_connections.py --port "$port" --connections "$N" --measure-pids "$pids")"
 }
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
