@@ -104,6 +104,40 @@ impl<F: Future<Output = io::Result<()>>> Future for IdleWait<'_, F> {
     }
 }
 
+/// What a socket holds, looked at without taking anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peek {
+    /// The peer closed (EOF), or an error is pending.
+    Closed,
+    /// Bytes wait to be read.
+    Data,
+    /// Nothing yet.
+    Nothing,
+}
+
+/// Looks at `stream` without blocking and without consuming a byte.
+pub fn peek(stream: &TcpStream) -> Peek {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: a one-byte peek into a local on a socket the caller holds; nothing is consumed.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => Peek::Closed,
+        1.. => Peek::Data,
+        _ => match io::Error::last_os_error().kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Peek::Nothing,
+            _ => Peek::Closed,
+        },
+    }
+}
+
 /// Why a read under a deadline gave no bytes.
 #[derive(Debug)]
 pub enum ReadError {

@@ -35,6 +35,7 @@ use crate::metrics::Frontend;
 use crate::upstream::Outcome;
 use crate::websocket;
 use crate::worker::Worker;
+use proxy::{Proxied, ReqBody};
 use request::{parse_head, BodyKind, ChunkStep, Chunked, Head, Method, Refusal, Route};
 
 /// How one exchange (one or more requests) left the connection.
@@ -130,6 +131,44 @@ async fn exchange(
                 }
             }
         };
+        if let Some(ns) = proxied(worker, &head) {
+            // Answers queued for earlier pipelined requests go first, in order.
+            if !out.is_empty() {
+                match write_all(stream, out, s.write_timeout).await {
+                    Ok(o) => out = o,
+                    Err(_) => return Step::Close,
+                }
+            }
+            let body = match head.body {
+                BodyKind::None => ReqBody::InBuf(head.len..head.len),
+                BodyKind::Length(n) if n > s.max_message_size => {
+                    return refuse(worker, stream, buf, out, request::BODY_TOO_LARGE).await
+                }
+                BodyKind::Length(n) if buf.len() >= head.len + n => {
+                    ReqBody::InBuf(head.len..head.len + n)
+                }
+                kind => ReqBody::Stream { kind, deadline },
+            };
+            let started = Instant::now();
+            let keep_alive = head.keep_alive && !worker.draining();
+            let forwarded =
+                proxy::forward(worker, stream, &mut buf, &head, body, ns, keep_alive, out);
+            let ended = Box::pin(forwarded).await;
+            worker.metrics.request(Frontend::Http, started.elapsed());
+            match ended {
+                Proxied::KeepAlive if buf.is_empty() => {
+                    give_buf(buf);
+                    return Step::KeepAlive(None);
+                }
+                Proxied::KeepAlive => {
+                    out = take_buf();
+                    continue; // more pipelined requests are already here
+                }
+                Proxied::Close if buf.is_empty() => return Step::Close,
+                Proxied::Close | Proxied::Linger => return Step::Linger(buf),
+                Proxied::Refused(r) => return refuse(worker, stream, buf, take_buf(), r).await,
+            }
+        }
         let (consumed, body) = match read_body(worker, stream, &mut buf, &head, deadline).await {
             Ok(b) => b,
             Err(Some(refusal)) => return refuse(worker, stream, buf, out, refusal).await,
@@ -158,40 +197,6 @@ async fn exchange(
             Some(decoded) => decoded.as_slice(),
             None => &buf[head.len..consumed],
         };
-        if let Route::Mcp(ns) = head.route {
-            let all = worker.shared.upstreams;
-            if !all.namespaces[ns].builtin && head.method != Method::Other {
-                // Answers queued for earlier pipelined requests go first, in order.
-                if !out.is_empty() {
-                    match write_all(stream, out, s.write_timeout).await {
-                        Ok(o) => out = o,
-                        Err(_) => return Step::Close,
-                    }
-                }
-                let raw_head = &buf[..head.len];
-                let forwarded = proxy::forward(
-                    worker, stream, raw_head, &head, body_bytes, ns, keep_alive, out,
-                );
-                let ended = Box::pin(forwarded).await;
-                worker.metrics.request(Frontend::Http, started.elapsed());
-                if let Some(b) = body {
-                    give_buf(b);
-                }
-                buf.drain(..consumed);
-                match ended {
-                    proxy::Proxied::KeepAlive if buf.is_empty() => {
-                        give_buf(buf);
-                        return Step::KeepAlive(None);
-                    }
-                    proxy::Proxied::KeepAlive => {
-                        out = take_buf();
-                        continue; // more pipelined requests are already here
-                    }
-                    proxy::Proxied::Close if buf.is_empty() => return Step::Close,
-                    proxy::Proxied::Close => return Step::Linger(buf),
-                }
-            }
-        }
         answer(worker, &head, body_bytes, keep_alive, &mut out);
         worker.metrics.request(Frontend::Http, started.elapsed());
         if let Some(b) = body {
@@ -214,6 +219,20 @@ async fn exchange(
             return Step::KeepAlive(None);
         }
         // More pipelined bytes are already here: go round without waiting.
+    }
+}
+
+/// The namespace when `head` is a request for HTTP upstreams (not `builtin:echo`, not an upgrade).
+fn proxied(worker: &Worker, head: &Head) -> Option<usize> {
+    match head.route {
+        Route::Mcp(ns)
+            if !worker.shared.upstreams.namespaces[ns].builtin
+                && head.method != Method::Other
+                && head.upgrade.is_none() =>
+        {
+            Some(ns)
+        }
+        _ => None,
     }
 }
 
@@ -269,7 +288,7 @@ async fn read_body(
 }
 
 /// Sends `100 Continue` when the client waits for it before sending its body.
-async fn continue_if_expected(
+pub(crate) async fn continue_if_expected(
     worker: &'static Worker,
     stream: &mut TcpStream,
     head: &Head,

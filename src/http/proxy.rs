@@ -6,9 +6,13 @@
 //!   [`crate::upstream`]), with the tag removed; a tag no upstream of the namespace has, or whose
 //!   upstream is gone (out of service, refusing connections), gets 404, which tells an MCP
 //!   client to start a new session. Other requests go where the balancer says.
-//! - The request body (already read whole, within `max_message_size`) is sent with the head in
-//!   one write; the response streams: each piece the upstream sends is written to the client as
-//!   it arrives (a `text/event-stream` event by event), never buffered whole. Chunked or
+//! - Bodies stream both ways. A request body already whole in the client buffer (the usual small
+//!   JSON-RPC message) goes out with the head in one write, and may be retried once on a new
+//!   connection when a pooled one turns out closed. A body still arriving (or chunked) is sent as
+//!   it arrives, after the head, on a connection checked to be open: `Content-Length` bodies as
+//!   they are, chunked ones re-chunked, within `max_message_size` (413 beyond) and `read_timeout`
+//!   (408 beyond). The response: each piece the upstream sends is written to the client as it
+//!   arrives (a `text/event-stream` event by event), never buffered whole. Chunked or
 //!   close-delimited upstream bodies reach the client chunked.
 //! - An event stream may stay silent for as long as it likes, but the client's side is watched
 //!   meanwhile: a client that closes ends the stream and the upstream connection at once.
@@ -21,40 +25,55 @@ use std::time::Instant;
 use monoio::io::AsyncReadRent;
 use monoio::net::TcpStream;
 
-use super::request::{Head, Method};
+use std::ops::Range;
+
+use super::request::{self, BodyKind, ChunkStep, Chunked, Head, Method, Refusal};
 use super::response;
-use crate::conn::{give_buf, take_buf, write_all};
+use crate::conn::{give_buf, peek, read_more, take_buf, write_all, Peek, ReadError};
 use crate::upstream::client::{self, Body, ClientHead};
-use crate::upstream::Failure;
+use crate::upstream::{Failure, Upstream};
 use crate::worker::Worker;
 
 /// How the exchange left the client connection.
 pub enum Proxied {
     KeepAlive,
     Close,
+    /// An error answer went out while the client may still be sending: close without a reset.
+    Linger,
+    /// The client's request was bad (or too slow): the door answers with this refusal.
+    Refused(Refusal),
 }
 
-/// Forwards one request (`raw_head` with `body`) to namespace `ns` and streams the answer to
-/// `client`. `out` holds nothing yet; it is given back (cleared) or dropped.
+/// The request body, as the door has it.
+pub enum ReqBody {
+    /// Complete in the client buffer, at this range (empty for no body).
+    InBuf(Range<usize>),
+    /// Not all here yet (or chunked): forwarded as it arrives, the whole of it before `deadline`.
+    Stream { kind: BodyKind, deadline: Instant },
+}
+
+/// Forwards the request whose head is `buf[..head.len]` to namespace `ns` and streams the answer
+/// to `client`. The request's bytes are drained from `buf` (what follows, a pipelined request,
+/// stays). `out` holds nothing yet; it is given back or dropped.
 #[allow(clippy::too_many_arguments)]
 pub async fn forward(
     worker: &'static Worker,
     client: &mut TcpStream,
-    raw_head: &[u8],
+    buf: &mut Vec<u8>,
     head: &Head,
-    body: &[u8],
+    body: ReqBody,
     ns: usize,
     keep_alive: bool,
     mut out: Vec<u8>,
 ) -> Proxied {
     let all = worker.shared.upstreams;
-    let s = worker.settings();
     let method = match head.method {
         Method::Get => "GET",
         Method::Post => "POST",
         Method::Delete => "DELETE",
         Method::Other => unreachable!("the door answers other methods itself"),
     };
+    let raw_head = &buf[..head.len];
     let session = head.session.map(|(a, b)| &raw_head[a..b]);
     let lease = match session {
         Some(id) => match all.session(ns, id) {
@@ -63,24 +82,35 @@ pub async fn forward(
         },
         None => worker.balancer.pick(all, ns).map_err(|f| (f, false)),
     };
+    let pinned = session.is_some();
     let mut lease = match lease {
         Ok(l) => l,
-        Err((f, pinned)) => return fail(worker, client, out, f, pinned, keep_alive).await,
+        Err((f, pinned)) => {
+            let ended = fail(worker, client, out, f, pinned, keep_alive).await;
+            return drained(buf, head, &body, ended);
+        }
     };
     let u = lease.upstream;
     let upstream_session = session.map(|id| &id[crate::upstream::TAG_LEN..]);
+    let body_len = match &body {
+        ReqBody::InBuf(r) => Some(r.len()),
+        ReqBody::Stream {
+            kind: BodyKind::Length(n),
+            ..
+        } => Some(*n),
+        ReqBody::Stream { .. } => None, // chunked: forwarded chunked
+    };
     let mut req = take_buf();
+    let query = query(raw_head);
     client::write_request(
         &mut req,
         method,
         u,
-        query(raw_head),
+        query,
         Some(raw_head),
         upstream_session,
-        body.len(),
+        body_len,
     );
-    req.extend_from_slice(body);
-    let started = Instant::now();
     let mut c = ClientHead {
         out: &mut out,
         start: 0,
@@ -88,19 +118,197 @@ pub async fn forward(
         keep_alive,
         http11: head.http11,
     };
-    let sent = client::send(all, u, req, false, Some(&mut c)).await;
+    let (sent, started) = match body {
+        ReqBody::InBuf(range) => {
+            req.extend_from_slice(&buf[range.clone()]);
+            buf.drain(..range.end.max(head.len));
+            let started = Instant::now();
+            (
+                client::send(all, u, req, false, Some(&mut c)).await,
+                started,
+            )
+        }
+        ReqBody::Stream { kind, deadline } => {
+            buf.drain(..head.len);
+            match stream_body(worker, client, buf, head, kind, deadline, u, req).await {
+                Ok(mut up) => {
+                    let started = Instant::now();
+                    let until = started + all.request_timeout;
+                    let got = match client::read_head(&mut up, false, Some(&mut c), until).await {
+                        Ok((ubuf, rh)) => Ok((up, ubuf, rh)),
+                        Err(client::HeadError::Stale) => Err(Failure::Reset),
+                        Err(client::HeadError::Failed(f)) => Err(f),
+                    };
+                    (got, started)
+                }
+                Err(Sent::Upstream(f)) => {
+                    lease.record(worker.metrics, Err(f), Instant::now());
+                    out.clear();
+                    return fail(worker, client, out, f, false, false).await;
+                }
+                Err(Sent::Client(ended)) => return ended,
+            }
+        }
+    };
     let keep_alive = c.keep_alive;
-    let (mut up, mut buf, rh) = match sent {
+    let (up, ubuf, rh) = match sent {
         Ok(r) => r,
         Err(f) => {
             lease.record(worker.metrics, Err(f), started);
             out.clear();
-            let gone = session.is_some() && f == Failure::Connect;
+            let gone = pinned && f == Failure::Connect;
             return fail(worker, client, out, f, gone, keep_alive).await;
         }
     };
     lease.record(worker.metrics, Ok(rh.status), started);
-    let chunk = !matches!(rh.body, client::BodyKind::Length(_)) && head.http11;
+    relay(
+        worker,
+        client,
+        up,
+        ubuf,
+        &rh,
+        head.http11,
+        keep_alive,
+        out,
+        u,
+    )
+    .await
+}
+
+/// Drains the request from `buf` when it was answered without being forwarded.
+fn drained(buf: &mut Vec<u8>, head: &Head, body: &ReqBody, ended: Proxied) -> Proxied {
+    match body {
+        ReqBody::InBuf(r) => {
+            buf.drain(..r.end.max(head.len));
+            ended
+        }
+        // The rest of the body is still coming: it cannot be skipped, only lingered away.
+        ReqBody::Stream { .. } => match ended {
+            Proxied::KeepAlive | Proxied::Linger => Proxied::Linger,
+            other => other,
+        },
+    }
+}
+
+/// Why a streamed request body did not reach the upstream whole.
+enum Sent {
+    Upstream(Failure),
+    Client(Proxied),
+}
+
+/// Opens a connection to `u` and sends `req` (the request head) followed by the body as it
+/// arrives from the client: `Content-Length` bytes or a chunked body (decoded, sent chunked),
+/// within `max_message_size` and before `deadline`. The body's bytes are drained from `buf`.
+#[allow(clippy::too_many_arguments)]
+async fn stream_body(
+    worker: &'static Worker,
+    client: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    head: &Head,
+    kind: BodyKind,
+    deadline: Instant,
+    u: &'static Upstream,
+    mut req: Vec<u8>,
+) -> Result<TcpStream, Sent> {
+    let all = worker.shared.upstreams;
+    let max = worker.settings().max_message_size;
+    let (mut up, _) = client::open(all, u, false).await.map_err(Sent::Upstream)?;
+    let mut remaining = match kind {
+        BodyKind::Length(n) => n,
+        _ => 0,
+    };
+    let mut chunked = Chunked::new(0);
+    let mut data = take_buf();
+    let mut total = 0usize;
+    let mut asked = false;
+    loop {
+        let done = match kind {
+            BodyKind::Chunked => {
+                let step = chunked.decode(buf, &mut data, max - total);
+                buf.drain(..chunked.pos);
+                chunked.pos = 0;
+                if !data.is_empty() {
+                    total += data.len();
+                    frame_chunk(&mut req, &data);
+                    data.clear();
+                }
+                match step {
+                    Ok(ChunkStep::Done(_)) => {
+                        req.extend_from_slice(b"0\r\n\r\n");
+                        true
+                    }
+                    Ok(ChunkStep::More) => false,
+                    Err(r) => {
+                        give_buf(data);
+                        return Err(Sent::Client(Proxied::Refused(r)));
+                    }
+                }
+            }
+            _ => {
+                let take = buf.len().min(remaining);
+                req.extend_from_slice(&buf[..take]);
+                buf.drain(..take);
+                remaining -= take;
+                remaining == 0
+            }
+        };
+        if !req.is_empty() {
+            let until = Instant::now() + all.request_timeout;
+            req = match client::write(&mut up, req, until).await {
+                Ok(r) => r,
+                Err((f, r)) => {
+                    give_buf(r);
+                    give_buf(data);
+                    return Err(Sent::Upstream(f));
+                }
+            };
+        }
+        if done {
+            give_buf(req);
+            give_buf(data);
+            return Ok(up);
+        }
+        if !asked {
+            asked = true;
+            if super::continue_if_expected(worker, client, head)
+                .await
+                .is_err()
+            {
+                give_buf(data);
+                return Err(Sent::Client(Proxied::Close));
+            }
+        }
+        match read_more(client, buf, deadline).await {
+            Ok(_) => {}
+            Err(ReadError::TimedOut) => {
+                give_buf(data);
+                return Err(Sent::Client(Proxied::Refused(request::TIMEOUT)));
+            }
+            Err(_) => {
+                give_buf(data);
+                return Err(Sent::Client(Proxied::Close));
+            }
+        }
+    }
+}
+
+/// Streams the upstream's response (its head is already in `out`) to the client, piece by
+/// piece; pools the upstream connection when the response ended cleanly.
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    worker: &'static Worker,
+    client: &mut TcpStream,
+    mut up: TcpStream,
+    mut buf: Vec<u8>,
+    rh: &client::ResponseHead,
+    http11: bool,
+    keep_alive: bool,
+    mut out: Vec<u8>,
+    u: &'static Upstream,
+) -> Proxied {
+    let all = worker.shared.upstreams;
+    let s = worker.settings();
+    let chunk = !matches!(rh.body, client::BodyKind::Length(_)) && http11;
     let mut decoded = Body::new(rh.body);
     let mut data = take_buf();
     let mut watch = rh.event_stream;
@@ -198,7 +406,12 @@ async fn fail(
     match write_all(client, out, worker.settings().write_timeout).await {
         Ok(o) => {
             give_buf(o);
-            end(keep_alive)
+            // Closing right after an error answer could reset it away: linger instead.
+            if keep_alive {
+                Proxied::KeepAlive
+            } else {
+                Proxied::Linger
+            }
         }
         Err(_) => Proxied::Close,
     }
@@ -264,35 +477,6 @@ fn finish(
         Ok(0) => Read::Eof,
         Ok(_) => Read::Data,
         Err(_) => Read::Failed,
-    }
-}
-
-enum Peek {
-    Closed,
-    Data,
-    Nothing,
-}
-
-/// Looks at the client's socket without taking anything from it.
-fn peek(client: &TcpStream) -> Peek {
-    use std::os::fd::AsRawFd;
-    let mut byte = 0u8;
-    // SAFETY: a one-byte peek into a local on a socket this task holds; nothing is consumed.
-    let n = unsafe {
-        libc::recv(
-            client.as_raw_fd(),
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    match n {
-        0 => Peek::Closed,
-        1.. => Peek::Data,
-        _ => match std::io::Error::last_os_error().kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Peek::Nothing,
-            _ => Peek::Closed,
-        },
     }
 }
 

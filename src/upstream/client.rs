@@ -22,7 +22,7 @@ use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
 use super::{Failure, Upstream, Upstreams, TAG_LEN};
-use crate::conn::{give_buf, read_more, take_buf, ReadError};
+use crate::conn::{give_buf, peek, read_more, take_buf, Peek, ReadError};
 use crate::http::request::{ChunkStep, Chunked};
 
 /// Idle upstream connections kept per upstream per core.
@@ -91,7 +91,8 @@ pub struct ResponseHead {
 
 /// Sends `req` (a complete request) to `upstream` and reads the response head. Returns the
 /// connection, the bytes read past the head (the start of the body, in a pooled buffer) and the
-/// head. With `client_head`, also writes the head the client gets into it (see [`client_head`]).
+/// head. With `client_head`, also writes the head the client gets into it (see [`ClientHead`]).
+/// A pooled connection that turns out closed before any response byte is replaced once.
 pub async fn send(
     all: &Upstreams,
     upstream: &Upstream,
@@ -100,60 +101,129 @@ pub async fn send(
     mut client_head: Option<&mut ClientHead<'_>>,
 ) -> Result<(TcpStream, Vec<u8>, ResponseHead), Failure> {
     let deadline = Instant::now() + all.request_timeout;
-    let mut retried = false;
+    let mut fresh = false;
     loop {
-        let (mut stream, reused) = match pooled(upstream) {
-            Some(s) if !retried => (s, true),
-            _ => (connect(all, upstream).await?, false),
-        };
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (res, back) = match monoio::time::timeout(left, stream.write_all(req)).await {
+        let (mut stream, reused) = open(all, upstream, fresh).await?;
+        let sent = write(&mut stream, req, deadline).await;
+        req = match sent {
             Ok(r) => r,
-            Err(_) => return Err(Failure::Timeout),
-        };
-        req = back;
-        if res.is_err() {
-            if reused {
-                retried = true;
+            Err((f, r)) if reused && f == Failure::Reset => {
+                fresh = true;
+                req = r;
                 continue;
             }
-            give_buf(req);
-            return Err(Failure::Reset);
-        }
-        let mut buf = take_buf();
-        loop {
-            match parse_response(&buf, head_only_method, client_head.as_deref_mut()) {
-                Ok(Some((len, head))) if (100..200).contains(&head.status) => {
-                    buf.drain(..len); // informational (100, 103): skip to the final response
-                    if let Some(c) = client_head.as_deref_mut() {
-                        c.out.truncate(c.start);
-                    }
-                }
-                Ok(Some((len, head))) => {
-                    buf.drain(..len);
-                    give_buf(req);
-                    return Ok((stream, buf, head));
-                }
-                Ok(None) => {}
-                Err(f) => {
-                    give_buf(buf);
-                    give_buf(req);
-                    return Err(f);
-                }
+            Err((f, r)) => {
+                give_buf(r);
+                return Err(f);
             }
-            match read_more(&mut stream, &mut buf, deadline).await {
-                Ok(_) => {}
-                Err(ReadError::TimedOut) => return Err(Failure::Timeout),
-                Err(_) if reused && buf.is_empty() => break, // stale pooled connection
-                Err(_) => {
-                    give_buf(buf);
-                    give_buf(req);
-                    return Err(Failure::Reset);
-                }
+        };
+        match read_head(
+            &mut stream,
+            head_only_method,
+            client_head.as_deref_mut(),
+            deadline,
+        )
+        .await
+        {
+            Ok((buf, head)) => {
+                give_buf(req);
+                return Ok((stream, buf, head));
+            }
+            Err(Stale) if reused => fresh = true,
+            Err(Failed(f)) => {
+                give_buf(req);
+                return Err(f);
+            }
+            Err(Stale) => {
+                give_buf(req);
+                return Err(Failure::Reset);
             }
         }
-        give_buf(buf);
-        retried = true;
+    }
+}
+
+/// A connection to `upstream`: one from this core's pool (`true`: reused; one that the upstream
+/// has visibly closed is skipped) unless `fresh`, else a new one.
+pub async fn open(
+    all: &Upstreams,
+    upstream: &Upstream,
+    fresh: bool,
+) -> Result<(TcpStream, bool), Failure> {
+    if !fresh {
+        // An idle upstream connection has nothing to read: anything else (EOF, an error, or
+        // stray bytes) means it cannot carry a request.
+        while let Some(s) = pooled(upstream) {
+            if peek(&s) == Peek::Nothing {
+                return Ok((s, true));
+            }
+        }
+    }
+    Ok((connect(all, upstream).await?, false))
+}
+
+/// Writes all of `data` upstream before `deadline`; gives the buffer back either way (on a
+/// timeout it went with the cancelled write: a new one is returned).
+pub async fn write(
+    stream: &mut TcpStream,
+    data: Vec<u8>,
+    deadline: Instant,
+) -> Result<Vec<u8>, (Failure, Vec<u8>)> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    match monoio::time::timeout(left, stream.write_all(data)).await {
+        Ok((Ok(_), mut back)) => {
+            back.clear();
+            Ok(back)
+        }
+        Ok((Err(_), back)) => Err((Failure::Reset, back)),
+        Err(_) => Err((Failure::Timeout, take_buf())),
+    }
+}
+
+/// Why no response head came.
+pub enum HeadError {
+    /// The connection closed before any byte of a response: a stale pooled connection, if it
+    /// was one.
+    Stale,
+    Failed(Failure),
+}
+use HeadError::{Failed, Stale};
+
+/// Reads the response head (skipping informational ones) before `deadline`. Returns the bytes
+/// read past it and the head; with `client_head`, also writes the client's head.
+pub async fn read_head(
+    stream: &mut TcpStream,
+    head_only_method: bool,
+    mut client_head: Option<&mut ClientHead<'_>>,
+    deadline: Instant,
+) -> Result<(Vec<u8>, ResponseHead), HeadError> {
+    let mut buf = take_buf();
+    let mut any = false;
+    loop {
+        match parse_response(&buf, head_only_method, client_head.as_deref_mut()) {
+            Ok(Some((len, head))) if (100..200).contains(&head.status) => {
+                buf.drain(..len); // informational (100, 103): skip to the final response
+                if let Some(c) = client_head.as_deref_mut() {
+                    c.out.truncate(c.start);
+                }
+            }
+            Ok(Some((len, head))) => {
+                buf.drain(..len);
+                return Ok((buf, head));
+            }
+            Ok(None) => {}
+            Err(f) => {
+                give_buf(buf);
+                return Err(Failed(f));
+            }
+        }
+        match read_more(stream, &mut buf, deadline).await {
+            Ok(_) => any = true,
+            Err(ReadError::TimedOut) => return Err(Failed(Failure::Timeout)),
+            Err(_) => {
+                give_buf(buf);
+                return Err(if any { Failed(Failure::Reset) } else { Stale });
+            }
+        }
     }
 }
 
@@ -309,7 +379,8 @@ fn parse_response(
 /// Writes the request line and fields for `upstream`: `method`, the upstream's path plus
 /// `query`, `Host` set to the upstream, the client's end-to-end fields from `client_head` (raw
 /// request head, parsed again here) except those the gateway re-does (framing, `Host`, the
-/// session id, `Expect`), then `session` and a `Content-Length` of `body_len`.
+/// session id, `Expect`), then `session` and the framing: a `Content-Length` of `body_len`, or
+/// `Transfer-Encoding: chunked` when it is `None` (a body forwarded as it arrives).
 pub fn write_request(
     out: &mut Vec<u8>,
     method: &str,
@@ -317,7 +388,7 @@ pub fn write_request(
     query: &str,
     client_head: Option<&[u8]>,
     session: Option<&[u8]>,
-    body_len: usize,
+    body_len: Option<usize>,
 ) {
     let (_, authority, path) = upstream.http().expect("an HTTP upstream");
     let _ = write!(
@@ -357,8 +428,12 @@ pub fn write_request(
         out.extend_from_slice(id);
         out.extend_from_slice(b"\r\n");
     }
-    if body_len > 0 || method == "POST" {
-        let _ = write!(out, "Content-Length: {body_len}\r\n");
+    match body_len {
+        None => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        Some(n) if n > 0 || method == "POST" => {
+            let _ = write!(out, "Content-Length: {n}\r\n");
+        }
+        Some(_) => {}
     }
     out.extend_from_slice(b"\r\n");
 }

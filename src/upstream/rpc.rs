@@ -114,7 +114,7 @@ impl Drop for MsgSession {
 /// Sends `DELETE` for session `id` to `u`; the answer is read and discarded.
 async fn end_session(worker: &'static Worker, u: &'static Upstream, id: Vec<u8>) {
     let mut req = take_buf();
-    client::write_request(&mut req, "DELETE", u, "", None, Some(&id), 0);
+    client::write_request(&mut req, "DELETE", u, "", None, Some(&id), Some(0));
     if let Ok((mut up, mut buf, head)) =
         client::send(worker.shared.upstreams, u, req, false, None).await
     {
@@ -183,7 +183,7 @@ pub async fn forward(
         "",
         None,
         session.id.as_deref(),
-        message.len(),
+        Some(message.len()),
     );
     req.extend_from_slice(message);
     let started = Instant::now();

@@ -138,20 +138,52 @@ fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Req> {
                 .iter()
                 .find(|(k, _)| k == "content-length")
                 .map_or(0, |(_, v)| v.parse().unwrap());
+            let chunked = headers
+                .iter()
+                .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
             let req = Req {
                 method: r.method.unwrap().to_string(),
                 target: r.path.unwrap().to_string(),
                 headers,
                 body: Vec::new(),
             };
-            while buf.len() < n + len {
+            buf.drain(..n);
+            if chunked {
+                let body = read_chunked(s, buf)?;
+                return Some(Req { body, ..req });
+            }
+            while buf.len() < len {
                 fill(s, buf)?;
             }
-            let body = buf[n..n + len].to_vec();
-            buf.drain(..n + len);
+            let body = buf[..len].to_vec();
+            buf.drain(..len);
             return Some(Req { body, ..req });
         }
         fill(s, buf)?;
+    }
+}
+
+/// Decodes a chunked body from the front of `buf` (reading more as needed); trailers ignored.
+fn read_chunked(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line = loop {
+            if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                break i;
+            }
+            fill(s, buf)?;
+        };
+        let size_text = String::from_utf8_lossy(&buf[..line]).to_string();
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        buf.drain(..line + 2);
+        while buf.len() < size + 2 {
+            fill(s, buf)?;
+        }
+        body.extend_from_slice(&buf[..size]);
+        buf.drain(..size + 2);
+        if size == 0 {
+            return Some(body);
+        }
     }
 }
 
