@@ -176,6 +176,74 @@ pub async fn read_more(
     }
 }
 
+/// How [`read_watching`] ended.
+pub enum Watched {
+    Data,
+    Eof,
+    TimedOut,
+    Failed,
+    ClientGone,
+}
+
+/// Reads more of an upstream's response from `up` into `buf`, within `deadline` when there is
+/// one (an event stream may be silent for long and gets none). While `watch`, the client's socket
+/// is watched too: EOF from it ends the wait (`ClientGone`), so a client that leaves does not
+/// leave its upstream stream behind; bytes from it (its next request) end the watching, and are
+/// left for its door to read later.
+pub async fn read_watching(
+    up: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    deadline: Option<Instant>,
+    client: &TcpStream,
+    watch: &mut bool,
+) -> Watched {
+    use monoio::buf::IoBufMut;
+    if let Some(d) = deadline {
+        return match read_more(up, buf, d).await {
+            Ok(_) => Watched::Data,
+            Err(ReadError::Eof) => Watched::Eof,
+            Err(ReadError::TimedOut) => Watched::TimedOut,
+            Err(ReadError::Io(_)) => Watched::Failed,
+        };
+    }
+    if buf.capacity() - buf.len() < 512 {
+        buf.reserve(BUF_SIZE);
+    }
+    let (len, cap) = (buf.len(), buf.capacity());
+    let read = up.read(std::mem::take(buf).slice_mut(len..cap));
+    let mut read = std::pin::pin!(read);
+    loop {
+        if *watch {
+            let readable = client.readable(false);
+            monoio::select! {
+                done = &mut read => return finish(done, buf),
+                _ = readable => {
+                    match peek(client) {
+                        Peek::Closed => return Watched::ClientGone,
+                        Peek::Data => *watch = false,
+                        Peek::Nothing => {}
+                    }
+                }
+            }
+        } else {
+            let done = (&mut read).await;
+            return finish(done, buf);
+        }
+    }
+}
+
+fn finish(
+    (res, slice): (std::io::Result<usize>, monoio::buf::SliceMut<Vec<u8>>),
+    buf: &mut Vec<u8>,
+) -> Watched {
+    *buf = slice.into_inner();
+    match res {
+        Ok(0) => Watched::Eof,
+        Ok(_) => Watched::Data,
+        Err(_) => Watched::Failed,
+    }
+}
+
 /// Writes all of `data` within `limit`. Returns the buffer (cleared) for reuse on success.
 pub async fn write_all(
     stream: &mut TcpStream,

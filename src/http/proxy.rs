@@ -22,14 +22,13 @@
 
 use std::time::Instant;
 
-use monoio::io::AsyncReadRent;
 use monoio::net::TcpStream;
 
 use std::ops::Range;
 
 use super::request::{self, BodyKind, ChunkStep, Chunked, Head, Method, Refusal};
 use super::response;
-use crate::conn::{give_buf, peek, read_more, take_buf, write_all, Peek, ReadError};
+use crate::conn::{give_buf, read_more, read_watching, take_buf, write_all, ReadError, Watched};
 use crate::upstream::client::{self, Body, ClientHead};
 use crate::upstream::{Failure, Upstream};
 use crate::worker::Worker;
@@ -345,10 +344,10 @@ async fn relay(
         }
         // Event streams may be silent for long: no deadline, but a client that leaves ends it.
         let deadline = (!rh.event_stream).then(|| Instant::now() + all.request_timeout);
-        match read_upstream(&mut up, &mut buf, deadline, client, &mut watch).await {
-            Read::Data => {}
-            Read::Eof if decoded.eof().is_ok() => {}
-            Read::Eof | Read::Failed | Read::ClientGone => break,
+        match read_watching(&mut up, &mut buf, deadline, client, &mut watch).await {
+            Watched::Data => {}
+            Watched::Eof if decoded.eof().is_ok() => {}
+            Watched::Eof | Watched::TimedOut | Watched::Failed | Watched::ClientGone => break,
         }
     }
     if reusable {
@@ -414,69 +413,6 @@ async fn fail(
             }
         }
         Err(_) => Proxied::Close,
-    }
-}
-
-enum Read {
-    Data,
-    Eof,
-    Failed,
-    ClientGone,
-}
-
-/// Reads more of the upstream's response into `buf`, within `deadline` when there is one. While
-/// `watch`, the client's socket is watched too: EOF from it ends the wait (`ClientGone`); bytes
-/// from it (a pipelined request) end the watching, and are left for the door to read later.
-async fn read_upstream(
-    up: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    deadline: Option<Instant>,
-    client: &TcpStream,
-    watch: &mut bool,
-) -> Read {
-    use monoio::buf::IoBufMut;
-    if let Some(d) = deadline {
-        return match crate::conn::read_more(up, buf, d).await {
-            Ok(_) => Read::Data,
-            Err(crate::conn::ReadError::Eof) => Read::Eof,
-            Err(_) => Read::Failed,
-        };
-    }
-    if buf.capacity() - buf.len() < 512 {
-        buf.reserve(crate::conn::BUF_SIZE);
-    }
-    let (len, cap) = (buf.len(), buf.capacity());
-    let read = up.read(std::mem::take(buf).slice_mut(len..cap));
-    let mut read = std::pin::pin!(read);
-    loop {
-        if *watch {
-            let readable = client.readable(false);
-            monoio::select! {
-                done = &mut read => return finish(done, buf),
-                _ = readable => {
-                    match peek(client) {
-                        Peek::Closed => return Read::ClientGone,
-                        Peek::Data => *watch = false,
-                        Peek::Nothing => {}
-                    }
-                }
-            }
-        } else {
-            let done = (&mut read).await;
-            return finish(done, buf);
-        }
-    }
-}
-
-fn finish(
-    (res, slice): (std::io::Result<usize>, monoio::buf::SliceMut<Vec<u8>>),
-    buf: &mut Vec<u8>,
-) -> Read {
-    *buf = slice.into_inner();
-    match res {
-        Ok(0) => Read::Eof,
-        Ok(_) => Read::Data,
-        Err(_) => Read::Failed,
     }
 }
 

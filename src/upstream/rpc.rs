@@ -20,7 +20,9 @@ use serde_json::value::RawValue;
 use super::client::{self, Body};
 use super::listen::{self, Listener};
 use super::{Failure, Outcome, Upstream};
-use crate::conn::{give_buf, read_more, take_buf, wait_idle, write_all, ReadError, Wait};
+use crate::conn::{
+    give_buf, read_more, read_watching, take_buf, wait_idle, write_all, Wait, Watched,
+};
 use crate::worker::Registration;
 use crate::worker::Worker;
 
@@ -211,6 +213,7 @@ pub async fn forward(
     let mut data = take_buf();
     let mut result = Ok(());
     let deadline_after = all.request_timeout;
+    let mut watch = head.event_stream;
     loop {
         if let Err(f) = body.feed(&mut buf, &mut data) {
             fail(framing, out, message, f.message());
@@ -239,15 +242,21 @@ pub async fn forward(
         if body.is_done() {
             break;
         }
-        let deadline = Instant::now() + deadline_after;
-        match read_more(&mut up, &mut buf, deadline).await {
-            Ok(_) => {}
-            Err(ReadError::Eof) if body.eof().is_ok() => {}
-            Err(ReadError::TimedOut) => {
+        // An event stream (a long tool call reporting progress, say) may be silent for long: no
+        // deadline, but the client is watched, so one that leaves ends the wait.
+        let deadline = (!head.event_stream).then(|| Instant::now() + deadline_after);
+        match read_watching(&mut up, &mut buf, deadline, client, &mut watch).await {
+            Watched::Data => {}
+            Watched::Eof if body.eof().is_ok() => {}
+            Watched::TimedOut => {
                 fail(framing, out, message, Failure::Timeout.message());
                 break;
             }
-            Err(_) => {
+            Watched::ClientGone => {
+                result = Err(ClientGone);
+                break;
+            }
+            Watched::Eof | Watched::Failed => {
                 fail(framing, out, message, Failure::Reset.message());
                 break;
             }
