@@ -263,7 +263,8 @@ fn sessions_stick_to_their_upstream_and_a_gone_one_gives_404() {
 
 #[test]
 fn upstream_failures_are_502_or_504_never_a_hang() {
-    let refused = format!("http://127.0.0.1:{}/mcp", free_port());
+    let (_refusing, port) = refusing_port();
+    let refused = format!("http://127.0.0.1:{port}/mcp");
     let stalled = Mock::start(|_, _| std::thread::sleep(Duration::from_secs(20)));
     let reset = Mock::start(|_, s| {
         let _ = s.shutdown(std::net::Shutdown::Both);

@@ -1,6 +1,7 @@
 //! The official MCP Python SDK through the gateway: two real MCP servers built with the SDK
 //! (Streamable HTTP) as upstreams, and the SDK's own clients (Streamable HTTP, with its standalone
-//! GET stream, and WebSocket) talking to them through the gateway.
+//! GET stream, and WebSocket) talking to them through the gateway: tools, progress notifications
+//! on a request's stream, and a notification sent outside any request (the standalone stream).
 //!
 //! Needs `python3` with the PyPI packages `mcp` (1.x), `uvicorn` and `websockets`; `.ci/run`
 //! installs them. Outside CI the test is skipped, saying so, when they are missing.
@@ -84,7 +85,11 @@ fn check(report: &serde_json::Value, sessions: usize) {
     for s in list {
         assert_eq!(
             s["tools"],
-            serde_json::json!(["echo", "progress", "whoami"])
+            serde_json::json!(["announce", "echo", "progress", "whoami"])
+        );
+        assert_eq!(
+            s["list_changed_received"], true,
+            "a notification sent outside any request reached the client"
         );
         let served = s["served_by"].as_array().unwrap();
         assert!(

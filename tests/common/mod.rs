@@ -108,6 +108,17 @@ pub fn start_with(server_yaml: &str, rest_yaml: &str) -> Gateway {
     }
 }
 
+/// A port on 127.0.0.1 that refuses connections for as long as the socket lives: bound but not
+/// listening, so no other process can take it meanwhile (unlike a port that was free a moment ago).
+pub fn refusing_port() -> (socket2::Socket, u16) {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let port = s.local_addr().unwrap().as_socket().unwrap().port();
+    (s, port)
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -2,7 +2,8 @@
 
 usage: client.py --url URL [--sessions N] [--calls K] [--transport http|ws]
 For each of N sessions: initialize, tools/list, K x whoami, one progress call (its progress
-notifications counted), then close. Output: {"sessions": [{"tools": [...], "served_by": [...],
+notifications counted), one announce call (whose tools/list_changed notification must arrive on
+the standalone stream), then close. Output: {"sessions": [{"tools": [...], "served_by": [...],
 "progress_events": n, "progress_result": "..."}...]}
 """
 import argparse
@@ -32,9 +33,16 @@ async def one_session():
         from mcp.client.streamable_http import streamablehttp_client
 
         transport = streamablehttp_client(args.url)
+    changed = asyncio.Event()
+
+    async def on_message(message):
+        root = getattr(message, "root", None)
+        if getattr(root, "method", None) == "notifications/tools/list_changed":
+            changed.set()
+
     async with transport as streams:
         read, write = streams[0], streams[1]
-        async with ClientSession(read, write) as session:
+        async with ClientSession(read, write, message_handler=on_message) as session:
             await session.initialize()
             tools = sorted(t.name for t in (await session.list_tools()).tools)
             served = [text(await session.call_tool("whoami", {})) for _ in range(args.calls)]
@@ -47,7 +55,15 @@ async def one_session():
                 "progress", {"steps": 3, "pause": 0.05}, progress_callback=on_progress
             )
             echo = text(await session.call_tool("echo", {"message": "héllo"}))
+            # Sent outside any request: it comes on the standalone stream.
+            await session.call_tool("announce", {})
+            try:
+                await asyncio.wait_for(changed.wait(), 10)
+                got_changed = True
+            except asyncio.TimeoutError:
+                got_changed = False
             return {
+                "list_changed_received": got_changed,
                 "tools": tools,
                 "served_by": served,
                 "progress_events": len(events),

@@ -2,7 +2,8 @@
 
 usage: upstream.py --port P --name NAME [--json]
 Tools: whoami (returns NAME), echo(message), progress(steps, pause) which sends `steps`
-progress notifications `pause` seconds apart before answering.
+progress notifications `pause` seconds apart before answering, and announce, which sends
+notifications/tools/list_changed on the session's standalone stream.
 """
 import argparse
 import asyncio
@@ -28,6 +29,13 @@ def whoami() -> str:
 def echo(message: str) -> str:
     """Returns its message."""
     return message
+
+
+@mcp.tool()
+async def announce(ctx: Context) -> str:
+    """Sends tools/list_changed outside this request (on the session's standalone stream)."""
+    await ctx.session.send_tool_list_changed()
+    return "announced"
 
 
 @mcp.tool()
