@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
 done
 [ "$D" -le 120 ] || { echo "duration capped at 120 s" >&2; D=120; }
 cd "$(dirname "$0")/.."
-command -v wrk >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+. scripts/lib/need.sh; need wrk
 cargo build --release --quiet
 work=$(mktemp -d)
 gw=""

@@ -39,11 +39,7 @@ done
 case "$MODE" in proxy|direct) ;; *) usage; exit 64 ;; esac
 [ "$C" -lt "$L" ] || { echo "--connections must stay under --max-per-ip (wrk uses one address)" >&2; exit 64; }
 cd "$(dirname "$0")/.."
-need=()
-for t in nginx haproxy wrk; do command -v "$t" >/dev/null || need+=("$t"); done
-if [ ${#need[@]} -gt 0 ]; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+. scripts/lib/need.sh; need nginx haproxy wrk
 cargo build --release --quiet
 work=$(mktemp -d)
 pids=()

@@ -27,7 +27,7 @@ done
 [ "$D" -le 60 ] || D=60
 [ "$C" -lt "$L" ] || { echo "--connections must stay under --max-per-ip (wrk uses one address)" >&2; exit 64; }
 cd "$(dirname "$0")/.."
-command -v wrk >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+. scripts/lib/need.sh; need wrk
 cargo build --release --quiet
 work=$(mktemp -d)
 pids=()

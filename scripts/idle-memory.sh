@@ -50,7 +50,7 @@ python3 scripts/hold_connections.py --port "$port" --connections 200 --hold 0 >/
 measure mcp-gateway "$port" "$gw"
 
 if [ "$NGINX" = 1 ]; then
-  command -v nginx >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
+  . scripts/lib/need.sh; need nginx
   nport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   mkdir -p "$work/nginx"
   cat > "$work/nginx/nginx.conf" <<CONF

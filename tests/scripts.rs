@@ -3,9 +3,10 @@
 
 use std::process::Command;
 
-const SCRIPTS: [&str; 5] = [
+const SCRIPTS: [&str; 6] = [
     "bench-http.sh",
     "capacity.sh",
+    "compare.sh",
     "flood-fairness.sh",
     "idle-memory.sh",
     "test.sh",

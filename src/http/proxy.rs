@@ -20,11 +20,10 @@
 //!   (timeout) before any byte of the response went out; after that, the client connection is
 //!   closed (a response cannot be taken back).
 
+use std::ops::Range;
 use std::time::Instant;
 
 use monoio::net::TcpStream;
-
-use std::ops::Range;
 
 use super::request::{self, BodyKind, ChunkStep, Chunked, Head, Method, Refusal};
 use super::response;
@@ -122,10 +121,7 @@ pub async fn forward(
             req.extend_from_slice(&buf[range.clone()]);
             buf.drain(..range.end.max(head.len));
             let started = Instant::now();
-            (
-                client::send(all, u, req, false, Some(&mut c)).await,
-                started,
-            )
+            (client::send(all, u, req, Some(&mut c)).await, started)
         }
         ReqBody::Stream { kind, deadline } => {
             buf.drain(..head.len);
@@ -133,7 +129,7 @@ pub async fn forward(
                 Ok(mut up) => {
                     let started = Instant::now();
                     let until = started + all.request_timeout;
-                    let got = match client::read_head(&mut up, false, Some(&mut c), until).await {
+                    let got = match client::read_head(&mut up, Some(&mut c), until).await {
                         Ok((ubuf, rh)) => Ok((up, ubuf, rh)),
                         Err(client::HeadError::Stale) => Err(Failure::Reset),
                         Err(client::HeadError::Failed(f)) => Err(f),

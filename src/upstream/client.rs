@@ -97,7 +97,6 @@ pub async fn send(
     all: &Upstreams,
     upstream: &Upstream,
     mut req: Vec<u8>,
-    head_only_method: bool,
     mut client_head: Option<&mut ClientHead<'_>>,
 ) -> Result<(TcpStream, Vec<u8>, ResponseHead), Failure> {
     let deadline = Instant::now() + all.request_timeout;
@@ -117,14 +116,7 @@ pub async fn send(
                 return Err(f);
             }
         };
-        match read_head(
-            &mut stream,
-            head_only_method,
-            client_head.as_deref_mut(),
-            deadline,
-        )
-        .await
-        {
+        match read_head(&mut stream, client_head.as_deref_mut(), deadline).await {
             Ok((buf, head)) => {
                 give_buf(req);
                 return Ok((stream, buf, head));
@@ -192,14 +184,13 @@ use HeadError::{Failed, Stale};
 /// read past it and the head; with `client_head`, also writes the client's head.
 pub async fn read_head(
     stream: &mut TcpStream,
-    head_only_method: bool,
     mut client_head: Option<&mut ClientHead<'_>>,
     deadline: Instant,
 ) -> Result<(Vec<u8>, ResponseHead), HeadError> {
     let mut buf = take_buf();
     let mut any = false;
     loop {
-        match parse_response(&buf, head_only_method, client_head.as_deref_mut()) {
+        match parse_response(&buf, client_head.as_deref_mut()) {
             Ok(Some((len, head))) if (100..200).contains(&head.status) => {
                 buf.drain(..len); // informational (100, 103): skip to the final response
                 if let Some(c) = client_head.as_deref_mut() {
@@ -269,7 +260,6 @@ fn connection_tokens<'h>(headers: &'h [httparse::Header<'_>]) -> impl Iterator<I
 /// Parses a response head; `Ok(None)`: incomplete. With `client`, writes the client's head.
 fn parse_response(
     buf: &[u8],
-    head_only_method: bool,
     client: Option<&mut ClientHead<'_>>,
 ) -> Result<Option<(usize, ResponseHead)>, Failure> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
@@ -315,8 +305,7 @@ fn parse_response(
             session = Some(value.as_bytes().to_vec());
         }
     }
-    let no_body =
-        head_only_method || status == 204 || status == 304 || (100..200).contains(&status);
+    let no_body = status == 204 || status == 304 || (100..200).contains(&status);
     let body = if no_body {
         BodyKind::None
     } else if chunked {
@@ -535,14 +524,12 @@ mod tests {
             keep_alive: true,
             http11: true,
         };
-        let (len, head) = parse_response(raw, false, Some(&mut { c }))
-            .unwrap()
-            .unwrap();
+        let (len, head) = parse_response(raw, Some(&mut { c })).unwrap().unwrap();
         assert_eq!(len, raw.len() - 4);
         assert_eq!(head.body, BodyKind::Chunked);
         assert!(head.event_stream && head.keep_alive);
         assert_eq!(head.session, None, "passed through, not copied");
-        let (_, plain) = parse_response(raw, false, None).unwrap().unwrap();
+        let (_, plain) = parse_response(raw, None).unwrap().unwrap();
         assert_eq!(plain.session.as_deref(), Some(&b"abc"[..]));
         let text = String::from_utf8(out).unwrap();
         assert_eq!(
@@ -553,7 +540,7 @@ mod tests {
 
     #[test]
     fn response_framing() {
-        let p = |raw: &[u8]| parse_response(raw, false, None).unwrap().unwrap().1;
+        let p = |raw: &[u8]| parse_response(raw, None).unwrap().unwrap().1;
         assert_eq!(
             p(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n").body,
             BodyKind::None
@@ -572,15 +559,11 @@ Content-Length: 3
         );
         assert!(parse_response(
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
-            false,
             None
         )
         .is_err());
-        assert!(parse_response(b"garbage\r\n\r\n", false, None).is_err());
-        assert_eq!(
-            parse_response(b"HTTP/1.1 200 OK\r\n", false, None),
-            Ok(None)
-        );
+        assert!(parse_response(b"garbage\r\n\r\n", None).is_err());
+        assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\n", None), Ok(None));
     }
 
     #[test]

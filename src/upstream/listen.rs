@@ -104,8 +104,7 @@ pub fn start(worker: &'static Worker, u: &'static Upstream, id: Vec<u8>) -> List
 async fn listen(worker: &'static Worker, u: &'static Upstream, id: Vec<u8>, queue: &Notices) {
     let mut req = take_buf();
     client::write_request(&mut req, "GET", u, "", None, Some(&id), Some(0));
-    let Ok((mut up, mut buf, head)) =
-        client::send(worker.shared.upstreams, u, req, false, None).await
+    let Ok((mut up, mut buf, head)) = client::send(worker.shared.upstreams, u, req, None).await
     else {
         return;
     };

@@ -211,14 +211,6 @@ impl Upstreams {
             .find(|u| u.tag == t)
             .map(|u| (u, rest))
     }
-
-    /// `(namespace, url)` of every upstream, in index order (metrics labels).
-    pub fn labels(&self) -> Vec<(String, String)> {
-        self.all
-            .iter()
-            .map(|u| (u.namespace.clone(), u.url.clone()))
-            .collect()
-    }
 }
 
 /// FNV-1a over `namespace \0 url`, as 8 lowercase hex digits: stable across cores and restarts.

@@ -117,9 +117,7 @@ impl Drop for MsgSession {
 async fn end_session(worker: &'static Worker, u: &'static Upstream, id: Vec<u8>) {
     let mut req = take_buf();
     client::write_request(&mut req, "DELETE", u, "", None, Some(&id), Some(0));
-    if let Ok((mut up, mut buf, head)) =
-        client::send(worker.shared.upstreams, u, req, false, None).await
-    {
+    if let Ok((mut up, mut buf, head)) = client::send(worker.shared.upstreams, u, req, None).await {
         let mut body = Body::new(head.body);
         let mut data = take_buf();
         let deadline = Instant::now() + worker.shared.upstreams.request_timeout;
@@ -189,7 +187,7 @@ pub async fn forward(
     );
     req.extend_from_slice(message);
     let started = Instant::now();
-    let (mut up, mut buf, head) = match client::send(all, u, req, false, None).await {
+    let (mut up, mut buf, head) = match client::send(all, u, req, None).await {
         Ok(r) => r,
         Err(f) => {
             lease.record(worker.metrics, Err(f), started);
