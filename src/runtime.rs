@@ -71,7 +71,11 @@ pub fn run(config: Config) -> io::Result<()> {
         upstreams,
     }));
 
-    let needed = s.max_connections as u64 + 2 * workers as u64 + 64;
+    // Each client connection is a descriptor; with HTTP upstreams, one in flight (or holding its
+    // session's stream) may hold one more upstream, besides the idle upstream pools.
+    let forwarding = upstreams.all.iter().any(|u| u.http().is_some());
+    let per_client = if forwarding { 2 } else { 1 };
+    let needed = per_client * s.max_connections as u64 + 2 * workers as u64 + 64;
     tracing::info!(
         workers,
         driver = driver.label(),
@@ -84,7 +88,7 @@ pub fn run(config: Config) -> io::Result<()> {
         tracing::warn!(
             open_file_limit = nofile,
             needed,
-            "server.max_connections cannot be reached with this open-file limit; raise the hard limit (ulimit -Hn, LimitNOFILE=)"
+            "server.max_connections cannot be reached with this open-file limit (with HTTP upstreams, a client connection may hold an upstream one too); raise the hard limit (ulimit -Hn, LimitNOFILE=)"
         );
     }
 
