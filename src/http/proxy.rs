@@ -28,7 +28,8 @@ use monoio::net::TcpStream;
 use super::request::{self, BodyKind, ChunkStep, Chunked, Head, Method, Refusal};
 use super::response;
 use crate::conn::{give_buf, read_more, read_watching, take_buf, write_all, ReadError, Watched};
-use crate::upstream::client::{self, Body, ClientHead};
+use crate::upstream::client;
+use crate::upstream::wire::{self, Body, ClientHead};
 use crate::upstream::{Failure, Upstream};
 use crate::worker::Worker;
 
@@ -100,7 +101,7 @@ pub async fn forward(
     };
     let mut req = take_buf();
     let query = query(raw_head);
-    client::write_request(
+    wire::write_request(
         &mut req,
         method,
         u,
@@ -295,7 +296,7 @@ async fn relay(
     client: &mut TcpStream,
     mut up: TcpStream,
     mut buf: Vec<u8>,
-    rh: &client::ResponseHead,
+    rh: &wire::ResponseHead,
     http11: bool,
     keep_alive: bool,
     mut out: Vec<u8>,
@@ -303,7 +304,7 @@ async fn relay(
 ) -> Proxied {
     let all = worker.shared.upstreams;
     let s = worker.settings();
-    let chunk = !matches!(rh.body, client::BodyKind::Length(_)) && http11;
+    let chunk = !matches!(rh.body, wire::BodyKind::Length(_)) && http11;
     let mut decoded = Body::new(rh.body);
     let mut data = take_buf();
     let mut watch = rh.event_stream;

@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
 
-use super::client::{self, Body};
+use super::client;
 use super::rpc::next_event;
+use super::wire::{self, Body};
 use super::Upstream;
 use crate::conn::{give_buf, read_more, take_buf, ReadError};
 use crate::worker::Worker;
@@ -103,7 +104,7 @@ pub fn start(worker: &'static Worker, u: &'static Upstream, id: Vec<u8>) -> List
 
 async fn listen(worker: &'static Worker, u: &'static Upstream, id: Vec<u8>, queue: &Notices) {
     let mut req = take_buf();
-    client::write_request(&mut req, "GET", u, "", None, Some(&id), Some(0));
+    wire::write_request(&mut req, "GET", u, "", None, Some(&id), Some(0));
     let Ok((mut up, mut buf, head)) = client::send(worker.shared.upstreams, u, req, None).await
     else {
         return;

@@ -6,7 +6,9 @@
 //! - [`balance`]: per-core choice of an upstream (`round_robin`, `least_connections`, `weighted`),
 //!   skipping upstreams that health checks or their breaker took out;
 //! - [`breaker`]: one circuit breaker per upstream;
-//! - [`client`]: the HTTP/1.1 client with a per-core keep-alive pool of upstream connections;
+//! - [`client`]: the per-core keep-alive pool of upstream connections, and one exchange on them;
+//! - [`wire`]: the HTTP/1.1 wire format on the upstream side (heads written and parsed, bodies
+//!   decoded);
 //! - [`health`]: the active health checker (one thread for the process);
 //! - [`rpc`]: one JSON-RPC message forwarded within an upstream MCP session (WebSocket, MCPB);
 //! - [`listen`]: that session's standalone `GET` stream, for what the server sends unprompted.
@@ -27,6 +29,7 @@ pub mod client;
 pub mod health;
 pub mod listen;
 pub mod rpc;
+pub mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};

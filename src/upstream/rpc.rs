@@ -17,8 +17,9 @@ use monoio::net::TcpStream;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::client::{self, Body};
+use super::client;
 use super::listen::{self, Listener};
+use super::wire::{self, Body};
 use super::{Failure, Outcome, Upstream};
 use crate::conn::{
     give_buf, read_more, read_watching, take_buf, wait_idle, write_all, Wait, Watched,
@@ -116,7 +117,7 @@ impl Drop for MsgSession {
 /// Sends `DELETE` for session `id` to `u`; the answer is read and discarded.
 async fn end_session(worker: &'static Worker, u: &'static Upstream, id: Vec<u8>) {
     let mut req = take_buf();
-    client::write_request(&mut req, "DELETE", u, "", None, Some(&id), Some(0));
+    wire::write_request(&mut req, "DELETE", u, "", None, Some(&id), Some(0));
     if let Ok((mut up, mut buf, head)) = client::send(worker.shared.upstreams, u, req, None).await {
         let mut body = Body::new(head.body);
         let mut data = take_buf();
@@ -176,7 +177,7 @@ pub async fn forward(
     session.upstream = Some(u);
     session.worker = Some(worker);
     let mut req = take_buf();
-    client::write_request(
+    wire::write_request(
         &mut req,
         "POST",
         u,

@@ -1,0 +1,409 @@
+//! The HTTP/1.1 wire format of the upstream side: the request head sent upstream, the response
+//! head parsed (and rewritten for the client), and the response body decoded piece by piece.
+//!
+//! Invariants:
+//! - Hop-by-hop fields (RFC 9110 7.6.1: `Connection`, the fields it names, `Keep-Alive`,
+//!   `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, `Proxy-Authenticate`,
+//!   and `Proxy-Authorization` meant for the gateway) never cross; framing is re-done on each side.
+//! - Response heads are bounded ([`MAX_RESPONSE_HEAD`] bytes, [`MAX_RESPONSE_HEADERS`] fields);
+//!   ambiguous framing (two different lengths) is a bad response, never guessed at.
+
+use std::io::Write as _;
+
+use super::{Failure, Upstream, TAG_LEN};
+use crate::http::request::{ChunkStep, Chunked};
+
+/// Largest upstream response head.
+const MAX_RESPONSE_HEAD: usize = 32 * 1024;
+const MAX_RESPONSE_HEADERS: usize = 96;
+
+/// How the response body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes (no length, not chunked).
+    UntilClose,
+}
+
+/// What the gateway needs from an upstream response head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub body: BodyKind,
+    /// The upstream keeps the connection open after this response.
+    pub keep_alive: bool,
+    /// `Content-Type: text/event-stream`.
+    pub event_stream: bool,
+    /// The upstream's `Mcp-Session-Id`, if it sent one (only read when no client head is
+    /// written: the HTTP door passes it through, tagged, without looking).
+    pub session: Option<Vec<u8>>,
+}
+
+/// Where and how to write the response head the client gets.
+pub struct ClientHead<'a> {
+    pub out: &'a mut Vec<u8>,
+    /// Where this head starts in `out` (earlier bytes are answers already queued).
+    pub start: usize,
+    /// Tag to put in front of the upstream's session id.
+    pub tag: &'a [u8; TAG_LEN],
+    pub keep_alive: bool,
+    /// The client speaks HTTP/1.1 (can take a chunked body).
+    pub http11: bool,
+}
+
+/// True for a hop-by-hop field: one of RFC 9110's list, or one named by a `Connection` field of
+/// `headers`. No allocation: `Connection` values are scanned in place (they are short).
+fn is_hop_by_hop(name: &str, headers: &[httparse::Header<'_>]) -> bool {
+    const HOP: [&str; 8] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+    ];
+    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+        || connection_tokens(headers).any(|t| name.eq_ignore_ascii_case(t))
+}
+
+/// The tokens of every `Connection` field.
+fn connection_tokens<'h>(headers: &'h [httparse::Header<'_>]) -> impl Iterator<Item = &'h str> {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .flat_map(|v| v.split(',').map(str::trim))
+        .filter(|t| !t.is_empty())
+}
+
+/// Parses a response head; `Ok(None)`: incomplete. With `client`, writes the client's head.
+pub fn parse_response(
+    buf: &[u8],
+    client: Option<&mut ClientHead<'_>>,
+) -> Result<Option<(usize, ResponseHead)>, Failure> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut res = httparse::Response::new(&mut headers);
+    let len = match res.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => return Ok(None),
+        _ => return Err(Failure::BadResponse),
+    };
+    let status = res.code.ok_or(Failure::BadResponse)?;
+    let mut keep_alive = res.version == Some(1);
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut event_stream = false;
+    let mut session = None;
+    if connection_tokens(res.headers).any(|t| t.eq_ignore_ascii_case("close")) {
+        keep_alive = false;
+    }
+    for h in res.headers.iter() {
+        let value = std::str::from_utf8(h.value)
+            .map_err(|_| Failure::BadResponse)?
+            .trim();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let n: u64 = value.parse().map_err(|_| Failure::BadResponse)?;
+            if length.is_some_and(|m| m != n) {
+                return Err(Failure::BadResponse);
+            }
+            length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value
+                .rsplit(',')
+                .next()
+                .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+        } else if h.name.eq_ignore_ascii_case("content-type") {
+            event_stream = value
+                .split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"));
+        } else if h.name.eq_ignore_ascii_case("mcp-session-id")
+            && !value.is_empty()
+            && client.is_none()
+        {
+            session = Some(value.as_bytes().to_vec());
+        }
+    }
+    let no_body = status == 204 || status == 304 || (100..200).contains(&status);
+    let body = if no_body {
+        BodyKind::None
+    } else if chunked {
+        BodyKind::Chunked
+    } else if let Some(n) = length {
+        if n == 0 {
+            BodyKind::None
+        } else {
+            BodyKind::Length(n)
+        }
+    } else {
+        keep_alive = false;
+        BodyKind::UntilClose
+    };
+    if let Some(c) = client {
+        let out = &mut *c.out;
+        let reason = res.reason.unwrap_or("");
+        let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
+        for h in res.headers.iter() {
+            if is_hop_by_hop(h.name, res.headers) || h.name.eq_ignore_ascii_case("content-length") {
+                continue;
+            }
+            out.extend_from_slice(h.name.as_bytes());
+            out.extend_from_slice(b": ");
+            if h.name.eq_ignore_ascii_case("mcp-session-id") {
+                out.extend_from_slice(c.tag);
+            }
+            out.extend_from_slice(h.value);
+            out.extend_from_slice(b"\r\n");
+        }
+        match body {
+            BodyKind::Length(n) => {
+                let _ = write!(out, "Content-Length: {n}\r\n");
+            }
+            BodyKind::Chunked | BodyKind::UntilClose if c.http11 => {
+                out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+            }
+            // An HTTP/1.0 client: the body ends where the connection does.
+            BodyKind::Chunked | BodyKind::UntilClose => c.keep_alive = false,
+            BodyKind::None if !no_body => out.extend_from_slice(b"Content-Length: 0\r\n"),
+            BodyKind::None => {}
+        }
+        if !c.keep_alive {
+            out.extend_from_slice(b"Connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    Ok(Some((
+        len,
+        ResponseHead {
+            status,
+            body,
+            keep_alive,
+            event_stream,
+            session,
+        },
+    )))
+}
+
+/// Writes the request line and fields for `upstream`: `method`, the upstream's path plus
+/// `query`, `Host` set to the upstream, the client's end-to-end fields from `client_head` (raw
+/// request head, parsed again here) except those the gateway re-does (framing, `Host`, the
+/// session id, `Expect`), then `session` and the framing: a `Content-Length` of `body_len`, or
+/// `Transfer-Encoding: chunked` when it is `None` (a body forwarded as it arrives).
+pub fn write_request(
+    out: &mut Vec<u8>,
+    method: &str,
+    upstream: &Upstream,
+    query: &str,
+    client_head: Option<&[u8]>,
+    session: Option<&[u8]>,
+    body_len: Option<usize>,
+) {
+    let (_, authority, path) = upstream.http().expect("an HTTP upstream");
+    let _ = write!(
+        out,
+        "{method} {path}{query} HTTP/1.1\r\nHost: {authority}\r\n"
+    );
+    if let Some(raw) = client_head {
+        let mut headers = [httparse::EMPTY_HEADER; crate::http::request::MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        if let Ok(httparse::Status::Complete(_)) = req.parse(raw) {
+            for h in req.headers.iter() {
+                let skip = is_hop_by_hop(h.name, req.headers)
+                    || [
+                        "host",
+                        "content-length",
+                        "mcp-session-id",
+                        "expect",
+                        "proxy-authorization",
+                    ]
+                    .iter()
+                    .any(|n| h.name.eq_ignore_ascii_case(n));
+                if !skip {
+                    out.extend_from_slice(h.name.as_bytes());
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(h.value);
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+        }
+    } else {
+        out.extend_from_slice(
+            b"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n",
+        );
+    }
+    if let Some(id) = session {
+        out.extend_from_slice(b"Mcp-Session-Id: ");
+        out.extend_from_slice(id);
+        out.extend_from_slice(b"\r\n");
+    }
+    match body_len {
+        None => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        Some(n) if n > 0 || method == "POST" => {
+            let _ = write!(out, "Content-Length: {n}\r\n");
+        }
+        Some(_) => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Decodes a response body from the bytes read so far, piece by piece.
+pub struct Body {
+    kind: BodyKind,
+    remaining: u64,
+    chunked: Chunked,
+    done: bool,
+}
+
+/// What [`Body::feed`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Feed {
+    /// Some decoded bytes were appended (or none were there yet): read more, unless `done`.
+    More,
+    /// The body is complete.
+    Done,
+}
+
+impl Body {
+    pub fn new(kind: BodyKind) -> Body {
+        Body {
+            kind,
+            remaining: match kind {
+                BodyKind::Length(n) => n,
+                _ => 0,
+            },
+            chunked: Chunked::new(0),
+            done: kind == BodyKind::None,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The connection carries nothing more of this response once done (so it may be pooled).
+    pub fn until_close(&self) -> bool {
+        self.kind == BodyKind::UntilClose
+    }
+
+    /// Moves the decoded body bytes in `buf` to `data`, leaving any undecoded rest in `buf`.
+    pub fn feed(&mut self, buf: &mut Vec<u8>, data: &mut Vec<u8>) -> Result<Feed, Failure> {
+        if self.done {
+            return Ok(Feed::Done);
+        }
+        match self.kind {
+            BodyKind::None => {}
+            BodyKind::Length(_) => {
+                let take = (buf.len() as u64).min(self.remaining) as usize;
+                data.extend_from_slice(&buf[..take]);
+                buf.drain(..take);
+                self.remaining -= take as u64;
+                self.done = self.remaining == 0;
+            }
+            BodyKind::Chunked => {
+                let step = self
+                    .chunked
+                    .decode(buf, data, usize::MAX)
+                    .map_err(|_| Failure::BadResponse)?;
+                buf.drain(..self.chunked.pos);
+                self.chunked.pos = 0;
+                self.done = step != ChunkStep::More;
+            }
+            BodyKind::UntilClose => {
+                data.extend_from_slice(buf);
+                buf.clear();
+            }
+        }
+        Ok(if self.done { Feed::Done } else { Feed::More })
+    }
+
+    /// The upstream closed: the end of an until-close body, else a cut response.
+    pub fn eof(&mut self) -> Result<(), Failure> {
+        if self.kind == BodyKind::UntilClose {
+            self.done = true;
+            Ok(())
+        } else {
+            Err(Failure::Reset)
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_head_rewrite() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nMcp-Session-Id: abc\r\nTransfer-Encoding: chunked\r\nCache-Control: no-cache\r\n\r\nrest";
+        let mut out = Vec::new();
+        let tag = *b"0123abcd";
+        let c = ClientHead {
+            out: &mut out,
+            start: 0,
+            tag: &tag,
+            keep_alive: true,
+            http11: true,
+        };
+        let (len, head) = parse_response(raw, Some(&mut { c })).unwrap().unwrap();
+        assert_eq!(len, raw.len() - 4);
+        assert_eq!(head.body, BodyKind::Chunked);
+        assert!(head.event_stream && head.keep_alive);
+        assert_eq!(head.session, None, "passed through, not copied");
+        let (_, plain) = parse_response(raw, None).unwrap().unwrap();
+        assert_eq!(plain.session.as_deref(), Some(&b"abc"[..]));
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nMcp-Session-Id: 0123abcdabc\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn response_framing() {
+        let p = |raw: &[u8]| parse_response(raw, None).unwrap().unwrap().1;
+        assert_eq!(
+            p(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n").body,
+            BodyKind::None
+        );
+        let close = p(b"HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!(
+            (close.body, close.keep_alive),
+            (BodyKind::UntilClose, false)
+        );
+        assert!(
+            !p(b"HTTP/1.0 200 OK
+Content-Length: 3
+
+")
+            .keep_alive
+        );
+        assert!(parse_response(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            None
+        )
+        .is_err());
+        assert!(parse_response(b"garbage\r\n\r\n", None).is_err());
+        assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\n", None), Ok(None));
+    }
+
+    #[test]
+    fn bodies_decode_in_pieces() {
+        let mut b = Body::new(BodyKind::Chunked);
+        let (mut buf, mut data) = (b"5\r\nhel".to_vec(), Vec::new());
+        assert_eq!(b.feed(&mut buf, &mut data), Ok(Feed::More));
+        buf.extend_from_slice(b"lo\r\n0\r\n\r\n");
+        assert_eq!(b.feed(&mut buf, &mut data), Ok(Feed::Done));
+        assert_eq!(data, b"hello");
+        let mut b = Body::new(BodyKind::Length(3));
+        let (mut buf, mut data) = (b"abcdef".to_vec(), Vec::new());
+        assert_eq!(b.feed(&mut buf, &mut data), Ok(Feed::Done));
+        assert_eq!(
+            (data.as_slice(), buf.as_slice()),
+            (&b"abc"[..], &b"def"[..])
+        );
+        assert_eq!(Body::new(BodyKind::Length(3)).eof(), Err(Failure::Reset));
+    }
+}
