@@ -737,3 +737,32 @@ fn request_bodies_stream_to_the_upstream_as_they_arrive() {
         "the refused bodies never made a whole request upstream"
     );
 }
+
+#[test]
+fn shutdown_ends_open_event_streams_cleanly_instead_of_waiting_for_them() {
+    let up = Mock::start(|_, s| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        chunk(s, ": open\n\n");
+        std::thread::sleep(Duration::from_secs(30)); // a standalone stream with nothing to say
+    });
+    let mut gw = start_with(
+        "shutdown_timeout: 20",
+        &endpoints(&[("default", &[&up.url()])], ROUTING),
+    );
+    let mut c = connect_from("127.0.0.2", gw.http);
+    c.write_all(b"GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    read_until(&mut c, &mut buf, ": open");
+    let t = Instant::now();
+    unsafe { libc::kill(gw.pid(), libc::SIGTERM) };
+    read_until(&mut c, &mut buf, "0\r\n\r\n");
+    assert!(closed_by_peer(&mut c), "then the connection closes");
+    let status = gw.stop(0, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "exited after {:?}, not at shutdown_timeout",
+        t.elapsed()
+    );
+}

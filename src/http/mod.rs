@@ -34,7 +34,7 @@ use crate::limiter::Rejection;
 use crate::metrics::Frontend;
 use crate::upstream::Outcome;
 use crate::websocket;
-use crate::worker::Worker;
+use crate::worker::{Registration, Worker};
 use proxy::{Proxied, ReqBody};
 use request::{parse_head, BodyKind, ChunkStep, Chunked, Head, Method, Refusal, Route};
 
@@ -82,7 +82,7 @@ pub fn serve(
                 }
             }
             first = false;
-            match Box::pin(exchange(worker, &mut stream, pending.take())).await {
+            match Box::pin(exchange(worker, reg, &mut stream, pending.take())).await {
                 Step::KeepAlive(rest) => pending = rest,
                 Step::Close => return,
                 Step::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
@@ -98,6 +98,7 @@ pub fn serve(
 /// Reads and answers requests while bytes are available.
 async fn exchange(
     worker: &'static Worker,
+    reg: &Registration,
     stream: &mut TcpStream,
     pending: Option<Vec<u8>>,
 ) -> Step {
@@ -151,8 +152,9 @@ async fn exchange(
             };
             let started = Instant::now();
             let keep_alive = head.keep_alive && !worker.draining();
-            let forwarded =
-                proxy::forward(worker, stream, &mut buf, &head, body, ns, keep_alive, out);
+            let forwarded = proxy::forward(
+                worker, reg, stream, &mut buf, &head, body, ns, keep_alive, out,
+            );
             let ended = Box::pin(forwarded).await;
             worker.metrics.request(Frontend::Http, started.elapsed());
             match ended {

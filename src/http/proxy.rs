@@ -15,7 +15,9 @@
 //!   arrives (a `text/event-stream` event by event), never buffered whole. Chunked or
 //!   close-delimited upstream bodies reach the client chunked.
 //! - An event stream may stay silent for as long as it likes, but the client's side is watched
-//!   meanwhile: a client that closes ends the stream and the upstream connection at once.
+//!   meanwhile: a client that closes ends the stream and the upstream connection at once, and
+//!   a drain (shutdown) ends it cleanly (last chunk, then close) instead of waiting for
+//!   `shutdown_timeout`: MCP clients keep a standalone `GET` stream open all the time.
 //! - Failures become a JSON-RPC error with 502 (refused, reset, bad response, no upstream) or 504
 //!   (timeout) before any byte of the response went out; after that, the client connection is
 //!   closed (a response cannot be taken back).
@@ -31,7 +33,7 @@ use crate::conn::{give_buf, read_more, read_watching, take_buf, write_all, ReadE
 use crate::upstream::client;
 use crate::upstream::wire::{self, Body, ClientHead};
 use crate::upstream::{Failure, Upstream};
-use crate::worker::Worker;
+use crate::worker::{Registration, Worker};
 
 /// How the exchange left the client connection.
 pub enum Proxied {
@@ -57,6 +59,7 @@ pub enum ReqBody {
 #[allow(clippy::too_many_arguments)]
 pub async fn forward(
     worker: &'static Worker,
+    reg: &Registration,
     client: &mut TcpStream,
     buf: &mut Vec<u8>,
     head: &Head,
@@ -159,6 +162,7 @@ pub async fn forward(
     lease.record(worker.metrics, Ok(rh.status), started);
     relay(
         worker,
+        reg,
         client,
         up,
         ubuf,
@@ -293,6 +297,7 @@ async fn stream_body(
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     worker: &'static Worker,
+    reg: &Registration,
     client: &mut TcpStream,
     mut up: TcpStream,
     mut buf: Vec<u8>,
@@ -339,11 +344,26 @@ async fn relay(
             ended = end(keep_alive);
             break;
         }
-        // Event streams may be silent for long: no deadline, but a client that leaves ends it.
+        // Event streams may be silent for long: no deadline, but a client that leaves ends it,
+        // and so does a drain: meanwhile the connection counts as idle, so the worker's drain
+        // shuts its read side, which the watch sees.
         let deadline = (!rh.event_stream).then(|| Instant::now() + all.request_timeout);
-        match read_watching(&mut up, &mut buf, deadline, client, &mut watch).await {
+        if rh.event_stream {
+            if worker.draining() {
+                end_stream(worker, client, chunk).await;
+                break;
+            }
+            worker.idle_begin(reg, STREAM_IDLE);
+        }
+        let got = read_watching(&mut up, &mut buf, deadline, client, &mut watch).await;
+        let drained = rh.event_stream && worker.idle_end(reg) && worker.draining();
+        match got {
             Watched::Data => {}
             Watched::Eof if decoded.eof().is_ok() => {}
+            Watched::ClientGone if drained => {
+                end_stream(worker, client, chunk).await;
+                break;
+            }
             Watched::Eof | Watched::TimedOut | Watched::Failed | Watched::ClientGone => break,
         }
     }
@@ -354,6 +374,21 @@ async fn relay(
     give_buf(buf);
     give_buf(out);
     ended
+}
+
+/// How long an event stream may wait for its next event before the idle sweeper would end it:
+/// in effect never (streams end when the client, the upstream or a drain ends them).
+const STREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+
+/// Ends a chunked event stream cleanly (the gateway is draining); the connection then closes.
+async fn end_stream(worker: &Worker, client: &mut TcpStream, chunked: bool) {
+    if chunked {
+        let mut out = take_buf();
+        out.extend_from_slice(b"0\r\n\r\n");
+        if let Ok(o) = write_all(client, out, worker.settings().write_timeout).await {
+            give_buf(o);
+        }
+    }
 }
 
 fn end(keep_alive: bool) -> Proxied {
