@@ -23,7 +23,7 @@ use crate::conn::{give_buf, linger_close, read_more, take_buf, write_all, ReadEr
 use crate::echo;
 use crate::limiter::Permit;
 use crate::metrics::{Frontend, ProtocolError};
-use crate::upstream::rpc::{self, Framing, MsgSession, Woke};
+use crate::upstream::rpc::{Framing, MsgSession, Woke};
 use crate::upstream::Outcome;
 use crate::worker::Worker;
 
@@ -133,7 +133,7 @@ pub fn serve(
         let s = worker.settings();
         // MCPB has no namespace in its frames: it serves the `default` namespace.
         let ns = worker.shared.upstreams.namespace("default").unwrap_or(0);
-        let mut session = MsgSession::default();
+        let mut session = MsgSession::new(ns, Frontend::Tcp);
         let mut pending: Option<Vec<u8>> = None;
         loop {
             if pending.is_none() {
@@ -141,11 +141,20 @@ pub fn serve(
                     return;
                 }
                 match session.wait(worker, reg, &stream, s.idle_timeout).await {
-                    Woke::Client(Wait::Expired) => return,
+                    Woke::Client(Wait::Expired) => {
+                        // Draining: messages in flight still get their answers first.
+                        if session.in_flight() > 0 {
+                            let _ = session.settle(worker, &mut stream, &FRAMING).await;
+                        }
+                        return;
+                    }
                     Woke::Client(Wait::Ready) => {}
-                    Woke::Notice => {
-                        let written = session.write_notices(&mut stream, &FRAMING, s.write_timeout);
-                        if written.await.is_err() {
+                    Woke::Queued => {
+                        if session
+                            .write_queued(worker, &mut stream, &FRAMING)
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                         continue;
@@ -192,6 +201,7 @@ async fn exchange(
         let (kind, len) = match parse_header(&buf, s.max_message_size) {
             Ok(Some((kind, len))) if buf.len() >= HEADER_LEN + len => (kind, len),
             Ok(found) => {
+                session.drain(&mut out, &FRAMING); // what forwarded requests already got back
                 if !out.is_empty() {
                     match write_all(stream, out, s.write_timeout).await {
                         Ok(o) => out = o,
@@ -246,12 +256,17 @@ async fn exchange(
                 worker.metrics.upstream(upstream, Outcome::Ok, None);
                 worker.metrics.request(Frontend::Tcp, started.elapsed());
             }
-            FrameType::Request => {
-                let sent = rpc::forward(worker, ns, session, payload, stream, &mut out, &FRAMING);
+            // builtin:echo never sends requests to clients: nothing to answer.
+            FrameType::Response if all.namespaces[ns].builtin => {}
+            // A client's Response frame answers a request the server sent it (sampling,
+            // elicitation): it goes upstream like a request.
+            FrameType::Request | FrameType::Response => {
+                let mut message = take_buf();
+                message.extend_from_slice(payload);
+                let sent = session.submit(worker, message, stream, &mut out, &FRAMING);
                 if Box::pin(sent).await.is_err() {
                     return Step::Close;
                 }
-                worker.metrics.request(Frontend::Tcp, started.elapsed());
             }
             FrameType::HealthCheck => {
                 write_frame(&mut out, FrameType::HealthCheck, br#"{"status":"ok"}"#)
@@ -259,8 +274,7 @@ async fn exchange(
             FrameType::VersionNegotiation => {
                 write_frame(&mut out, FrameType::VersionAck, br#"{"version":1}"#)
             }
-            FrameType::Response | FrameType::Control | FrameType::Error | FrameType::VersionAck => {
-            }
+            FrameType::Control | FrameType::Error | FrameType::VersionAck => {}
         }
         // Round again: the next frame if it is here, else flush and wait.
         buf.drain(..HEADER_LEN + len);

@@ -27,7 +27,7 @@ use crate::echo;
 use crate::http::request::Upgrade;
 use crate::http::response;
 use crate::metrics::{Frontend, ProtocolError};
-use crate::upstream::rpc::{self, Framing, MsgSession, Woke};
+use crate::upstream::rpc::{Framing, MsgSession, Woke};
 use crate::upstream::Outcome;
 use crate::worker::{Registration, Worker};
 
@@ -220,15 +220,18 @@ pub fn serve<'a>(
     async move {
         let s = worker.settings();
         let mut assembly = Assembly::default();
-        let mut session = MsgSession::default();
+        let mut session = MsgSession::new(ns, Frontend::WebSocket);
         loop {
             let mut expired = pending.is_none() && worker.draining();
             if pending.is_none() && !expired {
                 match session.wait(worker, reg, &stream, s.idle_timeout).await {
                     Woke::Client(w) => expired = w == Wait::Expired,
-                    Woke::Notice => {
-                        let written = session.write_notices(&mut stream, &FRAMING, s.write_timeout);
-                        if written.await.is_err() {
+                    Woke::Queued => {
+                        if session
+                            .write_queued(worker, &mut stream, &FRAMING)
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                         continue;
@@ -236,6 +239,12 @@ pub fn serve<'a>(
                 }
             }
             if expired {
+                // Draining: messages in flight still get their answers first.
+                if session.in_flight() > 0
+                    && session.settle(worker, &mut stream, &FRAMING).await.is_err()
+                {
+                    return;
+                }
                 let why = if worker.draining() {
                     CloseWith(1001, "gateway shutting down")
                 } else {
@@ -286,8 +295,10 @@ async fn exchange(
             Ok(Some(h)) if buf.len() >= h.header_len + h.payload_len => h,
             Ok(found) => {
                 if buf.is_empty() {
-                    // Nothing pending: flush and go back to waiting without a buffer.
+                    // Nothing pending: flush (with what forwarded messages already got back) and
+                    // go back to waiting without a buffer.
                     give_buf(buf);
+                    session.drain(&mut out, &FRAMING);
                     return flush(stream, out, s.write_timeout)
                         .await
                         .map_or(WsStep::Close, |_| WsStep::Continue(None));
@@ -392,21 +403,21 @@ async fn exchange(
                 )
                 .await;
             }
-            let started = Instant::now();
-            let mut reply = take_buf();
             let all = worker.shared.upstreams;
-            if all.namespaces[ns].builtin {
-                if echo::handle(&message, &mut reply).replied {
-                    write_frame(&mut out, OP_TEXT, &reply);
-                }
-                let upstream = all.namespaces[ns].upstreams[0];
-                worker.metrics.upstream(upstream, Outcome::Ok, None);
-            } else {
-                let sent = rpc::forward(worker, ns, session, &message, stream, &mut out, &FRAMING);
+            if !all.namespaces[ns].builtin {
+                let sent = session.submit(worker, message, stream, &mut out, &FRAMING);
                 if Box::pin(sent).await.is_err() {
                     return WsStep::Close;
                 }
+                continue;
             }
+            let started = Instant::now();
+            let mut reply = take_buf();
+            if echo::handle(&message, &mut reply).replied {
+                write_frame(&mut out, OP_TEXT, &reply);
+            }
+            let upstream = all.namespaces[ns].upstreams[0];
+            worker.metrics.upstream(upstream, Outcome::Ok, None);
             worker
                 .metrics
                 .request(Frontend::WebSocket, started.elapsed());

@@ -766,3 +766,67 @@ fn shutdown_ends_open_event_streams_cleanly_instead_of_waiting_for_them() {
         t.elapsed()
     );
 }
+
+#[test]
+fn a_client_answers_a_request_the_server_sends_in_the_middle_of_a_call() {
+    // The upstream's tools/call asks the client something (elicitation) on the call's own stream
+    // and finishes only once the client's answer has come back in a POST of its own.
+    let (answer_tx, answer_rx) = mpsc::channel::<String>();
+    let (answer_tx, answer_rx) = (Mutex::new(answer_tx), Mutex::new(answer_rx));
+    let up = Mock::start(move |req, s| {
+        if req.method != "POST" {
+            return respond(s, 405, &[], ""); // no standalone stream; DELETE at the end
+        }
+        let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
+        if body["method"] == "initialize" {
+            return json_reply(s, req, "{}", &[("Mcp-Session-Id", "S4")]);
+        }
+        if body.get("method").is_none() {
+            // The client's answer: 202, and tell the waiting call.
+            let _ = answer_tx
+                .lock()
+                .unwrap()
+                .send(body["result"]["action"].to_string());
+            return respond(s, 202, &[], "");
+        }
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        chunk(s, "data: {\"jsonrpc\":\"2.0\",\"id\":\"srv-1\",\"method\":\"elicitation/create\",\"params\":{}}\n\n");
+        let got = answer_rx
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_default();
+        let id = body["id"].clone();
+        chunk(
+            s,
+            &format!(
+                "data: {{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"answer\":{got}}}}}\n\n"
+            ),
+        );
+        let _ = s.write_all(b"0\r\n\r\n");
+    });
+    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
+    let mut c = TcpStream::connect(gw.tcp.unwrap()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(&mcpb_frame(1, INIT.as_bytes())).unwrap();
+    assert_eq!(read_mcpb(&mut c).0, 2);
+    c.write_all(&mcpb_frame(
+        1,
+        br#"{"jsonrpc":"2.0","id":5,"method":"tools/call"}"#,
+    ))
+    .unwrap();
+    let (kind, ask) = read_mcpb(&mut c);
+    assert_eq!(
+        (kind, ask["method"].clone()),
+        (2, "elicitation/create".into())
+    );
+    // The answer goes out while the call is still open (a Response frame).
+    let answer = br#"{"jsonrpc":"2.0","id":"srv-1","result":{"action":"accept"}}"#;
+    c.write_all(&mcpb_frame(2, answer)).unwrap();
+    let (kind, done) = read_mcpb(&mut c);
+    assert_eq!(kind, 2);
+    assert_eq!(
+        (done["id"].clone(), done["result"]["answer"].clone()),
+        (5.into(), "accept".into())
+    );
+}

@@ -11,7 +11,8 @@
 //!   decoded);
 //! - [`health`]: the active health checker (one thread for the process);
 //! - [`rpc`]: one JSON-RPC message forwarded within an upstream MCP session (WebSocket, MCPB);
-//! - [`listen`]: that session's standalone `GET` stream, for what the server sends unprompted.
+//! - [`listen`]: that session's standalone `GET` stream, for what the server sends unprompted;
+//! - [`outbox`]: what goes back to such a client, queued for its connection to write.
 //!
 //! Sessions stick without a shared session map: the `Mcp-Session-Id` a client sees is the
 //! upstream's own id behind an 8-character tag naming the upstream ([`Upstream::tag`], a hash of
@@ -28,6 +29,7 @@ pub mod breaker;
 pub mod client;
 pub mod health;
 pub mod listen;
+pub mod outbox;
 pub mod rpc;
 pub mod wire;
 

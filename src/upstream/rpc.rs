@@ -4,83 +4,201 @@
 //! `text/event-stream` reply, notifications included) becomes a message or frame for the client
 //! as soon as it arrives.
 //!
-//! Owns the per-connection [`MsgSession`]: the upstream picked by the first message and the
-//! session id it issued. An upstream failure costs the client a JSON-RPC error for that message
-//! (with the message's id), never the connection; a session whose upstream is gone (refused, or
-//! answering 404 for the id) is forgotten, so the client's next `initialize` starts a new one.
-//! What the upstream sends outside any request arrives through the session's standalone stream
-//! ([`super::listen`]) and is written between messages ([`MsgSession::wait`]).
+//! Owns the per-connection [`MsgSession`]: the upstream picked by the first message, the session
+//! id it issued, and the forwards in flight. Each message is forwarded by a task of its own, so
+//! the client may go on sending while a message is being answered (the response to a request the
+//! server sent it mid-call, a cancellation); what comes back is queued in the connection's
+//! [`Outbox`] and written by the connection. An upstream failure costs the client a JSON-RPC error
+//! for that message (with the message's id), never the connection; a session whose upstream is
+//! gone (refused, or answering 404 for the id) is forgotten, so the client's next `initialize`
+//! starts a new one. What the upstream sends outside any request arrives through the session's
+//! standalone stream ([`super::listen`]) into the same outbox.
 
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use std::time::Instant;
 
+use futures_channel::oneshot;
 use monoio::net::TcpStream;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::client;
 use super::listen::{self, Listener};
+use super::outbox::{Kind, Outbox};
 use super::wire::{self, Body};
 use super::{Failure, Outcome, Upstream};
-use crate::conn::{
-    give_buf, read_more, read_watching, take_buf, wait_idle, write_all, Wait, Watched,
-};
-use crate::worker::Registration;
-use crate::worker::Worker;
+use crate::conn::{give_buf, read_more, take_buf, wait_idle, write_all, ReadError, Wait};
+use crate::metrics::Frontend;
+use crate::worker::{Registration, Worker};
 
-/// The upstream session of one WebSocket or MCPB connection. When the connection ends, the
-/// session is ended upstream too (`DELETE` with its id, in the background), so upstreams do not
-/// keep sessions nobody can reach.
-#[derive(Default)]
+/// Forwards in flight per connection beyond which the connection stops reading its client.
+const MAX_IN_FLIGHT: usize = 16;
+
+/// The upstream session of one WebSocket or MCPB connection. When the connection ends, its
+/// forwards in flight are cancelled and the session is ended upstream too (`DELETE` with its id,
+/// in the background), so upstreams do not keep sessions nobody can reach.
 pub struct MsgSession {
-    upstream: Option<&'static Upstream>,
-    id: Option<Vec<u8>>,
+    /// The namespace the connection's messages go to.
+    ns: usize,
+    /// The door, for the request metrics.
+    door: Frontend,
+    state: Rc<State>,
+    outbox: Rc<Outbox>,
+    /// One per forward task; dropping them cancels the tasks.
+    stops: Vec<oneshot::Sender<()>>,
     worker: Option<&'static Worker>,
+}
+
+/// What the forwards of one connection share.
+#[derive(Default)]
+struct State {
+    /// Picked by the first message; every later one goes there.
+    upstream: Cell<Option<&'static Upstream>>,
+    /// The upstream's session id, once it issued one.
+    id: RefCell<Option<Vec<u8>>>,
     /// The session's standalone stream, once it has an id.
-    listener: Option<Listener>,
+    listener: RefCell<Option<Listener>>,
+}
+
+impl State {
+    /// Drops the session without ending it upstream (it is gone there already).
+    fn forget(&self) {
+        self.id.borrow_mut().take();
+        self.upstream.set(None);
+        self.listener.borrow_mut().take();
+    }
 }
 
 /// What ended a wait for the next client message.
 pub enum Woke {
     /// The client's socket: bytes, or expiry (as [`wait_idle`] says).
     Client(Wait),
-    /// The upstream sent something on its own: write it ([`MsgSession::drain_notices`]).
-    Notice,
+    /// Messages for the client are queued: write them ([`MsgSession::write_queued`]).
+    Queued,
 }
 
 impl MsgSession {
-    /// Drops the session without ending it upstream (it is gone there already).
-    fn forget(&mut self) {
-        self.id = None;
-        self.upstream = None;
-        self.listener = None;
-    }
-
-    /// Frames what the upstream sent on its own into `out`.
-    pub fn drain_notices(&self, out: &mut Vec<u8>, framing: &Framing) {
-        if let Some(l) = &self.listener {
-            l.notices.drain(out, framing.reply);
+    /// The session of a connection of `door` whose messages go to namespace `ns`.
+    pub fn new(ns: usize, door: Frontend) -> MsgSession {
+        MsgSession {
+            ns,
+            door,
+            state: Rc::default(),
+            outbox: Rc::default(),
+            stops: Vec::new(),
+            worker: None,
         }
     }
 
-    /// Writes what the upstream sent on its own to the client (after [`Woke::Notice`]).
-    pub async fn write_notices(
+    /// Forwards `message` to the session's namespace in the background, so the client can go on sending
+    /// (a response to a request the server sent it in the middle of a tool call, say): replies
+    /// are queued as they come and written by the connection, in whatever order they complete
+    /// (JSON-RPC matches them by id). Waits first, writing what arrives meanwhile, while the
+    /// session is being set up (its first message in flight and no id yet) or while
+    /// [`MAX_IN_FLIGHT`] are in flight.
+    pub async fn submit(
+        &mut self,
+        worker: &'static Worker,
+        message: Vec<u8>,
+        client: &mut TcpStream,
+        out: &mut Vec<u8>,
+        framing: &Framing,
+    ) -> Result<(), ClientGone> {
+        self.worker = Some(worker);
+        loop {
+            self.write_queued_with(client, out, framing, worker).await?;
+            let in_flight = self.outbox.in_flight();
+            let setting_up = in_flight > 0 && self.state.id.borrow().is_none();
+            if in_flight < MAX_IN_FLIGHT && !setting_up {
+                break;
+            }
+            self.outbox.changed().await;
+        }
+        self.stops.retain(|s| !s.is_canceled());
+        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+        self.stops.push(stop_tx);
+        let (state, outbox) = (self.state.clone(), self.outbox.clone());
+        let (ns, door) = (self.ns, self.door);
+        outbox.started();
+        monoio::spawn(async move {
+            let started = Instant::now();
+            monoio::select! {
+                _ = forward(worker, ns, &state, &outbox, &message) => {
+                    worker.metrics.request(door, started.elapsed());
+                }
+                _ = &mut stop_rx => {}
+            }
+            outbox.finished();
+            give_buf(message);
+        });
+        Ok(())
+    }
+
+    /// Forwards in flight.
+    pub fn in_flight(&self) -> usize {
+        self.outbox.in_flight()
+    }
+
+    /// Frames the queued messages into `out`.
+    pub fn drain(&self, out: &mut Vec<u8>, framing: &Framing) {
+        self.outbox.drain(out, framing.reply, framing.fail);
+    }
+
+    /// Writes `out` and the queued messages to the client.
+    async fn write_queued_with(
         &self,
         client: &mut TcpStream,
+        out: &mut Vec<u8>,
         framing: &Framing,
-        limit: std::time::Duration,
+        worker: &Worker,
     ) -> Result<(), ClientGone> {
-        let mut out = take_buf();
-        self.drain_notices(&mut out, framing);
-        match write_all(client, out, limit).await {
+        self.drain(out, framing);
+        if out.is_empty() {
+            return Ok(());
+        }
+        match write_all(client, std::mem::take(out), worker.settings().write_timeout).await {
             Ok(o) => {
-                give_buf(o);
+                *out = o;
                 Ok(())
             }
             Err(_) => Err(ClientGone),
         }
     }
 
-    /// Waits for the client's next message as [`wait_idle`] does, or for a notice.
+    /// Writes the queued messages to the client (after [`Woke::Queued`]).
+    pub async fn write_queued(
+        &self,
+        worker: &Worker,
+        client: &mut TcpStream,
+        framing: &Framing,
+    ) -> Result<(), ClientGone> {
+        let mut out = take_buf();
+        let r = self
+            .write_queued_with(client, &mut out, framing, worker)
+            .await;
+        give_buf(out);
+        r
+    }
+
+    /// Waits until every forward in flight has finished, writing what they send meanwhile
+    /// (a connection closing while the gateway drains).
+    pub async fn settle(
+        &self,
+        worker: &Worker,
+        client: &mut TcpStream,
+        framing: &Framing,
+    ) -> Result<(), ClientGone> {
+        while self.outbox.in_flight() > 0 {
+            self.outbox.changed().await;
+            self.write_queued(worker, client, framing).await?;
+        }
+        self.write_queued(worker, client, framing).await
+    }
+
+    /// Waits for the client's next message as [`wait_idle`] does, or for queued messages. While
+    /// forwards are in flight, `idle_timeout` does not apply (a long tool call is not idleness);
+    /// a drain still ends the wait.
     pub async fn wait(
         &self,
         worker: &Worker,
@@ -88,15 +206,17 @@ impl MsgSession {
         stream: &TcpStream,
         limit: std::time::Duration,
     ) -> Woke {
-        let Some(l) = &self.listener else {
-            return Woke::Client(wait_idle(worker, reg, stream, limit).await);
+        let limit = if self.outbox.in_flight() > 0 {
+            std::time::Duration::from_secs(365 * 86_400)
+        } else {
+            limit
         };
         let idle = wait_idle(worker, reg, stream, limit);
         monoio::select! {
             w = idle => Woke::Client(w),
-            _ = l.notices.ready() => {
+            _ = self.outbox.ready() => {
                 worker.idle_end(reg); // the idle wait was dropped unfinished
-                Woke::Notice
+                Woke::Queued
             }
         }
     }
@@ -104,7 +224,11 @@ impl MsgSession {
 
 impl Drop for MsgSession {
     fn drop(&mut self) {
-        let (Some(u), Some(id), Some(worker)) = (self.upstream, self.id.take(), self.worker) else {
+        self.stops.clear(); // cancels the forwards in flight
+        let u = self.state.upstream.get();
+        let id = self.state.id.borrow_mut().take();
+        self.state.listener.borrow_mut().take();
+        let (Some(u), Some(id), Some(worker)) = (u, id, self.worker) else {
             return;
         };
         // While draining (and when the runtime itself is being dropped) nothing new is spawned.
@@ -146,44 +270,41 @@ pub struct Framing {
 #[derive(Debug)]
 pub struct ClientGone;
 
-/// Forwards `message` to namespace `ns`; frames every reply into `out` and writes `out` to
-/// `client` as replies arrive (`out` is left empty, or holding what could not be written).
-pub async fn forward(
+/// Forwards `message` to namespace `ns` within the connection's session and queues every
+/// message the upstream sends back, as it arrives.
+async fn forward(
     worker: &'static Worker,
     ns: usize,
-    session: &mut MsgSession,
+    state: &Rc<State>,
+    outbox: &Rc<Outbox>,
     message: &[u8],
-    client: &mut TcpStream,
-    out: &mut Vec<u8>,
-    framing: &Framing,
-) -> Result<(), ClientGone> {
+) {
     let all = worker.shared.upstreams;
-    let lease = match session.upstream {
+    let lease = match state.upstream.get() {
         Some(u) => worker.balancer.pinned(u),
         None => worker.balancer.pick(all, ns),
     };
     let mut lease = match lease {
         Ok(l) => l,
         Err(f) => {
-            if let Some(u) = session.upstream {
+            if let Some(u) = state.upstream.get() {
                 worker.metrics.upstream(u.index, Outcome::of(f), None);
             }
-            session.forget();
-            fail(framing, out, message, f.message());
-            return Ok(());
+            state.forget();
+            return fail(outbox, message, f.message());
         }
     };
     let u = lease.upstream;
-    session.upstream = Some(u);
-    session.worker = Some(worker);
+    state.upstream.set(Some(u));
     let mut req = take_buf();
+    let id = state.id.borrow().clone();
     wire::write_request(
         &mut req,
         "POST",
         u,
         "",
         None,
-        session.id.as_deref(),
+        id.as_deref(),
         Some(message.len()),
     );
     req.extend_from_slice(message);
@@ -193,70 +314,57 @@ pub async fn forward(
         Err(f) => {
             lease.record(worker.metrics, Err(f), started);
             if f == Failure::Connect {
-                session.forget();
+                state.forget();
             }
-            fail(framing, out, message, f.message());
-            return Ok(());
+            return fail(outbox, message, f.message());
         }
     };
     lease.record(worker.metrics, Ok(head.status), started);
-    if session.id.is_none() {
-        session.id = head.session.clone();
-        if let Some(id) = &session.id {
-            session.listener = Some(listen::start(worker, u, id.clone()));
+    if id.is_none() {
+        if let Some(new) = head.session.clone() {
+            *state.listener.borrow_mut() =
+                Some(listen::start(worker, u, new.clone(), outbox.clone()));
+            *state.id.borrow_mut() = Some(new);
         }
     } else if head.status == 404 {
-        session.forget(); // the upstream no longer knows the session
+        state.forget(); // the upstream no longer knows the session
     }
     let mut body = Body::new(head.body);
     let mut data = take_buf();
-    let mut result = Ok(());
-    let deadline_after = all.request_timeout;
-    let mut watch = head.event_stream;
     loop {
         if let Err(f) = body.feed(&mut buf, &mut data) {
-            fail(framing, out, message, f.message());
+            fail(outbox, message, f.message());
             break;
         }
         if head.event_stream {
             let mut at = 0;
             while let Some((used, event)) = next_event(&data[at..]) {
                 at += used;
-                if !event.is_empty() {
-                    (framing.reply)(out, &event);
+                if !event.is_empty() && !outbox.push(Kind::Reply, event) {
+                    fail(outbox, message, "client too slow to take the replies");
                 }
             }
             data.drain(..at);
-        }
-        session.drain_notices(out, framing);
-        if !out.is_empty() {
-            match write_all(client, std::mem::take(out), worker.settings().write_timeout).await {
-                Ok(o) => *out = o,
-                Err(_) => {
-                    result = Err(ClientGone);
-                    break;
-                }
-            }
         }
         if body.is_done() {
             break;
         }
         // An event stream (a long tool call reporting progress, say) may be silent for long: no
-        // deadline, but the client is watched, so one that leaves ends the wait.
-        let deadline = (!head.event_stream).then(|| Instant::now() + deadline_after);
-        match read_watching(&mut up, &mut buf, deadline, client, &mut watch).await {
-            Watched::Data => {}
-            Watched::Eof if body.eof().is_ok() => {}
-            Watched::TimedOut => {
-                fail(framing, out, message, Failure::Timeout.message());
+        // deadline; the connection ending cancels this task.
+        let deadline = (!head.event_stream).then(|| Instant::now() + all.request_timeout);
+        let got = match deadline {
+            Some(d) => read_more(&mut up, &mut buf, d).await,
+            None => read_more(&mut up, &mut buf, Instant::now() + FOREVER).await,
+        };
+        match got {
+            Ok(_) => {}
+            Err(ReadError::Eof) if body.eof().is_ok() => {}
+            Err(ReadError::TimedOut) => {
+                fail(outbox, message, Failure::Timeout.message());
                 break;
             }
-            Watched::ClientGone => {
-                result = Err(ClientGone);
-                break;
-            }
-            Watched::Eof | Watched::Failed => {
-                fail(framing, out, message, Failure::Reset.message());
+            Err(_) => {
+                fail(outbox, message, Failure::Reset.message());
                 break;
             }
         }
@@ -267,13 +375,12 @@ pub async fn forward(
             .find(|b| !b.is_ascii_whitespace())
             .is_some_and(|b| *b == b'{' || *b == b'[');
         if head.status < 300 && !data.is_empty() {
-            (framing.reply)(out, &data);
+            outbox.push(Kind::Reply, data.clone());
         } else if head.status >= 400 && json {
-            (framing.fail)(out, &data);
+            outbox.push(Kind::Fail, data.clone());
         } else if head.status >= 300 {
             fail(
-                framing,
-                out,
+                outbox,
                 message,
                 &format!("upstream answered HTTP {}", head.status),
             );
@@ -284,11 +391,13 @@ pub async fn forward(
         client::give_back(u, up);
     }
     give_buf(buf);
-    result
 }
 
-/// Appends a JSON-RPC error for `message` (its id, or null) framed as a failure.
-fn fail(framing: &Framing, out: &mut Vec<u8>, message: &[u8], why: &str) {
+/// A wait with no end in sight (event streams): far enough to never fire.
+const FOREVER: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+
+/// Queues a JSON-RPC error for `message` (its id, or null).
+fn fail(outbox: &Outbox, message: &[u8], why: &str) {
     #[derive(Deserialize)]
     struct IdOnly<'a> {
         #[serde(borrow)]
@@ -298,10 +407,9 @@ fn fail(framing: &Framing, out: &mut Vec<u8>, message: &[u8], why: &str) {
         .ok()
         .and_then(|m| m.id)
         .map_or("null", RawValue::get);
-    let mut payload = take_buf();
+    let mut payload = Vec::with_capacity(96 + why.len());
     crate::echo::write_error(&mut payload, id, -32000, why);
-    (framing.fail)(out, &payload);
-    give_buf(payload);
+    outbox.push(Kind::Fail, payload);
 }
 
 /// The next complete server-sent event at the start of `data`: the bytes it used and its data

@@ -1,0 +1,154 @@
+//! What goes to one WebSocket or MCPB client from its upstream session: the replies of its
+//! forwarded messages and what the session's standalone stream brings, queued by the background
+//! tasks that receive them and written by the connection's own task (so frames never interleave).
+//!
+//! Owns the queue, the count of forwards in flight, and the wake-up of the connection task when
+//! either changes. Bounded: at most [`MAX_QUEUED`] messages wait; a producer that finds the queue
+//! full gives up (a session stream is dropped; a reply becomes an error for its message).
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+/// Messages waiting for the client beyond which producers give up.
+pub const MAX_QUEUED: usize = 1024;
+
+/// How a message is framed for the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Something the upstream sent (a reply, a notification, a request to the client).
+    Reply,
+    /// A JSON-RPC error the gateway made for a message it could not forward.
+    Fail,
+}
+
+#[derive(Default)]
+pub struct Outbox {
+    queue: RefCell<VecDeque<(Kind, Vec<u8>)>>,
+    in_flight: Cell<usize>,
+    /// Bumped on every push and every finished forward; [`Outbox::changed`] waits for a bump.
+    version: Cell<u64>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Outbox {
+    /// Queues a message; false when the queue is full.
+    pub fn push(&self, kind: Kind, message: Vec<u8>) -> bool {
+        {
+            let mut q = self.queue.borrow_mut();
+            if q.len() >= MAX_QUEUED {
+                return false;
+            }
+            q.push_back((kind, message));
+        }
+        self.bump();
+        true
+    }
+
+    fn bump(&self) {
+        self.version.set(self.version.get() + 1);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    pub fn has_messages(&self) -> bool {
+        !self.queue.borrow().is_empty()
+    }
+
+    /// Frames every queued message into `out`.
+    pub fn drain(
+        &self,
+        out: &mut Vec<u8>,
+        reply: fn(&mut Vec<u8>, &[u8]),
+        fail: fn(&mut Vec<u8>, &[u8]),
+    ) {
+        for (kind, m) in self.queue.borrow_mut().drain(..) {
+            match kind {
+                Kind::Reply => reply(out, &m),
+                Kind::Fail => fail(out, &m),
+            }
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+
+    pub fn started(&self) {
+        self.in_flight.set(self.in_flight.get() + 1);
+    }
+
+    pub fn finished(&self) {
+        self.in_flight.set(self.in_flight.get() - 1);
+        self.bump();
+    }
+
+    /// Resolves at the next push or finished forward after this call.
+    pub fn changed(&self) -> impl Future<Output = ()> + '_ {
+        Changed {
+            outbox: self,
+            seen: self.version.get(),
+        }
+    }
+
+    /// Resolves once a message is queued (at once if one is).
+    pub fn ready(&self) -> impl Future<Output = ()> + '_ {
+        Ready(self)
+    }
+}
+
+struct Changed<'a> {
+    outbox: &'a Outbox,
+    seen: u64,
+}
+
+impl Future for Changed<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.outbox.version.get() != self.seen {
+            return Poll::Ready(());
+        }
+        self.outbox.waker.set(Some(cx.waker().clone()));
+        Poll::Pending
+    }
+}
+
+struct Ready<'a>(&'a Outbox);
+
+impl Future for Ready<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0.has_messages() {
+            return Poll::Ready(());
+        }
+        self.0.waker.set(Some(cx.waker().clone()));
+        Poll::Pending
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_is_bounded_and_drained_in_order_with_its_framing() {
+        let o = Outbox::default();
+        assert!(o.push(Kind::Reply, b"a".to_vec()));
+        assert!(o.push(Kind::Fail, b"b".to_vec()));
+        let mut out = Vec::new();
+        o.drain(
+            &mut out,
+            |o, m| o.extend([b"R".as_slice(), m].concat()),
+            |o, m| o.extend([b"F".as_slice(), m].concat()),
+        );
+        assert_eq!(out, b"RaFb");
+        assert!(!o.has_messages());
+        for _ in 0..MAX_QUEUED {
+            assert!(o.push(Kind::Reply, Vec::new()));
+        }
+        assert!(!o.push(Kind::Reply, Vec::new()), "full");
+    }
+}
