@@ -19,11 +19,11 @@ use std::time::Instant;
 
 use monoio::net::TcpStream;
 
-use crate::conn::{give_buf, linger_close, read_more, take_buf, write_all, ReadError, Wait};
+use crate::conn::{give_buf, linger_close, read_more, take_buf, write_all, ReadError};
 use crate::echo;
 use crate::limiter::Permit;
 use crate::metrics::{Frontend, ProtocolError};
-use crate::upstream::rpc::{Framing, MsgSession, Woke};
+use crate::upstream::rpc::{Framing, MsgSession, Next};
 use crate::upstream::Outcome;
 use crate::worker::Worker;
 
@@ -136,30 +136,13 @@ pub fn serve(
         let mut session = MsgSession::new(ns, Frontend::Tcp);
         let mut pending: Option<Vec<u8>> = None;
         loop {
-            if pending.is_none() {
-                if worker.draining() {
-                    return;
-                }
-                match session.wait(worker, reg, &stream, s.idle_timeout).await {
-                    Woke::Client(Wait::Expired) => {
-                        // Draining: messages in flight still get their answers first.
-                        if session.in_flight() > 0 {
-                            let _ = session.settle(worker, &mut stream, &FRAMING).await;
-                        }
-                        return;
-                    }
-                    Woke::Client(Wait::Ready) => {}
-                    Woke::Queued => {
-                        if session
-                            .write_queued(worker, &mut stream, &FRAMING)
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        continue;
-                    }
-                }
+            if pending.is_none()
+                && session
+                    .next(worker, reg, &mut stream, s.idle_timeout, &FRAMING)
+                    .await
+                    != Next::Message
+            {
+                return;
             }
             match Box::pin(exchange(
                 worker,

@@ -22,12 +22,12 @@ use base64::Engine as _;
 use monoio::net::TcpStream;
 use sha1::{Digest, Sha1};
 
-use crate::conn::{give_buf, linger_close, read_more, take_buf, write_all, ReadError, Wait};
+use crate::conn::{give_buf, linger_close, read_more, take_buf, write_all, ReadError};
 use crate::echo;
 use crate::http::request::Upgrade;
 use crate::http::response;
 use crate::metrics::{Frontend, ProtocolError};
-use crate::upstream::rpc::{Framing, MsgSession, Woke};
+use crate::upstream::rpc::{Framing, MsgSession, Next};
 use crate::upstream::Outcome;
 use crate::worker::{Registration, Worker};
 
@@ -222,29 +222,16 @@ pub fn serve<'a>(
         let mut assembly = Assembly::default();
         let mut session = MsgSession::new(ns, Frontend::WebSocket);
         loop {
-            let mut expired = pending.is_none() && worker.draining();
-            if pending.is_none() && !expired {
-                match session.wait(worker, reg, &stream, s.idle_timeout).await {
-                    Woke::Client(w) => expired = w == Wait::Expired,
-                    Woke::Queued => {
-                        if session
-                            .write_queued(worker, &mut stream, &FRAMING)
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        continue;
-                    }
-                }
-            }
-            if expired {
-                // Draining: messages in flight still get their answers first.
-                if session.in_flight() > 0
-                    && session.settle(worker, &mut stream, &FRAMING).await.is_err()
+            let expired = pending.is_none()
+                && match session
+                    .next(worker, reg, &mut stream, s.idle_timeout, &FRAMING)
+                    .await
                 {
-                    return;
-                }
+                    Next::Message => false,
+                    Next::Expired => true,
+                    Next::Gone => return,
+                };
+            if expired {
                 let why = if worker.draining() {
                     CloseWith(1001, "gateway shutting down")
                 } else {

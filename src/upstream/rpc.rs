@@ -71,11 +71,22 @@ impl State {
 }
 
 /// What ended a wait for the next client message.
-pub enum Woke {
+enum Woke {
     /// The client's socket: bytes, or expiry (as [`wait_idle`] says).
     Client(Wait),
-    /// Messages for the client are queued: write them ([`MsgSession::write_queued`]).
+    /// Messages for the client are queued.
     Queued,
+}
+
+/// How [`MsgSession::next`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// The client sent something: read it.
+    Message,
+    /// Idle past the limit, or the gateway is draining (forwards in flight were answered first).
+    Expired,
+    /// The client went away.
+    Gone,
 }
 
 impl MsgSession {
@@ -166,8 +177,8 @@ impl MsgSession {
         }
     }
 
-    /// Writes the queued messages to the client (after [`Woke::Queued`]).
-    pub async fn write_queued(
+    /// Writes the queued messages to the client.
+    async fn write_queued(
         &self,
         worker: &Worker,
         client: &mut TcpStream,
@@ -183,7 +194,7 @@ impl MsgSession {
 
     /// Waits until every forward in flight has finished, writing what they send meanwhile
     /// (a connection closing while the gateway drains).
-    pub async fn settle(
+    async fn settle(
         &self,
         worker: &Worker,
         client: &mut TcpStream,
@@ -196,10 +207,40 @@ impl MsgSession {
         self.write_queued(worker, client, framing).await
     }
 
-    /// Waits for the client's next message as [`wait_idle`] does, or for queued messages. While
-    /// forwards are in flight, `idle_timeout` does not apply (a long tool call is not idleness);
-    /// a drain still ends the wait.
-    pub async fn wait(
+    /// Waits for the client's next message, holding no buffer (as [`wait_idle`] does), and writes
+    /// what comes back from the upstream meanwhile. While forwards are in flight `limit` does not
+    /// apply (a long tool call is not idleness); when the wait expires (idle, or the gateway
+    /// draining) the forwards in flight are answered first.
+    pub async fn next(
+        &self,
+        worker: &Worker,
+        reg: &Registration,
+        client: &mut TcpStream,
+        limit: std::time::Duration,
+        framing: &Framing,
+    ) -> Next {
+        loop {
+            let woke = if worker.draining() {
+                Woke::Client(Wait::Expired)
+            } else {
+                self.wait(worker, reg, client, limit).await
+            };
+            let done = match woke {
+                Woke::Client(Wait::Ready) => return Next::Message,
+                Woke::Client(Wait::Expired) => self.settle(worker, client, framing).await,
+                Woke::Queued => match self.write_queued(worker, client, framing).await {
+                    Ok(()) => continue,
+                    Err(gone) => Err(gone),
+                },
+            };
+            return match done {
+                Ok(()) => Next::Expired,
+                Err(ClientGone) => Next::Gone,
+            };
+        }
+    }
+
+    async fn wait(
         &self,
         worker: &Worker,
         reg: &Registration,
@@ -207,7 +248,7 @@ impl MsgSession {
         limit: std::time::Duration,
     ) -> Woke {
         let limit = if self.outbox.in_flight() > 0 {
-            std::time::Duration::from_secs(365 * 86_400)
+            FOREVER
         } else {
             limit
         };
