@@ -338,16 +338,12 @@ async fn forward(
     let u = lease.upstream;
     state.upstream.set(Some(u));
     let mut req = take_buf();
-    let id = state.id.borrow().clone();
-    wire::write_request(
-        &mut req,
-        "POST",
-        u,
-        "",
-        None,
-        id.as_deref(),
-        Some(message.len()),
-    );
+    let had_id = {
+        let id = state.id.borrow();
+        let len = Some(message.len());
+        wire::write_request(&mut req, "POST", u, "", None, id.as_deref(), len);
+        id.is_some()
+    };
     req.extend_from_slice(message);
     let started = Instant::now();
     let (mut up, mut buf, head) = match client::send(all, u, req, None).await {
@@ -361,7 +357,7 @@ async fn forward(
         }
     };
     lease.record(worker.metrics, Ok(head.status), started);
-    if id.is_none() {
+    if !had_id {
         if let Some(new) = head.session.clone() {
             *state.listener.borrow_mut() =
                 Some(listen::start(worker, u, new.clone(), outbox.clone()));
