@@ -15,7 +15,12 @@
 //! nothing else is published through the breaker, and a race costs at most one extra probe or one
 //! extra failure counted before the state word changes, never a stuck state (every transition is a
 //! CAS from the state it read, and the half-open probe flag is released on every probe result).
+//! The racy paths (two admissions competing for the probe, failures racing to open it, a probe's
+//! result racing a new admission) are model-checked with loom (`loom_tests` below).
 
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+#[cfg(not(loom))]
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -214,5 +219,70 @@ mod tests {
         b.record(Admit::Probe, false);
         assert_eq!(b.state(), State::Open);
         assert_eq!(b.admit(), Admit::No);
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    //! Run with `RUSTFLAGS="--cfg loom" cargo test --release --lib loom`.
+    use super::*;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    /// Open, and already past its cool-down (`open_for` 0): the next admissions compete.
+    fn open_and_cooled(success_threshold: u32) -> Breaker {
+        let b = Breaker::new(1, success_threshold, Duration::ZERO);
+        b.record(Admit::Yes, false);
+        b
+    }
+
+    #[test]
+    fn loom_two_admissions_get_one_probe() {
+        loom::model(|| {
+            let b = Arc::new(open_and_cooled(1));
+            let b2 = b.clone();
+            let h = thread::spawn(move || b2.admit());
+            let mine = b.admit();
+            let theirs = h.join().unwrap();
+            let probes = [mine, theirs]
+                .iter()
+                .filter(|a| **a == Admit::Probe)
+                .count();
+            assert_eq!(probes, 1, "{mine:?} {theirs:?}");
+            assert!([mine, theirs].contains(&Admit::No));
+            b.record(Admit::Probe, true);
+            assert_eq!(b.state(), State::Closed);
+        });
+    }
+
+    #[test]
+    fn loom_racing_failures_open_it() {
+        loom::model(|| {
+            let b = Arc::new(Breaker::new(2, 1, Duration::from_secs(60)));
+            let b2 = b.clone();
+            let h = thread::spawn(move || b2.record(Admit::Yes, false));
+            b.record(Admit::Yes, false);
+            h.join().unwrap();
+            assert_eq!(b.state(), State::Open);
+            assert_eq!(b.admit(), Admit::No);
+        });
+    }
+
+    #[test]
+    fn loom_probe_result_racing_an_admission_leaves_no_stuck_state() {
+        loom::model(|| {
+            let b = Arc::new(open_and_cooled(1));
+            assert_eq!(b.admit(), Admit::Probe);
+            let b2 = b.clone();
+            let h = thread::spawn(move || b2.admit());
+            b.record(Admit::Probe, true);
+            let theirs = h.join().unwrap();
+            if theirs != Admit::No {
+                b.record(theirs, true); // admitted (even as a late probe): its result comes back
+            }
+            // Closed, and nothing holds the probe: the next admission goes through.
+            assert_eq!(b.state(), State::Closed);
+            assert_eq!(b.admit(), Admit::Yes);
+        });
     }
 }
