@@ -3,6 +3,8 @@
 //!
 //! Owns an admitted HTTP connection from its first byte to its close (or to its hand-over to
 //! [`crate::websocket`] after an upgrade), and the replies owed to connections the limiter refused.
+//! Requests for a namespace of `builtin:echo` are answered here; those for HTTP upstreams are
+//! forwarded by [`proxy`], once their head is read (the body streams on from there).
 //!
 //! Invariants:
 //! - Between requests a connection holds no buffer: it waits for readiness, then the request is
@@ -13,8 +15,8 @@
 //! - Every refusal (400, 408, 413, 415, 431, 501) is a complete response with a JSON-RPC error
 //!   body and `Connection: close`, followed by a lingering close, so the client reads it instead
 //!   of a reset.
-//! - A request must arrive whole within `read_timeout` of its first byte; an idle keep-alive
-//!   connection is closed after `idle_timeout`.
+//! - A request must arrive whole within `read_timeout` of its first byte (a forwarded body too);
+//!   an idle keep-alive connection is closed after `idle_timeout`.
 
 pub mod proxy;
 pub mod request;
