@@ -22,7 +22,7 @@ use monoio::net::TcpStream;
 use crate::worker::{Registration, Worker};
 
 /// Capacity of a pooled buffer; requests that need more grow their buffer, which is then dropped
-/// instead of pooled when it is larger than [`MAX_POOLED`].
+/// instead of pooled when it is larger than `MAX_POOLED` (64 KiB).
 pub const BUF_SIZE: usize = 16 * 1024;
 const MAX_POOLED: usize = 64 * 1024;
 /// Buffers kept per core. Beyond this, returned buffers are freed.

@@ -142,7 +142,7 @@ impl CoreMetrics {
         self.active[door as usize].fetch_add(1, Relaxed);
     }
 
-    /// A connection of `door` closed (or moved to another door: see [`CoreMetrics::upgraded`]).
+    /// A connection of `door` closed (or moved to another door: see [`crate::worker::Registration::switch`]).
     pub fn closed(&self, door: Frontend) {
         self.active[door as usize].fetch_sub(1, Relaxed);
     }

@@ -1,6 +1,6 @@
 //! HTTP/1.1 response serialization into a reusable output buffer.
 //!
-//! One way to write a response: [`write`] (status line, headers, `Content-Length`, body), with
+//! One way to write a response: [`write()`] (status line, headers, `Content-Length`, body), with
 //! [`error`] for the JSON-RPC error bodies every refusal carries:
 //! `{"jsonrpc":"2.0","id":null,"error":{"code":-32000,"message":"..."}}`.
 

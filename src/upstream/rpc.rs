@@ -107,7 +107,7 @@ impl MsgSession {
     /// are queued as they come and written by the connection, in whatever order they complete
     /// (JSON-RPC matches them by id). Waits first, writing what arrives meanwhile, while the
     /// session is being set up (its first message in flight and no id yet) or while
-    /// [`MAX_IN_FLIGHT`] are in flight.
+    /// `MAX_IN_FLIGHT` (16) are in flight.
     pub async fn submit(
         &mut self,
         worker: &'static Worker,

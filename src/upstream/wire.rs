@@ -5,7 +5,7 @@
 //! - Hop-by-hop fields (RFC 9110 7.6.1: `Connection`, the fields it names, `Keep-Alive`,
 //!   `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, `Proxy-Authenticate`,
 //!   and `Proxy-Authorization` meant for the gateway) never cross; framing is re-done on each side.
-//! - Response heads are bounded ([`MAX_RESPONSE_HEAD`] bytes, [`MAX_RESPONSE_HEADERS`] fields);
+//! - Response heads are bounded (32 KiB, 96 fields);
 //!   ambiguous framing (two different lengths) is a bad response, never guessed at.
 
 use std::io::Write as _;
