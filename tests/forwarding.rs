@@ -514,6 +514,9 @@ fn weighted_follows_the_weights() {
 #[test]
 fn mcpb_requests_are_forwarded_with_notifications_and_failures_keep_the_connection() {
     let up = Mock::start(|req, s| {
+        if req.method != "POST" {
+            return respond(s, 405, &[], ""); // no session stream here; DELETE at the end
+        }
         if req.body_str().contains("\"initialize\"") {
             json_reply(s, req, "{}", &[("Mcp-Session-Id", "S1")]);
             return;
@@ -555,10 +558,11 @@ fn mcpb_requests_are_forwarded_with_notifications_and_failures_keep_the_connecti
     ))
     .unwrap();
     let (kind, e) = read_mcpb(&mut c);
-    assert_eq!(kind, 5, "an upstream failure is an Error frame");
+    assert_eq!(kind, 5, "an upstream failure is an Error frame: {e}");
     assert_eq!(
         (e["id"].clone(), e["error"]["code"].clone()),
-        (8.into(), (-32000).into())
+        (8.into(), (-32000).into()),
+        "{e}"
     );
     c.write_all(&mcpb_frame(4, b"")).unwrap();
     assert_eq!(read_mcpb(&mut c).0, 4, "the connection stays usable");

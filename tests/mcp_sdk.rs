@@ -8,9 +8,7 @@
 
 mod common;
 
-use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -43,26 +41,24 @@ fn py(dir: &str) -> String {
     format!("{}/tests/py/{dir}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Starts an SDK server named `name` and waits until it accepts connections.
+/// Starts an SDK server named `name`; it prints the port it listens on once it does.
 fn upstream(name: &str) -> (Py, String) {
-    let port = free_port();
-    let child = Command::new("python3")
-        .args([
-            &py("upstream.py"),
-            "--port",
-            &port.to_string(),
-            "--name",
-            name,
-        ])
-        .stdout(Stdio::null())
+    use std::io::BufRead;
+    let mut child = Command::new("python3")
+        .args([&py("upstream.py"), "--name", name])
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "SDK server {name} did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("SDK server {name} did not start: {line:?}"));
+    // It listens already (connections wait in its backlog until it serves them).
     (Py(child), format!("http://127.0.0.1:{port}/mcp"))
 }
 

@@ -35,8 +35,13 @@ pub fn start_with(server_yaml: &str, rest_yaml: &str) -> Gateway {
     if !server_yaml.contains("workers") {
         yaml.push_str("  workers: 2\n");
     }
+    // The TCP door needs a port of its own (0 disables it). It stays reserved until the gateway
+    // listens on it: see `reserve_port`.
+    let mut tcp_hold = None;
     if !server_yaml.contains("tcp_port") {
-        yaml.push_str(&format!("  tcp_port: {}\n", free_port()));
+        let (hold, port) = reserve_port();
+        tcp_hold = Some(hold);
+        yaml.push_str(&format!("  tcp_port: {port}\n"));
     }
     for line in server_yaml.lines().filter(|l| !l.trim().is_empty()) {
         yaml.push_str("  ");
@@ -74,14 +79,14 @@ pub fn start_with(server_yaml: &str, rest_yaml: &str) -> Gateway {
             }
         });
     }
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| {
-            panic!(
-                "gateway did not start; config:\n{yaml}\nlog:\n{}",
-                log.lock().unwrap()
-            )
-        });
+    let line = rx.recv_timeout(Duration::from_secs(20));
+    drop(tcp_hold);
+    let line = line.unwrap_or_else(|_| {
+        panic!(
+            "gateway did not start; config:\n{yaml}\nlog:\n{}",
+            log.lock().unwrap()
+        )
+    });
     let field = |name: &str| -> Option<SocketAddr> {
         let v = line
             .split_whitespace()
@@ -119,13 +124,21 @@ pub fn refusing_port() -> (socket2::Socket, u16) {
     (s, port)
 }
 
-/// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A port for a gateway's listener, held until the gateway binds it: a bound (not listening)
+/// dual-stack socket with `SO_REUSEPORT`, which the gateway's own `SO_REUSEPORT` listeners may
+/// join while no other process can take the port meanwhile. (With a port that was merely free a
+/// moment ago, another test's gateway could take it as its HTTP port, and `SO_REUSEPORT` would
+/// then silently split connections between the two processes.)
+pub fn reserve_port() -> (socket2::Socket, u16) {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+    s.set_only_v6(false).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.set_reuse_port(true).unwrap();
+    s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)).into())
+        .unwrap();
+    let port = s.local_addr().unwrap().as_socket().unwrap().port();
+    (s, port)
 }
 
 impl Gateway {

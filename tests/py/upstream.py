@@ -1,22 +1,25 @@
 """A real MCP server (official Python SDK, Streamable HTTP) used as an upstream in tests.
 
-usage: upstream.py --port P --name NAME [--json]
+usage: upstream.py --name NAME [--json]
+Listens on a free port of 127.0.0.1 of its own choosing and prints that port on its first line.
 Tools: whoami (returns NAME), echo(message), progress(steps, pause) which sends `steps`
 progress notifications `pause` seconds apart before answering, and announce, which sends
 notifications/tools/list_changed on the session's standalone stream.
 """
 import argparse
 import asyncio
+import socket
+
+import uvicorn
 
 from mcp.server.fastmcp import Context, FastMCP
 
 p = argparse.ArgumentParser()
-p.add_argument("--port", type=int, required=True)
 p.add_argument("--name", required=True)
 p.add_argument("--json", action="store_true", help="answer with JSON instead of SSE")
 args = p.parse_args()
 
-mcp = FastMCP(args.name, host="127.0.0.1", port=args.port, json_response=args.json, log_level="WARNING")
+mcp = FastMCP(args.name, host="127.0.0.1", json_response=args.json, log_level="WARNING")
 
 
 @mcp.tool()
@@ -47,4 +50,11 @@ async def progress(steps: int, pause: float, ctx: Context) -> str:
     return f"{args.name} done"
 
 
-mcp.run(transport="streamable-http")
+# The listening socket is made here, so the port is this process's from the start (no window in
+# which another process could take a port found free a moment ago).
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+sock.listen(128)
+print(sock.getsockname()[1], flush=True)
+server = uvicorn.Server(uvicorn.Config(mcp.streamable_http_app(), log_level="warning"))
+asyncio.run(server.serve(sockets=[sock]))
