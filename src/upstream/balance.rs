@@ -169,7 +169,7 @@ impl Drop for Lease<'_> {
     fn drop(&mut self) {
         if self.admit == Admit::Probe {
             // Dropped before a result (the client left): free the probe without judging.
-            self.upstream.breaker.record(Admit::Probe, true);
+            self.upstream.breaker.release_probe();
         }
         let c = &self.balancer.in_flight[self.upstream.index];
         c.set(c.get() - 1);

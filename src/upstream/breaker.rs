@@ -163,6 +163,12 @@ impl Breaker {
         }
     }
 
+    /// Frees the half-open probe without a verdict (its request ended with no answer to judge,
+    /// e.g. the client left): the next admission probes again.
+    pub fn release_probe(&self) {
+        self.probing.store(false, Relaxed);
+    }
+
     fn open_from(&self, from: u8) {
         self.opened_ms.store(now_ms(), Relaxed);
         if self
@@ -207,6 +213,21 @@ mod tests {
         b.record(Admit::Probe, true);
         assert_eq!(b.state(), State::Closed);
         assert_eq!(b.admit(), Admit::Yes);
+    }
+
+    #[test]
+    fn a_probe_released_without_a_verdict_counts_for_nothing() {
+        let b = Breaker::new(1, 1, Duration::from_millis(20));
+        b.record(Admit::Yes, false);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(b.admit(), Admit::Probe);
+        b.release_probe();
+        assert_eq!(
+            b.state(),
+            State::HalfOpen,
+            "not closed by a request nobody judged"
+        );
+        assert_eq!(b.admit(), Admit::Probe, "the next admission probes");
     }
 
     #[test]
