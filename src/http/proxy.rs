@@ -76,15 +76,19 @@ pub async fn forward(
         Method::Other => unreachable!("the door answers other methods itself"),
     };
     let raw_head = &buf[..head.len];
-    let session = head.session.map(|(a, b)| &raw_head[a..b]);
-    let lease = match session {
+    // With a session id: its upstream, and the id without the tag, as that upstream issued it.
+    let mut upstream_session = None;
+    let lease = match head.session.map(|(a, b)| &raw_head[a..b]) {
         Some(id) => match all.session(ns, id) {
-            Some((u, _)) => worker.balancer.pinned(u).map_err(|f| (f, true)),
+            Some((u, own)) => {
+                upstream_session = Some(own);
+                worker.balancer.pinned(u).map_err(|f| (f, true))
+            }
             None => Err((Failure::NoUpstream, true)),
         },
         None => worker.balancer.pick(all, ns).map_err(|f| (f, false)),
     };
-    let pinned = session.is_some();
+    let pinned = head.session.is_some();
     let mut lease = match lease {
         Ok(l) => l,
         Err((f, pinned)) => {
@@ -93,7 +97,6 @@ pub async fn forward(
         }
     };
     let u = lease.upstream;
-    let upstream_session = session.map(|id| &id[crate::upstream::TAG_LEN..]);
     let body_len = match &body {
         ReqBody::InBuf(r) => Some(r.len()),
         ReqBody::Stream {
@@ -143,7 +146,8 @@ pub async fn forward(
                 Err(Sent::Upstream(f)) => {
                     lease.record(worker.metrics, Err(f), Instant::now());
                     out.clear();
-                    return fail(worker, client, out, f, false, false).await;
+                    let gone = pinned && f == Failure::Connect;
+                    return fail(worker, client, out, f, gone, false).await;
                 }
                 Err(Sent::Client(ended)) => return ended,
             }

@@ -54,8 +54,9 @@ pub struct ClientHead<'a> {
 }
 
 /// True for a hop-by-hop field: one of RFC 9110's list, or one named by a `Connection` field of
-/// `headers`. No allocation: `Connection` values are scanned in place (they are short).
-fn is_hop_by_hop(name: &str, headers: &[httparse::Header<'_>]) -> bool {
+/// `headers` when `named` (see [`names_fields`]). No allocation: `Connection` values are scanned
+/// in place (they are short).
+fn is_hop_by_hop(name: &str, headers: &[httparse::Header<'_>], named: bool) -> bool {
     const HOP: [&str; 8] = [
         "connection",
         "keep-alive",
@@ -67,7 +68,14 @@ fn is_hop_by_hop(name: &str, headers: &[httparse::Header<'_>]) -> bool {
         "proxy-authenticate",
     ];
     HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-        || connection_tokens(headers).any(|t| name.eq_ignore_ascii_case(t))
+        || (named && connection_tokens(headers).any(|t| name.eq_ignore_ascii_case(t)))
+}
+
+/// Whether a `Connection` field names other fields than its usual `keep-alive` and `close`
+/// (checked once per head, so the common head costs no per-field scan of `Connection`).
+fn names_fields(headers: &[httparse::Header<'_>]) -> bool {
+    connection_tokens(headers)
+        .any(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
 }
 
 /// The tokens of every `Connection` field.
@@ -144,11 +152,14 @@ pub fn parse_response(
         BodyKind::UntilClose
     };
     if let Some(c) = client {
+        let named = names_fields(res.headers);
         let out = &mut *c.out;
         let reason = res.reason.unwrap_or("");
         let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
         for h in res.headers.iter() {
-            if is_hop_by_hop(h.name, res.headers) || h.name.eq_ignore_ascii_case("content-length") {
+            if is_hop_by_hop(h.name, res.headers, named)
+                || h.name.eq_ignore_ascii_case("content-length")
+            {
                 continue;
             }
             out.extend_from_slice(h.name.as_bytes());
@@ -211,8 +222,9 @@ pub fn write_request(
         let mut headers = [httparse::EMPTY_HEADER; crate::http::request::MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
         if let Ok(httparse::Status::Complete(_)) = req.parse(raw) {
+            let named = names_fields(req.headers);
             for h in req.headers.iter() {
-                let skip = is_hop_by_hop(h.name, req.headers)
+                let skip = is_hop_by_hop(h.name, req.headers, named)
                     || [
                         "host",
                         "content-length",
