@@ -672,8 +672,8 @@ fn request_bodies_stream_to_the_upstream_as_they_arrive() {
         "x".repeat(2000)
     );
 
-    // Content-Length, sent in two parts: the upstream connection is opened and the head and first
-    // part forwarded before the rest exists (the mock's parser waits for the whole body).
+    // Content-Length, sent in two parts, arrives whole and with its length (that the first part
+    // goes out before the second exists is what the next test checks).
     let mut c = connect_from("127.0.0.2", gw.http);
     let head = format!("POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
     c.write_all(head.as_bytes()).unwrap();
@@ -833,4 +833,55 @@ fn a_client_answers_a_request_the_server_sends_in_the_middle_of_a_call() {
         (done["id"].clone(), done["result"]["answer"].clone()),
         (5.into(), "accept".into())
     );
+}
+
+#[test]
+fn a_request_body_reaches_the_upstream_before_it_is_complete() {
+    // A raw upstream that reports what it has received once it holds the head and 100 body bytes:
+    // a gateway that waited for the whole body would never get there before the client sends the
+    // rest, which the client only does after that report.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let (seen_tx, seen_rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let body_at = |g: &[u8]| g.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+        while body_at(&got).is_none_or(|at| got.len() < at + 100) {
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "the gateway closed early");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        let _ = seen_tx.send(String::from_utf8_lossy(&got).to_string());
+        let at = body_at(&got).unwrap();
+        while got.len() < at + 2060 {
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "the gateway closed early");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        respond(
+            &mut s,
+            200,
+            &[("Content-Type", "application/json")],
+            r#"{"whole":true}"#,
+        );
+    });
+    let gw = start_with("", &endpoints(&[("default", &[&url])], ROUTING));
+    let body = "x".repeat(2060);
+    let mut c = connect_from("127.0.0.2", gw.http);
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    c.write_all(&body.as_bytes()[..100]).unwrap();
+    let seen = seen_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the upstream got the head and the first bytes before the rest was sent");
+    assert!(seen.contains("Content-Length: 2060"), "{seen}");
+    c.write_all(&body.as_bytes()[100..]).unwrap();
+    let r = read_response(&mut c, &mut Vec::new()).unwrap();
+    assert_eq!((r.status, r.json()["whole"].clone()), (200, true.into()));
 }
