@@ -3,6 +3,9 @@
 //! "present" addresses already hold a connection (the slot exists: one compare-and-swap each
 //! way); "new" ones do not (every acquire claims a slot and every release frees it).
 //!
+//! A third design, `global-count-only`, is the limiter with the per-IP limit off: only the one
+//! cache-padded global `AtomicUsize` of the contract, the floor under any per-IP table.
+//!
 //! `cargo bench --bench limiter`. Two-thread cases use `iter_custom`: both threads run the same
 //! number of acquire+release pairs and the reported time is wall time per pair per thread, so a
 //! design that scales shows the same time as with one thread and a contended one shows more.
@@ -110,6 +113,12 @@ fn designs() -> Vec<(&'static str, Arc<dyn Design>)> {
     vec![
         ("lock-free", Arc::new(Ours(held))),
         ("mutex-hashmap", Arc::new(mutex)),
+        // The floor of the contract's shape: the one global `AtomicUsize` alone (per-IP limit
+        // off), which every admission and release must write whatever the per-IP table does.
+        (
+            "global-count-only",
+            Arc::new(Ours(Limiter::new(50_000, 0).leak())),
+        ),
     ]
 }
 
