@@ -107,10 +107,20 @@ pub struct CoreMetrics {
     protocol_errors: [[AtomicU64; 3]; 3],
     requests: [AtomicU64; 3],
     latency: [Histo; 3],
-    /// Requests to each configured upstream by [`Outcome`], in `Upstreams::all` order.
-    upstream_outcomes: Box<[[AtomicU64; Outcome::COUNT]]>,
-    /// Time to each upstream's response head, per upstream.
-    upstream_latency: Box<[Histo]>,
+    /// Per configured upstream, in `Upstreams::all` order. Padded: the cores' boxes are separate
+    /// heap allocations that would otherwise share cache lines with each other.
+    upstreams: Box<[CachePadded<UpstreamCounters>]>,
+}
+
+/// One core's counters for one upstream.
+#[derive(Default)]
+struct UpstreamCounters {
+    /// Requests by [`Outcome`].
+    outcomes: [AtomicU64; Outcome::COUNT],
+    /// Time to the response head.
+    latency: Histo,
+    /// Requests (and event streams) in flight from this core: what `least_connections` compares.
+    in_flight: AtomicI64,
 }
 
 impl CoreMetrics {
@@ -123,17 +133,31 @@ impl CoreMetrics {
             protocol_errors: Default::default(),
             requests: Default::default(),
             latency: Default::default(),
-            upstream_outcomes: (0..upstreams).map(|_| Default::default()).collect(),
-            upstream_latency: (0..upstreams).map(|_| Histo::default()).collect(),
+            upstreams: (0..upstreams).map(|_| Default::default()).collect(),
         }
     }
 
     /// A request to upstream `i` ended with `outcome`; `took`: time to its response head.
     pub fn upstream(&self, i: usize, outcome: Outcome, took: Option<Duration>) {
-        self.upstream_outcomes[i][outcome as usize].fetch_add(1, Relaxed);
+        let u = &self.upstreams[i];
+        u.outcomes[outcome as usize].fetch_add(1, Relaxed);
         if let Some(d) = took {
-            self.upstream_latency[i].observe(d);
+            u.latency.observe(d);
         }
+    }
+
+    /// A request to upstream `i` began: in flight until [`CoreMetrics::upstream_ended`].
+    pub fn upstream_started(&self, i: usize) {
+        self.upstreams[i].in_flight.fetch_add(1, Relaxed);
+    }
+
+    pub fn upstream_ended(&self, i: usize) {
+        self.upstreams[i].in_flight.fetch_sub(1, Relaxed);
+    }
+
+    /// Requests in flight to upstream `i` from this core.
+    pub fn upstream_in_flight(&self, i: usize) -> i64 {
+        self.upstreams[i].in_flight.load(Relaxed)
     }
 
     /// A connection was admitted on `door`.
@@ -361,10 +385,26 @@ impl Metrics {
                 .map(|u| (up(u), u.breaker.state() as i64 as f64))
                 .collect(),
         ));
+        fams.push(gauge(
+            "mcp_gateway_upstream_in_flight",
+            "Requests and event streams in flight to each upstream, all cores.",
+            self.upstreams
+                .all
+                .iter()
+                .map(|u| {
+                    let n: i64 = self
+                        .cores
+                        .iter()
+                        .map(|c| c.upstream_in_flight(u.index))
+                        .sum();
+                    (up(u), n as f64)
+                })
+                .collect(),
+        ));
         let mut outcomes = Vec::new();
         for u in &self.upstreams.all {
             for (k, label) in Outcome::LABELS.iter().enumerate() {
-                let v = self.sum(|c| c.upstream_outcomes[u.index][k].load(Relaxed));
+                let v = self.sum(|c| c.upstreams[u.index].outcomes[k].load(Relaxed));
                 let mut l = up(u);
                 l.push(("outcome", label));
                 outcomes.push((l, v as f64));
@@ -404,7 +444,7 @@ impl Metrics {
             MetricType::HISTOGRAM,
         );
         for u in &self.upstreams.all {
-            let h = self.histogram(|c| &c.upstream_latency[u.index]);
+            let h = self.histogram(|c| &c.upstreams[u.index].latency);
             let l = [
                 ("namespace", u.namespace.as_str()),
                 ("upstream", u.url.as_str()),

@@ -76,7 +76,7 @@ impl Worker {
             index,
             shared,
             metrics: shared.metrics.core(index),
-            balancer: Balancer::new(shared.upstreams, index),
+            balancer: Balancer::new(shared.upstreams, index, shared.metrics.core(index)),
             draining: Cell::new(false),
             conns: RefCell::new(Slab::new()),
             epoch: Instant::now(),

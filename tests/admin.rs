@@ -49,10 +49,7 @@ fn metrics_under_load_pass_promtool_and_match_held_connections() {
     }
     for _ in 0..2 {
         let mut s = connect_from("127.0.0.5", gw.http);
-        let r = roundtrip(
-            &mut s,
-            "GET /mcp HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        );
+        let r = roundtrip(&mut s, WS_UPGRADE);
         assert_eq!(r.status, 101);
         held.push(s);
     }

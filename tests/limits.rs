@@ -87,10 +87,7 @@ fn doors_share_one_per_ip_count() {
     let mut http = connect_from("127.0.0.7", gw.http);
     assert_eq!(roundtrip(&mut http, &post_mcp(TOOLS_LIST)).status, 200);
     let mut ws = connect_from("127.0.0.7", gw.http);
-    let up = roundtrip(
-        &mut ws,
-        "GET /mcp HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    );
+    let up = roundtrip(&mut ws, WS_UPGRADE);
     assert_eq!(up.status, 101);
     let mut tcp = connect_from("127.0.0.7", gw.tcp.unwrap());
     tcp.write_all(&[b'M', b'C', b'P', b'B', 0, 1, 0, 4, 0, 0, 0, 0])

@@ -9,10 +9,7 @@ use common::*;
 
 fn upgrade(gw: &Gateway) -> TcpStream {
     let mut s = connect_from("127.0.0.2", gw.http);
-    let r = roundtrip(
-        &mut s,
-        "GET /mcp HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mcp\r\n\r\n",
-    );
+    let r = roundtrip(&mut s, WS_UPGRADE);
     assert_eq!(r.status, 101);
     assert_eq!(
         r.header("sec-websocket-accept"),
@@ -20,26 +17,6 @@ fn upgrade(gw: &Gateway) -> TcpStream {
     );
     assert_eq!(r.header("sec-websocket-protocol"), Some("mcp"));
     s
-}
-
-/// A masked client frame.
-fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x12, 0x34, 0x56, 0x78];
-    let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n < 65536 => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
 }
 
 /// Reads one server frame: (opcode, payload).
@@ -78,23 +55,24 @@ fn messages_ping_fragments_and_close() {
         0.0
     );
 
-    s.write_all(&frame(true, 1, TOOLS_LIST.as_bytes())).unwrap();
+    s.write_all(&ws_frame(true, 1, TOOLS_LIST.as_bytes()))
+        .unwrap();
     let (op, reply) = read_frame(&mut s);
     assert_eq!(op, 1);
     let v: serde_json::Value = serde_json::from_slice(&reply).unwrap();
     assert_eq!(v["result"]["tools"][0]["name"], "echo");
 
-    s.write_all(&frame(true, 9, b"are you there")).unwrap();
+    s.write_all(&ws_frame(true, 9, b"are you there")).unwrap();
     assert_eq!(read_frame(&mut s), (10, b"are you there".to_vec()));
 
     // A message in three fragments with a ping between them.
     let msg = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo","arguments":{"message":"in pieces"}}}"#;
     let (a, rest) = msg.as_bytes().split_at(20);
     let (b, c) = rest.split_at(30);
-    let mut bytes = frame(false, 1, a);
-    bytes.extend(frame(false, 0, b));
-    bytes.extend(frame(true, 9, b"p"));
-    bytes.extend(frame(true, 0, c));
+    let mut bytes = ws_frame(false, 1, a);
+    bytes.extend(ws_frame(false, 0, b));
+    bytes.extend(ws_frame(true, 9, b"p"));
+    bytes.extend(ws_frame(true, 0, c));
     s.write_all(&bytes).unwrap();
     assert_eq!(read_frame(&mut s), (10, b"p".to_vec()));
     let (_, reply) = read_frame(&mut s);
@@ -102,13 +80,13 @@ fn messages_ping_fragments_and_close() {
     assert_eq!(v["result"]["content"][0]["text"], "in pieces");
 
     // Notifications get no message back; the close handshake echoes the code.
-    s.write_all(&frame(
+    s.write_all(&ws_frame(
         true,
         1,
         br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
     ))
     .unwrap();
-    s.write_all(&frame(true, 8, &1000u16.to_be_bytes()))
+    s.write_all(&ws_frame(true, 8, &1000u16.to_be_bytes()))
         .unwrap();
     let (op, payload) = read_frame(&mut s);
     assert_eq!((op, &payload[..2]), (8, &1000u16.to_be_bytes()[..]));
@@ -131,12 +109,12 @@ fn expect_close(s: &mut TcpStream, code: u16) {
 fn protocol_violations_close_with_the_rfc_code() {
     let gw = start("max_message_size: 1024");
     let mut s = upgrade(&gw);
-    s.write_all(&frame(true, 1, &vec![b'a'; 2000])).unwrap();
+    s.write_all(&ws_frame(true, 1, &vec![b'a'; 2000])).unwrap();
     expect_close(&mut s, 1009);
 
     let mut s = upgrade(&gw);
-    let mut bytes = frame(false, 1, &[b'['; 600]);
-    bytes.extend(frame(true, 0, &[b' '; 600]));
+    let mut bytes = ws_frame(false, 1, &[b'['; 600]);
+    bytes.extend(ws_frame(true, 0, &[b' '; 600]));
     s.write_all(&bytes).unwrap();
     expect_close(&mut s, 1009);
 
@@ -145,11 +123,11 @@ fn protocol_violations_close_with_the_rfc_code() {
     expect_close(&mut s, 1002);
 
     let mut s = upgrade(&gw);
-    s.write_all(&frame(true, 1, &[0xff, 0xfe])).unwrap();
+    s.write_all(&ws_frame(true, 1, &[0xff, 0xfe])).unwrap();
     expect_close(&mut s, 1007);
 
     let mut s = upgrade(&gw);
-    s.write_all(&frame(true, 2, b"{}")).unwrap();
+    s.write_all(&ws_frame(true, 2, b"{}")).unwrap();
     expect_close(&mut s, 1003);
     assert_eq!(
         gw.metric("mcp_gateway_protocol_errors_total{frontend=\"websocket\",kind=\"too_large\"}"),

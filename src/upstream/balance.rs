@@ -1,10 +1,11 @@
 //! Choosing an upstream, per core: `round_robin`, `least_connections` and `weighted` (smooth
 //! weighted round robin, as nginx does it), over the namespace's upstreams that are in service.
 //!
-//! Owns each core's balancing state ([`Balancer`], kept by the worker): round-robin positions,
-//! weighted-round-robin credits and the count of requests in flight per upstream. Nothing here is
-//! shared between cores, so choosing costs no atomic write; each core balances its own traffic,
-//! which over many connections spreads the same way.
+//! Owns each core's balancing state ([`Balancer`], kept by the worker): round-robin positions and
+//! weighted-round-robin credits. The count of requests in flight per upstream is the core's own
+//! metric (`mcp_gateway_upstream_in_flight`), one count for both uses. Nothing here is shared
+//! between cores; each core balances its own traffic, which over many connections spreads the
+//! same way.
 //!
 //! Invariant: every [`Lease`] counts one request in flight on its upstream from the pick until it
 //! drops, whatever ends the request, so `least_connections` counts go down as well as up.
@@ -23,24 +24,24 @@ pub struct Balancer {
     next: Box<[Cell<usize>]>,
     /// Smooth-weighted credits, per upstream.
     credit: Box<[Cell<i64>]>,
-    /// Requests (and streams) in flight from this core, per upstream.
-    in_flight: Box<[Cell<u32>]>,
+    /// This core's metrics, which hold its requests (and streams) in flight per upstream.
+    metrics: &'static CoreMetrics,
 }
 
 impl Balancer {
     /// Core `core`'s state. Its round-robin positions start at `core`, so the first requests on
     /// different cores go to different upstreams.
-    pub fn new(u: &Upstreams, core: usize) -> Balancer {
+    pub fn new(u: &Upstreams, core: usize, metrics: &'static CoreMetrics) -> Balancer {
         Balancer {
             next: u.namespaces.iter().map(|_| Cell::new(core)).collect(),
             credit: u.all.iter().map(|_| Cell::new(0)).collect(),
-            in_flight: u.all.iter().map(|_| Cell::new(0)).collect(),
+            metrics,
         }
     }
 
     /// Requests in flight on upstream `i` from this core.
-    pub fn in_flight(&self, i: usize) -> u32 {
-        self.in_flight[i].get()
+    pub fn in_flight(&self, i: usize) -> i64 {
+        self.metrics.upstream_in_flight(i)
     }
 
     /// Picks an in-service upstream of namespace `ns` and admits a request to it.
@@ -61,7 +62,7 @@ impl Balancer {
                 Strategy::LeastConnections => (0..n)
                     .map(|k| (start + k) % n)
                     .filter(|i| candidate(*i))
-                    .min_by_key(|i| self.in_flight[members[*i]].get()),
+                    .min_by_key(|i| self.in_flight(members[*i])),
                 Strategy::Weighted => self.smooth_weighted(all, members, candidate),
             };
             let Some(i) = chosen else { break };
@@ -86,8 +87,7 @@ impl Balancer {
     }
 
     fn lease<'a>(&'a self, u: &'static Upstream, admit: Admit) -> Lease<'a> {
-        let c = &self.in_flight[u.index];
-        c.set(c.get() + 1);
+        self.metrics.upstream_started(u.index);
         Lease {
             balancer: self,
             upstream: u,
@@ -171,8 +171,7 @@ impl Drop for Lease<'_> {
             // Dropped before a result (the client left): free the probe without judging.
             self.upstream.breaker.release_probe();
         }
-        let c = &self.balancer.in_flight[self.upstream.index];
-        c.set(c.get() - 1);
+        self.balancer.metrics.upstream_ended(self.upstream.index);
     }
 }
 
@@ -180,6 +179,13 @@ impl Drop for Lease<'_> {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::limiter::Limiter;
+    use crate::metrics::Metrics;
+
+    fn balancer(u: &'static Upstreams) -> Balancer {
+        let limiter = Limiter::new(10, 0).leak();
+        Balancer::new(u, 0, Metrics::new(1, limiter, u).leak().core(0))
+    }
 
     fn upstreams(strategy: &str, weights: &[u32]) -> &'static Upstreams {
         let mut yaml = format!(
@@ -205,7 +211,7 @@ mod tests {
     #[test]
     fn round_robin_rotates_and_skips_what_is_out() {
         let u = upstreams("round_robin", &[1, 1, 1]);
-        let b = Balancer::new(u, 0);
+        let b = balancer(u);
         assert_eq!(picks(&b, u, 6), [0, 1, 2, 0, 1, 2]);
         u.all[1].set_healthy(false);
         assert!(!picks(&b, u, 6).contains(&1));
@@ -220,7 +226,7 @@ mod tests {
     #[test]
     fn least_connections_counts_go_down_as_well_as_up() {
         let u = upstreams("least_connections", &[1, 1]);
-        let b = Balancer::new(u, 0);
+        let b = balancer(u);
         let first = b.pick(u, 0).unwrap();
         let a = first.upstream.index;
         // While `first` is in flight, every new pick goes to the other one.
@@ -237,7 +243,7 @@ mod tests {
     #[test]
     fn weighted_follows_the_weights_smoothly() {
         let u = upstreams("weighted", &[5, 1, 1]);
-        let b = Balancer::new(u, 0);
+        let b = balancer(u);
         let got = picks(&b, u, 7);
         assert_eq!(got.iter().filter(|i| **i == 0).count(), 5);
         assert_eq!(got.iter().filter(|i| **i == 1).count(), 1);
@@ -246,7 +252,7 @@ mod tests {
         let none = upstreams("weighted", &[1]);
         none.all[0].set_healthy(false);
         assert_eq!(
-            Balancer::new(none, 0).pick(none, 0).err(),
+            balancer(none).pick(none, 0).err(),
             Some(Failure::NoUpstream)
         );
     }
