@@ -650,6 +650,59 @@ fn what_the_upstream_sends_on_its_own_reaches_an_mcpb_client_between_messages() 
 }
 
 #[test]
+fn session_requests_name_the_protocol_version_that_initialize_negotiated() {
+    // (method, the request's MCP-Protocol-Version) of every request the upstream gets.
+    let (seen_tx, seen_rx) = mpsc::channel::<(String, Option<String>)>();
+    let seen_tx = Mutex::new(seen_tx);
+    let up = Mock::start(move |req, s| {
+        let version = req.header("mcp-protocol-version").map(str::to_string);
+        let _ = seen_tx.lock().unwrap().send((req.method.clone(), version));
+        match req.method.as_str() {
+            "GET" => respond(s, 405, &[], ""),
+            "DELETE" => respond(s, 200, &[], ""),
+            _ if req.body_str().contains("initialize") => json_reply(
+                s,
+                req,
+                r#"{"protocolVersion":"2025-06-18","capabilities":{}}"#,
+                &[("Mcp-Session-Id", "S4")],
+            ),
+            _ => json_reply(s, req, "{}", &[]),
+        }
+    });
+    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
+    let mut c = TcpStream::connect(gw.tcp.unwrap()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(&mcpb_frame(1, INIT.as_bytes())).unwrap();
+    let (kind, r) = read_mcpb(&mut c);
+    assert_eq!(
+        (kind, r["result"]["protocolVersion"].clone()),
+        (2, "2025-06-18".into())
+    );
+    c.write_all(&mcpb_frame(
+        1,
+        br#"{"jsonrpc":"2.0","id":5,"method":"ping"}"#,
+    ))
+    .unwrap();
+    assert_eq!(read_mcpb(&mut c).0, 2);
+    drop(c);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|(m, _): &(String, _)| m == "DELETE") {
+        seen.push(
+            seen_rx
+                .recv_timeout(Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("no DELETE after {seen:?}")),
+        );
+    }
+    let v = Some("2025-06-18".to_string());
+    assert_eq!(seen[0], ("POST".into(), None), "nothing negotiated yet");
+    for method in ["GET", "POST", "DELETE"] {
+        let later: Vec<_> = seen[1..].iter().filter(|(m, _)| m == method).collect();
+        assert!(!later.is_empty(), "a later {method} in {seen:?}");
+        assert!(later.iter().all(|(_, got)| *got == v), "{method}: {seen:?}");
+    }
+}
+
+#[test]
 fn request_bodies_stream_to_the_upstream_as_they_arrive() {
     let (got_tx, got_rx) = mpsc::channel::<(String, Option<String>, String)>();
     let got_tx = Mutex::new(got_tx);

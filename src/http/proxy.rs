@@ -112,7 +112,7 @@ pub async fn forward(
         method,
         u,
         query,
-        Some(raw_head),
+        wire::Fields::Client(raw_head),
         upstream_session,
         body_len,
     );

@@ -28,26 +28,37 @@ pub struct Listener {
     _stop: oneshot::Sender<()>,
 }
 
-/// Starts listening on session `id` of `u`, queueing what comes into `outbox`.
+/// Starts listening on session `id` of `u` (which negotiated `protocol`), queueing what comes
+/// into `outbox`.
 pub fn start(
     worker: &'static Worker,
     u: &'static Upstream,
     id: Vec<u8>,
+    protocol: Option<Vec<u8>>,
     outbox: Rc<Outbox>,
 ) -> Listener {
     let (stop_tx, mut stop_rx) = oneshot::channel();
     monoio::spawn(async move {
         monoio::select! {
-            _ = listen(worker, u, id, &outbox) => {}
+            _ = listen(worker, u, id, protocol, &outbox) => {}
             _ = &mut stop_rx => {}
         }
     });
     Listener { _stop: stop_tx }
 }
 
-async fn listen(worker: &'static Worker, u: &'static Upstream, id: Vec<u8>, queue: &Outbox) {
+async fn listen(
+    worker: &'static Worker,
+    u: &'static Upstream,
+    id: Vec<u8>,
+    protocol: Option<Vec<u8>>,
+    queue: &Outbox,
+) {
     let mut req = take_buf();
-    wire::write_request(&mut req, "GET", u, "", None, Some(&id), Some(0));
+    let fields = wire::Fields::Gateway {
+        protocol: protocol.as_deref(),
+    };
+    wire::write_request(&mut req, "GET", u, "", fields, Some(&id), Some(0));
     let Ok((mut up, mut buf, head)) = client::send(worker.shared.upstreams, u, req, None).await
     else {
         return;

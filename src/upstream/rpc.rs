@@ -26,7 +26,7 @@ use serde_json::value::RawValue;
 use super::client;
 use super::listen::{self, Listener};
 use super::outbox::{Kind, Outbox};
-use super::wire::{self, Body};
+use super::wire::{self, Body, Fields};
 use super::{Failure, Outcome, Upstream};
 use crate::conn::{give_buf, read_more, take_buf, wait_idle, write_all, ReadError, Wait};
 use crate::metrics::Frontend;
@@ -57,6 +57,8 @@ struct State {
     upstream: Cell<Option<&'static Upstream>>,
     /// The upstream's session id, once it issued one.
     id: RefCell<Option<Vec<u8>>>,
+    /// The protocol version `initialize` negotiated (sent upstream as `MCP-Protocol-Version`).
+    protocol: RefCell<Option<Vec<u8>>>,
     /// The session's standalone stream, once it has an id.
     listener: RefCell<Option<Listener>>,
 }
@@ -65,6 +67,7 @@ impl State {
     /// Drops the session without ending it upstream (it is gone there already).
     fn forget(&self) {
         self.id.borrow_mut().take();
+        self.protocol.borrow_mut().take();
         self.upstream.set(None);
         self.listener.borrow_mut().take();
     }
@@ -268,21 +271,30 @@ impl Drop for MsgSession {
         self.stops.clear(); // cancels the forwards in flight
         let u = self.state.upstream.get();
         let id = self.state.id.borrow_mut().take();
+        let protocol = self.state.protocol.borrow_mut().take();
         self.state.listener.borrow_mut().take();
         let (Some(u), Some(id), Some(worker)) = (u, id, self.worker) else {
             return;
         };
         // While draining (and when the runtime itself is being dropped) nothing new is spawned.
         if !worker.draining() {
-            monoio::spawn(end_session(worker, u, id));
+            monoio::spawn(end_session(worker, u, id, protocol));
         }
     }
 }
 
 /// Sends `DELETE` for session `id` to `u`; the answer is read and discarded.
-async fn end_session(worker: &'static Worker, u: &'static Upstream, id: Vec<u8>) {
+async fn end_session(
+    worker: &'static Worker,
+    u: &'static Upstream,
+    id: Vec<u8>,
+    protocol: Option<Vec<u8>>,
+) {
     let mut req = take_buf();
-    wire::write_request(&mut req, "DELETE", u, "", None, Some(&id), Some(0));
+    let fields = Fields::Gateway {
+        protocol: protocol.as_deref(),
+    };
+    wire::write_request(&mut req, "DELETE", u, "", fields, Some(&id), Some(0));
     if let Ok((mut up, mut buf, head)) = client::send(worker.shared.upstreams, u, req, None).await {
         let mut body = Body::new(head.body);
         let mut data = take_buf();
@@ -340,10 +352,16 @@ async fn forward(
     let mut req = take_buf();
     let had_id = {
         let id = state.id.borrow();
+        let protocol = state.protocol.borrow();
+        let fields = Fields::Gateway {
+            protocol: protocol.as_deref(),
+        };
         let len = Some(message.len());
-        wire::write_request(&mut req, "POST", u, "", None, id.as_deref(), len);
+        wire::write_request(&mut req, "POST", u, "", fields, id.as_deref(), len);
         id.is_some()
     };
+    // The replies to `initialize` carry the protocol version every later request must name.
+    let initializing = is_initialize(message);
     req.extend_from_slice(message);
     let started = Instant::now();
     let (mut up, mut buf, head) = match client::send(all, u, req, None).await {
@@ -357,13 +375,10 @@ async fn forward(
         }
     };
     lease.record(worker.metrics, Ok(head.status), started);
-    if !had_id {
-        if let Some(new) = head.session.clone() {
-            *state.listener.borrow_mut() =
-                Some(listen::start(worker, u, new.clone(), outbox.clone()));
-            *state.id.borrow_mut() = Some(new);
-        }
-    } else if head.status == 404 {
+    let new_session = !had_id && head.session.is_some();
+    if new_session {
+        *state.id.borrow_mut() = head.session.clone();
+    } else if had_id && head.status == 404 {
         state.forget(); // the upstream no longer knows the session
     }
     let mut body = Body::new(head.body);
@@ -377,6 +392,9 @@ async fn forward(
             let mut at = 0;
             while let Some((used, event)) = next_event(&data[at..]) {
                 at += used;
+                if initializing {
+                    learn_protocol(state, &event);
+                }
                 if !event.is_empty() && !outbox.push(Kind::Reply, event) {
                     fail(outbox, message, "client too slow to take the replies");
                 }
@@ -412,6 +430,9 @@ async fn forward(
             .find(|b| !b.is_ascii_whitespace())
             .is_some_and(|b| *b == b'{' || *b == b'[');
         if head.status < 300 && !data.is_empty() {
+            if initializing {
+                learn_protocol(state, &data);
+            }
             outbox.push(Kind::Reply, data.clone());
         } else if head.status >= 400 && json {
             outbox.push(Kind::Fail, data.clone());
@@ -428,6 +449,51 @@ async fn forward(
         client::give_back(u, up);
     }
     give_buf(buf);
+    // The session's standalone stream, once `initialize` has been answered (so that its `GET`
+    // names the protocol version too).
+    let id = state.id.borrow().clone();
+    if let (true, Some(id)) = (new_session, id) {
+        let protocol = state.protocol.borrow().clone();
+        *state.listener.borrow_mut() = Some(listen::start(worker, u, id, protocol, outbox.clone()));
+    }
+}
+
+/// Whether `message` is an `initialize` request (a substring test first: most messages are not).
+fn is_initialize(message: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Method<'a> {
+        #[serde(borrow)]
+        method: Option<&'a str>,
+    }
+    message.windows(12).any(|w| w == b"\"initialize\"")
+        && serde_json::from_slice::<Method>(message).is_ok_and(|m| m.method == Some("initialize"))
+}
+
+/// Keeps the protocol version of an `initialize` result in `reply`, if it has one that can go
+/// into a header field as it is (a short token: `2025-06-18`).
+fn learn_protocol(state: &State, reply: &[u8]) {
+    #[derive(Deserialize)]
+    struct Reply<'a> {
+        #[serde(borrow)]
+        result: Option<Init<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Init<'a> {
+        #[serde(rename = "protocolVersion", borrow)]
+        protocol_version: Option<&'a str>,
+    }
+    let Some(v) = serde_json::from_slice::<Reply>(reply)
+        .ok()
+        .and_then(|r| r.result?.protocol_version)
+    else {
+        return;
+    };
+    let token = (1..=32).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if token {
+        *state.protocol.borrow_mut() = Some(v.as_bytes().to_vec());
+    }
 }
 
 /// A wait with no end in sight (event streams): far enough to never fire.
@@ -478,6 +544,34 @@ pub fn next_event(data: &[u8]) -> Option<(usize, Vec<u8>)> {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_initialize_result_with_a_plain_version_is_kept() {
+        assert!(is_initialize(
+            br#"{"jsonrpc":"2.0","id":0,"method":"initialize"}"#
+        ));
+        assert!(!is_initialize(
+            br#"{"jsonrpc":"2.0","id":0,"method":"tools/call","params":{"x":"initialize"}}"#
+        ));
+        let state = State::default();
+        let learned = |reply: &str| {
+            state.protocol.borrow_mut().take();
+            learn_protocol(&state, reply.as_bytes());
+            state.protocol.borrow().clone()
+        };
+        let ok = r#"{"jsonrpc":"2.0","id":0,"result":{"protocolVersion":"2025-06-18"}}"#;
+        assert_eq!(learned(ok).as_deref(), Some(&b"2025-06-18"[..]));
+        // It goes into a header field: anything but a short token is ignored.
+        let injected = r#"{"jsonrpc":"2.0","id":0,"result":{"protocolVersion":"1\r\nX-Evil: 1"}}"#;
+        assert_eq!(learned(injected), None);
+        let spaced = r#"{"jsonrpc":"2.0","id":0,"result":{"protocolVersion":"2025 06 18"}}"#;
+        assert_eq!(learned(spaced), None);
+        assert_eq!(
+            learned(r#"{"jsonrpc":"2.0","id":0,"result":{"tools":[]}}"#),
+            None
+        );
+        assert_eq!(learned("not json"), None);
+    }
 
     #[test]
     fn events_split_and_join() {

@@ -199,17 +199,27 @@ pub fn parse_response(
     )))
 }
 
+/// Whose request goes upstream, which decides its end-to-end fields.
+pub enum Fields<'a> {
+    /// An HTTP client's (its raw request head): its end-to-end fields are copied, except those
+    /// the gateway re-does (framing, `Host`, the session id, `Expect`).
+    Client(&'a [u8]),
+    /// The gateway's own, for a WebSocket or MCPB session: JSON in, JSON or an event stream
+    /// out, and the session's protocol version once `initialize` negotiated one (the MCP
+    /// specification asks for it on every later request).
+    Gateway { protocol: Option<&'a [u8]> },
+}
+
 /// Writes the request line and fields for `upstream`: `method`, the upstream's path plus
-/// `query`, `Host` set to the upstream, the client's end-to-end fields from `client_head` (raw
-/// request head, parsed again here) except those the gateway re-does (framing, `Host`, the
-/// session id, `Expect`), then `session` and the framing: a `Content-Length` of `body_len`, or
-/// `Transfer-Encoding: chunked` when it is `None` (a body forwarded as it arrives).
+/// `query`, `Host` set to the upstream, the end-to-end `fields`, then `session` and the framing:
+/// a `Content-Length` of `body_len`, or `Transfer-Encoding: chunked` when it is `None` (a body
+/// forwarded as it arrives).
 pub fn write_request(
     out: &mut Vec<u8>,
     method: &str,
     upstream: &Upstream,
     query: &str,
-    client_head: Option<&[u8]>,
+    fields: Fields<'_>,
     session: Option<&[u8]>,
     body_len: Option<usize>,
 ) {
@@ -218,34 +228,42 @@ pub fn write_request(
         out,
         "{method} {path}{query} HTTP/1.1\r\nHost: {authority}\r\n"
     );
-    if let Some(raw) = client_head {
-        let mut headers = [httparse::EMPTY_HEADER; crate::http::request::MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        if let Ok(httparse::Status::Complete(_)) = req.parse(raw) {
-            let named = names_fields(req.headers);
-            for h in req.headers.iter() {
-                let skip = is_hop_by_hop(h.name, req.headers, named)
-                    || [
-                        "host",
-                        "content-length",
-                        "mcp-session-id",
-                        "expect",
-                        "proxy-authorization",
-                    ]
-                    .iter()
-                    .any(|n| h.name.eq_ignore_ascii_case(n));
-                if !skip {
-                    out.extend_from_slice(h.name.as_bytes());
-                    out.extend_from_slice(b": ");
-                    out.extend_from_slice(h.value);
-                    out.extend_from_slice(b"\r\n");
+    match fields {
+        Fields::Client(raw) => {
+            let mut headers = [httparse::EMPTY_HEADER; crate::http::request::MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            if let Ok(httparse::Status::Complete(_)) = req.parse(raw) {
+                let named = names_fields(req.headers);
+                for h in req.headers.iter() {
+                    let skip = is_hop_by_hop(h.name, req.headers, named)
+                        || [
+                            "host",
+                            "content-length",
+                            "mcp-session-id",
+                            "expect",
+                            "proxy-authorization",
+                        ]
+                        .iter()
+                        .any(|n| h.name.eq_ignore_ascii_case(n));
+                    if !skip {
+                        out.extend_from_slice(h.name.as_bytes());
+                        out.extend_from_slice(b": ");
+                        out.extend_from_slice(h.value);
+                        out.extend_from_slice(b"\r\n");
+                    }
                 }
             }
         }
-    } else {
-        out.extend_from_slice(
-            b"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n",
-        );
+        Fields::Gateway { protocol } => {
+            out.extend_from_slice(
+                b"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n",
+            );
+            if let Some(v) = protocol {
+                out.extend_from_slice(b"MCP-Protocol-Version: ");
+                out.extend_from_slice(v);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
     }
     if let Some(id) = session {
         out.extend_from_slice(b"Mcp-Session-Id: ");
