@@ -149,6 +149,8 @@ pub struct RoutingConfig {
     /// Seconds an upstream may take to start its response, and to send each next piece of a
     /// non-streaming body (504 beyond). Event streams (`text/event-stream`) may be silent longer.
     pub request_timeout: f64,
+    /// Tell upstreams the client's address in `X-Forwarded-For` (appended to the client's own).
+    pub forwarded_for: bool,
     pub circuit_breaker: CircuitBreakerConfig,
 }
 
@@ -159,6 +161,7 @@ impl Default for RoutingConfig {
             health_check_interval: 10.0,
             connect_timeout: 5.0,
             request_timeout: 30.0,
+            forwarded_for: true,
             circuit_breaker: CircuitBreakerConfig::default(),
         }
     }

@@ -133,7 +133,8 @@ pub fn serve(
         let s = worker.settings();
         // MCPB has no namespace in its frames: it serves the `default` namespace.
         let ns = worker.shared.upstreams.namespace("default").unwrap_or(0);
-        let mut session = MsgSession::new(ns, Frontend::Tcp);
+        let client = worker.shared.upstreams.forwarded_for(ns, &stream);
+        let mut session = MsgSession::new(ns, Frontend::Tcp, client);
         let mut pending: Option<Vec<u8>> = None;
         loop {
             if pending.is_none()

@@ -220,7 +220,8 @@ pub fn serve<'a>(
     async move {
         let s = worker.settings();
         let mut assembly = Assembly::default();
-        let mut session = MsgSession::new(ns, Frontend::WebSocket);
+        let client = worker.shared.upstreams.forwarded_for(ns, &stream);
+        let mut session = MsgSession::new(ns, Frontend::WebSocket, client);
         loop {
             let expired = pending.is_none()
                 && match session

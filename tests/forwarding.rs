@@ -703,6 +703,57 @@ fn session_requests_name_the_protocol_version_that_initialize_negotiated() {
 }
 
 #[test]
+fn upstreams_learn_the_client_address_from_x_forwarded_for() {
+    // Every request's X-Forwarded-For values, joined, as the upstream got them.
+    let (seen_tx, seen_rx) = mpsc::channel::<Option<String>>();
+    let seen_tx = Mutex::new(seen_tx);
+    let up = Mock::start(move |req, s| {
+        let xff: Vec<&str> = req
+            .headers
+            .iter()
+            .filter(|(k, _)| k == "x-forwarded-for")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        let _ = seen_tx
+            .lock()
+            .unwrap()
+            .send((!xff.is_empty()).then(|| xff.join(", ")));
+        json_reply(s, req, "{}", &[]);
+    });
+    let next = || seen_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    // A client behind a proxy of its own.
+    let with_xff = format!("POST /mcp HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 10.9.8.7\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{TOOLS_LIST}", TOOLS_LIST.len());
+    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
+    for (from, request, want) in [
+        ("127.0.0.2", post_mcp(TOOLS_LIST), "127.0.0.2"),
+        ("127.0.0.3", with_xff.clone(), "10.9.8.7, 127.0.0.3"),
+        ("::1", post_mcp(TOOLS_LIST), "::1"),
+    ] {
+        let mut c = connect_from(from, gw.http);
+        assert_eq!(roundtrip(&mut c, &request).status, 200);
+        assert_eq!(next().as_deref(), Some(want), "HTTP from {from}");
+    }
+    let mut ws = connect_from("127.0.0.4", gw.http);
+    assert_eq!(roundtrip(&mut ws, WS_UPGRADE).status, 101);
+    ws.write_all(&ws_frame(true, 1, TOOLS_LIST.as_bytes()))
+        .unwrap();
+    assert_eq!(next().as_deref(), Some("127.0.0.4"), "WebSocket");
+    let mut tcp = connect_from("127.0.0.5", gw.tcp.unwrap());
+    tcp.write_all(&mcpb_frame(1, TOOLS_LIST.as_bytes()))
+        .unwrap();
+    assert_eq!(next().as_deref(), Some("127.0.0.5"), "MCPB");
+
+    // Off: nothing added, and what the client sent passes as it is.
+    let routing = format!("{ROUTING}  forwarded_for: false\n");
+    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], &routing));
+    let mut c = connect_from("127.0.0.2", gw.http);
+    assert_eq!(roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status, 200);
+    assert_eq!(next(), None);
+    assert_eq!(roundtrip(&mut c, &with_xff).status, 200);
+    assert_eq!(next().as_deref(), Some("10.9.8.7"));
+}
+
+#[test]
 fn request_bodies_stream_to_the_upstream_as_they_arrive() {
     let (got_tx, got_rx) = mpsc::channel::<(String, Option<String>, String)>();
     let got_tx = Mutex::new(got_tx);

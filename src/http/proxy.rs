@@ -112,7 +112,10 @@ pub async fn forward(
         method,
         u,
         query,
-        wire::Fields::Client(raw_head),
+        wire::Fields::Client {
+            head: raw_head,
+            client: all.forwarded_for(ns, client),
+        },
         upstream_session,
         body_len,
     );

@@ -18,7 +18,7 @@ use futures_channel::oneshot;
 use super::client;
 use super::outbox::{Kind, Outbox};
 use super::rpc::next_event;
-use super::wire::{self, Body};
+use super::wire::{self, Body, SessionFields};
 use super::Upstream;
 use crate::conn::{give_buf, read_more, take_buf, ReadError};
 use crate::worker::Worker;
@@ -28,19 +28,19 @@ pub struct Listener {
     _stop: oneshot::Sender<()>,
 }
 
-/// Starts listening on session `id` of `u` (which negotiated `protocol`), queueing what comes
+/// Starts listening on session `id` of `u` (its requests carry `fields`), queueing what comes
 /// into `outbox`.
 pub fn start(
     worker: &'static Worker,
     u: &'static Upstream,
     id: Vec<u8>,
-    protocol: Option<Vec<u8>>,
+    fields: SessionFields,
     outbox: Rc<Outbox>,
 ) -> Listener {
     let (stop_tx, mut stop_rx) = oneshot::channel();
     monoio::spawn(async move {
         monoio::select! {
-            _ = listen(worker, u, id, protocol, &outbox) => {}
+            _ = listen(worker, u, id, fields, &outbox) => {}
             _ = &mut stop_rx => {}
         }
     });
@@ -51,14 +51,11 @@ async fn listen(
     worker: &'static Worker,
     u: &'static Upstream,
     id: Vec<u8>,
-    protocol: Option<Vec<u8>>,
+    fields: SessionFields,
     queue: &Outbox,
 ) {
     let mut req = take_buf();
-    let fields = wire::Fields::Gateway {
-        protocol: protocol.as_deref(),
-    };
-    wire::write_request(&mut req, "GET", u, "", fields, Some(&id), Some(0));
+    wire::write_request(&mut req, "GET", u, "", fields.fields(), Some(&id), Some(0));
     let Ok((mut up, mut buf, head)) = client::send(worker.shared.upstreams, u, req, None).await
     else {
         return;

@@ -126,6 +126,8 @@ pub struct Upstreams {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub health_check_interval: Duration,
+    /// `routing.forwarded_for`: requests carry the client's address in `X-Forwarded-For`.
+    pub forwarded_for: bool,
 }
 
 impl Upstreams {
@@ -189,8 +191,24 @@ impl Upstreams {
             strategy: r.strategy,
             connect_timeout: secs(r.connect_timeout),
             request_timeout: secs(r.request_timeout),
+            forwarded_for: r.forwarded_for,
             health_check_interval: secs(r.health_check_interval),
         })
+    }
+
+    /// The address to name in `X-Forwarded-For` for a client connected on `stream` whose
+    /// requests go to namespace `ns`: when `routing.forwarded_for` is on and the namespace has
+    /// HTTP upstreams (monoio asks the kernel once per connection, then keeps the address).
+    pub fn forwarded_for(
+        &self,
+        ns: usize,
+        stream: &monoio::net::TcpStream,
+    ) -> Option<std::net::IpAddr> {
+        let http = self.namespaces.get(ns).is_some_and(|n| !n.builtin);
+        if !(self.forwarded_for && http) {
+            return None;
+        }
+        stream.peer_addr().ok().map(|a| a.ip().to_canonical())
     }
 
     pub fn leak(self) -> &'static Upstreams {

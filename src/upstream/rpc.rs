@@ -15,6 +15,7 @@
 //! standalone stream ([`super::listen`]) into the same outbox.
 
 use std::cell::{Cell, RefCell};
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -26,7 +27,7 @@ use serde_json::value::RawValue;
 use super::client;
 use super::listen::{self, Listener};
 use super::outbox::{Kind, Outbox};
-use super::wire::{self, Body, Fields};
+use super::wire::{self, Body, SessionFields};
 use super::{Failure, Outcome, Upstream};
 use crate::conn::{give_buf, read_more, take_buf, wait_idle, write_all, ReadError, Wait};
 use crate::metrics::Frontend;
@@ -57,8 +58,9 @@ struct State {
     upstream: Cell<Option<&'static Upstream>>,
     /// The upstream's session id, once it issued one.
     id: RefCell<Option<Vec<u8>>>,
-    /// The protocol version `initialize` negotiated (sent upstream as `MCP-Protocol-Version`).
-    protocol: RefCell<Option<Vec<u8>>>,
+    /// The negotiated protocol version (sent upstream as `MCP-Protocol-Version`) and the
+    /// client's address.
+    fields: RefCell<SessionFields>,
     /// The session's standalone stream, once it has an id.
     listener: RefCell<Option<Listener>>,
 }
@@ -67,7 +69,7 @@ impl State {
     /// Drops the session without ending it upstream (it is gone there already).
     fn forget(&self) {
         self.id.borrow_mut().take();
-        self.protocol.borrow_mut().take();
+        self.fields.borrow_mut().protocol = None;
         self.upstream.set(None);
         self.listener.borrow_mut().take();
     }
@@ -93,12 +95,15 @@ pub enum Next {
 }
 
 impl MsgSession {
-    /// The session of a connection of `door` whose messages go to namespace `ns`.
-    pub fn new(ns: usize, door: Frontend) -> MsgSession {
+    /// The session of a connection of `door` whose messages go to namespace `ns`; `client`: the
+    /// address to name in `X-Forwarded-For` (see `Upstreams::forwarded_for`).
+    pub fn new(ns: usize, door: Frontend, client: Option<IpAddr>) -> MsgSession {
+        let state = State::default();
+        state.fields.borrow_mut().client = client;
         MsgSession {
             ns,
             door,
-            state: Rc::default(),
+            state: Rc::new(state),
             outbox: Rc::default(),
             stops: Vec::new(),
             worker: None,
@@ -271,14 +276,14 @@ impl Drop for MsgSession {
         self.stops.clear(); // cancels the forwards in flight
         let u = self.state.upstream.get();
         let id = self.state.id.borrow_mut().take();
-        let protocol = self.state.protocol.borrow_mut().take();
+        let fields = self.state.fields.borrow().clone();
         self.state.listener.borrow_mut().take();
         let (Some(u), Some(id), Some(worker)) = (u, id, self.worker) else {
             return;
         };
         // While draining (and when the runtime itself is being dropped) nothing new is spawned.
         if !worker.draining() {
-            monoio::spawn(end_session(worker, u, id, protocol));
+            monoio::spawn(end_session(worker, u, id, fields));
         }
     }
 }
@@ -288,13 +293,18 @@ async fn end_session(
     worker: &'static Worker,
     u: &'static Upstream,
     id: Vec<u8>,
-    protocol: Option<Vec<u8>>,
+    fields: SessionFields,
 ) {
     let mut req = take_buf();
-    let fields = Fields::Gateway {
-        protocol: protocol.as_deref(),
-    };
-    wire::write_request(&mut req, "DELETE", u, "", fields, Some(&id), Some(0));
+    wire::write_request(
+        &mut req,
+        "DELETE",
+        u,
+        "",
+        fields.fields(),
+        Some(&id),
+        Some(0),
+    );
     if let Ok((mut up, mut buf, head)) = client::send(worker.shared.upstreams, u, req, None).await {
         let mut body = Body::new(head.body);
         let mut data = take_buf();
@@ -352,12 +362,9 @@ async fn forward(
     let mut req = take_buf();
     let had_id = {
         let id = state.id.borrow();
-        let protocol = state.protocol.borrow();
-        let fields = Fields::Gateway {
-            protocol: protocol.as_deref(),
-        };
+        let fields = state.fields.borrow();
         let len = Some(message.len());
-        wire::write_request(&mut req, "POST", u, "", fields, id.as_deref(), len);
+        wire::write_request(&mut req, "POST", u, "", fields.fields(), id.as_deref(), len);
         id.is_some()
     };
     // The replies to `initialize` carry the protocol version every later request must name.
@@ -453,8 +460,8 @@ async fn forward(
     // names the protocol version too).
     let id = state.id.borrow().clone();
     if let (true, Some(id)) = (new_session, id) {
-        let protocol = state.protocol.borrow().clone();
-        *state.listener.borrow_mut() = Some(listen::start(worker, u, id, protocol, outbox.clone()));
+        let fields = state.fields.borrow().clone();
+        *state.listener.borrow_mut() = Some(listen::start(worker, u, id, fields, outbox.clone()));
     }
 }
 
@@ -492,7 +499,7 @@ fn learn_protocol(state: &State, reply: &[u8]) {
         && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
     if token {
-        *state.protocol.borrow_mut() = Some(v.as_bytes().to_vec());
+        state.fields.borrow_mut().protocol = Some(v.as_bytes().to_vec());
     }
 }
 
@@ -555,9 +562,9 @@ mod tests {
         ));
         let state = State::default();
         let learned = |reply: &str| {
-            state.protocol.borrow_mut().take();
+            state.fields.borrow_mut().protocol = None;
             learn_protocol(&state, reply.as_bytes());
-            state.protocol.borrow().clone()
+            state.fields.borrow().protocol.clone()
         };
         let ok = r#"{"jsonrpc":"2.0","id":0,"result":{"protocolVersion":"2025-06-18"}}"#;
         assert_eq!(learned(ok).as_deref(), Some(&b"2025-06-18"[..]));

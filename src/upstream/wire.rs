@@ -9,6 +9,7 @@
 //!   ambiguous framing (two different lengths) is a bad response, never guessed at.
 
 use std::io::Write as _;
+use std::net::IpAddr;
 
 use super::{Failure, Upstream, TAG_LEN};
 use crate::http::request::{ChunkStep, Chunked};
@@ -199,15 +200,41 @@ pub fn parse_response(
     )))
 }
 
-/// Whose request goes upstream, which decides its end-to-end fields.
+/// Whose request goes upstream, which decides its end-to-end fields. `client`, when set, is
+/// the client's address for `X-Forwarded-For` (`routing.forwarded_for`).
 pub enum Fields<'a> {
     /// An HTTP client's (its raw request head): its end-to-end fields are copied, except those
-    /// the gateway re-does (framing, `Host`, the session id, `Expect`).
-    Client(&'a [u8]),
+    /// the gateway re-does (framing, `Host`, the session id, `Expect`); `client` is appended to
+    /// the `X-Forwarded-For` it sent, if any.
+    Client {
+        head: &'a [u8],
+        client: Option<IpAddr>,
+    },
     /// The gateway's own, for a WebSocket or MCPB session: JSON in, JSON or an event stream
     /// out, and the session's protocol version once `initialize` negotiated one (the MCP
     /// specification asks for it on every later request).
-    Gateway { protocol: Option<&'a [u8]> },
+    Gateway {
+        protocol: Option<&'a [u8]>,
+        client: Option<IpAddr>,
+    },
+}
+
+/// What the gateway's own requests for a WebSocket or MCPB session say besides the session id.
+#[derive(Debug, Clone, Default)]
+pub struct SessionFields {
+    /// The protocol version `initialize` negotiated, once it has.
+    pub protocol: Option<Vec<u8>>,
+    /// The client's address, when `routing.forwarded_for` is on.
+    pub client: Option<IpAddr>,
+}
+
+impl SessionFields {
+    pub fn fields(&self) -> Fields<'_> {
+        Fields::Gateway {
+            protocol: self.protocol.as_deref(),
+            client: self.client,
+        }
+    }
 }
 
 /// Writes the request line and fields for `upstream`: `method`, the upstream's path plus
@@ -229,13 +256,15 @@ pub fn write_request(
         "{method} {path}{query} HTTP/1.1\r\nHost: {authority}\r\n"
     );
     match fields {
-        Fields::Client(raw) => {
+        Fields::Client { head: raw, client } => {
             let mut headers = [httparse::EMPTY_HEADER; crate::http::request::MAX_HEADERS];
             let mut req = httparse::Request::new(&mut headers);
             if let Ok(httparse::Status::Complete(_)) = req.parse(raw) {
                 let named = names_fields(req.headers);
+                let xff = |h: &&httparse::Header| h.name.eq_ignore_ascii_case("x-forwarded-for");
                 for h in req.headers.iter() {
                     let skip = is_hop_by_hop(h.name, req.headers, named)
+                        || (client.is_some() && xff(&h))
                         || [
                             "host",
                             "content-length",
@@ -252,9 +281,20 @@ pub fn write_request(
                         out.extend_from_slice(b"\r\n");
                     }
                 }
+                if let Some(ip) = client {
+                    out.extend_from_slice(b"X-Forwarded-For: ");
+                    for h in req.headers.iter().filter(xff) {
+                        out.extend_from_slice(h.value);
+                        out.extend_from_slice(b", ");
+                    }
+                    let _ = write!(out, "{ip}\r\n");
+                }
             }
         }
-        Fields::Gateway { protocol } => {
+        Fields::Gateway { protocol, client } => {
+            if let Some(ip) = client {
+                let _ = write!(out, "X-Forwarded-For: {ip}\r\n");
+            }
             out.extend_from_slice(
                 b"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n",
             );
