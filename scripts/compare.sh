@@ -176,7 +176,7 @@ idle_bytes() { # server round -> bytes per idle connection
   python3 scripts/hold_connections.py --port "${PORT[$1]}" --connections 200 --sources 8 --hold 0 >/dev/null
   python3 scripts/hold_connections.py --port "${PORT[$1]}" --connections "$IDLE" \
     --sources $(( IDLE / (L - 1) + 1 )) --measure-pids "$(pids_of "$1" | xargs | tr ' ' ',')" |
-    sed -E 's/.*: (-?[0-9]+) bytes per idle connection/\1/'
+    sed -E 's/.*: (-?[0-9]+) bytes per idle connection.*/\1/'
 }
 flood_kept() { # throughput with a one-address flood / without
   local quiet flooded f

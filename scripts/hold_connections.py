@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
-"""Opens N keep-alive connections to the gateway from K source addresses (127.0.3.1, 127.0.3.2,
-... continuing into 127.0.4.x past 250), sends one
-JSON-RPC request on each (so each sits idle *after* a request, like a real keep-alive client),
-then holds them until stdin closes or --hold seconds pass. Prints a summary line. Loopback only."""
-import argparse, resource, socket, sys, time, select
+"""Opens N connections to the gateway from K source addresses (127.0.3.1, 127.0.3.2, ...
+continuing into 127.0.4.x past 250), makes each one do what an idle client of its kind has
+done, then holds them until stdin closes or --hold seconds pass. Prints a summary line.
+Modes: http (default): one JSON-RPC request, then an idle keep-alive connection; stream: a GET
+whose event stream stays open (the standalone stream every MCP client keeps; it needs an
+upstream that holds it); ws: a WebSocket upgrade and one message; mcpb: one MCPB Request frame
+(to the MCPB port). Loopback only."""
+import argparse, resource, socket, struct, sys, time, select
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--port", type=int, required=True)
 p.add_argument("--connections", type=int, default=15000)
 p.add_argument("--sources", type=int, default=16, help="number of source addresses, from 127.0.3.1 (250 per /24)")
 p.add_argument("--hold", type=float, default=120.0, help="seconds to hold at most")
+p.add_argument("--mode", choices=["http", "stream", "ws", "mcpb"], default="http",
+               help="what each connection does before it idles (see above)")
 p.add_argument("--measure-pids", default="",
                help="comma-separated pids: print their RSS growth per held connection, then close")
 a = p.parse_args()
@@ -32,7 +37,21 @@ if a.connections + 16 > hard:
     sys.exit(f"need {a.connections} descriptors, hard limit is {hard}: split across processes")
 
 body = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
-req = (b"POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+mask = b"\x12\x34\x56\x78"
+# (bytes to send, bytes that end a good answer's start, what the answer starts with)
+SEND = {
+    "http": (b"POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+             % len(body)) + body,
+    "stream": b"GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n",
+    "ws": b"GET /mcp HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+          + bytes([0x81, 0x80 | len(body)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(body)),
+    "mcpb": b"MCPB" + struct.pack(">HHI", 1, 1, len(body)) + body,
+}
+# What has arrived once the connection is idle: its answer (or the stream's first event).
+DONE = {"http": b"}", "stream": b":\n\n", "ws": b"}", "mcpb": b"}"}
+START = {"http": b"HTTP/1.1 200", "stream": b"HTTP/1.1 200", "ws": b"HTTP/1.1 101", "mcpb": b"MCPB"}
+req = SEND[a.mode]
 socks, failed = [], 0
 for i in range(a.connections):
     s = socket.socket()
@@ -42,8 +61,13 @@ for i in range(a.connections):
     try:
         s.connect(("127.0.0.1", a.port))
         s.sendall(req)
-        resp = s.recv(4096)
-        if not resp.startswith(b"HTTP/1.1 200"):
+        resp = b""
+        while DONE[a.mode] not in resp:
+            got = s.recv(4096)
+            if not got:
+                break
+            resp += got
+        if not resp.startswith(START[a.mode]) or DONE[a.mode] not in resp:
             failed += 1
     except OSError:
         failed += 1
@@ -52,7 +76,7 @@ if measured:
     time.sleep(1)  # let the servers finish with the last requests
     after = rss_kib(measured)
     print(f"held {len(socks) - failed} ok, {failed} failed; RSS before {before} KiB, after {after} KiB: "
-          f"{(after - before) * 1024 // a.connections} bytes per idle connection", flush=True)
+          f"{(after - before) * 1024 // a.connections} bytes per idle connection ({a.mode})", flush=True)
     sys.exit(0)
 print(f"held {len(socks) - failed} ok, {failed} failed", flush=True)
 select.select([sys.stdin], [], [], a.hold)

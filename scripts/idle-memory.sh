@@ -1,58 +1,89 @@
 #!/usr/bin/env bash
-# Resident memory per idle keep-alive connection: starts the release gateway, measures its RSS,
-# opens N connections that each made one request and now wait, measures again, and prints
-# (RSS after - RSS before) / N. Optionally does the same against nginx (--nginx) in the same run.
+# Resident memory per idle connection: starts the release gateway, measures its RSS, opens N
+# connections that each did what an idle client of their kind has done and now wait, measures
+# again, and prints (RSS after - RSS before) / N. Optionally does the same against nginx (--nginx)
+# in the same run, for the modes nginx can serve alike (http, stream).
 set -euo pipefail
 usage() {
   cat <<USAGE
-usage: scripts/idle-memory.sh [--connections N] [--nginx]
-  --connections N   idle connections to hold (default 15000; the open-file cap is 20000 per process)
-  --nginx           also measure nginx (worker RSS, same clients), installing it if missing
+usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx]
+  --mode M          http (default): keep-alive connections idle after a request;
+                    stream: open event streams (GET /mcp) through the proxy to an upstream that
+                    holds them silent (scripts/lib/sse_upstream.py), as every MCP client keeps one;
+                    ws: WebSocket connections idle after a message; mcpb: MCPB connections idle
+                    after a Request frame; all: each of them in turn
+  --connections N   connections to hold (default 15000; stream: 8000, as the gateway then holds
+                    two descriptors per stream and the open-file cap is 20000 per process)
+  --nginx           also measure nginx (worker RSS, same clients; http: return 200, stream:
+                    proxy_pass with proxy_buffering off to the same upstream), installing it if missing
 Runs on loopback only and stops everything it started.
 USAGE
 }
-N=15000; NGINX=0
+N=""; NGINX=0; MODE=http
 while [ $# -gt 0 ]; do
   case "$1" in
+    --mode) MODE=$2; shift 2 ;;
     --connections) N=$2; shift 2 ;;
     --nginx) NGINX=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage; exit 64 ;;
   esac
 done
+case "$MODE" in http|stream|ws|mcpb|all) ;; *) usage; exit 64 ;; esac
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-measure() { # name port pid...
-  local name=$1 port=$2; shift 2
+measure() { # name mode port pid...
+  local name=$1 mode=$2 port=$3; shift 3
+  local n=${N:-$([ "$mode" = stream ] && echo 8000 || echo 15000)}
   local pids; pids=$(echo "$@" | tr ' ' ',')
-  echo "$name: $(python3 scripts/hold_connections.py --port "$port" --connections "$N" --measure-pids "$pids")"
+  # Warm up: the buffer pools and allocator arenas reach their working size.
+  python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections 200 --hold 0 >/dev/null
+  echo "$name: $(python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections "$n" --measure-pids "$pids")"
 }
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$work/gw.yaml" <<YAML
+# The upstream that holds event streams open (stream mode).
+uport=$(free_port)
+python3 scripts/lib/sse_upstream.py "$uport" > "$work/up.log" 2>&1 &
+pids+=("$!")
+until grep -q listening "$work/up.log"; do sleep 0.1; done
+
+start_gateway() { # mode -> sets gw, gport, gtcp
+  gport=$(free_port); gtcp=$(free_port)
+  local routing=""
+  [ "$1" = stream ] && routing="routing:
+  health_check_interval: 3600
+service_discovery:
+  static:
+    endpoints:
+      default:
+        - url: http://127.0.0.1:$uport/mcp"
+  cat > "$work/gw.yaml" <<YAML
 server:
   host: 127.0.0.1
-  port: $port
-  tcp_port: 0
+  port: $gport
+  tcp_port: $gtcp
   metrics_port: 0
   idle_timeout: 600
+$routing
 YAML
-./target/release/mcp-gateway -c "$work/gw.yaml" 2> "$work/gw.log" &
-gw=$!; pids+=("$gw")
-until grep -q listening "$work/gw.log"; do sleep 0.1; done
-# Warm up: the buffer pools and allocator arenas reach their working size.
-python3 scripts/hold_connections.py --port "$port" --connections 200 --hold 0 >/dev/null
-measure mcp-gateway "$port" "$gw"
+  : > "$work/gw.log"
+  ./target/release/mcp-gateway -c "$work/gw.yaml" 2> "$work/gw.log" &
+  gw=$!; pids+=("$gw")
+  until grep -q listening "$work/gw.log"; do sleep 0.1; done
+}
 
-if [ "$NGINX" = 1 ]; then
+start_nginx() { # mode -> sets master, nport
   . scripts/lib/need.sh; need nginx
-  nport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  nport=$(free_port)
   mkdir -p "$work/nginx"
+  local location="return 200 '{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}';"
+  [ "$1" = stream ] && location="proxy_pass http://127.0.0.1:$uport; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off;"
   cat > "$work/nginx/nginx.conf" <<CONF
 worker_processes 2;
 worker_rlimit_nofile 20000;
@@ -63,16 +94,27 @@ http {
   access_log off;
   keepalive_timeout 600;
   keepalive_requests 1000000;
-  server { listen 127.0.0.1:$nport; location /mcp { return 200 '{"jsonrpc":"2.0","id":1,"result":{}}'; } }
+  proxy_read_timeout 600s;
+  server { listen 127.0.0.1:$nport; location /mcp { $location } }
 }
 CONF
+  rm -f "$work/nginx/nginx.pid"
   nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" -e "$work/nginx/error.log"
   until [ -s "$work/nginx/nginx.pid" ]; do sleep 0.1; done
   master=$(cat "$work/nginx/nginx.pid"); pids+=("$master")
   sleep 0.5
-  workers=$(pgrep -P "$master" | tr '\n' ' ')
-  python3 scripts/hold_connections.py --port "$nport" --connections 200 --hold 0 >/dev/null
-  # shellcheck disable=SC2086
-  measure nginx "$nport" $workers
-  kill -QUIT "$master"
-fi
+}
+
+modes=("$MODE"); [ "$MODE" = all ] && modes=(http stream ws mcpb)
+for mode in "${modes[@]}"; do
+  start_gateway "$mode"
+  port=$gport; [ "$mode" = mcpb ] && port=$gtcp
+  measure "mcp-gateway ($mode)" "$mode" "$port" "$gw"
+  kill "$gw"; wait "$gw" 2>/dev/null || true
+  if [ "$NGINX" = 1 ] && { [ "$mode" = http ] || [ "$mode" = stream ]; }; then
+    start_nginx "$mode"
+    # shellcheck disable=SC2046
+    measure "nginx ($mode)" "$mode" "$nport" $(pgrep -P "$master" | tr '\n' ' ')
+    kill -QUIT "$master"; sleep 0.5
+  fi
+done

@@ -4,7 +4,9 @@
 //! Invariants:
 //! - A connection waiting for its next request or message holds no buffer and no timer: it
 //!   waits for readiness ([`wait_idle`]), and only then takes a buffer from this core's pool. Buffers go
-//!   back to the pool as soon as no unconsumed bytes are left in them.
+//!   back to the pool as soon as no unconsumed bytes are left in them. An open event stream
+//!   waiting for its next event holds none either ([`until_readable`]): MCP clients keep one
+//!   open all the time.
 //! - The pool is per thread (so per core), bounded in count and in the capacity of what it keeps.
 //! - Every read and write runs under a deadline; nothing waits on a client forever.
 
@@ -206,6 +208,14 @@ pub async fn read_watching(
             Err(ReadError::Io(_)) => Watched::Failed,
         };
     }
+    if buf.is_empty() {
+        give_buf(std::mem::take(buf));
+        let ended = until_readable(up, Some(client), watch).await;
+        *buf = take_buf();
+        if let Some(ended) = ended {
+            return ended;
+        }
+    }
     if buf.capacity() - buf.len() < 512 {
         buf.reserve(BUF_SIZE);
     }
@@ -228,6 +238,30 @@ pub async fn read_watching(
         } else {
             let done = (&mut read).await;
             return finish(done, buf);
+        }
+    }
+}
+
+/// Waits without a buffer until `up` has something to read (bytes, EOF or an error: `None`, read
+/// now), watching `client` meanwhile as [`read_watching`] does while `*watch`.
+pub async fn until_readable(
+    up: &TcpStream,
+    client: Option<&TcpStream>,
+    watch: &mut bool,
+) -> Option<Watched> {
+    loop {
+        let up_ready = up.readable(false);
+        let client = client.filter(|_| *watch);
+        let Some(client) = client else {
+            return up_ready.await.err().map(|_| Watched::Failed);
+        };
+        monoio::select! {
+            r = up_ready => return r.err().map(|_| Watched::Failed),
+            _ = client.readable(false) => match peek(client) {
+                Peek::Closed => return Some(Watched::ClientGone),
+                Peek::Data => *watch = false,
+                Peek::Nothing => {}
+            },
         }
     }
 }

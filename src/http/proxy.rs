@@ -167,6 +167,11 @@ pub async fn forward(
         }
     };
     lease.record(worker.metrics, Ok(rh.status), started);
+    if rh.event_stream && buf.is_empty() {
+        // A stream may stay open for as long as the session: the client's read buffer goes
+        // back meanwhile (the door takes another for the next request).
+        give_buf(std::mem::take(buf));
+    }
     relay(
         worker,
         reg,
@@ -361,8 +366,15 @@ async fn relay(
                 break;
             }
             worker.idle_begin(reg, STREAM_IDLE);
+            // Between events the stream holds no buffer (`read_watching` gives back its own).
+            give_buf(std::mem::take(&mut data));
+            give_buf(std::mem::take(&mut out));
         }
         let got = read_watching(&mut up, &mut buf, deadline, client, &mut watch).await;
+        if rh.event_stream {
+            data = take_buf();
+            out = take_buf();
+        }
         let drained = rh.event_stream && worker.idle_end(reg) && worker.draining();
         match got {
             Watched::Data => {}

@@ -20,7 +20,7 @@ use super::outbox::{Kind, Outbox};
 use super::rpc::next_event;
 use super::wire::{self, Body, SessionFields};
 use super::Upstream;
-use crate::conn::{give_buf, read_more, take_buf, ReadError};
+use crate::conn::{give_buf, read_more, take_buf, until_readable, ReadError};
 use crate::worker::Worker;
 
 /// A running listener; dropping it stops the task.
@@ -85,7 +85,17 @@ async fn listen(
         if body.is_done() {
             break;
         }
-        // A session stream may be silent for as long as the session lives.
+        // A session stream may be silent for as long as the session lives; meanwhile it holds
+        // no buffer (unless part of an event is in one).
+        if buf.is_empty() && data.is_empty() {
+            give_buf(std::mem::take(&mut buf));
+            give_buf(std::mem::take(&mut data));
+            if until_readable(&up, None, &mut false).await.is_some() {
+                break;
+            }
+            buf = take_buf();
+            data = take_buf();
+        }
         let far = Instant::now() + Duration::from_secs(365 * 86_400);
         match read_more(&mut up, &mut buf, far).await {
             Ok(_) => {}

@@ -233,10 +233,12 @@ impl MsgSession {
             } else {
                 self.wait(worker, reg, client, limit).await
             };
+            // The writes are boxed: inline, their timers would sit in every idle connection's
+            // future (a monoio timer alone is 640 bytes), though an idle wait holds none.
             let done = match woke {
                 Woke::Client(Wait::Ready) => return Next::Message,
-                Woke::Client(Wait::Expired) => self.settle(worker, client, framing).await,
-                Woke::Queued => match self.write_queued(worker, client, framing).await {
+                Woke::Client(Wait::Expired) => Box::pin(self.settle(worker, client, framing)).await,
+                Woke::Queued => match Box::pin(self.write_queued(worker, client, framing)).await {
                     Ok(()) => continue,
                     Err(gone) => Err(gone),
                 },
