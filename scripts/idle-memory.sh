@@ -10,10 +10,12 @@ usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx]
   --mode M          http (default): keep-alive connections idle after a request;
                     stream: open event streams (GET /mcp) through the proxy to an upstream that
                     holds them silent (scripts/lib/sse_upstream.py), as every MCP client keeps one;
-                    ws: WebSocket connections idle after a message; mcpb: MCPB connections idle
-                    after a Request frame; all: each of them in turn
-  --connections N   connections to hold (default 15000; stream: 8000, as the gateway then holds
-                    two descriptors per stream and the open-file cap is 20000 per process)
+                    ws: WebSocket connections idle after a message, forwarded to that upstream
+                    within a session (which holds its standalone stream open); mcpb: the same on
+                    the MCPB door; all: each of them in turn
+  --connections N   connections to hold (default: http 15000; stream, ws and mcpb 8000, as the
+                    gateway then holds two descriptors per connection and the open-file cap is
+                    20000 per process)
   --nginx           also measure nginx (worker RSS, same clients; http: return 200, stream:
                     proxy_pass with proxy_buffering off to the same upstream), installing it if missing
 Runs on loopback only and stops everything it started.
@@ -40,7 +42,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 measure() { # name mode port pid...
   local name=$1 mode=$2 port=$3; shift 3
-  local n=${N:-$([ "$mode" = stream ] && echo 8000 || echo 15000)}
+  local n=${N:-$([ "$mode" = http ] && echo 15000 || echo 8000)}
   local pids; pids=$(echo "$@" | tr ' ' ',')
   # Warm up: the buffer pools and allocator arenas reach their working size.
   python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections 200 --hold 0 >/dev/null
@@ -56,7 +58,7 @@ until grep -q listening "$work/up.log"; do sleep 0.1; done
 start_gateway() { # mode -> sets gw, gport, gtcp
   gport=$(free_port); gtcp=$(free_port)
   local routing=""
-  [ "$1" = stream ] && routing="routing:
+  [ "$1" != http ] && routing="routing:
   health_check_interval: 3600
 service_discovery:
   static:

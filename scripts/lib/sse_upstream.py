@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""A minimal upstream for memory measurements: answers every POST with a JSON-RPC result and
-every GET with an event stream that sends one comment and then stays open, silent, until the
+"""A minimal upstream for memory measurements: answers every POST with a JSON-RPC result (and a
+session id) and every GET with an event stream that sends one comment and then stays open, silent, until the
 other side closes it (like an MCP server's standalone stream between notifications).
 Usage: sse_upstream.py PORT. Loopback only; runs until killed."""
 import asyncio, resource, sys
@@ -26,8 +26,10 @@ async def handle(r, w):
                     length = int(line.split(b":")[1])
             if length:
                 await r.readexactly(length)
-            w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                    % len(BODY) + BODY)
+            # Every POST gets a session id, so a WebSocket or MCPB client's session opens its
+            # standalone stream too.
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nMcp-Session-Id: s1\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(BODY) + BODY)
             await w.drain()
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
         pass

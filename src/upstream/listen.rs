@@ -56,8 +56,10 @@ async fn listen(
 ) {
     let mut req = take_buf();
     wire::write_request(&mut req, "GET", u, "", fields.fields(), Some(&id), Some(0));
-    let Ok((mut up, mut buf, head)) = client::send(worker.shared.upstreams, u, req, None).await
-    else {
+    // Sending and reading are boxed: the task lives as long as the session, and what it holds
+    // while it waits for an event is then only the wait itself (monoio's timers are 640 bytes).
+    let sent = Box::pin(client::send(worker.shared.upstreams, u, req, None)).await;
+    let Ok((mut up, mut buf, head)) = sent else {
         return;
     };
     if head.status != 200 || !head.event_stream {
@@ -97,7 +99,7 @@ async fn listen(
             data = take_buf();
         }
         let far = Instant::now() + Duration::from_secs(365 * 86_400);
-        match read_more(&mut up, &mut buf, far).await {
+        match Box::pin(read_more(&mut up, &mut buf, far)).await {
             Ok(_) => {}
             Err(ReadError::Eof) if body.eof().is_ok() => {}
             Err(_) => break,
