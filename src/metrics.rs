@@ -151,6 +151,7 @@ impl CoreMetrics {
         self.upstreams[i].in_flight.fetch_add(1, Relaxed);
     }
 
+    /// A request to upstream `i` ended (its lease dropped), however it ended.
     pub fn upstream_ended(&self, i: usize) {
         self.upstreams[i].in_flight.fetch_sub(1, Relaxed);
     }
