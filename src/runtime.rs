@@ -7,7 +7,8 @@
 //! 2. pick the driver (`auto`: io_uring when the kernel offers it, else epoll, said once);
 //! 3. bind every listener before any worker starts: one `SO_REUSEPORT` socket per worker for the
 //!    HTTP port and for the TCP port (port 0 is resolved by the first and reused by the rest), so
-//!    a bad address fails startup instead of one worker;
+//!    a bad address fails startup instead of one worker; warn when another process's socket
+//!    already listens there (`SO_REUSEPORT` then silently shares the connections with it);
 //! 4. start the workers and wait until each has built its runtime, then report ready;
 //! 5. on SIGTERM or SIGINT: tell every worker to stop accepting and drain for up to
 //!    `shutdown_timeout`, join them, exit 0.
@@ -259,6 +260,16 @@ fn run_worker(
 
 /// `n` listeners sharing `addr` through `SO_REUSEPORT`; port 0 is resolved by the first.
 fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    if addr.port() != 0 && listened_elsewhere(addr) {
+        // Binding still works when the other socket has SO_REUSEPORT too (same user): the kernel
+        // then splits new connections between the two processes. That is how a zero-downtime
+        // restart works, and a mistake otherwise: say so.
+        tracing::warn!(
+            %addr,
+            "another socket already listens on this port; new connections will be shared with it \
+             (SO_REUSEPORT): right for a zero-downtime restart, a mistake otherwise"
+        );
+    }
     let first = bind_one(addr)?;
     let addr = first.local_addr()?;
     let mut all = vec![first];
@@ -284,6 +295,54 @@ fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// Whether a socket in this network namespace already listens on `addr`'s port, on that address
+/// or a wildcard (either side). Read from `/proc/net/tcp` and `tcp6` before our own listeners
+/// exist, so anything found is someone else's.
+fn listened_elsewhere(addr: SocketAddr) -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|path| {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        text.lines()
+            .skip(1)
+            .filter_map(proc_net_listener)
+            .any(|other| {
+                other.port() == addr.port()
+                    && (other.ip() == addr.ip()
+                        || other.ip().is_unspecified()
+                        || addr.ip().is_unspecified()
+                        || other.ip().to_canonical() == addr.ip().to_canonical())
+            })
+    })
+}
+
+/// The local address of a `/proc/net/tcp{,6}` line whose socket is listening (state `0A`).
+/// Addresses are hex words in host byte order, the port is hex.
+fn proc_net_listener(line: &str) -> Option<SocketAddr> {
+    let mut fields = line.split_whitespace();
+    let local = fields.nth(1)?;
+    if fields.nth(1)? != "0A" {
+        return None;
+    }
+    let (ip, port) = local.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| {
+        ip.get(i * 8..i * 8 + 8)
+            .and_then(|w| u32::from_str_radix(w, 16).ok())
+            .map(|w| w.to_ne_bytes())
+    };
+    let ip: IpAddr = match ip.len() {
+        8 => std::net::Ipv4Addr::from(word(0)?).into(),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for i in 0..4 {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            std::net::Ipv6Addr::from(bytes).into()
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
 /// Raises the open-file soft limit to the hard limit; returns the limit in force.
 fn raise_nofile_limit() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -303,4 +362,42 @@ fn invalid(key: &str) -> io::Error {
         io::ErrorKind::InvalidInput,
         format!("{key} is not an IP address"),
     )
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_lines_give_listening_addresses_only() {
+        let at = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        let v4 = "   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 36023787 1";
+        assert_eq!(proc_net_listener(v4), at("127.0.0.1:8080"));
+        let any4 =
+            "   0: 00000000:07E8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0";
+        assert_eq!(proc_net_listener(any4), at("0.0.0.0:2024"));
+        let v6 = "   2: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 0";
+        assert_eq!(proc_net_listener(v6), at("[::1]:8080"));
+        let established = "   3: 0000000000000000FFFF00000100007F:A3D8 0000000000000000FFFF00000200007F:A23B 06 0";
+        assert_eq!(proc_net_listener(established), None);
+        assert_eq!(
+            proc_net_listener("  sl  local_address rem_address   st"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_listener_of_another_socket_is_seen_before_binding() {
+        // Bound first (the port is ours throughout), listening only later.
+        let other = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        other
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let addr = other.local_addr().unwrap().as_socket().unwrap();
+        let wildcard = SocketAddr::new("::".parse().unwrap(), addr.port());
+        assert!(!listened_elsewhere(addr), "bound is not listening");
+        other.listen(8).unwrap();
+        assert!(listened_elsewhere(addr));
+        assert!(listened_elsewhere(wildcard));
+    }
 }

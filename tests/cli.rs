@@ -88,6 +88,21 @@ fn bundled_configs_check_clean() {
 }
 
 #[test]
+fn a_second_gateway_on_the_same_port_is_warned_that_it_shares_the_connections() {
+    let first = start("");
+    let shared = first.tcp.unwrap().port();
+    let second = start(&format!("tcp_port: {shared}"));
+    let warned = |gw: &Gateway| {
+        gw.log
+            .lock()
+            .unwrap()
+            .contains("another socket already listens")
+    };
+    assert!(warned(&second), "{}", second.log.lock().unwrap());
+    assert!(!warned(&first), "{}", first.log.lock().unwrap());
+}
+
+#[test]
 fn sigterm_lets_a_request_in_flight_finish_then_exits_zero() {
     let mut gw = start("shutdown_timeout: 5");
     let mut idle = connect_from("127.0.0.2", gw.http);
