@@ -239,6 +239,7 @@ fn forwarded_connections_that_leave_midway_leave_every_count_at_zero() {
         "reset",
         "bad_response",
         "circuit_open",
+        "busy",
     ] {
         let s = format!("mcp_gateway_upstream_requests_total{{namespace=\"default\",upstream=\"{url}\",outcome=\"{outcome}\"}}");
         assert_eq!(sample_value(&text, &s), 0.0, "{s}");

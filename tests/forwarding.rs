@@ -754,6 +754,69 @@ fn upstreams_learn_the_client_address_from_x_forwarded_for() {
 }
 
 #[test]
+fn max_in_flight_refuses_beyond_the_limit_with_503_and_frees_places_as_requests_end() {
+    // Every tools/call waits until the test lets it go; other requests are answered at once.
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let go_rx = Mutex::new(go_rx);
+    let up = Mock::start(move |req, s| {
+        if req.body_str().contains("tools/call") {
+            let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(10));
+        }
+        json_reply(s, req, "{}", &[]);
+    });
+    let url = up.url();
+    let routing = format!("{ROUTING}  max_in_flight: 2\n");
+    let gw = start_with("", &endpoints(&[("default", &[&url])], &routing));
+    let call = post_mcp(r#"{"jsonrpc":"2.0","id":2,"method":"tools/call"}"#);
+    let in_flight =
+        format!("mcp_gateway_upstream_in_flight{{namespace=\"default\",upstream=\"{url}\"}}");
+    // Two calls in flight, from different connections (and so, likely, both workers).
+    let mut held: Vec<TcpStream> = ["127.0.0.2", "127.0.0.3"]
+        .iter()
+        .map(|from| {
+            let mut c = connect_from(from, gw.http);
+            c.write_all(call.as_bytes()).unwrap();
+            c
+        })
+        .collect();
+    gw.wait_metric(&in_flight, 2.0);
+    // A third is refused at once, with the connection limits' shape: 503, Retry-After, JSON-RPC.
+    let mut third = connect_from("127.0.0.4", gw.http);
+    let started = Instant::now();
+    let r = roundtrip(&mut third, &post_mcp(TOOLS_LIST));
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!((r.status, r.header("retry-after")), (503, Some("1")));
+    assert_eq!(r.json()["error"]["code"], -32000);
+    let busy = format!("mcp_gateway_upstream_requests_total{{namespace=\"default\",upstream=\"{url}\",outcome=\"busy\"}}");
+    assert_eq!(gw.metric(&busy), 1.0);
+    // So is a message on the MCPB door, as a JSON-RPC error with its id; the connection stays.
+    let mut m = TcpStream::connect(gw.tcp.unwrap()).unwrap();
+    m.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    m.write_all(&mcpb_frame(
+        1,
+        br#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#,
+    ))
+    .unwrap();
+    let (kind, e) = read_mcpb(&mut m);
+    assert_eq!((kind, e["id"].clone()), (5, 9.into()), "{e}");
+    // Places come back as requests end: both held calls are answered, then others get through.
+    go_tx.send(()).unwrap();
+    go_tx.send(()).unwrap();
+    for c in &mut held {
+        let mut buf = Vec::new();
+        assert_eq!(read_response(c, &mut buf).unwrap().status, 200);
+    }
+    gw.wait_metric(&in_flight, 0.0);
+    assert_eq!(roundtrip(&mut third, &post_mcp(TOOLS_LIST)).status, 200);
+    m.write_all(&mcpb_frame(
+        1,
+        br#"{"jsonrpc":"2.0","id":10,"method":"ping"}"#,
+    ))
+    .unwrap();
+    assert_eq!(read_mcpb(&mut m).0, 2);
+}
+
+#[test]
 fn request_bodies_stream_to_the_upstream_as_they_arrive() {
     let (got_tx, got_rx) = mpsc::channel::<(String, Option<String>, String)>();
     let got_tx = Mutex::new(got_tx);

@@ -443,7 +443,7 @@ async fn fail(
     pinned: bool,
     keep_alive: bool,
 ) -> Proxied {
-    let (status, message) = if pinned && f != Failure::Timeout {
+    let (status, message) = if pinned && !matches!(f, Failure::Timeout | Failure::Busy) {
         (
             404,
             "session not found: its upstream is gone; start a new session",
@@ -452,7 +452,13 @@ async fn fail(
         (f.status(), f.message())
     };
     tracing::debug!(status, reason = f.message(), "upstream request failed");
-    response::error(&mut out, status, -32000, message, &[], keep_alive);
+    // Busy is the one failure worth retrying soon: say when, as the connection limits do.
+    let retry: &[(&str, &str)] = if f == Failure::Busy {
+        &[("Retry-After", "1")]
+    } else {
+        &[]
+    };
+    response::error(&mut out, status, -32000, message, retry, keep_alive);
     match write_all(client, out, worker.settings().write_timeout).await {
         Ok(o) => {
             give_buf(o);

@@ -8,7 +8,9 @@
 //! same way.
 //!
 //! Invariant: every [`Lease`] counts one request in flight on its upstream from the pick until it
-//! drops, whatever ends the request, so `least_connections` counts go down as well as up.
+//! drops, whatever ends the request, so `least_connections` counts go down as well as up, and
+//! holds one of its `routing.max_in_flight` places (taken before the breaker is asked; given
+//! back if the breaker refuses).
 
 use std::cell::Cell;
 use std::time::Instant;
@@ -50,8 +52,10 @@ impl Balancer {
         let n = members.len();
         let start = self.next[ns].get();
         self.next[ns].set(start.wrapping_add(1));
-        // Tried in preference order; one whose breaker refuses at the last moment is skipped.
+        // Tried in preference order; one at `max_in_flight`, or whose breaker refuses at the last
+        // moment, is skipped.
         let mut skip = 0u64; // bit i: members[i] refused (namespaces have at most 64 tried)
+        let mut busy = None; // the first one found at max_in_flight
         for _ in 0..n {
             let candidate = |i: usize| {
                 let u = &all.all[members[i]];
@@ -67,12 +71,26 @@ impl Balancer {
             };
             let Some(i) = chosen else { break };
             let u = &all.all[members[i]];
+            if !u.try_begin() {
+                skip |= 1 << (i % 64);
+                busy.get_or_insert(u.index);
+                continue;
+            }
             match u.breaker.admit() {
-                Admit::No => skip |= 1 << (i % 64),
+                Admit::No => {
+                    u.end();
+                    skip |= 1 << (i % 64);
+                }
                 admit => return Ok(self.lease(u, admit)),
             }
         }
-        Err(Failure::NoUpstream)
+        match busy {
+            Some(i) => {
+                self.metrics.upstream(i, Outcome::Busy, None);
+                Err(Failure::Busy)
+            }
+            None => Err(Failure::NoUpstream),
+        }
     }
 
     /// Admits a request to `u` itself (a session pinned to it).
@@ -80,12 +98,20 @@ impl Balancer {
         if !u.is_healthy() {
             return Err(Failure::NoUpstream);
         }
+        if !u.try_begin() {
+            self.metrics.upstream(u.index, Outcome::Busy, None);
+            return Err(Failure::Busy);
+        }
         match u.breaker.admit() {
-            Admit::No => Err(Failure::CircuitOpen),
+            Admit::No => {
+                u.end();
+                Err(Failure::CircuitOpen)
+            }
             admit => Ok(self.lease(u, admit)),
         }
     }
 
+    /// A lease for a request `u` admitted (its in-flight place already taken).
     fn lease<'a>(&'a self, u: &'static Upstream, admit: Admit) -> Lease<'a> {
         self.metrics.upstream_started(u.index);
         Lease {
@@ -172,6 +198,7 @@ impl Drop for Lease<'_> {
             self.upstream.breaker.release_probe();
         }
         self.balancer.metrics.upstream_ended(self.upstream.index);
+        self.upstream.end();
     }
 }
 
@@ -188,8 +215,12 @@ mod tests {
     }
 
     fn upstreams(strategy: &str, weights: &[u32]) -> &'static Upstreams {
+        limited(strategy, weights, 0)
+    }
+
+    fn limited(strategy: &str, weights: &[u32], max_in_flight: usize) -> &'static Upstreams {
         let mut yaml = format!(
-            "routing:\n  strategy: {strategy}\n  circuit_breaker:\n    failure_threshold: 1\n    timeout_seconds: 60\nservice_discovery:\n  static:\n    endpoints:\n      default:\n"
+            "routing:\n  strategy: {strategy}\n  max_in_flight: {max_in_flight}\n  circuit_breaker:\n    failure_threshold: 1\n    timeout_seconds: 60\nservice_discovery:\n  static:\n    endpoints:\n      default:\n"
         );
         for (i, w) in weights.iter().enumerate() {
             yaml += &format!(
@@ -206,6 +237,31 @@ mod tests {
         (0..n)
             .map(|_| b.pick(u, 0).unwrap().upstream.index)
             .collect()
+    }
+
+    #[test]
+    fn max_in_flight_skips_a_full_upstream_and_refuses_when_all_are() {
+        let u = limited("round_robin", &[1, 1], 1);
+        let b = balancer(u);
+        let first = b.pick(u, 0).unwrap();
+        let second = b.pick(u, 0).unwrap();
+        assert_ne!(first.upstream.index, second.upstream.index);
+        assert_eq!(b.pick(u, 0).err(), Some(Failure::Busy));
+        assert_eq!(b.pinned(&u.all[0]).err(), Some(Failure::Busy));
+        let freed = first.upstream.index;
+        drop(first);
+        assert_eq!(b.pick(u, 0).unwrap().upstream.index, freed);
+        // A place taken while the breaker refuses is given back.
+        let mut lease = b.pick(u, 0).unwrap();
+        let failing = lease.upstream.index;
+        lease.done(false); // threshold 1: its breaker opens
+        drop(lease);
+        assert_eq!(b.pinned(&u.all[failing]).err(), Some(Failure::CircuitOpen));
+        drop(second);
+        // The other upstream is the only one in service, and its one place is free again.
+        let last = b.pick(u, 0).expect("no place leaked");
+        assert_eq!(b.pick(u, 0).err(), Some(Failure::Busy));
+        drop(last);
     }
 
     #[test]

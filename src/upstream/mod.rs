@@ -20,9 +20,10 @@
 //! session id goes to the upstream its tag names, with the tag removed.
 //!
 //! Invariants: the registry never changes after startup; the only shared state written at run
-//! time is each upstream's health flag (by the checker) and its breaker (on failures and state
-//! changes only, never on a plain success while closed), so the hot path reads shared lines but
-//! does not bounce them.
+//! time is each upstream's health flag (by the checker), its breaker (on failures and state
+//! changes only, never on a plain success while closed) and, only when `routing.max_in_flight`
+//! is set, its in-flight count (exact across cores, as a limit must be), so without that limit
+//! the hot path reads shared lines but does not bounce them.
 
 pub mod balance;
 pub mod breaker;
@@ -34,7 +35,9 @@ pub mod rpc;
 pub mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+
+use crossbeam_utils::CachePadded;
 use std::time::Duration;
 
 use crate::config::{secs, Config, Strategy, UpstreamUrl, BUILTIN_ECHO};
@@ -73,6 +76,9 @@ pub struct Upstream {
     /// each pick; a pick that sees a stale value for a moment is what any health check allows.
     healthy: AtomicBool,
     pub breaker: Breaker,
+    /// `routing.max_in_flight` (0: none) and the requests in flight against it, all cores.
+    max_in_flight: usize,
+    in_flight: CachePadded<AtomicUsize>,
 }
 
 impl Upstream {
@@ -87,6 +93,27 @@ impl Upstream {
             } else {
                 tracing::warn!(namespace = %self.namespace, upstream = %self.url, "upstream failed its health check; taken out");
             }
+        }
+    }
+
+    /// Takes one more request in flight unless `routing.max_in_flight` are already; pair with
+    /// [`Upstream::end`]. Without the limit it touches nothing shared.
+    pub fn try_begin(&self) -> bool {
+        // Relaxed: the count guards nothing but itself; the compare-and-swap sees every other
+        // begin and end of this one variable in its modification order, so the limit is exact.
+        self.max_in_flight == 0
+            || self
+                .in_flight
+                .fetch_update(Relaxed, Relaxed, |n| {
+                    (n < self.max_in_flight).then_some(n + 1)
+                })
+                .is_ok()
+    }
+
+    /// Ends a request that [`Upstream::try_begin`] admitted.
+    pub fn end(&self) {
+        if self.max_in_flight != 0 {
+            self.in_flight.fetch_sub(1, Relaxed);
         }
     }
 
@@ -175,6 +202,8 @@ impl Upstreams {
                         cb.success_threshold,
                         secs(cb.timeout_seconds),
                     ),
+                    max_in_flight: r.max_in_flight,
+                    in_flight: CachePadded::new(AtomicUsize::new(0)),
                 });
             }
             namespaces.push(Namespace {
@@ -265,12 +294,15 @@ pub enum Failure {
     CircuitOpen,
     /// No upstream of the namespace is in service.
     NoUpstream,
+    /// Every upstream that could take it is at `routing.max_in_flight`: nothing sent.
+    Busy,
 }
 
 impl Failure {
     pub fn status(self) -> u16 {
         match self {
             Failure::Timeout => 504,
+            Failure::Busy => 503,
             _ => 502,
         }
     }
@@ -283,6 +315,7 @@ impl Failure {
             Failure::BadResponse => "upstream MCP server sent an invalid response",
             Failure::CircuitOpen => "upstream MCP server is failing (circuit open)",
             Failure::NoUpstream => "no upstream MCP server is available",
+            Failure::Busy => "upstream MCP server busy (routing.max_in_flight); retry shortly",
         }
     }
 }
@@ -298,10 +331,12 @@ pub enum Outcome {
     Reset = 4,
     BadResponse = 5,
     CircuitOpen = 6,
+    /// Refused at `routing.max_in_flight`, nothing sent.
+    Busy = 7,
 }
 
 impl Outcome {
-    pub const COUNT: usize = 7;
+    pub const COUNT: usize = 8;
     pub const LABELS: [&'static str; Outcome::COUNT] = [
         "ok",
         "http_5xx",
@@ -310,6 +345,7 @@ impl Outcome {
         "reset",
         "bad_response",
         "circuit_open",
+        "busy",
     ];
 
     pub fn of(f: Failure) -> Outcome {
@@ -319,6 +355,7 @@ impl Outcome {
             Failure::Reset => Outcome::Reset,
             Failure::BadResponse => Outcome::BadResponse,
             Failure::CircuitOpen => Outcome::CircuitOpen,
+            Failure::Busy => Outcome::Busy,
         }
     }
 }

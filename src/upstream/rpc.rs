@@ -351,6 +351,8 @@ async fn forward(
     };
     let mut lease = match lease {
         Ok(l) => l,
+        // A busy upstream keeps its session (and the balancer counted the refusal).
+        Err(Failure::Busy) => return fail(outbox, message, Failure::Busy.message()),
         Err(f) => {
             if let Some(u) = state.upstream.get() {
                 worker.metrics.upstream(u.index, Outcome::of(f), None);
