@@ -1,14 +1,13 @@
 //! Connection admission: the global limit and the per-client-IP limit, enforced together across
 //! all cores and front doors without locks.
 //!
-//! Owns the global count (a cache-padded `AtomicUsize`) and the per-IP [`IpTable`]. Every admitted
+//! Owns the global count (a [`Cap`]: one cache-padded `AtomicUsize`) and the per-IP [`IpTable`]. Every admitted
 //! connection holds a [`Permit`] from accept to close; dropping it releases both counts, so a count
 //! cannot leak whatever path ends the connection (error, timeout, panic unwinding a task, shutdown
 //! dropping the runtime).
 //!
 //! Invariants:
-//! - `active() <= max_connections` at every instant: admission is a compare-and-swap against the
-//!   limit, never an increment that is undone afterwards.
+//! - `active() <= max_connections` at every instant (see [`cap`]).
 //! - A key's count never exceeds `max_connections_per_ip` (see [`ip_table`]).
 //! - The global place is taken first, so the number of live keys never exceeds `max_connections`
 //!   and the table (twice that many slots) cannot fill in normal operation.
@@ -17,13 +16,12 @@
 //! The limiter is created once and leaked (`&'static`): a permit then needs no reference count,
 //! which would be one more shared cache line written per connection.
 
+pub mod cap;
 pub mod ip_table;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crossbeam_utils::CachePadded;
-
+pub use cap::Cap;
 pub use ip_table::{IpTable, TableReject};
 
 /// Why a connection was not admitted; the `reason` label of `mcp_gateway_connections_rejected_total`.
@@ -60,8 +58,8 @@ impl Rejection {
 
 /// Global and per-IP admission. See the module documentation.
 pub struct Limiter {
-    active: CachePadded<AtomicUsize>,
-    max_connections: usize,
+    /// Connections admitted and not yet closed, against `max_connections`.
+    global: Cap,
     /// `None` when the per-IP limit is disabled (`max_connections_per_ip: 0`).
     per_ip: Option<(IpTable, u64)>,
 }
@@ -77,8 +75,7 @@ impl Limiter {
             )
         });
         Limiter {
-            active: CachePadded::new(AtomicUsize::new(0)),
-            max_connections,
+            global: Cap::new(max_connections),
             per_ip,
         }
     }
@@ -90,14 +87,9 @@ impl Limiter {
 
     /// Admits one connection from `ip`, or says why not.
     pub fn try_acquire(&'static self, ip: IpAddr) -> Result<Permit, Rejection> {
-        // Relaxed: the count guards nothing but itself; the compare-and-swap sees every other
-        // admission and release of this one variable in its modification order, which is all the
-        // limit needs.
-        self.active
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < self.max_connections).then_some(n + 1)
-            })
-            .map_err(|_| Rejection::Global)?;
+        if !self.global.try_take() {
+            return Err(Rejection::Global);
+        }
         let mut permit = Permit {
             limiter: self,
             slot: NO_SLOT,
@@ -115,8 +107,7 @@ impl Limiter {
 
     /// Connections admitted and not yet closed.
     pub fn active(&self) -> usize {
-        // Relaxed: a snapshot for metrics and tests.
-        self.active.load(Ordering::Relaxed)
+        self.global.count()
     }
 
     /// Client addresses with at least one open connection (0 when per-IP limiting is off).
@@ -125,7 +116,7 @@ impl Limiter {
     }
 
     pub fn max_connections(&self) -> usize {
-        self.max_connections
+        self.global.limit()
     }
 
     /// The per-IP limit in force, 0 when disabled.
@@ -162,8 +153,7 @@ impl Drop for Permit {
                 table.release(self.slot);
             }
         }
-        // Relaxed: see `try_acquire`.
-        self.limiter.active.fetch_sub(1, Ordering::Relaxed);
+        self.limiter.global.give_back();
     }
 }
 

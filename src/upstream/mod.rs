@@ -35,12 +35,11 @@ pub mod rpc;
 pub mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-
-use crossbeam_utils::CachePadded;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::config::{secs, Config, Strategy, UpstreamUrl, BUILTIN_ECHO};
+use crate::limiter::Cap;
 use breaker::Breaker;
 
 /// Length of the upstream tag in front of a client-visible session id.
@@ -76,9 +75,8 @@ pub struct Upstream {
     /// each pick; a pick that sees a stale value for a moment is what any health check allows.
     healthy: AtomicBool,
     pub breaker: Breaker,
-    /// `routing.max_in_flight` (0: none) and the requests in flight against it, all cores.
-    max_in_flight: usize,
-    in_flight: CachePadded<AtomicUsize>,
+    /// Requests in flight against `routing.max_in_flight`, all cores; `None` without the limit.
+    in_flight: Option<Cap>,
 }
 
 impl Upstream {
@@ -99,21 +97,13 @@ impl Upstream {
     /// Takes one more request in flight unless `routing.max_in_flight` are already; pair with
     /// [`Upstream::end`]. Without the limit it touches nothing shared.
     pub fn try_begin(&self) -> bool {
-        // Relaxed: the count guards nothing but itself; the compare-and-swap sees every other
-        // begin and end of this one variable in its modification order, so the limit is exact.
-        self.max_in_flight == 0
-            || self
-                .in_flight
-                .fetch_update(Relaxed, Relaxed, |n| {
-                    (n < self.max_in_flight).then_some(n + 1)
-                })
-                .is_ok()
+        self.in_flight.as_ref().is_none_or(Cap::try_take)
     }
 
     /// Ends a request that [`Upstream::try_begin`] admitted.
     pub fn end(&self) {
-        if self.max_in_flight != 0 {
-            self.in_flight.fetch_sub(1, Relaxed);
+        if let Some(cap) = &self.in_flight {
+            cap.give_back();
         }
     }
 
@@ -202,8 +192,7 @@ impl Upstreams {
                         cb.success_threshold,
                         secs(cb.timeout_seconds),
                     ),
-                    max_in_flight: r.max_in_flight,
-                    in_flight: CachePadded::new(AtomicUsize::new(0)),
+                    in_flight: (r.max_in_flight > 0).then(|| Cap::new(r.max_in_flight)),
                 });
             }
             namespaces.push(Namespace {
