@@ -79,6 +79,7 @@ fn hundred_thousand_connections_leave_every_count_at_zero() {
         .collect();
     let tcp_total: usize = threads.into_iter().map(|h| h.join().unwrap()).sum();
 
+    gw.wait_accepted(CONNECTIONS);
     gw.wait_all_closed();
     let text = gw.scrape();
     let accepted_http = sample_value(
@@ -225,6 +226,7 @@ fn forwarded_connections_that_leave_midway_leave_every_count_at_zero() {
         t.join().unwrap();
     }
 
+    gw.wait_accepted(FORWARDED);
     gw.wait_all_closed();
     let in_flight =
         format!("mcp_gateway_upstream_in_flight{{namespace=\"default\",upstream=\"{url}\"}}");

@@ -194,6 +194,28 @@ impl Gateway {
         }
     }
 
+    /// Waits until the gateway has accepted `n` connections in all (HTTP and MCPB doors). A
+    /// client may have finished with a connection (closed or reset it) that still waits in the
+    /// kernel's accept queue of a busy gateway: counts read before it is accepted miss it.
+    pub fn wait_accepted(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = self.scrape();
+            let http = sample_value(
+                &text,
+                "mcp_gateway_frontend_connections_accepted_total{frontend=\"http\"}",
+            );
+            let tcp = sample_value(&text, "mcp_gateway_tcp_connections_total");
+            if http as usize + tcp as usize >= n {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("accepted {http} + {tcp} of {n} connections\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits until every connection gauge and the tracked-IP count are zero.
     pub fn wait_all_closed(&self) {
         for s in [
