@@ -151,8 +151,9 @@ pub struct RoutingConfig {
     pub request_timeout: f64,
     /// Tell upstreams the client's address in `X-Forwarded-For` (appended to the client's own).
     pub forwarded_for: bool,
-    /// Requests and event streams in flight to one upstream, all cores together, beyond which
-    /// it gets no more (`503` when no other upstream can take the request); 0: no limit.
+    /// Requests in flight to one upstream, all cores together (a client's standalone `GET`
+    /// stream not counted), beyond which it gets no more (`503` when no other upstream can take
+    /// the request); 0: no limit.
     pub max_in_flight: usize,
     pub circuit_breaker: CircuitBreakerConfig,
 }

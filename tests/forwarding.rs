@@ -789,6 +789,9 @@ fn max_in_flight_refuses_beyond_the_limit_with_503_and_frees_places_as_requests_
     assert_eq!(r.json()["error"]["code"], -32000);
     let busy = format!("mcp_gateway_upstream_requests_total{{namespace=\"default\",upstream=\"{url}\",outcome=\"busy\"}}");
     assert_eq!(gw.metric(&busy), 1.0);
+    // A standalone GET stream is not capped: every MCP client holds one open all the time.
+    let get = "GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n";
+    assert_eq!(roundtrip(&mut third, get).status, 200);
     // So is a message on the MCPB door, as a JSON-RPC error with its id; the connection stays.
     let mut m = TcpStream::connect(gw.tcp.unwrap()).unwrap();
     m.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

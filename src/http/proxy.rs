@@ -76,17 +76,23 @@ pub async fn forward(
         Method::Other => unreachable!("the door answers other methods itself"),
     };
     let raw_head = &buf[..head.len];
+    // A standalone `GET` stream is not capped by `routing.max_in_flight`: every MCP client
+    // holds one open, idle, all the time.
+    let capped = head.method != Method::Get;
     // With a session id: its upstream, and the id without the tag, as that upstream issued it.
     let mut upstream_session = None;
     let lease = match head.session.map(|(a, b)| &raw_head[a..b]) {
         Some(id) => match all.session(ns, id) {
             Some((u, own)) => {
                 upstream_session = Some(own);
-                worker.balancer.pinned(u).map_err(|f| (f, true))
+                worker.balancer.pinned(u, capped).map_err(|f| (f, true))
             }
             None => Err((Failure::NoUpstream, true)),
         },
-        None => worker.balancer.pick(all, ns).map_err(|f| (f, false)),
+        None => worker
+            .balancer
+            .pick(all, ns, capped)
+            .map_err(|f| (f, false)),
     };
     let pinned = head.session.is_some();
     let mut lease = match lease {

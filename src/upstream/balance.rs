@@ -8,9 +8,9 @@
 //! same way.
 //!
 //! Invariant: every [`Lease`] counts one request in flight on its upstream from the pick until it
-//! drops, whatever ends the request, so `least_connections` counts go down as well as up, and
-//! holds one of its `routing.max_in_flight` places (taken before the breaker is asked; given
-//! back if the breaker refuses).
+//! drops, whatever ends the request, so `least_connections` counts go down as well as up, and,
+//! when `capped`, holds one of its `routing.max_in_flight` places (taken before the breaker is
+//! asked; given back if the breaker refuses).
 
 use std::cell::Cell;
 use std::time::Instant;
@@ -46,8 +46,15 @@ impl Balancer {
         self.metrics.upstream_in_flight(i)
     }
 
-    /// Picks an in-service upstream of namespace `ns` and admits a request to it.
-    pub fn pick<'a>(&'a self, all: &'static Upstreams, ns: usize) -> Result<Lease<'a>, Failure> {
+    /// Picks an in-service upstream of namespace `ns` and admits a request to it. `capped`: the
+    /// request takes one of the upstream's `routing.max_in_flight` places (all but a client's
+    /// standalone `GET` stream, which every MCP client holds open, idle, all the time).
+    pub fn pick<'a>(
+        &'a self,
+        all: &'static Upstreams,
+        ns: usize,
+        capped: bool,
+    ) -> Result<Lease<'a>, Failure> {
         let members = &all.namespaces[ns].upstreams;
         let n = members.len();
         let start = self.next[ns].get();
@@ -71,17 +78,19 @@ impl Balancer {
             };
             let Some(i) = chosen else { break };
             let u = &all.all[members[i]];
-            if !u.try_begin() {
+            if capped && !u.try_begin() {
                 skip |= 1 << (i % 64);
                 busy.get_or_insert(u.index);
                 continue;
             }
             match u.breaker.admit() {
                 Admit::No => {
-                    u.end();
+                    if capped {
+                        u.end();
+                    }
                     skip |= 1 << (i % 64);
                 }
-                admit => return Ok(self.lease(u, admit)),
+                admit => return Ok(self.lease(u, admit, capped)),
             }
         }
         match busy {
@@ -93,31 +102,34 @@ impl Balancer {
         }
     }
 
-    /// Admits a request to `u` itself (a session pinned to it).
-    pub fn pinned<'a>(&'a self, u: &'static Upstream) -> Result<Lease<'a>, Failure> {
+    /// Admits a request to `u` itself (a session pinned to it); `capped` as for [`Self::pick`].
+    pub fn pinned<'a>(&'a self, u: &'static Upstream, capped: bool) -> Result<Lease<'a>, Failure> {
         if !u.is_healthy() {
             return Err(Failure::NoUpstream);
         }
-        if !u.try_begin() {
+        if capped && !u.try_begin() {
             self.metrics.upstream(u.index, Outcome::Busy, None);
             return Err(Failure::Busy);
         }
         match u.breaker.admit() {
             Admit::No => {
-                u.end();
+                if capped {
+                    u.end();
+                }
                 Err(Failure::CircuitOpen)
             }
-            admit => Ok(self.lease(u, admit)),
+            admit => Ok(self.lease(u, admit, capped)),
         }
     }
 
-    /// A lease for a request `u` admitted (its in-flight place already taken).
-    fn lease<'a>(&'a self, u: &'static Upstream, admit: Admit) -> Lease<'a> {
+    /// A lease for a request `u` admitted (when `capped`, its place already taken).
+    fn lease<'a>(&'a self, u: &'static Upstream, admit: Admit, capped: bool) -> Lease<'a> {
         self.metrics.upstream_started(u.index);
         Lease {
             balancer: self,
             upstream: u,
             admit,
+            capped,
         }
     }
 
@@ -154,6 +166,8 @@ pub struct Lease<'a> {
     balancer: &'a Balancer,
     pub upstream: &'static Upstream,
     admit: Admit,
+    /// Holds one of the upstream's `routing.max_in_flight` places.
+    capped: bool,
 }
 
 impl Lease<'_> {
@@ -198,7 +212,9 @@ impl Drop for Lease<'_> {
             self.upstream.breaker.release_probe();
         }
         self.balancer.metrics.upstream_ended(self.upstream.index);
-        self.upstream.end();
+        if self.capped {
+            self.upstream.end();
+        }
     }
 }
 
@@ -235,7 +251,7 @@ mod tests {
 
     fn picks(b: &Balancer, u: &'static Upstreams, n: usize) -> Vec<usize> {
         (0..n)
-            .map(|_| b.pick(u, 0).unwrap().upstream.index)
+            .map(|_| b.pick(u, 0, true).unwrap().upstream.index)
             .collect()
     }
 
@@ -243,24 +259,30 @@ mod tests {
     fn max_in_flight_skips_a_full_upstream_and_refuses_when_all_are() {
         let u = limited("round_robin", &[1, 1], 1);
         let b = balancer(u);
-        let first = b.pick(u, 0).unwrap();
-        let second = b.pick(u, 0).unwrap();
+        let first = b.pick(u, 0, true).unwrap();
+        let second = b.pick(u, 0, true).unwrap();
         assert_ne!(first.upstream.index, second.upstream.index);
-        assert_eq!(b.pick(u, 0).err(), Some(Failure::Busy));
-        assert_eq!(b.pinned(&u.all[0]).err(), Some(Failure::Busy));
+        assert_eq!(b.pick(u, 0, true).err(), Some(Failure::Busy));
+        assert_eq!(b.pinned(&u.all[0], true).err(), Some(Failure::Busy));
+        // A standalone stream is not capped, and takes no place.
+        drop(b.pick(u, 0, false).expect("uncapped"));
+        assert_eq!(b.pick(u, 0, true).err(), Some(Failure::Busy));
         let freed = first.upstream.index;
         drop(first);
-        assert_eq!(b.pick(u, 0).unwrap().upstream.index, freed);
+        assert_eq!(b.pick(u, 0, true).unwrap().upstream.index, freed);
         // A place taken while the breaker refuses is given back.
-        let mut lease = b.pick(u, 0).unwrap();
+        let mut lease = b.pick(u, 0, true).unwrap();
         let failing = lease.upstream.index;
         lease.done(false); // threshold 1: its breaker opens
         drop(lease);
-        assert_eq!(b.pinned(&u.all[failing]).err(), Some(Failure::CircuitOpen));
+        assert_eq!(
+            b.pinned(&u.all[failing], true).err(),
+            Some(Failure::CircuitOpen)
+        );
         drop(second);
         // The other upstream is the only one in service, and its one place is free again.
-        let last = b.pick(u, 0).expect("no place leaked");
-        assert_eq!(b.pick(u, 0).err(), Some(Failure::Busy));
+        let last = b.pick(u, 0, true).expect("no place leaked");
+        assert_eq!(b.pick(u, 0, true).err(), Some(Failure::Busy));
         drop(last);
     }
 
@@ -272,7 +294,7 @@ mod tests {
         u.all[1].set_healthy(false);
         assert!(!picks(&b, u, 6).contains(&1));
         u.all[1].set_healthy(true);
-        let mut lease = b.pick(u, 0).unwrap();
+        let mut lease = b.pick(u, 0, true).unwrap();
         let failed = lease.upstream.index;
         lease.done(false); // threshold 1: its breaker opens
         drop(lease);
@@ -283,16 +305,16 @@ mod tests {
     fn least_connections_counts_go_down_as_well_as_up() {
         let u = upstreams("least_connections", &[1, 1]);
         let b = balancer(u);
-        let first = b.pick(u, 0).unwrap();
+        let first = b.pick(u, 0, true).unwrap();
         let a = first.upstream.index;
         // While `first` is in flight, every new pick goes to the other one.
         for _ in 0..3 {
-            assert_ne!(b.pick(u, 0).unwrap().upstream.index, a);
+            assert_ne!(b.pick(u, 0, true).unwrap().upstream.index, a);
         }
         assert_eq!(b.in_flight(a), 1);
         drop(first);
         assert_eq!((b.in_flight(0), b.in_flight(1)), (0, 0));
-        let (x, y) = (b.pick(u, 0).unwrap(), b.pick(u, 0).unwrap());
+        let (x, y) = (b.pick(u, 0, true).unwrap(), b.pick(u, 0, true).unwrap());
         assert_ne!(x.upstream.index, y.upstream.index, "ties spread");
     }
 
@@ -308,7 +330,7 @@ mod tests {
         let none = upstreams("weighted", &[1]);
         none.all[0].set_healthy(false);
         assert_eq!(
-            balancer(none).pick(none, 0).err(),
+            balancer(none).pick(none, 0, true).err(),
             Some(Failure::NoUpstream)
         );
     }

@@ -346,8 +346,8 @@ async fn forward(
 ) {
     let all = worker.shared.upstreams;
     let lease = match state.upstream.get() {
-        Some(u) => worker.balancer.pinned(u),
-        None => worker.balancer.pick(all, ns),
+        Some(u) => worker.balancer.pinned(u, true),
+        None => worker.balancer.pick(all, ns, true),
     };
     let mut lease = match lease {
         Ok(l) => l,
