@@ -196,6 +196,21 @@ fn named(name: &'static str) -> Arc<mock::Handler> {
 
 const INIT: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#;
 
+/// An MCPB connection to `gw`'s TCP door (reads bounded to 10 s).
+fn mcpb_client(gw: &Gateway) -> TcpStream {
+    let c = TcpStream::connect(gw.tcp.unwrap()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c
+}
+
+/// An MCPB connection whose `initialize` was answered with a Response frame.
+fn mcpb_initialized(gw: &Gateway) -> TcpStream {
+    let mut c = mcpb_client(gw);
+    c.write_all(&mcpb_frame(1, INIT.as_bytes())).unwrap();
+    assert_eq!(read_mcpb(&mut c).0, 2);
+    c
+}
+
 #[test]
 fn sessions_stick_to_their_upstream_and_a_gone_one_gives_404() {
     let a = Mock::start_on("127.0.0.1:0", named("a"));
@@ -534,10 +549,7 @@ fn mcpb_requests_are_forwarded_with_notifications_and_failures_keep_the_connecti
     });
     let url = up.url();
     let gw = start_with("", &endpoints(&[("default", &[&url])], ROUTING));
-    let mut c = TcpStream::connect(gw.tcp.unwrap()).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    c.write_all(&mcpb_frame(1, INIT.as_bytes())).unwrap();
-    assert_eq!(read_mcpb(&mut c).0, 2);
+    let mut c = mcpb_initialized(&gw);
     c.write_all(&mcpb_frame(
         1,
         br#"{"jsonrpc":"2.0","id":7,"method":"tools/call"}"#,
@@ -582,10 +594,7 @@ fn a_closed_mcpb_connection_ends_its_upstream_session() {
         }
     });
     let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
-    let mut c = TcpStream::connect(gw.tcp.unwrap()).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    c.write_all(&mcpb_frame(1, INIT.as_bytes())).unwrap();
-    assert_eq!(read_mcpb(&mut c).0, 2);
+    let c = mcpb_initialized(&gw);
     drop(c);
     let id = deleted_rx
         .recv_timeout(Duration::from_secs(5))
@@ -625,10 +634,7 @@ fn what_the_upstream_sends_on_its_own_reaches_an_mcpb_client_between_messages() 
         }
     });
     let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
-    let mut c = TcpStream::connect(gw.tcp.unwrap()).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    c.write_all(&mcpb_frame(1, INIT.as_bytes())).unwrap();
-    assert_eq!(read_mcpb(&mut c).0, 2);
+    let mut c = mcpb_initialized(&gw);
     notify_tx.send(()).unwrap();
     let (kind, n) = read_mcpb(&mut c);
     assert_eq!(
@@ -670,8 +676,7 @@ fn session_requests_name_the_protocol_version_that_initialize_negotiated() {
         }
     });
     let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
-    let mut c = TcpStream::connect(gw.tcp.unwrap()).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut c = mcpb_client(&gw);
     c.write_all(&mcpb_frame(1, INIT.as_bytes())).unwrap();
     let (kind, r) = read_mcpb(&mut c);
     assert_eq!(
@@ -793,8 +798,7 @@ fn max_in_flight_refuses_beyond_the_limit_with_503_and_frees_places_as_requests_
     let get = "GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n";
     assert_eq!(roundtrip(&mut third, get).status, 200);
     // So is a message on the MCPB door, as a JSON-RPC error with its id; the connection stays.
-    let mut m = TcpStream::connect(gw.tcp.unwrap()).unwrap();
-    m.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut m = mcpb_client(&gw);
     m.write_all(&mcpb_frame(
         1,
         br#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#,
@@ -980,10 +984,7 @@ fn a_client_answers_a_request_the_server_sends_in_the_middle_of_a_call() {
         let _ = s.write_all(b"0\r\n\r\n");
     });
     let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
-    let mut c = TcpStream::connect(gw.tcp.unwrap()).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    c.write_all(&mcpb_frame(1, INIT.as_bytes())).unwrap();
-    assert_eq!(read_mcpb(&mut c).0, 2);
+    let mut c = mcpb_initialized(&gw);
     c.write_all(&mcpb_frame(
         1,
         br#"{"jsonrpc":"2.0","id":5,"method":"tools/call"}"#,
