@@ -306,8 +306,7 @@ fn listened_elsewhere(addr: SocketAddr) -> bool {
             .filter_map(proc_net_listener)
             .any(|other| {
                 other.port() == addr.port()
-                    && (other.ip() == addr.ip()
-                        || other.ip().is_unspecified()
+                    && (other.ip().is_unspecified()
                         || addr.ip().is_unspecified()
                         || other.ip().to_canonical() == addr.ip().to_canonical())
             })

@@ -372,7 +372,9 @@ async fn forward(
         id.is_some()
     };
     // The replies to `initialize` carry the protocol version every later request must name.
-    let initializing = is_initialize(message);
+    // Only a session not set up yet looks (a scan of the message): `initialize` opens one.
+    let initializing =
+        !had_id && state.fields.borrow().protocol.is_none() && is_initialize(message);
     req.extend_from_slice(message);
     let started = Instant::now();
     let (mut up, mut buf, head) = match client::send(all, u, req, None).await {
@@ -462,10 +464,12 @@ async fn forward(
     give_buf(buf);
     // The session's standalone stream, once `initialize` has been answered (so that its `GET`
     // names the protocol version too).
-    let id = state.id.borrow().clone();
-    if let (true, Some(id)) = (new_session, id) {
-        let fields = state.fields.borrow().clone();
-        *state.listener.borrow_mut() = Some(listen::start(worker, u, id, fields, outbox.clone()));
+    if new_session {
+        if let Some(id) = state.id.borrow().clone() {
+            let fields = state.fields.borrow().clone();
+            let listener = listen::start(worker, u, id, fields, outbox.clone());
+            *state.listener.borrow_mut() = Some(listener);
+        }
     }
 }
 
