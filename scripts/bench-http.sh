@@ -29,7 +29,7 @@ done
 [ "$D" -le 120 ] || { echo "duration capped at 120 s" >&2; D=120; }
 cd "$(dirname "$0")/.."
 . scripts/lib/need.sh; need wrk
-cargo build --release --quiet
+build
 work=$(mktemp -d)
 gw=""
 cleanup() { [ -n "$gw" ] && kill "$gw" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }

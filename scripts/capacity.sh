@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
 done
 [ "$H" -le 300 ] || H=300
 cd "$(dirname "$0")/.."
-cargo build --release --quiet
+. scripts/lib/need.sh; build
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }

@@ -40,7 +40,7 @@ case "$MODE" in proxy|direct) ;; *) usage; exit 64 ;; esac
 [ "$C" -lt "$L" ] || { echo "--connections must stay under --max-per-ip (wrk uses one address)" >&2; exit 64; }
 cd "$(dirname "$0")/.."
 . scripts/lib/need.sh; need nginx haproxy wrk
-cargo build --release --quiet
+build
 work=$(mktemp -d)
 pids=()
 cleanup() {

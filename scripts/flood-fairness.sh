@@ -28,7 +28,7 @@ done
 [ "$C" -lt "$L" ] || { echo "--connections must stay under --max-per-ip (wrk uses one address)" >&2; exit 64; }
 cd "$(dirname "$0")/.."
 . scripts/lib/need.sh; need wrk
-cargo build --release --quiet
+build
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }

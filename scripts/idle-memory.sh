@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
 done
 case "$MODE" in http|stream|ws|mcpb|all) ;; *) usage; exit 64 ;; esac
 cd "$(dirname "$0")/.."
-cargo build --release --quiet
+. scripts/lib/need.sh; build
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
@@ -81,7 +81,7 @@ YAML
 }
 
 start_nginx() { # mode -> sets master, nport
-  . scripts/lib/need.sh; need nginx
+  need nginx
   nport=$(free_port)
   mkdir -p "$work/nginx"
   local location="return 200 '{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}';"
