@@ -46,6 +46,11 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Concurrent connections from one client address; 0 disables the per-IP limit.
     pub max_connections_per_ip: u64,
+    /// Requests (HTTP requests, WebSocket messages, MCPB frames) per second from one client
+    /// address over all its connections; 0 disables the request rate limit.
+    pub max_requests_per_ip: u64,
+    /// Requests one address may send at once before the rate applies; 0 = one second's worth.
+    pub request_burst_per_ip: u64,
     /// Seconds a client may take to send a whole request once it has started one.
     pub read_timeout: f64,
     /// Seconds a response write may take.
@@ -71,6 +76,8 @@ impl Default for ServerConfig {
             driver: Driver::Auto,
             max_connections: 50_000,
             max_connections_per_ip: 1_000,
+            max_requests_per_ip: 0,
+            request_burst_per_ip: 0,
             read_timeout: 30.0,
             write_timeout: 30.0,
             idle_timeout: 120.0,
@@ -252,6 +259,30 @@ impl Config {
         let s = &self.server;
         if s.max_connections == 0 {
             p.push("server.max_connections: must be at least 1".into());
+        }
+        if s.max_connections > 1 << 30 {
+            p.push(format!(
+                "server.max_connections: {} is above the largest supported value {}",
+                s.max_connections,
+                1 << 30
+            ));
+        }
+        if s.max_requests_per_ip > crate::limiter::rate::MAX_RATE {
+            p.push(format!(
+                "server.max_requests_per_ip: {} is above the largest supported value {}",
+                s.max_requests_per_ip,
+                crate::limiter::rate::MAX_RATE
+            ));
+        }
+        if s.max_requests_per_ip > 0 && s.max_connections_per_ip == 0 {
+            p.push(
+                "server.max_requests_per_ip: needs server.max_connections_per_ip above 0 \
+                 (the per-IP table keeps each address's rate)"
+                    .into(),
+            );
+        }
+        if s.request_burst_per_ip > 0 && s.max_requests_per_ip == 0 {
+            p.push("server.request_burst_per_ip: set without server.max_requests_per_ip".into());
         }
         if s.max_connections_per_ip > crate::limiter::ip_table::MAX_COUNT {
             p.push(format!(
@@ -456,6 +487,32 @@ mod tests {
         assert!(
             e[0].starts_with("server.max_connections: invalid type"),
             "{e:?}"
+        );
+    }
+
+    #[test]
+    fn the_request_rate_needs_the_per_ip_table_and_a_sane_value() {
+        let e = Config::parse(
+            "server:\n  max_connections_per_ip: 0\n  max_requests_per_ip: 5\n",
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            e[0].starts_with("server.max_requests_per_ip: needs"),
+            "{e:?}"
+        );
+        let e = Config::parse("server:\n  max_requests_per_ip: 2000000\n", false).unwrap_err();
+        assert!(e[0].contains("above the largest supported value"), "{e:?}");
+        let e = Config::parse("server:\n  request_burst_per_ip: 5\n", false).unwrap_err();
+        assert!(e[0].starts_with("server.request_burst_per_ip:"), "{e:?}");
+        let c = Config::parse(
+            "server:\n  max_requests_per_ip: 20\n  request_burst_per_ip: 50\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.server.max_requests_per_ip, c.server.request_burst_per_ip),
+            (20, 50)
         );
     }
 

@@ -21,9 +21,9 @@ use monoio::net::TcpStream;
 
 use crate::conn::{give_buf, linger_close, read_more, take_buf, write_all, ReadError};
 use crate::echo;
-use crate::limiter::Permit;
+use crate::limiter::{rate, Permit};
 use crate::metrics::{Frontend, ProtocolError};
-use crate::upstream::rpc::{Framing, MsgSession, Next};
+use crate::upstream::rpc::{self, Framing, MsgSession, Next};
 use crate::upstream::Outcome;
 use crate::worker::Worker;
 
@@ -147,6 +147,7 @@ pub fn serve(
             }
             match Box::pin(exchange(
                 worker,
+                &permit,
                 &mut stream,
                 &mut pending,
                 ns,
@@ -164,6 +165,7 @@ pub fn serve(
 
 async fn exchange(
     worker: &'static Worker,
+    permit: &Permit,
     stream: &mut TcpStream,
     pending: &mut Option<Vec<u8>>,
     ns: usize,
@@ -229,6 +231,13 @@ async fn exchange(
         };
         let payload = &buf[HEADER_LEN..HEADER_LEN + len];
         let started = Instant::now();
+        let message = matches!(kind, FrameType::Request | FrameType::Response);
+        if message && worker.admit_request(permit, Frontend::Tcp).is_err() {
+            // Over the address's request rate: an error for this message, the session kept.
+            (FRAMING.fail)(&mut out, &rpc::error_for(payload, rate::REFUSAL));
+            buf.drain(..HEADER_LEN + len);
+            continue;
+        }
         match kind {
             FrameType::Request if all.namespaces[ns].builtin => {
                 let mut reply = take_buf();

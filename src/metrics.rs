@@ -106,6 +106,7 @@ pub struct CoreMetrics {
     accept_errors: [[AtomicU64; 3]; 3],
     protocol_errors: [[AtomicU64; 3]; 3],
     requests: [AtomicU64; 3],
+    rate_limited: [AtomicU64; 3],
     latency: [Histo; 3],
     /// Per configured upstream, in `Upstreams::all` order. Padded: the cores' boxes are separate
     /// heap allocations that would otherwise share cache lines with each other.
@@ -132,6 +133,7 @@ impl CoreMetrics {
             accept_errors: Default::default(),
             protocol_errors: Default::default(),
             requests: Default::default(),
+            rate_limited: Default::default(),
             latency: Default::default(),
             upstreams: (0..upstreams).map(|_| Default::default()).collect(),
         }
@@ -183,6 +185,11 @@ impl CoreMetrics {
 
     pub fn protocol_error(&self, door: Frontend, kind: ProtocolError) {
         self.protocol_errors[door as usize][kind as usize].fetch_add(1, Relaxed);
+    }
+
+    /// A request or message was refused by `server.max_requests_per_ip`.
+    pub fn rate_limited(&self, door: Frontend) {
+        self.rate_limited[door as usize].fetch_add(1, Relaxed);
     }
 
     /// A request or message was answered after `took`.
@@ -357,6 +364,17 @@ impl Metrics {
                 .iter()
                 .map(|d| {
                     let v = self.sum(|c| c.requests[*d as usize].load(Relaxed));
+                    (vec![("frontend", d.label())], v as f64)
+                })
+                .collect(),
+        ));
+        fams.push(counter(
+            "mcp_gateway_requests_rate_limited_total",
+            "Requests and messages refused by the per-IP request rate (server.max_requests_per_ip), by front door.",
+            doors
+                .iter()
+                .map(|d| {
+                    let v = self.sum(|c| c.rate_limited[*d as usize].load(Relaxed));
                     (vec![("frontend", d.label())], v as f64)
                 })
                 .collect(),
@@ -544,6 +562,9 @@ pub fn describe_limits(l: &Limiter) -> String {
                 l.ip_table_slots()
             );
         }
+    }
+    if let Some((rate, burst)) = l.request_rate() {
+        let _ = write!(s, " max_requests_per_ip={rate}/s burst={burst}");
     }
     s
 }

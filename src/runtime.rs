@@ -56,7 +56,9 @@ pub fn run(config: Config) -> io::Result<()> {
             )
         })?;
 
-    let limiter = Limiter::new(s.max_connections, s.max_connections_per_ip).leak();
+    let limiter = Limiter::new(s.max_connections, s.max_connections_per_ip)
+        .with_request_rate(s.max_requests_per_ip, s.request_burst_per_ip)
+        .leak();
     let upstreams = Upstreams::new(&config)?.leak();
     let metrics = Metrics::new(workers, limiter, upstreams).leak();
     let shared: &'static Shared = Box::leak(Box::new(Shared {

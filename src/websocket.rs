@@ -26,8 +26,9 @@ use crate::conn::{give_buf, linger_close, read_more, take_buf, write_all, ReadEr
 use crate::echo;
 use crate::http::request::Upgrade;
 use crate::http::response;
+use crate::limiter::{rate, Permit};
 use crate::metrics::{Frontend, ProtocolError};
-use crate::upstream::rpc::{Framing, MsgSession, Next};
+use crate::upstream::rpc::{self, Framing, MsgSession, Next};
 use crate::upstream::Outcome;
 use crate::worker::{Registration, Worker};
 
@@ -208,6 +209,7 @@ pub fn serve<'a>(
     worker: &'static Worker,
     mut stream: TcpStream,
     reg: &'a Registration,
+    permit: &'a Permit,
     first: Vec<u8>,
     ns: usize,
 ) -> impl Future<Output = ()> + 'a {
@@ -242,6 +244,7 @@ pub fn serve<'a>(
             }
             let step = Box::pin(exchange(
                 worker,
+                permit,
                 &mut stream,
                 pending.take(),
                 &mut assembly,
@@ -260,6 +263,7 @@ pub fn serve<'a>(
 
 async fn exchange(
     worker: &'static Worker,
+    permit: &Permit,
     stream: &mut TcpStream,
     pending: Option<Vec<u8>>,
     assembly: &mut Assembly,
@@ -390,6 +394,12 @@ async fn exchange(
                     CloseWith(1007, "text message is not UTF-8"),
                 )
                 .await;
+            }
+            if worker.admit_request(permit, Frontend::WebSocket).is_err() {
+                // Over the address's request rate: an error for this message, the session kept.
+                (FRAMING.fail)(&mut out, &rpc::error_for(&message, rate::REFUSAL));
+                give_buf(message);
+                continue;
             }
             let all = worker.shared.upstreams;
             if !all.namespaces[ns].builtin {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use monoio::net::{TcpListener, TcpStream};
 use slab::Slab;
 
-use crate::limiter::Limiter;
+use crate::limiter::{Limiter, Permit};
 use crate::metrics::{AcceptError, CoreMetrics, Frontend, Metrics};
 use crate::upstream::balance::Balancer;
 use crate::upstream::Upstreams;
@@ -92,6 +92,16 @@ impl Worker {
     /// True once shutdown began: finish the current request, then close.
     pub fn draining(&self) -> bool {
         self.draining.get()
+    }
+
+    /// Admits one request or message of the connection holding `permit` against
+    /// `server.max_requests_per_ip`, counting a refusal on `door`. `Err`: whole seconds until
+    /// one would be admitted (at least 1), for `Retry-After`.
+    pub fn admit_request(&self, permit: &Permit, door: Frontend) -> Result<(), u64> {
+        permit.admit_request().map_err(|wait| {
+            self.metrics.rate_limited(door);
+            (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+        })
     }
 
     /// 64 random bits (splitmix64, seeded per process and core): session ids.

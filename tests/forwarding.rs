@@ -1056,3 +1056,33 @@ fn a_request_body_reaches_the_upstream_before_it_is_complete() {
     let r = read_response(&mut c, &mut Vec::new()).unwrap();
     assert_eq!((r.status, r.json()["whole"].clone()), (200, true.into()));
 }
+
+/// `server.max_requests_per_ip` in front of an HTTP upstream: a refused request never reaches it,
+/// its body is read and discarded so the next request on the connection is understood, and the
+/// upstream sees exactly the admitted ones.
+#[test]
+fn requests_over_the_rate_never_reach_the_upstream() {
+    let up = Mock::start(|req, s| json_reply(s, req, "{}", &[]));
+    let gw = start_with(
+        "max_requests_per_ip: 1\n  request_burst_per_ip: 2",
+        &endpoints(&[("default", &[&up.url()])], ROUTING),
+    );
+    let started = Instant::now();
+    let mut c = connect_from("127.0.0.2", gw.http);
+    let statuses: Vec<u16> = (0..6)
+        .map(|_| roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status)
+        .collect();
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(
+        admitted + statuses.iter().filter(|s| **s == 429).count(),
+        6,
+        "{statuses:?}"
+    );
+    let allowed = 2 + started.elapsed().as_secs_f64().ceil() as usize;
+    assert!((2..=allowed).contains(&admitted), "{statuses:?}");
+    assert_eq!(up.requests.load(Ordering::SeqCst), admitted);
+    assert_eq!(
+        gw.metric("mcp_gateway_requests_rate_limited_total{frontend=\"http\"}"),
+        (6 - admitted) as f64
+    );
+}

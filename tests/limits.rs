@@ -148,3 +148,99 @@ fn rejected_client_gets_its_status_even_when_it_writes_late() {
     );
     assert_rejected(&roundtrip(&mut second, &post_mcp(TOOLS_LIST)), 429);
 }
+
+/// `server.max_requests_per_ip`: requests over the rate get 429 (HTTP) or a JSON-RPC error for
+/// their id (WebSocket, MCPB) and the connection stays usable; the rate is per address over all
+/// its connections and doors, a new connection buys no new burst, and other addresses are not
+/// touched. Admitted counts are checked against what GCRA allows for the time the test took
+/// (`burst + elapsed * rate`), so a slow machine cannot make the test flaky.
+#[test]
+fn request_rate_per_ip_refuses_the_excess_on_every_door() {
+    let (rate, burst) = (1.0, 3.0);
+    let gw =
+        start("max_connections_per_ip: 10\n  max_requests_per_ip: 1\n  request_burst_per_ip: 3");
+    let started = std::time::Instant::now();
+    let allowed = || burst + (started.elapsed().as_secs_f64() * rate).ceil();
+
+    // HTTP: ten on one keep-alive connection, then on a second connection of the same address.
+    let mut conns = [
+        connect_from("127.0.0.2", gw.http),
+        connect_from("127.0.0.2", gw.http),
+    ];
+    let (mut ok, mut refused) = (0.0, 0.0);
+    for i in 0..8 {
+        let r = roundtrip(&mut conns[i / 5], &post_mcp(TOOLS_LIST));
+        match r.status {
+            200 => ok += 1.0,
+            429 => {
+                refused += 1.0;
+                assert_eq!(r.header("retry-after"), Some("1"));
+                assert_eq!(r.header("connection"), None, "the connection is kept");
+                assert_eq!(r.json()["error"]["code"], -32000);
+                let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+                assert!(msg.contains("max_requests_per_ip"), "{msg}");
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(ok >= burst && ok <= allowed(), "{ok} admitted");
+    assert!(refused >= 1.0);
+    // Another address has its own allowance.
+    let mut other = connect_from("127.0.0.3", gw.http);
+    assert_eq!(roundtrip(&mut other, &post_mcp(TOOLS_LIST)).status, 200);
+
+    // WebSocket: a refused message gets an error with its id; the connection goes on.
+    let mut ws = connect_from("127.0.0.4", gw.http);
+    assert_eq!(roundtrip(&mut ws, WS_UPGRADE).status, 101);
+    let (mut ws_ok, mut ws_refused) = (0.0, 0.0);
+    for id in 1..=6 {
+        let msg = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/list"}}"#);
+        ws.write_all(&ws_frame(true, 1, msg.as_bytes())).unwrap();
+        let (op, payload) = read_ws_frame(&mut ws);
+        assert_eq!(op, 1);
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(v["id"], id);
+        if v.get("result").is_some() {
+            ws_ok += 1.0;
+        } else {
+            assert_eq!(v["error"]["code"], -32000);
+            ws_refused += 1.0;
+        }
+    }
+    // The upgrade request was the address's first request.
+    assert!(ws_ok + 1.0 >= burst && ws_ok + 1.0 <= allowed() && ws_refused >= 1.0);
+
+    // MCPB: a refused Request frame gets an Error frame with the JSON-RPC error for its id.
+    let mut tcp = connect_from("127.0.0.5", gw.tcp.unwrap());
+    let (mut tcp_ok, mut tcp_refused) = (0.0, 0.0);
+    for id in 1..=6 {
+        let msg = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/list"}}"#);
+        tcp.write_all(&mcpb_frame(1, msg.as_bytes())).unwrap();
+        let (kind, v) = read_mcpb(&mut tcp);
+        assert_eq!(v["id"], id);
+        match kind {
+            2 => tcp_ok += 1.0,
+            5 => {
+                assert_eq!(v["error"]["code"], -32000);
+                tcp_refused += 1.0;
+            }
+            other => panic!("frame type {other}"),
+        }
+    }
+    // A HealthCheck frame is not a message: always answered.
+    tcp.write_all(&mcpb_frame(4, b"")).unwrap();
+    assert_eq!(read_mcpb(&mut tcp).0, 4);
+    assert!(tcp_ok >= burst && tcp_ok <= allowed() && tcp_refused >= 1.0);
+
+    let counted = |door: &str| {
+        gw.metric(&format!(
+            "mcp_gateway_requests_rate_limited_total{{frontend=\"{door}\"}}"
+        ))
+    };
+    assert_eq!(
+        (counted("http"), counted("websocket"), counted("tcp")),
+        (refused, ws_refused, tcp_refused)
+    );
+    drop((conns, other, ws, tcp));
+    gw.wait_all_closed();
+}

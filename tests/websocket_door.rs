@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 
 use common::*;
@@ -17,29 +17,6 @@ fn upgrade(gw: &Gateway) -> TcpStream {
     );
     assert_eq!(r.header("sec-websocket-protocol"), Some("mcp"));
     s
-}
-
-/// Reads one server frame: (opcode, payload).
-fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
-    let mut h = [0u8; 2];
-    s.read_exact(&mut h).unwrap();
-    assert_eq!(h[1] & 0x80, 0, "server frames are not masked");
-    let len = match h[1] & 0x7f {
-        126 => {
-            let mut l = [0u8; 2];
-            s.read_exact(&mut l).unwrap();
-            u16::from_be_bytes(l) as usize
-        }
-        127 => {
-            let mut l = [0u8; 8];
-            s.read_exact(&mut l).unwrap();
-            u64::from_be_bytes(l) as usize
-        }
-        n => n as usize,
-    };
-    let mut p = vec![0u8; len];
-    s.read_exact(&mut p).unwrap();
-    (h[0] & 0x0f, p)
 }
 
 #[test]
@@ -57,13 +34,13 @@ fn messages_ping_fragments_and_close() {
 
     s.write_all(&ws_frame(true, 1, TOOLS_LIST.as_bytes()))
         .unwrap();
-    let (op, reply) = read_frame(&mut s);
+    let (op, reply) = read_ws_frame(&mut s);
     assert_eq!(op, 1);
     let v: serde_json::Value = serde_json::from_slice(&reply).unwrap();
     assert_eq!(v["result"]["tools"][0]["name"], "echo");
 
     s.write_all(&ws_frame(true, 9, b"are you there")).unwrap();
-    assert_eq!(read_frame(&mut s), (10, b"are you there".to_vec()));
+    assert_eq!(read_ws_frame(&mut s), (10, b"are you there".to_vec()));
 
     // A message in three fragments with a ping between them.
     let msg = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo","arguments":{"message":"in pieces"}}}"#;
@@ -74,8 +51,8 @@ fn messages_ping_fragments_and_close() {
     bytes.extend(ws_frame(true, 9, b"p"));
     bytes.extend(ws_frame(true, 0, c));
     s.write_all(&bytes).unwrap();
-    assert_eq!(read_frame(&mut s), (10, b"p".to_vec()));
-    let (_, reply) = read_frame(&mut s);
+    assert_eq!(read_ws_frame(&mut s), (10, b"p".to_vec()));
+    let (_, reply) = read_ws_frame(&mut s);
     let v: serde_json::Value = serde_json::from_slice(&reply).unwrap();
     assert_eq!(v["result"]["content"][0]["text"], "in pieces");
 
@@ -88,7 +65,7 @@ fn messages_ping_fragments_and_close() {
     .unwrap();
     s.write_all(&ws_frame(true, 8, &1000u16.to_be_bytes()))
         .unwrap();
-    let (op, payload) = read_frame(&mut s);
+    let (op, payload) = read_ws_frame(&mut s);
     assert_eq!((op, &payload[..2]), (8, &1000u16.to_be_bytes()[..]));
     assert!(closed_by_peer(&mut s));
     assert_eq!(
@@ -99,7 +76,7 @@ fn messages_ping_fragments_and_close() {
 }
 
 fn expect_close(s: &mut TcpStream, code: u16) {
-    let (op, payload) = read_frame(s);
+    let (op, payload) = read_ws_frame(s);
     assert_eq!(op, 8);
     assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), code);
     assert!(closed_by_peer(s));

@@ -31,8 +31,7 @@ use crate::conn::{
     give_buf, linger_close, read_more, take_buf, wait_idle, write_all, ReadError, Wait,
 };
 use crate::echo;
-use crate::limiter::Permit;
-use crate::limiter::Rejection;
+use crate::limiter::{rate, Permit, Rejection};
 use crate::metrics::Frontend;
 use crate::upstream::Outcome;
 use crate::websocket;
@@ -84,13 +83,15 @@ pub fn serve(
                 }
             }
             first = false;
-            match Box::pin(exchange(worker, reg, &mut stream, pending.take())).await {
+            let exchanged = exchange(worker, reg, &permit, &mut stream, pending.take());
+            match Box::pin(exchanged).await {
                 Step::KeepAlive(rest) => pending = rest,
                 Step::Close => return,
                 Step::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
                 Step::Upgrade(rest, upstream) => {
                     reg.switch(Frontend::WebSocket);
-                    return Box::pin(websocket::serve(worker, stream, reg, rest, upstream)).await;
+                    let ws = websocket::serve(worker, stream, reg, &permit, rest, upstream);
+                    return Box::pin(ws).await;
                 }
             }
         }
@@ -101,6 +102,7 @@ pub fn serve(
 async fn exchange(
     worker: &'static Worker,
     reg: &Registration,
+    permit: &Permit,
     stream: &mut TcpStream,
     pending: Option<Vec<u8>>,
 ) -> Step {
@@ -134,7 +136,13 @@ async fn exchange(
                 }
             }
         };
-        if let Some(ns) = proxied(worker, &head) {
+        // Over the address's request rate: the request is read (its body discarded) and answered
+        // 429, and the connection stays open.
+        let limited = match head.route {
+            Route::Mcp(_) => worker.admit_request(permit, Frontend::Http).err(),
+            _ => None,
+        };
+        if let Some(ns) = proxied(worker, &head).filter(|_| limited.is_none()) {
             // Answers queued for earlier pipelined requests go first, in order.
             if !out.is_empty() {
                 match write_all(stream, out, s.write_timeout).await {
@@ -180,7 +188,11 @@ async fn exchange(
         };
         let started = Instant::now();
         let keep_alive = head.keep_alive && !worker.draining();
-        if let (Some(upgrade), Route::Mcp(upstream)) = (&head.upgrade, head.route) {
+        if let Some(wait) = limited {
+            let retry = wait.to_string();
+            let retry = [("Retry-After", retry.as_str())];
+            response::error(&mut out, 429, -32000, rate::REFUSAL, &retry, keep_alive);
+        } else if let (Some(upgrade), Route::Mcp(upstream)) = (&head.upgrade, head.route) {
             let status = websocket::handshake(upgrade, &mut out);
             if status != 101 {
                 worker
@@ -196,13 +208,14 @@ async fn exchange(
             }
             buf.drain(..consumed);
             return Step::Upgrade(buf, upstream);
+        } else {
+            let body_bytes = match &body {
+                Some(decoded) => decoded.as_slice(),
+                None => &buf[head.len..consumed],
+            };
+            answer(worker, &head, body_bytes, keep_alive, &mut out);
+            worker.metrics.request(Frontend::Http, started.elapsed());
         }
-        let body_bytes = match &body {
-            Some(decoded) => decoded.as_slice(),
-            None => &buf[head.len..consumed],
-        };
-        answer(worker, &head, body_bytes, keep_alive, &mut out);
-        worker.metrics.request(Frontend::Http, started.elapsed());
         if let Some(b) = body {
             give_buf(b);
         }
@@ -511,9 +524,9 @@ mod tests {
             let size = std::mem::size_of_val(&mcpb);
             eprintln!("mcpb::serve future: {size} bytes");
             assert!(size <= 640, "mcpb::serve future is {size} bytes");
-            let (stream, _permit) = accept();
+            let (stream, permit) = accept();
             let reg = worker.register(&stream, crate::metrics::Frontend::Http);
-            let ws = crate::websocket::serve(worker, stream, &reg, Vec::new(), 0);
+            let ws = crate::websocket::serve(worker, stream, &reg, &permit, Vec::new(), 0);
             let size = std::mem::size_of_val(&ws);
             eprintln!("websocket::serve future: {size} bytes");
             assert!(size <= 640, "websocket::serve future is {size} bytes");

@@ -238,6 +238,11 @@ impl IpTable {
     /// Releases one count taken by [`IpTable::acquire`] at `index`. The last release empties the
     /// slot. SeqCst for the same reason as in `acquire`: emptying a slot is part of what a
     /// concurrent claimer's scan must see in the one total order.
+    /// The fingerprint of the key in live slot `index` (stable while a count is held on it).
+    pub fn fingerprint(&self, index: usize) -> u64 {
+        self.slot(index).load(Ordering::Relaxed) >> FP_SHIFT
+    }
+
     pub fn release(&self, index: usize) {
         let slot = self.slot(index);
         let mut word = slot.load(Ordering::SeqCst);

@@ -4,7 +4,8 @@
 //! Owns the global count (a [`Cap`]: one cache-padded `AtomicUsize`) and the per-IP [`IpTable`]. Every admitted
 //! connection holds a [`Permit`] from accept to close; dropping it releases both counts, so a count
 //! cannot leak whatever path ends the connection (error, timeout, panic unwinding a task, shutdown
-//! dropping the runtime).
+//! dropping the runtime). When a request rate per address is set, the permit also admits each
+//! request against it ([`RequestRate`], state kept beside the address's table slot).
 //!
 //! Invariants:
 //! - `active() <= max_connections` at every instant (see [`cap`]).
@@ -18,11 +19,14 @@
 
 pub mod cap;
 pub mod ip_table;
+pub mod rate;
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 pub use cap::Cap;
 pub use ip_table::{IpTable, TableReject};
+pub use rate::RequestRate;
 
 /// Why a connection was not admitted; the `reason` label of `mcp_gateway_connections_rejected_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,11 +66,15 @@ pub struct Limiter {
     global: Cap,
     /// `None` when the per-IP limit is disabled (`max_connections_per_ip: 0`).
     per_ip: Option<(IpTable, u64)>,
+    /// The request rate per address, `None` when off (it needs the per-IP table).
+    rate: Option<RequestRate>,
 }
 
 impl Limiter {
-    /// `max_per_ip == 0` disables the per-IP limit. The table gets `2 * max_connections` slots.
+    /// `max_per_ip == 0` disables the per-IP limit. The table gets `2 * max_connections` slots
+    /// (`max_connections` at most 2^30, so a slot index fits 32 bits).
     pub fn new(max_connections: usize, max_per_ip: u64) -> Self {
+        assert!(max_connections <= 1 << 30);
         let per_ip = (max_per_ip > 0).then(|| {
             let slots = max_connections.saturating_mul(2).max(ip_table::WINDOW);
             (
@@ -77,7 +85,22 @@ impl Limiter {
         Limiter {
             global: Cap::new(max_connections),
             per_ip,
+            rate: None,
         }
+    }
+
+    /// Also limits each address to `per_second` requests a second with bursts of `burst` (0: one
+    /// second's worth); `per_second == 0`: no limit. Needs the per-IP table (`max_per_ip > 0`).
+    pub fn with_request_rate(mut self, per_second: u64, burst: u64) -> Self {
+        if per_second > 0 {
+            let (table, _) = self
+                .per_ip
+                .as_ref()
+                .expect("a request rate needs the per-IP table");
+            let burst = if burst == 0 { per_second } else { burst };
+            self.rate = Some(RequestRate::new(table.capacity(), per_second, burst));
+        }
+        self
     }
 
     /// A limiter that lives as long as the process (permits borrow it without a reference count).
@@ -93,10 +116,16 @@ impl Limiter {
         let mut permit = Permit {
             limiter: self,
             slot: NO_SLOT,
+            fp: 0,
         };
         if let Some((table, limit)) = &self.per_ip {
             match table.acquire(ip_key(ip), *limit) {
-                Ok(slot) => permit.slot = slot,
+                Ok(slot) => {
+                    permit.slot = slot as u32;
+                    if self.rate.is_some() {
+                        permit.fp = table.fingerprint(slot) as u16;
+                    }
+                }
                 // Dropping the half-made permit gives the global place back.
                 Err(TableReject::LimitReached) => return Err(Rejection::PerIp),
                 Err(TableReject::Full) => return Err(Rejection::IpTableFull),
@@ -124,6 +153,11 @@ impl Limiter {
         self.per_ip.as_ref().map_or(0, |(_, l)| *l)
     }
 
+    /// The request rate per address and its burst, `None` when off.
+    pub fn request_rate(&self) -> Option<(u64, u64)> {
+        self.rate.as_ref().map(|r| (r.per_second(), r.burst()))
+    }
+
     /// Slots in the per-IP table (0 when per-IP limiting is off).
     pub fn ip_table_slots(&self) -> usize {
         self.per_ip.as_ref().map_or(0, |(t, _)| t.capacity())
@@ -138,19 +172,36 @@ pub fn ip_key(ip: IpAddr) -> u128 {
     }
 }
 
-const NO_SLOT: usize = usize::MAX;
+const NO_SLOT: u32 = u32::MAX;
 
 /// One admitted connection's place in both counts; released on drop.
 pub struct Permit {
     limiter: &'static Limiter,
-    slot: usize,
+    /// Its address's slot in the per-IP table, `NO_SLOT` when the table is off.
+    slot: u32,
+    /// 16 bits of the address's fingerprint, for the request rate (0 when it is off).
+    fp: u16,
+}
+
+impl Permit {
+    /// Admits one request (HTTP request, WebSocket message, MCPB frame) of this connection's
+    /// address against the request rate, or says how long until one would be admitted. Always
+    /// admits when no rate is set.
+    pub fn admit_request(&self) -> Result<(), Duration> {
+        match &self.limiter.rate {
+            Some(rate) if self.slot != NO_SLOT => {
+                rate.admit(self.slot as usize, u64::from(self.fp), rate::now_us())
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         if self.slot != NO_SLOT {
             if let Some((table, _)) = &self.limiter.per_ip {
-                table.release(self.slot);
+                table.release(self.slot as usize);
             }
         }
         self.limiter.global.give_back();
@@ -201,6 +252,35 @@ mod tests {
         let _a = l.try_acquire(v4(2)).unwrap();
         assert_eq!(l.try_acquire(v4(2)).unwrap_err(), Rejection::PerIp);
         assert_eq!(l.active(), 1);
+    }
+
+    #[test]
+    fn the_request_rate_is_per_address_over_all_its_connections() {
+        let l = Limiter::new(10, 5).with_request_rate(1, 3).leak();
+        let (a1, a2, b) = (
+            l.try_acquire(v4(2)).unwrap(),
+            l.try_acquire(v4(2)).unwrap(),
+            l.try_acquire(v4(3)).unwrap(),
+        );
+        assert!(a1.admit_request().is_ok() && a2.admit_request().is_ok());
+        assert!(a1.admit_request().is_ok());
+        let wait = a2.admit_request().unwrap_err();
+        assert!(wait > Duration::from_millis(900) && wait <= Duration::from_secs(1));
+        assert!(
+            b.admit_request().is_ok(),
+            "another address has its own allowance"
+        );
+        // Reconnecting does not buy a new burst.
+        drop((a1, a2));
+        let again = l.try_acquire(v4(2)).unwrap();
+        assert!(again.admit_request().is_err());
+        assert_eq!(l.request_rate(), Some((1, 3)));
+        assert!(Limiter::new(10, 5)
+            .leak()
+            .try_acquire(v4(2))
+            .unwrap()
+            .admit_request()
+            .is_ok());
     }
 
     #[test]

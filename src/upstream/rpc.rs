@@ -516,6 +516,11 @@ const FOREVER: std::time::Duration = std::time::Duration::from_secs(365 * 86_400
 
 /// Queues a JSON-RPC error for `message` (its id, or null).
 fn fail(outbox: &Outbox, message: &[u8], why: &str) {
+    outbox.push(Kind::Fail, error_for(message, why));
+}
+
+/// A JSON-RPC error answering `message` (with its id, or null when it has none or is not JSON).
+pub fn error_for(message: &[u8], why: &str) -> Vec<u8> {
     #[derive(Deserialize)]
     struct IdOnly<'a> {
         #[serde(borrow)]
@@ -527,7 +532,7 @@ fn fail(outbox: &Outbox, message: &[u8], why: &str) {
         .map_or("null", RawValue::get);
     let mut payload = Vec::with_capacity(96 + why.len());
     crate::echo::write_error(&mut payload, id, -32000, why);
-    outbox.push(Kind::Fail, payload);
+    payload
 }
 
 /// The next complete server-sent event at the start of `data`: the bytes it used and its data
