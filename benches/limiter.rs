@@ -6,6 +6,8 @@
 //! A third design, `global-count-only`, is the limiter with the per-IP limit off: only the one
 //! cache-padded global `AtomicUsize` of the contract, the floor under any per-IP table.
 //!
+//! A second group, `admit_request`, times the per-IP request rate check of one request.
+//!
 //! `cargo bench --bench limiter`. Multi-thread cases use `iter_custom`: every thread runs the same
 //! number of acquire+release pairs and the reported time is wall time per pair per thread, so a
 //! design that scales shows the same time as with one thread and a contended one shows more. The
@@ -148,6 +150,52 @@ fn bench(c: &mut Criterion) {
                 }
             });
         }
+    }
+    g.finish();
+
+    // The request rate check (`server.max_requests_per_ip`) that every request of a connection
+    // pays when the rate is set: one compare-and-swap on its address's word. The burst is so
+    // large that every request is admitted (the refusing path does no write).
+    let mut g = c.benchmark_group("admit_request");
+    g.measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500));
+    let limiter = Limiter::new(50_000, 1_000)
+        .with_request_rate(1_000_000, u64::MAX / 4)
+        .leak();
+    let permits: Vec<_> = [ip(1), ip(1), ip(2)]
+        .iter()
+        .map(|a| Arc::new(limiter.try_acquire(*a).unwrap()))
+        .collect();
+    g.bench_function("1-thread", |b| {
+        b.iter(|| permits[0].admit_request().unwrap())
+    });
+    for (case, pair) in [
+        ("2-threads-same-ip", [0, 1]),
+        ("2-threads-different-ips", [0, 2]),
+    ] {
+        g.bench_function(case, |b| {
+            b.iter_custom(|iters| {
+                let barrier = Arc::new(Barrier::new(3));
+                let handles: Vec<_> = pair
+                    .iter()
+                    .map(|&i| {
+                        let (p, barrier) = (permits[i].clone(), barrier.clone());
+                        std::thread::spawn(move || {
+                            barrier.wait();
+                            for _ in 0..iters {
+                                p.admit_request().unwrap();
+                            }
+                        })
+                    })
+                    .collect();
+                barrier.wait();
+                let start = Instant::now();
+                for h in handles {
+                    h.join().unwrap();
+                }
+                start.elapsed()
+            })
+        });
     }
     g.finish();
 }

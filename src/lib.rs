@@ -5,7 +5,7 @@
 //! - [`config`]: the YAML/TOML configuration, its defaults and its validation.
 //! - [`runtime`]: process start and stop: listeners, pinned workers, signals.
 //! - [`worker`]: one core's runtime: accept loops, admission, drain.
-//! - [`limiter`]: the global count and the per-IP table, and the RAII permit.
+//! - [`limiter`]: the global count, the per-IP table and request rate, and the RAII permit.
 //! - [`conn`]: connection I/O shared by the doors: buffer pool, idle wait, timed reads/writes.
 //! - [`http`]: the Streamable HTTP front door (and the WebSocket upgrade).
 //! - [`websocket`]: the WebSocket front door after the upgrade.
