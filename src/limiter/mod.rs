@@ -115,16 +115,16 @@ impl Limiter {
         }
         let mut permit = Permit {
             limiter: self,
-            slot: NO_SLOT,
-            fp: 0,
+            place: NO_SLOT,
         };
         if let Some((table, limit)) = &self.per_ip {
             match table.acquire(ip_key(ip), *limit) {
                 Ok(slot) => {
-                    permit.slot = slot as u32;
-                    if self.rate.is_some() {
-                        permit.fp = table.fingerprint(slot) as u16;
-                    }
+                    let fp = match self.rate {
+                        Some(_) => table.fingerprint(slot) & 0xffff,
+                        None => 0,
+                    };
+                    permit.place = fp << 32 | slot as u64;
                 }
                 // Dropping the half-made permit gives the global place back.
                 Err(TableReject::LimitReached) => return Err(Rejection::PerIp),
@@ -172,26 +172,31 @@ pub fn ip_key(ip: IpAddr) -> u128 {
     }
 }
 
-const NO_SLOT: u32 = u32::MAX;
+/// A permit's `place` when the per-IP table is off.
+const NO_SLOT: u64 = u32::MAX as u64;
 
 /// One admitted connection's place in both counts; released on drop.
 pub struct Permit {
     limiter: &'static Limiter,
-    /// Its address's slot in the per-IP table, `NO_SLOT` when the table is off.
-    slot: u32,
-    /// 16 bits of the address's fingerprint, for the request rate (0 when it is off).
-    fp: u16,
+    /// Its address's slot in the per-IP table (low 32 bits; `NO_SLOT` when the table is off) and
+    /// 16 bits of the address's fingerprint for the request rate (bits 32..48, 0 when it is off).
+    /// One word, written at once: two narrower fields cost the benchmark's acquire+release pair
+    /// 9 ns (a store-forwarding stall when the permit is read back whole).
+    place: u64,
 }
 
 impl Permit {
+    fn slot(&self) -> Option<usize> {
+        let slot = self.place & NO_SLOT;
+        (slot != NO_SLOT).then_some(slot as usize)
+    }
+
     /// Admits one request (HTTP request, WebSocket message, MCPB frame) of this connection's
     /// address against the request rate, or says how long until one would be admitted. Always
     /// admits when no rate is set.
     pub fn admit_request(&self) -> Result<(), Duration> {
-        match &self.limiter.rate {
-            Some(rate) if self.slot != NO_SLOT => {
-                rate.admit(self.slot as usize, u64::from(self.fp), rate::now_us())
-            }
+        match (&self.limiter.rate, self.slot()) {
+            (Some(rate), Some(slot)) => rate.admit(slot, self.place >> 32, rate::now_us()),
             _ => Ok(()),
         }
     }
@@ -199,10 +204,8 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if self.slot != NO_SLOT {
-            if let Some((table, _)) = &self.limiter.per_ip {
-                table.release(self.slot as usize);
-            }
+        if let (Some(slot), Some((table, _))) = (self.slot(), &self.limiter.per_ip) {
+            table.release(slot);
         }
         self.limiter.global.give_back();
     }
@@ -210,7 +213,9 @@ impl Drop for Permit {
 
 impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Permit").field("slot", &self.slot).finish()
+        f.debug_struct("Permit")
+            .field("slot", &self.slot())
+            .finish()
     }
 }
 
