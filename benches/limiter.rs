@@ -76,17 +76,18 @@ impl Design for MutexLimiter {
     }
 }
 
-/// Wall time for `iters` pairs on each of `ips.len()` threads.
-fn threaded(design: Arc<dyn Design>, ips: &[IpAddr], iters: u64) -> Duration {
-    let barrier = Arc::new(Barrier::new(ips.len() + 1));
-    let handles: Vec<_> = ips
-        .iter()
-        .map(|&ip| {
-            let (design, barrier) = (design.clone(), barrier.clone());
+/// Wall time for `iters` calls of `op` on each of `each.len()` threads, thread `i` on `each[i]`,
+/// all started together.
+fn threaded<T: Send + 'static>(each: Vec<T>, iters: u64, op: fn(&T)) -> Duration {
+    let barrier = Arc::new(Barrier::new(each.len() + 1));
+    let handles: Vec<_> = each
+        .into_iter()
+        .map(|t| {
+            let barrier = barrier.clone();
             std::thread::spawn(move || {
                 barrier.wait();
                 for _ in 0..iters {
-                    design.pair(ip);
+                    op(&t);
                 }
             })
         })
@@ -146,7 +147,10 @@ fn bench(c: &mut Criterion) {
                 if ips.len() == 1 {
                     b.iter(|| d.pair(ips[0]))
                 } else {
-                    b.iter_custom(|iters| threaded(d.clone(), ips, iters))
+                    b.iter_custom(|iters| {
+                        let each = ips.iter().map(|ip| (d.clone(), *ip)).collect();
+                        threaded(each, iters, |(d, ip)| d.pair(*ip))
+                    })
                 }
             });
         }
@@ -175,25 +179,8 @@ fn bench(c: &mut Criterion) {
     ] {
         g.bench_function(case, |b| {
             b.iter_custom(|iters| {
-                let barrier = Arc::new(Barrier::new(3));
-                let handles: Vec<_> = pair
-                    .iter()
-                    .map(|&i| {
-                        let (p, barrier) = (permits[i].clone(), barrier.clone());
-                        std::thread::spawn(move || {
-                            barrier.wait();
-                            for _ in 0..iters {
-                                p.admit_request().unwrap();
-                            }
-                        })
-                    })
-                    .collect();
-                barrier.wait();
-                let start = Instant::now();
-                for h in handles {
-                    h.join().unwrap();
-                }
-                start.elapsed()
+                let each = pair.iter().map(|&i| permits[i].clone()).collect();
+                threaded(each, iters, |p| p.admit_request().unwrap())
             })
         });
     }
