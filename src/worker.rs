@@ -100,7 +100,13 @@ impl Worker {
     pub fn admit_request(&self, permit: &Permit, door: Frontend) -> Result<(), u64> {
         permit.admit_request().map_err(|wait| {
             self.metrics.rate_limited(door);
-            (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+            let retry_after = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+            tracing::debug!(
+                door = door.label(),
+                retry_after,
+                "request over max_requests_per_ip refused"
+            );
+            retry_after
         })
     }
 
