@@ -15,6 +15,9 @@
 //! - Every refusal (400, 408, 413, 415, 431, 501) is a complete response with a JSON-RPC error
 //!   body and `Connection: close`, followed by a lingering close, so the client reads it instead
 //!   of a reset.
+//! - A request over its address's request rate (`server.max_requests_per_ip`) is read whole, its
+//!   body discarded, and answered 429 with `Retry-After`; it keeps the connection and never
+//!   reaches an upstream.
 //! - A request must arrive whole within `read_timeout` of its first byte (a forwarded body too);
 //!   an idle keep-alive connection is closed after `idle_timeout`.
 
