@@ -3,19 +3,27 @@
 
 use std::process::Command;
 
-const SCRIPTS: [&str; 6] = [
-    "bench-http.sh",
-    "capacity.sh",
-    "compare.sh",
-    "flood-fairness.sh",
-    "idle-memory.sh",
-    "test.sh",
-];
+/// Every `scripts/*.sh`, so that a new script is covered without being listed here.
+fn scripts() -> Vec<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
+    let mut all: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".sh"))
+        .collect();
+    all.sort();
+    assert!(
+        all.len() >= 7 && all.iter().any(|s| s == "scaling.sh"),
+        "{all:?}"
+    );
+    all
+}
 
 #[test]
 fn scripts_have_help_and_reject_unknown_options() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
-    for script in SCRIPTS.iter().filter(|s| **s != "test.sh") {
+    let scripts = scripts();
+    for script in scripts.iter().filter(|s| *s != "test.sh") {
         let out = Command::new("bash")
             .arg(format!("{dir}/{script}"))
             .arg("--help")
@@ -33,7 +41,7 @@ fn scripts_have_help_and_reject_unknown_options() {
             .unwrap();
         assert_eq!(bad.status.code(), Some(64), "{script} --bogus");
     }
-    for script in SCRIPTS {
+    for script in &scripts {
         let syntax = Command::new("bash")
             .args(["-n", &format!("{dir}/{script}")])
             .status()
