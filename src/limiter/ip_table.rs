@@ -235,14 +235,17 @@ impl IpTable {
         }
     }
 
-    /// Releases one count taken by [`IpTable::acquire`] at `index`. The last release empties the
-    /// slot. SeqCst for the same reason as in `acquire`: emptying a slot is part of what a
-    /// concurrent claimer's scan must see in the one total order.
-    /// The fingerprint of the key in live slot `index` (stable while a count is held on it).
+    /// The fingerprint of the key in live slot `index`, for a caller that holds a count on it.
+    /// Relaxed is enough: that caller's own `acquire` wrote a word of this key to the slot, so it
+    /// reads that word or a later one, and every word of a slot with a count held on it carries
+    /// the same fingerprint.
     pub fn fingerprint(&self, index: usize) -> u64 {
         self.slot(index).load(Ordering::Relaxed) >> FP_SHIFT
     }
 
+    /// Releases one count taken by [`IpTable::acquire`] at `index`. The last release empties the
+    /// slot. SeqCst for the same reason as in `acquire`: emptying a slot is part of what a
+    /// concurrent claimer's scan must see in the one total order.
     pub fn release(&self, index: usize) {
         let slot = self.slot(index);
         let mut word = slot.load(Ordering::SeqCst);
