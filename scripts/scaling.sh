@@ -10,17 +10,18 @@
 set -euo pipefail
 usage() {
   cat <<USAGE
-usage: scripts/scaling.sh [--workers "1 2 4 8"] [--mode proxy|direct] [--duration S] [--rounds R] [--driver D] [--no-nginx]
+usage: scripts/scaling.sh [--workers "1 2 4 8"] [--mode proxy|direct] [--upstream-workers U] [--duration S] [--rounds R] [--driver D] [--no-nginx]
   --workers LIST  worker counts to measure (default "1 2 4 8"; rows needing more cores are skipped)
   --mode M        proxy (default): forward to an upstream MCP server (mcp-gateway, builtin:echo,
                   ceil(W/2) workers on their own cores); direct: answer from builtin:echo / return 200
+  --upstream-workers U  the upstream's workers in proxy mode (default 0 = ceil(W/2))
   --duration S    seconds per measurement (default 5, at most 60)
   --rounds R      alternating rounds, best of them shown (default 1)
   --driver D      mcp-gateway's server.driver: auto (default), io_uring or epoll
   --no-nginx      measure mcp-gateway only
 USAGE
 }
-WS="1 2 4 8"; MODE=proxy; D=5; ROUNDS=1; NGINX=1; DRIVER=auto
+WS="1 2 4 8"; MODE=proxy; D=5; ROUNDS=1; NGINX=1; DRIVER=auto; UW=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --workers) WS=$2; shift 2 ;;
@@ -28,6 +29,7 @@ while [ $# -gt 0 ]; do
     --duration) D=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
     --driver) DRIVER=$2; shift 2 ;;
+    --upstream-workers) UW=$2; shift 2 ;;
     --no-nginx) NGINX=0; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage; exit 64 ;;
@@ -72,9 +74,15 @@ measure() { # port cores-of-wrk pids... -> "req/s p99ms busy-cores us-per-reques
   local threads conns before after out rps
   threads=$(( $(awk -F, '{print NF}' <<<"$lcores") )); [ "$threads" -gt 0 ] || threads=1
   conns=$(( 64 * W > threads ? 64 * W : threads ))
+  local up0=0 up1=0
+  [ -n "$up_pid" ] && up0=$(cpu_ticks "$up_pid")
   before=$(cpu_ticks "$@")
   out=$(CLOSE=0 timeout $((D + 30)) taskset -c "$lcores" wrk -t"$threads" -c"$conns" -d"${D}s" -s scripts/mcp.lua "http://127.0.0.1:$port/mcp")
   after=$(cpu_ticks "$@")
+  if [ -n "$up_pid" ]; then # is the shared upstream the limit? (said on stderr)
+    up1=$(cpu_ticks "$up_pid")
+    python3 -c "print(f'W=$W port $port: upstream busy {($up1 - $up0) / $(getconf CLK_TCK) / $D:.2f} of $U cores')" >&2
+  fi
   rps=$(awk '/^requests\/s:/ {print $2}' <<<"$out")
   grep -q 'non-2xx 0$' <<<"$out" || echo "warning: errors on port $port: $(grep 'socket errors' <<<"$out")" >&2
   python3 -c "
@@ -84,8 +92,10 @@ print(f'$rps $(awk '/^p99 latency:/ {print $3}' <<<"$out") {cpu / $D:.2f} {cpu *
 seqlist() { seq -s, "$1" "$2"; }
 
 rows=()
+up_pid=""
 for W in $WS; do
-  U=$([ "$MODE" = proxy ] && echo $(( (W + 1) / 2 )) || echo 0)
+  U=0
+  if [ "$MODE" = proxy ]; then U=$([ "$UW" -gt 0 ] && echo "$UW" || echo $(( (W + 1) / 2 ))); fi
   if [ $((W + U + W)) -gt "$N" ]; then
     echo "skipping W=$W: $W server + $U upstream + at least $W load cores > $N cores" >&2; continue
   fi
@@ -98,7 +108,7 @@ for W in $WS; do
 server: {host: 127.0.0.1, port: $uport, tcp_port: 0, metrics_port: 0, workers: $U, max_connections_per_ip: 0, idle_timeout: 600}
 YAML
     taskset -c "$(seqlist "$W" $((W + U - 1)))" ./target/release/mcp-gateway -c "$work/up.yaml" 2> "$work/up.log" &
-    pids+=("$!")
+    pids+=("$!"); up_pid=$!
     answers "$uport"
     upstream_yaml="routing: {health_check_interval: 60}
 service_discovery: {static: {endpoints: {default: [{url: http://127.0.0.1:$uport/mcp}]}}}"
@@ -176,4 +186,4 @@ else
 fi
 printf '%s\n' "${rows[@]}"
 echo
-echo "mode $MODE; mcp-gateway driver ${used:-?}; $N cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)); $D s per run, 64 wrk connections per worker, best of $ROUNDS round(s)"
+echo "mode $MODE$([ "$MODE" = proxy ] && echo " (upstream workers: ${UW/#0/ceil(W\/2)})"); mcp-gateway driver ${used:-?}; $N cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)); $D s per run, 64 wrk connections per worker, best of $ROUNDS round(s)"
