@@ -51,6 +51,9 @@ pub struct ServerConfig {
     pub max_requests_per_ip: u64,
     /// Requests one address may send at once before the rate applies; 0 = one second's worth.
     pub request_burst_per_ip: u64,
+    /// IPv6 clients count per network of this prefix length for the per-IP limits (128: per
+    /// address; 64: per /64, what one subscriber usually holds).
+    pub ipv6_prefix_len: u8,
     /// Seconds a client may take to send a whole request once it has started one.
     pub read_timeout: f64,
     /// Seconds a response write may take.
@@ -78,6 +81,7 @@ impl Default for ServerConfig {
             max_connections_per_ip: 1_000,
             max_requests_per_ip: 0,
             request_burst_per_ip: 0,
+            ipv6_prefix_len: 128,
             read_timeout: 30.0,
             write_timeout: 30.0,
             idle_timeout: 120.0,
@@ -280,6 +284,12 @@ impl Config {
                  (the per-IP table keeps each address's rate)"
                     .into(),
             );
+        }
+        if !(1..=128).contains(&s.ipv6_prefix_len) {
+            p.push(format!(
+                "server.ipv6_prefix_len: {} is not a prefix length (1 to 128)",
+                s.ipv6_prefix_len
+            ));
         }
         if s.request_burst_per_ip > 0 && s.max_requests_per_ip == 0 {
             p.push("server.request_burst_per_ip: set without server.max_requests_per_ip".into());
@@ -503,6 +513,11 @@ mod tests {
         );
         let e = Config::parse("server:\n  max_requests_per_ip: 2000000\n", false).unwrap_err();
         assert!(e[0].contains("above the largest supported value"), "{e:?}");
+        let e = Config::parse("server:\n  ipv6_prefix_len: 0\n", false).unwrap_err();
+        assert!(
+            e[0].starts_with("server.ipv6_prefix_len: 0 is not"),
+            "{e:?}"
+        );
         let e = Config::parse("server:\n  request_burst_per_ip: 5\n", false).unwrap_err();
         assert!(e[0].starts_with("server.request_burst_per_ip:"), "{e:?}");
         let c = Config::parse(

@@ -563,6 +563,9 @@ pub fn describe_limits(l: &Limiter) -> String {
             );
         }
     }
+    if l.max_per_ip() > 0 && l.ipv6_prefix() < 128 {
+        let _ = write!(s, " ipv6_prefix_len={}", l.ipv6_prefix());
+    }
     if let Some((rate, burst)) = l.request_rate() {
         let _ = write!(s, " max_requests_per_ip={rate}/s burst={burst}");
     }

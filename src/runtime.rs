@@ -58,6 +58,7 @@ pub fn run(config: Config) -> io::Result<()> {
 
     let limiter = Limiter::new(s.max_connections, s.max_connections_per_ip)
         .with_request_rate(s.max_requests_per_ip, s.request_burst_per_ip)
+        .with_ipv6_prefix(s.ipv6_prefix_len)
         .leak();
     let upstreams = Upstreams::new(&config)?.leak();
     let metrics = Metrics::new(workers, limiter, upstreams).leak();

@@ -244,3 +244,27 @@ fn request_rate_per_ip_refuses_the_excess_on_every_door() {
     drop((conns, other, ws, tcp));
     gw.wait_all_closed();
 }
+
+/// `server.ipv6_prefix_len`: the running gateway takes the key and says so at startup; IPv4
+/// clients are untouched by it, and an IPv6 client still has its per-IP limit. (That two
+/// addresses of one /64 share a count is a unit test of the limiter: loopback has one IPv6
+/// address.)
+#[test]
+fn ipv6_prefix_len_is_taken_and_leaves_ipv4_alone() {
+    let gw = start("max_connections_per_ip: 1\n  ipv6_prefix_len: 64");
+    assert!(
+        gw.log.lock().unwrap().contains("ipv6_prefix_len=64"),
+        "{}",
+        gw.log.lock().unwrap()
+    );
+    let mut v6 = connect_from("::1", gw.http);
+    assert_eq!(roundtrip(&mut v6, &post_mcp(TOOLS_LIST)).status, 200);
+    let mut v6_again = connect_from("::1", gw.http);
+    assert_rejected(&roundtrip(&mut v6_again, &post_mcp(TOOLS_LIST)), 429);
+    for ip in ["127.0.0.2", "127.0.0.3"] {
+        let mut c = connect_from(ip, gw.http);
+        assert_eq!(roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status, 200, "{ip}");
+    }
+    drop((v6, v6_again));
+    gw.wait_all_closed();
+}

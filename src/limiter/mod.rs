@@ -68,6 +68,9 @@ pub struct Limiter {
     per_ip: Option<(IpTable, u64)>,
     /// The request rate per address, `None` when off (it needs the per-IP table).
     rate: Option<RequestRate>,
+    /// Mask applied to an IPv6 client's address before counting it (all ones: each address;
+    /// `/64`: its network), see [`Limiter::with_ipv6_prefix`].
+    v6_mask: u128,
 }
 
 impl Limiter {
@@ -86,7 +89,32 @@ impl Limiter {
             global: Cap::new(max_connections),
             per_ip,
             rate: None,
+            v6_mask: u128::MAX,
         }
+    }
+
+    /// Counts IPv6 clients (not IPv4-mapped ones) per `/prefix_len` network instead of per
+    /// address, for the per-IP limit and the request rate: one holder of a /64 has 2^64 addresses.
+    /// `prefix_len` in `1..=128`; 128 (the default) counts each address.
+    pub fn with_ipv6_prefix(mut self, prefix_len: u8) -> Self {
+        assert!((1..=128).contains(&prefix_len));
+        self.v6_mask = u128::MAX << (128 - u32::from(prefix_len));
+        self
+    }
+
+    /// The per-IP table's key of `ip`: IPv4 and IPv4-mapped IPv6 both become the mapped form;
+    /// other IPv6 addresses are cut to the configured prefix.
+    pub fn key(&self, ip: IpAddr) -> u128 {
+        match ip {
+            IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => u128::from(v6),
+            IpAddr::V6(v6) => u128::from(v6) & self.v6_mask,
+        }
+    }
+
+    /// The configured IPv6 prefix length (128: per address).
+    pub fn ipv6_prefix(&self) -> u32 {
+        self.v6_mask.count_ones()
     }
 
     /// Also limits each address to `per_second` requests a second with bursts of `burst` (0: one
@@ -118,7 +146,7 @@ impl Limiter {
             place: NO_SLOT,
         };
         if let Some((table, limit)) = &self.per_ip {
-            match table.acquire(ip_key(ip), *limit) {
+            match table.acquire(self.key(ip), *limit) {
                 Ok(slot) => {
                     let fp = match self.rate {
                         Some(_) => table.fingerprint(slot) & 0xffff,
@@ -161,14 +189,6 @@ impl Limiter {
     /// Slots in the per-IP table (0 when per-IP limiting is off).
     pub fn ip_table_slots(&self) -> usize {
         self.per_ip.as_ref().map_or(0, |(t, _)| t.capacity())
-    }
-}
-
-/// The table key of an address: IPv4 and IPv4-mapped IPv6 both become the mapped form.
-pub fn ip_key(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
-        IpAddr::V6(v6) => u128::from(v6),
     }
 }
 
@@ -286,6 +306,28 @@ mod tests {
             .unwrap()
             .admit_request()
             .is_ok());
+    }
+
+    #[test]
+    fn ipv6_clients_can_be_counted_per_network() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        // Default: each address its own.
+        let l = Limiter::new(10, 1).leak();
+        let _a = l.try_acquire(a).unwrap();
+        assert!(l.try_acquire(b).is_ok());
+        // Per /64: a and b are one client, the next /64 another; IPv4 is untouched.
+        let l = Limiter::new(10, 1).with_ipv6_prefix(64).leak();
+        assert_eq!(l.ipv6_prefix(), 64);
+        let _a = l.try_acquire(a).unwrap();
+        assert_eq!(l.try_acquire(b).unwrap_err(), Rejection::PerIp);
+        let _o = l.try_acquire(other).unwrap();
+        let _v4 = l.try_acquire(v4(2)).unwrap();
+        assert!(l.try_acquire(v4(3)).is_ok());
+        let mapped = IpAddr::V6(Ipv4Addr::new(127, 0, 0, 2).to_ipv6_mapped());
+        assert_eq!(l.try_acquire(mapped).unwrap_err(), Rejection::PerIp);
+        assert_eq!(l.tracked_ips(), 3);
     }
 
     #[test]
