@@ -12,7 +12,8 @@
 //! - A key's count never exceeds `max_connections_per_ip` (see [`ip_table`]).
 //! - The global place is taken first, so the number of live keys never exceeds `max_connections`
 //!   and the table (twice that many slots) cannot fill in normal operation.
-//! - IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) count as the IPv4 address.
+//! - IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) count as the IPv4 address; other IPv6 addresses
+//!   count per `server.ipv6_prefix_len` network (each address by default).
 //!
 //! The limiter is created once and leaked (`&'static`): a permit then needs no reference count,
 //! which would be one more shared cache line written per connection.
