@@ -245,26 +245,94 @@ fn request_rate_per_ip_refuses_the_excess_on_every_door() {
     gw.wait_all_closed();
 }
 
-/// `server.ipv6_prefix_len`: the running gateway takes the key and says so at startup; IPv4
-/// clients are untouched by it, and an IPv6 client still has its per-IP limit. (That two
-/// addresses of one /64 share a count is a unit test of the limiter: loopback has one IPv6
-/// address.)
+/// `server.ipv6_prefix_len: 64`: two IPv6 addresses of one /64 share the per-IP count, an address
+/// of the next /64 does not, IPv4 is untouched. Loopback has one IPv6 address, so the gateway and
+/// a client run in a network namespace of their own (`unshare -rn`) whose loopback carries three
+/// addresses of two /64 networks; skipped where namespaces cannot be made.
 #[test]
-fn ipv6_prefix_len_is_taken_and_leaves_ipv4_alone() {
-    let gw = start("max_connections_per_ip: 1\n  ipv6_prefix_len: 64");
-    assert!(
-        gw.log.lock().unwrap().contains("ipv6_prefix_len=64"),
-        "{}",
-        gw.log.lock().unwrap()
-    );
-    let mut v6 = connect_from("::1", gw.http);
-    assert_eq!(roundtrip(&mut v6, &post_mcp(TOOLS_LIST)).status, 200);
-    let mut v6_again = connect_from("::1", gw.http);
-    assert_rejected(&roundtrip(&mut v6_again, &post_mcp(TOOLS_LIST)), 429);
-    for ip in ["127.0.0.2", "127.0.0.3"] {
-        let mut c = connect_from(ip, gw.http);
-        assert_eq!(roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status, 200, "{ip}");
+fn ipv6_clients_count_per_prefix_in_a_network_namespace() {
+    let can = std::process::Command::new("unshare")
+        .args(["-rn", "ip", "link", "set", "lo", "up"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !can {
+        eprintln!("SKIPPED: no network namespace (unshare -rn with iproute2)");
+        return;
     }
-    drop((v6, v6_again));
-    gw.wait_all_closed();
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    std::fs::write(
+        path("gw.yaml"),
+        "server:\n  host: \"::\"\n  port: 18080\n  tcp_port: 0\n  metrics_port: 0\n  workers: 2\n  max_connections_per_ip: 1\n  ipv6_prefix_len: 64\n",
+    )
+    .unwrap();
+    std::fs::write(
+        path("client.py"),
+        r#"
+import socket, time
+def post(src, dst):
+    for _ in range(200):  # until the gateway listens
+        s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET)
+        s.bind((src, 0))
+        try:
+            s.connect((dst, 18080))
+            break
+        except ConnectionRefusedError:
+            s.close()
+            time.sleep(0.05)
+    body = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+    s.sendall(b"POST /mcp HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    head = b""
+    while b"\r\n" not in head:
+        got = s.recv(4096)
+        if not got:
+            break
+        head += got
+    return s, head.split(b" ")[1].decode()
+held = []
+for src, dst in [("2001:db8:1:2::1", "2001:db8:1:2::1"), ("2001:db8:1:2::2", "2001:db8:1:2::1"),
+                 ("2001:db8:1:3::1", "2001:db8:1:2::1"), ("127.0.0.2", "127.0.0.1"),
+                 ("127.0.0.3", "127.0.0.1")]:
+    s, status = post(src, dst)
+    held.append(s)
+    print(src, status)
+"#,
+    )
+    .unwrap();
+    let script = format!(
+        r#"set -e
+ip link set lo up
+for a in 2001:db8:1:2::1 2001:db8:1:2::2 2001:db8:1:3::1; do ip -6 addr add $a/64 dev lo nodad; done
+"{bin}" -c "{cfg}" 2> "{log}" &
+gw=$!
+trap 'kill $gw; wait $gw || true; cat "{log}" >&2' EXIT
+timeout 20 python3 "{client}"
+"#,
+        bin = env!("CARGO_BIN_EXE_mcp-gateway"),
+        cfg = path("gw.yaml"),
+        log = path("gw.log"),
+        client = path("client.py"),
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["-rn", "bash", "-c", &script])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let all = format!("{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{all}");
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        [
+            "2001:db8:1:2::1 200",
+            "2001:db8:1:2::2 429",
+            "2001:db8:1:3::1 200",
+            "127.0.0.2 200",
+            "127.0.0.3 200",
+        ],
+        "{all}"
+    );
+    assert!(
+        all.contains("ipv6_prefix_len=64"),
+        "the startup line names it: {all}"
+    );
 }
