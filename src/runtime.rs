@@ -293,6 +293,9 @@ fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     socket.set_reuse_address(true).map_err(wrap)?;
     socket.set_reuse_port(true).map_err(wrap)?;
     socket.set_nonblocking(true).map_err(wrap)?;
+    // Accepted connections inherit TCP_NODELAY from the listener: one setsockopt here instead of
+    // one per connection (answers are written whole, so Nagle would only delay them).
+    socket.set_nodelay(true).map_err(wrap)?;
     socket.bind(&addr.into()).map_err(wrap)?;
     socket.listen(4096).map_err(wrap)?;
     Ok(socket.into())
@@ -369,6 +372,20 @@ fn invalid(key: &str) -> io::Error {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accepted_connections_inherit_no_delay_from_the_listener() {
+        let listener = bind_one("127.0.0.1:0".parse().unwrap()).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let accepted = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert!(accepted.nodelay().unwrap());
+    }
 
     #[test]
     fn proc_net_lines_give_listening_addresses_only() {

@@ -303,7 +303,7 @@ async fn accept_loop(worker: &'static Worker, listener: TcpListener, door: Front
 fn admit(worker: &'static Worker, stream: TcpStream, ip: IpAddr, door: Frontend) {
     match worker.shared.limiter.try_acquire(ip) {
         Ok(permit) => {
-            let _ = stream.set_nodelay(true);
+            // TCP_NODELAY comes from the listener (see `runtime::bind_one`).
             // The door's future is the task itself: no wrapper state on top of its idle wait.
             match door {
                 Frontend::Tcp => monoio::spawn(CatchUnwind(mcpb::serve(worker, stream, permit))),
