@@ -6,7 +6,7 @@
 //!
 //! Invariants:
 //! - A connection lives and dies on the worker that accepted it; nothing crosses cores.
-//! - An admitted connection's [`Permit`](crate::limiter::Permit) is moved into its task and dropped when the task ends,
+//! - An admitted connection's [`Permit`] is moved into its task and dropped when the task ends,
 //!   however it ends: return, error, panic (caught here, logged) or the runtime being dropped at
 //!   the end of the drain.
 //! - A failed `accept()` backs off (doubling, capped at one second) instead of spinning.
