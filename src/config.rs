@@ -22,6 +22,30 @@ pub struct Config {
     pub routing: RoutingConfig,
 }
 
+/// One entry of `server.per_ip_overrides`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerIpOverride {
+    /// `a.b.c.d/len` or `v6::/len` (a bare address is a /32 or /128).
+    pub network: String,
+    /// The per-IP limit for addresses in `network`; 0: none.
+    pub max_connections_per_ip: u64,
+}
+
+/// A parsed network: its first address and prefix length.
+pub fn parse_network(s: &str) -> Option<(std::net::IpAddr, u8)> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (
+            a.parse::<std::net::IpAddr>().ok()?,
+            Some(l.parse::<u8>().ok()?),
+        ),
+        None => (s.parse::<std::net::IpAddr>().ok()?, None),
+    };
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len = len.unwrap_or(max);
+    (len <= max).then_some((addr, len))
+}
+
 /// The `server` section: listeners, workers and limits.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -54,6 +78,9 @@ pub struct ServerConfig {
     /// IPv6 clients count per network of this prefix length for the per-IP limits (128: per
     /// address; 64: per /64, what one subscriber usually holds).
     pub ipv6_prefix_len: u8,
+    /// Networks whose addresses get their own `max_connections_per_ip` (a known corporate NAT,
+    /// say); the first that holds the client's address applies.
+    pub per_ip_overrides: Vec<PerIpOverride>,
     /// Seconds a client may take to send a whole request once it has started one.
     pub read_timeout: f64,
     /// Seconds a response write may take.
@@ -82,6 +109,7 @@ impl Default for ServerConfig {
             max_requests_per_ip: 0,
             request_burst_per_ip: 0,
             ipv6_prefix_len: 128,
+            per_ip_overrides: Vec::new(),
             read_timeout: 30.0,
             write_timeout: 30.0,
             idle_timeout: 120.0,
@@ -290,6 +318,29 @@ impl Config {
                 "server.ipv6_prefix_len: {} is not a prefix length (1 to 128)",
                 s.ipv6_prefix_len
             ));
+        }
+        for (i, o) in s.per_ip_overrides.iter().enumerate() {
+            let key = format!("server.per_ip_overrides[{i}]");
+            if parse_network(&o.network).is_none() {
+                p.push(format!(
+                    "{key}.network: {:?} is not an address or network (a.b.c.d/len, v6::/len)",
+                    o.network
+                ));
+            }
+            if o.max_connections_per_ip > crate::limiter::ip_table::MAX_COUNT {
+                p.push(format!(
+                    "{key}.max_connections_per_ip: {} is above the largest supported value {}",
+                    o.max_connections_per_ip,
+                    crate::limiter::ip_table::MAX_COUNT
+                ));
+            }
+        }
+        if !s.per_ip_overrides.is_empty() && s.max_connections_per_ip == 0 {
+            p.push(
+                "server.per_ip_overrides: needs server.max_connections_per_ip above 0 \
+                 (without the per-IP table there is no per-IP limit to override)"
+                    .into(),
+            );
         }
         if s.request_burst_per_ip > 0 && s.max_requests_per_ip == 0 {
             p.push("server.request_burst_per_ip: set without server.max_requests_per_ip".into());
@@ -513,6 +564,24 @@ mod tests {
         );
         let e = Config::parse("server:\n  max_requests_per_ip: 2000000\n", false).unwrap_err();
         assert!(e[0].contains("above the largest supported value"), "{e:?}");
+        let e = Config::parse(
+            "server:\n  per_ip_overrides:\n    - network: 10.0.0.0/40\n      max_connections_per_ip: 5\n",
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            e[0].starts_with("server.per_ip_overrides[0].network: \"10.0.0.0/40\" is not"),
+            "{e:?}"
+        );
+        assert_eq!(
+            parse_network("10.1.0.0/16"),
+            Some(("10.1.0.0".parse().unwrap(), 16))
+        );
+        assert_eq!(
+            parse_network("2001:db8::"),
+            Some(("2001:db8::".parse().unwrap(), 128))
+        );
+        assert_eq!(parse_network("10.0.0.1/x"), None);
         let e = Config::parse("server:\n  ipv6_prefix_len: 0\n", false).unwrap_err();
         assert!(
             e[0].starts_with("server.ipv6_prefix_len: 0 is not"),

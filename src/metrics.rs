@@ -563,6 +563,9 @@ pub fn describe_limits(l: &Limiter) -> String {
             );
         }
     }
+    if l.per_ip_overrides() > 0 {
+        let _ = write!(s, " per_ip_overrides={}", l.per_ip_overrides());
+    }
     if l.max_per_ip() > 0 && l.ipv6_prefix() < 128 {
         let _ = write!(s, " ipv6_prefix_len={}", l.ipv6_prefix());
     }

@@ -56,9 +56,19 @@ pub fn run(config: Config) -> io::Result<()> {
             )
         })?;
 
+    // Validated by `Config::validate`: every network parses.
+    let overrides: Vec<_> = s
+        .per_ip_overrides
+        .iter()
+        .filter_map(|o| {
+            let (net, len) = crate::config::parse_network(&o.network)?;
+            Some((net, len, o.max_connections_per_ip))
+        })
+        .collect();
     let limiter = Limiter::new(s.max_connections, s.max_connections_per_ip)
         .with_request_rate(s.max_requests_per_ip, s.request_burst_per_ip)
         .with_ipv6_prefix(s.ipv6_prefix_len)
+        .with_per_ip_overrides(&overrides)
         .leak();
     let upstreams = Upstreams::new(&config)?.leak();
     let metrics = Metrics::new(workers, limiter, upstreams).leak();

@@ -149,6 +149,28 @@ fn rejected_client_gets_its_status_even_when_it_writes_late() {
     assert_rejected(&roundtrip(&mut second, &post_mcp(TOOLS_LIST)), 429);
 }
 
+/// `server.per_ip_overrides`: a network gets its own per-IP limit (first match wins), everyone
+/// else keeps the default, and the log names how many overrides are in force.
+#[test]
+fn a_network_can_have_a_per_ip_limit_of_its_own() {
+    let gw = start(
+        "max_connections_per_ip: 1\n  per_ip_overrides:\n    - {network: 127.0.0.2/32, max_connections_per_ip: 3}\n    - {network: 127.0.0.0/8, max_connections_per_ip: 2}",
+    );
+    assert!(gw.log.lock().unwrap().contains("per_ip_overrides=2"));
+    let mut held = Vec::new();
+    for (ip, admitted) in [("127.0.0.2", 3), ("127.0.0.3", 2), ("::1", 1)] {
+        for _ in 0..admitted {
+            let mut c = connect_from(ip, gw.http);
+            assert_eq!(roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status, 200, "{ip}");
+            held.push(c);
+        }
+        let mut over = connect_from(ip, gw.http);
+        assert_rejected(&roundtrip(&mut over, &post_mcp(TOOLS_LIST)), 429);
+    }
+    drop(held);
+    gw.wait_all_closed();
+}
+
 /// `server.max_requests_per_ip`: requests over the rate get 429 (HTTP) or a JSON-RPC error for
 /// their id (WebSocket, MCPB) and the connection stays usable; the rate is per address over all
 /// its connections and doors, a new connection buys no new burst, and other addresses are not

@@ -72,6 +72,10 @@ pub struct Limiter {
     /// Mask applied to an IPv6 client's address before counting it (all ones: each address;
     /// `/64`: its network), see [`Limiter::with_ipv6_prefix`].
     v6_mask: u128,
+    /// Networks with a per-IP limit of their own: (first address, mask, limit), both in the
+    /// IPv6 form of [`mapped`]; the first that holds an address applies. Scanned once per new
+    /// connection, never per request.
+    overrides: Vec<(u128, u128, u64)>,
 }
 
 impl Limiter {
@@ -91,7 +95,28 @@ impl Limiter {
             per_ip,
             rate: None,
             v6_mask: u128::MAX,
+            overrides: Vec::new(),
         }
+    }
+
+    /// Gives the addresses of each `(network, prefix length)` their own per-IP limit (0: none),
+    /// the first matching entry winning. Needs the per-IP table (`max_per_ip > 0`).
+    pub fn with_per_ip_overrides(mut self, list: &[(IpAddr, u8, u64)]) -> Self {
+        assert!(list.is_empty() || self.per_ip.is_some());
+        self.overrides = list
+            .iter()
+            .map(|&(net, len, limit)| {
+                let len = u32::from(len) + if net.is_ipv4() { 96 } else { 0 };
+                let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+                let limit = if limit == 0 {
+                    ip_table::MAX_COUNT
+                } else {
+                    limit
+                };
+                (mapped(net) & mask, mask, limit.min(ip_table::MAX_COUNT))
+            })
+            .collect();
+        self
     }
 
     /// Counts IPv6 clients (not IPv4-mapped ones) per `/prefix_len` network instead of per
@@ -107,10 +132,23 @@ impl Limiter {
     /// other IPv6 addresses are cut to the configured prefix.
     pub fn key(&self, ip: IpAddr) -> u128 {
         match ip {
-            IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
-            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => u128::from(v6),
-            IpAddr::V6(v6) => u128::from(v6) & self.v6_mask,
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => u128::from(v6) & self.v6_mask,
+            _ => mapped(ip),
         }
+    }
+
+    /// The per-IP limit for `ip`: its network's override, else `default`.
+    fn per_ip_limit(&self, ip: IpAddr, default: u64) -> u64 {
+        let a = mapped(ip);
+        self.overrides
+            .iter()
+            .find(|(net, mask, _)| a & mask == *net)
+            .map_or(default, |(_, _, limit)| *limit)
+    }
+
+    /// How many networks have a per-IP limit of their own.
+    pub fn per_ip_overrides(&self) -> usize {
+        self.overrides.len()
     }
 
     /// The configured IPv6 prefix length (128: per address).
@@ -147,7 +185,7 @@ impl Limiter {
             place: NO_SLOT,
         };
         if let Some((table, limit)) = &self.per_ip {
-            match table.acquire(self.key(ip), *limit) {
+            match table.acquire(self.key(ip), self.per_ip_limit(ip, *limit)) {
                 Ok(slot) => {
                     let fp = match self.rate {
                         Some(_) => table.fingerprint(slot) & 0xffff,
@@ -190,6 +228,14 @@ impl Limiter {
     /// Slots in the per-IP table (0 when per-IP limiting is off).
     pub fn ip_table_slots(&self) -> usize {
         self.per_ip.as_ref().map_or(0, |(t, _)| t.capacity())
+    }
+}
+
+/// An address in IPv6 form: IPv4 as `::ffff:a.b.c.d`, so both families share one key space.
+fn mapped(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+        IpAddr::V6(v6) => u128::from(v6),
     }
 }
 
@@ -329,6 +375,36 @@ mod tests {
         let mapped = IpAddr::V6(Ipv4Addr::new(127, 0, 0, 2).to_ipv6_mapped());
         assert_eq!(l.try_acquire(mapped).unwrap_err(), Rejection::PerIp);
         assert_eq!(l.tracked_ips(), 3);
+    }
+
+    #[test]
+    fn networks_can_have_a_per_ip_limit_of_their_own() {
+        let nat: IpAddr = "10.1.2.3".parse().unwrap();
+        let v6: IpAddr = "2001:db8::7".parse().unwrap();
+        let l = Limiter::new(100, 1)
+            .with_per_ip_overrides(&[
+                ("10.0.0.0".parse().unwrap(), 8, 3),
+                ("2001:db8::".parse().unwrap(), 32, 0),
+                ("0.0.0.0".parse().unwrap(), 0, 2), // never reached for 10/8: the first wins
+            ])
+            .leak();
+        let held: Vec<_> = (0..3).map(|_| l.try_acquire(nat).unwrap()).collect();
+        assert_eq!(l.try_acquire(nat).unwrap_err(), Rejection::PerIp);
+        // The same address written IPv4-mapped is in the same network.
+        let mapped = IpAddr::V6(Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped());
+        assert_eq!(l.try_acquire(mapped).unwrap_err(), Rejection::PerIp);
+        // 0: no per-IP limit for the network.
+        let many: Vec<_> = (0..10).map(|_| l.try_acquire(v6).unwrap()).collect();
+        // Any other IPv4 address: the catch-all /0 entry, 2.
+        let other = [l.try_acquire(v4(2)).unwrap(), l.try_acquire(v4(2)).unwrap()];
+        assert_eq!(l.try_acquire(v4(2)).unwrap_err(), Rejection::PerIp);
+        // Other IPv6 addresses: the default, 1.
+        let _one = l.try_acquire(IpAddr::V6(Ipv6Addr::LOCALHOST)).unwrap();
+        assert_eq!(
+            l.try_acquire(IpAddr::V6(Ipv6Addr::LOCALHOST)).unwrap_err(),
+            Rejection::PerIp
+        );
+        drop((held, many, other));
     }
 
     #[test]
