@@ -128,18 +128,20 @@ impl Limiter {
         self
     }
 
-    /// The per-IP table's key of `ip`: IPv4 and IPv4-mapped IPv6 both become the mapped form;
-    /// other IPv6 addresses are cut to the configured prefix.
-    pub fn key(&self, ip: IpAddr) -> u128 {
-        match ip {
-            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => u128::from(v6) & self.v6_mask,
-            _ => mapped(ip),
+    /// The per-IP table's key of address `a` (in [`mapped`] form, so IPv4 and IPv4-mapped IPv6
+    /// are one key): IPv6 addresses are cut to the configured prefix.
+    fn key_of(&self, a: u128) -> u128 {
+        const V4_MAPPED: u128 = 0xffff; // `::ffff:0:0/96`, shifted down by 32
+        if a >> 32 == V4_MAPPED {
+            a
+        } else {
+            a & self.v6_mask
         }
     }
 
-    /// The per-IP limit for `ip`: its network's override, else `default`.
-    fn per_ip_limit(&self, ip: IpAddr, default: u64) -> u64 {
-        let a = mapped(ip);
+    /// The per-IP limit for address `a` (in [`mapped`] form): its network's override, else
+    /// `default`.
+    fn per_ip_limit(&self, a: u128, default: u64) -> u64 {
         self.overrides
             .iter()
             .find(|(net, mask, _)| a & mask == *net)
@@ -185,7 +187,8 @@ impl Limiter {
             place: NO_SLOT,
         };
         if let Some((table, limit)) = &self.per_ip {
-            match table.acquire(self.key(ip), self.per_ip_limit(ip, *limit)) {
+            let a = mapped(ip);
+            match table.acquire(self.key_of(a), self.per_ip_limit(a, *limit)) {
                 Ok(slot) => {
                     let fp = match self.rate {
                         Some(_) => table.fingerprint(slot) & 0xffff,
