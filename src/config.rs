@@ -32,6 +32,11 @@ pub struct PerIpOverride {
     pub max_connections_per_ip: u64,
 }
 
+/// The error for a `key` whose value `v` is above `max`, if it is.
+fn at_most(key: &str, v: u64, max: u64) -> Option<String> {
+    (v > max).then(|| format!("{key}: {v} is above the largest supported value {max}"))
+}
+
 /// A parsed network: its first address and prefix length.
 pub fn parse_network(s: &str) -> Option<(std::net::IpAddr, u8)> {
     let (addr, len) = match s.split_once('/') {
@@ -292,20 +297,16 @@ impl Config {
         if s.max_connections == 0 {
             p.push("server.max_connections: must be at least 1".into());
         }
-        if s.max_connections > 1 << 30 {
-            p.push(format!(
-                "server.max_connections: {} is above the largest supported value {}",
-                s.max_connections,
-                1 << 30
-            ));
-        }
-        if s.max_requests_per_ip > crate::limiter::rate::MAX_RATE {
-            p.push(format!(
-                "server.max_requests_per_ip: {} is above the largest supported value {}",
-                s.max_requests_per_ip,
-                crate::limiter::rate::MAX_RATE
-            ));
-        }
+        p.extend(at_most(
+            "server.max_connections",
+            s.max_connections as u64,
+            1 << 30,
+        ));
+        p.extend(at_most(
+            "server.max_requests_per_ip",
+            s.max_requests_per_ip,
+            crate::limiter::rate::MAX_RATE,
+        ));
         if s.max_requests_per_ip > 0 && s.max_connections_per_ip == 0 {
             p.push(
                 "server.max_requests_per_ip: needs server.max_connections_per_ip above 0 \
@@ -327,13 +328,11 @@ impl Config {
                     o.network
                 ));
             }
-            if o.max_connections_per_ip > crate::limiter::ip_table::MAX_COUNT {
-                p.push(format!(
-                    "{key}.max_connections_per_ip: {} is above the largest supported value {}",
-                    o.max_connections_per_ip,
-                    crate::limiter::ip_table::MAX_COUNT
-                ));
-            }
+            p.extend(at_most(
+                &format!("{key}.max_connections_per_ip"),
+                o.max_connections_per_ip,
+                crate::limiter::ip_table::MAX_COUNT,
+            ));
         }
         if !s.per_ip_overrides.is_empty() && s.max_connections_per_ip == 0 {
             p.push(
@@ -345,13 +344,11 @@ impl Config {
         if s.request_burst_per_ip > 0 && s.max_requests_per_ip == 0 {
             p.push("server.request_burst_per_ip: set without server.max_requests_per_ip".into());
         }
-        if s.max_connections_per_ip > crate::limiter::ip_table::MAX_COUNT {
-            p.push(format!(
-                "server.max_connections_per_ip: {} is above the largest supported value {}",
-                s.max_connections_per_ip,
-                crate::limiter::ip_table::MAX_COUNT
-            ));
-        }
+        p.extend(at_most(
+            "server.max_connections_per_ip",
+            s.max_connections_per_ip,
+            crate::limiter::ip_table::MAX_COUNT,
+        ));
         for (key, v) in [
             ("server.read_timeout", s.read_timeout),
             ("server.write_timeout", s.write_timeout),
