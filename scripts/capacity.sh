@@ -61,32 +61,41 @@ metric() { curl -s "http://$admin/metrics" | awk -v m="$1" '$1==m {print $2}'; }
 rss() { awk '/VmRSS/{print $2}' "/proc/$gw/status"; }
 before=$(rss)
 
-if command -v tcpkali >/dev/null 2>&1; then
-  tool=tcpkali
-  src=(); for i in $(seq 1 "$K"); do src+=(--source-ip "127.0.2.$i"); done
-  body='{"jsonrpc":"2.0","id":1,"method":"ping"}'
-  case "$P" in
-    http) first=(-e -1 "POST /mcp HTTP/1.1\\r\\nHost: g\\r\\nContent-Type: application/json\\r\\nContent-Length: ${#body}\\r\\n\\r\\n$body") ;;
-    ws) first=(--ws -1 "$body") ;;
-    mcpb) first=() ;;
-  esac
-  tcpkali -c "$N" --connect-rate "$R" -T "$((N / R + H))s" "${src[@]}" "${first[@]}" "$target" > "$work/client.log" 2>&1 &
-else
-  tool=mcp-loadgen
-  ./target/release/mcp-loadgen --target "$target" --protocol "$P" --connections "$N" --rate "$R" \
-    --hold "$H" --sources "127.0.2.1-127.0.2.$K" --threads 1 > "$work/client.log" 2>&1 &
-fi
-client=$!; pids+=("$client")
+# The clients are split over processes of at most 18 000 connections each, so that a run past
+# the per-process open-file limit (20 000 here) needs no more than the gateway's own limit.
+procs=$(( (N + 17999) / 18000 ))
+clients=()
+for n in $(seq 1 "$procs"); do
+  share=$(( N / procs + (n <= N % procs ? 1 : 0) ))
+  rate=$(python3 -c "print($R / $procs)")
+  if command -v tcpkali >/dev/null 2>&1; then
+    tool=tcpkali
+    src=(); for i in $(seq 1 "$K"); do src+=(--source-ip "127.0.2.$i"); done
+    body='{"jsonrpc":"2.0","id":1,"method":"ping"}'
+    case "$P" in
+      http) first=(-e -1 "POST /mcp HTTP/1.1\\r\\nHost: g\\r\\nContent-Type: application/json\\r\\nContent-Length: ${#body}\\r\\n\\r\\n$body") ;;
+      ws) first=(--ws -1 "$body") ;;
+      mcpb) first=() ;;
+    esac
+    tcpkali -c "$share" --connect-rate "$rate" -T "$((N / R + H))s" "${src[@]}" "${first[@]}" "$target" > "$work/client.$n.log" 2>&1 &
+  else
+    tool=mcp-loadgen
+    ./target/release/mcp-loadgen --target "$target" --protocol "$P" --connections "$share" --rate "$rate" \
+      --hold "$H" --sources "127.0.2.1-127.0.2.$K" --threads 1 > "$work/client.$n.log" 2>&1 &
+  fi
+  clients+=("$!"); pids+=("$!")
+done
+running() { for c in "${clients[@]}"; do kill -0 "$c" 2>/dev/null && return 0; done; return 1; }
 # Sample while the connections are held: the peak of admitted connections and the RSS then.
 peak=0; peak_rss=$before
 deadline=$((SECONDS + N / R + H + 30))
-while kill -0 "$client" 2>/dev/null && [ $SECONDS -lt $deadline ]; do
+while running && [ $SECONDS -lt $deadline ]; do
   a=$(metric mcp_gateway_connections_active); a=${a%.*}
   if [ "${a:-0}" -gt "$peak" ]; then peak=$a; peak_rss=$(rss); fi
   sleep 0.5
 done
-wait "$client" || true
-echo "client: $tool, $N connections from $K sources at $R/s, held ${H}s, protocol $P"
+for c in "${clients[@]}"; do wait "$c" || true; done
+echo "client: $tool in $procs process(es), $N connections from $K sources at $R/s, held ${H}s, protocol $P"
 echo "limits: max_connections=$MAXC max_connections_per_ip=$MAXIP"
 echo "admitted (peak open): $peak"
 for reason in global per_ip ip_table_full; do
@@ -99,4 +108,4 @@ echo "open after the run: $(metric mcp_gateway_connections_active)"
 if [ "$peak" -gt 0 ]; then
   echo "gateway RSS: ${before} KiB idle, ${peak_rss} KiB at peak: $(( (peak_rss - before) * 1024 / peak )) bytes per held connection"
 fi
-echo "--- client report"; cat "$work/client.log"
+for n in $(seq 1 "$procs"); do echo "--- client report $n of $procs"; cat "$work/client.$n.log"; done
