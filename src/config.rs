@@ -30,6 +30,10 @@ pub struct PerIpOverride {
     pub network: String,
     /// The per-IP limit for addresses in `network`; 0: none.
     pub max_connections_per_ip: u64,
+    /// Their request rate (bursts of one second's worth); absent: `server.max_requests_per_ip`;
+    /// 0: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_ip: Option<u64>,
 }
 
 /// The error for a `key` whose value `v` is above `max`, if it is.
@@ -332,6 +336,11 @@ impl Config {
                 &format!("{key}.max_connections_per_ip"),
                 o.max_connections_per_ip,
                 crate::limiter::ip_table::MAX_COUNT,
+            ));
+            p.extend(at_most(
+                &format!("{key}.max_requests_per_ip"),
+                o.max_requests_per_ip.unwrap_or(0),
+                crate::limiter::rate::MAX_RATE,
             ));
         }
         if !s.per_ip_overrides.is_empty() && s.max_connections_per_ip == 0 {

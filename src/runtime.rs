@@ -61,8 +61,13 @@ pub fn run(config: Config) -> io::Result<()> {
         .per_ip_overrides
         .iter()
         .filter_map(|o| {
-            let (net, len) = crate::config::parse_network(&o.network)?;
-            Some((net, len, o.max_connections_per_ip))
+            let (network, prefix_len) = crate::config::parse_network(&o.network)?;
+            Some(crate::limiter::PerIpLimits {
+                network,
+                prefix_len,
+                max_connections: o.max_connections_per_ip,
+                max_requests: o.max_requests_per_ip,
+            })
         })
         .collect();
     let limiter = Limiter::new(s.max_connections, s.max_connections_per_ip)

@@ -171,6 +171,30 @@ fn a_network_can_have_a_per_ip_limit_of_its_own() {
     gw.wait_all_closed();
 }
 
+/// A `per_ip_overrides` entry can set its network's request rate (0: none) apart from the
+/// default `server.max_requests_per_ip`.
+#[test]
+fn a_network_can_have_a_request_rate_of_its_own() {
+    let gw = start(
+        "max_connections_per_ip: 10\n  max_requests_per_ip: 1\n  request_burst_per_ip: 1\n  per_ip_overrides:\n    - {network: 127.0.0.2, max_connections_per_ip: 10, max_requests_per_ip: 0}",
+    );
+    let started = std::time::Instant::now();
+    let mut free = connect_from("127.0.0.2", gw.http);
+    for _ in 0..20 {
+        assert_eq!(roundtrip(&mut free, &post_mcp(TOOLS_LIST)).status, 200);
+    }
+    let mut limited = connect_from("127.0.0.3", gw.http);
+    let ok = (0..20)
+        .filter(|_| roundtrip(&mut limited, &post_mcp(TOOLS_LIST)).status == 200)
+        .count() as f64;
+    assert!(
+        ok >= 1.0 && ok <= 1.0 + started.elapsed().as_secs_f64().ceil(),
+        "{ok}"
+    );
+    drop((free, limited));
+    gw.wait_all_closed();
+}
+
 /// `server.max_requests_per_ip`: requests over the rate get 429 (HTTP) or a JSON-RPC error for
 /// their id (WebSocket, MCPB) and the connection stays usable; the rate is per address over all
 /// its connections and doors, a new connection buys no new burst, and other addresses are not

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 pub use cap::Cap;
 pub use ip_table::{IpTable, TableReject};
-pub use rate::RequestRate;
+pub use rate::{Rate, RequestRate};
 
 /// Why a connection was not admitted; the `reason` label of `mcp_gateway_connections_rejected_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,15 +67,37 @@ pub struct Limiter {
     global: Cap,
     /// `None` when the per-IP limit is disabled (`max_connections_per_ip: 0`).
     per_ip: Option<(IpTable, u64)>,
-    /// The request rate per address, `None` when off (it needs the per-IP table).
-    rate: Option<RequestRate>,
+    /// The words of the request rate, one per table slot; `None` when no rate is set anywhere
+    /// (it needs the per-IP table).
+    rate_words: Option<RequestRate>,
+    /// The request rate of addresses no override names, `None`: none.
+    rate: Option<Rate>,
     /// Mask applied to an IPv6 client's address before counting it (all ones: each address;
     /// `/64`: its network), see [`Limiter::with_ipv6_prefix`].
     v6_mask: u128,
-    /// Networks with a per-IP limit of their own: (first address, mask, limit), both in the
-    /// IPv6 form of [`mapped`]; the first that holds an address applies. Scanned once per new
-    /// connection, never per request.
-    overrides: Vec<(u128, u128, u64)>,
+    /// Networks with per-IP limits of their own; the first that holds an address applies.
+    /// Scanned once per new connection, never per request.
+    overrides: Vec<Override>,
+}
+
+/// One network's own per-IP limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerIpLimits {
+    pub network: IpAddr,
+    pub prefix_len: u8,
+    /// Connections per address (0: none).
+    pub max_connections: u64,
+    /// Requests per second per address: `None` the default rate, `Some(0)` none.
+    pub max_requests: Option<u64>,
+}
+
+/// A [`PerIpLimits`] ready for matching: network and mask in the IPv6 form of [`mapped`].
+struct Override {
+    net: u128,
+    mask: u128,
+    max_connections: u64,
+    /// `None`: the default rate; `Some(None)`: no rate.
+    rate: Option<Option<Rate>>,
 }
 
 impl Limiter {
@@ -93,29 +115,36 @@ impl Limiter {
         Limiter {
             global: Cap::new(max_connections),
             per_ip,
+            rate_words: None,
             rate: None,
             v6_mask: u128::MAX,
             overrides: Vec::new(),
         }
     }
 
-    /// Gives the addresses of each `(network, prefix length)` their own per-IP limit (0: none),
-    /// the first matching entry winning. Needs the per-IP table (`max_per_ip > 0`).
-    pub fn with_per_ip_overrides(mut self, list: &[(IpAddr, u8, u64)]) -> Self {
+    /// Gives the addresses of each network their own per-IP limits, the first matching entry
+    /// winning (fewer than 65 535 entries). Needs the per-IP table (`max_per_ip > 0`).
+    pub fn with_per_ip_overrides(mut self, list: &[PerIpLimits]) -> Self {
         assert!(list.is_empty() || self.per_ip.is_some());
+        assert!(list.len() < usize::from(u16::MAX));
         self.overrides = list
             .iter()
-            .map(|&(net, len, limit)| {
-                let len = u32::from(len) + if net.is_ipv4() { 96 } else { 0 };
+            .map(|o| {
+                let len = u32::from(o.prefix_len) + if o.network.is_ipv4() { 96 } else { 0 };
                 let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
-                let limit = if limit == 0 {
-                    ip_table::MAX_COUNT
-                } else {
-                    limit
+                let max_connections = match o.max_connections {
+                    0 => ip_table::MAX_COUNT,
+                    n => n.min(ip_table::MAX_COUNT),
                 };
-                (mapped(net) & mask, mask, limit.min(ip_table::MAX_COUNT))
+                Override {
+                    net: mapped(o.network) & mask,
+                    mask,
+                    max_connections,
+                    rate: o.max_requests.map(|r| (r > 0).then(|| Rate::new(r, 0))),
+                }
             })
             .collect();
+        self.make_rate_words();
         self
     }
 
@@ -139,13 +168,24 @@ impl Limiter {
         }
     }
 
-    /// The per-IP limit for address `a` (in [`mapped`] form): its network's override, else
-    /// `default`.
-    fn per_ip_limit(&self, a: u128, default: u64) -> u64 {
+    /// The per-IP limit for address `a` (in [`mapped`] form) and its class: its network's
+    /// override (class `i + 1`), else `default` (class 0).
+    fn per_ip_limit(&self, a: u128, default: u64) -> (u64, usize) {
         self.overrides
             .iter()
-            .find(|(net, mask, _)| a & mask == *net)
-            .map_or(default, |(_, _, limit)| *limit)
+            .position(|o| a & o.mask == o.net)
+            .map_or((default, 0), |i| (self.overrides[i].max_connections, i + 1))
+    }
+
+    /// The request rate of addresses of class `class` (see [`Limiter::per_ip_limit`]).
+    fn rate_of(&self, class: usize) -> Option<&Rate> {
+        match class
+            .checked_sub(1)
+            .and_then(|i| self.overrides[i].rate.as_ref())
+        {
+            Some(own) => own.as_ref(),
+            None => self.rate.as_ref(),
+        }
     }
 
     /// How many networks have a per-IP limit of their own.
@@ -161,15 +201,21 @@ impl Limiter {
     /// Also limits each address to `per_second` requests a second with bursts of `burst` (0: one
     /// second's worth); `per_second == 0`: no limit. Needs the per-IP table (`max_per_ip > 0`).
     pub fn with_request_rate(mut self, per_second: u64, burst: u64) -> Self {
-        if per_second > 0 {
+        self.rate = (per_second > 0).then(|| Rate::new(per_second, burst));
+        self.make_rate_words();
+        self
+    }
+
+    /// The rate words, once any rate is set (the default's or an override's).
+    fn make_rate_words(&mut self) {
+        let own = |o: &Override| matches!(o.rate, Some(Some(_)));
+        if (self.rate.is_some() || self.overrides.iter().any(own)) && self.rate_words.is_none() {
             let (table, _) = self
                 .per_ip
                 .as_ref()
                 .expect("a request rate needs the per-IP table");
-            let burst = if burst == 0 { per_second } else { burst };
-            self.rate = Some(RequestRate::new(table.capacity(), per_second, burst));
+            self.rate_words = Some(RequestRate::new(table.capacity()));
         }
-        self
     }
 
     /// A limiter that lives as long as the process (permits borrow it without a reference count).
@@ -188,13 +234,14 @@ impl Limiter {
         };
         if let Some((table, limit)) = &self.per_ip {
             let a = mapped(ip);
-            match table.acquire(self.key_of(a), self.per_ip_limit(a, *limit)) {
+            let (limit, class) = self.per_ip_limit(a, *limit);
+            match table.acquire(self.key_of(a), limit) {
                 Ok(slot) => {
-                    let fp = match self.rate {
+                    let fp = match self.rate_words {
                         Some(_) => table.fingerprint(slot) & 0xffff,
                         None => 0,
                     };
-                    permit.place = fp << 32 | slot as u64;
+                    permit.place = (class as u64) << 48 | fp << 32 | slot as u64;
                 }
                 // Dropping the half-made permit gives the global place back.
                 Err(TableReject::LimitReached) => return Err(Rejection::PerIp),
@@ -225,7 +272,7 @@ impl Limiter {
 
     /// The request rate per address and its burst, `None` when off.
     pub fn request_rate(&self) -> Option<(u64, u64)> {
-        self.rate.as_ref().map(|r| (r.per_second(), r.burst()))
+        self.rate.as_ref().map(|r| (r.per_second, r.burst))
     }
 
     /// Slots in the per-IP table (0 when per-IP limiting is off).
@@ -248,8 +295,9 @@ const NO_SLOT: u64 = u32::MAX as u64;
 /// One admitted connection's place in both counts; released on drop.
 pub struct Permit {
     limiter: &'static Limiter,
-    /// Its address's slot in the per-IP table (low 32 bits; `NO_SLOT` when the table is off) and
-    /// 16 bits of the address's fingerprint for the request rate (bits 32..48, 0 when it is off).
+    /// Its address's slot in the per-IP table (low 32 bits; `NO_SLOT` when the table is off),
+    /// 16 bits of the address's fingerprint for the request rate (bits 32..48, 0 when it is off)
+    /// and its class (bits 48..64: 0, or `i + 1` when override `i` applies).
     /// One word, written at once: two narrower fields cost the benchmark's acquire+release pair
     /// 9 ns (a store-forwarding stall when the permit is read back whole).
     place: u64,
@@ -265,8 +313,12 @@ impl Permit {
     /// address against the request rate, or says how long until one would be admitted. Always
     /// admits when no rate is set.
     pub fn admit_request(&self) -> Result<(), Duration> {
-        match (&self.limiter.rate, self.slot()) {
-            (Some(rate), Some(slot)) => rate.admit(slot, self.place >> 32, rate::now_us()),
+        let l = self.limiter;
+        let class = (self.place >> 48) as usize;
+        match (&l.rate_words, self.slot(), l.rate_of(class)) {
+            (Some(words), Some(slot), Some(rate)) => {
+                words.admit(slot, (self.place >> 32) & 0xffff, rate, rate::now_us())
+            }
             _ => Ok(()),
         }
     }
@@ -380,15 +432,62 @@ mod tests {
         assert_eq!(l.tracked_ips(), 3);
     }
 
+    fn limits(net: &str, len: u8, conns: u64, reqs: Option<u64>) -> PerIpLimits {
+        PerIpLimits {
+            network: net.parse().unwrap(),
+            prefix_len: len,
+            max_connections: conns,
+            max_requests: reqs,
+        }
+    }
+
+    #[test]
+    fn networks_can_have_a_request_rate_of_their_own() {
+        let nat: IpAddr = "10.1.2.3".parse().unwrap();
+        let office: IpAddr = "10.9.0.1".parse().unwrap();
+        let trusted: IpAddr = "192.168.1.1".parse().unwrap();
+        let l = Limiter::new(100, 10)
+            .with_request_rate(1, 1)
+            .with_per_ip_overrides(&[
+                limits("10.1.0.0", 16, 10, Some(1000)),
+                limits("10.9.0.0", 16, 10, None),
+                limits("192.168.0.0", 16, 10, Some(0)),
+            ])
+            .leak();
+        let (n, o, t, d) = (
+            l.try_acquire(nat).unwrap(),
+            l.try_acquire(office).unwrap(),
+            l.try_acquire(trusted).unwrap(),
+            l.try_acquire(v4(2)).unwrap(),
+        );
+        // Bursts of one second's worth (1000) for the NAT, the default (1) for the office
+        // network, no rate for the trusted one, the default for everyone else.
+        assert_eq!(
+            (0..1000).filter(|_| n.admit_request().is_ok()).count(),
+            1000
+        );
+        assert!(n.admit_request().is_err());
+        assert!(o.admit_request().is_ok() && o.admit_request().is_err());
+        assert!((0..5000).all(|_| t.admit_request().is_ok()));
+        assert!(d.admit_request().is_ok() && d.admit_request().is_err());
+        // An override's rate with no default rate works too.
+        let l = Limiter::new(100, 10)
+            .with_per_ip_overrides(&[limits("10.0.0.0", 8, 10, Some(1))])
+            .leak();
+        let (n, d) = (l.try_acquire(nat).unwrap(), l.try_acquire(v4(2)).unwrap());
+        assert!(n.admit_request().is_ok() && n.admit_request().is_err());
+        assert!((0..100).all(|_| d.admit_request().is_ok()));
+    }
+
     #[test]
     fn networks_can_have_a_per_ip_limit_of_their_own() {
         let nat: IpAddr = "10.1.2.3".parse().unwrap();
         let v6: IpAddr = "2001:db8::7".parse().unwrap();
         let l = Limiter::new(100, 1)
             .with_per_ip_overrides(&[
-                ("10.0.0.0".parse().unwrap(), 8, 3),
-                ("2001:db8::".parse().unwrap(), 32, 0),
-                ("0.0.0.0".parse().unwrap(), 0, 2), // never reached for 10/8: the first wins
+                limits("10.0.0.0", 8, 3, None),
+                limits("2001:db8::", 32, 0, None),
+                limits("0.0.0.0", 0, 2, None), // never reached for 10/8: the first wins
             ])
             .leak();
         let held: Vec<_> = (0..3).map(|_| l.try_acquire(nat).unwrap()).collect();

@@ -47,35 +47,48 @@ pub const REFUSAL: &str = "too many requests from your address (max_requests_per
 /// The highest rate a limit may name (one request per microsecond).
 pub const MAX_RATE: u64 = 1_000_000;
 
-/// See the module documentation.
-pub struct RequestRate {
-    words: Box<[AtomicU64]>,
+/// A rate: `per_second` requests a second, bursts of `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
     /// Microseconds between two requests at the steady rate.
     interval_us: u64,
     /// How far ahead of `now` the `tat` may be and still admit a request.
     tolerance_us: u64,
-    per_second: u64,
-    burst: u64,
+    pub per_second: u64,
+    pub burst: u64,
 }
 
-impl RequestRate {
-    /// `per_second` in `1..=MAX_RATE`, `burst >= 1`; one word per table slot.
-    pub fn new(slots: usize, per_second: u64, burst: u64) -> RequestRate {
-        assert!((1..=MAX_RATE).contains(&per_second) && burst >= 1);
-        epoch();
+impl Rate {
+    /// `per_second` in `1..=MAX_RATE`; `burst` 0 means one second's worth.
+    pub fn new(per_second: u64, burst: u64) -> Rate {
+        assert!((1..=MAX_RATE).contains(&per_second));
+        let burst = if burst == 0 { per_second } else { burst };
         let interval_us = 1_000_000 / per_second;
-        RequestRate {
-            words: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+        Rate {
             interval_us,
             tolerance_us: (burst - 1).saturating_mul(interval_us),
             per_second,
             burst,
         }
     }
+}
 
-    /// Admits one request of the address in table slot `slot` (fingerprint `fp`) at `now_us`,
-    /// or says how long until one would be admitted.
-    pub fn admit(&self, slot: usize, fp: u64, now_us: u64) -> Result<(), Duration> {
+/// The words, one per per-IP table slot. See the module documentation.
+pub struct RequestRate {
+    words: Box<[AtomicU64]>,
+}
+
+impl RequestRate {
+    pub fn new(slots: usize) -> RequestRate {
+        epoch();
+        RequestRate {
+            words: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Admits one request of the address in table slot `slot` (fingerprint `fp`) at `now_us`
+    /// against `rate`, or says how long until one would be admitted.
+    pub fn admit(&self, slot: usize, fp: u64, rate: &Rate, now_us: u64) -> Result<(), Duration> {
         let tag = (fp & 0xffff) << TAT_BITS;
         let word = &self.words[slot];
         let mut current = word.load(Relaxed);
@@ -86,23 +99,15 @@ impl RequestRate {
                 0 // another address used this slot before: start afresh
             };
             let tat = tat.max(now_us);
-            if tat - now_us > self.tolerance_us {
-                return Err(Duration::from_micros(tat - now_us - self.tolerance_us));
+            if tat - now_us > rate.tolerance_us {
+                return Err(Duration::from_micros(tat - now_us - rate.tolerance_us));
             }
-            let next = tag | ((tat + self.interval_us) & TAT_MASK);
+            let next = tag | ((tat + rate.interval_us) & TAT_MASK);
             match word.compare_exchange_weak(current, next, Relaxed, Relaxed) {
                 Ok(_) => return Ok(()),
                 Err(seen) => current = seen,
             }
         }
-    }
-
-    pub fn per_second(&self) -> u64 {
-        self.per_second
-    }
-
-    pub fn burst(&self) -> u64 {
-        self.burst
     }
 }
 
@@ -122,44 +127,52 @@ mod tests {
 
     #[test]
     fn a_burst_then_one_per_interval() {
-        let r = RequestRate::new(4, 10, 3); // 10/s: one per 100 ms, three at once
+        let (r, rate) = (RequestRate::new(4), Rate::new(10, 3)); // one per 100 ms, three at once
         let t0 = 1_000_000;
         for _ in 0..3 {
-            assert_eq!(r.admit(1, 7, t0), Ok(()));
+            assert_eq!(r.admit(1, 7, &rate, t0), Ok(()));
         }
         // The fourth waits for the first interval to pass.
-        assert_eq!(r.admit(1, 7, t0), Err(Duration::from_millis(100)));
-        assert_eq!(r.admit(1, 7, t0 + 60_000), Err(Duration::from_millis(40)));
-        assert_eq!(r.admit(1, 7, t0 + 100_000), Ok(()));
-        assert!(r.admit(1, 7, t0 + 100_000).is_err());
+        assert_eq!(r.admit(1, 7, &rate, t0), Err(Duration::from_millis(100)));
+        assert_eq!(
+            r.admit(1, 7, &rate, t0 + 60_000),
+            Err(Duration::from_millis(40))
+        );
+        assert_eq!(r.admit(1, 7, &rate, t0 + 100_000), Ok(()));
+        assert!(r.admit(1, 7, &rate, t0 + 100_000).is_err());
         // Idle for long: the full burst again, not more.
         let later = t0 + 10_000_000;
         for _ in 0..3 {
-            assert_eq!(r.admit(1, 7, later), Ok(()));
+            assert_eq!(r.admit(1, 7, &rate, later), Ok(()));
         }
-        assert!(r.admit(1, 7, later).is_err());
+        assert!(r.admit(1, 7, &rate, later).is_err());
         // Other slots are other addresses.
-        assert_eq!(r.admit(2, 7, t0), Ok(()));
+        assert_eq!(r.admit(2, 7, &rate, t0), Ok(()));
     }
 
     #[test]
     fn a_new_address_in_a_used_slot_starts_afresh_and_a_returning_one_does_not() {
-        let r = RequestRate::new(1, 1, 1);
-        assert_eq!(r.admit(0, 0xaaaa, 5_000_000), Ok(()));
-        assert!(r.admit(0, 0xaaaa, 5_000_000).is_err());
+        let (r, rate) = (RequestRate::new(1), Rate::new(1, 1));
+        assert_eq!(r.admit(0, 0xaaaa, &rate, 5_000_000), Ok(()));
+        assert!(r.admit(0, 0xaaaa, &rate, 5_000_000).is_err());
         // Same slot, another fingerprint: not charged for the first address's requests.
-        assert_eq!(r.admit(0, 0xbbbb, 5_000_000), Ok(()));
-        assert!(r.admit(0, 0xbbbb, 5_000_001).is_err());
+        assert_eq!(r.admit(0, 0xbbbb, &rate, 5_000_000), Ok(()));
+        assert!(r.admit(0, 0xbbbb, &rate, 5_000_001).is_err());
     }
 
     #[test]
     fn many_threads_of_one_address_get_exactly_the_burst() {
-        let r = std::sync::Arc::new(RequestRate::new(1, 1, 1000));
+        let r = std::sync::Arc::new(RequestRate::new(1));
+        let rate = Rate::new(1, 1000);
         let now = now_us() + 1_000_000;
         let admitted: usize = (0..4)
             .map(|_| {
                 let r = r.clone();
-                std::thread::spawn(move || (0..1000).filter(|_| r.admit(0, 3, now).is_ok()).count())
+                std::thread::spawn(move || {
+                    (0..1000)
+                        .filter(|_| r.admit(0, 3, &rate, now).is_ok())
+                        .count()
+                })
             })
             .collect::<Vec<_>>()
             .into_iter()
@@ -179,11 +192,11 @@ mod loom_tests {
     #[test]
     fn loom_two_requests_racing_for_the_last_allowance_get_it_once() {
         loom::model(|| {
-            let r = Arc::new(RequestRate::new(1, 1, 2));
-            r.admit(0, 9, 1_000_000).unwrap();
+            let (r, rate) = (Arc::new(RequestRate::new(1)), Rate::new(1, 2));
+            r.admit(0, 9, &rate, 1_000_000).unwrap();
             let r2 = r.clone();
-            let h = thread::spawn(move || r2.admit(0, 9, 1_000_000).is_ok());
-            let mine = r.admit(0, 9, 1_000_000).is_ok();
+            let h = thread::spawn(move || r2.admit(0, 9, &rate, 1_000_000).is_ok());
+            let mine = r.admit(0, 9, &rate, 1_000_000).is_ok();
             let theirs = h.join().unwrap();
             assert!(
                 mine ^ theirs,
@@ -197,11 +210,11 @@ mod loom_tests {
         loom::model(|| {
             // Slot 0 last held fingerprint 1, far in debt; fingerprint 2 now holds it and two of
             // its requests race: with burst 1, one is admitted.
-            let r = Arc::new(RequestRate::new(1, 1, 1));
-            r.admit(0, 1, 0).unwrap();
+            let (r, rate) = (Arc::new(RequestRate::new(1)), Rate::new(1, 1));
+            r.admit(0, 1, &rate, 0).unwrap();
             let r2 = r.clone();
-            let h = thread::spawn(move || r2.admit(0, 2, 10).is_ok());
-            let mine = r.admit(0, 2, 10).is_ok();
+            let h = thread::spawn(move || r2.admit(0, 2, &rate, 10).is_ok());
+            let mine = r.admit(0, 2, &rate, 10).is_ok();
             assert!(mine ^ h.join().unwrap());
         });
     }
