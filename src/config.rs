@@ -343,6 +343,11 @@ impl Config {
                 crate::limiter::rate::MAX_RATE,
             ));
         }
+        p.extend(at_most(
+            "server.per_ip_overrides: entries",
+            s.per_ip_overrides.len() as u64,
+            1_000,
+        ));
         if !s.per_ip_overrides.is_empty() && s.max_connections_per_ip == 0 {
             p.push(
                 "server.per_ip_overrides: needs server.max_connections_per_ip above 0 \
