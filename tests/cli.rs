@@ -157,3 +157,22 @@ fn sigint_with_a_stuck_client_exits_zero_after_shutdown_timeout() {
     );
     assert!(closed_by_peer(&mut stuck));
 }
+
+/// Every YAML example in the README is a configuration `check` accepts, so the documentation
+/// cannot drift from the keys the gateway takes.
+#[test]
+fn readme_yaml_examples_check_clean() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut examples = 0;
+    let mut rest = readme.as_str();
+    while let Some(start) = rest.find("```yaml\n") {
+        let body = &rest[start + 8..];
+        let end = body.find("```").expect("a closed yaml block");
+        let (code, _, err) = check(&body[..end], "example.yaml");
+        assert_eq!(code, 0, "README example:\n{}\n{err}", &body[..end]);
+        examples += 1;
+        rest = &body[end + 3..];
+    }
+    assert!(examples >= 2, "found {examples} yaml examples");
+}
