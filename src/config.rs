@@ -326,11 +326,19 @@ impl Config {
         }
         for (i, o) in s.per_ip_overrides.iter().enumerate() {
             let key = format!("server.per_ip_overrides[{i}]");
-            if parse_network(&o.network).is_none() {
-                p.push(format!(
+            match parse_network(&o.network) {
+                None => p.push(format!(
                     "{key}.network: {:?} is not an address or network (a.b.c.d/len, v6::/len)",
                     o.network
-                ));
+                )),
+                // IPv6 clients are counted per ipv6_prefix_len network: an override inside one
+                // would give addresses that share a count different limits.
+                Some((net, len)) if net.is_ipv6() && len > s.ipv6_prefix_len => p.push(format!(
+                    "{key}.network: {:?} is narrower than server.ipv6_prefix_len ({}), \
+                         the network IPv6 clients are counted by",
+                    o.network, s.ipv6_prefix_len
+                )),
+                Some(_) => {}
             }
             p.extend(at_most(
                 &format!("{key}.max_connections_per_ip"),
@@ -582,6 +590,16 @@ mod tests {
         .unwrap_err();
         assert!(
             e[0].starts_with("server.per_ip_overrides[0].network: \"10.0.0.0/40\" is not"),
+            "{e:?}"
+        );
+        let e = Config::parse(
+            "server:\n  ipv6_prefix_len: 64\n  per_ip_overrides:\n    - network: 2001:db8::5\n      max_connections_per_ip: 5\n    - network: 2001:db8::/48\n      max_connections_per_ip: 5\n",
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("server.per_ip_overrides[0].network: \"2001:db8::5\" is narrower"),
             "{e:?}"
         );
         assert_eq!(

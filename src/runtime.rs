@@ -56,18 +56,18 @@ pub fn run(config: Config) -> io::Result<()> {
             )
         })?;
 
-    // Validated by `Config::validate`: every network parses.
     let overrides: Vec<_> = s
         .per_ip_overrides
         .iter()
-        .filter_map(|o| {
-            let (network, prefix_len) = crate::config::parse_network(&o.network)?;
-            Some(crate::limiter::PerIpLimits {
+        .map(|o| {
+            let (network, prefix_len) =
+                crate::config::parse_network(&o.network).expect("checked by Config::validate");
+            crate::limiter::PerIpLimits {
                 network,
                 prefix_len,
                 max_connections: o.max_connections_per_ip,
                 max_requests: o.max_requests_per_ip,
-            })
+            }
         })
         .collect();
     let limiter = Limiter::new(s.max_connections, s.max_connections_per_ip)

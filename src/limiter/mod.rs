@@ -27,7 +27,7 @@ use std::time::Duration;
 
 pub use cap::Cap;
 pub use ip_table::{IpTable, TableReject};
-pub use rate::{Rate, RequestRate};
+use rate::{Rate, RequestRate};
 
 /// Why a connection was not admitted; the `reason` label of `mcp_gateway_connections_rejected_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,12 +314,12 @@ impl Permit {
     /// admits when no rate is set.
     pub fn admit_request(&self) -> Result<(), Duration> {
         let l = self.limiter;
-        let class = (self.place >> 48) as usize;
-        match (&l.rate_words, self.slot(), l.rate_of(class)) {
-            (Some(words), Some(slot), Some(rate)) => {
-                words.admit(slot, (self.place >> 32) & 0xffff, rate, rate::now_us())
-            }
-            _ => Ok(()),
+        let (Some(words), Some(slot)) = (&l.rate_words, self.slot()) else {
+            return Ok(()); // no rate set anywhere
+        };
+        match l.rate_of((self.place >> 48) as usize) {
+            Some(rate) => words.admit(slot, (self.place >> 32) & 0xffff, rate, rate::now_us()),
+            None => Ok(()),
         }
     }
 }
