@@ -69,19 +69,40 @@ cpu_ticks() { # pids... -> utime+stime clock ticks summed (threads included)
   for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
   echo "$t"
 }
+thread_ticks() { # pids... -> "tid:ticks" per thread, one per line
+  local p t
+  for p in "$@"; do for t in /proc/"$p"/task/*; do awk -v t="${t##*/}" '{print t ":" $14 + $15}' "$t/stat" 2>/dev/null || true; done; done
+}
+spread() { # label before-file after-file -> says on stderr how busy each busy thread was
+  python3 - "$1" "$2" "$3" "$(getconf CLK_TCK)" "$D" <<'PY' >&2
+import sys
+label, b, a, hz, d = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+def load(f):
+    return dict(l.strip().split(":") for l in open(f) if ":" in l)
+before, after = load(b), load(a)
+busy = sorted(((int(v) - int(before.get(t, 0))) / hz / d for t, v in after.items()), reverse=True)
+print(f"{label} busy per thread: " + " ".join(f"{x:.2f}" for x in busy if x >= 0.05))
+PY
+}
 measure() { # port cores-of-wrk pids... -> "req/s p99ms busy-cores us-per-request"
   local port=$1 lcores=$2; shift 2
   local threads conns before after out rps
   threads=$(( $(awk -F, '{print NF}' <<<"$lcores") )); [ "$threads" -gt 0 ] || threads=1
   conns=$(( 64 * W > threads ? 64 * W : threads ))
   local up0=0 up1=0
-  [ -n "$up_pid" ] && up0=$(cpu_ticks "$up_pid")
+  [ -n "$up_pid" ] && up0=$(cpu_ticks "$up_pid") && thread_ticks "$up_pid" > "$work/up.before"
+  thread_ticks "$@" > "$work/server.before"
   before=$(cpu_ticks "$@")
   out=$(CLOSE=0 timeout $((D + 30)) taskset -c "$lcores" wrk -t"$threads" -c"$conns" -d"${D}s" -s scripts/mcp.lua "http://127.0.0.1:$port/mcp")
   after=$(cpu_ticks "$@")
-  if [ -n "$up_pid" ]; then # is the shared upstream the limit? (said on stderr)
-    up1=$(cpu_ticks "$up_pid")
+  thread_ticks "$@" > "$work/server.after"
+  # Said on stderr: how evenly the server's cores were loaded, and whether the shared upstream
+  # (or one of its workers) was the limit.
+  spread "W=$W port $port: server" "$work/server.before" "$work/server.after"
+  if [ -n "$up_pid" ]; then
+    up1=$(cpu_ticks "$up_pid"); thread_ticks "$up_pid" > "$work/up.after"
     python3 -c "print(f'W=$W port $port: upstream busy {($up1 - $up0) / $(getconf CLK_TCK) / $D:.2f} of $U cores')" >&2
+    spread "W=$W port $port: upstream" "$work/up.before" "$work/up.after"
   fi
   rps=$(awk '/^requests\/s:/ {print $2}' <<<"$out")
   grep -q 'non-2xx 0$' <<<"$out" || echo "warning: errors on port $port: $(grep 'socket errors' <<<"$out")" >&2
