@@ -41,6 +41,11 @@ fn at_most(key: &str, v: u64, max: u64) -> Option<String> {
     (v > max).then(|| format!("{key}: {v} is above the largest supported value {max}"))
 }
 
+/// The error for a `key` whose value `v` is not an address or network.
+fn not_a_network(key: &str, v: &str) -> String {
+    format!("{key}: {v:?} is not an address or network (a.b.c.d/len, v6::/len)")
+}
+
 /// A parsed network: its first address and prefix length.
 pub fn parse_network(s: &str) -> Option<(std::net::IpAddr, u8)> {
     let (addr, len) = match s.split_once('/') {
@@ -90,6 +95,10 @@ pub struct ServerConfig {
     /// Networks whose addresses get their own `max_connections_per_ip` (a known corporate NAT,
     /// say); the first that holds the client's address applies.
     pub per_ip_overrides: Vec<PerIpOverride>,
+    /// Networks of load balancers that start every connection with a PROXY protocol header (v1
+    /// or v2) naming the client they relay; that client's address is then the one limited.
+    /// Empty (the default): no header is read from anyone.
+    pub proxy_protocol_networks: Vec<String>,
     /// Seconds a client may take to send a whole request once it has started one.
     pub read_timeout: f64,
     /// Seconds a response write may take.
@@ -119,6 +128,7 @@ impl Default for ServerConfig {
             request_burst_per_ip: 0,
             ipv6_prefix_len: 128,
             per_ip_overrides: Vec::new(),
+            proxy_protocol_networks: Vec::new(),
             read_timeout: 30.0,
             write_timeout: 30.0,
             idle_timeout: 120.0,
@@ -327,10 +337,7 @@ impl Config {
         for (i, o) in s.per_ip_overrides.iter().enumerate() {
             let key = format!("server.per_ip_overrides[{i}]");
             match parse_network(&o.network) {
-                None => p.push(format!(
-                    "{key}.network: {:?} is not an address or network (a.b.c.d/len, v6::/len)",
-                    o.network
-                )),
+                None => p.push(not_a_network(&format!("{key}.network"), &o.network)),
                 // IPv6 clients are counted per ipv6_prefix_len network: an override inside one
                 // would give addresses that share a count different limits.
                 Some((net, len)) if net.is_ipv6() && len > s.ipv6_prefix_len => p.push(format!(
@@ -354,6 +361,19 @@ impl Config {
         p.extend(at_most(
             "server.per_ip_overrides: entries",
             s.per_ip_overrides.len() as u64,
+            1_000,
+        ));
+        for (i, n) in s.proxy_protocol_networks.iter().enumerate() {
+            if parse_network(n).is_none() {
+                p.push(not_a_network(
+                    &format!("server.proxy_protocol_networks[{i}]"),
+                    n,
+                ));
+            }
+        }
+        p.extend(at_most(
+            "server.proxy_protocol_networks: entries",
+            s.proxy_protocol_networks.len() as u64,
             1_000,
         ));
         if !s.per_ip_overrides.is_empty() && s.max_connections_per_ip == 0 {
@@ -611,6 +631,24 @@ mod tests {
             Some(("2001:db8::".parse().unwrap(), 128))
         );
         assert_eq!(parse_network("10.0.0.1/x"), None);
+        let e = Config::parse(
+            "server:\n  proxy_protocol_networks: [10.0.0.0/8, lb.example]\n",
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            [
+                "server.proxy_protocol_networks[1]: \"lb.example\" is not an address or network \
+              (a.b.c.d/len, v6::/len)"
+            ]
+        );
+        let c = Config::parse(
+            "server:\n  proxy_protocol_networks: [10.0.0.0/8, \"fd00::/8\", 192.0.2.10]\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(c.server.proxy_protocol_networks.len(), 3);
         let e = Config::parse("server:\n  ipv6_prefix_len: 0\n", false).unwrap_err();
         assert!(
             e[0].starts_with("server.ipv6_prefix_len: 0 is not"),

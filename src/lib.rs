@@ -6,6 +6,8 @@
 //! - [`runtime`]: process start and stop: listeners, pinned workers, signals.
 //! - [`worker`]: one core's runtime: accept loops, admission, drain.
 //! - [`limiter`]: the global count, the per-IP table and request rate, and the RAII permit.
+//! - [`proxy_protocol`]: PROXY protocol headers from trusted load balancers.
+//! - [`network`]: IP networks (CIDR) and the one form addresses are compared in.
 //! - [`conn`]: connection I/O shared by the doors: buffer pool, idle wait, timed reads/writes.
 //! - [`http`]: the Streamable HTTP front door (and the WebSocket upgrade).
 //! - [`websocket`]: the WebSocket front door after the upgrade.
@@ -26,6 +28,8 @@ pub mod limiter;
 pub mod loadgen;
 pub mod mcpb;
 pub mod metrics;
+pub mod network;
+pub mod proxy_protocol;
 pub mod runtime;
 pub mod upstream;
 pub mod websocket;

@@ -133,7 +133,7 @@ pub fn serve(
         let s = worker.settings();
         // MCPB has no namespace in its frames: it serves the `default` namespace.
         let ns = worker.shared.upstreams.namespace("default").unwrap_or(0);
-        let client = worker.shared.upstreams.forwarded_for(ns, &stream);
+        let client = worker.forwarded_for(ns, &stream);
         let mut session = MsgSession::new(ns, Frontend::Tcp, client);
         let mut pending: Option<Vec<u8>> = None;
         loop {
@@ -287,6 +287,19 @@ async fn refuse(
     give_buf(payload);
     let _ = write_all(stream, out, worker.settings().write_timeout).await;
     Step::Linger(take_buf())
+}
+
+/// Answers a connection refused before its first frame (a bad PROXY header) with an Error frame
+/// carrying `message`, then closes without a reset.
+pub async fn refuse_connection(
+    worker: &'static Worker,
+    mut stream: TcpStream,
+    message: &'static str,
+) {
+    let bad = BadFrame(-32600, message);
+    if let Step::Linger(buf) = refuse(worker, &mut stream, take_buf(), bad).await {
+        linger_close(stream, Some(buf)).await;
+    }
 }
 
 #[cfg(all(test, not(loom)))]

@@ -65,12 +65,14 @@ pub enum ProtocolError {
     Malformed = 0,
     /// Request head, body, message or payload over its limit (431, 413, 1009).
     TooLarge = 1,
-    /// Request not received within `read_timeout` (408).
+    /// Request not received within `read_timeout` (408), or a PROXY header not within it.
     Timeout = 2,
+    /// A peer in `server.proxy_protocol_networks` began without a valid PROXY protocol header.
+    ProxyHeader = 3,
 }
 
 impl ProtocolError {
-    const LABELS: [&'static str; 3] = ["malformed", "too_large", "timeout"];
+    const LABELS: [&'static str; 4] = ["malformed", "too_large", "timeout", "proxy_header"];
 }
 
 /// Request latency bucket bounds, seconds.
@@ -104,7 +106,9 @@ pub struct CoreMetrics {
     active: [AtomicI64; 3],
     rejected: [[AtomicU64; 3]; 3],
     accept_errors: [[AtomicU64; 3]; 3],
-    protocol_errors: [[AtomicU64; 3]; 3],
+    protocol_errors: [[AtomicU64; ProtocolError::LABELS.len()]; 3],
+    /// Connections whose PROXY protocol header was read.
+    proxy_headers: [AtomicU64; 3],
     requests: [AtomicU64; 3],
     rate_limited: [AtomicU64; 3],
     latency: [Histo; 3],
@@ -132,6 +136,7 @@ impl CoreMetrics {
             rejected: Default::default(),
             accept_errors: Default::default(),
             protocol_errors: Default::default(),
+            proxy_headers: Default::default(),
             requests: Default::default(),
             rate_limited: Default::default(),
             latency: Default::default(),
@@ -185,6 +190,11 @@ impl CoreMetrics {
 
     pub fn protocol_error(&self, door: Frontend, kind: ProtocolError) {
         self.protocol_errors[door as usize][kind as usize].fetch_add(1, Relaxed);
+    }
+
+    /// A connection's PROXY protocol header was read: it counts as the client it named.
+    pub fn proxy_header(&self, door: Frontend) {
+        self.proxy_headers[door as usize].fetch_add(1, Relaxed);
     }
 
     /// A request or message was refused by `server.max_requests_per_ip`.
@@ -375,6 +385,17 @@ impl Metrics {
                 .iter()
                 .map(|d| {
                     let v = self.sum(|c| c.rate_limited[*d as usize].load(Relaxed));
+                    (vec![("frontend", d.label())], v as f64)
+                })
+                .collect(),
+        ));
+        fams.push(counter(
+            "mcp_gateway_proxy_headers_total",
+            "Connections from server.proxy_protocol_networks whose PROXY protocol header was read, by the listener they came to.",
+            [Frontend::Http, Frontend::Tcp]
+                .iter()
+                .map(|d| {
+                    let v = self.sum(|c| c.proxy_headers[*d as usize].load(Relaxed));
                     (vec![("frontend", d.label())], v as f64)
                 })
                 .collect(),

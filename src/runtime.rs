@@ -22,9 +22,11 @@ use nix::sys::signal::{SigSet, Signal};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::admin;
-use crate::config::{secs, Config, Driver};
+use crate::config::{parse_network, secs, Config, Driver};
 use crate::limiter::Limiter;
 use crate::metrics::{describe_limits, Metrics};
+use crate::network::Network;
+use crate::proxy_protocol::Trusted;
 use crate::upstream::{self, Upstreams};
 use crate::worker::{self, Listeners, Settings, Shared, Worker};
 
@@ -61,7 +63,7 @@ pub fn run(config: Config) -> io::Result<()> {
         .iter()
         .map(|o| {
             let (network, prefix_len) =
-                crate::config::parse_network(&o.network).expect("checked by Config::validate");
+                parse_network(&o.network).expect("checked by Config::validate");
             crate::limiter::PerIpLimits {
                 network,
                 prefix_len,
@@ -84,6 +86,15 @@ pub fn run(config: Config) -> io::Result<()> {
             idle_timeout: secs(s.idle_timeout),
             shutdown_timeout: secs(s.shutdown_timeout),
             max_message_size: s.max_message_size,
+            proxy_protocol: Trusted::new(
+                s.proxy_protocol_networks
+                    .iter()
+                    .map(|n| {
+                        let (addr, len) = parse_network(n).expect("checked by Config::validate");
+                        Network::new(addr, len)
+                    })
+                    .collect(),
+            ),
         },
         limiter,
         metrics,
@@ -103,6 +114,12 @@ pub fn run(config: Config) -> io::Result<()> {
         open_file_limit = nofile,
         "mcp-gateway starting"
     );
+    if !s.proxy_protocol_networks.is_empty() {
+        tracing::info!(
+            networks = %s.proxy_protocol_networks.join(", "),
+            "connections from these networks must start with a PROXY protocol header; the client it names is the one limited"
+        );
+    }
     if nofile < needed {
         tracing::warn!(
             open_file_limit = nofile,

@@ -222,7 +222,7 @@ pub fn serve<'a>(
     async move {
         let s = worker.settings();
         let mut assembly = Assembly::default();
-        let client = worker.shared.upstreams.forwarded_for(ns, &stream);
+        let client = worker.forwarded_for(ns, &stream);
         let mut session = MsgSession::new(ns, Frontend::WebSocket, client);
         loop {
             let expired = pending.is_none()

@@ -2,7 +2,8 @@
 //! connections through the limiter, serves them to completion, and drains on shutdown.
 //!
 //! Owns the per-core state: the registry of open connections (used to wake idle ones when the
-//! worker drains), the count of rejection replies in flight, and the core's session-id generator.
+//! worker drains), the count of rejection replies in flight, the client addresses PROXY headers
+//! named, and the core's session-id generator.
 //!
 //! Invariants:
 //! - A connection lives and dies on the worker that accepted it; nothing crosses cores.
@@ -10,8 +11,12 @@
 //!   however it ends: return, error, panic (caught here, logged) or the runtime being dropped at
 //!   the end of the drain.
 //! - A failed `accept()` backs off (doubling, capped at one second) instead of spinning.
+//! - A connection from `server.proxy_protocol_networks` holds a global place while its PROXY
+//!   header is read, then the per-IP place of the client the header names; that client is its
+//!   address for `X-Forwarded-For` until the connection ends.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -23,8 +28,9 @@ use std::time::{Duration, Instant};
 use monoio::net::{TcpListener, TcpStream};
 use slab::Slab;
 
-use crate::limiter::{Limiter, Permit};
-use crate::metrics::{AcceptError, CoreMetrics, Frontend, Metrics};
+use crate::limiter::{Limiter, Permit, Rejection};
+use crate::metrics::{AcceptError, CoreMetrics, Frontend, Metrics, ProtocolError};
+use crate::proxy_protocol::{self, HeaderError, Trusted};
 use crate::upstream::balance::Balancer;
 use crate::upstream::Upstreams;
 use crate::{http, mcpb};
@@ -36,6 +42,8 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub max_message_size: usize,
+    /// `server.proxy_protocol_networks`.
+    pub proxy_protocol: Trusted,
 }
 
 /// What every worker shares (all `&'static`, created once at startup).
@@ -63,6 +71,9 @@ pub struct Worker {
     /// Origin of the millisecond clock of idle deadlines.
     epoch: Instant,
     rejecting: Cell<usize>,
+    /// Clients named by the PROXY headers of this core's open connections, by socket (only
+    /// those that differ from the socket's peer). See [`Worker::relaying`].
+    relayed: RefCell<HashMap<RawFd, IpAddr>>,
     rng: Cell<u64>,
 }
 
@@ -81,6 +92,7 @@ impl Worker {
             conns: RefCell::new(Slab::new()),
             epoch: Instant::now(),
             rejecting: Cell::new(0),
+            relayed: RefCell::new(HashMap::new()),
             rng: Cell::new(seed | 1),
         }))
     }
@@ -108,6 +120,36 @@ impl Worker {
             );
             retry_after
         })
+    }
+
+    /// The client of the connection on `stream`: the one its PROXY header named, else its peer.
+    pub fn client_of(&self, stream: &TcpStream) -> Option<IpAddr> {
+        let relayed = self.relayed.borrow();
+        if !relayed.is_empty() {
+            if let Some(ip) = relayed.get(&stream.as_raw_fd()) {
+                return Some(*ip);
+            }
+        }
+        // monoio asks the kernel once per connection, then keeps the address.
+        stream.peer_addr().ok().map(|a| a.ip().to_canonical())
+    }
+
+    /// The address to name in `X-Forwarded-For` for the client on `stream` whose requests go
+    /// to namespace `ns`, when `routing.forwarded_for` is on and the namespace forwards to HTTP.
+    pub fn forwarded_for(&self, ns: usize, stream: &TcpStream) -> Option<IpAddr> {
+        if !self.shared.upstreams.forwards_client(ns) {
+            return None;
+        }
+        self.client_of(stream)
+    }
+
+    /// Notes that the connection on `stream` relays `client` until the guard drops. The guard
+    /// must drop right after the connection's socket closes, before this task yields: a socket
+    /// accepted later may get the same descriptor.
+    fn relaying(&'static self, stream: &TcpStream, client: IpAddr) -> Relayed {
+        let fd = stream.as_raw_fd();
+        self.relayed.borrow_mut().insert(fd, client);
+        Relayed(self, fd)
     }
 
     /// 64 random bits (splitmix64, seeded per process and core): session ids.
@@ -301,27 +343,133 @@ async fn accept_loop(worker: &'static Worker, listener: TcpListener, door: Front
 }
 
 fn admit(worker: &'static Worker, stream: TcpStream, ip: IpAddr, door: Frontend) {
-    match worker.shared.limiter.try_acquire(ip) {
-        Ok(permit) => {
-            // TCP_NODELAY comes from the listener (see `runtime::bind_one`).
-            // The door's future is the task itself: no wrapper state on top of its idle wait.
-            match door {
-                Frontend::Tcp => monoio::spawn(CatchUnwind(mcpb::serve(worker, stream, permit))),
-                _ => monoio::spawn(CatchUnwind(http::serve(worker, stream, permit))),
-            };
+    let limiter = worker.shared.limiter;
+    // A trusted load balancer's connection takes its per-IP place once its header names the
+    // client (see `relay`).
+    let relayed = worker.settings().proxy_protocol.trusts(ip);
+    let admitted = match relayed {
+        true => limiter.try_acquire_global(),
+        false => limiter.try_acquire(ip),
+    };
+    let permit = match admitted {
+        Ok(p) => p,
+        Err(why) => return refuse(worker, stream, ip, why, door),
+    };
+    // TCP_NODELAY comes from the listener (see `runtime::bind_one`). The door's future is the
+    // task itself: no wrapper state on top of its idle wait.
+    if relayed {
+        monoio::spawn(CatchUnwind(relay(worker, stream, ip, permit, door)));
+    } else if door == Frontend::Tcp {
+        monoio::spawn(CatchUnwind(mcpb::serve(worker, stream, permit)));
+    } else {
+        monoio::spawn(CatchUnwind(http::serve(worker, stream, permit)));
+    }
+}
+
+/// Counts and logs a connection the limiter refused, and gives it what it is owed. TCP: closed
+/// at once, nothing read or written. HTTP: the status it is owed, from a task of its own.
+fn refuse(worker: &'static Worker, stream: TcpStream, ip: IpAddr, why: Rejection, door: Frontend) {
+    worker.metrics.rejected(door, why);
+    tracing::debug!(%ip, frontend = door.label(), reason = why.label(), "connection rejected");
+    if door == Frontend::Http && worker.rejecting.get() < MAX_REJECTING {
+        let slot = RejectSlot::take(worker);
+        monoio::spawn(CatchUnwind(async move {
+            let _slot = slot;
+            http::reject(worker, stream, why).await;
+        }));
+    }
+}
+
+/// A connection from a trusted load balancer at `peer`, holding a global place: reads its PROXY
+/// header, takes the per-IP place of the client it names, then serves it as that client in a
+/// task of its own, so that it waits between requests in the same state as any connection.
+async fn relay(
+    worker: &'static Worker,
+    stream: TcpStream,
+    peer: IpAddr,
+    permit: Permit,
+    door: Frontend,
+) {
+    let deadline = Instant::now() + worker.settings().read_timeout;
+    let client = match proxy_protocol::read_header(&stream, deadline).await {
+        Ok(named) => named.unwrap_or(peer),
+        Err(e) => return bad_header(worker, stream, peer, door, e).await,
+    };
+    worker.metrics.proxy_header(door);
+    let permit = match permit.for_address(client) {
+        Ok(p) => p,
+        Err(why) => return refuse(worker, stream, client, why, door),
+    };
+    let relayed = (client != peer).then(|| worker.relaying(&stream, client));
+    if door == Frontend::Tcp {
+        let served = mcpb::serve(worker, stream, permit);
+        monoio::spawn(CatchUnwind(WithClient::new(relayed, served)));
+    } else {
+        let served = http::serve(worker, stream, permit);
+        monoio::spawn(CatchUnwind(WithClient::new(relayed, served)));
+    }
+}
+
+/// A relayed connection's door future and its entry in [`Worker::relayed`], removed as soon as
+/// the door's future ends (its socket closed), before the task yields again.
+pub(crate) struct WithClient<F> {
+    client: Option<Relayed>,
+    door: F,
+}
+
+impl<F: Future<Output = ()>> WithClient<F> {
+    pub(crate) fn new(client: Option<Relayed>, door: F) -> Self {
+        WithClient { client, door }
+    }
+}
+
+impl<F: Future<Output = ()>> Future for WithClient<F> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: `door` is structurally pinned and never moved out; `client` is not pinned.
+        let this = unsafe { self.get_unchecked_mut() };
+        let door = unsafe { Pin::new_unchecked(&mut this.door) };
+        let done = door.poll(cx);
+        if done.is_ready() {
+            this.client = None;
         }
-        Err(why) => {
-            worker.metrics.rejected(door, why);
-            tracing::debug!(%ip, frontend = door.label(), reason = why.label(), "connection rejected");
-            // TCP: closed at once, nothing read or written. HTTP: the status it is owed.
-            if door == Frontend::Http && worker.rejecting.get() < MAX_REJECTING {
-                let slot = RejectSlot::take(worker);
-                monoio::spawn(CatchUnwind(async move {
-                    let _slot = slot;
-                    http::reject(worker, stream, why).await;
-                }));
-            }
+        done
+    }
+}
+
+/// A trusted peer's connection that did not start with a valid PROXY header within
+/// `read_timeout`: counted, and (malformed) answered with an error before the close.
+async fn bad_header(
+    worker: &'static Worker,
+    stream: TcpStream,
+    peer: IpAddr,
+    door: Frontend,
+    e: HeaderError,
+) {
+    let reason = match e {
+        HeaderError::Closed => return,
+        HeaderError::TimedOut => {
+            worker.metrics.protocol_error(door, ProtocolError::Timeout);
+            return;
         }
+        HeaderError::Bad(reason) => reason,
+    };
+    worker
+        .metrics
+        .protocol_error(door, ProtocolError::ProxyHeader);
+    tracing::debug!(%peer, frontend = door.label(), reason, "refusing connection: bad PROXY header");
+    match door {
+        Frontend::Tcp => mcpb::refuse_connection(worker, stream, reason).await,
+        _ => http::refuse_connection(worker, stream, 400, reason).await,
+    }
+}
+
+/// A connection's entry in [`Worker::relayed`], removed on drop.
+pub(crate) struct Relayed(&'static Worker, RawFd);
+
+impl Drop for Relayed {
+    fn drop(&mut self) {
+        self.0.relayed.borrow_mut().remove(&self.1);
     }
 }
 

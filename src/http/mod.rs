@@ -432,6 +432,22 @@ async fn refuse(
     Step::Linger(buf)
 }
 
+/// Answers a connection refused before its first request (a bad PROXY header) with `status` and
+/// a JSON-RPC error carrying `message`, then closes without a reset.
+pub async fn refuse_connection(
+    worker: &'static Worker,
+    mut stream: TcpStream,
+    status: u16,
+    message: &str,
+) {
+    let mut out = take_buf();
+    response::error(&mut out, status, -32600, message, &[], false);
+    if let Ok(o) = write_all(&mut stream, out, worker.settings().write_timeout).await {
+        give_buf(o);
+    }
+    linger_close(stream, None).await;
+}
+
 /// Answers a connection the limiter refused: reads its request head (bounded in size and time),
 /// sends 429 or 503 with `Retry-After: 1`, and closes without a reset.
 pub async fn reject(worker: &'static Worker, mut stream: TcpStream, why: Rejection) {
@@ -495,6 +511,7 @@ mod tests {
                 idle_timeout: t,
                 shutdown_timeout: t,
                 max_message_size: 1024,
+                proxy_protocol: Default::default(),
             },
             limiter,
             metrics,
@@ -520,6 +537,16 @@ mod tests {
             let size = std::mem::size_of_val(&http);
             eprintln!("http::serve future: {size} bytes");
             assert!(size <= 320, "http::serve future is {size} bytes");
+            // A connection relayed by a trusted load balancer (PROXY protocol) waits in the
+            // same future beside the entry that names its client.
+            let (stream, permit) = accept();
+            let relayed = crate::worker::WithClient::new(None, serve(worker, stream, permit));
+            let size = std::mem::size_of_val(&relayed);
+            eprintln!("relayed http::serve future: {size} bytes");
+            assert!(
+                size <= 320 + 16,
+                "relayed http::serve future is {size} bytes"
+            );
             // The message doors wait in `MsgSession::next`; their futures measured 1 920 bytes
             // with its writes inline, 600 with them boxed.
             let (stream, permit) = accept();

@@ -120,7 +120,7 @@ pub async fn forward(
         query,
         wire::Fields::Client {
             head: raw_head,
-            client: all.forwarded_for(ns, client),
+            client: worker.forwarded_for(ns, client),
         },
         upstream_session,
         body_len,

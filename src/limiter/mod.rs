@@ -25,6 +25,8 @@ pub mod rate;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::network::{mapped, Network};
+
 pub use cap::Cap;
 pub use ip_table::{IpTable, TableReject};
 use rate::{Rate, RequestRate};
@@ -91,10 +93,9 @@ pub struct PerIpLimits {
     pub max_requests: Option<u64>,
 }
 
-/// A [`PerIpLimits`] ready for matching: network and mask in the IPv6 form of [`mapped`].
+/// A [`PerIpLimits`] ready for matching.
 struct Override {
-    net: u128,
-    mask: u128,
+    network: Network,
     max_connections: u64,
     /// `None`: the default rate; `Some(None)`: no rate.
     rate: Option<Option<Rate>>,
@@ -130,15 +131,12 @@ impl Limiter {
         self.overrides = list
             .iter()
             .map(|o| {
-                let len = u32::from(o.prefix_len) + if o.network.is_ipv4() { 96 } else { 0 };
-                let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
                 let max_connections = match o.max_connections {
                     0 => ip_table::MAX_COUNT,
                     n => n.min(ip_table::MAX_COUNT),
                 };
                 Override {
-                    net: mapped(o.network) & mask,
-                    mask,
+                    network: Network::new(o.network, o.prefix_len),
                     max_connections,
                     rate: o.max_requests.map(|r| (r > 0).then(|| Rate::new(r, 0))),
                 }
@@ -173,7 +171,7 @@ impl Limiter {
     fn per_ip_limit(&self, a: u128, default: u64) -> (u64, usize) {
         self.overrides
             .iter()
-            .position(|o| a & o.mask == o.net)
+            .position(|o| o.network.holds(a))
             .map_or((default, 0), |i| (self.overrides[i].max_connections, i + 1))
     }
 
@@ -225,30 +223,19 @@ impl Limiter {
 
     /// Admits one connection from `ip`, or says why not.
     pub fn try_acquire(&'static self, ip: IpAddr) -> Result<Permit, Rejection> {
+        self.try_acquire_global()?.for_address(ip)
+    }
+
+    /// Takes a place under `max_connections` only, for a connection whose client address is not
+    /// known yet (it comes in a PROXY protocol header); [`Permit::for_address`] completes it.
+    pub fn try_acquire_global(&'static self) -> Result<Permit, Rejection> {
         if !self.global.try_take() {
             return Err(Rejection::Global);
         }
-        let mut permit = Permit {
+        Ok(Permit {
             limiter: self,
             place: NO_SLOT,
-        };
-        if let Some((table, limit)) = &self.per_ip {
-            let a = mapped(ip);
-            let (limit, class) = self.per_ip_limit(a, *limit);
-            match table.acquire(self.key_of(a), limit) {
-                Ok(slot) => {
-                    let fp = match self.rate_words {
-                        Some(_) => table.fingerprint(slot) & 0xffff,
-                        None => 0,
-                    };
-                    permit.place = (class as u64) << 48 | fp << 32 | slot as u64;
-                }
-                // Dropping the half-made permit gives the global place back.
-                Err(TableReject::LimitReached) => return Err(Rejection::PerIp),
-                Err(TableReject::Full) => return Err(Rejection::IpTableFull),
-            }
-        }
-        Ok(permit)
+        })
     }
 
     /// Connections admitted and not yet closed.
@@ -281,14 +268,6 @@ impl Limiter {
     }
 }
 
-/// An address in IPv6 form: IPv4 as `::ffff:a.b.c.d`, so both families share one key space.
-fn mapped(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
-        IpAddr::V6(v6) => u128::from(v6),
-    }
-}
-
 /// A permit's `place` when the per-IP table is off.
 const NO_SLOT: u64 = u32::MAX as u64;
 
@@ -307,6 +286,30 @@ impl Permit {
     fn slot(&self) -> Option<usize> {
         let slot = self.place & NO_SLOT;
         (slot != NO_SLOT).then_some(slot as usize)
+    }
+
+    /// Completes a permit that holds only its global place (from
+    /// [`Limiter::try_acquire_global`]) with a place under the per-IP limit of `ip`. On `Err`
+    /// the permit is dropped, which gives its global place back.
+    pub fn for_address(mut self, ip: IpAddr) -> Result<Permit, Rejection> {
+        debug_assert_eq!(self.place, NO_SLOT, "a permit gets one address");
+        let l = self.limiter;
+        if let Some((table, limit)) = &l.per_ip {
+            let a = mapped(ip);
+            let (limit, class) = l.per_ip_limit(a, *limit);
+            match table.acquire(l.key_of(a), limit) {
+                Ok(slot) => {
+                    let fp = match l.rate_words {
+                        Some(_) => table.fingerprint(slot) & 0xffff,
+                        None => 0,
+                    };
+                    self.place = (class as u64) << 48 | fp << 32 | slot as u64;
+                }
+                Err(TableReject::LimitReached) => return Err(Rejection::PerIp),
+                Err(TableReject::Full) => return Err(Rejection::IpTableFull),
+            }
+        }
+        Ok(self)
     }
 
     /// Admits one request (HTTP request, WebSocket message, MCPB frame) of this connection's
@@ -371,6 +374,29 @@ mod tests {
         assert_eq!(l.try_acquire(v4(4)).unwrap_err(), Rejection::Global);
         drop(a);
         assert!(l.try_acquire(v4(4)).is_ok());
+    }
+
+    #[test]
+    fn a_global_place_first_then_the_address() {
+        let l = Limiter::new(3, 1).leak();
+        let pending = l.try_acquire_global().unwrap();
+        assert_eq!((l.active(), l.tracked_ips()), (1, 0));
+        let a = pending.for_address(v4(2)).unwrap();
+        assert_eq!((l.active(), l.tracked_ips()), (1, 1));
+        let b = l.try_acquire_global().unwrap();
+        assert_eq!(b.for_address(v4(2)).unwrap_err(), Rejection::PerIp);
+        assert_eq!(
+            l.active(),
+            1,
+            "the refused permit gave its global place back"
+        );
+        let c = [
+            l.try_acquire_global().unwrap(),
+            l.try_acquire_global().unwrap(),
+        ];
+        assert_eq!(l.try_acquire_global().unwrap_err(), Rejection::Global);
+        drop((a, c));
+        assert_eq!((l.active(), l.tracked_ips()), (0, 0));
     }
 
     #[test]

@@ -214,19 +214,10 @@ impl Upstreams {
         })
     }
 
-    /// The address to name in `X-Forwarded-For` for a client connected on `stream` whose
-    /// requests go to namespace `ns`: when `routing.forwarded_for` is on and the namespace has
-    /// HTTP upstreams (monoio asks the kernel once per connection, then keeps the address).
-    pub fn forwarded_for(
-        &self,
-        ns: usize,
-        stream: &monoio::net::TcpStream,
-    ) -> Option<std::net::IpAddr> {
-        let http = self.namespaces.get(ns).is_some_and(|n| !n.builtin);
-        if !(self.forwarded_for && http) {
-            return None;
-        }
-        stream.peer_addr().ok().map(|a| a.ip().to_canonical())
+    /// True when requests to namespace `ns` name their client in `X-Forwarded-For`:
+    /// `routing.forwarded_for` is on and the namespace has HTTP upstreams.
+    pub fn forwards_client(&self, ns: usize) -> bool {
+        self.forwarded_for && self.namespaces.get(ns).is_some_and(|n| !n.builtin)
     }
 
     pub fn leak(self) -> &'static Upstreams {
