@@ -241,3 +241,93 @@ fn upstreams_see_the_relayed_client_in_x_forwarded_for() {
     assert_eq!(tools_list(&mut direct), 200);
     assert_eq!(next().as_deref(), Some("127.0.0.3"));
 }
+
+/// HAProxy (`mode tcp`), killed on drop (and then its configuration's directory removed).
+struct Haproxy {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// True when a socket listens on 127.0.0.1:`port` (`/proc/net/tcp`, state 0A).
+fn listening(port: u16) -> bool {
+    let want = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == want && f[3] == "0A"
+        })
+}
+
+/// A free port on 127.0.0.1 (free a moment ago: HAProxy cannot share one).
+fn free_port() -> u16 {
+    let (s, port) = refusing_port();
+    drop(s);
+    port
+}
+
+#[test]
+fn a_real_haproxy_in_front_relays_its_clients_with_v1_and_v2() {
+    // Debian puts it in /usr/sbin, which a user's PATH may lack.
+    let Some(haproxy) = ["haproxy", "/usr/sbin/haproxy"]
+        .into_iter()
+        .find(|h| std::process::Command::new(h).arg("-v").output().is_ok())
+    else {
+        eprintln!("skipped: haproxy is not installed (.ci/run installs it)");
+        return;
+    };
+    let gw = start("max_connections_per_ip: 1\nproxy_protocol_networks: [127.0.0.1/32]");
+    let (v1_port, v2_port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("haproxy.cfg");
+    let gw_port = gw.http.port();
+    std::fs::write(
+        &cfg,
+        format!(
+            "defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
+             listen v1\n  bind 127.0.0.1:{v1_port}\n  server gw 127.0.0.1:{gw_port} send-proxy\n\
+             listen v2\n  bind 127.0.0.1:{v2_port}\n  server gw 127.0.0.1:{gw_port} send-proxy-v2\n"
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(haproxy)
+        .args(["-db", "-f", cfg.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _haproxy = Haproxy { child, _dir: dir };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Not probed by connecting: HAProxy would relay the probe to the gateway.
+    for port in [v1_port, v2_port] {
+        while !listening(port) {
+            assert!(Instant::now() < deadline, "haproxy does not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let via = |from: &str, port: u16| connect_from(from, ([127, 0, 0, 1], port).into());
+    // Each client of HAProxy has its own place, though all come from HAProxy's one address and
+    // the limit is 1: the gateway counts the clients the headers name.
+    let mut a = via("127.0.0.5", v1_port);
+    assert_eq!(tools_list(&mut a), 200);
+    let mut b = via("127.0.0.6", v2_port);
+    assert_eq!(tools_list(&mut b), 200);
+    // A second connection of 127.0.0.5 is over its limit of 1, whichever header brings it.
+    let mut again = via("127.0.0.5", v2_port);
+    assert_eq!(tools_list(&mut again), 429);
+    gw.wait_metric("mcp_gateway_tracked_ips", 2.0);
+    assert_eq!(
+        gw.metric("mcp_gateway_proxy_headers_total{frontend=\"http\"}"),
+        3.0
+    );
+    drop((a, b, again));
+    gw.wait_all_closed();
+}
