@@ -199,30 +199,39 @@ pub async fn read_header(
     // The header's bytes consumed so far: all of them when it is not whole yet.
     let mut head: Vec<u8> = Vec::new();
     loop {
+        // Peeked before any wait: a balancer usually sends the header as it connects, so it is
+        // mostly here by the time the connection is accepted. The buffer is not held across the
+        // wait below, so it is no part of the task's state.
+        let peeked = {
+            let mut peeked = [0u8; 512];
+            match recv(fd, &mut peeked, libc::MSG_PEEK) {
+                Ok(0) => return Err(HeaderError::Closed),
+                Ok(n) => {
+                    let had = head.len();
+                    head.extend_from_slice(&peeked[..n]);
+                    match parse(&head).map_err(HeaderError::Bad)? {
+                        // Every byte seen belongs to the header: take them, so that readiness
+                        // next means new bytes, not these again.
+                        Parsed::Incomplete => consume(fd, &mut peeked[..n])?,
+                        Parsed::Header { len, client } => {
+                            consume(fd, &mut peeked[..len - had])?;
+                            return Ok(client);
+                        }
+                    }
+                    true
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+                Err(_) => return Err(HeaderError::Closed),
+            }
+        };
+        if peeked {
+            continue; // more may be queued already
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         match monoio::time::timeout(left, stream.readable(false)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(HeaderError::Closed),
             Err(_) => return Err(HeaderError::TimedOut),
-        }
-        // Not held across the wait above: it is no part of the task's state.
-        let mut peeked = [0u8; 512];
-        let n = match recv(fd, &mut peeked, libc::MSG_PEEK) {
-            Ok(0) => return Err(HeaderError::Closed),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(_) => return Err(HeaderError::Closed),
-        };
-        let had = head.len();
-        head.extend_from_slice(&peeked[..n]);
-        match parse(&head).map_err(HeaderError::Bad)? {
-            // Every byte seen belongs to the header: take them, so that readiness next means
-            // new bytes, not these again.
-            Parsed::Incomplete => consume(fd, &mut peeked[..n])?,
-            Parsed::Header { len, client } => {
-                consume(fd, &mut peeked[..len - had])?;
-                return Ok(client);
-            }
         }
     }
 }

@@ -105,8 +105,9 @@ fn the_client_a_header_names_is_the_one_the_per_ip_limit_counts() {
         gw.metric("mcp_gateway_connections_rejected_total{frontend=\"http\",reason=\"per_ip\"}"),
         1.0
     );
-    // A freed place of a relayed client is free at once.
+    // A relayed client's place is freed when its connection closes.
     drop(a.pop());
+    gw.wait_metric("mcp_gateway_connections_active", 5.0);
     let mut again = relayed(gw.http, &v1("203.0.113.7"));
     assert_eq!(tools_list(&mut again), 200);
     drop((a, third, b, c, slow, local, again));
