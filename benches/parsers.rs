@@ -3,7 +3,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use mcp_gateway::http::request::{parse_head, Chunked};
-use mcp_gateway::{echo, mcpb, websocket};
+use mcp_gateway::{echo, mcpb, proxy_protocol, websocket};
 
 const HEAD: &[u8] = b"POST /mcp HTTP/1.1\r\nHost: gateway.example\r\nUser-Agent: bench\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nMcp-Session-Id: 0123456789abcdef0123456789abcdef\r\nContent-Length: 103\r\n\r\n";
 const CALL: &[u8] = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hello"}}}"#;
@@ -31,6 +31,15 @@ fn bench(c: &mut Criterion) {
     mcpb::write_frame(&mut f, mcpb::FrameType::Request, CALL);
     c.bench_function("mcpb_header", |b| {
         b.iter(|| mcpb::parse_header(black_box(&f), 1 << 20).unwrap())
+    });
+    let v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 8080\r\n";
+    c.bench_function("proxy_protocol_v1", |b| {
+        b.iter(|| proxy_protocol::parse(black_box(v1)).unwrap())
+    });
+    let v2 =
+        b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xcb\x00\x71\x07\x0a\x00\x00\x01\xc8\x22\x1f\x90";
+    c.bench_function("proxy_protocol_v2", |b| {
+        b.iter(|| proxy_protocol::parse(black_box(v2)).unwrap())
     });
     c.bench_function("echo_tools_call", |b| {
         let mut out = Vec::with_capacity(256);

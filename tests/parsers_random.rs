@@ -4,6 +4,7 @@
 //! stable-toolchain stand-in, deterministic so a failure reproduces.)
 
 use mcp_gateway::http::request::{parse_head, ChunkStep, Chunked, MAX_HEAD};
+use mcp_gateway::proxy_protocol::{self, Parsed, MAX_HEADER};
 use mcp_gateway::{echo, mcpb, websocket};
 
 /// xorshift64*: deterministic, no dependency.
@@ -20,12 +21,14 @@ impl Rng {
     }
 }
 
-const SEEDS: [&[u8]; 6] = [
+const SEEDS: [&[u8]; 8] = [
     b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5\r\n\r\nhello",
     b"GET /mcp/ns HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
     b"5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nT: v\r\n\r\n",
     &[0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58],
     b"MCPB\x00\x01\x00\x01\x00\x00\x00\x2a{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}",
+    b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 8080\r\nPOST /mcp HTTP/1.1\r\n",
+    b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xcb\x00\x71\x07\x0a\x00\x00\x01\xc8\x22\x1f\x90MCPB",
     br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"message":"\u00e9"}}},{"jsonrpc":"2.0","method":"n"}]"#,
 ];
 
@@ -71,6 +74,7 @@ struct Accepted {
     frames: usize,
     mcpb: usize,
     echo: usize,
+    proxy: usize,
 }
 
 fn check(input: &[u8], seen: &mut Accepted) {
@@ -91,6 +95,10 @@ fn check(input: &[u8], seen: &mut Accepted) {
     if let Ok(Some((_, len))) = mcpb::parse_header(input, 1000) {
         assert!(len <= 1000);
         seen.mcpb += 1;
+    }
+    if let Ok(Parsed::Header { len, .. }) = proxy_protocol::parse(input) {
+        assert!(len <= input.len() && len <= MAX_HEADER);
+        seen.proxy += 1;
     }
     let mut out = Vec::new();
     if echo::handle(input, &mut out).replied {
@@ -122,10 +130,11 @@ fn random_and_mutated_inputs_never_panic_and_respect_caps() {
         frames,
         mcpb,
         echo,
+        proxy,
     } = seen;
     eprintln!("accepted: {seen:?}");
     assert!(
-        heads > 1000 && chunked > 100 && frames > 1000 && mcpb > 100 && echo > 1000,
+        heads > 1000 && chunked > 100 && frames > 1000 && mcpb > 100 && echo > 1000 && proxy > 100,
         "{seen:?}"
     );
 }
