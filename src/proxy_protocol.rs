@@ -155,27 +155,18 @@ fn parse_v2(b: &[u8]) -> Result<Parsed, &'static str> {
     let body = &b[V2_FIXED..len];
     let client = match (local, b[13] >> 4) {
         (true, _) | (false, 0 | 3) => None, // LOCAL, or UNSPEC / UNIX: no IP to count
-        (false, 1) => {
-            let a: [u8; 4] = body
-                .get(..4)
-                .ok_or("PROXY v2 header too short")?
-                .try_into()
-                .unwrap();
-            body.get(..12).ok_or("PROXY v2 header too short")?;
-            Some(IpAddr::from(a))
-        }
-        (false, 2) => {
-            let a: [u8; 16] = body
-                .get(..16)
-                .ok_or("PROXY v2 header too short")?
-                .try_into()
-                .unwrap();
-            body.get(..36).ok_or("PROXY v2 header too short")?;
-            Some(IpAddr::from(a).to_canonical())
-        }
+        (false, 1) => Some(IpAddr::from(source::<4>(body)?)),
+        (false, 2) => Some(IpAddr::from(source::<16>(body)?).to_canonical()),
         _ => return Err("PROXY v2 header of an unknown address family"),
     };
     Ok(Parsed::Header { len, client })
+}
+
+/// The source address of a v2 address block of `N`-byte addresses (source, destination, then
+/// the two ports).
+fn source<const N: usize>(body: &[u8]) -> Result<[u8; N], &'static str> {
+    let block = body.get(..2 * N + 4).ok_or("PROXY v2 header too short")?;
+    Ok(block[..N].try_into().expect("N bytes"))
 }
 
 /// Why no header was read.
