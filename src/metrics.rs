@@ -240,6 +240,21 @@ impl Metrics {
         self.cores.iter().map(|c| f(c)).sum()
     }
 
+    /// One sample per door of `doors`: a per-door counter of the cores (`of`), summed.
+    fn per_door<'a>(
+        &self,
+        doors: &[Frontend],
+        of: impl Fn(&CoreMetrics) -> &[AtomicU64; 3],
+    ) -> Vec<Sample<'a>> {
+        doors
+            .iter()
+            .map(|d| {
+                let v = self.sum(|c| of(c)[*d as usize].load(Relaxed));
+                (vec![("frontend", d.label())], v as f64)
+            })
+            .collect()
+    }
+
     /// Active connections on `door`, summed over cores.
     pub fn active(&self, door: Frontend) -> i64 {
         self.cores
@@ -300,13 +315,7 @@ impl Metrics {
         fams.push(counter(
             "mcp_gateway_frontend_connections_accepted_total",
             "Connections admitted by front door since start (upgrades count under websocket too).",
-            doors
-                .iter()
-                .map(|d| {
-                    let v = self.sum(|c| c.accepted[*d as usize].load(Relaxed));
-                    (vec![("frontend", d.label())], v as f64)
-                })
-                .collect(),
+            self.per_door(&doors, |c| &c.accepted),
         ));
         let workers: Vec<String> = (0..self.cores.len()).map(|i| i.to_string()).collect();
         fams.push(counter(
@@ -370,35 +379,17 @@ impl Metrics {
         fams.push(counter(
             "mcp_gateway_requests_total",
             "Requests (HTTP) and messages (WebSocket, MCPB) answered, by front door.",
-            doors
-                .iter()
-                .map(|d| {
-                    let v = self.sum(|c| c.requests[*d as usize].load(Relaxed));
-                    (vec![("frontend", d.label())], v as f64)
-                })
-                .collect(),
+            self.per_door(&doors, |c| &c.requests),
         ));
         fams.push(counter(
             "mcp_gateway_requests_rate_limited_total",
             "Requests and messages refused by the per-IP request rate (server.max_requests_per_ip), by front door.",
-            doors
-                .iter()
-                .map(|d| {
-                    let v = self.sum(|c| c.rate_limited[*d as usize].load(Relaxed));
-                    (vec![("frontend", d.label())], v as f64)
-                })
-                .collect(),
+            self.per_door(&doors, |c| &c.rate_limited),
         ));
         fams.push(counter(
             "mcp_gateway_proxy_headers_total",
             "Connections from server.proxy_protocol_networks whose PROXY protocol header was read, by the listener they came to.",
-            [Frontend::Http, Frontend::Tcp]
-                .iter()
-                .map(|d| {
-                    let v = self.sum(|c| c.proxy_headers[*d as usize].load(Relaxed));
-                    (vec![("frontend", d.label())], v as f64)
-                })
-                .collect(),
+            self.per_door(&[Frontend::Http, Frontend::Tcp], |c| &c.proxy_headers),
         ));
         fams.push(self.latency_family());
         let up = |u: &'a Upstream| {
