@@ -99,6 +99,11 @@ pub struct ServerConfig {
     /// or v2) naming the client they relay; that client's address is then the one limited.
     /// Empty (the default): no header is read from anyone.
     pub proxy_protocol_networks: Vec<String>,
+    /// Origins (`scheme://host[:port]`, `null`, or `*` for any) whose browser pages may call the
+    /// HTTP door; a request with another `Origin` gets 403. Requests without one (clients that
+    /// are not browsers) always pass, and so do loopback pages. Empty (the default): loopback
+    /// pages only.
+    pub allowed_origins: Vec<String>,
     /// Seconds a client may take to send a whole request once it has started one.
     pub read_timeout: f64,
     /// Seconds a response write may take.
@@ -129,6 +134,7 @@ impl Default for ServerConfig {
             ipv6_prefix_len: 128,
             per_ip_overrides: Vec::new(),
             proxy_protocol_networks: Vec::new(),
+            allowed_origins: Vec::new(),
             read_timeout: 30.0,
             write_timeout: 30.0,
             idle_timeout: 120.0,
@@ -376,6 +382,14 @@ impl Config {
             s.proxy_protocol_networks.len() as u64,
             1_000,
         ));
+        for (i, o) in s.allowed_origins.iter().enumerate() {
+            if o != "*" && crate::http::origin::normalize(o).is_none() {
+                p.push(format!(
+                    "server.allowed_origins[{i}]: {o:?} is not an origin \
+                     (scheme://host[:port] without a path, \"null\" or \"*\")"
+                ));
+            }
+        }
         if !s.per_ip_overrides.is_empty() && s.max_connections_per_ip == 0 {
             p.push(
                 "server.per_ip_overrides: needs server.max_connections_per_ip above 0 \
@@ -649,6 +663,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.server.proxy_protocol_networks.len(), 3);
+        let e = Config::parse(
+            "server:\n  allowed_origins: [\"https://a.example/\", \"*\", \"null\", \"http://localhost:6274\"]\n",
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("server.allowed_origins[0]: \"https://a.example/\" is not an origin"),
+            "{e:?}"
+        );
         let e = Config::parse("server:\n  ipv6_prefix_len: 0\n", false).unwrap_err();
         assert!(
             e[0].starts_with("server.ipv6_prefix_len: 0 is not"),

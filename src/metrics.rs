@@ -69,10 +69,18 @@ pub enum ProtocolError {
     Timeout = 2,
     /// A peer in `server.proxy_protocol_networks` began without a valid PROXY protocol header.
     ProxyHeader = 3,
+    /// A request from a browser page of an origin `server.allowed_origins` does not allow (403).
+    Origin = 4,
 }
 
 impl ProtocolError {
-    const LABELS: [&'static str; 4] = ["malformed", "too_large", "timeout", "proxy_header"];
+    const LABELS: [&'static str; 5] = [
+        "malformed",
+        "too_large",
+        "timeout",
+        "proxy_header",
+        "origin",
+    ];
 }
 
 /// Request latency bucket bounds, seconds.

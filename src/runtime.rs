@@ -95,6 +95,7 @@ pub fn run(config: Config) -> io::Result<()> {
                     })
                     .collect(),
             ),
+            allowed_origins: crate::http::origin::Origins::new(&s.allowed_origins),
         },
         limiter,
         metrics,

@@ -44,6 +44,8 @@ pub struct Settings {
     pub max_message_size: usize,
     /// `server.proxy_protocol_networks`.
     pub proxy_protocol: Trusted,
+    /// `server.allowed_origins`.
+    pub allowed_origins: crate::http::origin::Origins,
 }
 
 /// What every worker shares (all `&'static`, created once at startup).

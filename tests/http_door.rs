@@ -241,3 +241,80 @@ fn connection_close_is_honoured() {
     assert!(closed_by_peer(&mut s));
     gw.wait_all_closed();
 }
+
+/// A request of `origin`'s page: a POST, or (`upgrade`) a WebSocket handshake.
+fn from_page(origin: &str, upgrade: bool) -> String {
+    let request = if upgrade {
+        WS_UPGRADE.to_string()
+    } else {
+        post_mcp(TOOLS_LIST)
+    };
+    request.replacen(
+        "Host: t\r\n",
+        &format!("Host: t\r\nOrigin: {origin}\r\n"),
+        1,
+    )
+}
+
+#[test]
+fn pages_of_origins_not_allowed_get_403_and_other_clients_pass() {
+    let gw = start("");
+    // By default only loopback pages (a local MCP inspector, say) may call: a page of another
+    // site whose name was rebound to this address may not, by POST or by WebSocket.
+    for upgrade in [false, true] {
+        expect_refusal(
+            &gw,
+            from_page("https://evil.example", upgrade).as_bytes(),
+            403,
+        );
+    }
+    let mut c = connect_from("127.0.0.2", gw.http);
+    for ok in [
+        "http://localhost:6274",
+        "http://127.0.0.1:8080",
+        "http://[::1]:3000",
+    ] {
+        assert_eq!(roundtrip(&mut c, &from_page(ok, false)).status, 200, "{ok}");
+    }
+    assert_eq!(
+        roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status,
+        200,
+        "no Origin: not a browser"
+    );
+    let r = roundtrip(
+        &mut connect_from("127.0.0.2", gw.http),
+        &from_page("http://localhost", true),
+    );
+    assert_eq!(r.status, 101);
+    assert_eq!(
+        gw.metric("mcp_gateway_protocol_errors_total{frontend=\"http\",kind=\"origin\"}"),
+        2.0
+    );
+
+    // Listed origins pass too, compared as origins (case, default port); others still do not.
+    let gw = start("allowed_origins: [\"https://app.example.com\"]");
+    let mut c = connect_from("127.0.0.2", gw.http);
+    for ok in ["https://app.example.com", "https://APP.example.com:443"] {
+        assert_eq!(roundtrip(&mut c, &from_page(ok, false)).status, 200, "{ok}");
+    }
+    let r = roundtrip(
+        &mut connect_from("127.0.0.2", gw.http),
+        &from_page("https://app.example.com", true),
+    );
+    assert_eq!(r.status, 101);
+    for no in [
+        "http://app.example.com",
+        "https://app.example.com:8443",
+        "null",
+    ] {
+        expect_refusal(&gw, from_page(no, false).as_bytes(), 403);
+    }
+
+    // "*": every origin.
+    let gw = start("allowed_origins: [\"*\"]");
+    let mut c = connect_from("127.0.0.2", gw.http);
+    assert_eq!(
+        roundtrip(&mut c, &from_page("https://evil.example", false)).status,
+        200
+    );
+}

@@ -3,6 +3,7 @@
 //! (cargo-fuzz needs a nightly toolchain, which this project's machines do not have; this is the
 //! stable-toolchain stand-in, deterministic so a failure reproduces.)
 
+use mcp_gateway::http::origin::{self, Origins};
 use mcp_gateway::http::request::{parse_head, ChunkStep, Chunked, MAX_HEAD};
 use mcp_gateway::proxy_protocol::{self, Parsed, MAX_HEADER};
 use mcp_gateway::{echo, mcpb, websocket};
@@ -99,6 +100,14 @@ fn check(input: &[u8], seen: &mut Accepted) {
     if let Ok(Parsed::Header { len, .. }) = proxy_protocol::parse(input) {
         assert!(len <= input.len() && len <= MAX_HEADER);
         seen.proxy += 1;
+    }
+    // The Origin check takes any bytes a client sends: what is not an origin is refused.
+    if std::str::from_utf8(input)
+        .ok()
+        .and_then(origin::normalize)
+        .is_none()
+    {
+        assert!(!Origins::default().allows(input));
     }
     let mut out = Vec::new();
     if echo::handle(input, &mut out).replied {

@@ -18,9 +18,12 @@
 //! - A request over its address's request rate (`server.max_requests_per_ip`) is read whole, its
 //!   body discarded, and answered 429 with `Retry-After`; it keeps the connection and never
 //!   reaches an upstream.
+//! - A request (or WebSocket handshake) whose `Origin` is not allowed ([`origin`]) is refused
+//!   403 before anything else is done with it.
 //! - A request must arrive whole within `read_timeout` of its first byte (a forwarded body too);
 //!   an idle keep-alive connection is closed after `idle_timeout`.
 
+pub mod origin;
 pub mod proxy;
 pub mod request;
 pub mod response;
@@ -139,6 +142,12 @@ async fn exchange(
                 }
             }
         };
+        // A browser page of an origin not allowed (DNS rebinding, cross-site WebSocket): 403.
+        if let (Route::Mcp(_), Some((from, to))) = (&head.route, head.origin) {
+            if !s.allowed_origins.allows(&buf[from..to]) {
+                return refuse(worker, stream, buf, out, request::FORBIDDEN_ORIGIN).await;
+            }
+        }
         // Over the address's request rate: the request is read (its body discarded) and answered
         // 429, and the connection stays open.
         let limited = match head.route {
@@ -512,6 +521,7 @@ mod tests {
                 shutdown_timeout: t,
                 max_message_size: 1024,
                 proxy_protocol: Default::default(),
+                allowed_origins: Default::default(),
             },
             limiter,
             metrics,

@@ -63,6 +63,8 @@ pub struct Head {
     pub bad_content_type: bool,
     /// Where the `Mcp-Session-Id` value is in the head, if one was sent.
     pub session: Option<(usize, usize)>,
+    /// Where the `Origin` value is in the head, if one was sent (browsers do).
+    pub origin: Option<(usize, usize)>,
     /// HTTP/1.1 (not 1.0): can take a chunked response.
     pub http11: bool,
     pub upgrade: Option<Upgrade>,
@@ -101,6 +103,11 @@ pub const TIMEOUT: Refusal = refuse(
     408,
     "request not received within read_timeout",
     ProtocolError::Timeout,
+);
+pub const FORBIDDEN_ORIGIN: Refusal = refuse(
+    403,
+    "Origin not allowed (server.allowed_origins)",
+    ProtocolError::Origin,
 );
 const BAD_FRAMING: Refusal = refuse(
     400,
@@ -151,6 +158,7 @@ pub fn parse_head(
     let mut accept_seen = false;
     let mut bad_content_type = false;
     let mut session = None;
+    let mut origin = None;
     let mut upgrade_ws = false;
     let mut connection_upgrade = false;
     let mut ws = Upgrade {
@@ -208,6 +216,9 @@ pub fn parse_head(
                 let at = value.as_ptr() as usize - buf.as_ptr() as usize;
                 session = Some((at, at + value.len()));
             }
+        } else if name.eq_ignore_ascii_case("origin") {
+            let at = value.as_ptr() as usize - buf.as_ptr() as usize;
+            origin = Some((at, at + value.len()));
         } else if name.eq_ignore_ascii_case("upgrade") {
             upgrade_ws = value
                 .split(',')
@@ -238,6 +249,7 @@ pub fn parse_head(
         sse_only: accept_seen && accept_sse && !accept_json,
         bad_content_type,
         session,
+        origin,
         http11,
         upgrade,
         len,
