@@ -14,8 +14,17 @@ struct Cli {
     /// exists, else built-in defaults.
     #[arg(short, long, global = true)]
     config: Option<PathBuf>,
+    /// Log lines on stderr: `text`, or `json` (one object per line, for log pipelines).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -44,7 +53,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => {
-            init_logging();
+            init_logging(cli.log_format);
             match mcp_gateway::runtime::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -70,12 +79,16 @@ fn load(path: Option<&Path>) -> Result<Config, mcp_gateway::config::ConfigError>
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let log = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => log
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => log.json().init(),
+    }
 }

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -175,4 +175,55 @@ fn readme_yaml_examples_check_clean() {
         rest = &body[end + 3..];
     }
     assert!(examples >= 2, "found {examples} yaml examples");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_with_the_fields_as_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.yaml");
+    std::fs::write(
+        &path,
+        "server: {host: 127.0.0.1, port: 0, tcp_port: 0, metrics_port: 0, workers: 1, max_connections_per_ip: 1}\n",
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["-c", path.to_str().unwrap(), "--log-format", "json"])
+        .env("RUST_LOG", "debug")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut next = || -> serde_json::Value {
+        let line = lines.next().expect("a log line").unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    let starting = next();
+    assert_eq!(starting["level"], "INFO");
+    assert_eq!(starting["fields"]["message"], "mcp-gateway starting");
+    assert_eq!(starting["fields"]["workers"], 1);
+    let listening = loop {
+        let l = next();
+        if l["fields"]["message"] == "listening" {
+            break l;
+        }
+    };
+    let http: std::net::SocketAddr = listening["fields"]["http"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // A rejection's debug line names the client and the reason as fields.
+    let _held = connect_from("127.0.0.2", http);
+    let mut refused = connect_from("127.0.0.2", http);
+    assert_eq!(roundtrip(&mut refused, &post_mcp(TOOLS_LIST)).status, 429);
+    let rejected = loop {
+        let l = next();
+        if l["fields"]["message"] == "connection rejected" {
+            break l;
+        }
+    };
+    assert_eq!(rejected["fields"]["ip"], "127.0.0.2");
+    assert_eq!(rejected["fields"]["reason"], "per_ip");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
 }
