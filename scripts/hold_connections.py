@@ -15,6 +15,9 @@ p.add_argument("--sources", type=int, default=16, help="number of source address
 p.add_argument("--hold", type=float, default=120.0, help="seconds to hold at most")
 p.add_argument("--mode", choices=["http", "stream", "ws", "mcpb"], default="http",
                help="what each connection does before it idles (see above)")
+p.add_argument("--proxy-header", action="store_true",
+               help="start each connection with a PROXY v1 header naming a client 10.x.y.z of its own "
+                    "(for a gateway whose server.proxy_protocol_networks holds 127.0.0.0/8)")
 p.add_argument("--measure-pids", default="",
                help="comma-separated pids: print their RSS growth per held connection, then close")
 a = p.parse_args()
@@ -60,6 +63,9 @@ for i in range(a.connections):
     s.bind((f"127.0.{3 + k // 250}.{1 + k % 250}", 0))
     try:
         s.connect(("127.0.0.1", a.port))
+        if a.proxy_header:
+            s.sendall(b"PROXY TCP4 10.%d.%d.%d 127.0.0.1 40000 %d\r\n"
+                      % ((i >> 16) & 255, (i >> 8) & 255, i & 255, a.port))
         s.sendall(req)
         resp = b""
         while DONE[a.mode] not in resp:

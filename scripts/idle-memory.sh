@@ -6,7 +6,7 @@
 set -euo pipefail
 usage() {
   cat <<USAGE
-usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx]
+usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx] [--proxy-protocol]
   --mode M          http (default): keep-alive connections idle after a request;
                     stream: open event streams (GET /mcp) through the proxy to an upstream that
                     holds them silent (scripts/lib/sse_upstream.py), as every MCP client keeps one;
@@ -18,15 +18,18 @@ usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx]
                     20000 per process)
   --nginx           also measure nginx (worker RSS, same clients; http: return 200, stream:
                     proxy_pass with proxy_buffering off to the same upstream), installing it if missing
+  --proxy-protocol  the gateway trusts 127.0.0.0/8 (server.proxy_protocol_networks) and every
+                    connection starts with a PROXY v1 header naming a client of its own
 Runs on loopback only and stops everything it started.
 USAGE
 }
-N=""; NGINX=0; MODE=http
+N=""; NGINX=0; MODE=http; PP=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --mode) MODE=$2; shift 2 ;;
     --connections) N=$2; shift 2 ;;
     --nginx) NGINX=1; shift ;;
+    --proxy-protocol) PP=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage; exit 64 ;;
   esac
@@ -45,8 +48,9 @@ measure() { # name mode port pid...
   local n=${N:-$([ "$mode" = http ] && echo 15000 || echo 8000)}
   local pids; pids=$(echo "$@" | tr ' ' ',')
   # Warm up: the buffer pools and allocator arenas reach their working size.
-  python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections 200 --hold 0 >/dev/null
-  echo "$name: $(python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections "$n" --measure-pids "$pids")"
+  local pp=(); [ "$PP" = 1 ] && [ "$name" != "${name#mcp-gateway}" ] && pp=(--proxy-header)
+  python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections 200 --hold 0 "${pp[@]}" >/dev/null
+  echo "$name: $(python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections "$n" --measure-pids "$pids" "${pp[@]}")"
 }
 
 # The upstream that holds event streams open (stream mode).
@@ -72,6 +76,7 @@ server:
   tcp_port: $gtcp
   metrics_port: 0
   idle_timeout: 600
+  proxy_protocol_networks: [$([ "$PP" = 1 ] && echo 127.0.0.0/8)]
 $routing
 YAML
   : > "$work/gw.log"
