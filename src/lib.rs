@@ -4,6 +4,7 @@
 //! Layout (one module per concept):
 //! - [`config`]: the YAML/TOML configuration, its defaults and its validation.
 //! - [`runtime`]: process start and stop: listeners, pinned workers, signals.
+//! - [`reload`]: what a SIGHUP re-reads and applies at once.
 //! - [`worker`]: one core's runtime: accept loops, admission, drain.
 //! - [`limiter`]: the global count, the per-IP table and request rate, and the RAII permit.
 //! - [`proxy_protocol`]: PROXY protocol headers from trusted load balancers.
@@ -30,6 +31,7 @@ pub mod mcpb;
 pub mod metrics;
 pub mod network;
 pub mod proxy_protocol;
+pub mod reload;
 pub mod runtime;
 pub mod upstream;
 pub mod websocket;

@@ -1,6 +1,6 @@
 //! `mcp-gateway`: parses the command line and hands over to the library.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -40,7 +40,11 @@ const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match load(cli.config.as_deref()) {
+    let file = cli.config.clone().or_else(|| {
+        let default = PathBuf::from("config/gateway.yaml");
+        default.exists().then_some(default)
+    });
+    let config = match file.as_deref().map_or(Ok(Config::default()), Config::load) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("mcp-gateway: {e}");
@@ -54,26 +58,12 @@ fn main() -> ExitCode {
         }
         Command::Run => {
             init_logging(cli.log_format);
-            match mcp_gateway::runtime::run(config) {
+            match mcp_gateway::runtime::run(config, file.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "mcp-gateway could not run");
                     ExitCode::FAILURE
                 }
-            }
-        }
-    }
-}
-
-fn load(path: Option<&Path>) -> Result<Config, mcp_gateway::config::ConfigError> {
-    match path {
-        Some(p) => Config::load(p),
-        None => {
-            let default = Path::new("config/gateway.yaml");
-            if default.exists() {
-                Config::load(default)
-            } else {
-                Ok(Config::default())
             }
         }
     }

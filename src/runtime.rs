@@ -31,7 +31,9 @@ use crate::upstream::{self, Upstreams};
 use crate::worker::{self, Listeners, Settings, Shared, Worker};
 
 /// Runs the gateway until SIGTERM/SIGINT. Errors are startup failures.
-pub fn run(config: Config) -> io::Result<()> {
+/// `file`: where `config` came from, re-read on SIGHUP (`None`: built-in defaults, nothing to
+/// re-read).
+pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
     let s = &config.server;
     let nofile = raise_nofile_limit();
     let workers = match s.workers {
@@ -133,6 +135,7 @@ pub fn run(config: Config) -> io::Result<()> {
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGHUP);
     signals.thread_block().map_err(io::Error::from)?;
 
     let http_addr = http[0].local_addr()?;
@@ -187,7 +190,18 @@ pub fn run(config: Config) -> io::Result<()> {
         "listening"
     );
 
-    let signal = signals.wait().map_err(io::Error::from)?;
+    let mut running = config.clone();
+    let signal = loop {
+        match signals.wait().map_err(io::Error::from)? {
+            Signal::SIGHUP => match file {
+                Some(path) => crate::reload::reload(path, &mut running, limiter),
+                None => tracing::warn!(
+                    "SIGHUP: no configuration file to re-read (started on built-in defaults)"
+                ),
+            },
+            stop => break stop,
+        }
+    };
     admin::READY.store(false, Ordering::Relaxed);
     tracing::info!(
         %signal,

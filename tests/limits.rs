@@ -382,3 +382,66 @@ timeout 20 python3 "{client}"
         "the startup line names it: {all}"
     );
 }
+
+#[test]
+fn sighup_applies_new_limits_to_new_connections_and_keeps_open_ones() {
+    let gw = start("max_connections_per_ip: 2\nmax_requests_per_ip: 1000");
+    let open = |gw: &Gateway| {
+        let mut c = connect_from("127.0.0.2", gw.http);
+        let status = roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status;
+        (c, status)
+    };
+    let mut held: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let (c, status) = open(&gw);
+            assert_eq!(status, 200);
+            c
+        })
+        .collect();
+    assert_eq!(open(&gw).1, 429);
+    let per_ip = "mcp_gateway_connection_limit{scope=\"per_ip\"}";
+
+    // Raised: the next connection of that address is admitted.
+    gw.reload("max_connections_per_ip: 2", "max_connections_per_ip: 3");
+    assert_eq!(gw.metric(per_ip), 3.0);
+    let (c, status) = open(&gw);
+    assert_eq!(status, 200);
+    held.push(c);
+
+    // Lowered below what is open: the open connections stay and are served; new ones are not.
+    gw.reload("max_connections_per_ip: 3", "max_connections_per_ip: 1");
+    assert_eq!(gw.metric(per_ip), 1.0);
+    for c in &mut held {
+        assert_eq!(roundtrip(c, &post_mcp(TOOLS_LIST)).status, 200);
+    }
+    assert_eq!(open(&gw).1, 429);
+
+    // The request rate too: at 1 a second with a burst of 1, the second request is refused.
+    gw.reload("max_requests_per_ip: 1000", "max_requests_per_ip: 1");
+    let c = &mut held[0];
+    let statuses: Vec<u16> = (0..3)
+        .map(|_| roundtrip(c, &post_mcp(TOOLS_LIST)).status)
+        .collect();
+    assert!(statuses.contains(&429), "{statuses:?}");
+
+    // A change that needs a restart is named, the rest applies; a bad file changes nothing.
+    gw.reload(
+        "max_connections_per_ip: 1",
+        "max_connections_per_ip: 2\n  idle_timeout: 99",
+    );
+    assert_eq!(gw.metric(per_ip), 2.0);
+    assert!(gw
+        .log
+        .lock()
+        .unwrap()
+        .contains("after_restart=server.idle_timeout"));
+    gw.reload("max_connections_per_ip: 2", "max_connections_per_ip: lots");
+    assert!(gw
+        .log
+        .lock()
+        .unwrap()
+        .contains("configuration not reloaded"));
+    assert_eq!(gw.metric(per_ip), 2.0);
+    drop(held);
+    gw.wait_all_closed();
+}

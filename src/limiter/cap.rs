@@ -10,7 +10,10 @@
 //!
 //! Orderings: Relaxed everywhere. The count guards nothing but itself; every compare-and-swap
 //! sees every other take and give-back of this one variable in its modification order, which is
-//! all an exact limit needs. The racy paths are model-checked with `loom` (see `loom_tests`).
+//! all an exact limit needs. The limit may change while the count is in use (a configuration
+//! reload): a take compares against whichever limit it read, and nothing else depends on it, so
+//! Relaxed is enough there too; places taken under a higher limit stay taken until given back.
+//! The racy paths are model-checked with `loom` (see `loom_tests`).
 
 use crossbeam_utils::CachePadded;
 
@@ -23,21 +26,23 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 #[derive(Debug)]
 pub struct Cap {
     count: CachePadded<AtomicUsize>,
-    limit: usize,
+    /// Read by every take, written only by a reload: not on the count's line.
+    limit: AtomicUsize,
 }
 
 impl Cap {
     pub fn new(limit: usize) -> Cap {
         Cap {
             count: CachePadded::new(AtomicUsize::new(0)),
-            limit,
+            limit: AtomicUsize::new(limit),
         }
     }
 
     /// Takes one place unless all `limit` are taken; pair a `true` with [`Cap::give_back`].
     pub fn try_take(&self) -> bool {
+        let limit = self.limit.load(Relaxed);
         self.count
-            .fetch_update(Relaxed, Relaxed, |n| (n < self.limit).then_some(n + 1))
+            .fetch_update(Relaxed, Relaxed, |n| (n < limit).then_some(n + 1))
             .is_ok()
     }
 
@@ -52,7 +57,12 @@ impl Cap {
     }
 
     pub fn limit(&self) -> usize {
-        self.limit
+        self.limit.load(Relaxed)
+    }
+
+    /// Sets a new limit for takes from now on (a configuration reload).
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Relaxed);
     }
 }
 
@@ -76,6 +86,29 @@ mod loom_tests {
             watcher.join().unwrap();
             assert!(mine ^ theirs, "exactly one of two gets the only place");
             assert_eq!(cap.count(), 1);
+        });
+    }
+
+    #[test]
+    fn loom_a_lowered_limit_racing_a_take() {
+        loom::model(|| {
+            let cap = Arc::new(Cap::new(2));
+            assert!(cap.try_take());
+            let c2 = cap.clone();
+            let h = thread::spawn(move || c2.set_limit(1));
+            // Under the old limit the second place is free, under the new one it is not: either
+            // answer is right, and the count is what was taken, never past the old limit.
+            let took = cap.try_take();
+            h.join().unwrap();
+            assert_eq!(cap.count(), 1 + usize::from(took));
+            // After the join the new limit is seen: nothing more until places are given back,
+            // then exactly one.
+            assert!(!cap.try_take());
+            for _ in 0..1 + usize::from(took) {
+                cap.give_back();
+            }
+            assert!(cap.try_take(), "one place under the new limit");
+            assert!(!cap.try_take());
         });
     }
 

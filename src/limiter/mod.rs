@@ -15,6 +15,10 @@
 //! - IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) count as the IPv4 address; other IPv6 addresses
 //!   count per `server.ipv6_prefix_len` network (each address by default).
 //!
+//! The default limits (`max_connections`, `max_connections_per_ip`, the default request rate)
+//! may change while it runs ([`crate::reload`]): each is an atomic read by every admission, and a
+//! change applies to what is admitted after it; permits already held stay valid.
+//!
 //! The limiter is created once and leaked (`&'static`): a permit then needs no reference count,
 //! which would be one more shared cache line written per connection.
 
@@ -29,7 +33,12 @@ use crate::network::{mapped, Network};
 
 pub use cap::Cap;
 pub use ip_table::{IpTable, TableReject};
-use rate::{Rate, RequestRate};
+use rate::{LiveRate, Rate, RequestRate};
+
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicU64, Ordering::Relaxed};
+#[cfg(not(loom))]
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Why a connection was not admitted; the `reason` label of `mcp_gateway_connections_rejected_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,13 +76,16 @@ impl Rejection {
 pub struct Limiter {
     /// Connections admitted and not yet closed, against `max_connections`.
     global: Cap,
-    /// `None` when the per-IP limit is disabled (`max_connections_per_ip: 0`).
-    per_ip: Option<(IpTable, u64)>,
+    /// `None` when the per-IP limit is disabled (`max_connections_per_ip: 0`); else the table
+    /// and the default limit (changed by a reload; Relaxed: see [`Cap`]'s orderings).
+    per_ip: Option<(IpTable, AtomicU64)>,
+    /// `max_connections` at startup: the table is sized for it, so a reload may not go above.
+    sized_for: usize,
     /// The words of the request rate, one per table slot; `None` when no rate is set anywhere
     /// (it needs the per-IP table).
     rate_words: Option<RequestRate>,
-    /// The request rate of addresses no override names, `None`: none.
-    rate: Option<Rate>,
+    /// The request rate of addresses no override names (none when unset).
+    rate: LiveRate,
     /// Mask applied to an IPv6 client's address before counting it (all ones: each address;
     /// `/64`: its network), see [`Limiter::with_ipv6_prefix`].
     v6_mask: u128,
@@ -110,14 +122,15 @@ impl Limiter {
             let slots = max_connections.saturating_mul(2).max(ip_table::WINDOW);
             (
                 IpTable::with_min_slots(slots),
-                max_per_ip.min(ip_table::MAX_COUNT),
+                AtomicU64::new(max_per_ip.min(ip_table::MAX_COUNT)),
             )
         });
         Limiter {
             global: Cap::new(max_connections),
             per_ip,
+            sized_for: max_connections,
             rate_words: None,
-            rate: None,
+            rate: LiveRate::default(),
             v6_mask: u128::MAX,
             overrides: Vec::new(),
         }
@@ -176,13 +189,13 @@ impl Limiter {
     }
 
     /// The request rate of addresses of class `class` (see [`Limiter::per_ip_limit`]).
-    fn rate_of(&self, class: usize) -> Option<&Rate> {
+    fn rate_of(&self, class: usize) -> Option<Rate> {
         match class
             .checked_sub(1)
             .and_then(|i| self.overrides[i].rate.as_ref())
         {
-            Some(own) => own.as_ref(),
-            None => self.rate.as_ref(),
+            Some(own) => *own,
+            None => self.rate.get(),
         }
     }
 
@@ -199,7 +212,8 @@ impl Limiter {
     /// Also limits each address to `per_second` requests a second with bursts of `burst` (0: one
     /// second's worth); `per_second == 0`: no limit. Needs the per-IP table (`max_per_ip > 0`).
     pub fn with_request_rate(mut self, per_second: u64, burst: u64) -> Self {
-        self.rate = (per_second > 0).then(|| Rate::new(per_second, burst));
+        self.rate
+            .set((per_second > 0).then(|| Rate::new(per_second, burst)));
         self.make_rate_words();
         self
     }
@@ -207,7 +221,9 @@ impl Limiter {
     /// The rate words, once any rate is set (the default's or an override's).
     fn make_rate_words(&mut self) {
         let own = |o: &Override| matches!(o.rate, Some(Some(_)));
-        if (self.rate.is_some() || self.overrides.iter().any(own)) && self.rate_words.is_none() {
+        if (self.rate.get().is_some() || self.overrides.iter().any(own))
+            && self.rate_words.is_none()
+        {
             let (table, _) = self
                 .per_ip
                 .as_ref()
@@ -238,6 +254,41 @@ impl Limiter {
         })
     }
 
+    /// A reloaded `max_connections`, for connections admitted from now on: at most the value
+    /// the gateway started with, which the per-IP table was sized for.
+    pub fn set_max_connections(&self, n: usize) -> Result<(), &'static str> {
+        if n == 0 || (self.per_ip.is_some() && n > self.sized_for) {
+            return Err(
+                "above the value the gateway started with (the per-IP table is sized for it) or 0",
+            );
+        }
+        self.global.set_limit(n);
+        Ok(())
+    }
+
+    /// A reloaded default `max_connections_per_ip`, for connections admitted from now on (those
+    /// already open stay, even above it). Turning the per-IP limit on or off needs a restart.
+    pub fn set_max_per_ip(&self, n: u64) -> Result<(), &'static str> {
+        match &self.per_ip {
+            Some((_, limit)) if n > 0 => {
+                limit.store(n.min(ip_table::MAX_COUNT), Relaxed);
+                Ok(())
+            }
+            _ => Err("turning the per-IP limit on or off needs a restart"),
+        }
+    }
+
+    /// A reloaded default request rate (`per_second == 0`: none). A rate where none was set at
+    /// startup (and no override had one) needs a restart: its per-address state is made then.
+    pub fn set_request_rate(&self, per_second: u64, burst: u64) -> Result<(), &'static str> {
+        if per_second > 0 && self.rate_words.is_none() {
+            return Err("a request rate where none was set at startup needs a restart");
+        }
+        self.rate
+            .set((per_second > 0).then(|| Rate::new(per_second, burst)));
+        Ok(())
+    }
+
     /// Connections admitted and not yet closed.
     pub fn active(&self) -> usize {
         self.global.count()
@@ -254,12 +305,12 @@ impl Limiter {
 
     /// The per-IP limit in force, 0 when disabled.
     pub fn max_per_ip(&self) -> u64 {
-        self.per_ip.as_ref().map_or(0, |(_, l)| *l)
+        self.per_ip.as_ref().map_or(0, |(_, l)| l.load(Relaxed))
     }
 
     /// The request rate per address and its burst, `None` when off.
     pub fn request_rate(&self) -> Option<(u64, u64)> {
-        self.rate.as_ref().map(|r| (r.per_second, r.burst))
+        self.rate.get().map(|r| (r.per_second, r.burst))
     }
 
     /// Slots in the per-IP table (0 when per-IP limiting is off).
@@ -296,7 +347,7 @@ impl Permit {
         let l = self.limiter;
         if let Some((table, limit)) = &l.per_ip {
             let a = mapped(ip);
-            let (limit, class) = l.per_ip_limit(a, *limit);
+            let (limit, class) = l.per_ip_limit(a, limit.load(Relaxed));
             match table.acquire(l.key_of(a), limit) {
                 Ok(slot) => {
                     let fp = match l.rate_words {
@@ -321,7 +372,7 @@ impl Permit {
             return Ok(()); // no rate set anywhere
         };
         match l.rate_of((self.place >> 48) as usize) {
-            Some(rate) => words.admit(slot, (self.place >> 32) & 0xffff, rate, rate::now_us()),
+            Some(rate) => words.admit(slot, (self.place >> 32) & 0xffff, &rate, rate::now_us()),
             None => Ok(()),
         }
     }
@@ -397,6 +448,34 @@ mod tests {
         assert_eq!(l.try_acquire_global().unwrap_err(), Rejection::Global);
         drop((a, c));
         assert_eq!((l.active(), l.tracked_ips()), (0, 0));
+    }
+
+    #[test]
+    fn reloaded_limits_apply_to_new_connections_only() {
+        let l = Limiter::new(10, 3).leak();
+        let held: Vec<_> = (0..3).map(|_| l.try_acquire(v4(2)).unwrap()).collect();
+        l.set_max_per_ip(1).unwrap();
+        assert_eq!(l.try_acquire(v4(2)).unwrap_err(), Rejection::PerIp);
+        assert!(l.try_acquire(v4(3)).is_ok(), "one for another address");
+        drop(held);
+        let _one = l.try_acquire(v4(2)).unwrap();
+        assert_eq!(l.try_acquire(v4(2)).unwrap_err(), Rejection::PerIp);
+        l.set_max_connections(2).unwrap();
+        let _two = l.try_acquire(v4(4)).unwrap();
+        assert_eq!(l.try_acquire(v4(5)).unwrap_err(), Rejection::Global);
+        assert!(
+            l.set_max_connections(11).is_err(),
+            "the table is sized for 10"
+        );
+        assert!(
+            l.set_max_per_ip(0).is_err(),
+            "turning it off needs a restart"
+        );
+        assert!(
+            l.set_request_rate(5, 0).is_err(),
+            "no rate state was made at startup"
+        );
+        assert!(l.set_request_rate(0, 0).is_ok());
     }
 
     #[test]

@@ -73,6 +73,43 @@ impl Rate {
     }
 }
 
+/// A rate that a configuration reload may change (the default one, `server.max_requests_per_ip`):
+/// its fields in atomics, `interval_us == 0` meaning no rate. Read per request, written only by a
+/// reload. Relaxed: a request that reads some fields before a reload and some after is judged by
+/// a mix of the two rates, once; nothing else depends on them.
+#[derive(Debug, Default)]
+pub struct LiveRate {
+    interval_us: AtomicU64,
+    tolerance_us: AtomicU64,
+    per_second: AtomicU64,
+    burst: AtomicU64,
+}
+
+impl LiveRate {
+    pub fn get(&self) -> Option<Rate> {
+        let interval_us = self.interval_us.load(Relaxed);
+        (interval_us > 0).then(|| Rate {
+            interval_us,
+            tolerance_us: self.tolerance_us.load(Relaxed),
+            per_second: self.per_second.load(Relaxed),
+            burst: self.burst.load(Relaxed),
+        })
+    }
+
+    pub fn set(&self, rate: Option<Rate>) {
+        let r = rate.unwrap_or(Rate {
+            interval_us: 0,
+            tolerance_us: 0,
+            per_second: 0,
+            burst: 0,
+        });
+        self.tolerance_us.store(r.tolerance_us, Relaxed);
+        self.per_second.store(r.per_second, Relaxed);
+        self.burst.store(r.burst, Relaxed);
+        self.interval_us.store(r.interval_us, Relaxed);
+    }
+}
+
 /// The words, one per per-IP table slot. See the module documentation.
 pub struct RequestRate {
     words: Box<[AtomicU64]>,

@@ -216,6 +216,30 @@ impl Gateway {
         }
     }
 
+    /// Replaces `from` with `to` in the gateway's configuration file, sends SIGHUP and waits
+    /// until the gateway says it reloaded (or refused to: the log tells which).
+    pub fn reload(&self, from: &str, to: &str) {
+        let path = self._dir.path().join("gateway.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{from:?} not in\n{text}");
+        std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+        let done = |log: &str| {
+            log.matches("configuration reloaded file=").count()
+                + log.matches("configuration not reloaded").count()
+        };
+        let before = done(&self.log.lock().unwrap());
+        unsafe { libc::kill(self.pid(), libc::SIGHUP) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while done(&self.log.lock().unwrap()) == before {
+            assert!(
+                Instant::now() < deadline,
+                "no reload in\n{}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits until every connection gauge and the tracked-IP count are zero.
     pub fn wait_all_closed(&self) {
         for s in [

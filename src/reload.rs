@@ -1,0 +1,176 @@
+//! Configuration reload on SIGHUP: the limits an operator tunes during an incident take effect at
+//! once, without a restart that would cut every open session and event stream.
+//!
+//! Owns the rule of what reloads: `server.max_connections` (up to the value the gateway started
+//! with), `server.max_connections_per_ip` (while on), `server.max_requests_per_ip` and
+//! `server.request_burst_per_ip` (when a rate's state was made at startup). Everything else, and a
+//! change of these that cannot apply, is named in a warning and waits for a restart.
+//!
+//! Invariants:
+//! - A file that does not load or validate changes nothing (the error is logged whole).
+//! - New limits apply to what is admitted from then on; open connections are never closed by a
+//!   reload, even when they are now over a lowered limit.
+//! - The running configuration (what `reload` compares against next time) holds only what was
+//!   applied.
+
+use std::path::Path;
+
+use serde_yaml::Value;
+
+use crate::config::Config;
+use crate::limiter::Limiter;
+use crate::metrics::describe_limits;
+
+/// The keys a reload applies.
+const LIVE: [&str; 4] = [
+    "server.max_connections",
+    "server.max_connections_per_ip",
+    "server.max_requests_per_ip",
+    "server.request_burst_per_ip",
+];
+
+/// Re-reads `path` and applies what can be applied to `limiter`, updating `running`.
+pub fn reload(path: &Path, running: &mut Config, limiter: &Limiter) {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(file = %path.display(), error = %e, "configuration not reloaded: nothing changed");
+            return;
+        }
+    };
+    let (was, now) = (&mut running.server, &new.server);
+    let mut refused: Vec<String> = Vec::new();
+    if now.max_connections != was.max_connections {
+        match limiter.set_max_connections(now.max_connections) {
+            Ok(()) => was.max_connections = now.max_connections,
+            Err(why) => refused.push(format!("server.max_connections ({why})")),
+        }
+    }
+    if now.max_connections_per_ip != was.max_connections_per_ip {
+        match limiter.set_max_per_ip(now.max_connections_per_ip) {
+            Ok(()) => was.max_connections_per_ip = now.max_connections_per_ip,
+            Err(why) => refused.push(format!("server.max_connections_per_ip ({why})")),
+        }
+    }
+    let rate = (now.max_requests_per_ip, now.request_burst_per_ip);
+    if rate != (was.max_requests_per_ip, was.request_burst_per_ip) {
+        match limiter.set_request_rate(rate.0, rate.1) {
+            Ok(()) => (was.max_requests_per_ip, was.request_burst_per_ip) = rate,
+            Err(why) => refused.push(format!("server.max_requests_per_ip ({why})")),
+        }
+    }
+    let restart: Vec<String> = changed_keys(running, &new)
+        .into_iter()
+        .filter(|k| !LIVE.contains(&k.as_str()))
+        .collect();
+    if !refused.is_empty() || !restart.is_empty() {
+        tracing::warn!(
+            not_applied = %refused.join(", "),
+            after_restart = %restart.join(", "),
+            "configuration reloaded in part: these changes wait for a restart"
+        );
+    }
+    tracing::info!(file = %path.display(), limits = %describe_limits(limiter), "configuration reloaded");
+}
+
+/// The key paths whose values differ between `a` and `b` (`server.workers`,
+/// `service_discovery.static.endpoints.default`, ...).
+pub fn changed_keys(a: &Config, b: &Config) -> Vec<String> {
+    let value = |c: &Config| serde_yaml::to_value(c).expect("a configuration serializes");
+    let mut out = Vec::new();
+    diff(&value(a), &value(b), "", &mut out);
+    out
+}
+
+fn diff(a: &Value, b: &Value, path: &str, out: &mut Vec<String>) {
+    let join = |k: &Value| {
+        let name = k.as_str().map_or_else(|| format!("{k:?}"), str::to_string);
+        if path.is_empty() {
+            name
+        } else {
+            format!("{path}.{name}")
+        }
+    };
+    match (a, b) {
+        (Value::Mapping(x), Value::Mapping(y)) => {
+            for (k, p) in x {
+                match y.get(k) {
+                    Some(q) => diff(p, q, &join(k), out),
+                    None => out.push(join(k)),
+                }
+            }
+            out.extend(y.keys().filter(|k| !x.contains_key(*k)).map(join));
+        }
+        _ if a != b => out.push(path.to_string()),
+        _ => {}
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changed_keys_are_named_by_path() {
+        let a = Config::default();
+        let b = Config::parse(
+            "server:\n  workers: 3\n  max_connections_per_ip: 7\nrouting:\n  circuit_breaker:\n    failure_threshold: 9\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            changed_keys(&a, &b),
+            [
+                "server.workers",
+                "server.max_connections_per_ip",
+                "routing.circuit_breaker.failure_threshold"
+            ]
+        );
+        assert!(changed_keys(&a, &a).is_empty());
+        let c = Config::parse(
+            "service_discovery:\n  static:\n    endpoints:\n      tools:\n        - url: builtin:echo\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            changed_keys(&a, &c),
+            [
+                "service_discovery.static.endpoints.default",
+                "service_discovery.static.endpoints.tools"
+            ]
+        );
+    }
+
+    #[test]
+    fn reload_applies_the_live_limits_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.yaml");
+        let start = "server:\n  max_connections: 100\n  max_connections_per_ip: 10\n  max_requests_per_ip: 5\n";
+        let mut running = Config::parse(start, false).unwrap();
+        let limiter = Limiter::new(100, 10).with_request_rate(5, 0).leak();
+        std::fs::write(
+            &path,
+            "server:\n  max_connections: 50\n  max_connections_per_ip: 2\n  max_requests_per_ip: 7\n  request_burst_per_ip: 9\n  workers: 3\n",
+        )
+        .unwrap();
+        reload(&path, &mut running, limiter);
+        assert_eq!(limiter.max_connections(), 50);
+        assert_eq!(limiter.max_per_ip(), 2);
+        assert_eq!(limiter.request_rate(), Some((7, 9)));
+        assert_eq!(running.server.max_connections, 50);
+        assert_eq!(running.server.workers, 0, "workers waits for a restart");
+
+        // Above the startup value, per-IP off, a bad file: nothing of it applies.
+        std::fs::write(
+            &path,
+            "server:\n  max_connections: 200\n  max_connections_per_ip: 0\n",
+        )
+        .unwrap();
+        reload(&path, &mut running, limiter);
+        assert_eq!((limiter.max_connections(), limiter.max_per_ip()), (50, 2));
+        assert_eq!(limiter.request_rate(), None, "the rate did apply (off)");
+        std::fs::write(&path, "server:\n  max_connections_per_ip: many\n").unwrap();
+        reload(&path, &mut running, limiter);
+        assert_eq!(limiter.max_per_ip(), 2);
+    }
+}
