@@ -222,6 +222,23 @@ pub struct Metrics {
     cores: Box<[CachePadded<CoreMetrics>]>,
     limiter: &'static Limiter,
     upstreams: &'static Upstreams,
+    /// Configuration reloads (SIGHUP) by [`Reload`] outcome; written by the main thread only.
+    reloads: [AtomicU64; 3],
+}
+
+/// How a configuration reload ended: the `result` label of `mcp_gateway_config_reloads_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reload {
+    /// Every change applied.
+    Applied = 0,
+    /// Some changes wait for a restart (named in the log).
+    Partial = 1,
+    /// The file did not load or validate: nothing changed.
+    Failed = 2,
+}
+
+impl Reload {
+    const LABELS: [&'static str; 3] = ["applied", "partial", "failed"];
 }
 
 impl Metrics {
@@ -232,7 +249,13 @@ impl Metrics {
                 .collect(),
             limiter,
             upstreams,
+            reloads: Default::default(),
         }
+    }
+
+    /// A configuration reload ended with `how`.
+    pub fn reloaded(&self, how: Reload) {
+        self.reloads[how as usize].fetch_add(1, Relaxed);
     }
 
     pub fn leak(self) -> &'static Metrics {
@@ -398,6 +421,15 @@ impl Metrics {
             "mcp_gateway_proxy_headers_total",
             "Connections from server.proxy_protocol_networks whose PROXY protocol header was read, by the listener they came to.",
             self.per_door(&[Frontend::Http, Frontend::Tcp], |c| &c.proxy_headers),
+        ));
+        fams.push(counter(
+            "mcp_gateway_config_reloads_total",
+            "Configuration reloads (SIGHUP) by result: applied, partial (some changes wait for a restart), failed (nothing changed).",
+            Reload::LABELS
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (vec![("result", *r)], self.reloads[i].load(Relaxed) as f64))
+                .collect(),
         ));
         fams.push(self.latency_family());
         let up = |u: &'a Upstream| {

@@ -19,7 +19,7 @@ use serde_yaml::Value;
 
 use crate::config::Config;
 use crate::limiter::Limiter;
-use crate::metrics::describe_limits;
+use crate::metrics::{describe_limits, Metrics, Reload};
 
 /// The keys a reload applies.
 const LIVE: [&str; 4] = [
@@ -29,13 +29,18 @@ const LIVE: [&str; 4] = [
     "server.request_burst_per_ip",
 ];
 
-/// Re-reads `path` and applies what can be applied to `limiter`, updating `running`.
-pub fn reload(path: &Path, running: &mut Config, limiter: &Limiter) {
+/// Re-reads `path` and applies what can be applied to `limiter`, updating `running`; counts
+/// the outcome in `metrics`.
+pub fn reload(path: &Path, running: &mut Config, limiter: &Limiter, metrics: &Metrics) {
+    metrics.reloaded(apply(path, running, limiter));
+}
+
+fn apply(path: &Path, running: &mut Config, limiter: &Limiter) -> Reload {
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(file = %path.display(), error = %e, "configuration not reloaded: nothing changed");
-            return;
+            return Reload::Failed;
         }
     };
     let (was, now) = (&mut running.server, &new.server);
@@ -63,7 +68,8 @@ pub fn reload(path: &Path, running: &mut Config, limiter: &Limiter) {
         .into_iter()
         .filter(|k| !LIVE.contains(&k.as_str()))
         .collect();
-    if !refused.is_empty() || !restart.is_empty() {
+    let partial = !refused.is_empty() || !restart.is_empty();
+    if partial {
         tracing::warn!(
             not_applied = %refused.join(", "),
             after_restart = %restart.join(", "),
@@ -71,6 +77,11 @@ pub fn reload(path: &Path, running: &mut Config, limiter: &Limiter) {
         );
     }
     tracing::info!(file = %path.display(), limits = %describe_limits(limiter), "configuration reloaded");
+    if partial {
+        Reload::Partial
+    } else {
+        Reload::Applied
+    }
 }
 
 /// The key paths whose values differ between `a` and `b` (`server.workers`,
@@ -153,7 +164,7 @@ mod tests {
             "server:\n  max_connections: 50\n  max_connections_per_ip: 2\n  max_requests_per_ip: 7\n  request_burst_per_ip: 9\n  workers: 3\n",
         )
         .unwrap();
-        reload(&path, &mut running, limiter);
+        assert_eq!(apply(&path, &mut running, limiter), Reload::Partial);
         assert_eq!(limiter.max_connections(), 50);
         assert_eq!(limiter.max_per_ip(), 2);
         assert_eq!(limiter.request_rate(), Some((7, 9)));
@@ -166,11 +177,14 @@ mod tests {
             "server:\n  max_connections: 200\n  max_connections_per_ip: 0\n",
         )
         .unwrap();
-        reload(&path, &mut running, limiter);
+        assert_eq!(apply(&path, &mut running, limiter), Reload::Partial);
         assert_eq!((limiter.max_connections(), limiter.max_per_ip()), (50, 2));
         assert_eq!(limiter.request_rate(), None, "the rate did apply (off)");
         std::fs::write(&path, "server:\n  max_connections_per_ip: many\n").unwrap();
-        reload(&path, &mut running, limiter);
+        assert_eq!(apply(&path, &mut running, limiter), Reload::Failed);
         assert_eq!(limiter.max_per_ip(), 2);
+        // What is running now, written back: nothing to do.
+        std::fs::write(&path, running.to_yaml()).unwrap();
+        assert_eq!(apply(&path, &mut running, limiter), Reload::Applied);
     }
 }

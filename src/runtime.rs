@@ -194,7 +194,7 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
     let signal = loop {
         match signals.wait().map_err(io::Error::from)? {
             Signal::SIGHUP => match file {
-                Some(path) => crate::reload::reload(path, &mut running, limiter),
+                Some(path) => crate::reload::reload(path, &mut running, limiter, metrics),
                 None => tracing::warn!(
                     "SIGHUP: no configuration file to re-read (started on built-in defaults)"
                 ),

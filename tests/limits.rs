@@ -442,6 +442,15 @@ fn sighup_applies_new_limits_to_new_connections_and_keeps_open_ones() {
         .unwrap()
         .contains("configuration not reloaded"));
     assert_eq!(gw.metric(per_ip), 2.0);
+    let reloads = |r: &str| {
+        gw.metric(&format!(
+            "mcp_gateway_config_reloads_total{{result=\"{r}\"}}"
+        ))
+    };
+    assert_eq!(
+        (reloads("applied"), reloads("partial"), reloads("failed")),
+        (3.0, 1.0, 1.0)
+    );
     drop(held);
     gw.wait_all_closed();
 }
