@@ -2,8 +2,7 @@
 //! connections through the limiter, serves them to completion, and drains on shutdown.
 //!
 //! Owns the per-core state: the registry of open connections (used to wake idle ones when the
-//! worker drains), the count of rejection replies in flight, the client addresses PROXY headers
-//! named, and the core's session-id generator.
+//! worker drains), the count of rejection replies in flight, and the core's session-id generator.
 //!
 //! Invariants:
 //! - A connection lives and dies on the worker that accepted it; nothing crosses cores.
@@ -13,10 +12,9 @@
 //! - A failed `accept()` backs off (doubling, capped at one second) instead of spinning.
 //! - A connection from `server.proxy_protocol_networks` holds a global place while its PROXY
 //!   header is read, then the per-IP place of the client the header names; that client is its
-//!   address for `X-Forwarded-For` until the connection ends.
+//!   address for `X-Forwarded-For`: its task says so while it runs ([`WithClient`]).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -73,9 +71,6 @@ pub struct Worker {
     /// Origin of the millisecond clock of idle deadlines.
     epoch: Instant,
     rejecting: Cell<usize>,
-    /// Clients named by the PROXY headers of this core's open connections, by socket (only
-    /// those that differ from the socket's peer). See [`Worker::relaying`].
-    relayed: RefCell<HashMap<RawFd, IpAddr>>,
     rng: Cell<u64>,
 }
 
@@ -94,7 +89,6 @@ impl Worker {
             conns: RefCell::new(Slab::new()),
             epoch: Instant::now(),
             rejecting: Cell::new(0),
-            relayed: RefCell::new(HashMap::new()),
             rng: Cell::new(seed | 1),
         }))
     }
@@ -124,16 +118,13 @@ impl Worker {
         })
     }
 
-    /// The client of the connection on `stream`: the one its PROXY header named, else its peer.
+    /// The client of the connection on `stream`, whose task is the one running: the client its
+    /// PROXY header named, else its peer.
     pub fn client_of(&self, stream: &TcpStream) -> Option<IpAddr> {
-        let relayed = self.relayed.borrow();
-        if !relayed.is_empty() {
-            if let Some(ip) = relayed.get(&stream.as_raw_fd()) {
-                return Some(*ip);
-            }
-        }
         // monoio asks the kernel once per connection, then keeps the address.
-        stream.peer_addr().ok().map(|a| a.ip().to_canonical())
+        RELAYED
+            .get()
+            .or_else(|| stream.peer_addr().ok().map(|a| a.ip().to_canonical()))
     }
 
     /// The address to name in `X-Forwarded-For` for the client on `stream` whose requests go
@@ -143,15 +134,6 @@ impl Worker {
             return None;
         }
         self.client_of(stream)
-    }
-
-    /// Notes that the connection on `stream` relays `client` until the guard drops. The guard
-    /// must drop right after the connection's socket closes, before this task yields: a socket
-    /// accepted later may get the same descriptor.
-    fn relaying(&'static self, stream: &TcpStream, client: IpAddr) -> Relayed {
-        let fd = stream.as_raw_fd();
-        self.relayed.borrow_mut().insert(fd, client);
-        Relayed(self, fd)
     }
 
     /// 64 random bits (splitmix64, seeded per process and core): session ids.
@@ -402,25 +384,38 @@ async fn relay(
         Ok(p) => p,
         Err(why) => return refuse(worker, stream, client, why, door),
     };
-    let relayed = (client != peer).then(|| worker.relaying(&stream, client));
-    if door == Frontend::Tcp {
-        let served = mcpb::serve(worker, stream, permit);
-        monoio::spawn(CatchUnwind(WithClient::new(relayed, served)));
-    } else {
-        let served = http::serve(worker, stream, permit);
-        monoio::spawn(CatchUnwind(WithClient::new(relayed, served)));
-    }
+    // The balancer's own health check (client == peer) needs no wrapper.
+    match (door, client == peer) {
+        (Frontend::Tcp, true) => monoio::spawn(CatchUnwind(mcpb::serve(worker, stream, permit))),
+        (Frontend::Tcp, false) => {
+            let served = mcpb::serve(worker, stream, permit);
+            monoio::spawn(CatchUnwind(WithClient::new(client, served)))
+        }
+        (_, true) => monoio::spawn(CatchUnwind(http::serve(worker, stream, permit))),
+        (_, false) => {
+            let served = http::serve(worker, stream, permit);
+            monoio::spawn(CatchUnwind(WithClient::new(client, served)))
+        }
+    };
 }
 
-/// A relayed connection's door future and its entry in [`Worker::relayed`], removed as soon as
-/// the door's future ends (its socket closed), before the task yields again.
+thread_local! {
+    /// The client a PROXY header named for the connection whose task runs now on this worker
+    /// thread (set by [`WithClient`] around each poll of that task), `None` for any other task.
+    static RELAYED: Cell<Option<IpAddr>> = const { Cell::new(None) };
+}
+
+/// A relayed connection's door future with the client its PROXY header named, which
+/// [`Worker::client_of`] answers while (and only while) this future is being polled. A
+/// connection's code runs only inside its own task's poll, so nothing else can see it, and no
+/// table by socket is needed (nor cleaned when a descriptor is reused).
 pub(crate) struct WithClient<F> {
-    client: Option<Relayed>,
+    client: IpAddr,
     door: F,
 }
 
 impl<F: Future<Output = ()>> WithClient<F> {
-    pub(crate) fn new(client: Option<Relayed>, door: F) -> Self {
+    pub(crate) fn new(client: IpAddr, door: F) -> Self {
         WithClient { client, door }
     }
 }
@@ -428,14 +423,18 @@ impl<F: Future<Output = ()>> WithClient<F> {
 impl<F: Future<Output = ()>> Future for WithClient<F> {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        /// Clears the client when the poll ends, a panicking one included.
+        struct Clear;
+        impl Drop for Clear {
+            fn drop(&mut self) {
+                RELAYED.set(None);
+            }
+        }
         // SAFETY: `door` is structurally pinned and never moved out; `client` is not pinned.
         let this = unsafe { self.get_unchecked_mut() };
-        let door = unsafe { Pin::new_unchecked(&mut this.door) };
-        let done = door.poll(cx);
-        if done.is_ready() {
-            this.client = None;
-        }
-        done
+        RELAYED.set(Some(this.client));
+        let _clear = Clear;
+        unsafe { Pin::new_unchecked(&mut this.door) }.poll(cx)
     }
 }
 
@@ -463,15 +462,6 @@ async fn bad_header(
     match door {
         Frontend::Tcp => mcpb::refuse_connection(worker, stream, reason).await,
         _ => http::refuse_connection(worker, stream, 400, reason).await,
-    }
-}
-
-/// A connection's entry in [`Worker::relayed`], removed on drop.
-pub(crate) struct Relayed(&'static Worker, RawFd);
-
-impl Drop for Relayed {
-    fn drop(&mut self) {
-        self.0.relayed.borrow_mut().remove(&self.1);
     }
 }
 

@@ -548,13 +548,14 @@ mod tests {
             eprintln!("http::serve future: {size} bytes");
             assert!(size <= 320, "http::serve future is {size} bytes");
             // A connection relayed by a trusted load balancer (PROXY protocol) waits in the
-            // same future beside the entry that names its client.
+            // same future beside the client its header named.
             let (stream, permit) = accept();
-            let relayed = crate::worker::WithClient::new(None, serve(worker, stream, permit));
+            let client = std::net::Ipv4Addr::LOCALHOST.into();
+            let relayed = crate::worker::WithClient::new(client, serve(worker, stream, permit));
             let size = std::mem::size_of_val(&relayed);
             eprintln!("relayed http::serve future: {size} bytes");
             assert!(
-                size <= 320 + 16,
+                size <= 320 + 24,
                 "relayed http::serve future is {size} bytes"
             );
             // The message doors wait in `MsgSession::next`; their futures measured 1 920 bytes
