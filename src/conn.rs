@@ -140,6 +140,12 @@ pub fn peek(stream: &TcpStream) -> Peek {
     }
 }
 
+/// `future`, cut off at `deadline`. Takes the deadline as it is: `timeout(deadline - now)` would
+/// read the clock twice (once here, once in monoio), and reads are the hot path.
+pub fn until<F: std::future::Future>(deadline: Instant, future: F) -> monoio::time::Timeout<F> {
+    monoio::time::timeout_at(monoio::time::Instant::from_std(deadline), future)
+}
+
 /// Why a read under a deadline gave no bytes.
 #[derive(Debug)]
 pub enum ReadError {
@@ -162,9 +168,7 @@ pub async fn read_more(
     let len = buf.len();
     let cap = buf.capacity();
     let owned = std::mem::take(buf);
-    let left = deadline.saturating_duration_since(Instant::now());
-    let fut = stream.read(owned.slice_mut(len..cap));
-    match monoio::time::timeout(left, fut).await {
+    match until(deadline, stream.read(owned.slice_mut(len..cap))).await {
         Ok((res, slice)) => {
             *buf = slice.into_inner();
             match res {

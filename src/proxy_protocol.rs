@@ -218,8 +218,7 @@ pub async fn read_header(
         if peeked {
             continue; // more may be queued already
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        match monoio::time::timeout(left, stream.readable(false)).await {
+        match crate::conn::until(deadline, stream.readable(false)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(HeaderError::Closed),
             Err(_) => return Err(HeaderError::TimedOut),

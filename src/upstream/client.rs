@@ -18,7 +18,7 @@ use monoio::net::TcpStream;
 
 use super::wire::{parse_response, ClientHead, ResponseHead};
 use super::{Failure, Upstream, Upstreams};
-use crate::conn::{give_buf, peek, read_more, take_buf, Peek, ReadError};
+use crate::conn::{give_buf, peek, read_more, take_buf, until, Peek, ReadError};
 
 /// Idle upstream connections kept per upstream per core.
 const POOL_MAX: usize = 256;
@@ -128,8 +128,7 @@ pub async fn write(
     data: Vec<u8>,
     deadline: Instant,
 ) -> Result<Vec<u8>, (Failure, Vec<u8>)> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    match monoio::time::timeout(left, stream.write_all(data)).await {
+    match until(deadline, stream.write_all(data)).await {
         Ok((Ok(_), mut back)) => {
             back.clear();
             Ok(back)
