@@ -430,10 +430,12 @@ impl<F: Future<Output = ()>> Future for WithClient<F> {
                 RELAYED.set(None);
             }
         }
-        // SAFETY: `door` is structurally pinned and never moved out; `client` is not pinned.
+        // SAFETY: nothing is moved out of `self`: `client` is copied, `door` pinned again below.
         let this = unsafe { self.get_unchecked_mut() };
         RELAYED.set(Some(this.client));
         let _clear = Clear;
+        // SAFETY: `door` is structurally pinned: it lives inside the pinned `WithClient`, is never
+        // moved out of it (no `Drop` impl moves it), and `WithClient` is `Unpin` only if it is.
         unsafe { Pin::new_unchecked(&mut this.door) }.poll(cx)
     }
 }
