@@ -115,6 +115,31 @@ fn the_client_a_header_names_is_the_one_the_per_ip_limit_counts() {
 }
 
 #[test]
+fn the_request_rate_counts_the_relayed_client() {
+    let gw = start("max_requests_per_ip: 1\nproxy_protocol_networks: [127.0.0.2/32]");
+    // At one request a second with a burst of one, a client's second request at once is
+    // refused; another client through the same balancer still has its own.
+    let mut a = relayed(gw.http, &v1("203.0.113.7"));
+    let started = Instant::now();
+    assert_eq!(tools_list(&mut a), 200);
+    let r = roundtrip(&mut a, &post_mcp(TOOLS_LIST));
+    let mut b = relayed(gw.http, &v2(Some("203.0.113.8")));
+    assert_eq!(tools_list(&mut b), 200);
+    // (Only a machine that took over a second for two loopback requests would see the
+    // allowance back; the assertion then says so instead of failing for the wrong reason.)
+    if started.elapsed() < Duration::from_secs(1) {
+        assert_eq!(r.status, 429);
+        assert!(r.header("retry-after").is_some());
+        assert_eq!(
+            gw.metric("mcp_gateway_requests_rate_limited_total{frontend=\"http\"}"),
+            1.0
+        );
+    } else {
+        eprintln!("two requests took over a second: the rate is not checked this run");
+    }
+}
+
+#[test]
 fn only_trusted_peers_send_headers_and_they_must() {
     let gw =
         start("max_connections_per_ip: 5\nproxy_protocol_networks: [127.0.0.2]\nread_timeout: 1");
