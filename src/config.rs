@@ -383,7 +383,7 @@ impl Config {
             1_000,
         ));
         for (i, o) in s.allowed_origins.iter().enumerate() {
-            if o != "*" && crate::http::origin::normalize(o).is_none() {
+            if !crate::http::origin::valid(o) {
                 p.push(format!(
                     "server.allowed_origins[{i}]: {o:?} is not an origin \
                      (scheme://host[:port] without a path, \"null\" or \"*\")"

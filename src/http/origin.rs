@@ -3,20 +3,24 @@
 //! Streamable HTTP server ("If the Origin header is present and invalid, servers MUST respond
 //! with HTTP 403 Forbidden").
 //!
-//! Owns the policy ([`Origins`]) and the normalised form of an origin ([`normalize`]).
+//! Owns the policy ([`Origins`]) and what an origin is ([`parse`]).
 //!
 //! Invariants:
 //! - A request without `Origin` passes: only browsers send one, and other MCP clients do not.
 //! - With no list, an `Origin` passes only when its host is loopback (`localhost`, 127.0.0.0/8,
 //!   `[::1]`): a page of another site that rebinds its name to this gateway cannot call it.
 //! - Origins compare as `scheme://host[:port]`, scheme and host case-insensitively, a default
-//!   port (80 for http, 443 for https) the same as none.
+//!   port (80 for http, 443 for https) the same as none. A request's `Origin` is compared where
+//!   it lies in the request head: nothing is allocated for it.
 
 /// Which `Origin` values the HTTP door accepts.
 #[derive(Debug, Clone)]
 pub struct Origins {
-    /// `server.allowed_origins`, normalised; `None` for `["*"]` (every origin).
-    listed: Option<Vec<String>>,
+    /// `server.allowed_origins` parsed (scheme and host in lower case); `None` for `["*"]`
+    /// (every origin).
+    listed: Option<Vec<(String, String, u16)>>,
+    /// `null` is listed.
+    null: bool,
 }
 
 /// No list: loopback pages only.
@@ -27,17 +31,24 @@ impl Default for Origins {
 }
 
 impl Origins {
-    /// The policy for `server.allowed_origins` (validated: each entry normalises).
+    /// The policy for `server.allowed_origins` (validated: each entry is `*`, `null` or parses).
     pub fn new(allowed: &[String]) -> Origins {
-        if allowed.iter().any(|o| o == "*") {
-            return Origins { listed: None };
-        }
-        let listed = allowed
-            .iter()
-            .map(|o| normalize(o).expect("checked by Config::validate"))
-            .collect();
+        let listed = (!allowed.iter().any(|o| o == "*")).then(|| {
+            allowed
+                .iter()
+                .filter_map(|o| parse(o))
+                .map(|o| {
+                    (
+                        o.scheme.to_ascii_lowercase(),
+                        o.host.to_ascii_lowercase(),
+                        o.port,
+                    )
+                })
+                .collect()
+        });
         Origins {
-            listed: Some(listed),
+            listed,
+            null: allowed.iter().any(|o| o == "null"),
         }
     }
 
@@ -46,56 +57,75 @@ impl Origins {
         let Some(listed) = &self.listed else {
             return true;
         };
-        let Some(origin) = std::str::from_utf8(value).ok().and_then(normalize) else {
+        let Ok(value) = std::str::from_utf8(value) else {
             return false;
         };
-        is_loopback(&origin) || listed.contains(&origin)
+        if value == "null" {
+            return self.null;
+        }
+        let Some(o) = parse(value) else {
+            return false;
+        };
+        o.is_loopback()
+            || listed.iter().any(|(scheme, host, port)| {
+                o.scheme.eq_ignore_ascii_case(scheme)
+                    && o.host.eq_ignore_ascii_case(host)
+                    && o.port == *port
+            })
     }
 }
 
-/// `scheme://host[:port]` in lower case without a default port, or `null` (what a browser sends
-/// from a sandboxed or file page); `None` when `s` is not an origin.
-pub fn normalize(s: &str) -> Option<String> {
-    if s == "null" {
-        return Some(s.into());
+/// True when `s` may be listed in `server.allowed_origins`: an origin, `null` or `*`.
+pub fn valid(s: &str) -> bool {
+    s == "*" || s == "null" || parse(s).is_some()
+}
+
+/// An origin's parts, borrowed from where it was written.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Origin<'a> {
+    pub scheme: &'a str,
+    /// A name, an IPv4 address or a bracketed IPv6 one.
+    pub host: &'a str,
+    /// As written, or the scheme's default.
+    pub port: u16,
+}
+
+impl Origin<'_> {
+    /// Its host is `localhost`, in 127.0.0.0/8 or `[::1]`.
+    fn is_loopback(&self) -> bool {
+        self.host.eq_ignore_ascii_case("localhost")
+            || self.host == "[::1]"
+            || self
+                .host
+                .parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|a| a.is_loopback())
     }
+}
+
+/// `scheme://host[:port]` (http or https, no path); `None` when `s` is not such an origin.
+pub fn parse(s: &str) -> Option<Origin<'_>> {
     let (scheme, rest) = s.split_once("://")?;
-    let scheme = scheme.to_ascii_lowercase();
-    let default_port = match scheme.as_str() {
-        "http" => ":80",
-        "https" => ":443",
-        _ => return None,
+    let default_port = if scheme.eq_ignore_ascii_case("http") {
+        80
+    } else if scheme.eq_ignore_ascii_case("https") {
+        443
+    } else {
+        return None;
     };
-    let host = rest.to_ascii_lowercase();
-    let host = host.strip_suffix(default_port).unwrap_or(&host);
-    let (name, port) = match host.rsplit_once(':') {
-        Some((name, port)) if !name.ends_with(':') && !port.contains(']') => (name, Some(port)),
-        _ => (host, None),
+    // A port follows the last ':' unless that ':' is inside an IPv6 address's brackets.
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') && !port.contains(']') => {
+            (host, port.parse::<u16>().ok()?)
+        }
+        _ => (rest, default_port),
     };
-    let name_ok = !name.is_empty()
-        && name
+    let host_ok = !host.is_empty()
+        && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-.[]:_".contains(&b))
-        && (name.starts_with('[') == name.ends_with(']'))
-        && (!name.contains(':') || name.starts_with('['));
-    let port_ok = port.is_none_or(|p| !p.is_empty() && p.parse::<u16>().is_ok());
-    (name_ok && port_ok).then(|| format!("{scheme}://{host}"))
-}
-
-/// True for an origin (normalised) whose host is `localhost`, in 127.0.0.0/8 or `[::1]`.
-fn is_loopback(origin: &str) -> bool {
-    let Some((_, host)) = origin.split_once("://") else {
-        return false; // `null`
-    };
-    let name = match host.rsplit_once(':') {
-        Some((name, port)) if !port.contains(']') => name,
-        _ => host,
-    };
-    name == "localhost"
-        || name == "[::1]"
-        || name
-            .parse::<std::net::Ipv4Addr>()
-            .is_ok_and(|a| a.is_loopback())
+        && (host.starts_with('[') == host.ends_with(']'))
+        && (!host.contains(':') || host.starts_with('['));
+    host_ok.then_some(Origin { scheme, host, port })
 }
 
 #[cfg(all(test, not(loom)))]
@@ -103,20 +133,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn origins_normalise() {
+    fn origins_parse() {
+        let o = |scheme, host, port| Some(Origin { scheme, host, port });
         assert_eq!(
-            normalize("HTTPS://App.Example.com:443").as_deref(),
-            Some("https://app.example.com")
+            parse("HTTPS://App.Example.com:443"),
+            o("HTTPS", "App.Example.com", 443)
         );
         assert_eq!(
-            normalize("http://localhost:6274").as_deref(),
-            Some("http://localhost:6274")
+            parse("https://app.example.com"),
+            o("https", "app.example.com", 443)
         );
-        assert_eq!(
-            normalize("http://[::1]:80").as_deref(),
-            Some("http://[::1]")
-        );
-        assert_eq!(normalize("null").as_deref(), Some("null"));
+        assert_eq!(parse("http://localhost:6274"), o("http", "localhost", 6274));
+        assert_eq!(parse("http://[::1]:80"), o("http", "[::1]", 80));
+        assert_eq!(parse("http://[::1]"), o("http", "[::1]", 80));
         for bad in [
             "app.example.com",
             "ftp://x",
@@ -128,9 +157,11 @@ mod tests {
             "https://a b.com",
             "https://[::1",
             "http://::1",
+            "null",
         ] {
-            assert_eq!(normalize(bad), None, "{bad}");
+            assert_eq!(parse(bad), None, "{bad}");
         }
+        assert!(valid("null") && valid("*") && valid("http://localhost:1") && !valid("x"));
     }
 
     #[test]
