@@ -45,15 +45,7 @@ impl Trusted {
 
     /// True when connections from `peer` start with a PROXY header.
     pub fn trusts(&self, peer: IpAddr) -> bool {
-        !self.0.is_empty() && self.0.iter().any(|n| n.contains(peer))
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.iter().any(|n| n.contains(peer))
     }
 }
 
@@ -198,12 +190,24 @@ pub async fn read_header(
             match recv(fd, &mut peeked, libc::MSG_PEEK) {
                 Ok(0) => return Err(HeaderError::Closed),
                 Ok(n) => {
+                    // Parsed where it lies while nothing was kept: the common case, a header
+                    // whole in the first peek, allocates nothing.
                     let had = head.len();
-                    head.extend_from_slice(&peeked[..n]);
-                    match parse(&head).map_err(HeaderError::Bad)? {
-                        // Every byte seen belongs to the header: take them, so that readiness
-                        // next means new bytes, not these again.
-                        Parsed::Incomplete => consume(fd, &mut peeked[..n])?,
+                    let parsed = if had == 0 {
+                        parse(&peeked[..n])
+                    } else {
+                        head.extend_from_slice(&peeked[..n]);
+                        parse(&head)
+                    };
+                    match parsed.map_err(HeaderError::Bad)? {
+                        // Every byte seen belongs to the header: keep and take them, so that
+                        // readiness next means new bytes, not these again.
+                        Parsed::Incomplete => {
+                            if had == 0 {
+                                head.extend_from_slice(&peeked[..n]);
+                            }
+                            consume(fd, &mut peeked[..n])?
+                        }
                         Parsed::Header { len, client } => {
                             consume(fd, &mut peeked[..len - had])?;
                             return Ok(client);

@@ -1,10 +1,11 @@
 //! Configuration reload on SIGHUP: the limits an operator tunes during an incident take effect at
 //! once, without a restart that would cut every open session and event stream.
 //!
-//! Owns the rule of what reloads: `server.max_connections` (up to the value the gateway started
-//! with), `server.max_connections_per_ip` (while on), `server.max_requests_per_ip` and
-//! `server.request_burst_per_ip` (when a rate's state was made at startup). Everything else, and a
-//! change of these that cannot apply, is named in a warning and waits for a restart.
+//! Owns the rule of what reloads: `server.max_connections` (up to half the per-IP table, at
+//! least the value the gateway started with), `server.max_connections_per_ip` (while on),
+//! `server.max_requests_per_ip` and `server.request_burst_per_ip` (when a rate's state was made
+//! at startup). Everything else, and a change of these that cannot apply, is named in a warning
+//! and waits for a restart.
 //!
 //! Invariants:
 //! - A file that does not load or validate changes nothing (the error is logged whole).

@@ -12,7 +12,7 @@
 //! - A failed `accept()` backs off (doubling, capped at one second) instead of spinning.
 //! - A connection from `server.proxy_protocol_networks` holds a global place while its PROXY
 //!   header is read, then the per-IP place of the client the header names; that client is its
-//!   address for `X-Forwarded-For`: its task says so while it runs ([`WithClient`]).
+//!   address for `X-Forwarded-For`: its task says so while it runs (`WithClient`).
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -118,22 +118,17 @@ impl Worker {
         })
     }
 
-    /// The client of the connection on `stream`, whose task is the one running: the client its
-    /// PROXY header named, else its peer.
-    pub fn client_of(&self, stream: &TcpStream) -> Option<IpAddr> {
-        // monoio asks the kernel once per connection, then keeps the address.
-        RELAYED
-            .get()
-            .or_else(|| stream.peer_addr().ok().map(|a| a.ip().to_canonical()))
-    }
-
-    /// The address to name in `X-Forwarded-For` for the client on `stream` whose requests go
-    /// to namespace `ns`, when `routing.forwarded_for` is on and the namespace forwards to HTTP.
+    /// The address to name in `X-Forwarded-For` for the client on `stream` (whose task is the
+    /// one running) when its requests go to namespace `ns`, `routing.forwarded_for` is on and
+    /// the namespace forwards to HTTP: the client its PROXY header named, else its peer.
     pub fn forwarded_for(&self, ns: usize, stream: &TcpStream) -> Option<IpAddr> {
         if !self.shared.upstreams.forwards_client(ns) {
             return None;
         }
-        self.client_of(stream)
+        // monoio asks the kernel once per connection, then keeps the address.
+        RELAYED
+            .get()
+            .or_else(|| stream.peer_addr().ok().map(|a| a.ip().to_canonical()))
     }
 
     /// 64 random bits (splitmix64, seeded per process and core): session ids.
@@ -406,7 +401,7 @@ thread_local! {
 }
 
 /// A relayed connection's door future with the client its PROXY header named, which
-/// [`Worker::client_of`] answers while (and only while) this future is being polled. A
+/// [`Worker::forwarded_for`] answers while (and only while) this future is being polled. A
 /// connection's code runs only inside its own task's poll, so nothing else can see it, and no
 /// table by socket is needed (nor cleaned when a descriptor is reused).
 pub(crate) struct WithClient<F> {

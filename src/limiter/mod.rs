@@ -79,8 +79,6 @@ pub struct Limiter {
     /// `None` when the per-IP limit is disabled (`max_connections_per_ip: 0`); else the table
     /// and the default limit (changed by a reload; Relaxed: see [`Cap`]'s orderings).
     per_ip: Option<(IpTable, AtomicU64)>,
-    /// `max_connections` at startup: the table is sized for it, so a reload may not go above.
-    sized_for: usize,
     /// The words of the request rate, one per table slot; `None` when no rate is set anywhere
     /// (it needs the per-IP table).
     rate_words: Option<RequestRate>,
@@ -128,7 +126,6 @@ impl Limiter {
         Limiter {
             global: Cap::new(max_connections),
             per_ip,
-            sized_for: max_connections,
             rate_words: None,
             rate: LiveRate::default(),
             v6_mask: u128::MAX,
@@ -254,13 +251,16 @@ impl Limiter {
         })
     }
 
-    /// A reloaded `max_connections`, for connections admitted from now on: at most the value
-    /// the gateway started with, which the per-IP table was sized for.
+    /// A reloaded `max_connections`, for connections admitted from now on: at most half the
+    /// per-IP table (sized at startup for twice the `max_connections` of then), which keeps it
+    /// from filling.
     pub fn set_max_connections(&self, n: usize) -> Result<(), &'static str> {
-        if n == 0 || (self.per_ip.is_some() && n > self.sized_for) {
-            return Err(
-                "above the value the gateway started with (the per-IP table is sized for it) or 0",
-            );
+        if self
+            .per_ip
+            .as_ref()
+            .is_some_and(|(t, _)| n > t.capacity() / 2)
+        {
+            return Err("above what the per-IP table was sized for at startup");
         }
         self.global.set_limit(n);
         Ok(())
@@ -463,10 +463,11 @@ mod tests {
         l.set_max_connections(2).unwrap();
         let _two = l.try_acquire(v4(4)).unwrap();
         assert_eq!(l.try_acquire(v4(5)).unwrap_err(), Rejection::Global);
-        assert!(
-            l.set_max_connections(11).is_err(),
-            "the table is sized for 10"
-        );
+        // The table has at least twice 10 slots (a power of two): half of it is the ceiling.
+        let ceiling = l.ip_table_slots() / 2;
+        assert!(ceiling >= 10);
+        assert!(l.set_max_connections(ceiling).is_ok());
+        assert!(l.set_max_connections(ceiling + 1).is_err());
         assert!(
             l.set_max_per_ip(0).is_err(),
             "turning it off needs a restart"
