@@ -290,12 +290,14 @@ async fn refuse(
 }
 
 /// Answers a connection refused before its first frame (a bad PROXY header) with an Error frame
-/// carrying `message`, then closes without a reset.
+/// carrying `message`, counted as `kind`, then closes without a reset.
 pub async fn refuse_connection(
     worker: &'static Worker,
     mut stream: TcpStream,
+    kind: ProtocolError,
     message: &'static str,
 ) {
+    worker.metrics.protocol_error(Frontend::Tcp, kind);
     let bad = BadFrame(-32600, message);
     if let Step::Linger(buf) = refuse(worker, &mut stream, take_buf(), bad).await {
         linger_close(stream, Some(buf)).await;

@@ -452,13 +452,18 @@ async fn bad_header(
         }
         HeaderError::Bad(reason) => reason,
     };
-    worker
-        .metrics
-        .protocol_error(door, ProtocolError::ProxyHeader);
     tracing::debug!(%peer, frontend = door.label(), reason, "refusing connection: bad PROXY header");
+    let kind = ProtocolError::ProxyHeader;
     match door {
-        Frontend::Tcp => mcpb::refuse_connection(worker, stream, reason).await,
-        _ => http::refuse_connection(worker, stream, 400, reason).await,
+        Frontend::Tcp => mcpb::refuse_connection(worker, stream, kind, reason).await,
+        _ => {
+            let r = http::request::Refusal {
+                status: 400,
+                message: reason,
+                kind,
+            };
+            http::refuse_connection(worker, stream, r).await
+        }
     }
 }
 

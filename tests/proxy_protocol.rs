@@ -54,7 +54,12 @@ fn v2(client: Option<&str>) -> Vec<u8> {
 
 /// A connection from the load balancer that relays a client with `header`.
 fn relayed(to: std::net::SocketAddr, header: &[u8]) -> TcpStream {
-    let mut c = connect_from(LB, to);
+    relayed_from(LB, to, header)
+}
+
+/// A connection from `from` that starts with `header`.
+fn relayed_from(from: &str, to: std::net::SocketAddr, header: &[u8]) -> TcpStream {
+    let mut c = connect_from(from, to);
     c.write_all(header).unwrap();
     c
 }
@@ -185,12 +190,6 @@ fn only_trusted_peers_send_headers_and_they_must() {
     assert_eq!(kind("malformed"), 1.0, "the untrusted peer's header");
     drop((plain, bad, spoof, direct, silent));
     gw.wait_all_closed();
-}
-
-fn relayed_from(from: &str, to: std::net::SocketAddr, header: &[u8]) -> TcpStream {
-    let mut c = connect_from(from, to);
-    c.write_all(header).unwrap();
-    c
 }
 
 #[test]

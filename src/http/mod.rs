@@ -441,20 +441,12 @@ async fn refuse(
     Step::Linger(buf)
 }
 
-/// Answers a connection refused before its first request (a bad PROXY header) with `status` and
-/// a JSON-RPC error carrying `message`, then closes without a reset.
-pub async fn refuse_connection(
-    worker: &'static Worker,
-    mut stream: TcpStream,
-    status: u16,
-    message: &str,
-) {
-    let mut out = take_buf();
-    response::error(&mut out, status, -32600, message, &[], false);
-    if let Ok(o) = write_all(&mut stream, out, worker.settings().write_timeout).await {
-        give_buf(o);
+/// Answers a connection refused before its first request (a bad PROXY header) with `r`, counted
+/// and logged like any refusal, then closes without a reset.
+pub async fn refuse_connection(worker: &'static Worker, mut stream: TcpStream, r: Refusal) {
+    if let Step::Linger(buf) = refuse(worker, &mut stream, take_buf(), take_buf(), r).await {
+        linger_close(stream, Some(buf)).await;
     }
-    linger_close(stream, None).await;
 }
 
 /// Answers a connection the limiter refused: reads its request head (bounded in size and time),
