@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -169,6 +169,8 @@ impl Default for ServiceDiscovery {
             vec![Endpoint {
                 url: BUILTIN_ECHO.into(),
                 weight: 1,
+                tls_ca_file: None,
+                tls_server_name: None,
             }],
         );
         ServiceDiscovery {
@@ -195,6 +197,14 @@ pub struct Endpoint {
     pub url: String,
     #[serde(default = "one")]
     pub weight: u32,
+    /// `https` upstreams: a PEM file of the certificate authorities to trust for this upstream
+    /// instead of the bundled Mozilla roots (a private CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// `https` upstreams: the name sent in SNI and checked against the certificate instead of
+    /// the URL's host (an upstream reached by address whose certificate names a host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
 }
 
 fn one() -> u32 {
@@ -489,9 +499,33 @@ impl Config {
                 ));
             }
             for (i, e) in list.iter().enumerate() {
-                if e.url != BUILTIN_ECHO {
-                    if let Err(why) = UpstreamUrl::parse(&e.url) {
-                        p.push(format!("{key}[{i}].url: {:?}: {why}", e.url));
+                let tls = if e.url == BUILTIN_ECHO {
+                    false
+                } else {
+                    match UpstreamUrl::parse(&e.url) {
+                        Ok(u) => u.tls,
+                        Err(why) => {
+                            p.push(format!("{key}[{i}].url: {:?}: {why}", e.url));
+                            true // its TLS keys are not the problem
+                        }
+                    }
+                };
+                for (name, set) in [
+                    ("tls_ca_file", e.tls_ca_file.is_some()),
+                    ("tls_server_name", e.tls_server_name.is_some()),
+                ] {
+                    if set && !tls {
+                        p.push(format!("{key}[{i}].{name}: only for https:// upstreams"));
+                    }
+                }
+                if let Some(f) = &e.tls_ca_file {
+                    if let Err(why) = crate::upstream::tls::read_roots(f) {
+                        p.push(format!("{key}[{i}].tls_ca_file: {why}"));
+                    }
+                }
+                if let Some(n) = &e.tls_server_name {
+                    if let Err(why) = crate::upstream::tls::server_name(n) {
+                        p.push(format!("{key}[{i}].tls_server_name: {why}"));
                     }
                 }
                 if e.weight == 0 {
@@ -512,26 +546,31 @@ impl Config {
     }
 }
 
-/// An `http://host[:port][/path]` upstream URL, split into what a request needs.
+/// An `http://host[:port][/path]` or `https://...` upstream URL, split into what a request
+/// needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
     /// `host:port`, for connecting (resolved at startup) and for the `Host` header.
     pub authority: String,
+    /// The host alone (brackets of an IPv6 address removed): the TLS server name by default.
+    pub host: String,
     /// Request target prefix; `/mcp` when the URL has no path.
     pub path: String,
+    /// `https`: the connection is TLS.
+    pub tls: bool,
 }
 
 impl UpstreamUrl {
     pub fn parse(url: &str) -> Result<UpstreamUrl, String> {
-        let rest =
-            match url.split_once("://") {
-                Some(("http", rest)) => rest,
-                Some(("https", _)) => return Err(
-                    "https upstreams are not supported (put a TLS terminator beside the upstream)"
-                        .into(),
-                ),
-                _ => return Err(format!("expected http://host:port/path or {BUILTIN_ECHO}")),
-            };
+        let (rest, tls) = match url.split_once("://") {
+            Some(("http", rest)) => (rest, false),
+            Some(("https", rest)) => (rest, true),
+            _ => {
+                return Err(format!(
+                    "expected http://host:port/path, https://host:port/path or {BUILTIN_ECHO}"
+                ))
+            }
+        };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/mcp"),
@@ -543,14 +582,26 @@ impl UpstreamUrl {
             return Err("expected http://host:port/path (no user info, query or fragment)".into());
         }
         let port_at = authority.rfind(']').unwrap_or(0);
-        let authority = match authority[port_at..].rsplit_once(':') {
-            Some((_, port)) if port.parse::<u16>().is_ok_and(|p| p > 0) => authority.to_string(),
+        let (host, authority) = match authority[port_at..].rsplit_once(':') {
+            Some((_, port)) if port.parse::<u16>().is_ok_and(|p| p > 0) => (
+                &authority[..authority.len() - port.len() - 1],
+                authority.to_string(),
+            ),
             Some(_) => return Err("the port is not a number from 1 to 65535".into()),
-            None => format!("{authority}:80"),
+            None => (
+                authority,
+                format!("{authority}:{}", if tls { 443 } else { 80 }),
+            ),
         };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err("expected a host before the port".into());
+        }
         Ok(UpstreamUrl {
             authority,
+            host: host.to_string(),
             path: path.to_string(),
+            tls,
         })
     }
 }
@@ -738,9 +789,25 @@ mod tests {
             UpstreamUrl::parse("http://[::1]:81/").unwrap().authority,
             "[::1]:81"
         );
+        let u = UpstreamUrl::parse("https://mcp.example.com/v1/mcp").unwrap();
+        assert_eq!(
+            (
+                u.authority.as_str(),
+                u.host.as_str(),
+                u.path.as_str(),
+                u.tls
+            ),
+            ("mcp.example.com:443", "mcp.example.com", "/v1/mcp", true)
+        );
+        let u = UpstreamUrl::parse("https://[::1]:8443").unwrap();
+        assert_eq!(
+            (u.authority.as_str(), u.host.as_str()),
+            ("[::1]:8443", "::1")
+        );
+        assert!(!UpstreamUrl::parse("http://h").unwrap().tls);
         for bad in [
-            "https://x/mcp",
             "ftp://x",
+            "https://:443/",
             "http://",
             "http://x:0/",
             "http://x:99999/",
@@ -749,7 +816,7 @@ mod tests {
         ] {
             assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
         }
-        let yaml = "service_discovery:\n  static:\n    endpoints:\n      default:\n        - url: builtin:echo\n        - url: http://127.0.0.1:1/mcp\n      x:\n        - url: https://h/mcp\n";
+        let yaml = "service_discovery:\n  static:\n    endpoints:\n      default:\n        - url: builtin:echo\n        - url: http://127.0.0.1:1/mcp\n      x:\n        - url: ftp://h/mcp\n";
         let e = Config::parse(yaml, false).unwrap_err();
         assert_eq!(e.len(), 2, "{e:?}");
         assert!(
@@ -760,7 +827,7 @@ mod tests {
         );
         assert!(
             e[1].starts_with(
-                "service_discovery.static.endpoints.x[0].url: \"https://h/mcp\": https"
+                "service_discovery.static.endpoints.x[0].url: \"ftp://h/mcp\": expected http://"
             ),
             "{e:?}"
         );

@@ -21,6 +21,7 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
+use crate::upstream::stream::Stream;
 use crate::worker::{Registration, Worker};
 
 /// Capacity of a pooled buffer; requests that need more grow their buffer, which is then dropped
@@ -156,9 +157,9 @@ pub enum ReadError {
 }
 
 /// Appends at least one byte to `buf` (growing it by up to `BUF_SIZE` when full) before
-/// `deadline`.
-pub async fn read_more(
-    stream: &mut TcpStream,
+/// `deadline`. For a client's socket and an upstream's connection alike.
+pub async fn read_more<S: AsyncReadRent>(
+    stream: &mut S,
     buf: &mut Vec<u8>,
     deadline: Instant,
 ) -> Result<usize, ReadError> {
@@ -197,7 +198,7 @@ pub enum Watched {
 /// leave its upstream stream behind; bytes from it (its next request) end the watching, and are
 /// left for its door to read later.
 pub async fn read_watching(
-    up: &mut TcpStream,
+    up: &mut Stream,
     buf: &mut Vec<u8>,
     deadline: Option<Instant>,
     client: &TcpStream,
@@ -249,12 +250,12 @@ pub async fn read_watching(
 /// Waits without a buffer until `up` has something to read (bytes, EOF or an error: `None`, read
 /// now), watching `client` meanwhile as [`read_watching`] does while `*watch`.
 pub async fn until_readable(
-    up: &TcpStream,
+    up: &Stream,
     client: Option<&TcpStream>,
     watch: &mut bool,
 ) -> Option<Watched> {
     loop {
-        let up_ready = up.readable(false);
+        let up_ready = up.readable();
         let client = client.filter(|_| *watch);
         let Some(client) = client else {
             return up_ready.await.err().map(|_| Watched::Failed);

@@ -28,27 +28,6 @@ fn endpoints(namespaces: &[(&str, &[&str])], routing: &str) -> String {
 
 const ROUTING: &str = "  health_check_interval: 3600\n  request_timeout: 2\n  connect_timeout: 1\n";
 
-/// Reads from `s` into `buf` until `needle` appears; panics after 10 s.
-fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !String::from_utf8_lossy(buf).contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in {:?}",
-            String::from_utf8_lossy(buf)
-        );
-        let mut chunk = [0u8; 4096];
-        match s.read(&mut chunk) {
-            Ok(0) => panic!(
-                "closed before {needle:?}: {:?}",
-                String::from_utf8_lossy(buf)
-            ),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => panic!("{e} before {needle:?}: {:?}", String::from_utf8_lossy(buf)),
-        }
-    }
-}
-
 #[test]
 fn event_stream_reaches_the_client_event_by_event() {
     let (go_tx, go_rx) = mpsc::channel::<()>();

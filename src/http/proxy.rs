@@ -27,6 +27,8 @@ use std::time::Instant;
 
 use monoio::net::TcpStream;
 
+use crate::upstream::stream::Stream;
+
 use super::request::{self, BodyKind, ChunkStep, Chunked, Head, Method, Refusal};
 use super::response;
 use crate::conn::{give_buf, read_more, read_watching, take_buf, write_all, ReadError, Watched};
@@ -227,7 +229,7 @@ async fn stream_body(
     deadline: Instant,
     u: &'static Upstream,
     mut req: Vec<u8>,
-) -> Result<TcpStream, Sent> {
+) -> Result<Stream, Sent> {
     let all = worker.shared.upstreams;
     let max = worker.settings().max_message_size;
     let (mut up, _) = client::open(all, u, false).await.map_err(Sent::Upstream)?;
@@ -317,7 +319,7 @@ async fn relay(
     worker: &'static Worker,
     reg: &Registration,
     client: &mut TcpStream,
-    mut up: TcpStream,
+    mut up: Stream,
     mut buf: Vec<u8>,
     rh: &wire::ResponseHead,
     http11: bool,

@@ -291,9 +291,9 @@ mod tests {
         let u = upstreams("round_robin", &[1, 1, 1]);
         let b = balancer(u);
         assert_eq!(picks(&b, u, 6), [0, 1, 2, 0, 1, 2]);
-        u.all[1].set_healthy(false);
+        u.all[1].set_health(Err("test".into()));
         assert!(!picks(&b, u, 6).contains(&1));
-        u.all[1].set_healthy(true);
+        u.all[1].set_health(Ok(()));
         let mut lease = b.pick(u, 0, true).unwrap();
         let failed = lease.upstream.index;
         lease.done(false); // threshold 1: its breaker opens
@@ -328,7 +328,7 @@ mod tests {
         // Smooth: the heavy one never takes more than 3 in a row (nginx: a a b a c a a).
         assert_eq!(got, [0, 0, 1, 0, 2, 0, 0]);
         let none = upstreams("weighted", &[1]);
-        none.all[0].set_healthy(false);
+        none.all[0].set_health(Err("test".into()));
         assert_eq!(
             balancer(none).pick(none, 0, true).err(),
             Some(Failure::NoUpstream)

@@ -7,8 +7,9 @@
 //!   one taken from the pool is checked to be still open first.
 //! - A request that failed on a pooled connection before any response byte arrived (the upstream
 //!   had closed it while idle) is retried once on a new connection; nothing else is retried.
-//! - Every wait on an upstream is bounded: `connect_timeout` to connect, `request_timeout` for the
-//!   request's write and the response head.
+//! - Every wait on an upstream is bounded: `connect_timeout` to connect (the TLS handshake of an
+//!   `https://` upstream included), `request_timeout` for the request's write and the response
+//!   head.
 
 use std::cell::RefCell;
 use std::time::Instant;
@@ -16,19 +17,21 @@ use std::time::Instant;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
+use super::stream::Stream;
+use super::tls::TlsStream;
 use super::wire::{parse_response, ClientHead, ResponseHead};
 use super::{Failure, Upstream, Upstreams};
-use crate::conn::{give_buf, peek, read_more, take_buf, until, Peek, ReadError};
+use crate::conn::{give_buf, read_more, take_buf, until, ReadError};
 
 /// Idle upstream connections kept per upstream per core.
 const POOL_MAX: usize = 256;
 
 thread_local! {
-    static POOL: RefCell<Vec<Vec<TcpStream>>> = const { RefCell::new(Vec::new()) };
+    static POOL: RefCell<Vec<Vec<Stream>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Returns a connection whose response was read to its end to this core's pool.
-pub fn give_back(upstream: &Upstream, stream: TcpStream) {
+pub fn give_back(upstream: &Upstream, stream: Stream) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         if p.len() <= upstream.index {
@@ -41,18 +44,30 @@ pub fn give_back(upstream: &Upstream, stream: TcpStream) {
     });
 }
 
-fn pooled(upstream: &Upstream) -> Option<TcpStream> {
+fn pooled(upstream: &Upstream) -> Option<Stream> {
     POOL.with(|p| p.borrow_mut().get_mut(upstream.index).and_then(Vec::pop))
 }
 
-async fn connect(all: &Upstreams, upstream: &Upstream) -> Result<TcpStream, Failure> {
+/// A new connection to `upstream`, its TLS handshake done for an `https://` one, within
+/// `connect_timeout`.
+async fn connect(all: &Upstreams, upstream: &Upstream) -> Result<Stream, Failure> {
     let (addr, _, _) = upstream.http().ok_or(Failure::Connect)?;
-    match monoio::time::timeout(all.connect_timeout, TcpStream::connect_addr(*addr)).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(s)
+    let deadline = std::time::Instant::now() + all.connect_timeout;
+    let tcp = match until(deadline, TcpStream::connect_addr(*addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) => return Err(Failure::Connect),
+        Err(_) => return Err(Failure::Timeout),
+    };
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = upstream.tls() else {
+        return Ok(Stream::Plain(tcp));
+    };
+    match until(deadline, TlsStream::connect(tcp, tls)).await {
+        Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s))),
+        Ok(Err(e)) => {
+            tracing::debug!(upstream = %upstream.url, error = %e, "TLS handshake failed");
+            Err(Failure::Tls)
         }
-        Ok(Err(_)) => Err(Failure::Connect),
         Err(_) => Err(Failure::Timeout),
     }
 }
@@ -66,7 +81,7 @@ pub async fn send(
     upstream: &Upstream,
     mut req: Vec<u8>,
     mut client_head: Option<&mut ClientHead<'_>>,
-) -> Result<(TcpStream, Vec<u8>, ResponseHead), Failure> {
+) -> Result<(Stream, Vec<u8>, ResponseHead), Failure> {
     let deadline = Instant::now() + all.request_timeout;
     let mut fresh = false;
     loop {
@@ -108,12 +123,12 @@ pub async fn open(
     all: &Upstreams,
     upstream: &Upstream,
     fresh: bool,
-) -> Result<(TcpStream, bool), Failure> {
+) -> Result<(Stream, bool), Failure> {
     if !fresh {
         // An idle upstream connection has nothing to read: anything else (EOF, an error, or
         // stray bytes) means it cannot carry a request.
-        while let Some(s) = pooled(upstream) {
-            if peek(&s) == Peek::Nothing {
+        while let Some(mut s) = pooled(upstream) {
+            if s.idle_usable() {
                 return Ok((s, true));
             }
         }
@@ -124,7 +139,7 @@ pub async fn open(
 /// Writes all of `data` upstream before `deadline`; gives the buffer back either way (on a
 /// timeout it went with the cancelled write: a new one is returned).
 pub async fn write(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     data: Vec<u8>,
     deadline: Instant,
 ) -> Result<Vec<u8>, (Failure, Vec<u8>)> {
@@ -150,7 +165,7 @@ use HeadError::{Failed, Stale};
 /// Reads the response head (skipping informational ones) before `deadline`. Returns the bytes
 /// read past it and the head; with `client_head`, also writes the client's head.
 pub async fn read_head(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     mut client_head: Option<&mut ClientHead<'_>>,
     deadline: Instant,
 ) -> Result<(Vec<u8>, ResponseHead), HeadError> {

@@ -4,8 +4,10 @@
 //! A probe is what an MCP client's first request looks like: a `POST` of a JSON-RPC `ping` to the
 //! upstream's path, with `Connection: close`. Any HTTP answer below 500 within the timeouts counts
 //! as healthy (an MCP server may well refuse a ping outside a session with 400: it is up); a
-//! refused or timed-out connection, a 5xx or garbage counts as a failure. One failure takes the
-//! upstream out; one success puts it back.
+//! refused or timed-out connection, a failed TLS handshake, a 5xx or garbage counts as a
+//! failure. One failure takes the upstream out, logged with its reason; one success puts it
+//! back. An `https://` upstream is probed over TLS with its own settings, so a certificate it
+//! would fail every request on takes it out too.
 //!
 //! Blocking sockets on a thread of its own: probes are rare, and this keeps them off the workers'
 //! rings entirely.
@@ -27,37 +29,51 @@ pub fn spawn(all: &'static Upstreams) -> std::io::Result<()> {
             std::thread::sleep(all.health_check_interval);
             for u in &all.all {
                 if u.http().is_some() {
-                    u.set_healthy(probe(all, u));
+                    u.set_health(probe(all, u));
                 }
             }
         })?;
     Ok(())
 }
 
-/// One probe of `u`: true when it answered HTTP below 500.
-pub fn probe(all: &Upstreams, u: &Upstream) -> bool {
+/// One probe of `u`: `Ok` when it answered HTTP below 500, else what went wrong (for the log).
+pub fn probe(all: &Upstreams, u: &Upstream) -> Result<(), String> {
     let Some((addr, authority, path)) = u.http() else {
-        return true;
+        return Ok(());
     };
     let wait = all.request_timeout.min(Duration::from_secs(5));
-    let Ok(mut s) = TcpStream::connect_timeout(addr, all.connect_timeout) else {
-        return false;
-    };
+    let s = TcpStream::connect_timeout(addr, all.connect_timeout)
+        .map_err(|e| format!("cannot connect: {e}"))?;
     let _ = s.set_read_timeout(Some(wait));
     let _ = s.set_write_timeout(Some(wait));
+    match u.tls() {
+        None => exchange(s, authority, path),
+        Some(tls) => {
+            let conn = rustls::ClientConnection::new(tls.config.clone(), tls.name.clone())
+                .map_err(|e| e.to_string())?;
+            exchange(rustls::StreamOwned::new(conn, s), authority, path)
+        }
+    }
+}
+
+/// Sends the probe over `s` and judges the status line.
+fn exchange(mut s: impl Read + Write, authority: &str, path: &str) -> Result<(), String> {
     let body = r#"{"jsonrpc":"2.0","id":"mcp-gateway-health","method":"ping"}"#;
     let req = format!(
         "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: mcp-gateway-health\r\n\r\n{body}",
         body.len()
     );
-    if s.write_all(req.as_bytes()).is_err() {
-        return false;
-    }
+    // Over TLS, the handshake happens here: its error (an untrusted certificate, ...) is the
+    // reason logged.
+    s.write_all(req.as_bytes())
+        .and_then(|()| s.flush())
+        .map_err(|e| format!("cannot send the probe: {e}"))?;
     let mut buf = [0u8; 64];
     let mut got = 0;
     while got < 12 {
         match s.read(&mut buf[got..]) {
-            Ok(0) | Err(_) => return false,
+            Ok(0) => return Err("closed without an answer".into()),
+            Err(e) => return Err(format!("no answer: {e}")),
             Ok(n) => got += n,
         }
     }
@@ -65,5 +81,9 @@ pub fn probe(all: &Upstreams, u: &Upstream) -> bool {
     let status = std::str::from_utf8(&buf[9..12])
         .ok()
         .and_then(|s| s.parse::<u16>().ok());
-    buf.starts_with(b"HTTP/1.") && status.is_some_and(|s| s < 500)
+    match status {
+        Some(s) if buf.starts_with(b"HTTP/1.") && s < 500 => Ok(()),
+        Some(s) if buf.starts_with(b"HTTP/1.") => Err(format!("answered {s}")),
+        _ => Err("the answer is not HTTP/1.x".into()),
+    }
 }

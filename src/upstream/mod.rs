@@ -7,6 +7,7 @@
 //!   skipping upstreams that health checks or their breaker took out;
 //! - [`breaker`]: one circuit breaker per upstream;
 //! - [`client`]: the per-core keep-alive pool of upstream connections, and one exchange on them;
+//! - [`stream`]: an upstream connection, plain or TLS; [`tls`]: TLS to `https://` upstreams;
 //! - [`wire`]: the HTTP/1.1 wire format on the upstream side (heads written and parsed, bodies
 //!   decoded);
 //! - [`health`]: the active health checker (one thread for the process);
@@ -32,6 +33,8 @@ pub mod health;
 pub mod listen;
 pub mod outbox;
 pub mod rpc;
+pub mod stream;
+pub mod tls;
 pub mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -57,6 +60,8 @@ pub enum Target {
         authority: String,
         /// Request path (`/mcp` unless configured).
         path: String,
+        /// `https://`: how to open TLS to it.
+        tls: Option<tls::Tls>,
     },
 }
 
@@ -84,12 +89,16 @@ impl Upstream {
         self.healthy.load(Relaxed)
     }
 
-    pub fn set_healthy(&self, up: bool) {
-        if self.healthy.swap(up, Relaxed) != up {
-            if up {
-                tracing::info!(namespace = %self.namespace, upstream = %self.url, "upstream healthy again");
-            } else {
-                tracing::warn!(namespace = %self.namespace, upstream = %self.url, "upstream failed its health check; taken out");
+    /// Records a health check's result; a change is logged (a failure with its reason).
+    pub fn set_health(&self, result: Result<(), String>) {
+        if self.healthy.swap(result.is_ok(), Relaxed) != result.is_ok() {
+            match result {
+                Ok(()) => {
+                    tracing::info!(namespace = %self.namespace, upstream = %self.url, "upstream healthy again")
+                }
+                Err(why) => {
+                    tracing::warn!(namespace = %self.namespace, upstream = %self.url, reason = %why, "upstream failed its health check; taken out")
+                }
             }
         }
     }
@@ -118,7 +127,16 @@ impl Upstream {
                 addr,
                 authority,
                 path,
+                ..
             } => Some((addr, authority, path)),
+            Target::Builtin => None,
+        }
+    }
+
+    /// TLS settings of an `https://` upstream.
+    pub fn tls(&self) -> Option<&tls::Tls> {
+        match &self.target {
+            Target::Http { tls, .. } => tls.as_ref(),
             Target::Builtin => None,
         }
     }
@@ -172,10 +190,28 @@ impl Upstreams {
                                 u.authority
                             ))
                         })?;
+                    let tls = match u.tls {
+                        false => None,
+                        true => {
+                            let fail = |why: String| {
+                                std::io::Error::other(format!(
+                                    "service_discovery.static.endpoints.{ns}: {}: {why}",
+                                    e.url
+                                ))
+                            };
+                            let name = e.tls_server_name.as_deref().unwrap_or(&u.host);
+                            Some(tls::Tls {
+                                config: tls::client_config(e.tls_ca_file.as_deref())
+                                    .map_err(fail)?,
+                                name: tls::server_name(name).map_err(fail)?,
+                            })
+                        }
+                    };
                     Target::Http {
                         addr,
                         authority: u.authority,
                         path: u.path,
+                        tls,
                     }
                 };
                 members.push(all.len());
@@ -264,6 +300,9 @@ fn tag(namespace: &str, url: &str) -> [u8; TAG_LEN] {
 pub enum Failure {
     /// The TCP connection to the upstream could not be opened (refused, unreachable).
     Connect,
+    /// The TLS handshake with an `https://` upstream failed (its certificate not trusted or not
+    /// for its name, no common protocol version, ...).
+    Tls,
     /// Connecting, or waiting for the response (or its next bytes), took too long.
     Timeout,
     /// The upstream closed or reset the connection before its response was complete.
@@ -290,6 +329,7 @@ impl Failure {
     pub fn message(self) -> &'static str {
         match self {
             Failure::Connect => "upstream MCP server refused or could not be reached",
+            Failure::Tls => "TLS handshake with the upstream MCP server failed",
             Failure::Timeout => "upstream MCP server timed out",
             Failure::Reset => "upstream MCP server closed the connection",
             Failure::BadResponse => "upstream MCP server sent an invalid response",
@@ -313,10 +353,12 @@ pub enum Outcome {
     CircuitOpen = 6,
     /// Refused at `routing.max_in_flight`, nothing sent.
     Busy = 7,
+    /// The TLS handshake failed.
+    TlsError = 8,
 }
 
 impl Outcome {
-    pub const COUNT: usize = 8;
+    pub const COUNT: usize = 9;
     pub const LABELS: [&'static str; Outcome::COUNT] = [
         "ok",
         "http_5xx",
@@ -326,6 +368,7 @@ impl Outcome {
         "bad_response",
         "circuit_open",
         "busy",
+        "tls_error",
     ];
 
     pub fn of(f: Failure) -> Outcome {
@@ -336,6 +379,7 @@ impl Outcome {
             Failure::BadResponse => Outcome::BadResponse,
             Failure::CircuitOpen => Outcome::CircuitOpen,
             Failure::Busy => Outcome::Busy,
+            Failure::Tls => Outcome::TlsError,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! A scriptable HTTP/1.1 upstream for forwarding tests: a std listener on 127.0.0.1 whose
-//! handler gets each parsed request and writes whatever raw response the test wants.
+//! handler gets each parsed request and writes whatever raw response the test wants, over plain
+//! TCP or, from [`Mock::start_tls`], over TLS.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -33,7 +34,10 @@ impl Req {
     }
 }
 
-pub type Handler = dyn Fn(&Req, &mut TcpStream) + Send + Sync;
+pub type Handler<S = TcpStream> = dyn Fn(&Req, &mut S) + Send + Sync;
+
+/// A connection of a TLS mock, as its handler writes to it.
+pub type TlsConn = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
 
 /// A running mock upstream; stops accepting (and closes its connections) on drop.
 pub struct Mock {
@@ -51,6 +55,29 @@ impl Mock {
 
     /// Starts on `addr` (e.g. the address of a mock that was stopped, to restart it).
     pub fn start_on(addr: &str, handler: Arc<Handler>) -> Mock {
+        Mock::launch(addr, Some, handler)
+    }
+
+    /// A mock that speaks TLS with `config` (see [`super::tls`]); its URL is still
+    /// [`Mock::url`]'s with `https`.
+    pub fn start_tls(
+        config: Arc<rustls::ServerConfig>,
+        handler: impl Fn(&Req, &mut TlsConn) + Send + Sync + 'static,
+    ) -> Mock {
+        let wrap = move |s| {
+            Some(TlsConn::new(
+                rustls::ServerConnection::new(config.clone()).ok()?,
+                s,
+            ))
+        };
+        Mock::launch("127.0.0.1:0", wrap, Arc::new(handler))
+    }
+
+    fn launch<S: Read + Write + Send + 'static>(
+        addr: &str,
+        wrap: impl Fn(TcpStream) -> Option<S> + Send + 'static,
+        handler: Arc<Handler<S>>,
+    ) -> Mock {
         let listener = bind_retrying(addr);
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -65,6 +92,7 @@ impl Mock {
                     }
                     let Ok(s) = s else { continue };
                     conns.lock().unwrap().push(s.try_clone().unwrap());
+                    let Some(s) = wrap(s) else { continue };
                     let (handler, requests) = (handler.clone(), requests.clone());
                     std::thread::spawn(move || serve(s, &*handler, &requests));
                 }
@@ -81,6 +109,16 @@ impl Mock {
 
     pub fn url(&self) -> String {
         format!("http://{}/mcp", self.addr)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
+
+    /// The URL of a TLS mock.
+    pub fn https_url(&self) -> String {
+        format!("https://{}/mcp", self.addr)
     }
 }
 
@@ -108,7 +146,7 @@ impl Drop for Mock {
     }
 }
 
-fn serve(mut s: TcpStream, handler: &Handler, requests: &AtomicUsize) {
+fn serve<S: Read + Write>(mut s: S, handler: &Handler<S>, requests: &AtomicUsize) {
     let mut buf = Vec::new();
     loop {
         let Some(req) = read_request(&mut s, &mut buf) else {
@@ -119,7 +157,7 @@ fn serve(mut s: TcpStream, handler: &Handler, requests: &AtomicUsize) {
     }
 }
 
-fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Req> {
+fn read_request(s: &mut impl Read, buf: &mut Vec<u8>) -> Option<Req> {
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut r = httparse::Request::new(&mut headers);
@@ -164,7 +202,7 @@ fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Req> {
 }
 
 /// Decodes a chunked body from the front of `buf` (reading more as needed); trailers ignored.
-fn read_chunked(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+fn read_chunked(s: &mut impl Read, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
     let mut body = Vec::new();
     loop {
         let line = loop {
@@ -187,7 +225,7 @@ fn read_chunked(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
     }
 }
 
-fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
+fn fill(s: &mut impl Read, buf: &mut Vec<u8>) -> Option<()> {
     let mut chunk = [0u8; 8192];
     match s.read(&mut chunk) {
         Ok(0) | Err(_) => None,
@@ -199,17 +237,18 @@ fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
 }
 
 /// Writes a complete response with a Content-Length body.
-pub fn respond(s: &mut TcpStream, status: u16, headers: &[(&str, &str)], body: &str) {
+pub fn respond(s: &mut impl Write, status: u16, headers: &[(&str, &str)], body: &str) {
     let mut out = format!("HTTP/1.1 {status} X\r\n");
     for (k, v) in headers {
         out.push_str(&format!("{k}: {v}\r\n"));
     }
     out.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
     let _ = s.write_all(out.as_bytes());
+    let _ = s.flush();
 }
 
 /// A JSON-RPC result for the request `req` (its id echoed) carrying `result` (raw JSON).
-pub fn json_reply(s: &mut TcpStream, req: &Req, result: &str, extra: &[(&str, &str)]) {
+pub fn json_reply(s: &mut impl Write, req: &Req, result: &str, extra: &[(&str, &str)]) {
     let id = serde_json::from_slice::<serde_json::Value>(&req.body)
         .ok()
         .and_then(|v| v.get("id").cloned())
@@ -221,7 +260,7 @@ pub fn json_reply(s: &mut TcpStream, req: &Req, result: &str, extra: &[(&str, &s
 }
 
 /// One chunk of a chunked body.
-pub fn chunk(s: &mut TcpStream, data: &str) {
+pub fn chunk(s: &mut impl Write, data: &str) {
     let _ = write!(s, "{:x}\r\n{data}\r\n", data.len());
     let _ = s.flush();
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod mock;
+pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -194,6 +195,19 @@ impl Gateway {
         }
     }
 
+    /// Waits until the gateway's log contains `needle`, or panics after 10 s.
+    pub fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log.lock().unwrap().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the log:\n{}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits until the gateway has accepted `n` connections in all (HTTP and MCPB doors). A
     /// client may have finished with a connection (closed or reset it) that still waits in the
     /// kernel's accept queue of a busy gateway: counts read before it is accepted miss it.
@@ -293,6 +307,27 @@ pub fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.set_nodelay(true).unwrap();
     s
+}
+
+/// Reads from `s` into `buf` until `needle` appears; panics after 10 s.
+pub fn read_until(s: &mut impl Read, buf: &mut Vec<u8>, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(buf).contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk) {
+            Ok(0) => panic!(
+                "closed before {needle:?}: {:?}",
+                String::from_utf8_lossy(buf)
+            ),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("{e} before {needle:?}: {:?}", String::from_utf8_lossy(buf)),
+        }
+    }
 }
 
 /// A JSON-RPC POST to `/mcp`.

@@ -1,0 +1,305 @@
+//! TLS to `https://` upstreams: each upstream's client configuration (made once at startup) and
+//! the stream that runs rustls over a monoio `TcpStream`.
+//!
+//! Written here rather than taken from `monoio-rustls` because the forwarding path needs two
+//! things that crate does not give: a readiness wait that knows about bytes rustls already
+//! decrypted, and no read buffer held by an idle connection.
+//!
+//! Invariants:
+//! - Certificates are always verified, against the bundled Mozilla roots (`webpki-roots`) or the
+//!   upstream's `tls_ca_file`, for the URL's host or its `tls_server_name`. Nothing turns that
+//!   off.
+//! - Only HTTP/1.1 is offered (ALPN `http/1.1`): the forwarding path speaks nothing else.
+//! - [`TlsStream::readable`] is ready while decrypted bytes wait inside rustls, not only when the
+//!   socket is: a wait on the socket alone could sleep on an event that already arrived.
+//! - An idle stream holds no buffer of ours: ciphertext is read into a buffer of the core's pool
+//!   and handed to rustls at once (rustls keeps its own, bounded, buffers).
+//! - rustls never holds more than one read of ciphertext's worth of undelivered plaintext: the
+//!   socket is read only when the plaintext is all delivered, and one read (at most 16 KiB) cannot
+//!   decrypt to more than rustls' 16 KiB receive limit.
+
+use std::io::{self, BufRead};
+use std::path::Path;
+use std::sync::Arc;
+
+use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use monoio::BufResult;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore};
+
+use crate::conn::{give_buf, peek, take_buf, Peek};
+
+/// The certificates in the PEM file `path` (at least one), for `tls_ca_file`.
+pub fn read_roots(path: &Path) -> Result<RootCertStore, String> {
+    use rustls::pki_types::pem::PemObject;
+    let what = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| what(&e))? {
+        let cert = cert.map_err(|e| what(&e))?;
+        roots.add(cert).map_err(|e| what(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(what(&"no certificate in the file"));
+    }
+    Ok(roots)
+}
+
+/// `name` as a TLS server name: a DNS name or an IP address.
+pub fn server_name(name: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(name.to_string())
+        .map_err(|_| format!("{name:?} is not a DNS name or an IP address"))
+}
+
+/// The client configuration of one `https://` upstream: roots from `ca_file` or the bundled
+/// Mozilla set, ALPN `http/1.1`.
+pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+    let roots = match ca_file {
+        Some(f) => read_roots(f)?,
+        None => RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        },
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// What an upstream needs to open TLS connections: its configuration and the name it checks.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub config: Arc<ClientConfig>,
+    pub name: ServerName<'static>,
+}
+
+/// A TLS client connection over a monoio `TcpStream`.
+pub struct TlsStream {
+    tcp: TcpStream,
+    tls: ClientConnection,
+    /// Decrypted bytes not yet read (as of the last read): see [`TlsStream::readable`].
+    buffered: bool,
+}
+
+fn invalid(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl TlsStream {
+    /// Runs the handshake over `tcp` (the caller bounds it in time). The error says why it
+    /// failed (`invalid peer certificate: UnknownIssuer`, ...).
+    pub async fn connect(tcp: TcpStream, tls: &Tls) -> io::Result<TlsStream> {
+        let conn = ClientConnection::new(tls.config.clone(), tls.name.clone()).map_err(invalid)?;
+        let mut s = TlsStream {
+            tcp,
+            tls: conn,
+            buffered: false,
+        };
+        while s.tls.is_handshaking() {
+            s.send_tls().await?;
+            if s.tls.is_handshaking() && s.receive_tls().await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the upstream closed the connection during the TLS handshake",
+                ));
+            }
+        }
+        s.send_tls().await?;
+        Ok(s)
+    }
+
+    /// Sends everything rustls has queued (records, alerts, handshake messages).
+    async fn send_tls(&mut self) -> io::Result<()> {
+        while self.tls.wants_write() {
+            let mut out = take_buf();
+            if let Err(e) = self.tls.write_tls(&mut out) {
+                give_buf(out);
+                return Err(e);
+            }
+            let (r, out) = self.tcp.write_all(out).await;
+            give_buf(out);
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Reads ciphertext from the socket into rustls and decrypts it. `Ok(0)`: the socket is at
+    /// EOF (rustls is told, so its reader then reports the end).
+    async fn receive_tls(&mut self) -> io::Result<usize> {
+        let (r, buf) = self.tcp.read(take_buf()).await;
+        let n = match r {
+            Ok(n) => n,
+            Err(e) => {
+                give_buf(buf);
+                return Err(e);
+            }
+        };
+        let mut rest = &buf[..n];
+        let fed = loop {
+            if let Err(e) = self.tls.read_tls(&mut rest) {
+                break Err(e);
+            }
+            if let Err(e) = self.tls.process_new_packets() {
+                break Err(invalid(e));
+            }
+            if rest.is_empty() {
+                break Ok(n);
+            }
+        };
+        give_buf(buf);
+        // A fatal alert rustls queued for the peer: best effort, the connection is over.
+        if fed.is_err() {
+            let _ = self.send_tls().await;
+        }
+        fed
+    }
+
+    /// Waits until a read would make progress: decrypted bytes are waiting, or the socket has
+    /// something (bytes, EOF or an error).
+    pub async fn readable(&self) -> io::Result<()> {
+        if self.buffered {
+            return Ok(());
+        }
+        self.tcp.readable(false).await
+    }
+
+    /// Whether an idle pooled connection can carry a request: nothing to read on the socket and
+    /// nothing decrypted. Bytes waiting on the socket are read (without blocking) and handed to
+    /// rustls first: a TLS 1.3 server may send session tickets after the response, which leave
+    /// the connection usable; anything else (data, an alert, EOF) does not.
+    pub fn idle_usable(&mut self) -> bool {
+        use std::os::fd::AsRawFd;
+        if self.buffered {
+            return false;
+        }
+        loop {
+            match peek(&self.tcp) {
+                Peek::Nothing => return true,
+                Peek::Closed => return false,
+                Peek::Data => {}
+            }
+            let mut buf = take_buf();
+            // SAFETY: a non-blocking read into the spare capacity of a buffer we own; the
+            // length is set to what the kernel wrote.
+            let n = unsafe {
+                libc::recv(
+                    self.tcp.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.capacity(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                give_buf(buf);
+                return false;
+            }
+            // SAFETY: the kernel initialised the first `n` bytes.
+            unsafe { buf.set_len(n as usize) };
+            let mut rest = &buf[..];
+            let ok = loop {
+                let fed = self.tls.read_tls(&mut rest).is_ok();
+                let state = self.tls.process_new_packets();
+                match state {
+                    Ok(s) if fed && s.plaintext_bytes_to_read() == 0 && !s.peer_has_closed() => {
+                        if rest.is_empty() {
+                            break true;
+                        }
+                    }
+                    _ => break false,
+                }
+            };
+            give_buf(buf);
+            if !ok {
+                return false;
+            }
+        }
+    }
+}
+
+impl AsyncReadRent for TlsStream {
+    async fn read<T: IoBufMut>(&mut self, mut buf: T) -> BufResult<usize, T> {
+        loop {
+            let mut reader = self.tls.reader();
+            match reader.fill_buf() {
+                Ok(plain) => {
+                    let n = plain.len().min(buf.bytes_total());
+                    // SAFETY: `n` bytes fit the buffer's capacity; its pointer is valid for them
+                    // and does not overlap rustls' own buffer.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(plain.as_ptr(), buf.write_ptr(), n);
+                        buf.set_init(n);
+                    }
+                    reader.consume(n);
+                    // More plaintext, or the end: either way the next read returns at once.
+                    self.buffered = !matches!(reader.fill_buf(),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+                    return (Ok(n), buf);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The peer closed TCP without close_notify: many servers do; an HTTP body has
+                // its own framing to tell a cut-off response.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.buffered = false;
+                    return (Ok(0), buf);
+                }
+                Err(e) => return (Err(e), buf),
+            }
+            if let Err(e) = self.receive_tls().await {
+                return (Err(e), buf);
+            }
+        }
+    }
+
+    async fn readv<T: IoVecBufMut>(&mut self, mut buf: T) -> BufResult<usize, T> {
+        // SAFETY: the raw buffer views the first iovec of `buf`, which outlives this call.
+        let n = match unsafe { monoio::buf::RawBuf::new_from_iovec_mut(&mut buf) } {
+            Some(raw) => self.read(raw).await.0,
+            None => Ok(0),
+        };
+        if let Ok(n) = n {
+            // SAFETY: `n` bytes were written into the first iovec.
+            unsafe { buf.set_init(n) };
+        }
+        (n, buf)
+    }
+}
+
+impl AsyncWriteRent for TlsStream {
+    async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        use std::io::Write;
+        // SAFETY: `buf` owns `bytes_init()` initialised bytes at `read_ptr()` for this call.
+        let plain = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) };
+        let n = match self.tls.writer().write(plain) {
+            Ok(n) => n,
+            Err(e) => return (Err(e), buf),
+        };
+        match self.send_tls().await {
+            Ok(()) => (Ok(n), buf),
+            Err(e) => (Err(e), buf),
+        }
+    }
+
+    async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        // SAFETY: the raw buffer views the first iovec of `buf`, which outlives this call.
+        let n = match unsafe { monoio::buf::RawBuf::new_from_iovec(&buf) } {
+            Some(raw) => self.write(raw).await.0,
+            None => Ok(0),
+        };
+        (n, buf)
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        self.send_tls().await
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        self.tls.send_close_notify();
+        self.send_tls().await?;
+        self.tcp.shutdown().await
+    }
+}

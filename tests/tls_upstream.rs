@@ -1,0 +1,250 @@
+//! `https://` upstreams through the real binary: requests and event streams over TLS, pooled TLS
+//! connections, certificate verification (an untrusted certificate, a certificate for another
+//! name, `tls_server_name`), the health check over TLS, and the TLS stream's own readiness rule.
+//! The upstreams are TLS mocks (`common::mock`) with certificates from a throwaway CA
+//! (`common::tls`); `mcp_sdk.rs` runs the SDK's servers over TLS too.
+
+mod common;
+
+use std::io::Write;
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::mock::{chunk, json_reply, Mock};
+use common::tls::Ca;
+use common::*;
+
+const ROUTING: &str =
+    "routing:\n  health_check_interval: 3600\n  request_timeout: 2\n  connect_timeout: 1\n";
+
+/// The configuration of one `https` upstream at `url` with the endpoint keys `extra`.
+fn endpoint(url: &str, extra: &str) -> String {
+    format!("{ROUTING}service_discovery:\n  static:\n    endpoints:\n      default:\n        - url: {url}\n{extra}")
+}
+
+fn ca_key(ca: &Ca) -> String {
+    format!("          tls_ca_file: {}\n", ca.ca_file.display())
+}
+
+fn requests(gw: &Gateway, url: &str, outcome: &str) -> f64 {
+    gw.metric(&format!(
+        "mcp_gateway_upstream_requests_total{{namespace=\"default\",upstream=\"{url}\",outcome=\"{outcome}\"}}"
+    ))
+}
+
+#[test]
+fn requests_reach_an_https_upstream_over_one_pooled_tls_connection() {
+    let ca = Ca::new();
+    let up = Mock::start_tls(ca.server_config(&["127.0.0.1"]), |req, s| {
+        let host = req.header("host").unwrap_or("").to_string();
+        json_reply(s, req, &format!(r#"{{"host":"{host}"}}"#), &[]);
+    });
+    let url = up.https_url();
+    let gw = start_with("", &endpoint(&url, &ca_key(&ca)));
+    let mut c = connect_from("127.0.0.2", gw.http);
+    for _ in 0..3 {
+        let r = roundtrip(&mut c, &post_mcp(TOOLS_LIST));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["result"]["host"], up.addr.to_string());
+    }
+    assert_eq!(up.requests.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(
+        up.connections(),
+        1,
+        "one TLS connection, pooled between requests"
+    );
+    assert_eq!(requests(&gw, &url, "ok"), 3.0);
+}
+
+#[test]
+fn an_event_stream_over_tls_arrives_event_by_event() {
+    let ca = Ca::new();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let go_rx = Mutex::new(go_rx);
+    let up = Mock::start_tls(ca.server_config(&["127.0.0.1"]), move |_, s| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        // Two events in two TLS records, back to back: the second may arrive in the same read
+        // as the first and wait, decrypted, inside the gateway's TLS state.
+        chunk(s, "event: message\ndata: {\"first\":1}\n\n");
+        chunk(s, "event: message\ndata: {\"second\":2}\n\n");
+        // The third waits until the client has seen the first two.
+        let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(10));
+        chunk(s, "event: message\ndata: {\"third\":3}\n\n");
+        let _ = s.write_all(b"0\r\n\r\n");
+        let _ = s.flush();
+    });
+    let gw = start_with("", &endpoint(&up.https_url(), &ca_key(&ca)));
+    let mut c = connect_from("127.0.0.2", gw.http);
+    c.write_all(post_mcp(TOOLS_LIST).as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    read_until(&mut c, &mut buf, "{\"second\":2}");
+    assert!(!String::from_utf8_lossy(&buf).contains("third"));
+    go_tx.send(()).unwrap();
+    read_until(&mut c, &mut buf, "0\r\n\r\n");
+    assert!(String::from_utf8_lossy(&buf).contains("{\"third\":3}"));
+}
+
+#[test]
+fn an_untrusted_certificate_fails_fast_and_is_counted() {
+    let ca = Ca::new();
+    let up = Mock::start_tls(ca.server_config(&["127.0.0.1"]), |req, s| {
+        json_reply(s, req, "{}", &[]);
+    });
+    let url = up.https_url();
+    // No tls_ca_file: the bundled public roots, which do not include this CA.
+    let gw = start_with("", &endpoint(&url, ""));
+    let mut c = connect_from("127.0.0.2", gw.http);
+    let r = roundtrip(&mut c, &post_mcp(TOOLS_LIST));
+    assert_eq!(r.status, 502);
+    assert_eq!(
+        r.json()["error"]["message"],
+        "TLS handshake with the upstream MCP server failed"
+    );
+    assert_eq!(requests(&gw, &url, "tls_error"), 1.0);
+    assert_eq!(up.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_certificate_for_another_name_passes_only_with_that_tls_server_name() {
+    let ca = Ca::new();
+    let up = Mock::start_tls(ca.server_config(&["mcp.internal"]), |req, s| {
+        json_reply(s, req, r#"{"ok":true}"#, &[]);
+    });
+    let url = up.https_url();
+    let gw = start_with("", &endpoint(&url, &ca_key(&ca)));
+    let r = roundtrip(
+        &mut connect_from("127.0.0.2", gw.http),
+        &post_mcp(TOOLS_LIST),
+    );
+    assert_eq!(
+        r.status, 502,
+        "a certificate for mcp.internal, not 127.0.0.1"
+    );
+    assert_eq!(requests(&gw, &url, "tls_error"), 1.0);
+    drop(gw);
+
+    let named = format!("{}          tls_server_name: mcp.internal\n", ca_key(&ca));
+    let gw = start_with("", &endpoint(&url, &named));
+    let r = roundtrip(
+        &mut connect_from("127.0.0.2", gw.http),
+        &post_mcp(TOOLS_LIST),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["result"]["ok"], true);
+}
+
+#[test]
+fn the_health_check_speaks_tls_and_says_why_it_failed() {
+    let ca = Ca::new();
+    let up = Mock::start_tls(ca.server_config(&["127.0.0.1"]), |req, s| {
+        json_reply(s, req, "{}", &[]);
+    });
+    let url = up.https_url();
+    let healthy =
+        format!("mcp_gateway_upstream_healthy{{namespace=\"default\",upstream=\"{url}\"}}");
+    let often = |extra: &str| {
+        endpoint(&url, extra).replace("health_check_interval: 3600", "health_check_interval: 0.2")
+    };
+    // Trusted: probes (POSTs of a ping) arrive over TLS and the upstream stays in.
+    let gw = start_with("", &often(&ca_key(&ca)));
+    while up.requests.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(gw.metric(&healthy), 1.0);
+    drop(gw);
+    // Untrusted: taken out, and the log names the certificate problem.
+    let gw = start_with("", &often(""));
+    gw.wait_metric(&healthy, 0.0);
+    gw.wait_log("upstream failed its health check");
+    let log = gw.log.lock().unwrap().clone();
+    assert!(log.contains("UnknownIssuer"), "{log}");
+}
+
+/// The TLS stream's readiness rule, below the gateway: decrypted bytes that a read left inside
+/// rustls make the stream readable at once, although the socket has nothing more.
+#[test]
+fn a_tls_stream_is_readable_while_decrypted_bytes_wait() {
+    use mcp_gateway::upstream::tls::{client_config, server_name, Tls, TlsStream};
+    use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+
+    let ca = Ca::new();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = ca.server_config(&["127.0.0.1"]);
+    let server = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        let conn = rustls::ServerConnection::new(config).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let mut req = [0u8; 5];
+        std::io::Read::read_exact(&mut s, &mut req).unwrap();
+        s.write_all(b"hello, world").unwrap();
+        s.flush().unwrap();
+        // Nothing more until the client is done: the socket stays open and silent.
+        let _ = done_rx.recv_timeout(Duration::from_secs(10));
+    });
+    let tls = Tls {
+        config: client_config(Some(&ca.ca_file)).unwrap(),
+        name: server_name("127.0.0.1").unwrap(),
+    };
+    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let tcp = monoio::net::TcpStream::connect_addr(addr).await.unwrap();
+        let mut s = TlsStream::connect(tcp, &tls).await.unwrap();
+        let (r, _) = s.write_all(b"hello".to_vec()).await;
+        r.unwrap();
+        let (r, first) = s.read(Vec::with_capacity(5)).await;
+        assert_eq!((r.unwrap(), &first[..]), (5, &b"hello"[..]));
+        // The rest ("world") is decrypted and waiting; the socket has nothing.
+        let ready = monoio::time::timeout(Duration::from_secs(5), s.readable()).await;
+        assert!(
+            matches!(ready, Ok(Ok(()))),
+            "readable with decrypted bytes waiting"
+        );
+        let (r, rest) = s.read(Vec::with_capacity(64)).await;
+        assert_eq!((r.unwrap(), &rest[..]), (7, &b", world"[..]));
+        // Now nothing waits anywhere: readable must wait for the socket.
+        let idle = monoio::time::timeout(Duration::from_millis(200), s.readable()).await;
+        assert!(idle.is_err(), "not readable with nothing to read");
+    });
+    done_tx.send(()).unwrap();
+    server.join().unwrap();
+}
+
+#[test]
+fn tls_keys_are_checked_with_their_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("g.yaml");
+    let missing = dir.path().join("missing.pem");
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    std::fs::write(
+        &file,
+        format!(
+            "service_discovery:\n  static:\n    endpoints:\n      default:\n        - url: http://127.0.0.1:9/mcp\n          tls_server_name: a.example\n        - url: https://127.0.0.1:9/mcp\n          tls_ca_file: {}\n        - url: https://127.0.0.1:10/mcp\n          tls_ca_file: {}\n          tls_server_name: \"not a name\"\n",
+            missing.display(),
+            junk.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "service_discovery.static.endpoints.default[0].tls_server_name: only for https:// upstreams",
+        "service_discovery.static.endpoints.default[1].tls_ca_file: ",
+        "service_discovery.static.endpoints.default[2].tls_ca_file: ",
+        "no certificate in the file",
+        "service_discovery.static.endpoints.default[2].tls_server_name: \"not a name\" is not a DNS name or an IP address",
+    ] {
+        assert!(err.contains(want), "{want:?} missing from:\n{err}");
+    }
+}
