@@ -1,7 +1,8 @@
 //! The official MCP Python SDK through the gateway: two real MCP servers built with the SDK
-//! (Streamable HTTP) as upstreams, and the SDK's own clients (Streamable HTTP, with its standalone
-//! GET stream, and WebSocket) talking to them through the gateway: tools, progress notifications
-//! on a request's stream, and a notification sent outside any request (the standalone stream).
+//! (Streamable HTTP, over plain HTTP and over TLS) as upstreams, and the SDK's own clients
+//! (Streamable HTTP, with its standalone GET stream, and WebSocket) talking to them through the
+//! gateway: tools, progress notifications on a request's stream, and a notification sent outside
+//! any request (the standalone stream).
 //!
 //! Needs `python3` with the PyPI packages `mcp` (1.x), `uvicorn` and `websockets`; `.ci/run`
 //! installs them. Outside CI the test is skipped, saying so, when they are missing.
@@ -41,11 +42,19 @@ fn py(dir: &str) -> String {
     format!("{}/tests/py/{dir}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Starts an SDK server named `name`; it prints the port it listens on once it does.
-fn upstream(name: &str) -> (Py, String) {
+/// Starts an SDK server named `name`, over TLS with a certificate from `ca` when given; it
+/// prints the port it listens on once it does.
+fn upstream(name: &str, ca: Option<&tls::Ca>, dir: &std::path::Path) -> (Py, String) {
     use std::io::BufRead;
-    let mut child = Command::new("python3")
-        .args([&py("upstream.py"), "--name", name])
+    let mut cmd = Command::new("python3");
+    cmd.args([&py("upstream.py"), "--name", name]);
+    if let Some(ca) = ca {
+        let own = dir.join(name);
+        std::fs::create_dir_all(&own).unwrap();
+        let (cert, key) = ca.pem_files(&["127.0.0.1"], &own);
+        cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+    }
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -59,7 +68,8 @@ fn upstream(name: &str) -> (Py, String) {
         .parse()
         .unwrap_or_else(|_| panic!("SDK server {name} did not start: {line:?}"));
     // It listens already (connections wait in its backlog until it serves them).
-    (Py(child), format!("http://127.0.0.1:{port}/mcp"))
+    let scheme = if ca.is_some() { "https" } else { "http" };
+    (Py(child), format!("{scheme}://127.0.0.1:{port}/mcp"))
 }
 
 fn client(url: &str, transport: &str, sessions: usize) -> serde_json::Value {
@@ -109,13 +119,28 @@ fn check(report: &serde_json::Value, sessions: usize) {
 
 #[test]
 fn sdk_clients_work_through_the_gateway_and_sessions_stick() {
+    through_the_gateway(None);
+}
+
+#[test]
+fn sdk_clients_work_through_the_gateway_with_https_upstreams() {
+    through_the_gateway(Some(&tls::Ca::new()));
+}
+
+/// Two SDK servers (over TLS with certificates from `ca`, which the gateway is told to trust),
+/// the SDK's clients through the gateway on both its doors, and no upstream request failed.
+fn through_the_gateway(ca: Option<&tls::Ca>) {
     if !sdk_available() {
         return;
     }
-    let (_a, a) = upstream("up-a");
-    let (_b, b) = upstream("up-b");
+    let dir = tempfile::tempdir().unwrap();
+    let (_a, a) = upstream("up-a", ca, dir.path());
+    let (_b, b) = upstream("up-b", ca, dir.path());
+    let trust = ca.map_or(String::new(), |ca| {
+        format!("          tls_ca_file: {}\n", ca.ca_file.display())
+    });
     let rest = format!(
-        "routing:\n  health_check_interval: 1\nservice_discovery:\n  static:\n    endpoints:\n      default:\n        - url: {a}\n        - url: {b}\n"
+        "routing:\n  health_check_interval: 1\nservice_discovery:\n  static:\n    endpoints:\n      default:\n        - url: {a}\n{trust}        - url: {b}\n{trust}"
     );
     let gw = start_with("", &rest);
     let port = gw.http.port();
@@ -131,10 +156,18 @@ fn sdk_clients_work_through_the_gateway_and_sessions_stick() {
             "reset",
             "bad_response",
             "http_5xx",
+            "tls_error",
         ];
         for outcome in bad {
             let s = format!("mcp_gateway_upstream_requests_total{{namespace=\"default\",upstream=\"{u}\",outcome=\"{outcome}\"}}");
             assert_eq!(gw.metric(&s), 0.0, "{s}");
         }
+        let healthy =
+            format!("mcp_gateway_upstream_healthy{{namespace=\"default\",upstream=\"{u}\"}}");
+        assert_eq!(
+            gw.metric(&healthy),
+            1.0,
+            "{healthy}: the health checks pass"
+        );
     }
 }

@@ -157,7 +157,7 @@ pub async fn forward(
                 Err(Sent::Upstream(f)) => {
                     lease.record(worker.metrics, Err(f), Instant::now());
                     out.clear();
-                    let gone = pinned && f == Failure::Connect;
+                    let gone = pinned && f.unreachable();
                     return fail(worker, client, out, f, gone, false).await;
                 }
                 Err(Sent::Client(ended)) => return ended,
@@ -170,7 +170,7 @@ pub async fn forward(
         Err(f) => {
             lease.record(worker.metrics, Err(f), started);
             out.clear();
-            let gone = pinned && f == Failure::Connect;
+            let gone = pinned && f.unreachable();
             return fail(worker, client, out, f, gone, keep_alive).await;
         }
     };

@@ -318,6 +318,12 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// The upstream cannot be reached at all (refused, unreachable, or no TLS with it): a
+    /// session pinned to it is gone.
+    pub fn unreachable(self) -> bool {
+        matches!(self, Failure::Connect | Failure::Tls)
+    }
+
     pub fn status(self) -> u16 {
         match self {
             Failure::Timeout => 504,

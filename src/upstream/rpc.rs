@@ -381,7 +381,7 @@ async fn forward(
         Ok(r) => r,
         Err(f) => {
             lease.record(worker.metrics, Err(f), started);
-            if f == Failure::Connect {
+            if f.unreachable() {
                 state.forget();
             }
             return fail(outbox, message, f.message());

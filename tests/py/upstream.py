@@ -1,7 +1,8 @@
 """A real MCP server (official Python SDK, Streamable HTTP) used as an upstream in tests.
 
-usage: upstream.py --name NAME [--json]
-Listens on a free port of 127.0.0.1 of its own choosing and prints that port on its first line.
+usage: upstream.py --name NAME [--json] [--tls-cert PEM --tls-key PEM]
+Listens on a free port of 127.0.0.1 of its own choosing and prints that port on its first line;
+with --tls-cert and --tls-key, over TLS (https) with that certificate chain and key.
 Tools: whoami (returns NAME), echo(message), progress(steps, pause) which sends `steps`
 progress notifications `pause` seconds apart before answering, and announce, which sends
 notifications/tools/list_changed on the session's standalone stream.
@@ -17,6 +18,8 @@ from mcp.server.fastmcp import Context, FastMCP
 p = argparse.ArgumentParser()
 p.add_argument("--name", required=True)
 p.add_argument("--json", action="store_true", help="answer with JSON instead of SSE")
+p.add_argument("--tls-cert", help="certificate chain (PEM): serve https")
+p.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
 args = p.parse_args()
 
 mcp = FastMCP(args.name, host="127.0.0.1", json_response=args.json, log_level="WARNING")
@@ -56,5 +59,12 @@ sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
 sock.listen(128)
 print(sock.getsockname()[1], flush=True)
-server = uvicorn.Server(uvicorn.Config(mcp.streamable_http_app(), log_level="warning"))
+server = uvicorn.Server(
+    uvicorn.Config(
+        mcp.streamable_http_app(),
+        log_level="warning",
+        ssl_certfile=args.tls_cert,
+        ssl_keyfile=args.tls_key,
+    )
+)
 asyncio.run(server.serve(sockets=[sock]))
