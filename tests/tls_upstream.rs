@@ -58,6 +58,28 @@ fn requests_reach_an_https_upstream_over_one_pooled_tls_connection() {
 }
 
 #[test]
+fn an_upstream_closing_its_idle_tls_connection_costs_the_client_nothing() {
+    let ca = Ca::new();
+    let up = Mock::start_tls(ca.server_config(&["127.0.0.1"]), |req, s| {
+        json_reply(s, req, r#"{"ok":true}"#, &[]);
+        // Then the server ends the TLS session (close_notify) while the connection idles in
+        // the gateway's pool.
+        s.conn.send_close_notify();
+        let _ = s.flush();
+    });
+    let url = up.https_url();
+    let gw = start_with("", &endpoint(&url, &ca_key(&ca)));
+    let mut c = connect_from("127.0.0.2", gw.http);
+    for _ in 0..3 {
+        let r = roundtrip(&mut c, &post_mcp(TOOLS_LIST));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    assert_eq!(up.connections(), 3, "a closed TLS session is not reused");
+    assert_eq!(requests(&gw, &url, "ok"), 3.0);
+    assert_eq!(requests(&gw, &url, "reset"), 0.0);
+}
+
+#[test]
 fn an_event_stream_over_tls_arrives_event_by_event() {
     let ca = Ca::new();
     let (go_tx, go_rx) = mpsc::channel::<()>();
@@ -247,4 +269,61 @@ fn tls_keys_are_checked_with_their_key_path() {
     ] {
         assert!(err.contains(want), "{want:?} missing from:\n{err}");
     }
+}
+
+/// What the pool asks of an idle TLS connection before reusing it: a post-handshake message
+/// (here a key update) leaves it usable, the server's close_notify retires it.
+#[test]
+fn an_idle_tls_stream_survives_a_key_update_but_not_a_close() {
+    use mcp_gateway::upstream::tls::{client_config, server_name, Tls, TlsStream};
+    use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+
+    let ca = Ca::new();
+    let (step_tx, step_rx) = mpsc::channel::<&str>();
+    let (ack_tx, ack_rx) = mpsc::channel::<()>();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = ca.server_config(&["127.0.0.1"]);
+    let server = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        let mut s = rustls::StreamOwned::new(rustls::ServerConnection::new(config).unwrap(), tcp);
+        let mut req = [0u8; 5];
+        std::io::Read::read_exact(&mut s, &mut req).unwrap();
+        s.write_all(b"ok").unwrap();
+        while let Ok(step) = step_rx.recv_timeout(Duration::from_secs(10)) {
+            match step {
+                "key update" => s.conn.refresh_traffic_keys().unwrap(),
+                "close" => s.conn.send_close_notify(),
+                _ => break,
+            }
+            s.flush().unwrap();
+            ack_tx.send(()).unwrap();
+        }
+    });
+    let tls = Tls {
+        config: client_config(Some(&ca.ca_file)).unwrap(),
+        name: server_name("127.0.0.1").unwrap(),
+    };
+    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let tcp = monoio::net::TcpStream::connect_addr(addr).await.unwrap();
+        let mut s = TlsStream::connect(tcp, &tls).await.unwrap();
+        let (r, _) = s.write_all(b"hello".to_vec()).await;
+        r.unwrap();
+        let (r, got) = s.read(Vec::with_capacity(64)).await;
+        assert_eq!((r.unwrap(), &got[..]), (2, &b"ok"[..]));
+        assert!(s.idle_usable(), "nothing arrived");
+        for (step, usable) in [("key update", true), ("close", false)] {
+            step_tx.send(step).unwrap();
+            ack_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            let arrived = monoio::time::timeout(Duration::from_secs(5), s.readable()).await;
+            assert!(matches!(arrived, Ok(Ok(()))), "the {step} arrived");
+            assert_eq!(s.idle_usable(), usable, "after a {step}");
+        }
+        step_tx.send("done").unwrap();
+    });
+    server.join().unwrap();
 }

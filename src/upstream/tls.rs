@@ -141,8 +141,10 @@ impl TlsStream {
         };
         let mut rest = &buf[..n];
         let fed = loop {
-            if let Err(e) = self.tls.read_tls(&mut rest) {
-                break Err(e);
+            match self.tls.read_tls(&mut rest) {
+                Ok(0) if !rest.is_empty() => break Err(io::Error::other("TLS input not taken")),
+                Ok(_) => {}
+                Err(e) => break Err(e),
             }
             if let Err(e) = self.tls.process_new_packets() {
                 break Err(invalid(e));
@@ -202,10 +204,13 @@ impl TlsStream {
             unsafe { buf.set_len(n as usize) };
             let mut rest = &buf[..];
             let ok = loop {
-                let fed = self.tls.read_tls(&mut rest).is_ok();
-                let state = self.tls.process_new_packets();
-                match state {
-                    Ok(s) if fed && s.plaintext_bytes_to_read() == 0 && !s.peer_has_closed() => {
+                match self.tls.read_tls(&mut rest) {
+                    Ok(0) if !rest.is_empty() => break false,
+                    Ok(_) => {}
+                    Err(_) => break false,
+                }
+                match self.tls.process_new_packets() {
+                    Ok(s) if s.plaintext_bytes_to_read() == 0 && !s.peer_has_closed() => {
                         if rest.is_empty() {
                             break true;
                         }
