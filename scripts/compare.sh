@@ -39,7 +39,7 @@ done
 case "$MODE" in proxy|direct) ;; *) usage; exit 64 ;; esac
 [ "$C" -lt "$L" ] || { echo "--connections must stay under --max-per-ip (wrk uses one address)" >&2; exit 64; }
 cd "$(dirname "$0")/.."
-. scripts/lib/need.sh; need nginx haproxy wrk
+. scripts/lib/need.sh; . scripts/lib/proc.sh; need nginx haproxy wrk
 build
 work=$(mktemp -d)
 pids=()
@@ -50,7 +50,6 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ANSWER='{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"hello"}],"isError":false}}'
 
 # The shared upstream (proxy mode): an MCP server answering from builtin:echo.

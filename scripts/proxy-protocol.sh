@@ -29,21 +29,12 @@ done
 [ "$D" -le 60 ] || D=60
 cd "$(dirname "$0")/.."
 export PATH=$PATH:/usr/sbin
-. scripts/lib/need.sh; need wrk haproxy
+. scripts/lib/need.sh; . scripts/lib/proc.sh; need wrk haproxy
 build
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-listening() { # port -> waits until something listens on 127.0.0.1:port (without connecting)
-  local want; want=$(printf '0100007F:%04X' "$1")
-  for _ in $(seq 100); do
-    awk -v w="$want" '$2 == w && $4 == "0A" {found=1} END {exit !found}' /proc/net/tcp && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on port $1" >&2; cat "$work"/*.log >&2; return 1
-}
 declare -A gw_port lb_port gw_pid
 for mode in proxy plain; do
   gw_port[$mode]=$(port); lb_port[$mode]=$(port)
@@ -73,14 +64,13 @@ CFG
 haproxy -db -f "$work/haproxy.cfg" > "$work/haproxy.log" 2>&1 &
 pids+=("$!")
 listening "${lb_port[proxy]}"; listening "${lb_port[plain]}"
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 echo "| round | mode | requests/s | gateway µs CPU/request |"
 echo "|---|---|---|---|"
 for r in $(seq 1 "$ROUNDS"); do
   for mode in proxy plain; do
-    t0=$(ticks "${gw_pid[$mode]}")
+    t0=$(cpu_ticks "${gw_pid[$mode]}")
     out=$(CLOSE=$CLOSE timeout $((D + 30)) wrk -t1 -c"$C" -d"${D}s" -s scripts/mcp.lua "http://127.0.0.1:${lb_port[$mode]}/mcp")
-    t1=$(ticks "${gw_pid[$mode]}")
+    t1=$(cpu_ticks "${gw_pid[$mode]}")
     n=$(awk '/requests in/ {print $1}' <<<"$out")
     grep -q 'non-2xx 0$' <<<"$out" || echo "warning: errors ($mode): $(grep 'socket errors' <<<"$out")" >&2
     label=$([ "$mode" = proxy ] && echo "send-proxy-v2" || echo "plain")

@@ -38,7 +38,7 @@ done
 [ "$D" -le 60 ] || D=60
 case "$MODE" in proxy|direct) ;; *) usage; exit 64 ;; esac
 cd "$(dirname "$0")/.."
-. scripts/lib/need.sh; need wrk
+. scripts/lib/need.sh; . scripts/lib/proc.sh; need wrk
 [ "$NGINX" = 0 ] || need nginx 2>/dev/null || { echo "nginx not available: measuring mcp-gateway only" >&2; NGINX=0; }
 build
 N=$(nproc)
@@ -47,7 +47,6 @@ pids=()
 stop() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
 cleanup() { stop; rm -rf "$work"; }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ANSWER='{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"hello"}],"isError":false}}'
 answers() { # port -> waits until POST /mcp answers 200
   for _ in $(seq 100); do
@@ -63,11 +62,6 @@ PY
     sleep 0.1
   done
   echo "nothing answers on port $1" >&2; cat "$work"/*.log "$work"/nginx/*.log >&2 2>/dev/null; return 1
-}
-cpu_ticks() { # pids... -> utime+stime clock ticks summed (threads included)
-  local t=0 p
-  for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
-  echo "$t"
 }
 thread_ticks() { # pids... -> "tid:ticks" per thread, one per line
   local p t

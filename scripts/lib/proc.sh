@@ -1,0 +1,21 @@
+# Sourced by the bench scripts: free ports, waiting for a listener, and CPU time from /proc.
+
+port() { # -> a free TCP port of 127.0.0.1
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+listening() { # port -> waits until something listens on 127.0.0.1:port (without connecting);
+  # fails after 10 s, printing the logs in "$work"
+  local want; want=$(printf '0100007F:%04X' "$1")
+  for _ in $(seq 100); do
+    awk -v w="$want" '$2 == w && $4 == "0A" {found=1} END {exit !found}' /proc/net/tcp && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2; cat "$work"/*.log >&2 2>/dev/null; return 1
+}
+
+cpu_ticks() { # pids... -> utime+stime clock ticks summed (threads included)
+  local t=0 p
+  for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+  echo "$t"
+}
