@@ -550,10 +550,14 @@ impl Config {
 /// needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
-    /// `host:port`, for connecting (resolved at startup) and for the `Host` header.
+    /// `host[:port]` as written, for the `Host` header (a default port is left out, as
+    /// clients do).
     pub authority: String,
-    /// The host alone (brackets of an IPv6 address removed): the TLS server name by default.
+    /// The host alone (brackets of an IPv6 address removed): what is resolved, and the TLS
+    /// server name by default.
     pub host: String,
+    /// The port (80 or 443 unless written).
+    pub port: u16,
     /// Request target prefix; `/mcp` when the URL has no path.
     pub path: String,
     /// `https`: the connection is TLS.
@@ -582,24 +586,21 @@ impl UpstreamUrl {
             return Err("expected http://host:port/path (no user info, query or fragment)".into());
         }
         let port_at = authority.rfind(']').unwrap_or(0);
-        let (host, authority) = match authority[port_at..].rsplit_once(':') {
-            Some((_, port)) if port.parse::<u16>().is_ok_and(|p| p > 0) => (
-                &authority[..authority.len() - port.len() - 1],
-                authority.to_string(),
-            ),
-            Some(_) => return Err("the port is not a number from 1 to 65535".into()),
-            None => (
-                authority,
-                format!("{authority}:{}", if tls { 443 } else { 80 }),
-            ),
+        let (host, port) = match authority[port_at..].rsplit_once(':') {
+            Some((_, p)) => match p.parse::<u16>() {
+                Ok(n) if n > 0 => (&authority[..authority.len() - p.len() - 1], n),
+                _ => return Err("the port is not a number from 1 to 65535".into()),
+            },
+            None => (authority, if tls { 443 } else { 80 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             return Err("expected a host before the port".into());
         }
         Ok(UpstreamUrl {
-            authority,
+            authority: authority.to_string(),
             host: host.to_string(),
+            port,
             path: path.to_string(),
             tls,
         })
@@ -776,33 +777,34 @@ mod tests {
             (u.authority.as_str(), u.path.as_str()),
             ("127.0.0.1:9000", "/mcp/x")
         );
+        // `Host` is the authority as written: a default port is not added.
         let u = UpstreamUrl::parse("http://mcp.internal").unwrap();
         assert_eq!(
-            (u.authority.as_str(), u.path.as_str()),
-            ("mcp.internal:80", "/mcp")
+            (u.authority.as_str(), u.port, u.path.as_str()),
+            ("mcp.internal", 80, "/mcp")
         );
+        let u = UpstreamUrl::parse("http://[::1]").unwrap();
         assert_eq!(
-            UpstreamUrl::parse("http://[::1]").unwrap().authority,
-            "[::1]:80"
+            (u.authority.as_str(), u.host.as_str(), u.port),
+            ("[::1]", "::1", 80)
         );
-        assert_eq!(
-            UpstreamUrl::parse("http://[::1]:81/").unwrap().authority,
-            "[::1]:81"
-        );
+        let u = UpstreamUrl::parse("http://[::1]:81/").unwrap();
+        assert_eq!((u.authority.as_str(), u.port), ("[::1]:81", 81));
         let u = UpstreamUrl::parse("https://mcp.example.com/v1/mcp").unwrap();
         assert_eq!(
             (
                 u.authority.as_str(),
                 u.host.as_str(),
+                u.port,
                 u.path.as_str(),
                 u.tls
             ),
-            ("mcp.example.com:443", "mcp.example.com", "/v1/mcp", true)
+            ("mcp.example.com", "mcp.example.com", 443, "/v1/mcp", true)
         );
         let u = UpstreamUrl::parse("https://[::1]:8443").unwrap();
         assert_eq!(
-            (u.authority.as_str(), u.host.as_str()),
-            ("[::1]:8443", "::1")
+            (u.authority.as_str(), u.host.as_str(), u.port),
+            ("[::1]:8443", "::1", 8443)
         );
         assert!(!UpstreamUrl::parse("http://h").unwrap().tls);
         for bad in [

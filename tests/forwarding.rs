@@ -106,6 +106,51 @@ fn a_client_that_leaves_ends_its_event_stream_upstream() {
     gw.wait_all_closed();
 }
 
+/// The keep-alive race: the upstream drops an idle connection just as a request is sent on it
+/// (here: it reads the request and closes without a byte of answer). The gateway sends the same
+/// request, whole, on a new connection, and the client never notices.
+#[test]
+fn a_request_an_upstream_drops_on_a_pooled_connection_is_sent_again_whole() {
+    let seen: Arc<Mutex<Vec<(std::net::SocketAddr, String)>>> = Arc::default();
+    let log = seen.clone();
+    let up = Mock::start(move |req, s| {
+        let peer = s.peer_addr().unwrap();
+        let mut seen = log.lock().unwrap();
+        seen.push((peer, req.body_str().to_string()));
+        if seen.iter().filter(|(p, _)| *p == peer).count() == 2 {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        let id = req.body_str().to_string();
+        json_reply(s, req, &serde_json::json!({ "got": id }).to_string(), &[]);
+    });
+    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
+    let mut c = connect_from("127.0.0.2", gw.http);
+    for n in 1..=2 {
+        let body = format!(r#"{{"jsonrpc":"2.0","id":{n},"method":"tools/list"}}"#);
+        let r = roundtrip(&mut c, &post_mcp(&body));
+        assert_eq!(
+            r.status,
+            200,
+            "request {n}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["result"]["got"], body);
+    }
+    let seen = seen.lock().unwrap();
+    let bodies: Vec<&str> = seen.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(
+        bodies.len(),
+        3,
+        "the dropped request was sent again: {bodies:?}"
+    );
+    assert_eq!(bodies[1], bodies[2], "whole, as it was");
+    assert_ne!(seen[1].0, seen[2].0, "on a new connection");
+    let url = up.url();
+    let reset = format!("mcp_gateway_upstream_requests_total{{namespace=\"default\",upstream=\"{url}\",outcome=\"reset\"}}");
+    assert_eq!(gw.metric(&reset), 0.0);
+}
+
 #[test]
 fn hop_by_hop_fields_do_not_cross_and_the_rest_does() {
     let seen = Arc::new(Mutex::new(None::<Req>));

@@ -275,7 +275,10 @@ async fn stream_body(
         if !req.is_empty() {
             let until = Instant::now() + all.request_timeout;
             req = match client::write(&mut up, req, until).await {
-                Ok(r) => r,
+                Ok(mut sent) => {
+                    sent.clear();
+                    sent
+                }
                 Err((f, r)) => {
                     give_buf(r);
                     give_buf(data);

@@ -51,15 +51,15 @@ fn pooled(upstream: &Upstream) -> Option<Stream> {
 /// A new connection to `upstream`, its TLS handshake done for an `https://` one, within
 /// `connect_timeout`.
 async fn connect(all: &Upstreams, upstream: &Upstream) -> Result<Stream, Failure> {
-    let (addr, _, _) = upstream.http().ok_or(Failure::Connect)?;
+    let http = upstream.http().ok_or(Failure::Connect)?;
     let deadline = std::time::Instant::now() + all.connect_timeout;
-    let tcp = match until(deadline, TcpStream::connect_addr(*addr)).await {
+    let tcp = match until(deadline, TcpStream::connect_addr(http.addr())).await {
         Ok(Ok(s)) => s,
         Ok(Err(_)) => return Err(Failure::Connect),
         Err(_) => return Err(Failure::Timeout),
     };
     let _ = tcp.set_nodelay(true);
-    let Some(tls) = upstream.tls() else {
+    let Some(tls) = &http.tls else {
         return Ok(Stream::Plain(tcp));
     };
     match until(deadline, TlsStream::connect(tcp, tls)).await {
@@ -136,18 +136,16 @@ pub async fn open(
     Ok((connect(all, upstream).await?, false))
 }
 
-/// Writes all of `data` upstream before `deadline`; gives the buffer back either way (on a
-/// timeout it went with the cancelled write: a new one is returned).
+/// Writes all of `data` upstream before `deadline`; gives the buffer back either way, its bytes
+/// as they were (a request sent on a pooled connection that turns out stale is sent again from
+/// it; on a timeout it went with the cancelled write: a new, empty one is returned).
 pub async fn write(
     stream: &mut Stream,
     data: Vec<u8>,
     deadline: Instant,
 ) -> Result<Vec<u8>, (Failure, Vec<u8>)> {
     match until(deadline, stream.write_all(data)).await {
-        Ok((Ok(_), mut back)) => {
-            back.clear();
-            Ok(back)
-        }
+        Ok((Ok(_), back)) => Ok(back),
         Ok((Err(_), back)) => Err((Failure::Reset, back)),
         Err(_) => Err((Failure::Timeout, take_buf())),
     }

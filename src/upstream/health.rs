@@ -9,11 +9,15 @@
 //! back. An `https://` upstream is probed over TLS with its own settings, so a certificate it
 //! would fail every request on takes it out too.
 //!
-//! Blocking sockets on a thread of its own: probes are rare, and this keeps them off the workers'
-//! rings entirely.
+//! Before each probe, an upstream configured by host name is resolved again (`Http::re_resolve`):
+//! hosted servers move (cloud load balancers change addresses), and a gateway that resolved
+//! once at startup would go on connecting to an address that is gone.
+//!
+//! Blocking sockets (and the blocking resolver) on a thread of its own: probes are rare, and
+//! this keeps them off the workers' rings entirely.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use super::{Upstream, Upstreams};
@@ -25,28 +29,57 @@ pub fn spawn(all: &'static Upstreams) -> std::io::Result<()> {
     }
     std::thread::Builder::new()
         .name("mcp-health".into())
-        .spawn(move || loop {
-            std::thread::sleep(all.health_check_interval);
-            for u in &all.all {
-                if u.http().is_some() {
-                    u.set_health(probe(all, u));
+        .spawn(move || {
+            // Per upstream: its name failed to resolve last time (logged once per failure spell).
+            let mut unresolved = vec![false; all.all.len()];
+            loop {
+                std::thread::sleep(all.health_check_interval);
+                for u in &all.all {
+                    if let Some(http) = u.http() {
+                        let r = http.re_resolve(super::resolve);
+                        follow_dns(u, r, &mut unresolved[u.index]);
+                        u.set_health(probe(all, u));
+                    }
                 }
             }
         })?;
     Ok(())
 }
 
+/// Logs what a re-resolution of `u`'s host name changed, or why it failed (the address in use
+/// stays then; logged when a spell of failures starts, `failing` remembering it).
+fn follow_dns(
+    u: &Upstream,
+    result: Result<Option<(SocketAddr, SocketAddr)>, String>,
+    failing: &mut bool,
+) {
+    match result {
+        Ok(change) => {
+            *failing = false;
+            if let Some((was, now)) = change {
+                tracing::info!(namespace = %u.namespace, upstream = %u.url, %was, %now, "upstream address changed (DNS): new connections go to the new one");
+            }
+        }
+        Err(why) => {
+            if !std::mem::replace(failing, true) {
+                tracing::warn!(namespace = %u.namespace, upstream = %u.url, reason = %why, "upstream name not resolved; keeping its address");
+            }
+        }
+    }
+}
+
 /// One probe of `u`: `Ok` when it answered HTTP below 500, else what went wrong (for the log).
 pub fn probe(all: &Upstreams, u: &Upstream) -> Result<(), String> {
-    let Some((addr, authority, path)) = u.http() else {
+    let Some(http) = u.http() else {
         return Ok(());
     };
+    let (authority, path) = (&http.authority, &http.path);
     let wait = all.request_timeout.min(Duration::from_secs(5));
-    let s = TcpStream::connect_timeout(addr, all.connect_timeout)
+    let s = TcpStream::connect_timeout(&http.addr(), all.connect_timeout)
         .map_err(|e| format!("cannot connect: {e}"))?;
     let _ = s.set_read_timeout(Some(wait));
     let _ = s.set_write_timeout(Some(wait));
-    match u.tls() {
+    match &http.tls {
         None => exchange(s, authority, path),
         Some(tls) => {
             let conn = rustls::ClientConnection::new(tls.config.clone(), tls.name.clone())

@@ -39,6 +39,8 @@ pub mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+use crossbeam_utils::atomic::AtomicCell;
 use std::time::Duration;
 
 use crate::config::{secs, Config, Strategy, UpstreamUrl, BUILTIN_ECHO};
@@ -54,15 +56,60 @@ pub enum Target {
     /// `builtin:echo`, answered inside the gateway.
     Builtin,
     /// An MCP server speaking Streamable HTTP.
-    Http {
-        addr: SocketAddr,
-        /// `host:port` as configured, sent as `Host`.
-        authority: String,
-        /// Request path (`/mcp` unless configured).
-        path: String,
-        /// `https://`: how to open TLS to it.
-        tls: Option<tls::Tls>,
-    },
+    Http(Http),
+}
+
+/// An `http://` or `https://` upstream.
+#[derive(Debug)]
+pub struct Http {
+    /// The URL's `host[:port]` as written, sent as `Host`.
+    pub authority: String,
+    /// Request path (`/mcp` unless configured).
+    pub path: String,
+    /// `https://`: how to open TLS to it.
+    pub tls: Option<tls::Tls>,
+    /// The host to resolve (`None` for an address: nothing to resolve) and the port.
+    name: Option<String>,
+    port: u16,
+    /// Where connections go: resolved at startup, and again by the health checker before each
+    /// probe (see [`Http::re_resolve`]). Read once per new connection: a seqlock read (no shared
+    /// write), and written only when the address changes.
+    addr: AtomicCell<SocketAddr>,
+}
+
+impl Http {
+    /// The address new connections go to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.load()
+    }
+
+    /// Resolves the host name again with `resolve`: the address in use stays while the name
+    /// still resolves to it (pooled connections and the breaker's view stay meaningful), else
+    /// the first address resolved replaces it. A failed or empty resolution keeps it. Returns
+    /// the change, if any. An upstream configured by address is never resolved.
+    pub fn re_resolve(
+        &self,
+        resolve: impl FnOnce(&str, u16) -> std::io::Result<Vec<SocketAddr>>,
+    ) -> Result<Option<(SocketAddr, SocketAddr)>, String> {
+        let Some(name) = &self.name else {
+            return Ok(None);
+        };
+        let found = resolve(name, self.port).map_err(|e| format!("cannot resolve {name}: {e}"))?;
+        let now = self.addr();
+        match found.first() {
+            None => Err(format!("{name} resolved to no address")),
+            Some(_) if found.contains(&now) => Ok(None),
+            Some(&new) => {
+                self.addr.store(new);
+                Ok(Some((now, new)))
+            }
+        }
+    }
+}
+
+/// The addresses `host` resolves to (the system resolver: `/etc/hosts`, DNS), for `port`.
+pub fn resolve(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    Ok((host, port).to_socket_addrs()?.collect())
 }
 
 /// One configured upstream.
@@ -121,22 +168,9 @@ impl Upstream {
         self.is_healthy() && !self.breaker.is_open()
     }
 
-    pub fn http(&self) -> Option<(&SocketAddr, &str, &str)> {
+    pub fn http(&self) -> Option<&Http> {
         match &self.target {
-            Target::Http {
-                addr,
-                authority,
-                path,
-                ..
-            } => Some((addr, authority, path)),
-            Target::Builtin => None,
-        }
-    }
-
-    /// TLS settings of an `https://` upstream.
-    pub fn tls(&self) -> Option<&tls::Tls> {
-        match &self.target {
-            Target::Http { tls, .. } => tls.as_ref(),
+            Target::Http(h) => Some(h),
             Target::Builtin => None,
         }
     }
@@ -166,7 +200,7 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    /// Builds the registry; resolves host names once, here.
+    /// Builds the registry; resolves host names (again later: [`Http::re_resolve`]).
     pub fn new(config: &Config) -> std::io::Result<Upstreams> {
         let r = &config.routing;
         let cb = &r.circuit_breaker;
@@ -179,15 +213,13 @@ impl Upstreams {
                     Target::Builtin
                 } else {
                     let u = UpstreamUrl::parse(&e.url).map_err(std::io::Error::other)?;
-                    let addr = u
-                        .authority
-                        .to_socket_addrs()
+                    let addr = resolve(&u.host, u.port)
                         .ok()
-                        .and_then(|mut a| a.next())
+                        .and_then(|a| a.first().copied())
                         .ok_or_else(|| {
                             std::io::Error::other(format!(
                                 "service_discovery.static.endpoints.{ns}: cannot resolve {}",
-                                u.authority
+                                u.host
                             ))
                         })?;
                     let tls = match u.tls {
@@ -207,12 +239,18 @@ impl Upstreams {
                             })
                         }
                     };
-                    Target::Http {
-                        addr,
+                    Target::Http(Http {
+                        name: u
+                            .host
+                            .parse::<std::net::IpAddr>()
+                            .is_err()
+                            .then_some(u.host),
+                        port: u.port,
+                        addr: AtomicCell::new(addr),
                         authority: u.authority,
                         path: u.path,
                         tls,
-                    }
+                    })
                 };
                 members.push(all.len());
                 all.push(Upstream {
@@ -404,12 +442,44 @@ mod tests {
     }
 
     #[test]
+    fn a_host_name_is_resolved_again_and_followed_when_it_moves() {
+        let yaml = "service_discovery:\n  static:\n    endpoints:\n      default:\n        - url: http://localhost:9001/mcp\n        - url: http://127.0.0.1:9002\n";
+        let u = Upstreams::new(&Config::parse(yaml, false).unwrap()).unwrap();
+        let (named, literal) = (u.all[0].http().unwrap(), u.all[1].http().unwrap());
+        let start = named.addr();
+        assert_eq!(start.port(), 9001);
+        let other: SocketAddr = "10.9.9.9:9001".parse().unwrap();
+        let moved: SocketAddr = "10.1.1.1:9001".parse().unwrap();
+        // Still among the answers: kept (its pooled connections stay meaningful).
+        let r = named.re_resolve(|host, port| {
+            assert_eq!((host, port), ("localhost", 9001));
+            Ok(vec![other, start])
+        });
+        assert_eq!((r, named.addr()), (Ok(None), start));
+        // Gone from the answers: the first one is taken.
+        let r = named.re_resolve(|_, _| Ok(vec![moved, other]));
+        assert_eq!((r, named.addr()), (Ok(Some((start, moved))), moved));
+        // A failed or empty answer keeps what is in use.
+        let r = named.re_resolve(|_, _| Err(std::io::Error::other("no DNS")));
+        assert_eq!(r, Err("cannot resolve localhost: no DNS".to_string()));
+        let r = named.re_resolve(|_, _| Ok(vec![]));
+        assert!(r.is_err());
+        assert_eq!(named.addr(), moved);
+        // An address is not resolved at all.
+        let r = literal.re_resolve(|_, _| panic!("an address needs no resolving"));
+        assert_eq!(
+            (r, literal.addr()),
+            (Ok(None), "127.0.0.1:9002".parse().unwrap())
+        );
+    }
+
+    #[test]
     fn session_ids_name_their_upstream() {
         let yaml = "service_discovery:\n  static:\n    endpoints:\n      default:\n        - url: http://127.0.0.1:9001/mcp\n        - url: http://127.0.0.1:9002\n";
         let config = Config::parse(yaml, false).unwrap();
         let u = Upstreams::new(&config).unwrap();
         let second = &u.all[1];
-        assert_eq!(second.http().unwrap().2, "/mcp");
+        assert_eq!(second.http().unwrap().path, "/mcp");
         let mut id = second.tag.to_vec();
         id.extend_from_slice(b"abc-123");
         let (found, rest) = u.session(0, &id).unwrap();

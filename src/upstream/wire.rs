@@ -250,7 +250,8 @@ pub fn write_request(
     session: Option<&[u8]>,
     body_len: Option<usize>,
 ) {
-    let (_, authority, path) = upstream.http().expect("an HTTP upstream");
+    let http = upstream.http().expect("an HTTP upstream");
+    let (authority, path) = (&http.authority, &http.path);
     let _ = write!(
         out,
         "{method} {path}{query} HTTP/1.1\r\nHost: {authority}\r\n"
