@@ -519,12 +519,12 @@ impl Config {
                     }
                 }
                 if let Some(f) = &e.tls_ca_file {
-                    if let Err(why) = crate::upstream::tls::read_roots(f) {
+                    if let Err(why) = crate::tls::read_roots(f) {
                         p.push(format!("{key}[{i}].tls_ca_file: {why}"));
                     }
                 }
                 if let Some(n) = &e.tls_server_name {
-                    if let Err(why) = crate::upstream::tls::server_name(n) {
+                    if let Err(why) = crate::tls::server_name(n) {
                         p.push(format!("{key}[{i}].tls_server_name: {why}"));
                     }
                 }

@@ -21,7 +21,7 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use crate::upstream::stream::Stream;
+use crate::stream::Stream;
 use crate::worker::{Registration, Worker};
 
 /// Capacity of a pooled buffer; requests that need more grow their buffer, which is then dropped

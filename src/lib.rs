@@ -10,6 +10,8 @@
 //! - [`proxy_protocol`]: PROXY protocol headers from trusted load balancers.
 //! - [`network`]: IP networks (CIDR) and the one form addresses are compared in.
 //! - [`conn`]: connection I/O shared by the doors: buffer pool, idle wait, timed reads/writes.
+//! - [`stream`]: a connection, plain or TLS, on either side; [`tls`]: rustls, its
+//!   configurations and the TLS stream.
 //! - [`http`]: the Streamable HTTP front door (and the WebSocket upgrade).
 //! - [`websocket`]: the WebSocket front door after the upgrade.
 //! - [`mcpb`]: the framed-TCP (MCPB) front door.
@@ -33,6 +35,8 @@ pub mod network;
 pub mod proxy_protocol;
 pub mod reload;
 pub mod runtime;
+pub mod stream;
+pub mod tls;
 pub mod upstream;
 pub mod websocket;
 pub mod worker;

@@ -187,7 +187,8 @@ fn the_health_check_speaks_tls_and_says_why_it_failed() {
 /// rustls make the stream readable at once, although the socket has nothing more.
 #[test]
 fn a_tls_stream_is_readable_while_decrypted_bytes_wait() {
-    use mcp_gateway::upstream::tls::{client_config, server_name, Tls, TlsStream};
+    use mcp_gateway::stream::Stream;
+    use mcp_gateway::tls::{client_config, server_name, Tls, TlsStream};
     use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 
     let ca = Ca::new();
@@ -216,7 +217,7 @@ fn a_tls_stream_is_readable_while_decrypted_bytes_wait() {
         .unwrap();
     rt.block_on(async move {
         let tcp = monoio::net::TcpStream::connect_addr(addr).await.unwrap();
-        let mut s = TlsStream::connect(tcp, &tls).await.unwrap();
+        let mut s = Stream::Tls(Box::new(TlsStream::connect(tcp, &tls).await.unwrap()));
         let (r, _) = s.write_all(b"hello".to_vec()).await;
         r.unwrap();
         let (r, first) = s.read(Vec::with_capacity(5)).await;
@@ -275,7 +276,8 @@ fn tls_keys_are_checked_with_their_key_path() {
 /// (here a key update) leaves it usable, the server's close_notify retires it.
 #[test]
 fn an_idle_tls_stream_survives_a_key_update_but_not_a_close() {
-    use mcp_gateway::upstream::tls::{client_config, server_name, Tls, TlsStream};
+    use mcp_gateway::stream::Stream;
+    use mcp_gateway::tls::{client_config, server_name, Tls, TlsStream};
     use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 
     let ca = Ca::new();
@@ -310,7 +312,7 @@ fn an_idle_tls_stream_survives_a_key_update_but_not_a_close() {
         .unwrap();
     rt.block_on(async move {
         let tcp = monoio::net::TcpStream::connect_addr(addr).await.unwrap();
-        let mut s = TlsStream::connect(tcp, &tls).await.unwrap();
+        let mut s = Stream::Tls(Box::new(TlsStream::connect(tcp, &tls).await.unwrap()));
         let (r, _) = s.write_all(b"hello".to_vec()).await;
         r.unwrap();
         let (r, got) = s.read(Vec::with_capacity(64)).await;

@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use monoio::net::TcpStream;
 
-use crate::upstream::stream::Stream;
+use crate::stream::Stream;
 
 use super::request::{self, BodyKind, ChunkStep, Chunked, Head, Method, Refusal};
 use super::response;

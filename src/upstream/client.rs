@@ -17,11 +17,11 @@ use std::time::Instant;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
-use super::stream::Stream;
-use super::tls::TlsStream;
 use super::wire::{parse_response, ClientHead, ResponseHead};
 use super::{Failure, Upstream, Upstreams};
 use crate::conn::{give_buf, read_more, take_buf, until, ReadError};
+use crate::stream::Stream;
+use crate::tls::TlsStream;
 
 /// Idle upstream connections kept per upstream per core.
 const POOL_MAX: usize = 256;

@@ -7,7 +7,6 @@
 //!   skipping upstreams that health checks or their breaker took out;
 //! - [`breaker`]: one circuit breaker per upstream;
 //! - [`client`]: the per-core keep-alive pool of upstream connections, and one exchange on them;
-//! - [`stream`]: an upstream connection, plain or TLS; [`tls`]: TLS to `https://` upstreams;
 //! - [`wire`]: the HTTP/1.1 wire format on the upstream side (heads written and parsed, bodies
 //!   decoded);
 //! - [`health`]: the active health checker (one thread for the process);
@@ -33,8 +32,6 @@ pub mod health;
 pub mod listen;
 pub mod outbox;
 pub mod rpc;
-pub mod stream;
-pub mod tls;
 pub mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -67,7 +64,7 @@ pub struct Http {
     /// Request path (`/mcp` unless configured).
     pub path: String,
     /// `https://`: how to open TLS to it.
-    pub tls: Option<tls::Tls>,
+    pub tls: Option<crate::tls::Tls>,
     /// The host to resolve (`None` for an address: nothing to resolve) and the port.
     name: Option<String>,
     port: u16,
@@ -232,10 +229,10 @@ impl Upstreams {
                                 ))
                             };
                             let name = e.tls_server_name.as_deref().unwrap_or(&u.host);
-                            Some(tls::Tls {
-                                config: tls::client_config(e.tls_ca_file.as_deref())
+                            Some(crate::tls::Tls {
+                                config: crate::tls::client_config(e.tls_ca_file.as_deref())
                                     .map_err(fail)?,
-                                name: tls::server_name(name).map_err(fail)?,
+                                name: crate::tls::server_name(name).map_err(fail)?,
                             })
                         }
                     };

@@ -1,15 +1,16 @@
-//! TLS to `https://` upstreams: each upstream's client configuration (made once at startup) and
-//! the stream that runs rustls over a monoio `TcpStream`.
+//! TLS (rustls, with the `ring` provider): the client configuration of each `https://` upstream,
+//! the server configuration of the client doors (`server.tls_cert_file`), both made once at
+//! startup, and the stream that runs rustls over a monoio `TcpStream` on either side.
 //!
-//! Written here rather than taken from `monoio-rustls` because the forwarding path needs two
-//! things that crate does not give: a readiness wait that knows about bytes rustls already
-//! decrypted, and no read buffer held by an idle connection.
+//! Written here rather than taken from `monoio-rustls` because both sides need two things that
+//! crate does not give: a readiness wait that knows about bytes rustls already decrypted, and no
+//! read buffer held by an idle connection.
 //!
 //! Invariants:
-//! - Certificates are always verified, against the bundled Mozilla roots (`webpki-roots`) or the
-//!   upstream's `tls_ca_file`, for the URL's host or its `tls_server_name`. Nothing turns that
-//!   off.
-//! - Only HTTP/1.1 is offered (ALPN `http/1.1`): the forwarding path speaks nothing else.
+//! - Upstream certificates are always verified, against the bundled Mozilla roots
+//!   (`webpki-roots`) or the upstream's `tls_ca_file`, for the URL's host or its
+//!   `tls_server_name`. Nothing turns that off.
+//! - Only HTTP/1.1 is offered and accepted (ALPN `http/1.1`): nothing else is spoken.
 //! - [`TlsStream::readable`] is ready while decrypted bytes wait inside rustls, not only when the
 //!   socket is: a wait on the socket alone could sleep on an event that already arrived.
 //! - An idle stream holds no buffer of ours: ciphertext is read into a buffer of the core's pool
@@ -26,8 +27,8 @@ use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use monoio::BufResult;
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig};
 
 use crate::conn::{give_buf, peek, take_buf, Peek};
 
@@ -71,6 +72,33 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String
     Ok(Arc::new(config))
 }
 
+/// The doors' server configuration: the certificate chain in the PEM file `cert_file` (the
+/// server's own first) and the private key in `key_file` (PKCS#8, PKCS#1 or SEC1), ALPN
+/// `http/1.1`. The error names the file at fault and why.
+pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| format!("{}: {e}", cert_file.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "{}: no certificate in the file",
+            cert_file.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("{}: {e}", key_file.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("{} with {}: {e}", cert_file.display(), key_file.display()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// What an upstream needs to open TLS connections: its configuration and the name it checks.
 #[derive(Debug, Clone)]
 pub struct Tls {
@@ -78,10 +106,11 @@ pub struct Tls {
     pub name: ServerName<'static>,
 }
 
-/// A TLS client connection over a monoio `TcpStream`.
+/// A TLS connection over a monoio `TcpStream`: a client's to a door, or the gateway's to an
+/// upstream.
 pub struct TlsStream {
     tcp: TcpStream,
-    tls: ClientConnection,
+    tls: Connection,
     /// Decrypted bytes not yet read (as of the last read): see [`TlsStream::readable`].
     buffered: bool,
 }
@@ -91,13 +120,23 @@ fn invalid(e: rustls::Error) -> io::Error {
 }
 
 impl TlsStream {
-    /// Runs the handshake over `tcp` (the caller bounds it in time). The error says why it
-    /// failed (`invalid peer certificate: UnknownIssuer`, ...).
+    /// Runs the client side of the handshake over `tcp` (the caller bounds it in time). The
+    /// error says why it failed (`invalid peer certificate: UnknownIssuer`, ...).
     pub async fn connect(tcp: TcpStream, tls: &Tls) -> io::Result<TlsStream> {
         let conn = ClientConnection::new(tls.config.clone(), tls.name.clone()).map_err(invalid)?;
+        TlsStream::handshake(tcp, conn.into()).await
+    }
+
+    /// Runs the server side of the handshake over `tcp` (the caller bounds it in time).
+    pub async fn accept(tcp: TcpStream, config: &Arc<ServerConfig>) -> io::Result<TlsStream> {
+        let conn = rustls::ServerConnection::new(config.clone()).map_err(invalid)?;
+        TlsStream::handshake(tcp, conn.into()).await
+    }
+
+    async fn handshake(tcp: TcpStream, tls: Connection) -> io::Result<TlsStream> {
         let mut s = TlsStream {
             tcp,
-            tls: conn,
+            tls,
             buffered: false,
         };
         while s.tls.is_handshaking() {
@@ -105,7 +144,7 @@ impl TlsStream {
             if s.tls.is_handshaking() && s.receive_tls().await? == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    "the upstream closed the connection during the TLS handshake",
+                    "the peer closed the connection during the TLS handshake",
                 ));
             }
         }
@@ -161,13 +200,15 @@ impl TlsStream {
         fed
     }
 
-    /// Waits until a read would make progress: decrypted bytes are waiting, or the socket has
-    /// something (bytes, EOF or an error).
-    pub async fn readable(&self) -> io::Result<()> {
-        if self.buffered {
-            return Ok(());
-        }
-        self.tcp.readable(false).await
+    /// The socket under the TLS session.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Decrypted bytes (or the session's end) wait inside rustls: a read returns at once, so a
+    /// wait for readiness must not wait on the socket.
+    pub fn buffered(&self) -> bool {
+        self.buffered
     }
 
     /// Whether an idle pooled connection can carry a request: nothing to read on the socket and
