@@ -104,6 +104,13 @@ pub struct ServerConfig {
     /// are not browsers) always pass, and so do loopback pages. Empty (the default): loopback
     /// pages only.
     pub allowed_origins: Vec<String>,
+    /// PEM certificate chain (the server's certificate first): with `tls_key_file`, both client
+    /// doors speak TLS (HTTPS and WSS on `port`, MCPB over TLS on `tcp_port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file` (PKCS#8, PKCS#1 or SEC1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
     /// Seconds a client may take to send a whole request once it has started one.
     pub read_timeout: f64,
     /// Seconds a response write may take.
@@ -135,6 +142,8 @@ impl Default for ServerConfig {
             per_ip_overrides: Vec::new(),
             proxy_protocol_networks: Vec::new(),
             allowed_origins: Vec::new(),
+            tls_cert_file: None,
+            tls_key_file: None,
             read_timeout: 30.0,
             write_timeout: 30.0,
             idle_timeout: 120.0,
@@ -399,6 +408,20 @@ impl Config {
                      (scheme://host[:port] without a path, \"null\" or \"*\")"
                 ));
             }
+        }
+        match (&s.tls_cert_file, &s.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                if let Err(why) = crate::tls::server_config(cert, key) {
+                    p.push(format!("server.tls_cert_file, server.tls_key_file: {why}"));
+                }
+            }
+            (Some(_), None) => {
+                p.push("server.tls_key_file: needed with server.tls_cert_file".into())
+            }
+            (None, Some(_)) => {
+                p.push("server.tls_cert_file: needed with server.tls_key_file".into())
+            }
+            (None, None) => {}
         }
         if !s.per_ip_overrides.is_empty() && s.max_connections_per_ip == 0 {
             p.push(

@@ -21,8 +21,32 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
+use crate::metrics::{Frontend, ProtocolError};
 use crate::stream::Stream;
+use crate::tls::TlsStream;
 use crate::worker::{Registration, Worker};
+
+/// The connection a door serves: the socket as it is, or, when the doors speak TLS, the session
+/// a handshake within `read_timeout` opens on it. A failed or late handshake is counted
+/// (`protocol_errors{kind="tls"}`) and closed (`None`); a peer that leaves before sending a byte
+/// (a TCP health check) is closed quietly.
+pub async fn open(worker: &'static Worker, tcp: TcpStream, door: Frontend) -> Option<Stream> {
+    let Some(config) = &worker.tls else {
+        return Some(Stream::Plain(tcp));
+    };
+    let deadline = Instant::now() + worker.settings().read_timeout;
+    match until(deadline, TlsStream::accept(tcp, config)).await {
+        Ok(Ok(s)) => return Some(Stream::Tls(Box::new(s))),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionAborted => return None,
+        Ok(Err(e)) => tracing::debug!(frontend = door.label(), error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(
+            frontend = door.label(),
+            "TLS handshake not done within read_timeout"
+        ),
+    }
+    worker.metrics.protocol_error(door, ProtocolError::Tls);
+    None
+}
 
 /// Capacity of a pooled buffer; requests that need more grow their buffer, which is then dropped
 /// instead of pooled when it is larger than `MAX_POOLED` (64 KiB).
@@ -73,32 +97,40 @@ pub enum Wait {
 pub fn wait_idle<'a>(
     worker: &'a Worker,
     reg: &'a Registration,
-    stream: &'a TcpStream,
+    stream: &'a Stream,
     limit: Duration,
 ) -> impl Future<Output = Wait> + 'a {
+    if stream.buffered() {
+        return IdleWait::Now; // a TLS connection's next request is already decrypted
+    }
     worker.idle_begin(reg, limit);
-    IdleWait {
-        ready: stream.readable(false),
+    IdleWait::Wait {
+        ready: stream.tcp().readable(false),
         worker,
         reg,
     }
 }
 
-struct IdleWait<'a, F> {
-    ready: F,
-    worker: &'a Worker,
-    reg: &'a Registration,
+/// No bigger than the wait itself: `Now` takes the niche of the references.
+enum IdleWait<'a, F> {
+    Now,
+    Wait {
+        ready: F,
+        worker: &'a Worker,
+        reg: &'a Registration,
+    },
 }
 
 impl<F: Future<Output = io::Result<()>>> Future for IdleWait<'_, F> {
     type Output = Wait;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Wait> {
         // SAFETY: `ready` is structurally pinned and never moved; the other fields are `Copy`.
-        let this = unsafe { self.get_unchecked_mut() };
+        let IdleWait::Wait { ready, worker, reg } = (unsafe { self.get_unchecked_mut() }) else {
+            return Poll::Ready(Wait::Ready);
+        };
         // SAFETY: as above.
-        let ready = unsafe { Pin::new_unchecked(&mut this.ready) };
-        let result = std::task::ready!(ready.poll(cx));
-        let expired = this.worker.idle_end(this.reg);
+        let result = std::task::ready!(unsafe { Pin::new_unchecked(ready) }.poll(cx));
+        let expired = worker.idle_end(reg);
         Poll::Ready(if expired || result.is_err() {
             Wait::Expired
         } else {
@@ -201,7 +233,7 @@ pub async fn read_watching(
     up: &mut Stream,
     buf: &mut Vec<u8>,
     deadline: Option<Instant>,
-    client: &TcpStream,
+    client: &Stream,
     watch: &mut bool,
 ) -> Watched {
     use monoio::buf::IoBufMut;
@@ -229,11 +261,11 @@ pub async fn read_watching(
     let mut read = std::pin::pin!(read);
     loop {
         if *watch {
-            let readable = client.readable(false);
+            let readable = client.readable();
             monoio::select! {
                 done = &mut read => return finish(done, buf),
                 _ = readable => {
-                    match peek(client) {
+                    match client.peek() {
                         Peek::Closed => return Watched::ClientGone,
                         Peek::Data => *watch = false,
                         Peek::Nothing => {}
@@ -251,7 +283,7 @@ pub async fn read_watching(
 /// now), watching `client` meanwhile as [`read_watching`] does while `*watch`.
 pub async fn until_readable(
     up: &Stream,
-    client: Option<&TcpStream>,
+    client: Option<&Stream>,
     watch: &mut bool,
 ) -> Option<Watched> {
     loop {
@@ -262,7 +294,7 @@ pub async fn until_readable(
         };
         monoio::select! {
             r = up_ready => return r.err().map(|_| Watched::Failed),
-            _ = client.readable(false) => match peek(client) {
+            _ = client.readable() => match client.peek() {
                 Peek::Closed => return Some(Watched::ClientGone),
                 Peek::Data => *watch = false,
                 Peek::Nothing => {}
@@ -284,8 +316,8 @@ fn finish(
 }
 
 /// Writes all of `data` within `limit`. Returns the buffer (cleared) for reuse on success.
-pub async fn write_all(
-    stream: &mut TcpStream,
+pub async fn write_all<S: AsyncWriteRent>(
+    stream: &mut S,
     data: Vec<u8>,
     limit: Duration,
 ) -> io::Result<Vec<u8>> {
@@ -303,7 +335,7 @@ pub async fn write_all(
 /// and discards what the client still sends (bounded in bytes and time) until it closes too.
 /// Closing a socket with unread bytes makes the kernel send RST, which can destroy the reply
 /// before the client reads it.
-pub async fn linger_close(mut stream: TcpStream, scrap: Option<Vec<u8>>) {
+pub async fn linger_close(mut stream: Stream, scrap: Option<Vec<u8>>) {
     let _ = stream.shutdown().await;
     let mut buf = scrap.unwrap_or_else(take_buf);
     let deadline = Instant::now() + Duration::from_secs(1);

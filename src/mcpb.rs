@@ -19,6 +19,8 @@ use std::time::Instant;
 
 use monoio::net::TcpStream;
 
+use crate::stream::Stream;
+
 use crate::conn::{give_buf, linger_close, read_more, take_buf, write_all, ReadError};
 use crate::echo;
 use crate::limiter::{rate, Permit};
@@ -124,12 +126,12 @@ enum Step {
 #[allow(clippy::manual_async_fn)] // on purpose: see above
 pub fn serve(
     worker: &'static Worker,
-    mut stream: TcpStream,
+    mut stream: Stream,
     permit: Permit,
 ) -> impl Future<Output = ()> {
     async move {
         let _held = &permit;
-        let reg = &worker.register(&stream, Frontend::Tcp);
+        let reg = &worker.register(stream.tcp(), Frontend::Tcp);
         let s = worker.settings();
         // MCPB has no namespace in its frames: it serves the `default` namespace.
         let ns = worker.shared.upstreams.namespace("default").unwrap_or(0);
@@ -166,7 +168,7 @@ pub fn serve(
 async fn exchange(
     worker: &'static Worker,
     permit: &Permit,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     pending: &mut Option<Vec<u8>>,
     ns: usize,
     session: &mut MsgSession,
@@ -276,7 +278,7 @@ async fn exchange(
 
 async fn refuse(
     worker: &'static Worker,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     mut out: Vec<u8>,
     bad: BadFrame,
 ) -> Step {
@@ -293,11 +295,15 @@ async fn refuse(
 /// carrying `message`, counted as `kind`, then closes without a reset.
 pub async fn refuse_connection(
     worker: &'static Worker,
-    mut stream: TcpStream,
+    tcp: TcpStream,
     kind: ProtocolError,
     message: &'static str,
 ) {
     worker.metrics.protocol_error(Frontend::Tcp, kind);
+    if worker.tls.is_some() {
+        return; // what follows a bad header is no TLS handshake to answer in
+    }
+    let mut stream = Stream::Plain(tcp);
     let bad = BadFrame(-32600, message);
     if let Step::Linger(buf) = refuse(worker, &mut stream, take_buf(), bad).await {
         linger_close(stream, Some(buf)).await;

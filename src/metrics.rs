@@ -71,15 +71,19 @@ pub enum ProtocolError {
     ProxyHeader = 3,
     /// A request from a browser page of an origin `server.allowed_origins` does not allow (403).
     Origin = 4,
+    /// A TLS handshake on a door that failed (not TLS, no common version, a bad record) or did
+    /// not finish within `read_timeout`.
+    Tls = 5,
 }
 
 impl ProtocolError {
-    const LABELS: [&'static str; 5] = [
+    const LABELS: [&'static str; 6] = [
         "malformed",
         "too_large",
         "timeout",
         "proxy_header",
         "origin",
+        "tls",
     ];
 }
 

@@ -98,6 +98,12 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
                     .collect(),
             ),
             allowed_origins: crate::http::origin::Origins::new(&s.allowed_origins),
+            tls: match (&s.tls_cert_file, &s.tls_key_file) {
+                (Some(cert), Some(key)) => {
+                    Some(crate::tls::server_config(cert, key).map_err(std::io::Error::other)?)
+                }
+                _ => None,
+            },
         },
         limiter,
         metrics,

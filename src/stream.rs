@@ -50,6 +50,15 @@ impl Stream {
         self.tcp().readable(false).await
     }
 
+    /// What the peer has sent, looked at without taking anything: decrypted bytes waiting
+    /// count as data.
+    pub fn peek(&self) -> Peek {
+        match self.buffered() {
+            true => Peek::Data,
+            false => peek(self.tcp()),
+        }
+    }
+
     /// Whether an idle pooled connection can carry a request: the upstream has sent nothing
     /// since its last response (no EOF, no stray bytes).
     pub fn idle_usable(&mut self) -> bool {

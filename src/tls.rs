@@ -139,13 +139,26 @@ impl TlsStream {
             tls,
             buffered: false,
         };
+        let mut received = 0;
         while s.tls.is_handshaking() {
             s.send_tls().await?;
-            if s.tls.is_handshaking() && s.receive_tls().await? == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the peer closed the connection during the TLS handshake",
-                ));
+            if s.tls.is_handshaking() {
+                match s.receive_tls().await? {
+                    // A peer that sent nothing at all (a TCP health check): not a failure.
+                    0 if received == 0 => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            "the peer closed the connection before the TLS handshake",
+                        ))
+                    }
+                    0 => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the peer closed the connection during the TLS handshake",
+                        ))
+                    }
+                    n => received += n,
+                }
             }
         }
         s.send_tls().await?;

@@ -18,8 +18,8 @@
 use std::future::Future;
 use std::time::Instant;
 
+use crate::stream::Stream;
 use base64::Engine as _;
-use monoio::net::TcpStream;
 use sha1::{Digest, Sha1};
 
 use crate::conn::{give_buf, linger_close, read_more, take_buf, write_all, ReadError};
@@ -207,7 +207,7 @@ fn text_frame(out: &mut Vec<u8>, payload: &[u8]) {
 #[allow(clippy::manual_async_fn)] // on purpose: see above
 pub fn serve<'a>(
     worker: &'static Worker,
-    mut stream: TcpStream,
+    mut stream: Stream,
     reg: &'a Registration,
     permit: &'a Permit,
     first: Vec<u8>,
@@ -264,7 +264,7 @@ pub fn serve<'a>(
 async fn exchange(
     worker: &'static Worker,
     permit: &Permit,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     pending: Option<Vec<u8>>,
     assembly: &mut Assembly,
     ns: usize,
@@ -426,7 +426,7 @@ async fn exchange(
 }
 
 /// Closes a connection that has no exchange in progress (idle timeout, drain).
-async fn close_idle(worker: &'static Worker, mut stream: TcpStream, why: CloseWith) {
+async fn close_idle(worker: &'static Worker, mut stream: Stream, why: CloseWith) {
     let mut out = take_buf();
     write_close(&mut out, why);
     if write_all(&mut stream, out, worker.settings().write_timeout)
@@ -438,7 +438,7 @@ async fn close_idle(worker: &'static Worker, mut stream: TcpStream, why: CloseWi
 }
 
 async fn flush(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     out: Vec<u8>,
     limit: std::time::Duration,
 ) -> std::io::Result<()> {
@@ -451,7 +451,7 @@ async fn flush(
 
 async fn close_with(
     worker: &'static Worker,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     mut out: Vec<u8>,
     why: CloseWith,
 ) -> WsStep {

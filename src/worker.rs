@@ -20,10 +20,13 @@ use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use monoio::net::{TcpListener, TcpStream};
+
+use crate::stream::Stream;
 use slab::Slab;
 
 use crate::limiter::{Limiter, Permit, Rejection};
@@ -31,7 +34,7 @@ use crate::metrics::{AcceptError, CoreMetrics, Frontend, Metrics, ProtocolError}
 use crate::proxy_protocol::{self, HeaderError, Trusted};
 use crate::upstream::balance::Balancer;
 use crate::upstream::Upstreams;
-use crate::{http, mcpb};
+use crate::{conn, http, mcpb};
 
 /// Process-wide, read-only settings the connection tasks need, resolved from the configuration.
 pub struct Settings {
@@ -44,6 +47,9 @@ pub struct Settings {
     pub proxy_protocol: Trusted,
     /// `server.allowed_origins`.
     pub allowed_origins: crate::http::origin::Origins,
+    /// `server.tls_cert_file` and `server.tls_key_file` made into a server configuration: each
+    /// worker serves TLS with its own copy (see [`Worker::tls`]).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// What every worker shares (all `&'static`, created once at startup).
@@ -72,6 +78,10 @@ pub struct Worker {
     epoch: Instant,
     rejecting: Cell<usize>,
     rng: Cell<u64>,
+    /// This core's TLS server configuration (the doors speak TLS when set): a copy of the
+    /// process's with a session cache of its own, so a handshake touches no reference count or
+    /// cache lock that other cores touch.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Worker {
@@ -90,6 +100,11 @@ impl Worker {
             epoch: Instant::now(),
             rejecting: Cell::new(0),
             rng: Cell::new(seed | 1),
+            tls: shared.settings.tls.as_ref().map(|c| {
+                let mut own = (**c).clone();
+                own.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
+                Arc::new(own)
+            }),
         }))
     }
 
@@ -121,14 +136,14 @@ impl Worker {
     /// The address to name in `X-Forwarded-For` for the client on `stream` (whose task is the
     /// one running) when its requests go to namespace `ns`, `routing.forwarded_for` is on and
     /// the namespace forwards to HTTP: the client its PROXY header named, else its peer.
-    pub fn forwarded_for(&self, ns: usize, stream: &TcpStream) -> Option<IpAddr> {
+    pub fn forwarded_for(&self, ns: usize, stream: &Stream) -> Option<IpAddr> {
         if !self.shared.upstreams.forwards_client(ns) {
             return None;
         }
         // monoio asks the kernel once per connection, then keeps the address.
         RELAYED
             .get()
-            .or_else(|| stream.peer_addr().ok().map(|a| a.ip().to_canonical()))
+            .or_else(|| stream.tcp().peer_addr().ok().map(|a| a.ip().to_canonical()))
     }
 
     /// 64 random bits (splitmix64, seeded per process and core): session ids.
@@ -334,15 +349,55 @@ fn admit(worker: &'static Worker, stream: TcpStream, ip: IpAddr, door: Frontend)
         Ok(p) => p,
         Err(why) => return refuse(worker, stream, ip, why, door),
     };
-    // TCP_NODELAY comes from the listener (see `runtime::bind_one`). The door's future is the
-    // task itself: no wrapper state on top of its idle wait.
+    // TCP_NODELAY comes from the listener (see `runtime::bind_one`).
     if relayed {
         monoio::spawn(CatchUnwind(relay(worker, stream, ip, permit, door)));
-    } else if door == Frontend::Tcp {
-        monoio::spawn(CatchUnwind(mcpb::serve(worker, stream, permit)));
     } else {
-        monoio::spawn(CatchUnwind(http::serve(worker, stream, permit)));
+        open_door(worker, stream, permit, door, None);
     }
+}
+
+/// Serves an admitted connection on `door` (as `client`, named by a PROXY header, when given):
+/// at once on plain doors; on TLS doors, once a task of its own has run the handshake
+/// ([`conn::open`]), so that the served future never holds the handshake's state.
+fn open_door(
+    worker: &'static Worker,
+    tcp: TcpStream,
+    permit: Permit,
+    door: Frontend,
+    client: Option<IpAddr>,
+) {
+    if worker.tls.is_none() {
+        return serve_door(worker, Stream::Plain(tcp), permit, door, client);
+    }
+    monoio::spawn(CatchUnwind(async move {
+        if let Some(stream) = conn::open(worker, tcp, door).await {
+            serve_door(worker, stream, permit, door, client);
+        }
+    }));
+}
+
+/// Spawns the door's future as the task itself: no wrapper state on top of its idle wait, but
+/// the client a PROXY header named (see [`WithClient`]).
+fn serve_door(
+    worker: &'static Worker,
+    stream: Stream,
+    permit: Permit,
+    door: Frontend,
+    client: Option<IpAddr>,
+) {
+    match (door, client) {
+        (Frontend::Tcp, None) => monoio::spawn(CatchUnwind(mcpb::serve(worker, stream, permit))),
+        (Frontend::Tcp, Some(c)) => {
+            let served = mcpb::serve(worker, stream, permit);
+            monoio::spawn(CatchUnwind(WithClient::new(c, served)))
+        }
+        (_, None) => monoio::spawn(CatchUnwind(http::serve(worker, stream, permit))),
+        (_, Some(c)) => {
+            let served = http::serve(worker, stream, permit);
+            monoio::spawn(CatchUnwind(WithClient::new(c, served)))
+        }
+    };
 }
 
 /// Counts and logs a connection the limiter refused, and gives it what it is owed. TCP: closed
@@ -380,18 +435,8 @@ async fn relay(
         Err(why) => return refuse(worker, stream, client, why, door),
     };
     // The balancer's own health check (client == peer) needs no wrapper.
-    match (door, client == peer) {
-        (Frontend::Tcp, true) => monoio::spawn(CatchUnwind(mcpb::serve(worker, stream, permit))),
-        (Frontend::Tcp, false) => {
-            let served = mcpb::serve(worker, stream, permit);
-            monoio::spawn(CatchUnwind(WithClient::new(client, served)))
-        }
-        (_, true) => monoio::spawn(CatchUnwind(http::serve(worker, stream, permit))),
-        (_, false) => {
-            let served = http::serve(worker, stream, permit);
-            monoio::spawn(CatchUnwind(WithClient::new(client, served)))
-        }
-    };
+    let named = (client != peer).then_some(client);
+    open_door(worker, stream, permit, door, named);
 }
 
 thread_local! {

@@ -33,8 +33,10 @@ use std::time::Instant;
 
 use monoio::net::TcpStream;
 
+use crate::stream::Stream;
+
 use crate::conn::{
-    give_buf, linger_close, read_more, take_buf, wait_idle, write_all, ReadError, Wait,
+    give_buf, linger_close, open, read_more, take_buf, wait_idle, write_all, ReadError, Wait,
 };
 use crate::echo;
 use crate::limiter::{rate, Permit, Rejection};
@@ -65,12 +67,12 @@ enum Step {
 #[allow(clippy::manual_async_fn)] // on purpose: see above
 pub fn serve(
     worker: &'static Worker,
-    mut stream: TcpStream,
+    mut stream: Stream,
     permit: Permit,
 ) -> impl Future<Output = ()> {
     async move {
         let _held = &permit;
-        let reg = &worker.register(&stream, Frontend::Http);
+        let reg = &worker.register(stream.tcp(), Frontend::Http);
         let mut pending: Option<Vec<u8>> = None;
         let mut first = true;
         loop {
@@ -109,7 +111,7 @@ async fn exchange(
     worker: &'static Worker,
     reg: &Registration,
     permit: &Permit,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     pending: Option<Vec<u8>>,
 ) -> Step {
     let s = worker.settings();
@@ -270,7 +272,7 @@ fn proxied(worker: &Worker, head: &Head) -> Option<usize> {
 /// `Err(None)`: the client went away.
 async fn read_body(
     worker: &'static Worker,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut Vec<u8>,
     head: &Head,
     deadline: Instant,
@@ -319,7 +321,7 @@ async fn read_body(
 /// Sends `100 Continue` when the client waits for it before sending its body.
 pub(crate) async fn continue_if_expected(
     worker: &'static Worker,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     head: &Head,
 ) -> Result<(), Option<Refusal>> {
     if !head.expect_continue {
@@ -422,7 +424,7 @@ fn answer(worker: &'static Worker, head: &Head, body: &[u8], keep_alive: bool, o
 /// Sends a refusal and tells the caller to linger-close.
 async fn refuse(
     worker: &'static Worker,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: Vec<u8>,
     mut out: Vec<u8>,
     r: Refusal,
@@ -443,15 +445,25 @@ async fn refuse(
 
 /// Answers a connection refused before its first request (a bad PROXY header) with `r`, counted
 /// and logged like any refusal, then closes without a reset.
-pub async fn refuse_connection(worker: &'static Worker, mut stream: TcpStream, r: Refusal) {
+pub async fn refuse_connection(worker: &'static Worker, tcp: TcpStream, r: Refusal) {
+    if worker.tls.is_some() {
+        // What follows a bad header is no TLS handshake to answer in: count it and close.
+        worker.metrics.protocol_error(Frontend::Http, r.kind);
+        return;
+    }
+    let mut stream = Stream::Plain(tcp);
     if let Step::Linger(buf) = refuse(worker, &mut stream, take_buf(), take_buf(), r).await {
         linger_close(stream, Some(buf)).await;
     }
 }
 
 /// Answers a connection the limiter refused: reads its request head (bounded in size and time),
-/// sends 429 or 503 with `Retry-After: 1`, and closes without a reset.
-pub async fn reject(worker: &'static Worker, mut stream: TcpStream, why: Rejection) {
+/// sends 429 or 503 with `Retry-After: 1`, and closes without a reset. When the doors speak TLS,
+/// the handshake comes first (a browser or SDK client reads the status only inside TLS).
+pub async fn reject(worker: &'static Worker, tcp: TcpStream, why: Rejection) {
+    let Some(mut stream) = open(worker, tcp, Frontend::Http).await else {
+        return;
+    };
     let mut buf = take_buf();
     let deadline = Instant::now()
         + worker
@@ -514,6 +526,7 @@ mod tests {
                 max_message_size: 1024,
                 proxy_protocol: Default::default(),
                 allowed_origins: Default::default(),
+                tls: None,
             },
             limiter,
             metrics,
@@ -535,7 +548,7 @@ mod tests {
                 (TcpStream::from_std(server).unwrap(), permit)
             };
             let (stream, permit) = accept();
-            let http = serve(worker, stream, permit);
+            let http = serve(worker, Stream::Plain(stream), permit);
             let size = std::mem::size_of_val(&http);
             eprintln!("http::serve future: {size} bytes");
             assert!(size <= 320, "http::serve future is {size} bytes");
@@ -543,7 +556,8 @@ mod tests {
             // same future beside the client its header named.
             let (stream, permit) = accept();
             let client = std::net::Ipv4Addr::LOCALHOST.into();
-            let relayed = crate::worker::WithClient::new(client, serve(worker, stream, permit));
+            let served = serve(worker, Stream::Plain(stream), permit);
+            let relayed = crate::worker::WithClient::new(client, served);
             let size = std::mem::size_of_val(&relayed);
             eprintln!("relayed http::serve future: {size} bytes");
             assert!(
@@ -553,12 +567,13 @@ mod tests {
             // The message doors wait in `MsgSession::next`; their futures measured 1 920 bytes
             // with its writes inline, 600 with them boxed.
             let (stream, permit) = accept();
-            let mcpb = crate::mcpb::serve(worker, stream, permit);
+            let mcpb = crate::mcpb::serve(worker, Stream::Plain(stream), permit);
             let size = std::mem::size_of_val(&mcpb);
             eprintln!("mcpb::serve future: {size} bytes");
             assert!(size <= 640, "mcpb::serve future is {size} bytes");
             let (stream, permit) = accept();
             let reg = worker.register(&stream, crate::metrics::Frontend::Http);
+            let stream = Stream::Plain(stream);
             let ws = crate::websocket::serve(worker, stream, &reg, &permit, Vec::new(), 0);
             let size = std::mem::size_of_val(&ws);
             eprintln!("websocket::serve future: {size} bytes");

@@ -25,8 +25,6 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use monoio::net::TcpStream;
-
 use crate::stream::Stream;
 
 use super::request::{self, BodyKind, ChunkStep, Chunked, Head, Method, Refusal};
@@ -62,7 +60,7 @@ pub enum ReqBody {
 pub async fn forward(
     worker: &'static Worker,
     reg: &Registration,
-    client: &mut TcpStream,
+    client: &mut Stream,
     buf: &mut Vec<u8>,
     head: &Head,
     body: ReqBody,
@@ -222,7 +220,7 @@ enum Sent {
 #[allow(clippy::too_many_arguments)]
 async fn stream_body(
     worker: &'static Worker,
-    client: &mut TcpStream,
+    client: &mut Stream,
     buf: &mut Vec<u8>,
     head: &Head,
     kind: BodyKind,
@@ -321,7 +319,7 @@ async fn stream_body(
 async fn relay(
     worker: &'static Worker,
     reg: &Registration,
-    client: &mut TcpStream,
+    client: &mut Stream,
     mut up: Stream,
     mut buf: Vec<u8>,
     rh: &wire::ResponseHead,
@@ -411,7 +409,7 @@ async fn relay(
 const STREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
 
 /// Ends a chunked event stream cleanly (the gateway is draining); the connection then closes.
-async fn end_stream(worker: &Worker, client: &mut TcpStream, chunked: bool) {
+async fn end_stream(worker: &Worker, client: &mut Stream, chunked: bool) {
     if chunked {
         let mut out = take_buf();
         out.extend_from_slice(b"0\r\n\r\n");
@@ -448,7 +446,7 @@ fn frame_chunk(out: &mut Vec<u8>, data: &[u8]) {
 /// is gone, which MCP answers with 404 (start a new session).
 async fn fail(
     worker: &'static Worker,
-    client: &mut TcpStream,
+    client: &mut Stream,
     mut out: Vec<u8>,
     f: Failure,
     pinned: bool,

@@ -19,8 +19,8 @@ use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
+use crate::stream::Stream;
 use futures_channel::oneshot;
-use monoio::net::TcpStream;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -120,7 +120,7 @@ impl MsgSession {
         &mut self,
         worker: &'static Worker,
         message: Vec<u8>,
-        client: &mut TcpStream,
+        client: &mut Stream,
         out: &mut Vec<u8>,
         framing: &Framing,
     ) -> Result<(), ClientGone> {
@@ -167,7 +167,7 @@ impl MsgSession {
     /// Writes `out` and the queued messages to the client.
     async fn write_queued_with(
         &self,
-        client: &mut TcpStream,
+        client: &mut Stream,
         out: &mut Vec<u8>,
         framing: &Framing,
         worker: &Worker,
@@ -189,7 +189,7 @@ impl MsgSession {
     async fn write_queued(
         &self,
         worker: &Worker,
-        client: &mut TcpStream,
+        client: &mut Stream,
         framing: &Framing,
     ) -> Result<(), ClientGone> {
         let mut out = take_buf();
@@ -205,7 +205,7 @@ impl MsgSession {
     async fn settle(
         &self,
         worker: &Worker,
-        client: &mut TcpStream,
+        client: &mut Stream,
         framing: &Framing,
     ) -> Result<(), ClientGone> {
         while self.outbox.in_flight() > 0 {
@@ -223,7 +223,7 @@ impl MsgSession {
         &self,
         worker: &Worker,
         reg: &Registration,
-        client: &mut TcpStream,
+        client: &mut Stream,
         limit: std::time::Duration,
         framing: &Framing,
     ) -> Next {
@@ -254,7 +254,7 @@ impl MsgSession {
         &self,
         worker: &Worker,
         reg: &Registration,
-        stream: &TcpStream,
+        stream: &Stream,
         limit: std::time::Duration,
     ) -> Woke {
         let limit = if self.outbox.in_flight() > 0 {
