@@ -27,7 +27,7 @@ use crate::limiter::{rate, Permit};
 use crate::metrics::{Frontend, ProtocolError};
 use crate::upstream::rpc::{self, Framing, MsgSession, Next};
 use crate::upstream::Outcome;
-use crate::worker::Worker;
+use crate::worker::{Registration, Worker};
 
 /// Upstream replies as Response frames, upstream failures as Error frames (the connection stays).
 const FRAMING: Framing = Framing {
@@ -128,10 +128,11 @@ pub fn serve(
     worker: &'static Worker,
     mut stream: Stream,
     permit: Permit,
+    reg: Registration,
 ) -> impl Future<Output = ()> {
     async move {
         let _held = &permit;
-        let reg = &worker.register(stream.tcp(), Frontend::Tcp);
+        let reg = &reg;
         let s = worker.settings();
         // MCPB has no namespace in its frames: it serves the `default` namespace.
         let ns = worker.shared.upstreams.namespace("default").unwrap_or(0);

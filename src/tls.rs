@@ -111,8 +111,6 @@ pub struct Tls {
 pub struct TlsStream {
     tcp: TcpStream,
     tls: Connection,
-    /// Decrypted bytes not yet read (as of the last read): see [`TlsStream::readable`].
-    buffered: bool,
 }
 
 fn invalid(e: rustls::Error) -> io::Error {
@@ -134,11 +132,7 @@ impl TlsStream {
     }
 
     async fn handshake(tcp: TcpStream, tls: Connection) -> io::Result<TlsStream> {
-        let mut s = TlsStream {
-            tcp,
-            tls,
-            buffered: false,
-        };
+        let mut s = TlsStream { tcp, tls };
         let mut received = 0;
         while s.tls.is_handshaking() {
             s.send_tls().await?;
@@ -219,9 +213,13 @@ impl TlsStream {
     }
 
     /// Decrypted bytes (or the session's end) wait inside rustls: a read returns at once, so a
-    /// wait for readiness must not wait on the socket.
+    /// wait for readiness must not wait on the socket. Asked of rustls each time rather than
+    /// tracked: bytes can be decrypted by any read of the socket, the handshake's last one
+    /// included (a client's Finished and its first request often arrive together).
     pub fn buffered(&self) -> bool {
-        self.buffered
+        // Once the handshake is done, rustls wants more only when it holds no plaintext and
+        // has not seen the peer's close_notify.
+        !self.tls.is_handshaking() && !self.tls.wants_read()
     }
 
     /// Whether an idle pooled connection can carry a request: nothing to read on the socket and
@@ -230,7 +228,7 @@ impl TlsStream {
     /// the connection usable; anything else (data, an alert, EOF) does not.
     pub fn idle_usable(&mut self) -> bool {
         use std::os::fd::AsRawFd;
-        if self.buffered {
+        if self.buffered() {
             return false;
         }
         loop {
@@ -294,18 +292,12 @@ impl AsyncReadRent for TlsStream {
                         buf.set_init(n);
                     }
                     reader.consume(n);
-                    // More plaintext, or the end: either way the next read returns at once.
-                    self.buffered = !matches!(reader.fill_buf(),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock);
                     return (Ok(n), buf);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // The peer closed TCP without close_notify: many servers do; an HTTP body has
                 // its own framing to tell a cut-off response.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    self.buffered = false;
-                    return (Ok(0), buf);
-                }
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return (Ok(0), buf),
                 Err(e) => return (Err(e), buf),
             }
             if let Err(e) = self.receive_tls().await {

@@ -245,6 +245,11 @@ pub struct Registration {
 }
 
 impl Registration {
+    /// The door the connection counts on.
+    pub fn door(&self) -> Frontend {
+        self.door.get()
+    }
+
     /// The connection now counts on `door` (an HTTP upgrade to WebSocket).
     pub fn switch(&self, door: Frontend) {
         self.worker.metrics.closed(self.door.replace(door));
@@ -359,7 +364,8 @@ fn admit(worker: &'static Worker, stream: TcpStream, ip: IpAddr, door: Frontend)
 
 /// Serves an admitted connection on `door` (as `client`, named by a PROXY header, when given):
 /// at once on plain doors; on TLS doors, once a task of its own has run the handshake
-/// ([`conn::open`]), so that the served future never holds the handshake's state.
+/// ([`conn::open`]), so that the served future never holds the handshake's state. The
+/// connection counts as open on its door from here (a handshake too).
 fn open_door(
     worker: &'static Worker,
     tcp: TcpStream,
@@ -367,12 +373,13 @@ fn open_door(
     door: Frontend,
     client: Option<IpAddr>,
 ) {
+    let reg = worker.register(&tcp, door);
     if worker.tls.is_none() {
-        return serve_door(worker, Stream::Plain(tcp), permit, door, client);
+        return serve_door(worker, Stream::Plain(tcp), permit, reg, client);
     }
     monoio::spawn(CatchUnwind(async move {
         if let Some(stream) = conn::open(worker, tcp, door).await {
-            serve_door(worker, stream, permit, door, client);
+            serve_door(worker, stream, permit, reg, client);
         }
     }));
 }
@@ -383,18 +390,20 @@ fn serve_door(
     worker: &'static Worker,
     stream: Stream,
     permit: Permit,
-    door: Frontend,
+    reg: Registration,
     client: Option<IpAddr>,
 ) {
-    match (door, client) {
-        (Frontend::Tcp, None) => monoio::spawn(CatchUnwind(mcpb::serve(worker, stream, permit))),
+    match (reg.door(), client) {
+        (Frontend::Tcp, None) => {
+            monoio::spawn(CatchUnwind(mcpb::serve(worker, stream, permit, reg)))
+        }
         (Frontend::Tcp, Some(c)) => {
-            let served = mcpb::serve(worker, stream, permit);
+            let served = mcpb::serve(worker, stream, permit, reg);
             monoio::spawn(CatchUnwind(WithClient::new(c, served)))
         }
-        (_, None) => monoio::spawn(CatchUnwind(http::serve(worker, stream, permit))),
+        (_, None) => monoio::spawn(CatchUnwind(http::serve(worker, stream, permit, reg))),
         (_, Some(c)) => {
-            let served = http::serve(worker, stream, permit);
+            let served = http::serve(worker, stream, permit, reg);
             monoio::spawn(CatchUnwind(WithClient::new(c, served)))
         }
     };

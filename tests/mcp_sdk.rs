@@ -72,8 +72,14 @@ fn upstream(name: &str, ca: Option<&tls::Ca>, dir: &std::path::Path) -> (Py, Str
     (Py(child), format!("{scheme}://127.0.0.1:{port}/mcp"))
 }
 
-fn client(url: &str, transport: &str, sessions: usize) -> serde_json::Value {
-    let out = Command::new("python3")
+/// Runs the SDK's client against `url`; over TLS it trusts `ca` (`SSL_CERT_FILE`, which both
+/// httpx and Python's `ssl` read).
+fn client(url: &str, transport: &str, sessions: usize, ca: Option<&tls::Ca>) -> serde_json::Value {
+    let mut cmd = Command::new("python3");
+    if let Some(ca) = ca {
+        cmd.env("SSL_CERT_FILE", &ca.ca_file);
+    }
+    let out = cmd
         .args([&py("client.py"), "--url", url, "--transport", transport])
         .args(["--sessions", &sessions.to_string(), "--calls", "4"])
         .stderr(Stdio::inherit())
@@ -119,17 +125,23 @@ fn check(report: &serde_json::Value, sessions: usize) {
 
 #[test]
 fn sdk_clients_work_through_the_gateway_and_sessions_stick() {
-    through_the_gateway(None);
+    through_the_gateway(None, false);
 }
 
 #[test]
 fn sdk_clients_work_through_the_gateway_with_https_upstreams() {
-    through_the_gateway(Some(&tls::Ca::new()));
+    through_the_gateway(Some(&tls::Ca::new()), false);
+}
+
+#[test]
+fn sdk_clients_work_over_https_and_wss_through_the_gateway_to_https_upstreams() {
+    through_the_gateway(Some(&tls::Ca::new()), true);
 }
 
 /// Two SDK servers (over TLS with certificates from `ca`, which the gateway is told to trust),
-/// the SDK's clients through the gateway on both its doors, and no upstream request failed.
-fn through_the_gateway(ca: Option<&tls::Ca>) {
+/// the SDK's clients through the gateway on both its doors (over TLS too with `tls_doors`), and
+/// no upstream request failed.
+fn through_the_gateway(ca: Option<&tls::Ca>, tls_doors: bool) {
     if !sdk_available() {
         return;
     }
@@ -142,12 +154,24 @@ fn through_the_gateway(ca: Option<&tls::Ca>) {
     let rest = format!(
         "routing:\n  health_check_interval: 1\nservice_discovery:\n  static:\n    endpoints:\n      default:\n        - url: {a}\n{trust}        - url: {b}\n{trust}"
     );
-    let gw = start_with("", &rest);
+    let doors = match (ca, tls_doors) {
+        (Some(ca), true) => ca.door_keys(dir.path()),
+        _ => String::new(),
+    };
+    let gw = start_with(&doors, &rest);
     let port = gw.http.port();
-    let http = format!("http://127.0.0.1:{port}/mcp");
-    check(&client(&http, "http", 4), 4);
-    let ws = format!("ws://127.0.0.1:{port}/mcp");
-    check(&client(&ws, "ws", 2), 2);
+    let (http, ws, trust) = match tls_doors {
+        true => ("https", "wss", ca),
+        false => ("http", "ws", None),
+    };
+    check(
+        &client(&format!("{http}://127.0.0.1:{port}/mcp"), "http", 4, trust),
+        4,
+    );
+    check(
+        &client(&format!("{ws}://127.0.0.1:{port}/mcp"), "ws", 2, trust),
+        2,
+    );
     gw.wait_all_closed();
     for u in [&a, &b] {
         let bad = [

@@ -69,10 +69,11 @@ pub fn serve(
     worker: &'static Worker,
     mut stream: Stream,
     permit: Permit,
+    reg: Registration,
 ) -> impl Future<Output = ()> {
     async move {
         let _held = &permit;
-        let reg = &worker.register(stream.tcp(), Frontend::Http);
+        let reg = &reg;
         let mut pending: Option<Vec<u8>> = None;
         let mut first = true;
         loop {
@@ -548,7 +549,8 @@ mod tests {
                 (TcpStream::from_std(server).unwrap(), permit)
             };
             let (stream, permit) = accept();
-            let http = serve(worker, Stream::Plain(stream), permit);
+            let reg = worker.register(&stream, Frontend::Http);
+            let http = serve(worker, Stream::Plain(stream), permit, reg);
             let size = std::mem::size_of_val(&http);
             eprintln!("http::serve future: {size} bytes");
             assert!(size <= 320, "http::serve future is {size} bytes");
@@ -556,7 +558,8 @@ mod tests {
             // same future beside the client its header named.
             let (stream, permit) = accept();
             let client = std::net::Ipv4Addr::LOCALHOST.into();
-            let served = serve(worker, Stream::Plain(stream), permit);
+            let reg = worker.register(&stream, Frontend::Http);
+            let served = serve(worker, Stream::Plain(stream), permit, reg);
             let relayed = crate::worker::WithClient::new(client, served);
             let size = std::mem::size_of_val(&relayed);
             eprintln!("relayed http::serve future: {size} bytes");
@@ -567,12 +570,13 @@ mod tests {
             // The message doors wait in `MsgSession::next`; their futures measured 1 920 bytes
             // with its writes inline, 600 with them boxed.
             let (stream, permit) = accept();
-            let mcpb = crate::mcpb::serve(worker, Stream::Plain(stream), permit);
+            let reg = worker.register(&stream, Frontend::Tcp);
+            let mcpb = crate::mcpb::serve(worker, Stream::Plain(stream), permit, reg);
             let size = std::mem::size_of_val(&mcpb);
             eprintln!("mcpb::serve future: {size} bytes");
             assert!(size <= 640, "mcpb::serve future is {size} bytes");
             let (stream, permit) = accept();
-            let reg = worker.register(&stream, crate::metrics::Frontend::Http);
+            let reg = worker.register(&stream, Frontend::Http);
             let stream = Stream::Plain(stream);
             let ws = crate::websocket::serve(worker, stream, &reg, &permit, Vec::new(), 0);
             let size = std::mem::size_of_val(&ws);

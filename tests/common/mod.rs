@@ -345,7 +345,7 @@ pub const TOOLS_LIST: &str = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#
 pub const WS_UPGRADE: &str = "GET /mcp HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mcp\r\n\r\n";
 
 /// Reads one server WebSocket frame: (opcode, payload).
-pub fn read_ws_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+pub fn read_ws_frame(s: &mut (impl Read + Write)) -> (u8, Vec<u8>) {
     let mut h = [0u8; 2];
     s.read_exact(&mut h).unwrap();
     assert_eq!(h[1] & 0x80, 0, "server frames are not masked");
@@ -409,7 +409,7 @@ impl Response {
 }
 
 /// Reads one response (Content-Length framed) from `s`, using `buf` for bytes read past it.
-pub fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Response> {
+pub fn read_response(s: &mut (impl Read + Write), buf: &mut Vec<u8>) -> Option<Response> {
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut resp = httparse::Response::new(&mut headers);
@@ -455,7 +455,7 @@ pub fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Response> {
 }
 
 /// Sends `req` and reads one response.
-pub fn roundtrip(s: &mut TcpStream, req: &str) -> Response {
+pub fn roundtrip(s: &mut (impl Read + Write), req: &str) -> Response {
     s.write_all(req.as_bytes()).unwrap();
     read_response(s, &mut Vec::new()).expect("a response")
 }
@@ -494,7 +494,7 @@ pub fn mcpb_frame(kind: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Reads one MCPB frame (checking magic and version): its type and payload.
-pub fn read_mcpb_raw(s: &mut TcpStream) -> (u16, Vec<u8>) {
+pub fn read_mcpb_raw(s: &mut (impl Read + Write)) -> (u16, Vec<u8>) {
     let mut h = [0u8; 12];
     s.read_exact(&mut h).unwrap();
     assert_eq!(&h[..4], b"MCPB");
@@ -507,7 +507,7 @@ pub fn read_mcpb_raw(s: &mut TcpStream) -> (u16, Vec<u8>) {
 }
 
 /// Reads one MCPB frame whose payload is JSON.
-pub fn read_mcpb(s: &mut TcpStream) -> (u16, serde_json::Value) {
+pub fn read_mcpb(s: &mut (impl Read + Write)) -> (u16, serde_json::Value) {
     let (kind, p) = read_mcpb_raw(s);
     (kind, serde_json::from_slice(&p).unwrap())
 }

@@ -19,6 +19,12 @@ impl Ca {
     pub fn new() -> Ca {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Subjects of their own (rcgen gives every certificate the same one by default, which
+        // makes OpenSSL take a leaf for self-signed).
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "mcp-gateway test CA");
         let key = KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -58,12 +64,52 @@ impl Ca {
     }
 
     fn leaf(&self, names: &[&str]) -> (rcgen::Certificate, KeyPair) {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, names[0]);
         let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &self.issuer)
-            .unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert, key)
+    }
+}
+
+/// A TLS client connection to a gateway's door.
+pub type TlsClient = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+impl Ca {
+    /// A `server:` section fragment making the doors speak TLS with a certificate for
+    /// 127.0.0.1, ::1 and localhost written into `dir`.
+    pub fn door_keys(&self, dir: &std::path::Path) -> String {
+        let (cert, key) = self.pem_files(&["127.0.0.1", "::1", "localhost"], dir);
+        format!(
+            "tls_cert_file: {}\ntls_key_file: {}\n",
+            cert.display(),
+            key.display()
+        )
+    }
+
+    /// A client configuration trusting this CA only.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(config)
+    }
+
+    /// A TLS connection from `from` to `to` (the handshake runs on first use).
+    pub fn connect(&self, from: &str, to: std::net::SocketAddr) -> TlsClient {
+        let tcp = super::connect_from(from, to);
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let conn = rustls::ClientConnection::new(self.client_config(), name).unwrap();
+        rustls::StreamOwned::new(conn, tcp)
     }
 }

@@ -1,0 +1,191 @@
+//! TLS on the client doors (`server.tls_cert_file`, `server.tls_key_file`) through the real
+//! binary: HTTPS requests (keep-alive, and requests in separate TLS records that arrive
+//! together), WSS, MCPB over TLS, the limits answering inside TLS, a client that does not speak
+//! TLS, a connect-and-close probe, and configuration errors. Certificates come from a throwaway CA
+//! (`common::tls`); `mcp_sdk.rs` runs the SDK's clients over HTTPS and WSS too.
+
+mod common;
+
+use std::io::{Read, Write};
+
+use common::tls::Ca;
+use common::*;
+
+fn tls_gateway(ca: &Ca, dir: &std::path::Path, extra: &str) -> Gateway {
+    start(&format!("{}{extra}", ca.door_keys(dir)))
+}
+
+fn tls_errors(gw: &Gateway, frontend: &str) -> f64 {
+    gw.metric(&format!(
+        "mcp_gateway_protocol_errors_total{{frontend=\"{frontend}\",kind=\"tls\"}}"
+    ))
+}
+
+#[test]
+fn https_requests_are_answered_on_one_kept_alive_connection() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = tls_gateway(&ca, dir.path(), "");
+    let mut c = ca.connect("127.0.0.2", gw.http);
+    for _ in 0..3 {
+        let r = roundtrip(&mut c, &post_mcp(TOOLS_LIST));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["result"]["tools"][0]["name"], "echo");
+    }
+    assert_eq!(c.conn.alpn_protocol(), None, "the client offered no ALPN");
+    assert_eq!(
+        gw.metric("mcp_gateway_frontend_connections_accepted_total{frontend=\"http\"}"),
+        1.0
+    );
+    drop(c);
+    gw.wait_all_closed();
+    assert_eq!(tls_errors(&gw, "http"), 0.0);
+}
+
+/// Two requests in two TLS records written at once: the second may be decrypted together with
+/// the first and wait inside the gateway's TLS state, where a wait on the socket would never
+/// see it.
+#[test]
+fn requests_in_records_that_arrive_together_are_all_answered() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = tls_gateway(&ca, dir.path(), "");
+    let mut c = ca.connect("127.0.0.2", gw.http);
+    let _ = roundtrip(&mut c, &post_mcp(TOOLS_LIST)); // handshake done
+    for id in [7, 8] {
+        let body = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"ping"}}"#);
+        c.conn
+            .writer()
+            .write_all(post_mcp(&body).as_bytes())
+            .unwrap();
+    }
+    c.flush().unwrap();
+    let mut buf = Vec::new();
+    for id in [7, 8] {
+        let r = read_response(&mut c, &mut buf).expect("answered");
+        assert_eq!((r.status, r.json()["id"].as_i64()), (200, Some(id)));
+    }
+}
+
+#[test]
+fn wss_and_mcpb_over_tls_work() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = tls_gateway(&ca, dir.path(), "");
+    let mut ws = ca.connect("127.0.0.2", gw.http);
+    ws.write_all(WS_UPGRADE.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    read_until(&mut ws, &mut buf, "\r\n\r\n");
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 101"));
+    ws.write_all(&ws_frame(true, 1, TOOLS_LIST.as_bytes()))
+        .unwrap();
+    let (op, payload) = read_ws_frame(&mut ws);
+    let reply: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(
+        (op, &reply["result"]["tools"][0]["name"]),
+        (1, &serde_json::json!("echo"))
+    );
+
+    let mut tcp = ca.connect("127.0.0.3", gw.tcp.unwrap());
+    tcp.write_all(&mcpb_frame(1, TOOLS_LIST.as_bytes()))
+        .unwrap();
+    let (kind, reply) = read_mcpb(&mut tcp);
+    assert_eq!(
+        (kind, &reply["result"]["tools"][0]["name"]),
+        (2, &serde_json::json!("echo"))
+    );
+    assert_eq!(
+        gw.metric("mcp_gateway_frontend_connections_active{frontend=\"tcp\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn a_client_over_the_per_ip_limit_gets_429_inside_tls() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = tls_gateway(&ca, dir.path(), "max_connections_per_ip: 1\n");
+    let mut first = ca.connect("127.0.0.2", gw.http);
+    assert_eq!(roundtrip(&mut first, &post_mcp(TOOLS_LIST)).status, 200);
+    let mut second = ca.connect("127.0.0.2", gw.http);
+    let r = roundtrip(&mut second, &post_mcp(TOOLS_LIST));
+    assert_eq!((r.status, r.header("retry-after")), (429, Some("1")));
+    assert_eq!(r.json()["error"]["code"], -32000);
+    // Another address is still admitted.
+    let mut other = ca.connect("127.0.0.3", gw.http);
+    assert_eq!(roundtrip(&mut other, &post_mcp(TOOLS_LIST)).status, 200);
+}
+
+#[test]
+fn a_client_without_tls_is_closed_and_counted_and_a_probe_is_not() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = tls_gateway(&ca, dir.path(), "");
+    // Plain HTTP on the TLS port: no answer the client could read, a close, one error.
+    let mut plain = connect_from("127.0.0.2", gw.http);
+    plain.write_all(post_mcp(TOOLS_LIST).as_bytes()).unwrap();
+    let mut rest = Vec::new();
+    let _ = plain.read_to_end(&mut rest);
+    assert!(!String::from_utf8_lossy(&rest).contains("HTTP/1.1 200"));
+    gw.wait_metric(
+        "mcp_gateway_protocol_errors_total{frontend=\"http\",kind=\"tls\"}",
+        1.0,
+    );
+    // A connect-and-close (a load balancer's TCP check) is not an error.
+    drop(connect_from("127.0.0.3", gw.http));
+    drop(connect_from("127.0.0.3", gw.tcp.unwrap()));
+    gw.wait_accepted(3);
+    gw.wait_all_closed();
+    assert_eq!(tls_errors(&gw, "http"), 1.0);
+    assert_eq!(tls_errors(&gw, "tcp"), 0.0);
+    // The gateway serves TLS clients as before.
+    let mut c = ca.connect("127.0.0.4", gw.http);
+    assert_eq!(roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status, 200);
+}
+
+#[test]
+fn tls_keys_are_checked_before_start() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.pem_files(&["127.0.0.1"], dir.path());
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "junk").unwrap();
+    let check = |server: String| {
+        let file = dir.path().join("g.yaml");
+        std::fs::write(&file, format!("server:\n{server}")).unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["check", "-c"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{server}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = check(format!("  tls_cert_file: {}\n", cert.display()));
+    assert!(
+        e.contains("server.tls_key_file: needed with server.tls_cert_file"),
+        "{e}"
+    );
+    let e = check(format!(
+        "  tls_cert_file: {}\n  tls_key_file: {}\n",
+        junk.display(),
+        key.display()
+    ));
+    assert!(
+        e.contains("server.tls_cert_file, server.tls_key_file: "),
+        "{e}"
+    );
+    assert!(e.contains("junk.pem: no certificate in the file"), "{e}");
+    // A key that is not the certificate's.
+    let other = tempfile::tempdir().unwrap();
+    let (_, other_key) = ca.pem_files(&["127.0.0.1"], other.path());
+    let e = check(format!(
+        "  tls_cert_file: {}\n  tls_key_file: {}\n",
+        cert.display(),
+        other_key.display()
+    ));
+    assert!(
+        e.contains("server.tls_cert_file, server.tls_key_file: "),
+        "{e}"
+    );
+}
