@@ -6,7 +6,7 @@ Modes: http (default): one JSON-RPC request, then an idle keep-alive connection;
 whose event stream stays open (the standalone stream every MCP client keeps; it needs an
 upstream that holds it); ws: a WebSocket upgrade and one message; mcpb: one MCPB Request frame
 (to the MCPB port). Loopback only."""
-import argparse, resource, socket, struct, sys, time, select
+import argparse, resource, socket, ssl, struct, sys, time, select
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--port", type=int, required=True)
@@ -15,6 +15,8 @@ p.add_argument("--sources", type=int, default=16, help="number of source address
 p.add_argument("--hold", type=float, default=120.0, help="seconds to hold at most")
 p.add_argument("--mode", choices=["http", "stream", "ws", "mcpb"], default="http",
                help="what each connection does before it idles (see above)")
+p.add_argument("--tls", action="store_true",
+               help="speak TLS (the certificate is not checked: a benchmark on loopback)")
 p.add_argument("--proxy-header", action="store_true",
                help="start each connection with a PROXY v1 header naming a client 10.x.y.z of its own "
                     "(for a gateway whose server.proxy_protocol_networks holds 127.0.0.0/8)")
@@ -55,6 +57,9 @@ SEND = {
 DONE = {"http": b"}", "stream": b":\n\n", "ws": b"}", "mcpb": b"}"}
 START = {"http": b"HTTP/1.1 200", "stream": b"HTTP/1.1 200", "ws": b"HTTP/1.1 101", "mcpb": b"MCPB"}
 req = SEND[a.mode]
+tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+tls.check_hostname = False
+tls.verify_mode = ssl.CERT_NONE
 socks, failed = [], 0
 for i in range(a.connections):
     s = socket.socket()
@@ -66,6 +71,8 @@ for i in range(a.connections):
         if a.proxy_header:
             s.sendall(b"PROXY TCP4 10.%d.%d.%d 127.0.0.1 40000 %d\r\n"
                       % ((i >> 16) & 255, (i >> 8) & 255, i & 255, a.port))
+        if a.tls:
+            s = tls.wrap_socket(s)
         s.sendall(req)
         resp = b""
         while DONE[a.mode] not in resp:

@@ -6,7 +6,7 @@
 set -euo pipefail
 usage() {
   cat <<USAGE
-usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx] [--proxy-protocol]
+usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx] [--proxy-protocol] [--tls]
   --mode M          http (default): keep-alive connections idle after a request;
                     stream: open event streams (GET /mcp) through the proxy to an upstream that
                     holds them silent (scripts/lib/sse_upstream.py), as every MCP client keeps one;
@@ -20,16 +20,19 @@ usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx] [--proxy-pr
                     proxy_pass with proxy_buffering off to the same upstream), installing it if missing
   --proxy-protocol  the gateway trusts 127.0.0.0/8 (server.proxy_protocol_networks) and every
                     connection starts with a PROXY v1 header naming a client of its own
+  --tls             the clients speak TLS 1.3 to the gateway (tls_cert_file, tls_key_file) and to
+                    nginx (listen ssl), with a P-256 certificate made with openssl
 Runs on loopback only and stops everything it started.
 USAGE
 }
-N=""; NGINX=0; MODE=http; PP=0
+N=""; NGINX=0; MODE=http; PP=0; TLS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --mode) MODE=$2; shift 2 ;;
     --connections) N=$2; shift 2 ;;
     --nginx) NGINX=1; shift ;;
     --proxy-protocol) PP=1; shift ;;
+    --tls) TLS=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage; exit 64 ;;
   esac
@@ -49,9 +52,17 @@ measure() { # name mode port pid...
   local pids; pids=$(echo "$@" | tr ' ' ',')
   # Warm up: the buffer pools and allocator arenas reach their working size.
   local pp=(); [ "$PP" = 1 ] && [ "$name" != "${name#mcp-gateway}" ] && pp=(--proxy-header)
+  [ "$TLS" = 1 ] && pp+=(--tls)
   python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections 200 --hold 0 "${pp[@]}" >/dev/null
   echo "$name: $(python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections "$n" --measure-pids "$pids" "${pp[@]}")"
 }
+
+if [ "$TLS" = 1 ]; then
+  need openssl
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+    -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+fi
 
 # The upstream that holds event streams open (stream mode).
 uport=$(free_port)
@@ -77,6 +88,7 @@ server:
   metrics_port: 0
   idle_timeout: 600
   proxy_protocol_networks: [$([ "$PP" = 1 ] && echo 127.0.0.0/8)]
+$([ "$TLS" = 1 ] && printf '  tls_cert_file: %s\n  tls_key_file: %s' "$work/cert.pem" "$work/key.pem")
 $routing
 YAML
   : > "$work/gw.log"
@@ -102,7 +114,11 @@ http {
   keepalive_timeout 600;
   keepalive_requests 1000000;
   proxy_read_timeout 600s;
-  server { listen 127.0.0.1:$nport; location /mcp { $location } }
+  server {
+    listen 127.0.0.1:$nport $([ "$TLS" = 1 ] && echo ssl);
+    $([ "$TLS" = 1 ] && echo "ssl_certificate $work/cert.pem; ssl_certificate_key $work/key.pem;")
+    location /mcp { $location }
+  }
 }
 CONF
   rm -f "$work/nginx/nginx.pid"

@@ -9,7 +9,10 @@
 //! - A readiness wait is ready while decrypted bytes wait inside rustls ([`Stream::buffered`]),
 //!   not only when the socket is.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
@@ -70,33 +73,33 @@ impl Stream {
 }
 
 impl AsyncReadRent for Stream {
-    async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+    fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
         match self {
-            Stream::Plain(s) => s.read(buf).await,
-            Stream::Tls(s) => Box::pin(s.read(buf)).await,
+            Stream::Plain(s) => Either::Plain(s.read(buf)),
+            Stream::Tls(s) => Either::Tls(Box::pin(s.read(buf))),
         }
     }
 
-    async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+    fn readv<T: IoVecBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
         match self {
-            Stream::Plain(s) => s.readv(buf).await,
-            Stream::Tls(s) => Box::pin(s.readv(buf)).await,
+            Stream::Plain(s) => Either::Plain(s.readv(buf)),
+            Stream::Tls(s) => Either::Tls(Box::pin(s.readv(buf))),
         }
     }
 }
 
 impl AsyncWriteRent for Stream {
-    async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+    fn write<T: IoBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
         match self {
-            Stream::Plain(s) => s.write(buf).await,
-            Stream::Tls(s) => Box::pin(s.write(buf)).await,
+            Stream::Plain(s) => Either::Plain(s.write(buf)),
+            Stream::Tls(s) => Either::Tls(Box::pin(s.write(buf))),
         }
     }
 
-    async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+    fn writev<T: IoVecBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
         match self {
-            Stream::Plain(s) => s.writev(buf).await,
-            Stream::Tls(s) => Box::pin(s.writev(buf)).await,
+            Stream::Plain(s) => Either::Plain(s.writev(buf)),
+            Stream::Tls(s) => Either::Tls(Box::pin(s.writev(buf))),
         }
     }
 
@@ -111,6 +114,26 @@ impl AsyncWriteRent for Stream {
         match self {
             Stream::Plain(s) => s.shutdown().await,
             Stream::Tls(s) => Box::pin(s.shutdown()).await,
+        }
+    }
+}
+
+/// The future of an I/O call on either variant: the plain one's future as it is (an `async fn`
+/// would also keep a copy of the buffer and of `self` in every reader's state), the TLS one's
+/// boxed.
+enum Either<A, B> {
+    Plain(A),
+    Tls(Pin<Box<B>>),
+}
+
+impl<A: Future, B: Future<Output = A::Output>> Future for Either<A, B> {
+    type Output = A::Output;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<A::Output> {
+        // SAFETY: the plain future is structurally pinned: it is never moved out of the pinned
+        // enum; the boxed one is pinned by its box.
+        match unsafe { self.get_unchecked_mut() } {
+            Either::Plain(f) => unsafe { Pin::new_unchecked(f) }.poll(cx),
+            Either::Tls(f) => f.as_mut().poll(cx),
         }
     }
 }

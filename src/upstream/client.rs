@@ -62,7 +62,8 @@ async fn connect(all: &Upstreams, upstream: &Upstream) -> Result<Stream, Failure
     let Some(tls) = &http.tls else {
         return Ok(Stream::Plain(tcp));
     };
-    match until(deadline, TlsStream::connect(tcp, tls)).await {
+    // Boxed: plain upstreams' exchanges do not grow by the handshake's state.
+    match until(deadline, Box::pin(TlsStream::connect(tcp, tls))).await {
         Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s))),
         Ok(Err(e)) => {
             tracing::debug!(upstream = %upstream.url, error = %e, "TLS handshake failed");
