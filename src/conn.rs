@@ -31,11 +31,11 @@ use crate::worker::{Registration, Worker};
 /// (`protocol_errors{kind="tls"}`) and closed (`None`); a peer that leaves before sending a byte
 /// (a TCP health check) is closed quietly.
 pub async fn open(worker: &'static Worker, tcp: TcpStream, door: Frontend) -> Option<Stream> {
-    let Some(config) = &worker.tls else {
+    let Some(config) = worker.tls() else {
         return Some(Stream::Plain(tcp));
     };
     let deadline = Instant::now() + worker.settings().read_timeout;
-    match until(deadline, TlsStream::accept(tcp, config)).await {
+    match until(deadline, TlsStream::accept(tcp, &config)).await {
         Ok(Ok(s)) => return Some(Stream::Tls(Box::new(s))),
         Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionAborted => return None,
         Ok(Err(e)) => tracing::debug!(frontend = door.label(), error = %e, "TLS handshake failed"),

@@ -301,7 +301,7 @@ pub async fn refuse_connection(
     message: &'static str,
 ) {
     worker.metrics.protocol_error(Frontend::Tcp, kind);
-    if worker.tls.is_some() {
+    if worker.speaks_tls() {
         return; // what follows a bad header is no TLS handshake to answer in
     }
     let mut stream = Stream::Plain(tcp);

@@ -4,8 +4,10 @@
 //! Owns the rule of what reloads: `server.max_connections` (up to half the per-IP table, at
 //! least the value the gateway started with), `server.max_connections_per_ip` (while on),
 //! `server.max_requests_per_ip` and `server.request_burst_per_ip` (when a rate's state was made
-//! at startup). Everything else, and a change of these that cannot apply, is named in a warning
-//! and waits for a restart.
+//! at startup), and the doors' certificate (`server.tls_cert_file`, `server.tls_key_file`: the
+//! files are read again on every reload while the doors speak TLS, since a renewal keeps their
+//! paths). Everything else, and a change of these that cannot apply, is named in a warning and
+//! waits for a restart.
 //!
 //! Invariants:
 //! - A file that does not load or validate changes nothing (the error is logged whole).
@@ -21,22 +23,31 @@ use serde_yaml::Value;
 use crate::config::Config;
 use crate::limiter::Limiter;
 use crate::metrics::{describe_limits, Metrics, Reload};
+use crate::tls::DoorTls;
 
 /// The keys a reload applies.
-const LIVE: [&str; 4] = [
+const LIVE: [&str; 6] = [
     "server.max_connections",
     "server.max_connections_per_ip",
     "server.max_requests_per_ip",
     "server.request_burst_per_ip",
+    "server.tls_cert_file",
+    "server.tls_key_file",
 ];
 
-/// Re-reads `path` and applies what can be applied to `limiter`, updating `running`; counts
-/// the outcome in `metrics`.
-pub fn reload(path: &Path, running: &mut Config, limiter: &Limiter, metrics: &Metrics) {
-    metrics.reloaded(apply(path, running, limiter));
+/// Re-reads `path` and applies what can be applied to `limiter` and the doors' TLS (`tls`, when
+/// they speak it), updating `running`; counts the outcome in `metrics`.
+pub fn reload(
+    path: &Path,
+    running: &mut Config,
+    limiter: &Limiter,
+    tls: Option<&DoorTls>,
+    metrics: &Metrics,
+) {
+    metrics.reloaded(apply(path, running, limiter, tls));
 }
 
-fn apply(path: &Path, running: &mut Config, limiter: &Limiter) -> Reload {
+fn apply(path: &Path, running: &mut Config, limiter: &Limiter, tls: Option<&DoorTls>) -> Reload {
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -64,6 +75,21 @@ fn apply(path: &Path, running: &mut Config, limiter: &Limiter) -> Reload {
             Ok(()) => (was.max_requests_per_ip, was.request_burst_per_ip) = rate,
             Err(why) => refused.push(format!("server.max_requests_per_ip ({why})")),
         }
+    }
+    if let Some(door) = tls {
+        match (&now.tls_cert_file, &now.tls_key_file) {
+            (Some(cert), Some(key)) => match crate::tls::server_config(cert, key) {
+                Ok(config) => {
+                    door.replace(config);
+                    (was.tls_cert_file, was.tls_key_file) = (Some(cert.clone()), Some(key.clone()));
+                    tracing::info!(cert = %cert.display(), "TLS certificate reloaded: new handshakes use it");
+                }
+                Err(why) => refused.push(format!("server.tls_cert_file ({why})")),
+            },
+            _ => refused.push("server.tls_cert_file (turning TLS off needs a restart)".into()),
+        }
+    } else if now.tls_cert_file.is_some() {
+        refused.push("server.tls_cert_file (turning TLS on needs a restart)".into());
     }
     let restart: Vec<String> = changed_keys(running, &new)
         .into_iter()
@@ -121,6 +147,7 @@ fn diff(a: &Value, b: &Value, path: &str, out: &mut Vec<String>) {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn changed_keys_are_named_by_path() {
@@ -165,7 +192,7 @@ mod tests {
             "server:\n  max_connections: 50\n  max_connections_per_ip: 2\n  max_requests_per_ip: 7\n  request_burst_per_ip: 9\n  workers: 3\n",
         )
         .unwrap();
-        assert_eq!(apply(&path, &mut running, limiter), Reload::Partial);
+        assert_eq!(apply(&path, &mut running, limiter, None), Reload::Partial);
         assert_eq!(limiter.max_connections(), 50);
         assert_eq!(limiter.max_per_ip(), 2);
         assert_eq!(limiter.request_rate(), Some((7, 9)));
@@ -178,14 +205,60 @@ mod tests {
             "server:\n  max_connections: 200\n  max_connections_per_ip: 0\n",
         )
         .unwrap();
-        assert_eq!(apply(&path, &mut running, limiter), Reload::Partial);
+        assert_eq!(apply(&path, &mut running, limiter, None), Reload::Partial);
         assert_eq!((limiter.max_connections(), limiter.max_per_ip()), (50, 2));
         assert_eq!(limiter.request_rate(), None, "the rate did apply (off)");
         std::fs::write(&path, "server:\n  max_connections_per_ip: many\n").unwrap();
-        assert_eq!(apply(&path, &mut running, limiter), Reload::Failed);
+        assert_eq!(apply(&path, &mut running, limiter, None), Reload::Failed);
         assert_eq!(limiter.max_per_ip(), 2);
         // What is running now, written back: nothing to do.
         std::fs::write(&path, running.to_yaml()).unwrap();
-        assert_eq!(apply(&path, &mut running, limiter), Reload::Applied);
+        assert_eq!(apply(&path, &mut running, limiter, None), Reload::Applied);
+    }
+
+    #[test]
+    fn the_doors_certificate_is_read_again_but_tls_is_not_turned_on_or_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let (cert_file, key_file) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert_file, cert.cert.pem()).unwrap();
+        std::fs::write(&key_file, cert.signing_key.serialize_pem()).unwrap();
+        let with_tls = format!(
+            "server:\n  tls_cert_file: {}\n  tls_key_file: {}\n",
+            cert_file.display(),
+            key_file.display()
+        );
+        let path = dir.path().join("g.yaml");
+        std::fs::write(&path, &with_tls).unwrap();
+        let limiter = Limiter::new(100, 10).leak();
+        // Started without TLS: it is not turned on.
+        let mut running = Config::default();
+        assert_eq!(apply(&path, &mut running, limiter, None), Reload::Partial);
+        assert_eq!(running.server.tls_cert_file, None);
+        // Started with TLS: the files are read again even when their paths did not change.
+        let mut running = Config::parse(&with_tls, false).unwrap();
+        let config = crate::tls::server_config(&cert_file, &key_file).unwrap();
+        let door = DoorTls::new(config);
+        let own = std::cell::RefCell::new(None);
+        let before = door.refresh(&own);
+        assert!(
+            Arc::ptr_eq(&before, &door.refresh(&own)),
+            "settled: the same copy"
+        );
+        assert_eq!(
+            apply(&path, &mut running, limiter, Some(&door)),
+            Reload::Applied
+        );
+        assert!(
+            !Arc::ptr_eq(&before, &door.refresh(&own)),
+            "a new configuration"
+        );
+        // Turning it off: refused, the doors keep theirs.
+        std::fs::write(&path, "server:\n  max_connections: 100\n").unwrap();
+        assert_eq!(
+            apply(&path, &mut running, limiter, Some(&door)),
+            Reload::Partial
+        );
+        assert!(running.server.tls_cert_file.is_some());
     }
 }

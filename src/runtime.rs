@@ -99,9 +99,9 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
             ),
             allowed_origins: crate::http::origin::Origins::new(&s.allowed_origins),
             tls: match (&s.tls_cert_file, &s.tls_key_file) {
-                (Some(cert), Some(key)) => {
-                    Some(crate::tls::server_config(cert, key).map_err(std::io::Error::other)?)
-                }
+                (Some(cert), Some(key)) => Some(crate::tls::DoorTls::new(
+                    crate::tls::server_config(cert, key).map_err(std::io::Error::other)?,
+                )),
                 _ => None,
             },
         },
@@ -200,7 +200,13 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
     let signal = loop {
         match signals.wait().map_err(io::Error::from)? {
             Signal::SIGHUP => match file {
-                Some(path) => crate::reload::reload(path, &mut running, limiter, metrics),
+                Some(path) => crate::reload::reload(
+                    path,
+                    &mut running,
+                    limiter,
+                    shared.settings.tls.as_ref(),
+                    metrics,
+                ),
                 None => tracing::warn!(
                     "SIGHUP: no configuration file to re-read (started on built-in defaults)"
                 ),

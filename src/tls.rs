@@ -19,9 +19,11 @@
 //!   socket is read only when the plaintext is all delivered, and one read (at most 16 KiB) cannot
 //!   decrypt to more than rustls' 16 KiB receive limit.
 
+use std::cell::RefCell;
 use std::io::{self, BufRead};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Release};
+use std::sync::{Arc, Mutex};
 
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
@@ -97,6 +99,49 @@ pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConf
         .map_err(|e| format!("{} with {}: {e}", cert_file.display(), key_file.display()))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The doors' TLS configuration, replaceable while the gateway runs (a renewed certificate is
+/// loaded on SIGHUP): the process-wide current one and its generation. Each worker keeps a copy
+/// of its own ([`DoorTls::refresh`]) and reads only the generation per handshake.
+pub struct DoorTls {
+    /// Bumped (Release) after `current` is replaced; a worker that reads a new value (Acquire)
+    /// then finds the new configuration under the lock.
+    generation: AtomicU64,
+    /// Read only when the generation changed: never on a handshake of a settled worker.
+    current: Mutex<Arc<ServerConfig>>,
+}
+
+impl DoorTls {
+    pub fn new(config: Arc<ServerConfig>) -> DoorTls {
+        DoorTls {
+            generation: AtomicU64::new(0),
+            current: Mutex::new(config),
+        }
+    }
+
+    /// Replaces the configuration for handshakes from now on (open sessions keep theirs).
+    pub fn replace(&self, config: Arc<ServerConfig>) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = config;
+        self.generation.fetch_add(1, Release);
+    }
+
+    /// This worker's configuration, `own` (its copy and the generation it was made from), made
+    /// anew when the process's changed: a copy with a session cache of its own, so that a
+    /// handshake touches no reference count or cache lock that other cores touch.
+    pub fn refresh(&self, own: &RefCell<Option<(u64, Arc<ServerConfig>)>>) -> Arc<ServerConfig> {
+        let now = self.generation.load(Acquire);
+        if let Some((seen, config)) = &*own.borrow() {
+            if *seen == now {
+                return config.clone();
+            }
+        }
+        let mut copy = (**self.current.lock().unwrap_or_else(|p| p.into_inner())).clone();
+        copy.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
+        let copy = Arc::new(copy);
+        *own.borrow_mut() = Some((now, copy.clone()));
+        copy
+    }
 }
 
 /// What an upstream needs to open TLS connections: its configuration and the name it checks.

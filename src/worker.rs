@@ -47,9 +47,10 @@ pub struct Settings {
     pub proxy_protocol: Trusted,
     /// `server.allowed_origins`.
     pub allowed_origins: crate::http::origin::Origins,
-    /// `server.tls_cert_file` and `server.tls_key_file` made into a server configuration: each
-    /// worker serves TLS with its own copy (see [`Worker::tls`]).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// `server.tls_cert_file` and `server.tls_key_file` made into a server configuration
+    /// (replaced on SIGHUP): the doors speak TLS when set. Each worker serves TLS with its own
+    /// copy (see [`Worker::tls`]).
+    pub tls: Option<crate::tls::DoorTls>,
 }
 
 /// What every worker shares (all `&'static`, created once at startup).
@@ -78,10 +79,9 @@ pub struct Worker {
     epoch: Instant,
     rejecting: Cell<usize>,
     rng: Cell<u64>,
-    /// This core's TLS server configuration (the doors speak TLS when set): a copy of the
-    /// process's with a session cache of its own, so a handshake touches no reference count or
-    /// cache lock that other cores touch.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// This core's copy of the doors' TLS configuration and the generation it was made from
+    /// (see [`crate::tls::DoorTls::refresh`]).
+    tls: RefCell<Option<(u64, Arc<rustls::ServerConfig>)>>,
 }
 
 impl Worker {
@@ -100,12 +100,19 @@ impl Worker {
             epoch: Instant::now(),
             rejecting: Cell::new(0),
             rng: Cell::new(seed | 1),
-            tls: shared.settings.tls.as_ref().map(|c| {
-                let mut own = (**c).clone();
-                own.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
-                Arc::new(own)
-            }),
+            tls: RefCell::new(None),
         }))
+    }
+
+    /// The doors speak TLS.
+    pub fn speaks_tls(&self) -> bool {
+        self.shared.settings.tls.is_some()
+    }
+
+    /// The TLS configuration for a handshake on a door now (`None`: the doors speak plain TCP).
+    pub fn tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        let door = self.shared.settings.tls.as_ref()?;
+        Some(door.refresh(&self.tls))
     }
 
     pub fn settings(&self) -> &'static Settings {
@@ -374,7 +381,7 @@ fn open_door(
     client: Option<IpAddr>,
 ) {
     let reg = worker.register(&tcp, door);
-    if worker.tls.is_none() {
+    if !worker.speaks_tls() {
         return serve_door(worker, Stream::Plain(tcp), permit, reg, client);
     }
     monoio::spawn(CatchUnwind(async move {

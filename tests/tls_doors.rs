@@ -189,3 +189,41 @@ fn tls_keys_are_checked_before_start() {
         "{e}"
     );
 }
+
+#[test]
+fn a_renewed_certificate_is_used_after_sighup_and_open_sessions_stay() {
+    let (old_ca, new_ca) = (Ca::new(), Ca::new());
+    let dir = tempfile::tempdir().unwrap();
+    let gw = tls_gateway(&old_ca, dir.path(), "");
+    let mut open = old_ca.connect("127.0.0.2", gw.http);
+    assert_eq!(roundtrip(&mut open, &post_mcp(TOOLS_LIST)).status, 200);
+    // The renewal writes new files at the same paths; SIGHUP with the configuration unchanged.
+    new_ca.door_keys(dir.path());
+    gw.reload("port: 0", "port: 0");
+    gw.wait_log("TLS certificate reloaded");
+    let mut renewed = new_ca.connect("127.0.0.3", gw.http);
+    assert_eq!(roundtrip(&mut renewed, &post_mcp(TOOLS_LIST)).status, 200);
+    let mut stale = old_ca.connect("127.0.0.4", gw.http);
+    let e = stale
+        .write_all(post_mcp(TOOLS_LIST).as_bytes())
+        .unwrap_err();
+    assert!(e.to_string().contains("invalid peer certificate"), "{e}");
+    assert_eq!(
+        roundtrip(&mut open, &post_mcp(TOOLS_LIST)).status,
+        200,
+        "a session opened before the reload goes on"
+    );
+    assert_eq!(
+        gw.metric("mcp_gateway_config_reloads_total{result=\"applied\"}"),
+        1.0
+    );
+    // A broken certificate file: nothing changes.
+    std::fs::write(dir.path().join("server.pem"), "junk").unwrap();
+    gw.reload("port: 0", "port: 0");
+    assert_eq!(
+        gw.metric("mcp_gateway_config_reloads_total{result=\"failed\"}"),
+        1.0
+    );
+    let mut still = new_ca.connect("127.0.0.5", gw.http);
+    assert_eq!(roundtrip(&mut still, &post_mcp(TOOLS_LIST)).status, 200);
+}

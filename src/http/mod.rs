@@ -447,7 +447,7 @@ async fn refuse(
 /// Answers a connection refused before its first request (a bad PROXY header) with `r`, counted
 /// and logged like any refusal, then closes without a reset.
 pub async fn refuse_connection(worker: &'static Worker, tcp: TcpStream, r: Refusal) {
-    if worker.tls.is_some() {
+    if worker.speaks_tls() {
         // What follows a bad header is no TLS handshake to answer in: count it and close.
         worker.metrics.protocol_error(Frontend::Http, r.kind);
         return;
