@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::mock::{chunk, json_reply, Mock};
+use common::mock::{self, chunk, json_reply, Mock};
 use common::tls::Ca;
 use common::*;
 
@@ -183,29 +183,27 @@ fn the_health_check_speaks_tls_and_says_why_it_failed() {
     assert!(log.contains("UnknownIssuer"), "{log}");
 }
 
-/// The TLS stream's readiness rule, below the gateway: decrypted bytes that a read left inside
-/// rustls make the stream readable at once, although the socket has nothing more.
-#[test]
-fn a_tls_stream_is_readable_while_decrypted_bytes_wait() {
+/// A one-connection TLS server on loopback (a certificate from a throwaway CA) that reads the
+/// client's 5-byte greeting and then runs `serve`, and the gateway's own TLS client stream,
+/// connected to it with the greeting ("hello") sent, handed to `client` on a monoio runtime.
+fn tls_session<F: std::future::Future<Output = ()>>(
+    serve: impl FnOnce(mock::TlsConn) + Send + 'static,
+    client: impl FnOnce(mcp_gateway::stream::Stream) -> F,
+) {
     use mcp_gateway::stream::Stream;
     use mcp_gateway::tls::{client_config, server_name, Tls, TlsStream};
-    use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+    use monoio::io::AsyncWriteRentExt;
 
     let ca = Ca::new();
-    let (done_tx, done_rx) = mpsc::channel::<()>();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let config = ca.server_config(&["127.0.0.1"]);
     let server = std::thread::spawn(move || {
         let (tcp, _) = listener.accept().unwrap();
-        let conn = rustls::ServerConnection::new(config).unwrap();
-        let mut s = rustls::StreamOwned::new(conn, tcp);
-        let mut req = [0u8; 5];
-        std::io::Read::read_exact(&mut s, &mut req).unwrap();
-        s.write_all(b"hello, world").unwrap();
-        s.flush().unwrap();
-        // Nothing more until the client is done: the socket stays open and silent.
-        let _ = done_rx.recv_timeout(Duration::from_secs(10));
+        let mut s = rustls::StreamOwned::new(rustls::ServerConnection::new(config).unwrap(), tcp);
+        let mut greeting = [0u8; 5];
+        std::io::Read::read_exact(&mut s, &mut greeting).unwrap();
+        serve(s);
     });
     let tls = Tls {
         config: client_config(Some(&ca.ca_file)).unwrap(),
@@ -220,9 +218,27 @@ fn a_tls_stream_is_readable_while_decrypted_bytes_wait() {
         let mut s = Stream::Tls(Box::new(TlsStream::connect(tcp, &tls).await.unwrap()));
         let (r, _) = s.write_all(b"hello".to_vec()).await;
         r.unwrap();
+        client(s).await;
+    });
+    server.join().unwrap();
+}
+
+/// The TLS stream's readiness rule, below the gateway: decrypted bytes that a read left inside
+/// rustls make the stream readable at once, although the socket has nothing more.
+#[test]
+fn a_tls_stream_is_readable_while_decrypted_bytes_wait() {
+    use monoio::io::AsyncReadRent;
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let serve = move |mut s: mock::TlsConn| {
+        s.write_all(b"hello, world").unwrap();
+        s.flush().unwrap();
+        // Nothing more until the client is done: the socket stays open and silent.
+        let _ = done_rx.recv_timeout(Duration::from_secs(10));
+    };
+    tls_session(serve, |mut s| async move {
         let (r, first) = s.read(Vec::with_capacity(5)).await;
         assert_eq!((r.unwrap(), &first[..]), (5, &b"hello"[..]));
-        // The rest ("world") is decrypted and waiting; the socket has nothing.
+        // The rest (", world") is decrypted and waiting; the socket has nothing.
         let ready = monoio::time::timeout(Duration::from_secs(5), s.readable()).await;
         assert!(
             matches!(ready, Ok(Ok(()))),
@@ -233,9 +249,42 @@ fn a_tls_stream_is_readable_while_decrypted_bytes_wait() {
         // Now nothing waits anywhere: readable must wait for the socket.
         let idle = monoio::time::timeout(Duration::from_millis(200), s.readable()).await;
         assert!(idle.is_err(), "not readable with nothing to read");
+        done_tx.send(()).unwrap();
     });
-    done_tx.send(()).unwrap();
-    server.join().unwrap();
+}
+
+/// What the pool asks of an idle TLS connection before reusing it: a post-handshake message
+/// (here a key update) leaves it usable, the server's close_notify retires it.
+#[test]
+fn an_idle_tls_stream_survives_a_key_update_but_not_a_close() {
+    use monoio::io::AsyncReadRent;
+    let (step_tx, step_rx) = mpsc::channel::<&str>();
+    let (ack_tx, ack_rx) = mpsc::channel::<()>();
+    let serve = move |mut s: mock::TlsConn| {
+        s.write_all(b"ok").unwrap();
+        while let Ok(step) = step_rx.recv_timeout(Duration::from_secs(10)) {
+            match step {
+                "key update" => s.conn.refresh_traffic_keys().unwrap(),
+                "close" => s.conn.send_close_notify(),
+                _ => break,
+            }
+            s.flush().unwrap();
+            ack_tx.send(()).unwrap();
+        }
+    };
+    tls_session(serve, |mut s| async move {
+        let (r, got) = s.read(Vec::with_capacity(64)).await;
+        assert_eq!((r.unwrap(), &got[..]), (2, &b"ok"[..]));
+        assert!(s.idle_usable(), "nothing arrived");
+        for (step, usable) in [("key update", true), ("close", false)] {
+            step_tx.send(step).unwrap();
+            ack_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            let arrived = monoio::time::timeout(Duration::from_secs(5), s.readable()).await;
+            assert!(matches!(arrived, Ok(Ok(()))), "the {step} arrived");
+            assert_eq!(s.idle_usable(), usable, "after a {step}");
+        }
+        step_tx.send("done").unwrap();
+    });
 }
 
 #[test]
@@ -270,62 +319,4 @@ fn tls_keys_are_checked_with_their_key_path() {
     ] {
         assert!(err.contains(want), "{want:?} missing from:\n{err}");
     }
-}
-
-/// What the pool asks of an idle TLS connection before reusing it: a post-handshake message
-/// (here a key update) leaves it usable, the server's close_notify retires it.
-#[test]
-fn an_idle_tls_stream_survives_a_key_update_but_not_a_close() {
-    use mcp_gateway::stream::Stream;
-    use mcp_gateway::tls::{client_config, server_name, Tls, TlsStream};
-    use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
-
-    let ca = Ca::new();
-    let (step_tx, step_rx) = mpsc::channel::<&str>();
-    let (ack_tx, ack_rx) = mpsc::channel::<()>();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = ca.server_config(&["127.0.0.1"]);
-    let server = std::thread::spawn(move || {
-        let (tcp, _) = listener.accept().unwrap();
-        let mut s = rustls::StreamOwned::new(rustls::ServerConnection::new(config).unwrap(), tcp);
-        let mut req = [0u8; 5];
-        std::io::Read::read_exact(&mut s, &mut req).unwrap();
-        s.write_all(b"ok").unwrap();
-        while let Ok(step) = step_rx.recv_timeout(Duration::from_secs(10)) {
-            match step {
-                "key update" => s.conn.refresh_traffic_keys().unwrap(),
-                "close" => s.conn.send_close_notify(),
-                _ => break,
-            }
-            s.flush().unwrap();
-            ack_tx.send(()).unwrap();
-        }
-    });
-    let tls = Tls {
-        config: client_config(Some(&ca.ca_file)).unwrap(),
-        name: server_name("127.0.0.1").unwrap(),
-    };
-    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-        .enable_timer()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let tcp = monoio::net::TcpStream::connect_addr(addr).await.unwrap();
-        let mut s = Stream::Tls(Box::new(TlsStream::connect(tcp, &tls).await.unwrap()));
-        let (r, _) = s.write_all(b"hello".to_vec()).await;
-        r.unwrap();
-        let (r, got) = s.read(Vec::with_capacity(64)).await;
-        assert_eq!((r.unwrap(), &got[..]), (2, &b"ok"[..]));
-        assert!(s.idle_usable(), "nothing arrived");
-        for (step, usable) in [("key update", true), ("close", false)] {
-            step_tx.send(step).unwrap();
-            ack_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-            let arrived = monoio::time::timeout(Duration::from_secs(5), s.readable()).await;
-            assert!(matches!(arrived, Ok(Ok(()))), "the {step} arrived");
-            assert_eq!(s.idle_usable(), usable, "after a {step}");
-        }
-        step_tx.send("done").unwrap();
-    });
-    server.join().unwrap();
 }
