@@ -233,7 +233,7 @@ pub async fn read_watching(
     up: &mut Stream,
     buf: &mut Vec<u8>,
     deadline: Option<Instant>,
-    client: &Stream,
+    client: &mut Stream,
     watch: &mut bool,
 ) -> Watched {
     use monoio::buf::IoBufMut;
@@ -264,13 +264,10 @@ pub async fn read_watching(
             let readable = client.readable();
             monoio::select! {
                 done = &mut read => return finish(done, buf),
-                _ = readable => {
-                    match client.peek() {
-                        Peek::Closed => return Watched::ClientGone,
-                        Peek::Data => *watch = false,
-                        Peek::Nothing => {}
-                    }
-                }
+                _ = readable => {}
+            }
+            if let Some(gone) = client_spoke(client, watch) {
+                return gone;
             }
         } else {
             let done = (&mut read).await;
@@ -283,23 +280,34 @@ pub async fn read_watching(
 /// now), watching `client` meanwhile as [`read_watching`] does while `*watch`.
 pub async fn until_readable(
     up: &Stream,
-    client: Option<&Stream>,
+    mut client: Option<&mut Stream>,
     watch: &mut bool,
 ) -> Option<Watched> {
     loop {
         let up_ready = up.readable();
-        let client = client.filter(|_| *watch);
-        let Some(client) = client else {
+        let Some(client) = client.as_deref_mut().filter(|_| *watch) else {
             return up_ready.await.err().map(|_| Watched::Failed);
         };
         monoio::select! {
             r = up_ready => return r.err().map(|_| Watched::Failed),
-            _ = client.readable() => match client.peek() {
-                Peek::Closed => return Some(Watched::ClientGone),
-                Peek::Data => *watch = false,
-                Peek::Nothing => {}
-            },
+            _ = client.readable() => {}
         }
+        if let Some(gone) = client_spoke(client, watch) {
+            return Some(gone);
+        }
+    }
+}
+
+/// What a watched client's readable socket carried: its departure (`ClientGone`), or its next
+/// request (the watching stops; the bytes stay for its door to read later).
+fn client_spoke(client: &mut Stream, watch: &mut bool) -> Option<Watched> {
+    match client.peek() {
+        Peek::Closed => Some(Watched::ClientGone),
+        Peek::Data => {
+            *watch = false;
+            None
+        }
+        Peek::Nothing => None,
     }
 }
 

@@ -53,22 +53,20 @@ impl Stream {
         self.tcp().readable(false).await
     }
 
-    /// What the peer has sent, looked at without taking anything: decrypted bytes waiting
-    /// count as data.
-    pub fn peek(&self) -> Peek {
-        match self.buffered() {
-            true => Peek::Data,
-            false => peek(self.tcp()),
+    /// What the peer has sent, without waiting and without taking any of its data: decrypted
+    /// bytes waiting count as data, TLS records that carry none (a session ticket, a key
+    /// update) are taken and count as nothing, and the end of a TLS session counts as closed.
+    pub fn peek(&mut self) -> Peek {
+        match self {
+            Stream::Plain(s) => peek(s),
+            Stream::Tls(s) => s.pull(),
         }
     }
 
     /// Whether an idle pooled connection can carry a request: the upstream has sent nothing
     /// since its last response (no EOF, no stray bytes).
     pub fn idle_usable(&mut self) -> bool {
-        match self {
-            Stream::Plain(s) => peek(s) == Peek::Nothing,
-            Stream::Tls(s) => s.idle_usable(),
-        }
+        self.peek() == Peek::Nothing
     }
 }
 

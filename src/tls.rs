@@ -267,20 +267,23 @@ impl TlsStream {
         !self.tls.is_handshaking() && !self.tls.wants_read()
     }
 
-    /// Whether an idle pooled connection can carry a request: nothing to read on the socket and
-    /// nothing decrypted. Bytes waiting on the socket are read (without blocking) and handed to
-    /// rustls first: a TLS 1.3 server may send session tickets after the response, which leave
-    /// the connection usable; anything else (data, an alert, EOF) does not.
-    pub fn idle_usable(&mut self) -> bool {
+    /// What the peer has sent, without waiting: bytes waiting on the socket are read (without
+    /// blocking) and handed to rustls first, so a post-handshake message (a TLS 1.3 session
+    /// ticket, a key update) counts as nothing, decrypted bytes as `Data`, and the session's or
+    /// the connection's end (close_notify, an alert, EOF, a bad record) as `Closed`.
+    pub fn pull(&mut self) -> Peek {
         use std::os::fd::AsRawFd;
-        if self.buffered() {
-            return false;
-        }
         loop {
+            if self.buffered() {
+                // Plaintext, or the peer's close_notify.
+                return match self.tls.process_new_packets() {
+                    Ok(s) if s.plaintext_bytes_to_read() > 0 => Peek::Data,
+                    _ => Peek::Closed,
+                };
+            }
             match peek(&self.tcp) {
-                Peek::Nothing => return true,
-                Peek::Closed => return false,
                 Peek::Data => {}
+                other => return other,
             }
             let mut buf = take_buf();
             // SAFETY: a non-blocking read into the spare capacity of a buffer we own; the
@@ -295,29 +298,27 @@ impl TlsStream {
             };
             if n <= 0 {
                 give_buf(buf);
-                return false;
+                return Peek::Closed;
             }
             // SAFETY: the kernel initialised the first `n` bytes.
             unsafe { buf.set_len(n as usize) };
             let mut rest = &buf[..];
-            let ok = loop {
+            let fed = loop {
                 match self.tls.read_tls(&mut rest) {
                     Ok(0) if !rest.is_empty() => break false,
                     Ok(_) => {}
                     Err(_) => break false,
                 }
-                match self.tls.process_new_packets() {
-                    Ok(s) if s.plaintext_bytes_to_read() == 0 && !s.peer_has_closed() => {
-                        if rest.is_empty() {
-                            break true;
-                        }
-                    }
-                    _ => break false,
+                if self.tls.process_new_packets().is_err() {
+                    break false;
+                }
+                if rest.is_empty() {
+                    break true;
                 }
             };
             give_buf(buf);
-            if !ok {
-                return false;
+            if !fed {
+                return Peek::Closed;
             }
         }
     }

@@ -227,3 +227,46 @@ fn a_renewed_certificate_is_used_after_sighup_and_open_sessions_stay() {
     let mut still = new_ca.connect("127.0.0.5", gw.http);
     assert_eq!(roundtrip(&mut still, &post_mcp(TOOLS_LIST)).status, 200);
 }
+
+/// A TLS client that leaves an open event stream ends the session first (close_notify), then the
+/// connection: the gateway takes that as its departure, not as its next request, and closes the
+/// upstream stream at once.
+#[test]
+fn a_tls_client_that_leaves_ends_its_event_stream_upstream() {
+    use common::mock::{chunk, Mock};
+    use std::sync::{mpsc, Mutex};
+    use std::time::Duration;
+    let (closed_tx, closed_rx) = mpsc::channel::<()>();
+    let closed_tx = Mutex::new(closed_tx);
+    let up = Mock::start(move |_, s| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        chunk(s, ": open\n\n");
+        let mut b = [0u8; 16];
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let ended = match s.read(&mut b) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        if ended {
+            let _ = closed_tx.lock().unwrap().send(());
+        }
+    });
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let rest = format!(
+        "routing:\n  health_check_interval: 3600\nservice_discovery:\n  static:\n    endpoints:\n      default:\n        - url: {}\n",
+        up.url()
+    );
+    let gw = start_with(&ca.door_keys(dir.path()), &rest);
+    let mut c = ca.connect("127.0.0.2", gw.http);
+    c.write_all(b"GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n")
+        .unwrap();
+    read_until(&mut c, &mut Vec::new(), ": open");
+    c.conn.send_close_notify();
+    c.flush().unwrap();
+    closed_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the upstream connection is closed when the client ends its session");
+    drop(c);
+    gw.wait_all_closed();
+}
