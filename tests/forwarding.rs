@@ -77,23 +77,7 @@ fn event_stream_reaches_the_client_event_by_event() {
 #[test]
 fn a_client_that_leaves_ends_its_event_stream_upstream() {
     let (closed_tx, closed_rx) = mpsc::channel::<()>();
-    let closed_tx = Mutex::new(closed_tx);
-    let up = Mock::start(move |_, s| {
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
-        chunk(s, ": open\n\n");
-        // Wait for the gateway to close its side: a FIN, or a reset when the end of the chunk
-        // was still unread as it closed (the stream is abandoned either way). A read timeout
-        // is the failure.
-        let mut b = [0u8; 16];
-        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        let ended = match s.read(&mut b) {
-            Ok(n) => n == 0,
-            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-        };
-        if ended {
-            let _ = closed_tx.lock().unwrap().send(());
-        }
-    });
+    let up = Mock::start(mock::stream_until_closed(closed_tx));
     let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
     let mut c = connect_from("127.0.0.2", gw.http);
     c.write_all(b"GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n")

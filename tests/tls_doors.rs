@@ -233,24 +233,10 @@ fn a_renewed_certificate_is_used_after_sighup_and_open_sessions_stay() {
 /// upstream stream at once.
 #[test]
 fn a_tls_client_that_leaves_ends_its_event_stream_upstream() {
-    use common::mock::{chunk, Mock};
-    use std::sync::{mpsc, Mutex};
+    use common::mock::{self, Mock};
     use std::time::Duration;
-    let (closed_tx, closed_rx) = mpsc::channel::<()>();
-    let closed_tx = Mutex::new(closed_tx);
-    let up = Mock::start(move |_, s| {
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
-        chunk(s, ": open\n\n");
-        let mut b = [0u8; 16];
-        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        let ended = match s.read(&mut b) {
-            Ok(n) => n == 0,
-            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-        };
-        if ended {
-            let _ = closed_tx.lock().unwrap().send(());
-        }
-    });
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel::<()>();
+    let up = Mock::start(mock::stream_until_closed(closed_tx));
     let ca = Ca::new();
     let dir = tempfile::tempdir().unwrap();
     let rest = format!(

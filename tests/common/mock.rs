@@ -264,3 +264,26 @@ pub fn chunk(s: &mut impl Write, data: &str) {
     let _ = write!(s, "{:x}\r\n{data}\r\n", data.len());
     let _ = s.flush();
 }
+
+/// A handler that opens an event stream (one comment event) and holds it until the gateway
+/// closes its side, then sends on `closed`: a FIN, or a reset when the end of the chunk was
+/// still unread as it closed (the stream is abandoned either way). A read timeout (15 s) is the
+/// failure: nothing is sent.
+pub fn stream_until_closed(
+    closed: std::sync::mpsc::Sender<()>,
+) -> impl Fn(&Req, &mut TcpStream) + Send + Sync + 'static {
+    let closed = std::sync::Mutex::new(closed);
+    move |_, s| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        chunk(s, ": open\n\n");
+        let mut b = [0u8; 16];
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let ended = match s.read(&mut b) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        if ended {
+            let _ = closed.lock().unwrap().send(());
+        }
+    }
+}
