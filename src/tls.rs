@@ -11,10 +11,12 @@
 //!   (`webpki-roots`) or the upstream's `tls_ca_file`, for the URL's host or its
 //!   `tls_server_name`. Nothing turns that off.
 //! - Only HTTP/1.1 is offered and accepted (ALPN `http/1.1`): nothing else is spoken.
-//! - [`TlsStream::readable`] is ready while decrypted bytes wait inside rustls, not only when the
-//!   socket is: a wait on the socket alone could sleep on an event that already arrived.
+//! - [`TlsStream::buffered`] says when decrypted bytes (or the session's end) wait inside rustls,
+//!   and every readiness wait asks it first (`Stream::readable`, the doors' idle wait): a wait on
+//!   the socket alone could sleep on a request or event that already arrived.
 //! - An idle stream holds no buffer of ours: ciphertext is read into a buffer of the core's pool
-//!   and handed to rustls at once (rustls keeps its own, bounded, buffers).
+//!   and handed to rustls at once (rustls keeps its own: a 4 KiB receive buffer, and what it has
+//!   decrypted and not yet delivered).
 //! - rustls never holds more than one read of ciphertext's worth of undelivered plaintext: the
 //!   socket is read only when the plaintext is all delivered, and one read (at most 16 KiB) cannot
 //!   decrypt to more than rustls' 16 KiB receive limit.
