@@ -256,3 +256,32 @@ fn a_tls_client_that_leaves_ends_its_event_stream_upstream() {
     drop(c);
     gw.wait_all_closed();
 }
+
+/// With a request rate set, each TLS handshake counts as a request of its client: a burst of new
+/// connections from one address past the rate is closed before its handshake costs anything.
+#[test]
+fn handshakes_over_the_request_rate_are_refused_before_they_cost() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = tls_gateway(
+        &ca,
+        dir.path(),
+        "max_requests_per_ip: 1\nrequest_burst_per_ip: 2\n",
+    );
+    let handshake = |from: &str| {
+        let mut c = ca.connect(from, gw.http);
+        c.conn.complete_io(&mut c.sock).map(|_| c)
+    };
+    let _first = handshake("127.0.0.2").expect("within the burst");
+    let _second = handshake("127.0.0.2").expect("within the burst");
+    assert!(handshake("127.0.0.2").is_err(), "past the burst: closed");
+    assert!(
+        handshake("127.0.0.3").is_ok(),
+        "another address has its own rate"
+    );
+    assert_eq!(
+        gw.metric("mcp_gateway_requests_rate_limited_total{frontend=\"http\"}"),
+        1.0
+    );
+    assert_eq!(tls_errors(&gw, "http"), 0.0, "not a TLS error");
+}
