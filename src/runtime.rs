@@ -193,6 +193,7 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
         http = %http_addr,
         tcp = %tcp_addr.map_or("disabled".to_string(), |a| a.to_string()),
         admin = %admin_addr,
+        tls = %s.tls_cert_file.as_ref().map_or("off".to_string(), |c| c.display().to_string()),
         "listening"
     );
 

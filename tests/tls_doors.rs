@@ -26,6 +26,11 @@ fn https_requests_are_answered_on_one_kept_alive_connection() {
     let ca = Ca::new();
     let dir = tempfile::tempdir().unwrap();
     let gw = tls_gateway(&ca, dir.path(), "");
+    let log = gw.log.lock().unwrap().clone();
+    assert!(
+        log.contains("server.pem"),
+        "the start names the certificate: {log}"
+    );
     let mut c = ca.connect("127.0.0.2", gw.http);
     for _ in 0..3 {
         let r = roundtrip(&mut c, &post_mcp(TOOLS_LIST));
