@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # What TLS costs the gateway, on either side, with certificates from a throwaway CA made with
 # openssl (P-256; TLS 1.3). wrk runs the same load through a plain and a TLS setup in alternating
-# rounds; prints requests/s and the gateway's CPU per request from /proc.
+# rounds; prints requests/s and the server's CPU per request from /proc.
 #   --side upstream (default): nginx as the upstream MCP server (a fixed JSON-RPC answer) on a
 #     plain and a TLS port, and two mcp-gateways (1 worker each) in front, one forwarding to
 #     http://, one to https:// with `tls_ca_file`; keep-alive. The upstream connections are
 #     pooled, so this is TLS's cost per request (records sealed and opened), not handshakes'.
 #   --side doors: two mcp-gateways (1 worker each, builtin:echo), one with
 #     `tls_cert_file`/`tls_key_file`; wrk over http:// and https://, keep-alive (the cost per
-#     request) or, with --close, a new connection and a full handshake per request.
+#     request) or, with --close, a new connection and a full handshake per request; nginx (1
+#     worker, a fixed answer) terminating the same TLS is measured beside it.
 # Installs wrk, nginx and openssl from Debian's packages when missing. Loopback only; everything
 # stops on exit.
 set -euo pipefail
@@ -61,7 +62,8 @@ trap cleanup EXIT
     -extfile ext.cnf -out srv.pem 2>/dev/null
 )
 
-upstream_nginx() { # -> starts nginx on a plain and a TLS port: sets $plain and $tls
+fixed_nginx() { # -> starts nginx (1 worker, a fixed answer) on a plain and a TLS port: sets
+  # $plain, $tls and $nginx_worker
   plain=$(port); tls=$(port)
   local answer='{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"hello"}],"isError":false}}'
   cat > "$work/nginx.conf" <<CONF
@@ -85,6 +87,7 @@ http {
 CONF
   nginx -c "$work/nginx.conf" -e "$work/nginx.log"
   listening "$plain"; listening "$tls"
+  nginx_worker=$(pgrep -P "$(cat "$work/nginx.pid")" | head -n 1)
 }
 
 declare -A gw_port gw_pid url
@@ -99,8 +102,9 @@ YAML
   listening "${gw_port[$1]}"
 }
 
+modes=(http https)
 if [ "$SIDE" = upstream ]; then
-  upstream_nginx
+  fixed_nginx
   for mode in http https; do
     up="http://127.0.0.1:$plain/mcp"; extra=""
     [ "$mode" = https ] && up="https://127.0.0.1:$tls/mcp" && extra="
@@ -118,12 +122,17 @@ else
   gateway https ", tls_cert_file: $work/srv.pem, tls_key_file: $work/srv.key" ""
   url[http]="http://127.0.0.1:${gw_port[http]}/mcp"
   url[https]="https://127.0.0.1:${gw_port[https]}/mcp"
+  # nginx terminating the same TLS, answering a fixed body: the reference for the cost.
+  fixed_nginx
+  gw_pid[nginx-http]=$nginx_worker; gw_pid[nginx-https]=$nginx_worker
+  url[nginx-http]="http://127.0.0.1:$plain/mcp"; url[nginx-https]="https://127.0.0.1:$tls/mcp"
+  modes+=(nginx-http nginx-https)
 fi
 
-echo "| round | $([ "$SIDE" = upstream ] && echo upstream || echo clients) | requests/s | gateway µs CPU/request |"
+echo "| round | $([ "$SIDE" = upstream ] && echo upstream || echo clients) | requests/s | server µs CPU/request |"
 echo "|---|---|---|---|"
 for r in $(seq 1 "$ROUNDS"); do
-  for mode in http https; do
+  for mode in "${modes[@]}"; do
     t0=$(cpu_ticks "${gw_pid[$mode]}")
     out=$(CLOSE=$CLOSE timeout $((D + 30)) wrk -t1 -c"$C" -d"${D}s" -s scripts/mcp.lua "${url[$mode]}")
     t1=$(cpu_ticks "${gw_pid[$mode]}")
@@ -136,5 +145,5 @@ echo
 if [ "$SIDE" = upstream ]; then
   echo "mcp-gateway (1 worker) in front of nginx (1 worker, fixed answer) over http:// and https:// (TLS 1.3, P-256); keep-alive, $C connections, $D s per run; $(nproc) cores"
 else
-  echo "clients over http:// and https:// (TLS 1.3, P-256) to mcp-gateway (1 worker, builtin:echo); $([ "$CLOSE" = 1 ] && echo "Connection: close, a handshake per request" || echo keep-alive), $C connections, $D s per run; $(nproc) cores"
+  echo "clients over http:// and https:// (TLS 1.3, P-256) to mcp-gateway (1 worker, builtin:echo) and to nginx (1 worker, a fixed answer); $([ "$CLOSE" = 1 ] && echo "Connection: close, a handshake per request" || echo keep-alive), $C connections, $D s per run; $(nproc) cores"
 fi

@@ -384,7 +384,7 @@ fn open_door(
     if !worker.speaks_tls() {
         return serve_door(worker, Stream::Plain(tcp), permit, reg, client);
     }
-    // A handshake costs the gateway about 150 us of CPU: with a request rate set, each counts
+    // A handshake costs the gateway about 125 us of CPU: with a request rate set, each counts
     // as a request of its client, so a flood of new connections from one address is refused
     // before it costs that.
     if permit.admit_request().is_err() {

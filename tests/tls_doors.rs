@@ -38,6 +38,12 @@ fn https_requests_are_answered_on_one_kept_alive_connection() {
         assert_eq!(r.json()["result"]["tools"][0]["name"], "echo");
     }
     assert_eq!(c.conn.alpn_protocol(), None, "the client offered no ALPN");
+    // The gateway's order of suites wins over the client's (rustls clients list AES-256 first):
+    // a SHA-256 suite, whose key schedule the CPU's SHA extensions speed up.
+    assert_eq!(
+        c.conn.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
     assert_eq!(
         gw.metric("mcp_gateway_frontend_connections_accepted_total{frontend=\"http\"}"),
         1.0
