@@ -301,9 +301,6 @@ pub async fn refuse_connection(
     message: &'static str,
 ) {
     worker.metrics.protocol_error(Frontend::Tcp, kind);
-    if worker.speaks_tls() {
-        return; // what follows a bad header is no TLS handshake to answer in
-    }
     let mut stream = Stream::Plain(tcp);
     let bad = BadFrame(-32600, message);
     if let Step::Linger(buf) = refuse(worker, &mut stream, take_buf(), bad).await {

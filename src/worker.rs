@@ -25,13 +25,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use monoio::net::{TcpListener, TcpStream};
-
-use crate::stream::Stream;
 use slab::Slab;
 
 use crate::limiter::{Limiter, Permit, Rejection};
 use crate::metrics::{AcceptError, CoreMetrics, Frontend, Metrics, ProtocolError};
 use crate::proxy_protocol::{self, HeaderError, Trusted};
+use crate::stream::Stream;
 use crate::upstream::balance::Balancer;
 use crate::upstream::Upstreams;
 use crate::{conn, http, mcpb};
@@ -526,6 +525,10 @@ async fn bad_header(
     };
     tracing::debug!(%peer, frontend = door.label(), reason, "refusing connection: bad PROXY header");
     let kind = ProtocolError::ProxyHeader;
+    if worker.speaks_tls() {
+        // What follows a bad header is no TLS handshake to answer in: count it and close.
+        return worker.metrics.protocol_error(door, kind);
+    }
     match door {
         Frontend::Tcp => mcpb::refuse_connection(worker, stream, kind, reason).await,
         _ => {

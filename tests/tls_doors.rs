@@ -161,23 +161,17 @@ fn tls_keys_are_checked_before_start() {
     let (cert, key) = ca.pem_files(&["127.0.0.1"], dir.path());
     let junk = dir.path().join("junk.pem");
     std::fs::write(&junk, "junk").unwrap();
-    let check = |server: String| {
-        let file = dir.path().join("g.yaml");
-        std::fs::write(&file, format!("server:\n{server}")).unwrap();
-        let out = std::process::Command::new(BIN)
-            .args(["check", "-c"])
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{server}");
-        String::from_utf8_lossy(&out.stderr).to_string()
+    let refused = |server: String| {
+        let (code, _, err) = check(&format!("server:\n{server}"), "g.yaml");
+        assert_ne!(code, 0, "{server}");
+        err
     };
-    let e = check(format!("  tls_cert_file: {}\n", cert.display()));
+    let e = refused(format!("  tls_cert_file: {}\n", cert.display()));
     assert!(
         e.contains("server.tls_key_file: needed with server.tls_cert_file"),
         "{e}"
     );
-    let e = check(format!(
+    let e = refused(format!(
         "  tls_cert_file: {}\n  tls_key_file: {}\n",
         junk.display(),
         key.display()
@@ -190,7 +184,7 @@ fn tls_keys_are_checked_before_start() {
     // A key that is not the certificate's.
     let other = tempfile::tempdir().unwrap();
     let (_, other_key) = ca.pem_files(&["127.0.0.1"], other.path());
-    let e = check(format!(
+    let e = refused(format!(
         "  tls_cert_file: {}\n  tls_key_file: {}\n",
         cert.display(),
         other_key.display()
@@ -295,4 +289,29 @@ fn handshakes_over_the_request_rate_are_refused_before_they_cost() {
         1.0
     );
     assert_eq!(tls_errors(&gw, "http"), 0.0, "not a TLS error");
+}
+
+/// Behind a trusted balancer, the PROXY header comes before the handshake; a bad one is counted
+/// as such and the connection closed (what follows it is no handshake to answer in).
+#[test]
+fn a_proxy_header_comes_before_the_handshake() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = tls_gateway(&ca, dir.path(), "proxy_protocol_networks: [127.0.0.0/8]\n");
+    let mut relayed = ca.connect("127.0.0.2", gw.http);
+    relayed
+        .sock
+        .write_all(b"PROXY TCP4 10.1.2.3 127.0.0.1 40000 443\r\n")
+        .unwrap();
+    assert_eq!(roundtrip(&mut relayed, &post_mcp(TOOLS_LIST)).status, 200);
+    let mut bad = connect_from("127.0.0.3", gw.http);
+    bad.write_all(b"GARBAGE\r\n\r\n").unwrap();
+    let mut rest = Vec::new();
+    let _ = bad.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "nothing answered outside TLS");
+    gw.wait_metric(
+        "mcp_gateway_protocol_errors_total{frontend=\"http\",kind=\"proxy_header\"}",
+        1.0,
+    );
+    assert_eq!(tls_errors(&gw, "http"), 0.0);
 }

@@ -33,6 +33,13 @@ fn requests(gw: &Gateway, url: &str, outcome: &str) -> f64 {
     ))
 }
 
+/// A TLS upstream with a certificate for `name` answering every request with `result`.
+fn answering(ca: &Ca, name: &str, result: &'static str) -> Mock {
+    Mock::start_tls(ca.server_config(&[name]), move |req, s| {
+        json_reply(s, req, result, &[]);
+    })
+}
+
 #[test]
 fn requests_reach_an_https_upstream_over_one_pooled_tls_connection() {
     let ca = Ca::new();
@@ -110,9 +117,7 @@ fn an_event_stream_over_tls_arrives_event_by_event() {
 #[test]
 fn an_untrusted_certificate_fails_fast_and_is_counted() {
     let ca = Ca::new();
-    let up = Mock::start_tls(ca.server_config(&["127.0.0.1"]), |req, s| {
-        json_reply(s, req, "{}", &[]);
-    });
+    let up = answering(&ca, "127.0.0.1", "{}");
     let url = up.https_url();
     // No tls_ca_file: the bundled public roots, which do not include this CA.
     let gw = start_with("", &endpoint(&url, ""));
@@ -130,9 +135,7 @@ fn an_untrusted_certificate_fails_fast_and_is_counted() {
 #[test]
 fn a_certificate_for_another_name_passes_only_with_that_tls_server_name() {
     let ca = Ca::new();
-    let up = Mock::start_tls(ca.server_config(&["mcp.internal"]), |req, s| {
-        json_reply(s, req, r#"{"ok":true}"#, &[]);
-    });
+    let up = answering(&ca, "mcp.internal", r#"{"ok":true}"#);
     let url = up.https_url();
     let gw = start_with("", &endpoint(&url, &ca_key(&ca)));
     let r = roundtrip(
@@ -159,9 +162,7 @@ fn a_certificate_for_another_name_passes_only_with_that_tls_server_name() {
 #[test]
 fn the_health_check_speaks_tls_and_says_why_it_failed() {
     let ca = Ca::new();
-    let up = Mock::start_tls(ca.server_config(&["127.0.0.1"]), |req, s| {
-        json_reply(s, req, "{}", &[]);
-    });
+    let up = answering(&ca, "127.0.0.1", "{}");
     let url = up.https_url();
     let healthy =
         format!("mcp_gateway_upstream_healthy{{namespace=\"default\",upstream=\"{url}\"}}");
@@ -170,7 +171,12 @@ fn the_health_check_speaks_tls_and_says_why_it_failed() {
     };
     // Trusted: probes (POSTs of a ping) arrive over TLS and the upstream stays in.
     let gw = start_with("", &often(&ca_key(&ca)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while up.requests.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no probe reached the upstream over TLS"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(gw.metric(&healthy), 1.0);
@@ -290,26 +296,18 @@ fn an_idle_tls_stream_survives_a_key_update_but_not_a_close() {
 #[test]
 fn tls_keys_are_checked_with_their_key_path() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("g.yaml");
     let missing = dir.path().join("missing.pem");
     let junk = dir.path().join("junk.pem");
     std::fs::write(&junk, "not a certificate").unwrap();
-    std::fs::write(
-        &file,
-        format!(
+    let (code, _, err) = check(
+        &format!(
             "service_discovery:\n  static:\n    endpoints:\n      default:\n        - url: http://127.0.0.1:9/mcp\n          tls_server_name: a.example\n        - url: https://127.0.0.1:9/mcp\n          tls_ca_file: {}\n        - url: https://127.0.0.1:10/mcp\n          tls_ca_file: {}\n          tls_server_name: \"not a name\"\n",
             missing.display(),
             junk.display()
         ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["check", "-c"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+        "g.yaml",
+    );
+    assert_ne!(code, 0);
     for want in [
         "service_discovery.static.endpoints.default[0].tls_server_name: only for https:// upstreams",
         "service_discovery.static.endpoints.default[1].tls_ca_file: ",

@@ -447,11 +447,6 @@ async fn refuse(
 /// Answers a connection refused before its first request (a bad PROXY header) with `r`, counted
 /// and logged like any refusal, then closes without a reset.
 pub async fn refuse_connection(worker: &'static Worker, tcp: TcpStream, r: Refusal) {
-    if worker.speaks_tls() {
-        // What follows a bad header is no TLS handshake to answer in: count it and close.
-        worker.metrics.protocol_error(Frontend::Http, r.kind);
-        return;
-    }
     let mut stream = Stream::Plain(tcp);
     if let Step::Linger(buf) = refuse(worker, &mut stream, take_buf(), take_buf(), r).await {
         linger_close(stream, Some(buf)).await;

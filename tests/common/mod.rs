@@ -330,6 +330,66 @@ pub fn read_until(s: &mut impl Read, buf: &mut Vec<u8>, needle: &str) {
     }
 }
 
+/// `mcp-gateway check -c FILE` on `contents` written to a file named `file` (its extension picks
+/// YAML or TOML): exit code, standard output, standard error.
+pub fn check(contents: &str, file: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(file);
+    std::fs::write(&path, contents).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["check", "-c", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn check_prints_the_effective_configuration() {
+    let (code, out, _) = check("server:\n  max_connections: 1234\n", "g.yaml");
+    assert_eq!(code, 0);
+    assert!(out.contains("max_connections: 1234"));
+    assert!(
+        out.contains("max_connections_per_ip: 1000"),
+        "defaults are filled in:\n{out}"
+    );
+    assert!(out.contains("url: builtin:echo"));
+    let (code, out, _) = check("[server]\nmax_connections_per_ip = 0\n", "g.toml");
+    assert_eq!(code, 0);
+    assert!(out.contains("max_connections_per_ip: 0"));
+}
+
+#[test]
+fn bad_configuration_names_the_key_and_exits_64() {
+    let (code, _, err) = check("server:\n  max_connectionz: 5\n", "g.yaml");
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("server: unknown field `max_connectionz`"),
+        "{err}"
+    );
+    let (code, _, err) = check(
+        "server:\n  max_connections: 0\n  read_timeout: 0\nrouting:\n  strategy: random\n",
+        "g.yaml",
+    );
+    assert_eq!(code, 64);
+    assert!(err.contains("routing.strategy"), "{err}");
+    let (code, _, err) = check(
+        "server:\n  max_connections: 0\n  read_timeout: 0\n",
+        "g.yaml",
+    );
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("server.max_connections") && err.contains("server.read_timeout"),
+        "all at once: {err}"
+    );
+    let (code, _, err) = check("[server]\nport = \"http\"\n", "g.toml");
+    assert_eq!(code, 64);
+    assert!(err.contains("server.port"), "{err}");
+}
+
 /// A JSON-RPC POST to `/mcp`.
 pub fn post_mcp(body: &str) -> String {
     format!(
