@@ -9,6 +9,49 @@ use std::time::{Duration, Instant};
 use common::*;
 
 #[test]
+fn check_prints_the_effective_configuration() {
+    let (code, out, _) = check("server:\n  max_connections: 1234\n", "g.yaml");
+    assert_eq!(code, 0);
+    assert!(out.contains("max_connections: 1234"));
+    assert!(
+        out.contains("max_connections_per_ip: 1000"),
+        "defaults are filled in:\n{out}"
+    );
+    assert!(out.contains("url: builtin:echo"));
+    let (code, out, _) = check("[server]\nmax_connections_per_ip = 0\n", "g.toml");
+    assert_eq!(code, 0);
+    assert!(out.contains("max_connections_per_ip: 0"));
+}
+
+#[test]
+fn bad_configuration_names_the_key_and_exits_64() {
+    let (code, _, err) = check("server:\n  max_connectionz: 5\n", "g.yaml");
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("server: unknown field `max_connectionz`"),
+        "{err}"
+    );
+    let (code, _, err) = check(
+        "server:\n  max_connections: 0\n  read_timeout: 0\nrouting:\n  strategy: random\n",
+        "g.yaml",
+    );
+    assert_eq!(code, 64);
+    assert!(err.contains("routing.strategy"), "{err}");
+    let (code, _, err) = check(
+        "server:\n  max_connections: 0\n  read_timeout: 0\n",
+        "g.yaml",
+    );
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("server.max_connections") && err.contains("server.read_timeout"),
+        "all at once: {err}"
+    );
+    let (code, _, err) = check("[server]\nport = \"http\"\n", "g.toml");
+    assert_eq!(code, 64);
+    assert!(err.contains("server.port"), "{err}");
+}
+
+#[test]
 fn bundled_configs_check_clean() {
     for f in [
         "gateway.yaml",
