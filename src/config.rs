@@ -554,6 +554,9 @@ impl Config {
                 if e.weight == 0 {
                     p.push(format!("{key}[{i}].weight: must be at least 1"));
                 }
+                if list[..i].iter().any(|earlier| earlier.url == e.url) {
+                    p.push(format!("{key}[{i}].url: {:?} is listed twice", e.url));
+                }
             }
         }
         if p.is_empty() {
@@ -855,6 +858,12 @@ mod tests {
                 "service_discovery.static.endpoints.x[0].url: \"ftp://h/mcp\": expected http://"
             ),
             "{e:?}"
+        );
+        // One server listed twice in a namespace would be two upstreams with the same labels.
+        let twice = "service_discovery:\n  static:\n    endpoints:\n      default:\n        - url: http://h/mcp\n        - url: http://h/mcp\n";
+        assert_eq!(
+            Config::parse(twice, false).unwrap_err(),
+            ["service_discovery.static.endpoints.default[1].url: \"http://h/mcp\" is listed twice"]
         );
     }
 

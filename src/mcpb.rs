@@ -25,7 +25,7 @@ use crate::conn::{give_buf, linger_close, read_more, take_buf, write_all, ReadEr
 use crate::echo;
 use crate::limiter::{rate, Permit};
 use crate::metrics::{Frontend, ProtocolError};
-use crate::upstream::rpc::{self, Framing, MsgSession, Next};
+use crate::upstream::rpc::{self, Dest, Framing, MsgSession, Next};
 use crate::upstream::Outcome;
 use crate::worker::{Registration, Worker};
 
@@ -135,9 +135,10 @@ pub fn serve(
         let reg = &reg;
         let s = worker.settings();
         // MCPB has no namespace in its frames: it serves the `default` namespace.
-        let ns = worker.shared.upstreams.namespace("default").unwrap_or(0);
-        let client = worker.forwarded_for(ns, &stream);
-        let mut session = MsgSession::new(ns, Frontend::Tcp, client);
+        let all = worker.upstreams();
+        let namespace = all.namespace("default").map(|ns| &all.namespaces[ns]);
+        let client = MsgSession::client(worker, namespace, &stream);
+        let mut session = MsgSession::new(namespace, Frontend::Tcp, client);
         let mut pending: Option<Vec<u8>> = None;
         loop {
             if pending.is_none()
@@ -153,7 +154,6 @@ pub fn serve(
                 &permit,
                 &mut stream,
                 &mut pending,
-                ns,
                 &mut session,
             ))
             .await
@@ -171,11 +171,9 @@ async fn exchange(
     permit: &Permit,
     stream: &mut Stream,
     pending: &mut Option<Vec<u8>>,
-    ns: usize,
     session: &mut MsgSession,
 ) -> Step {
     let s = worker.settings();
-    let all = worker.shared.upstreams;
     let mut buf = pending.take().unwrap_or_else(take_buf);
     let mut out = take_buf();
     let deadline = Instant::now() + s.read_timeout;
@@ -241,22 +239,26 @@ async fn exchange(
             buf.drain(..HEADER_LEN + len);
             continue;
         }
-        match kind {
-            FrameType::Request if all.namespaces[ns].builtin => {
+        let dest = if message {
+            session.dest(worker)
+        } else {
+            Dest::Gone // not a message: not asked
+        };
+        match (kind, dest) {
+            (FrameType::Request, Dest::Echo(builtin)) => {
                 let mut reply = take_buf();
                 if echo::handle(payload, &mut reply).replied {
                     write_frame(&mut out, FrameType::Response, &reply);
                 }
                 give_buf(reply);
-                let upstream = all.namespaces[ns].upstreams[0];
-                worker.metrics.upstream(upstream, Outcome::Ok, None);
+                worker.metrics.upstream(builtin.index, Outcome::Ok, None);
                 worker.metrics.request(Frontend::Tcp, started.elapsed());
             }
             // builtin:echo never sends requests to clients: nothing to answer.
-            FrameType::Response if all.namespaces[ns].builtin => {}
+            (FrameType::Response, Dest::Echo(_)) => {}
             // A client's Response frame answers a request the server sent it (sampling,
             // elicitation): it goes upstream like a request.
-            FrameType::Request | FrameType::Response => {
+            (FrameType::Request | FrameType::Response, Dest::Forward) => {
                 let mut message = take_buf();
                 message.extend_from_slice(payload);
                 let sent = session.submit(worker, message, stream, &mut out, &FRAMING);
@@ -264,13 +266,16 @@ async fn exchange(
                     return Step::Close;
                 }
             }
-            FrameType::HealthCheck => {
+            (FrameType::Request | FrameType::Response, Dest::Gone) => {
+                (FRAMING.fail)(&mut out, &rpc::error_for(payload, rpc::NAMESPACE_GONE));
+            }
+            (FrameType::HealthCheck, _) => {
                 write_frame(&mut out, FrameType::HealthCheck, br#"{"status":"ok"}"#)
             }
-            FrameType::VersionNegotiation => {
+            (FrameType::VersionNegotiation, _) => {
                 write_frame(&mut out, FrameType::VersionAck, br#"{"version":1}"#)
             }
-            FrameType::Control | FrameType::Error | FrameType::VersionAck => {}
+            (FrameType::Control | FrameType::Error | FrameType::VersionAck, _) => {}
         }
         // Round again: the next frame if it is here, else flush and wait.
         buf.drain(..HEADER_LEN + len);

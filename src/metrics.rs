@@ -20,6 +20,7 @@ use prometheus::proto::{
 use prometheus::{Encoder, TextEncoder};
 
 use crate::limiter::{Limiter, Rejection};
+use crate::upstream::registry::{PerUpstream, Registry};
 use crate::upstream::{Outcome, Upstream, Upstreams};
 
 /// The front doors, as the `frontend` label.
@@ -124,9 +125,10 @@ pub struct CoreMetrics {
     requests: [AtomicU64; 3],
     rate_limited: [AtomicU64; 3],
     latency: [Histo; 3],
-    /// Per configured upstream, in `Upstreams::all` order. Padded: the cores' boxes are separate
-    /// heap allocations that would otherwise share cache lines with each other.
-    upstreams: Box<[CachePadded<UpstreamCounters>]>,
+    /// Per upstream, by its index (room made by the registry before an upstream is in force).
+    /// Padded: the cores' boxes are separate heap allocations that would otherwise share cache
+    /// lines with each other.
+    upstreams: PerUpstream<CachePadded<UpstreamCounters>>,
 }
 
 /// One core's counters for one upstream.
@@ -152,13 +154,13 @@ impl CoreMetrics {
             requests: Default::default(),
             rate_limited: Default::default(),
             latency: Default::default(),
-            upstreams: (0..upstreams).map(|_| Default::default()).collect(),
+            upstreams: PerUpstream::new(upstreams),
         }
     }
 
     /// A request to upstream `i` ended with `outcome`; `took`: time to its response head.
     pub fn upstream(&self, i: usize, outcome: Outcome, took: Option<Duration>) {
-        let u = &self.upstreams[i];
+        let u = self.upstreams.get(i);
         u.outcomes[outcome as usize].fetch_add(1, Relaxed);
         if let Some(d) = took {
             u.latency.observe(d);
@@ -167,17 +169,17 @@ impl CoreMetrics {
 
     /// A request to upstream `i` began: in flight until [`CoreMetrics::upstream_ended`].
     pub fn upstream_started(&self, i: usize) {
-        self.upstreams[i].in_flight.fetch_add(1, Relaxed);
+        self.upstreams.get(i).in_flight.fetch_add(1, Relaxed);
     }
 
     /// A request to upstream `i` ended (its lease dropped), however it ended.
     pub fn upstream_ended(&self, i: usize) {
-        self.upstreams[i].in_flight.fetch_sub(1, Relaxed);
+        self.upstreams.get(i).in_flight.fetch_sub(1, Relaxed);
     }
 
     /// Requests in flight to upstream `i` from this core.
     pub fn upstream_in_flight(&self, i: usize) -> i64 {
-        self.upstreams[i].in_flight.load(Relaxed)
+        self.upstreams.get(i).in_flight.load(Relaxed)
     }
 
     /// A connection was admitted on `door`.
@@ -225,7 +227,7 @@ impl CoreMetrics {
 pub struct Metrics {
     cores: Box<[CachePadded<CoreMetrics>]>,
     limiter: &'static Limiter,
-    upstreams: &'static Upstreams,
+    upstreams: &'static Registry,
     /// Configuration reloads (SIGHUP) by [`Reload`] outcome; written by the main thread only.
     reloads: [AtomicU64; 3],
 }
@@ -246,10 +248,11 @@ impl Reload {
 }
 
 impl Metrics {
-    pub fn new(workers: usize, limiter: &'static Limiter, upstreams: &'static Upstreams) -> Self {
+    pub fn new(workers: usize, limiter: &'static Limiter, upstreams: &'static Registry) -> Self {
+        let made = upstreams.current().all.iter().map(|u| u.index + 1).max();
         Metrics {
             cores: (0..workers)
-                .map(|_| CachePadded::new(CoreMetrics::new(upstreams.all.len())))
+                .map(|_| CachePadded::new(CoreMetrics::new(made.unwrap_or(0))))
                 .collect(),
             limiter,
             upstreams,
@@ -264,6 +267,14 @@ impl Metrics {
 
     pub fn leak(self) -> &'static Metrics {
         Box::leak(Box::new(self))
+    }
+
+    /// Makes room in every core's per-upstream counters for upstream indices below `len` (a
+    /// reload, before its view is in force).
+    pub fn make_room(&self, len: usize) {
+        for c in self.cores.iter() {
+            c.upstreams.make_room(len);
+        }
     }
 
     /// Worker `i`'s counters.
@@ -299,7 +310,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
-    pub fn render<'a>(&'a self) -> String {
+    pub fn render(&self) -> String {
         let mut fams = Vec::new();
         let doors = Frontend::ALL;
         let active = self.limiter.active() as f64;
@@ -436,7 +447,9 @@ impl Metrics {
                 .collect(),
         ));
         fams.push(self.latency_family());
-        let up = |u: &'a Upstream| {
+        // One view for every upstream family of a scrape (a reload may publish another).
+        let view = self.upstreams.current();
+        let up = |u: &'static Upstream| {
             vec![
                 ("namespace", u.namespace.as_str()),
                 ("upstream", u.url.as_str()),
@@ -445,8 +458,7 @@ impl Metrics {
         fams.push(gauge(
             "mcp_gateway_upstream_healthy",
             "1 when the upstream is taking traffic, 0 when health checks or its breaker took it out.",
-            self.upstreams
-                .all
+            view.all
                 .iter()
                 .map(|u| (up(u), if u.in_service() { 1.0 } else { 0.0 }))
                 .collect(),
@@ -454,8 +466,7 @@ impl Metrics {
         fams.push(gauge(
             "mcp_gateway_upstream_circuit_state",
             "Circuit breaker of each upstream: 0 closed, 1 open (failing fast), 2 half-open (probing).",
-            self.upstreams
-                .all
+            view.all
                 .iter()
                 .map(|u| (up(u), u.breaker.state() as i64 as f64))
                 .collect(),
@@ -463,8 +474,7 @@ impl Metrics {
         fams.push(gauge(
             "mcp_gateway_upstream_in_flight",
             "Requests and event streams in flight to each upstream, all cores.",
-            self.upstreams
-                .all
+            view.all
                 .iter()
                 .map(|u| {
                     let n: i64 = self
@@ -477,9 +487,9 @@ impl Metrics {
                 .collect(),
         ));
         let mut outcomes = Vec::new();
-        for u in &self.upstreams.all {
+        for u in &view.all {
             for (k, label) in Outcome::LABELS.iter().enumerate() {
-                let v = self.sum(|c| c.upstreams[u.index].outcomes[k].load(Relaxed));
+                let v = self.sum(|c| c.upstreams.get(u.index).outcomes[k].load(Relaxed));
                 let mut l = up(u);
                 l.push(("outcome", label));
                 outcomes.push((l, v as f64));
@@ -490,7 +500,7 @@ impl Metrics {
             "Requests forwarded to each upstream, by outcome (builtin:echo counts its answers as ok).",
             outcomes,
         ));
-        fams.push(self.upstream_latency_family());
+        fams.push(self.upstream_latency_family(view));
         let mut out = Vec::with_capacity(8 * 1024);
         TextEncoder::new()
             .encode(&fams, &mut out)
@@ -512,14 +522,14 @@ impl Metrics {
         fam
     }
 
-    fn upstream_latency_family(&self) -> MetricFamily {
+    fn upstream_latency_family(&self, view: &Upstreams) -> MetricFamily {
         let mut fam = family(
             "mcp_gateway_upstream_request_duration_seconds",
             "Time from sending a request to an upstream to its response head, per upstream.",
             MetricType::HISTOGRAM,
         );
-        for u in &self.upstreams.all {
-            let h = self.histogram(|c| &c.upstreams[u.index].latency);
+        for u in &view.all {
+            let h = self.histogram(|c| &c.upstreams.get(u.index).latency);
             let l = [
                 ("namespace", u.namespace.as_str()),
                 ("upstream", u.url.as_str()),
@@ -638,7 +648,7 @@ mod tests {
     #[test]
     fn per_core_counters_are_summed_at_scrape() {
         let limiter = Limiter::new(10, 5).leak();
-        let upstreams = Upstreams::new(&crate::config::Config::default())
+        let upstreams = Registry::new(&crate::config::Config::default())
             .unwrap()
             .leak();
         let m = Metrics::new(2, limiter, upstreams).leak();

@@ -1,13 +1,15 @@
-//! Configuration reload on SIGHUP: the limits an operator tunes during an incident take effect at
-//! once, without a restart that would cut every open session and event stream.
+//! Configuration reload on SIGHUP: the limits an operator tunes during an incident, and the
+//! upstreams, take effect at once, without a restart that would cut every open session and event
+//! stream.
 //!
 //! Owns the rule of what reloads: `server.max_connections` (up to half the per-IP table, at
 //! least the value the gateway started with), `server.max_connections_per_ip` (while on),
 //! `server.max_requests_per_ip` and `server.request_burst_per_ip` (when a rate's state was made
-//! at startup), and the doors' certificate (`server.tls_cert_file`, `server.tls_key_file`: the
+//! at startup), the doors' certificate (`server.tls_cert_file`, `server.tls_key_file`: the
 //! files are read again on every reload while the doors speak TLS, since a renewal keeps their
-//! paths). Everything else, and a change of these that cannot apply, is named in a warning and
-//! waits for a restart.
+//! paths), and all of `routing` and `service_discovery` (the upstreams, their CA files read
+//! again: see [`crate::upstream::registry`]). Everything else, and a change of these that cannot
+//! apply, is named in a warning and waits for a restart.
 //!
 //! Invariants:
 //! - A file that does not load or validate changes nothing (the error is logged whole).
@@ -24,8 +26,10 @@ use crate::config::Config;
 use crate::limiter::Limiter;
 use crate::metrics::{describe_limits, Metrics, Reload};
 use crate::tls::DoorTls;
+use crate::upstream::registry::Registry;
 
-/// The keys a reload applies.
+/// The `server` keys a reload applies; beside them, every key of `routing` and
+/// `service_discovery` (see [`crate::upstream::registry`]).
 const LIVE: [&str; 6] = [
     "server.max_connections",
     "server.max_connections_per_ip",
@@ -35,19 +39,25 @@ const LIVE: [&str; 6] = [
     "server.tls_key_file",
 ];
 
-/// Re-reads `path` and applies what can be applied to `limiter` and the doors' TLS (`tls`, when
-/// they speak it), updating `running`; counts the outcome in `metrics`.
-pub fn reload(
-    path: &Path,
-    running: &mut Config,
-    limiter: &Limiter,
-    tls: Option<&DoorTls>,
-    metrics: &Metrics,
-) {
-    metrics.reloaded(apply(path, running, limiter, tls));
+/// The sections a reload applies whole.
+const LIVE_SECTIONS: [&str; 2] = ["routing.", "service_discovery."];
+
+/// What a reload changes in the running gateway.
+pub struct Live<'a> {
+    pub limiter: &'a Limiter,
+    /// The doors' TLS, when they speak it.
+    pub tls: Option<&'a DoorTls>,
+    pub upstreams: &'a Registry,
+    pub metrics: &'a Metrics,
 }
 
-fn apply(path: &Path, running: &mut Config, limiter: &Limiter, tls: Option<&DoorTls>) -> Reload {
+/// Re-reads `path` and applies what can be applied to `live`, updating `running`; counts the
+/// outcome in the metrics.
+pub fn reload(path: &Path, running: &mut Config, live: &Live) {
+    live.metrics.reloaded(apply(path, running, live));
+}
+
+fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -55,8 +65,24 @@ fn apply(path: &Path, running: &mut Config, limiter: &Limiter, tls: Option<&Door
             return Reload::Failed;
         }
     };
-    let (was, now) = (&mut running.server, &new.server);
+    let (limiter, tls) = (live.limiter, live.tls);
     let mut refused: Vec<String> = Vec::new();
+    // The upstreams first: the files they name (CA bundles) are read again on every reload.
+    match live.upstreams.reload(&new, |n| live.metrics.make_room(n)) {
+        Ok(change) => {
+            if !change.is_empty() {
+                tracing::info!(
+                    added = %change.added.join(", "),
+                    removed = %change.removed.join(", "),
+                    "upstreams reloaded: new requests and sessions use the new set; sessions on a removed upstream start anew"
+                );
+            }
+            running.routing = new.routing.clone();
+            running.service_discovery = new.service_discovery.clone();
+        }
+        Err(why) => refused.push(format!("service_discovery ({why})")),
+    }
+    let (was, now) = (&mut running.server, &new.server);
     if now.max_connections != was.max_connections {
         match limiter.set_max_connections(now.max_connections) {
             Ok(()) => was.max_connections = now.max_connections,
@@ -94,6 +120,7 @@ fn apply(path: &Path, running: &mut Config, limiter: &Limiter, tls: Option<&Door
     let restart: Vec<String> = changed_keys(running, &new)
         .into_iter()
         .filter(|k| !LIVE.contains(&k.as_str()))
+        .filter(|k| !LIVE_SECTIONS.iter().any(|s| k.starts_with(s)))
         .collect();
     let partial = !refused.is_empty() || !restart.is_empty();
     if partial {
@@ -149,6 +176,17 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// What a reload changes, for a gateway started on the default upstreams.
+    fn live<'a>(limiter: &'a Limiter, tls: Option<&'a DoorTls>) -> Live<'a> {
+        let upstreams = Registry::new(&Config::default()).unwrap().leak();
+        Live {
+            limiter,
+            tls,
+            upstreams,
+            metrics: Metrics::new(1, Limiter::new(1, 0).leak(), upstreams).leak(),
+        }
+    }
+
     #[test]
     fn changed_keys_are_named_by_path() {
         let a = Config::default();
@@ -187,12 +225,13 @@ mod tests {
         let start = "server:\n  max_connections: 100\n  max_connections_per_ip: 10\n  max_requests_per_ip: 5\n";
         let mut running = Config::parse(start, false).unwrap();
         let limiter = Limiter::new(100, 10).with_request_rate(5, 0).leak();
+        let live = live(limiter, None);
         std::fs::write(
             &path,
             "server:\n  max_connections: 50\n  max_connections_per_ip: 2\n  max_requests_per_ip: 7\n  request_burst_per_ip: 9\n  workers: 3\n",
         )
         .unwrap();
-        assert_eq!(apply(&path, &mut running, limiter, None), Reload::Partial);
+        assert_eq!(apply(&path, &mut running, &live), Reload::Partial);
         assert_eq!(limiter.max_connections(), 50);
         assert_eq!(limiter.max_per_ip(), 2);
         assert_eq!(limiter.request_rate(), Some((7, 9)));
@@ -205,15 +244,15 @@ mod tests {
             "server:\n  max_connections: 200\n  max_connections_per_ip: 0\n",
         )
         .unwrap();
-        assert_eq!(apply(&path, &mut running, limiter, None), Reload::Partial);
+        assert_eq!(apply(&path, &mut running, &live), Reload::Partial);
         assert_eq!((limiter.max_connections(), limiter.max_per_ip()), (50, 2));
         assert_eq!(limiter.request_rate(), None, "the rate did apply (off)");
         std::fs::write(&path, "server:\n  max_connections_per_ip: many\n").unwrap();
-        assert_eq!(apply(&path, &mut running, limiter, None), Reload::Failed);
+        assert_eq!(apply(&path, &mut running, &live), Reload::Failed);
         assert_eq!(limiter.max_per_ip(), 2);
         // What is running now, written back: nothing to do.
         std::fs::write(&path, running.to_yaml()).unwrap();
-        assert_eq!(apply(&path, &mut running, limiter, None), Reload::Applied);
+        assert_eq!(apply(&path, &mut running, &live), Reload::Applied);
     }
 
     #[test]
@@ -231,9 +270,10 @@ mod tests {
         let path = dir.path().join("g.yaml");
         std::fs::write(&path, &with_tls).unwrap();
         let limiter = Limiter::new(100, 10).leak();
+        let live = live(limiter, None);
         // Started without TLS: it is not turned on.
         let mut running = Config::default();
-        assert_eq!(apply(&path, &mut running, limiter, None), Reload::Partial);
+        assert_eq!(apply(&path, &mut running, &live), Reload::Partial);
         assert_eq!(running.server.tls_cert_file, None);
         // Started with TLS: the files are read again even when their paths did not change.
         let mut running = Config::parse(&with_tls, false).unwrap();
@@ -246,7 +286,7 @@ mod tests {
             "settled: the same copy"
         );
         assert_eq!(
-            apply(&path, &mut running, limiter, Some(&door)),
+            apply(&path, &mut running, &self::live(limiter, Some(&door))),
             Reload::Applied
         );
         assert!(
@@ -256,7 +296,7 @@ mod tests {
         // Turning it off: refused, the doors keep theirs.
         std::fs::write(&path, "server:\n  max_connections: 100\n").unwrap();
         assert_eq!(
-            apply(&path, &mut running, limiter, Some(&door)),
+            apply(&path, &mut running, &self::live(limiter, Some(&door))),
             Reload::Partial
         );
         assert!(running.server.tls_cert_file.is_some());

@@ -27,7 +27,7 @@ use crate::limiter::Limiter;
 use crate::metrics::{describe_limits, Metrics};
 use crate::network::Network;
 use crate::proxy_protocol::Trusted;
-use crate::upstream::{self, Upstreams};
+use crate::upstream::{self, registry::Registry};
 use crate::worker::{self, Listeners, Settings, Shared, Worker};
 
 /// Runs the gateway until SIGTERM/SIGINT. Errors are startup failures.
@@ -79,7 +79,7 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
         .with_ipv6_prefix(s.ipv6_prefix_len)
         .with_per_ip_overrides(&overrides)
         .leak();
-    let upstreams = Upstreams::new(&config)?.leak();
+    let upstreams = Registry::new(&config)?.leak();
     let metrics = Metrics::new(workers, limiter, upstreams).leak();
     let shared: &'static Shared = Box::leak(Box::new(Shared {
         settings: Settings {
@@ -112,7 +112,7 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
 
     // Each client connection is a descriptor; with HTTP upstreams, one in flight (or holding its
     // session's stream) may hold one more upstream, besides the idle upstream pools.
-    let forwarding = upstreams.all.iter().any(|u| u.http().is_some());
+    let forwarding = upstreams.current().all.iter().any(|u| u.http().is_some());
     let per_client = if forwarding { 2 } else { 1 };
     let needed = per_client * s.max_connections as u64 + 2 * workers as u64 + 64;
     tracing::info!(
@@ -204,9 +204,12 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
                 Some(path) => crate::reload::reload(
                     path,
                     &mut running,
-                    limiter,
-                    shared.settings.tls.as_ref(),
-                    metrics,
+                    &crate::reload::Live {
+                        limiter,
+                        tls: shared.settings.tls.as_ref(),
+                        upstreams,
+                        metrics,
+                    },
                 ),
                 None => tracing::warn!(
                     "SIGHUP: no configuration file to re-read (started on built-in defaults)"

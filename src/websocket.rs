@@ -28,8 +28,8 @@ use crate::http::request::Upgrade;
 use crate::http::response;
 use crate::limiter::{rate, Permit};
 use crate::metrics::{Frontend, ProtocolError};
-use crate::upstream::rpc::{self, Framing, MsgSession, Next};
-use crate::upstream::Outcome;
+use crate::upstream::rpc::{self, Dest, Framing, MsgSession, Next};
+use crate::upstream::{Namespace, Outcome};
 use crate::worker::{Registration, Worker};
 
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -211,7 +211,7 @@ pub fn serve<'a>(
     reg: &'a Registration,
     permit: &'a Permit,
     first: Vec<u8>,
-    ns: usize,
+    namespace: &'static Namespace,
 ) -> impl Future<Output = ()> + 'a {
     let mut pending = if first.is_empty() {
         give_buf(first);
@@ -222,8 +222,8 @@ pub fn serve<'a>(
     async move {
         let s = worker.settings();
         let mut assembly = Assembly::default();
-        let client = worker.forwarded_for(ns, &stream);
-        let mut session = MsgSession::new(ns, Frontend::WebSocket, client);
+        let client = MsgSession::client(worker, Some(namespace), &stream);
+        let mut session = MsgSession::new(Some(namespace), Frontend::WebSocket, client);
         loop {
             let expired = pending.is_none()
                 && match session
@@ -248,7 +248,6 @@ pub fn serve<'a>(
                 &mut stream,
                 pending.take(),
                 &mut assembly,
-                ns,
                 &mut session,
             ))
             .await;
@@ -267,7 +266,6 @@ async fn exchange(
     stream: &mut Stream,
     pending: Option<Vec<u8>>,
     assembly: &mut Assembly,
-    ns: usize,
     session: &mut MsgSession,
 ) -> WsStep {
     let s = worker.settings();
@@ -401,21 +399,27 @@ async fn exchange(
                 give_buf(message);
                 continue;
             }
-            let all = worker.shared.upstreams;
-            if !all.namespaces[ns].builtin {
-                let sent = session.submit(worker, message, stream, &mut out, &FRAMING);
-                if Box::pin(sent).await.is_err() {
-                    return WsStep::Close;
+            let builtin = match session.dest(worker) {
+                Dest::Forward => {
+                    let sent = session.submit(worker, message, stream, &mut out, &FRAMING);
+                    if Box::pin(sent).await.is_err() {
+                        return WsStep::Close;
+                    }
+                    continue;
                 }
-                continue;
-            }
+                Dest::Echo(u) => u,
+                Dest::Gone => {
+                    (FRAMING.fail)(&mut out, &rpc::error_for(&message, rpc::NAMESPACE_GONE));
+                    give_buf(message);
+                    continue;
+                }
+            };
             let started = Instant::now();
             let mut reply = take_buf();
             if echo::handle(&message, &mut reply).replied {
                 write_frame(&mut out, OP_TEXT, &reply);
             }
-            let upstream = all.namespaces[ns].upstreams[0];
-            worker.metrics.upstream(upstream, Outcome::Ok, None);
+            worker.metrics.upstream(builtin.index, Outcome::Ok, None);
             worker
                 .metrics
                 .request(Frontend::WebSocket, started.elapsed());

@@ -32,7 +32,8 @@ use crate::metrics::{AcceptError, CoreMetrics, Frontend, Metrics, ProtocolError}
 use crate::proxy_protocol::{self, HeaderError, Trusted};
 use crate::stream::Stream;
 use crate::upstream::balance::Balancer;
-use crate::upstream::Upstreams;
+use crate::upstream::registry::Registry;
+use crate::upstream::{client, Upstreams};
 use crate::{conn, http, mcpb};
 
 /// Process-wide, read-only settings the connection tasks need, resolved from the configuration.
@@ -57,7 +58,8 @@ pub struct Shared {
     pub settings: Settings,
     pub limiter: &'static Limiter,
     pub metrics: &'static Metrics,
-    pub upstreams: &'static Upstreams,
+    /// The upstreams in force (replaced by a reload): read through [`Worker::upstreams`].
+    pub upstreams: &'static Registry,
 }
 
 /// Rejection replies in flight per worker; past this a rejected HTTP client is closed without a
@@ -71,6 +73,8 @@ pub struct Worker {
     pub metrics: &'static CoreMetrics,
     /// This core's choice of upstreams (its own counters; nothing shared).
     pub balancer: Balancer,
+    /// The generation of the upstream view this core last saw (see [`Worker::upstreams`]).
+    view: Cell<u64>,
     draining: Cell<bool>,
     /// Open connections: fd and idle state (see [`Idle`]).
     conns: RefCell<Slab<(RawFd, Idle)>>,
@@ -93,7 +97,8 @@ impl Worker {
             index,
             shared,
             metrics: shared.metrics.core(index),
-            balancer: Balancer::new(shared.upstreams, index, shared.metrics.core(index)),
+            balancer: Balancer::new(index, shared.metrics.core(index)),
+            view: Cell::new(shared.upstreams.current().generation),
             draining: Cell::new(false),
             conns: RefCell::new(Slab::new()),
             epoch: Instant::now(),
@@ -101,6 +106,18 @@ impl Worker {
             rng: Cell::new(seed | 1),
             tls: RefCell::new(None),
         }))
+    }
+
+    /// The upstreams in force: what a request forwards by from its start to its end (take it
+    /// once per request). The first time this core sees a new view (a reload), it closes its
+    /// pooled connections to the upstreams that left.
+    pub fn upstreams(&self) -> &'static Upstreams {
+        let view = self.shared.upstreams.current();
+        if view.generation > self.view.get() {
+            self.view.set(view.generation);
+            client::keep_pooled(|u| view.all.iter().any(|v| v.index == u));
+        }
+        view
     }
 
     /// The doors speak TLS.
@@ -140,10 +157,10 @@ impl Worker {
     }
 
     /// The address to name in `X-Forwarded-For` for the client on `stream` (whose task is the
-    /// one running) when its requests go to namespace `ns`, `routing.forwarded_for` is on and
-    /// the namespace forwards to HTTP: the client its PROXY header named, else its peer.
-    pub fn forwarded_for(&self, ns: usize, stream: &Stream) -> Option<IpAddr> {
-        if !self.shared.upstreams.forwards_client(ns) {
+    /// one running) when its requests go to namespace `ns` of `all`, `routing.forwarded_for` is
+    /// on and the namespace forwards to HTTP: the client its PROXY header named, else its peer.
+    pub fn forwarded_for(&self, all: &Upstreams, ns: usize, stream: &Stream) -> Option<IpAddr> {
+        if !all.forwards_client(ns) {
             return None;
         }
         // monoio asks the kernel once per connection, then keeps the address.

@@ -41,7 +41,7 @@ use crate::conn::{
 use crate::echo;
 use crate::limiter::{rate, Permit, Rejection};
 use crate::metrics::Frontend;
-use crate::upstream::Outcome;
+use crate::upstream::{Namespace, Outcome, Upstreams};
 use crate::websocket;
 use crate::worker::{Registration, Worker};
 use proxy::{Proxied, ReqBody};
@@ -55,8 +55,9 @@ enum Step {
     Close,
     /// An error reply was sent: close without resetting it away.
     Linger(Vec<u8>),
-    /// Switched protocols: hand the connection to the WebSocket door with these bytes.
-    Upgrade(Vec<u8>, usize),
+    /// Switched protocols: hand the connection to the WebSocket door with these bytes, for this
+    /// namespace (of the view in force at the upgrade).
+    Upgrade(Vec<u8>, &'static Namespace),
 }
 
 /// Serves an admitted connection on the HTTP port until it closes.
@@ -97,9 +98,9 @@ pub fn serve(
                 Step::KeepAlive(rest) => pending = rest,
                 Step::Close => return,
                 Step::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
-                Step::Upgrade(rest, upstream) => {
+                Step::Upgrade(rest, namespace) => {
                     reg.switch(Frontend::WebSocket);
-                    let ws = websocket::serve(worker, stream, reg, &permit, rest, upstream);
+                    let ws = websocket::serve(worker, stream, reg, &permit, rest, namespace);
                     return Box::pin(ws).await;
                 }
             }
@@ -120,8 +121,10 @@ async fn exchange(
     let mut out = take_buf();
     loop {
         let deadline = Instant::now() + s.read_timeout;
+        // The upstreams this request goes by, whatever a reload publishes meanwhile.
+        let all = worker.upstreams();
         let head = loop {
-            match parse_head(&buf, |n| worker.shared.upstreams.namespace(n)) {
+            match parse_head(&buf, |n| all.namespace(n)) {
                 Ok(Some(head)) => break head,
                 Ok(None) => {}
                 Err(refusal) => return refuse(worker, stream, buf, out, refusal).await,
@@ -157,7 +160,7 @@ async fn exchange(
             Route::Mcp(_) => worker.admit_request(permit, Frontend::Http).err(),
             _ => None,
         };
-        if let Some(ns) = proxied(worker, &head).filter(|_| limited.is_none()) {
+        if let Some(ns) = proxied(all, &head).filter(|_| limited.is_none()) {
             // Answers queued for earlier pipelined requests go first, in order.
             if !out.is_empty() {
                 match write_all(stream, out, s.write_timeout).await {
@@ -178,7 +181,15 @@ async fn exchange(
             let started = Instant::now();
             let keep_alive = head.keep_alive && !worker.draining();
             let forwarded = proxy::forward(
-                worker, reg, stream, &mut buf, &head, body, ns, keep_alive, out,
+                worker,
+                reg,
+                stream,
+                &mut buf,
+                &head,
+                body,
+                (all, ns),
+                keep_alive,
+                out,
             );
             let ended = Box::pin(forwarded).await;
             worker.metrics.request(Frontend::Http, started.elapsed());
@@ -207,7 +218,7 @@ async fn exchange(
             let retry = wait.to_string();
             let retry = [("Retry-After", retry.as_str())];
             response::error(&mut out, 429, -32000, rate::REFUSAL, &retry, keep_alive);
-        } else if let (Some(upgrade), Route::Mcp(upstream)) = (&head.upgrade, head.route) {
+        } else if let (Some(upgrade), Route::Mcp(ns)) = (&head.upgrade, head.route) {
             let status = websocket::handshake(upgrade, &mut out);
             if status != 101 {
                 worker
@@ -222,13 +233,13 @@ async fn exchange(
                 Err(_) => return Step::Close,
             }
             buf.drain(..consumed);
-            return Step::Upgrade(buf, upstream);
+            return Step::Upgrade(buf, &all.namespaces[ns]);
         } else {
             let body_bytes = match &body {
                 Some(decoded) => decoded.as_slice(),
                 None => &buf[head.len..consumed],
             };
-            answer(worker, &head, body_bytes, keep_alive, &mut out);
+            answer(worker, all, &head, body_bytes, keep_alive, &mut out);
             worker.metrics.request(Frontend::Http, started.elapsed());
         }
         if let Some(b) = body {
@@ -255,10 +266,10 @@ async fn exchange(
 }
 
 /// The namespace when `head` is a request for HTTP upstreams (not `builtin:echo`, not an upgrade).
-fn proxied(worker: &Worker, head: &Head) -> Option<usize> {
+fn proxied(all: &Upstreams, head: &Head) -> Option<usize> {
     match head.route {
         Route::Mcp(ns)
-            if !worker.shared.upstreams.namespaces[ns].builtin
+            if !all.namespaces[ns].builtin
                 && head.method != Method::Other
                 && head.upgrade.is_none() =>
         {
@@ -336,10 +347,17 @@ pub(crate) async fn continue_if_expected(
 }
 
 /// Appends the answer to one complete request to `out`.
-fn answer(worker: &'static Worker, head: &Head, body: &[u8], keep_alive: bool, out: &mut Vec<u8>) {
+fn answer(
+    worker: &'static Worker,
+    all: &Upstreams,
+    head: &Head,
+    body: &[u8],
+    keep_alive: bool,
+    out: &mut Vec<u8>,
+) {
     use response::{error, write};
     let upstream = match head.route {
-        Route::Mcp(ns) => worker.shared.upstreams.namespaces[ns].upstreams[0],
+        Route::Mcp(ns) => all.namespaces[ns].upstreams[0].index,
         Route::UnknownNamespace => {
             return error(out, 404, -32000, "unknown MCP namespace", &[], keep_alive)
         }
@@ -508,7 +526,7 @@ mod tests {
     #[test]
     fn idle_connection_futures_stay_small() {
         let limiter = Limiter::new(10, 0).leak();
-        let upstreams = crate::upstream::Upstreams::new(&crate::config::Config::default())
+        let upstreams = crate::upstream::registry::Registry::new(&crate::config::Config::default())
             .unwrap()
             .leak();
         let metrics = Metrics::new(1, limiter, upstreams).leak();
@@ -587,7 +605,7 @@ mod tests {
                 &mut buf,
                 &head,
                 body,
-                0,
+                (upstreams.current(), 0),
                 true,
                 Vec::new(),
             );
@@ -595,7 +613,14 @@ mod tests {
             eprintln!("proxy::forward future: {size} bytes");
             assert!(size <= 2560, "proxy::forward future is {size} bytes");
             drop(forward);
-            let ws = crate::websocket::serve(worker, stream, &reg, &permit, Vec::new(), 0);
+            let ws = crate::websocket::serve(
+                worker,
+                stream,
+                &reg,
+                &permit,
+                Vec::new(),
+                &upstreams.current().namespaces[0],
+            );
             let size = std::mem::size_of_val(&ws);
             eprintln!("websocket::serve future: {size} bytes");
             assert!(size <= 640, "websocket::serve future is {size} bytes");

@@ -32,7 +32,7 @@ use super::response;
 use crate::conn::{give_buf, read_more, read_watching, take_buf, write_all, ReadError, Watched};
 use crate::upstream::client;
 use crate::upstream::wire::{self, Body, ClientHead};
-use crate::upstream::{Failure, Upstream};
+use crate::upstream::{Failure, Upstream, Upstreams};
 use crate::worker::{Registration, Worker};
 
 /// How the exchange left the client connection.
@@ -64,11 +64,10 @@ pub async fn forward(
     buf: &mut Vec<u8>,
     head: &Head,
     body: ReqBody,
-    ns: usize,
+    (all, ns): (&'static Upstreams, usize),
     keep_alive: bool,
     mut out: Vec<u8>,
 ) -> Proxied {
-    let all = worker.shared.upstreams;
     let method = match head.method {
         Method::Get => "GET",
         Method::Post => "POST",
@@ -120,7 +119,7 @@ pub async fn forward(
         query,
         wire::Fields::Client {
             head: raw_head,
-            client: worker.forwarded_for(ns, client),
+            client: worker.forwarded_for(all, ns, client),
         },
         upstream_session,
         body_len,
@@ -141,7 +140,7 @@ pub async fn forward(
         }
         ReqBody::Stream { kind, deadline } => {
             buf.drain(..head.len);
-            match stream_body(worker, client, buf, head, kind, deadline, u, req).await {
+            match stream_body(worker, client, buf, head, kind, deadline, (all, u), req).await {
                 Ok(mut up) => {
                     let started = Instant::now();
                     let until = started + all.request_timeout;
@@ -188,7 +187,7 @@ pub async fn forward(
         head.http11,
         keep_alive,
         out,
-        u,
+        (all, u),
     )
     .await
 }
@@ -225,10 +224,9 @@ async fn stream_body(
     head: &Head,
     kind: BodyKind,
     deadline: Instant,
-    u: &'static Upstream,
+    (all, u): (&Upstreams, &'static Upstream),
     mut req: Vec<u8>,
 ) -> Result<Stream, Sent> {
-    let all = worker.shared.upstreams;
     let max = worker.settings().max_message_size;
     let (mut up, _) = client::open(all, u, false).await.map_err(Sent::Upstream)?;
     let mut remaining = match kind {
@@ -326,9 +324,8 @@ async fn relay(
     http11: bool,
     keep_alive: bool,
     mut out: Vec<u8>,
-    u: &'static Upstream,
+    (all, u): (&Upstreams, &'static Upstream),
 ) -> Proxied {
-    let all = worker.shared.upstreams;
     let s = worker.settings();
     let chunk = !matches!(rh.body, wire::BodyKind::Length(_)) && http11;
     let mut decoded = Body::new(rh.body);

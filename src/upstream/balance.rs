@@ -12,7 +12,7 @@
 //! when `capped`, holds one of its `routing.max_in_flight` places (taken before the breaker is
 //! asked; given back if the breaker refuses).
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::time::Instant;
 
 use super::breaker::Admit;
@@ -22,10 +22,12 @@ use crate::metrics::CoreMetrics;
 
 /// One core's balancing state.
 pub struct Balancer {
-    /// Next round-robin start, per namespace.
-    next: Box<[Cell<usize>]>,
-    /// Smooth-weighted credits, per upstream.
-    credit: Box<[Cell<i64>]>,
+    core: usize,
+    /// The generation of the view the positions are for, and the next round-robin start per
+    /// namespace of that view (started again when a reload brings a new one).
+    next: RefCell<(u64, Vec<usize>)>,
+    /// Smooth-weighted credits, per upstream index (growing as reloads bring upstreams).
+    credit: RefCell<Vec<i64>>,
     /// This core's metrics, which hold its requests (and streams) in flight per upstream.
     metrics: &'static CoreMetrics,
 }
@@ -33,11 +35,31 @@ pub struct Balancer {
 impl Balancer {
     /// Core `core`'s state. Its round-robin positions start at `core`, so the first requests on
     /// different cores go to different upstreams.
-    pub fn new(u: &Upstreams, core: usize, metrics: &'static CoreMetrics) -> Balancer {
+    pub fn new(core: usize, metrics: &'static CoreMetrics) -> Balancer {
         Balancer {
-            next: u.namespaces.iter().map(|_| Cell::new(core)).collect(),
-            credit: u.all.iter().map(|_| Cell::new(0)).collect(),
+            core,
+            next: RefCell::new((0, Vec::new())),
+            credit: RefCell::new(Vec::new()),
             metrics,
+        }
+    }
+
+    /// The round-robin start for a pick in namespace `ns` of view `all`, moved on by one.
+    fn start(&self, all: &Upstreams, ns: usize) -> usize {
+        let mut next = self.next.borrow_mut();
+        let (generation, starts) = &mut *next;
+        if *generation < all.generation || starts.is_empty() {
+            *generation = all.generation;
+            *starts = vec![self.core; all.namespaces.len()];
+        }
+        match starts.get_mut(ns) {
+            Some(at) if *generation == all.generation => {
+                let start = *at;
+                *at = start.wrapping_add(1);
+                start
+            }
+            // A request of an older view, picking just after a reload: any start will do.
+            _ => self.core,
         }
     }
 
@@ -57,27 +79,23 @@ impl Balancer {
     ) -> Result<Lease<'a>, Failure> {
         let members = &all.namespaces[ns].upstreams;
         let n = members.len();
-        let start = self.next[ns].get();
-        self.next[ns].set(start.wrapping_add(1));
+        let start = self.start(all, ns);
         // Tried in preference order; one at `max_in_flight`, or whose breaker refuses at the last
         // moment, is skipped.
         let mut skip = 0u64; // bit i: members[i] refused (namespaces have at most 64 tried)
         let mut busy = None; // the first one found at max_in_flight
         for _ in 0..n {
-            let candidate = |i: usize| {
-                let u = &all.all[members[i]];
-                (skip >> (i % 64)) & 1 == 0 && u.in_service()
-            };
+            let candidate = |i: usize| (skip >> (i % 64)) & 1 == 0 && members[i].in_service();
             let chosen = match all.strategy {
                 Strategy::RoundRobin => (0..n).map(|k| (start + k) % n).find(|i| candidate(*i)),
                 Strategy::LeastConnections => (0..n)
                     .map(|k| (start + k) % n)
                     .filter(|i| candidate(*i))
-                    .min_by_key(|i| self.in_flight(members[*i])),
-                Strategy::Weighted => self.smooth_weighted(all, members, candidate),
+                    .min_by_key(|i| self.in_flight(members[*i].index)),
+                Strategy::Weighted => self.smooth_weighted(members, candidate),
             };
             let Some(i) = chosen else { break };
-            let u = &all.all[members[i]];
+            let u = members[i];
             if capped && !u.try_begin() {
                 skip |= 1 << (i % 64);
                 busy.get_or_insert(u.index);
@@ -135,27 +153,30 @@ impl Balancer {
 
     fn smooth_weighted(
         &self,
-        all: &Upstreams,
-        members: &[usize],
+        members: &[&'static Upstream],
         candidate: impl Fn(usize) -> bool,
     ) -> Option<usize> {
+        let mut credit = self.credit.borrow_mut();
+        if let Some(top) = members.iter().map(|m| m.index).max() {
+            if credit.len() <= top {
+                credit.resize(top + 1, 0);
+            }
+        }
         let mut total = 0i64;
         let mut best: Option<usize> = None;
         for (i, m) in members.iter().enumerate() {
             if !candidate(i) {
                 continue;
             }
-            let w = i64::from(all.all[*m].weight);
+            let w = i64::from(m.weight);
             total += w;
-            let c = &self.credit[*m];
-            c.set(c.get() + w);
-            if best.is_none_or(|b| c.get() > self.credit[members[b]].get()) {
+            credit[m.index] += w;
+            if best.is_none_or(|b| credit[m.index] > credit[members[b].index]) {
                 best = Some(i);
             }
         }
         let b = best?;
-        let c = &self.credit[members[b]];
-        c.set(c.get() - total);
+        credit[members[b].index] -= total;
         Some(b)
     }
 }
@@ -224,17 +245,20 @@ mod tests {
     use crate::config::Config;
     use crate::limiter::Limiter;
     use crate::metrics::Metrics;
+    use crate::upstream::registry::Registry;
 
-    fn balancer(u: &'static Upstreams) -> Balancer {
+    /// A balancer of core 0 over `r`'s upstreams, and their view.
+    fn balancer(r: &'static Registry) -> (Balancer, &'static Upstreams) {
         let limiter = Limiter::new(10, 0).leak();
-        Balancer::new(u, 0, Metrics::new(1, limiter, u).leak().core(0))
+        let b = Balancer::new(0, Metrics::new(1, limiter, r).leak().core(0));
+        (b, r.current())
     }
 
-    fn upstreams(strategy: &str, weights: &[u32]) -> &'static Upstreams {
+    fn upstreams(strategy: &str, weights: &[u32]) -> &'static Registry {
         limited(strategy, weights, 0)
     }
 
-    fn limited(strategy: &str, weights: &[u32], max_in_flight: usize) -> &'static Upstreams {
+    fn limited(strategy: &str, weights: &[u32], max_in_flight: usize) -> &'static Registry {
         let mut yaml = format!(
             "routing:\n  strategy: {strategy}\n  max_in_flight: {max_in_flight}\n  circuit_breaker:\n    failure_threshold: 1\n    timeout_seconds: 60\nservice_discovery:\n  static:\n    endpoints:\n      default:\n"
         );
@@ -244,7 +268,7 @@ mod tests {
                 9001 + i
             );
         }
-        Upstreams::new(&Config::parse(&yaml, false).unwrap())
+        Registry::new(&Config::parse(&yaml, false).unwrap())
             .unwrap()
             .leak()
     }
@@ -257,13 +281,12 @@ mod tests {
 
     #[test]
     fn max_in_flight_skips_a_full_upstream_and_refuses_when_all_are() {
-        let u = limited("round_robin", &[1, 1], 1);
-        let b = balancer(u);
+        let (b, u) = balancer(limited("round_robin", &[1, 1], 1));
         let first = b.pick(u, 0, true).unwrap();
         let second = b.pick(u, 0, true).unwrap();
         assert_ne!(first.upstream.index, second.upstream.index);
         assert_eq!(b.pick(u, 0, true).err(), Some(Failure::Busy));
-        assert_eq!(b.pinned(&u.all[0], true).err(), Some(Failure::Busy));
+        assert_eq!(b.pinned(u.all[0], true).err(), Some(Failure::Busy));
         // A standalone stream is not capped, and takes no place.
         drop(b.pick(u, 0, false).expect("uncapped"));
         assert_eq!(b.pick(u, 0, true).err(), Some(Failure::Busy));
@@ -276,7 +299,7 @@ mod tests {
         lease.done(false); // threshold 1: its breaker opens
         drop(lease);
         assert_eq!(
-            b.pinned(&u.all[failing], true).err(),
+            b.pinned(u.all[failing], true).err(),
             Some(Failure::CircuitOpen)
         );
         drop(second);
@@ -287,9 +310,31 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_renumbering_the_namespaces_is_followed_and_old_picks_still_work() {
+        let r = upstreams("round_robin", &[1, 1]);
+        let (b, old) = balancer(r);
+        assert_eq!(picks(&b, old, 2), [0, 1]);
+        // A namespace before `default` moves it to position 1.
+        let yaml = "routing:\n  strategy: round_robin\n  circuit_breaker:\n    failure_threshold: 1\n    timeout_seconds: 60\nservice_discovery:\n  static:\n    endpoints:\n      aaa:\n        - url: http://127.0.0.1:9009/mcp\n      default:\n        - url: http://127.0.0.1:9001/mcp\n          weight: 1\n        - url: http://127.0.0.1:9002/mcp\n          weight: 1\n";
+        r.reload(&Config::parse(yaml, false).unwrap(), |_| {})
+            .unwrap();
+        let new = r.current();
+        assert_eq!(new.namespace("default"), Some(1));
+        let new_default: Vec<usize> = (0..4)
+            .map(|_| b.pick(new, 1, true).unwrap().upstream.index)
+            .collect();
+        assert_eq!(new_default, [0, 1, 0, 1], "the same upstreams, kept");
+        assert_eq!(
+            b.pick(new, 0, true).unwrap().upstream.url,
+            "http://127.0.0.1:9009/mcp"
+        );
+        // A request that took the old view before the reload still gets an upstream.
+        assert!(b.pick(old, 0, true).is_ok());
+    }
+
+    #[test]
     fn round_robin_rotates_and_skips_what_is_out() {
-        let u = upstreams("round_robin", &[1, 1, 1]);
-        let b = balancer(u);
+        let (b, u) = balancer(upstreams("round_robin", &[1, 1, 1]));
         assert_eq!(picks(&b, u, 6), [0, 1, 2, 0, 1, 2]);
         u.all[1].set_health(Err("test".into()));
         assert!(!picks(&b, u, 6).contains(&1));
@@ -303,8 +348,7 @@ mod tests {
 
     #[test]
     fn least_connections_counts_go_down_as_well_as_up() {
-        let u = upstreams("least_connections", &[1, 1]);
-        let b = balancer(u);
+        let (b, u) = balancer(upstreams("least_connections", &[1, 1]));
         let first = b.pick(u, 0, true).unwrap();
         let a = first.upstream.index;
         // While `first` is in flight, every new pick goes to the other one.
@@ -320,18 +364,14 @@ mod tests {
 
     #[test]
     fn weighted_follows_the_weights_smoothly() {
-        let u = upstreams("weighted", &[5, 1, 1]);
-        let b = balancer(u);
+        let (b, u) = balancer(upstreams("weighted", &[5, 1, 1]));
         let got = picks(&b, u, 7);
         assert_eq!(got.iter().filter(|i| **i == 0).count(), 5);
         assert_eq!(got.iter().filter(|i| **i == 1).count(), 1);
         // Smooth: the heavy one never takes more than 3 in a row (nginx: a a b a c a a).
         assert_eq!(got, [0, 0, 1, 0, 2, 0, 0]);
-        let none = upstreams("weighted", &[1]);
+        let (b, none) = balancer(upstreams("weighted", &[1]));
         none.all[0].set_health(Err("test".into()));
-        assert_eq!(
-            balancer(none).pick(none, 0, true).err(),
-            Some(Failure::NoUpstream)
-        );
+        assert_eq!(b.pick(none, 0, true).err(), Some(Failure::NoUpstream));
     }
 }

@@ -86,6 +86,15 @@ impl Breaker {
         }
     }
 
+    /// Closed, as new: an upstream configured again after a reload had removed it. A request
+    /// still in flight from before may record its result after this; it counts as any other.
+    pub fn reset(&self) {
+        self.failures.store(0, Relaxed);
+        self.successes.store(0, Relaxed);
+        self.probing.store(false, Relaxed);
+        self.state.store(CLOSED, Relaxed);
+    }
+
     pub fn state(&self) -> State {
         match self.state.load(Relaxed) {
             CLOSED => State::Closed,

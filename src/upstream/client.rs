@@ -44,6 +44,18 @@ pub fn give_back(upstream: &Upstream, stream: Stream) {
     });
 }
 
+/// Closes this core's pooled connections to the upstreams `keep` says no to (by index): those
+/// a reload removed.
+pub fn keep_pooled(keep: impl Fn(usize) -> bool) {
+    POOL.with(|p| {
+        for (index, idle) in p.borrow_mut().iter_mut().enumerate() {
+            if !keep(index) {
+                *idle = Vec::new();
+            }
+        }
+    });
+}
+
 fn pooled(upstream: &Upstream) -> Option<Stream> {
     POOL.with(|p| p.borrow_mut().get_mut(upstream.index).and_then(Vec::pop))
 }

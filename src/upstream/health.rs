@@ -20,24 +20,25 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use super::registry::Registry;
 use super::{Upstream, Upstreams};
+use std::collections::HashSet;
 
-/// Starts the checker thread (when there is an HTTP upstream). It runs until the process exits.
-pub fn spawn(all: &'static Upstreams) -> std::io::Result<()> {
-    if all.all.iter().all(|u| u.http().is_none()) {
-        return Ok(());
-    }
+/// Starts the checker thread. It runs until the process exits, checking the upstreams in force
+/// each round (a reload may add HTTP upstreams where there were none).
+pub fn spawn(registry: &'static Registry) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("mcp-health".into())
         .spawn(move || {
-            // Per upstream: its name failed to resolve last time (logged once per failure spell).
-            let mut unresolved = vec![false; all.all.len()];
+            // Upstream indices whose name failed to resolve last time (logged once per spell).
+            let mut unresolved = HashSet::new();
             loop {
-                std::thread::sleep(all.health_check_interval);
+                std::thread::sleep(registry.current().health_check_interval);
+                let all = registry.current();
                 for u in &all.all {
                     if let Some(http) = u.http() {
                         let r = http.re_resolve(super::resolve);
-                        follow_dns(u, r, &mut unresolved[u.index]);
+                        follow_dns(u, r, &mut unresolved);
                         u.set_health(probe(all, u));
                     }
                 }
@@ -47,21 +48,21 @@ pub fn spawn(all: &'static Upstreams) -> std::io::Result<()> {
 }
 
 /// Logs what a re-resolution of `u`'s host name changed, or why it failed (the address in use
-/// stays then; logged when a spell of failures starts, `failing` remembering it).
+/// stays then; logged when a spell of failures starts, `failing` holding the upstreams in one).
 fn follow_dns(
     u: &Upstream,
     result: Result<Option<(SocketAddr, SocketAddr)>, String>,
-    failing: &mut bool,
+    failing: &mut HashSet<usize>,
 ) {
     match result {
         Ok(change) => {
-            *failing = false;
+            failing.remove(&u.index);
             if let Some((was, now)) = change {
                 tracing::info!(namespace = %u.namespace, upstream = %u.url, %was, %now, "upstream address changed (DNS): new connections go to the new one");
             }
         }
         Err(why) => {
-            if !std::mem::replace(failing, true) {
+            if failing.insert(u.index) {
                 tracing::warn!(namespace = %u.namespace, upstream = %u.url, reason = %why, "upstream name not resolved; keeping its address");
             }
         }

@@ -58,7 +58,7 @@ async fn listen(
     wire::write_request(&mut req, "GET", u, "", fields.fields(), Some(&id), Some(0));
     // Sending and reading are boxed: the task lives as long as the session, and what it holds
     // while it waits for an event is then only the wait itself (monoio's timers are 640 bytes).
-    let sent = Box::pin(client::send(worker.shared.upstreams, u, req, None)).await;
+    let sent = Box::pin(client::send(worker.upstreams(), u, req, None)).await;
     let Ok((mut up, mut buf, head)) = sent else {
         return;
     };

@@ -1,8 +1,8 @@
 //! Upstream MCP servers: the configured namespaces and their upstreams, and everything the doors
 //! need to forward to them.
 //!
-//! Owns the process-wide, read-mostly registry ([`Upstreams`], built once at startup) and its
-//! parts:
+//! Owns the process-wide [`registry`] of upstreams (what is configured now, replaced whole by a
+//! reload) and the rest of what forwarding needs:
 //! - [`balance`]: per-core choice of an upstream (`round_robin`, `least_connections`, `weighted`),
 //!   skipping upstreams that health checks or their breaker took out;
 //! - [`breaker`]: one circuit breaker per upstream;
@@ -19,11 +19,12 @@
 //! its namespace and URL, so it is the same on every core and every restart). A request carrying a
 //! session id goes to the upstream its tag names, with the tag removed.
 //!
-//! Invariants: the registry never changes after startup; the only shared state written at run
-//! time is each upstream's health flag (by the checker), its breaker (on failures and state
-//! changes only, never on a plain success while closed) and, only when `routing.max_in_flight`
-//! is set, its in-flight count (exact across cores, as a limit must be), so without that limit
-//! the hot path reads shared lines but does not bounce them.
+//! Invariants: a view ([`Upstreams`]) never changes once made, and a request keeps the one it
+//! started with; the only shared state written at run time is each upstream's health flag (by
+//! the checker), its breaker (on failures and state changes only, never on a plain success while
+//! closed) and, only when `routing.max_in_flight` is set, its in-flight count (exact across
+//! cores, as a limit must be), so without that limit the hot path reads shared lines but does not
+//! bounce them.
 
 pub mod balance;
 pub mod breaker;
@@ -31,6 +32,7 @@ pub mod client;
 pub mod health;
 pub mod listen;
 pub mod outbox;
+pub mod registry;
 pub mod rpc;
 pub mod wire;
 
@@ -40,7 +42,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use crossbeam_utils::atomic::AtomicCell;
 use std::time::Duration;
 
-use crate::config::{secs, Config, Strategy, UpstreamUrl, BUILTIN_ECHO};
+use crate::config::{secs, Endpoint, RoutingConfig, Strategy, UpstreamUrl, BUILTIN_ECHO};
 use crate::limiter::Cap;
 use breaker::Breaker;
 
@@ -129,6 +131,67 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// Upstream number `index`: endpoint `e` of namespace `ns`, its host name resolved now.
+    fn new(index: usize, ns: &str, e: &Endpoint, r: &RoutingConfig) -> Result<Upstream, String> {
+        let cb = &r.circuit_breaker;
+        let fail =
+            |why: String| format!("service_discovery.static.endpoints.{ns}: {}: {why}", e.url);
+        let target = if e.url == BUILTIN_ECHO {
+            Target::Builtin
+        } else {
+            let u = UpstreamUrl::parse(&e.url).map_err(fail)?;
+            let addr = resolve(&u.host, u.port)
+                .ok()
+                .and_then(|a| a.first().copied())
+                .ok_or_else(|| fail(format!("cannot resolve {}", u.host)))?;
+            let tls = match u.tls {
+                false => None,
+                true => {
+                    let name = e.tls_server_name.as_deref().unwrap_or(&u.host);
+                    Some(crate::tls::Tls {
+                        config: crate::tls::client_config(e.tls_ca_file.as_deref())
+                            .map_err(fail)?,
+                        name: crate::tls::server_name(name).map_err(fail)?,
+                    })
+                }
+            };
+            Target::Http(Http {
+                name: u
+                    .host
+                    .parse::<std::net::IpAddr>()
+                    .is_err()
+                    .then_some(u.host),
+                port: u.port,
+                addr: AtomicCell::new(addr),
+                authority: u.authority,
+                path: u.path,
+                tls,
+            })
+        };
+        Ok(Upstream {
+            index,
+            namespace: ns.to_string(),
+            url: e.url.clone(),
+            target,
+            weight: e.weight,
+            tag: tag(ns, &e.url),
+            healthy: AtomicBool::new(true),
+            breaker: Breaker::new(
+                cb.failure_threshold,
+                cb.success_threshold,
+                secs(cb.timeout_seconds),
+            ),
+            in_flight: (r.max_in_flight > 0).then(|| Cap::new(r.max_in_flight)),
+        })
+    }
+
+    /// Starts afresh, as if just configured (healthy, its breaker closed): an upstream
+    /// configured again after a reload had removed it.
+    fn reset(&self) {
+        self.healthy.store(true, Relaxed);
+        self.breaker.reset();
+    }
+
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Relaxed)
     }
@@ -177,16 +240,32 @@ impl Upstream {
 #[derive(Debug)]
 pub struct Namespace {
     pub name: String,
-    /// Indices into [`Upstreams::all`].
-    pub upstreams: Vec<usize>,
+    pub upstreams: Vec<&'static Upstream>,
     /// Served by `builtin:echo` (never mixed with HTTP upstreams).
     pub builtin: bool,
 }
 
-/// Every namespace and upstream, and how to reach them.
+impl Namespace {
+    fn new(name: String, upstreams: Vec<&'static Upstream>) -> Namespace {
+        Namespace {
+            builtin: upstreams
+                .iter()
+                .all(|u| matches!(u.target, Target::Builtin)),
+            name,
+            upstreams,
+        }
+    }
+}
+
+/// One view of the namespaces and upstreams, with the `routing` settings: what a request
+/// forwards by, from its start to its end. Made at startup and by each reload that changes
+/// something (see [`registry`]); never changed.
 #[derive(Debug)]
 pub struct Upstreams {
-    pub all: Vec<Upstream>,
+    /// Counts the views: 0 at startup, one more per reload that changed something.
+    pub generation: u64,
+    /// Every upstream of the view, namespace by namespace.
+    pub all: Vec<&'static Upstream>,
     pub namespaces: Vec<Namespace>,
     pub strategy: Strategy,
     pub connect_timeout: Duration,
@@ -197,84 +276,14 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    /// Builds the registry; resolves host names (again later: [`Http::re_resolve`]).
-    pub fn new(config: &Config) -> std::io::Result<Upstreams> {
-        let r = &config.routing;
-        let cb = &r.circuit_breaker;
-        let mut all = Vec::new();
-        let mut namespaces = Vec::new();
-        for (ns, endpoints) in &config.service_discovery.static_.endpoints {
-            let mut members = Vec::new();
-            for e in endpoints {
-                let target = if e.url == BUILTIN_ECHO {
-                    Target::Builtin
-                } else {
-                    let u = UpstreamUrl::parse(&e.url).map_err(std::io::Error::other)?;
-                    let addr = resolve(&u.host, u.port)
-                        .ok()
-                        .and_then(|a| a.first().copied())
-                        .ok_or_else(|| {
-                            std::io::Error::other(format!(
-                                "service_discovery.static.endpoints.{ns}: cannot resolve {}",
-                                u.host
-                            ))
-                        })?;
-                    let tls = match u.tls {
-                        false => None,
-                        true => {
-                            let fail = |why: String| {
-                                std::io::Error::other(format!(
-                                    "service_discovery.static.endpoints.{ns}: {}: {why}",
-                                    e.url
-                                ))
-                            };
-                            let name = e.tls_server_name.as_deref().unwrap_or(&u.host);
-                            Some(crate::tls::Tls {
-                                config: crate::tls::client_config(e.tls_ca_file.as_deref())
-                                    .map_err(fail)?,
-                                name: crate::tls::server_name(name).map_err(fail)?,
-                            })
-                        }
-                    };
-                    Target::Http(Http {
-                        name: u
-                            .host
-                            .parse::<std::net::IpAddr>()
-                            .is_err()
-                            .then_some(u.host),
-                        port: u.port,
-                        addr: AtomicCell::new(addr),
-                        authority: u.authority,
-                        path: u.path,
-                        tls,
-                    })
-                };
-                members.push(all.len());
-                all.push(Upstream {
-                    index: all.len(),
-                    namespace: ns.clone(),
-                    url: e.url.clone(),
-                    target,
-                    weight: e.weight,
-                    tag: tag(ns, &e.url),
-                    healthy: AtomicBool::new(true),
-                    breaker: Breaker::new(
-                        cb.failure_threshold,
-                        cb.success_threshold,
-                        secs(cb.timeout_seconds),
-                    ),
-                    in_flight: (r.max_in_flight > 0).then(|| Cap::new(r.max_in_flight)),
-                });
-            }
-            namespaces.push(Namespace {
-                name: ns.clone(),
-                builtin: members
-                    .iter()
-                    .all(|i| matches!(all[*i].target, Target::Builtin)),
-                upstreams: members,
-            });
-        }
-        Ok(Upstreams {
+    fn new(
+        generation: u64,
+        all: Vec<&'static Upstream>,
+        namespaces: Vec<Namespace>,
+        r: &RoutingConfig,
+    ) -> Upstreams {
+        Upstreams {
+            generation,
             all,
             namespaces,
             strategy: r.strategy,
@@ -282,17 +291,38 @@ impl Upstreams {
             request_timeout: secs(r.request_timeout),
             forwarded_for: r.forwarded_for,
             health_check_interval: secs(r.health_check_interval),
-        })
+        }
+    }
+
+    /// The same namespaces of the same upstreams, with the same settings.
+    fn same_as(&self, other: &Upstreams) -> bool {
+        fn members(v: &Upstreams) -> Vec<(&str, Vec<usize>)> {
+            v.namespaces
+                .iter()
+                .map(|n| {
+                    (
+                        n.name.as_str(),
+                        n.upstreams.iter().map(|u| u.index).collect(),
+                    )
+                })
+                .collect()
+        }
+        let settings = |v: &Upstreams| {
+            (
+                v.strategy,
+                v.connect_timeout,
+                v.request_timeout,
+                v.health_check_interval,
+                v.forwarded_for,
+            )
+        };
+        members(self) == members(other) && settings(self) == settings(other)
     }
 
     /// True when requests to namespace `ns` name their client in `X-Forwarded-For`:
     /// `routing.forwarded_for` is on and the namespace has HTTP upstreams.
     pub fn forwards_client(&self, ns: usize) -> bool {
         self.forwarded_for && self.namespaces.get(ns).is_some_and(|n| !n.builtin)
-    }
-
-    pub fn leak(self) -> &'static Upstreams {
-        Box::leak(Box::new(self))
     }
 
     /// The namespace index serving `name`.
@@ -302,7 +332,7 @@ impl Upstreams {
 
     /// The upstream of namespace `ns` that issued client-visible session id `id`, and the
     /// upstream's own id; `None` when no upstream of `ns` has the tag `id` starts with.
-    pub fn session<'a>(&self, ns: usize, id: &'a [u8]) -> Option<(&Upstream, &'a [u8])> {
+    pub fn session<'a>(&self, ns: usize, id: &'a [u8]) -> Option<(&'static Upstream, &'a [u8])> {
         if id.len() <= TAG_LEN {
             return None;
         }
@@ -310,9 +340,15 @@ impl Upstreams {
         self.namespaces[ns]
             .upstreams
             .iter()
-            .map(|i| &self.all[*i])
             .find(|u| u.tag == t)
-            .map(|u| (u, rest))
+            .map(|u| (*u, rest))
+    }
+
+    /// True when `u` is one of this view's upstreams of namespace `ns`.
+    pub fn serves(&self, ns: usize, u: &Upstream) -> bool {
+        self.namespaces
+            .get(ns)
+            .is_some_and(|n| n.upstreams.iter().any(|m| m.index == u.index))
     }
 }
 
@@ -427,7 +463,9 @@ impl Outcome {
 
 #[cfg(all(test, not(loom)))]
 mod tests {
+    use super::registry::Registry;
     use super::*;
+    use crate::config::Config;
 
     #[test]
     fn tags_are_stable_hex_and_distinct() {
@@ -441,7 +479,10 @@ mod tests {
     #[test]
     fn a_host_name_is_resolved_again_and_followed_when_it_moves() {
         let yaml = "service_discovery:\n  static:\n    endpoints:\n      default:\n        - url: http://localhost:9001/mcp\n        - url: http://127.0.0.1:9002\n";
-        let u = Upstreams::new(&Config::parse(yaml, false).unwrap()).unwrap();
+        let u = Registry::new(&Config::parse(yaml, false).unwrap())
+            .unwrap()
+            .leak()
+            .current();
         let (named, literal) = (u.all[0].http().unwrap(), u.all[1].http().unwrap());
         let start = named.addr();
         assert_eq!(start.port(), 9001);
@@ -474,7 +515,7 @@ mod tests {
     fn session_ids_name_their_upstream() {
         let yaml = "service_discovery:\n  static:\n    endpoints:\n      default:\n        - url: http://127.0.0.1:9001/mcp\n        - url: http://127.0.0.1:9002\n";
         let config = Config::parse(yaml, false).unwrap();
-        let u = Upstreams::new(&config).unwrap();
+        let u = Registry::new(&config).unwrap().leak().current();
         let second = &u.all[1];
         assert_eq!(second.http().unwrap().path, "/mcp");
         let mut id = second.tag.to_vec();

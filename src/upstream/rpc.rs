@@ -28,7 +28,7 @@ use super::client;
 use super::listen::{self, Listener};
 use super::outbox::{Kind, Outbox};
 use super::wire::{self, Body, SessionFields};
-use super::{Failure, Outcome, Upstream};
+use super::{Failure, Namespace, Outcome, Upstream, Upstreams};
 use crate::conn::{give_buf, read_more, take_buf, wait_idle, write_all, ReadError, Wait};
 use crate::metrics::Frontend;
 use crate::worker::{Registration, Worker};
@@ -40,8 +40,10 @@ const MAX_IN_FLIGHT: usize = 16;
 /// forwards in flight are cancelled and the session is ended upstream too (`DELETE` with its id,
 /// in the background), so upstreams do not keep sessions nobody can reach.
 pub struct MsgSession {
-    /// The namespace the connection's messages go to.
-    ns: usize,
+    /// The namespace the connection's messages go to, as a view named it (`None`: none was
+    /// configured): each message finds it again by name in the upstreams in force, since a
+    /// reload may renumber the namespaces or remove this one.
+    namespace: Option<&'static Namespace>,
     /// The door, for the request metrics.
     door: Frontend,
     state: Rc<State>,
@@ -95,18 +97,49 @@ pub enum Next {
 }
 
 impl MsgSession {
-    /// The session of a connection of `door` whose messages go to namespace `ns`; `client`: the
-    /// address to name in `X-Forwarded-For` (see `Upstreams::forwarded_for`).
-    pub fn new(ns: usize, door: Frontend, client: Option<IpAddr>) -> MsgSession {
+    /// The session of a connection of `door` whose messages go to `namespace`; `client`: the
+    /// address to name in `X-Forwarded-For` ([`MsgSession::client`]).
+    pub fn new(
+        namespace: Option<&'static Namespace>,
+        door: Frontend,
+        client: Option<IpAddr>,
+    ) -> MsgSession {
         let state = State::default();
         state.fields.borrow_mut().client = client;
         MsgSession {
-            ns,
+            namespace,
             door,
             state: Rc::new(state),
             outbox: Rc::default(),
             stops: Vec::new(),
             worker: None,
+        }
+    }
+
+    /// The address to name in `X-Forwarded-For` for the client on `stream` whose messages go to
+    /// `namespace` (see [`Worker::forwarded_for`]).
+    pub fn client(
+        worker: &Worker,
+        namespace: Option<&Namespace>,
+        stream: &Stream,
+    ) -> Option<IpAddr> {
+        let all = worker.upstreams();
+        let ns = all.namespace(&namespace?.name)?;
+        worker.forwarded_for(all, ns, stream)
+    }
+
+    /// The session's namespace in view `all`.
+    fn find(&self, all: &Upstreams) -> Option<usize> {
+        all.namespace(&self.namespace?.name)
+    }
+
+    /// Where the connection's next message goes, in the upstreams in force.
+    pub fn dest(&self, worker: &Worker) -> Dest {
+        let all = worker.upstreams();
+        match self.find(all).map(|ns| &all.namespaces[ns]) {
+            None => Dest::Gone,
+            Some(n) if n.builtin => Dest::Echo(n.upstreams[0]),
+            Some(_) => Dest::Forward,
         }
     }
 
@@ -138,12 +171,14 @@ impl MsgSession {
         let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
         self.stops.push(stop_tx);
         let (state, outbox) = (self.state.clone(), self.outbox.clone());
-        let (ns, door) = (self.ns, self.door);
+        let door = self.door;
+        let all = worker.upstreams();
+        let ns = self.find(all);
         outbox.started();
         monoio::spawn(async move {
             let started = Instant::now();
             monoio::select! {
-                _ = forward(worker, ns, &state, &outbox, &message) => {
+                _ = forward(worker, (all, ns), &state, &outbox, &message) => {
                     worker.metrics.request(door, started.elapsed());
                 }
                 _ = &mut stop_rx => {}
@@ -307,10 +342,11 @@ async fn end_session(
         Some(&id),
         Some(0),
     );
-    if let Ok((mut up, mut buf, head)) = client::send(worker.shared.upstreams, u, req, None).await {
+    let all = worker.upstreams();
+    if let Ok((mut up, mut buf, head)) = client::send(all, u, req, None).await {
         let mut body = Body::new(head.body);
         let mut data = take_buf();
-        let deadline = Instant::now() + worker.shared.upstreams.request_timeout;
+        let deadline = Instant::now() + all.request_timeout;
         while body.feed(&mut buf, &mut data).is_ok() && !body.is_done() {
             data.clear();
             if read_more(&mut up, &mut buf, deadline).await.is_err() {
@@ -325,6 +361,22 @@ async fn end_session(
     }
 }
 
+/// Where a connection's next message goes (see [`MsgSession::dest`]).
+pub enum Dest {
+    /// Answered inside the gateway by `builtin:echo`, this upstream.
+    Echo(&'static Upstream),
+    /// Forwarded to the namespace's HTTP upstreams.
+    Forward,
+    /// Nowhere: a reload removed the namespace.
+    Gone,
+}
+
+/// The error for a message whose namespace a reload removed.
+pub const NAMESPACE_GONE: &str = "this MCP namespace is no longer configured";
+/// The error for a message of a session whose upstream a reload removed.
+pub const UPSTREAM_REMOVED: &str =
+    "the session's upstream MCP server was removed from the configuration; initialize a new session";
+
 /// How a door frames what comes back: a reply message, or an error for a message.
 pub struct Framing {
     pub reply: fn(&mut Vec<u8>, &[u8]),
@@ -335,16 +387,24 @@ pub struct Framing {
 #[derive(Debug)]
 pub struct ClientGone;
 
-/// Forwards `message` to namespace `ns` within the connection's session and queues every
-/// message the upstream sends back, as it arrives.
+/// Forwards `message` to namespace `ns` of `all` within the connection's session and queues
+/// every message the upstream sends back, as it arrives. A session whose upstream a reload
+/// removed is forgotten (the client's next `initialize` starts one elsewhere).
 async fn forward(
     worker: &'static Worker,
-    ns: usize,
+    (all, ns): (&'static Upstreams, Option<usize>),
     state: &Rc<State>,
     outbox: &Rc<Outbox>,
     message: &[u8],
 ) {
-    let all = worker.shared.upstreams;
+    let Some(ns) = ns else {
+        state.forget();
+        return fail(outbox, message, NAMESPACE_GONE);
+    };
+    if state.upstream.get().is_some_and(|u| !all.serves(ns, u)) {
+        state.forget();
+        return fail(outbox, message, UPSTREAM_REMOVED);
+    }
     let lease = match state.upstream.get() {
         Some(u) => worker.balancer.pinned(u, true),
         None => worker.balancer.pick(all, ns, true),

@@ -1,0 +1,338 @@
+//! The upstreams in force, and their replacement by a configuration reload (SIGHUP): adding or
+//! removing an MCP server, changing a weight, a strategy or a timeout, renewing an upstream's CA
+//! file, without a restart that would cut every open session and event stream.
+//!
+//! Owns every [`Upstream`] the process has made and the [`Upstreams`] view in force (the
+//! namespaces, their upstreams and the `routing` settings). A reload builds a whole new view and
+//! publishes it with one pointer store; a request takes the view in force when it starts and
+//! keeps it to its end, so none sees half of one configuration and half of the next.
+//!
+//! Invariants:
+//! - An upstream whose configuration did not change (its namespace, endpoint keys, CA file
+//!   contents, breaker settings and `max_in_flight`) is the same object in the new view: its
+//!   pooled connections, health, breaker, in-flight counts and metrics carry on, and sessions on
+//!   it stay where they are (a session's tag is a hash of namespace and URL).
+//! - An upstream's index never changes and is never given to another upstream: per-core metrics,
+//!   pools and balancing state are indexed by it. An upstream removed and later configured again
+//!   gets its old object back, with its health and breaker reset.
+//! - Views and upstreams are never freed: a request may hold either for as long as it runs, and
+//!   counting holders would be a shared write per request. A reload that changes nothing keeps
+//!   the view in force; one that changes the upstreams keeps the old view (a few hundred bytes).
+//! - Per-upstream storage ([`PerUpstream`]) has room for an index before any view naming it is
+//!   published.
+//! - A reload that cannot build its view (a host that does not resolve, an unreadable CA file)
+//!   changes nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use super::Upstream;
+use super::Upstreams;
+use crate::config::Config;
+
+/// Upstreams the process may make, all reloads together (per-upstream storage is sized by it).
+pub const MAX_UPSTREAMS: usize = 4096;
+/// Per-upstream storage grows by this many slots at a time.
+const CHUNK: usize = 16;
+
+/// One `T` per upstream index, growing (by the reloading thread) without moving what is there,
+/// read from any thread without a lock: a core's per-upstream metrics, say.
+pub struct PerUpstream<T> {
+    chunks: Box<[OnceLock<Box<[T]>>]>,
+}
+
+impl<T: Default> PerUpstream<T> {
+    /// Room for indices below `len`.
+    pub fn new(len: usize) -> Self {
+        let s = PerUpstream {
+            chunks: (0..MAX_UPSTREAMS / CHUNK)
+                .map(|_| OnceLock::new())
+                .collect(),
+        };
+        s.make_room(len);
+        s
+    }
+
+    /// Makes room for indices below `len` (at most [`MAX_UPSTREAMS`]).
+    pub fn make_room(&self, len: usize) {
+        for c in &self.chunks[..len.div_ceil(CHUNK)] {
+            c.get_or_init(|| (0..CHUNK).map(|_| T::default()).collect());
+        }
+    }
+
+    /// The slot of upstream `index`; room for it was made before any view named it.
+    pub fn get(&self, index: usize) -> &T {
+        let chunk = self.chunks[index / CHUNK]
+            .get()
+            .expect("room is made before an upstream is published");
+        &chunk[index % CHUNK]
+    }
+}
+
+/// See the module documentation.
+pub struct Registry {
+    /// The view in force: a leaked `Box<Upstreams>`. Release on store, Acquire on load: a
+    /// reader that sees the pointer sees the view and every upstream it names built, and the
+    /// room made for them.
+    current: AtomicPtr<Upstreams>,
+    /// Every upstream made, by its identity; written by reloads only (one thread at a time).
+    made: Mutex<HashMap<String, &'static Upstream>>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Change {
+    /// `namespace url` of each upstream that came in (a changed one goes out and comes in).
+    pub added: Vec<String>,
+    /// `namespace url` of each upstream that went out.
+    pub removed: Vec<String>,
+}
+
+impl Change {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
+impl Registry {
+    /// The registry of `config`'s upstreams; host names are resolved now.
+    pub fn new(config: &Config) -> std::io::Result<Registry> {
+        let made = Mutex::new(HashMap::new());
+        let view = build(
+            config,
+            &mut made.lock().expect("not poisoned"),
+            0,
+            &HashSet::new(),
+        )
+        .map_err(std::io::Error::other)?;
+        Ok(Registry {
+            current: AtomicPtr::new(Box::into_raw(Box::new(view))),
+            made,
+        })
+    }
+
+    pub fn leak(self) -> &'static Registry {
+        Box::leak(Box::new(self))
+    }
+
+    /// The view in force.
+    pub fn current(&self) -> &'static Upstreams {
+        // SAFETY: every pointer stored is a leaked `Box` (never freed), published whole (Acquire
+        // pairs with the Release store in `new` and `reload`).
+        unsafe { &*self.current.load(Ordering::Acquire) }
+    }
+
+    /// Builds the view of `config` (CA files read again, new host names resolved), makes room
+    /// for its upstreams with `make_room` (every core's per-upstream storage) and puts it in
+    /// force, unless it is the view already in force. `Err`: nothing changed, and why.
+    pub fn reload(&self, config: &Config, make_room: impl FnOnce(usize)) -> Result<Change, String> {
+        let mut made = self.made.lock().expect("only reloads take it; none panics");
+        let now = self.current();
+        let in_force: HashSet<usize> = now.all.iter().map(|u| u.index).collect();
+        let view = build(config, &mut made, now.generation + 1, &in_force)?;
+        if view.same_as(now) {
+            return Ok(Change::default());
+        }
+        let names = |v: &Upstreams, keep: &dyn Fn(&Upstream) -> bool| -> Vec<String> {
+            v.all
+                .iter()
+                .filter(|u| keep(u))
+                .map(|u| format!("{} {}", u.namespace, u.url))
+                .collect()
+        };
+        let next: HashSet<usize> = view.all.iter().map(|u| u.index).collect();
+        let change = Change {
+            added: names(&view, &|u| !in_force.contains(&u.index)),
+            removed: names(now, &|u| !next.contains(&u.index)),
+        };
+        make_room(made.len());
+        self.current
+            .store(Box::into_raw(Box::new(view)), Ordering::Release);
+        Ok(change)
+    }
+}
+
+/// The view of `config`, numbered `generation`: upstreams already made are taken again by
+/// identity (those not in force, `in_force` being the indices of the view in force, are reset
+/// first), new ones made and recorded in `made`.
+fn build(
+    config: &Config,
+    made: &mut HashMap<String, &'static Upstream>,
+    generation: u64,
+    in_force: &HashSet<usize>,
+) -> Result<Upstreams, String> {
+    let mut all: Vec<&'static Upstream> = Vec::new();
+    let mut namespaces = Vec::new();
+    for (ns, endpoints) in &config.service_discovery.static_.endpoints {
+        let mut members = Vec::new();
+        for e in endpoints {
+            let key = identity(ns, e, config)?;
+            let u = match made.get(&key) {
+                Some(u) => {
+                    if !in_force.contains(&u.index) {
+                        u.reset();
+                    }
+                    *u
+                }
+                None => {
+                    if made.len() >= MAX_UPSTREAMS {
+                        return Err(format!(
+                            "more than {MAX_UPSTREAMS} different upstreams configured since the gateway started: restart it to load this configuration"
+                        ));
+                    }
+                    let u: &'static Upstream =
+                        Box::leak(Box::new(Upstream::new(made.len(), ns, e, &config.routing)?));
+                    made.insert(key, u);
+                    u
+                }
+            };
+            members.push(u);
+            all.push(u);
+        }
+        namespaces.push(super::Namespace::new(ns.clone(), members));
+    }
+    Ok(Upstreams::new(generation, all, namespaces, &config.routing))
+}
+
+/// What makes an upstream the same one across reloads: everything its object is built from.
+fn identity(ns: &str, e: &crate::config::Endpoint, config: &Config) -> Result<String, String> {
+    let ca = match &e.tls_ca_file {
+        None => 0,
+        Some(f) => {
+            let bytes = std::fs::read(f).map_err(|why| {
+                format!(
+                    "service_discovery.static.endpoints.{ns}: {}: tls_ca_file {}: {why}",
+                    e.url,
+                    f.display()
+                )
+            })?;
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            bytes.hash(&mut h);
+            h.finish()
+        }
+    };
+    let r = &config.routing;
+    let cb = &r.circuit_breaker;
+    Ok(format!(
+        "{ns}\n{}\n{}\n{:?}\n{ca:x}\n{:?}\n{} {} {} {}",
+        e.url,
+        e.weight,
+        e.tls_ca_file,
+        e.tls_server_name,
+        cb.failure_threshold,
+        cb.success_threshold,
+        cb.timeout_seconds,
+        r.max_in_flight
+    ))
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> Config {
+        Config::parse(yaml, false).unwrap()
+    }
+
+    fn endpoints(spec: &str) -> String {
+        // "ns=url,url;ns2=url"
+        let mut y = "service_discovery:\n  static:\n    endpoints:\n".to_string();
+        for ns in spec.split(';') {
+            let (name, urls) = ns.split_once('=').unwrap();
+            y += &format!("      {name}:\n");
+            for u in urls.split(',') {
+                y += &format!("        - url: {u}\n");
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn a_reload_keeps_what_did_not_change_and_numbers_the_rest_anew() {
+        let a = "http://127.0.0.1:9001/mcp";
+        let b = "http://127.0.0.1:9002/mcp";
+        let c = "http://127.0.0.1:9003/mcp";
+        let r = Registry::new(&config(&endpoints(&format!("default={a},{b}")))).unwrap();
+        let first = r.current();
+        let (ua, ub) = (first.all[0], first.all[1]);
+        assert_eq!((ua.index, ub.index, first.generation), (0, 1, 0));
+
+        // The same configuration again: nothing changes, not even the view.
+        let same = config(&endpoints(&format!("default={a},{b}")));
+        assert_eq!(
+            r.reload(&same, |_| panic!("no room needed")),
+            Ok(Change::default())
+        );
+        assert!(std::ptr::eq(r.current(), first));
+
+        // b out, c in, a new namespace of a: a stays the same object.
+        let mut room = 0;
+        let change = r
+            .reload(
+                &config(&endpoints(&format!("default={a},{c};tools={a}"))),
+                |n| room = n,
+            )
+            .unwrap();
+        assert_eq!(
+            change,
+            Change {
+                added: vec![format!("default {c}"), format!("tools {a}")],
+                removed: vec![format!("default {b}")],
+            }
+        );
+        let second = r.current();
+        assert_eq!(second.generation, 1);
+        assert!(std::ptr::eq(second.all[0], ua), "a kept");
+        assert_eq!(second.all[1].index, 2);
+        assert_eq!(
+            second.all[2].index, 3,
+            "another namespace: another upstream"
+        );
+        assert_eq!(room, 4);
+        assert_eq!(second.namespace("tools"), Some(1));
+
+        // b again: its old object, reset.
+        ub.breaker.record(super::super::breaker::Admit::Yes, false);
+        ub.set_health(Err("down".into()));
+        r.reload(&config(&endpoints(&format!("default={a},{b}"))), |_| {})
+            .unwrap();
+        let third = r.current();
+        assert!(std::ptr::eq(third.all[1], ub));
+        assert!(ub.is_healthy());
+    }
+
+    #[test]
+    fn a_view_that_cannot_be_built_changes_nothing() {
+        let r = Registry::new(&config(&endpoints("default=http://127.0.0.1:9001/mcp"))).unwrap();
+        let before = r.current();
+        // Valid when read, gone when the view is built.
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        let bad = config(&format!(
+            "{}          tls_ca_file: {}\n",
+            endpoints("default=https://127.0.0.1:9001/mcp"),
+            ca.display()
+        ));
+        std::fs::remove_file(&ca).unwrap();
+        let err = r
+            .reload(&bad, |_| panic!("nothing to make room for"))
+            .unwrap_err();
+        assert!(err.contains("tls_ca_file"), "{err}");
+        assert!(std::ptr::eq(r.current(), before));
+    }
+
+    #[test]
+    fn per_upstream_storage_grows_without_moving() {
+        let s: PerUpstream<std::sync::atomic::AtomicU64> = PerUpstream::new(1);
+        s.get(0).store(7, Ordering::Relaxed);
+        let at = s.get(0) as *const _;
+        s.make_room(CHUNK * 3 + 1);
+        assert_eq!(s.get(0).load(Ordering::Relaxed), 7);
+        assert!(std::ptr::eq(at, s.get(0)));
+        s.get(CHUNK * 3).store(1, Ordering::Relaxed);
+    }
+}

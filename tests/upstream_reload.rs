@@ -1,0 +1,171 @@
+//! Upstreams reloaded on SIGHUP through the real binary: MCP servers added and removed while
+//! clients keep their connections and sessions, and a configuration whose upstreams cannot be
+//! built changing nothing.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::mock::{self, json_reply, respond, Mock, Req};
+use common::*;
+
+/// An upstream that names itself in every reply and issues `sess-{name}` on initialize.
+fn named(name: &'static str) -> Arc<mock::Handler> {
+    Arc::new(move |req: &Req, s: &mut TcpStream| {
+        let session = req.header("mcp-session-id").unwrap_or("").to_string();
+        let result = format!(r#"{{"server":"{name}","session":"{session}"}}"#);
+        if req.body_str().contains("\"initialize\"") {
+            json_reply(
+                s,
+                req,
+                &result,
+                &[("Mcp-Session-Id", &format!("sess-{name}"))],
+            );
+        } else if req.method == "DELETE" {
+            respond(s, 200, &[], "");
+        } else {
+            json_reply(s, req, &result, &[]);
+        }
+    })
+}
+
+const INIT: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#;
+
+/// The `service_discovery` section for `namespaces`, between markers the tests replace.
+fn endpoints(namespaces: &[(&str, &[&str])]) -> String {
+    let mut y = String::from("#upstreams\nservice_discovery:\n  static:\n    endpoints:\n");
+    for (ns, urls) in namespaces {
+        y += &format!("      {ns}:\n");
+        for u in *urls {
+            y += &format!("        - url: {u}\n");
+        }
+    }
+    y + "#end\n"
+}
+
+const ROUTING: &str =
+    "routing:\n  health_check_interval: 3600\n  request_timeout: 2\n  connect_timeout: 1\n";
+
+/// A `POST` of `body` to `path`, in session `id` when given.
+fn post(path: &str, body: &str, id: Option<&str>) -> String {
+    let session = id.map_or(String::new(), |id| format!("Mcp-Session-Id: {id}\r\n"));
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\n{session}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// The server that answered, and the session id the client got (if any).
+fn exchange(c: &mut TcpStream, path: &str, body: &str, id: Option<&str>) -> (u16, String, String) {
+    let r = roundtrip(c, &post(path, body, id));
+    let server = match r.status {
+        200 => r.json()["result"]["server"].as_str().unwrap().to_string(),
+        _ => String::new(),
+    };
+    let sid = r.header("mcp-session-id").unwrap_or("").to_string();
+    (r.status, server, sid)
+}
+
+#[test]
+fn upstreams_come_and_go_on_sighup_while_clients_keep_their_connections() {
+    let a = Mock::start_on("127.0.0.1:0", named("a"));
+    let b = Mock::start_on("127.0.0.1:0", named("b"));
+    let (ua, ub) = (a.url(), b.url());
+    let first = endpoints(&[("default", &[&ua])]);
+    let gw = start_with("", &format!("{ROUTING}{first}"));
+
+    // A keep-alive HTTP client in a session on a, and an MCPB client in one too.
+    let mut http = connect_from("127.0.0.2", gw.http);
+    let (status, server, on_a) = exchange(&mut http, "/mcp", INIT, None);
+    assert_eq!((status, server.as_str()), (200, "a"));
+    let mut mcpb = TcpStream::connect(gw.tcp.unwrap()).unwrap();
+    mcpb.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    mcpb.write_all(&mcpb_frame(1, INIT.as_bytes())).unwrap();
+    assert_eq!(read_mcpb(&mut mcpb).1["result"]["server"], "a");
+
+    // b joins the default namespace, and a new namespace `tools` is served by b.
+    let second = endpoints(&[("default", &[&ua, &ub]), ("tools", &[&ub])]);
+    gw.reload(&first, &second);
+    gw.wait_log("upstreams reloaded");
+    assert!(gw
+        .log
+        .lock()
+        .unwrap()
+        .contains(&format!("added=default {ub}, tools {ub} ")));
+    // The same connection, the same session: still a.
+    let (status, server, _) = exchange(&mut http, "/mcp", TOOLS_LIST, Some(&on_a));
+    assert_eq!((status, server.as_str()), (200, "a"));
+    mcpb.write_all(&mcpb_frame(1, TOOLS_LIST.as_bytes()))
+        .unwrap();
+    assert_eq!(read_mcpb(&mut mcpb).1["result"]["server"], "a");
+    // New sessions spread over both; `tools` answers from b.
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..6 {
+        let mut c = connect_from(&format!("127.0.1.{}", 2 + i), gw.http);
+        seen.insert(exchange(&mut c, "/mcp", INIT, None).1);
+    }
+    assert_eq!(seen.len(), 2, "new sessions go to both upstreams: {seen:?}");
+    let (status, server, _) = exchange(&mut http, "/mcp/tools", TOOLS_LIST, None);
+    assert_eq!((status, server.as_str()), (200, "b"));
+    let text = gw.scrape();
+    assert!(
+        text.contains(&format!(
+            "mcp_gateway_upstream_requests_total{{namespace=\"tools\",upstream=\"{ub}\",outcome=\"ok\"}} 1\n"
+        )),
+        "{text}"
+    );
+
+    // a leaves, and so does `tools`: a's sessions start anew, on b.
+    let third = endpoints(&[("default", &[&ub])]);
+    gw.reload(&second, &third);
+    let (status, _, _) = exchange(&mut http, "/mcp", TOOLS_LIST, Some(&on_a));
+    assert_eq!(status, 404, "a session on a removed upstream is gone");
+    let (status, _, _) = exchange(&mut http, "/mcp/tools", TOOLS_LIST, None);
+    assert_eq!(status, 404, "a removed namespace is unknown");
+    let (status, server, on_b) = exchange(&mut http, "/mcp", INIT, None);
+    assert_eq!((status, server.as_str()), (200, "b"));
+    assert!(on_b.ends_with("sess-b"), "{on_b}");
+    // The MCPB client's session was on a: its next message says so, the next initialize is on b.
+    mcpb.write_all(&mcpb_frame(1, TOOLS_LIST.as_bytes()))
+        .unwrap();
+    let (kind, e) = read_mcpb(&mut mcpb);
+    assert_eq!(kind, 5, "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("removed"),
+        "{e}"
+    );
+    mcpb.write_all(&mcpb_frame(1, INIT.as_bytes())).unwrap();
+    assert_eq!(read_mcpb(&mut mcpb).1["result"]["server"], "b");
+    // a is no longer reported; every reload applied whole.
+    let text = gw.scrape();
+    assert!(!text.contains(&format!("upstream=\"{ua}\"")), "{text}");
+    assert_eq!(
+        sample_value(
+            &text,
+            "mcp_gateway_config_reloads_total{result=\"applied\"}"
+        ),
+        2.0
+    );
+    drop((http, mcpb));
+    gw.wait_all_closed();
+}
+
+#[test]
+fn upstreams_that_cannot_be_built_leave_the_ones_in_force() {
+    let a = Mock::start_on("127.0.0.1:0", named("a"));
+    let first = endpoints(&[("default", &[&a.url()])]);
+    let gw = start_with("", &format!("{ROUTING}{first}"));
+    let unresolvable = endpoints(&[("default", &["http://no-such-host.invalid:9/mcp"])]);
+    gw.reload(&first, &unresolvable);
+    gw.wait_log("cannot resolve no-such-host.invalid");
+    assert_eq!(
+        gw.metric("mcp_gateway_config_reloads_total{result=\"partial\"}"),
+        1.0
+    );
+    let mut c = connect_from("127.0.0.2", gw.http);
+    assert_eq!(exchange(&mut c, "/mcp", INIT, None).1, "a");
+}
