@@ -111,10 +111,18 @@ fn upstreams_come_and_go_on_sighup_while_clients_keep_their_connections() {
     assert_eq!(seen.len(), 2, "new sessions go to both upstreams: {seen:?}");
     let (status, server, _) = exchange(&mut http, "/mcp/tools", TOOLS_LIST, None);
     assert_eq!((status, server.as_str()), (200, "b"));
+    // A WebSocket client of the new namespace.
+    let mut ws = connect_from("127.0.0.3", gw.http);
+    let r = roundtrip(&mut ws, &WS_UPGRADE.replacen("/mcp", "/mcp/tools", 1));
+    assert_eq!(r.status, 101);
+    ws.write_all(&ws_frame(true, 1, INIT.as_bytes())).unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&read_ws_frame(&mut ws).1).unwrap();
+    assert_eq!(reply["result"]["server"], "b");
+    // One request over HTTP, one over WebSocket.
     let text = gw.scrape();
     assert!(
         text.contains(&format!(
-            "mcp_gateway_upstream_requests_total{{namespace=\"tools\",upstream=\"{ub}\",outcome=\"ok\"}} 1\n"
+            "mcp_gateway_upstream_requests_total{{namespace=\"tools\",upstream=\"{ub}\",outcome=\"ok\"}} 2\n"
         )),
         "{text}"
     );
@@ -140,6 +148,23 @@ fn upstreams_come_and_go_on_sighup_while_clients_keep_their_connections() {
     );
     mcpb.write_all(&mcpb_frame(1, INIT.as_bytes())).unwrap();
     assert_eq!(read_mcpb(&mut mcpb).1["result"]["server"], "b");
+    // The WebSocket client's namespace is gone: an error per message, the connection kept.
+    ws.write_all(&ws_frame(true, 1, TOOLS_LIST.as_bytes()))
+        .unwrap();
+    let e: serde_json::Value = serde_json::from_slice(&read_ws_frame(&mut ws).1).unwrap();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no longer configured"),
+        "{e}"
+    );
+    ws.write_all(&ws_frame(true, 9, b"still there?")).unwrap();
+    assert_eq!(
+        read_ws_frame(&mut ws),
+        (10, b"still there?".to_vec()),
+        "pong"
+    );
     // a is no longer reported; every reload applied whole.
     let text = gw.scrape();
     assert!(!text.contains(&format!("upstream=\"{ua}\"")), "{text}");
@@ -150,7 +175,7 @@ fn upstreams_come_and_go_on_sighup_while_clients_keep_their_connections() {
         ),
         2.0
     );
-    drop((http, mcpb));
+    drop((http, mcpb, ws));
     gw.wait_all_closed();
 }
 
@@ -168,4 +193,56 @@ fn upstreams_that_cannot_be_built_leave_the_ones_in_force() {
     );
     let mut c = connect_from("127.0.0.2", gw.http);
     assert_eq!(exchange(&mut c, "/mcp", INIT, None).1, "a");
+}
+
+#[test]
+fn reloads_under_traffic_cost_the_clients_nothing() {
+    let a = Mock::start_on("127.0.0.1:0", named("a"));
+    let b = Mock::start_on("127.0.0.1:0", named("b"));
+    let one = endpoints(&[("default", &[&a.url()])]);
+    let two = endpoints(&[("default", &[&a.url(), &b.url()]), ("x", &[&b.url()])]);
+    let gw = start_with("", &format!("{ROUTING}{one}"));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let http = gw.http;
+    // Keep-alive clients from several addresses (so on both workers), each request checked.
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut c = connect_from(&format!("127.0.2.{}", 2 + i), http);
+                let mut served = std::collections::HashSet::new();
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (status, server, _) = exchange(&mut c, "/mcp", TOOLS_LIST, None);
+                    assert_eq!(status, 200, "request {n} of client {i}");
+                    served.insert(server);
+                    n += 1;
+                }
+                (n, served)
+            })
+        })
+        .collect();
+    // b and namespace x come and go 20 times while the requests flow.
+    for _ in 0..10 {
+        gw.reload(&one, &two);
+        gw.reload(&two, &one);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = std::collections::HashSet::new();
+    for c in clients {
+        let (n, served) = c.join().expect("every request answered 200");
+        assert!(n > 0);
+        seen.extend(served);
+    }
+    assert!(seen.contains("a"), "{seen:?}");
+    assert_eq!(
+        gw.metric("mcp_gateway_config_reloads_total{result=\"applied\"}"),
+        20.0
+    );
+    gw.wait_all_closed();
+    let in_flight = format!(
+        "mcp_gateway_upstream_in_flight{{namespace=\"default\",upstream=\"{}\"}}",
+        a.url()
+    );
+    assert_eq!(gw.metric(&in_flight), 0.0, "every lease ended");
 }
