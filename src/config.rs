@@ -111,6 +111,10 @@ pub struct ServerConfig {
     /// PEM private key of `tls_cert_file` (PKCS#8, PKCS#1 or SEC1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
+    /// PEM file of certificate authorities: with it, every TLS client must present a
+    /// certificate one of them issued (mutual TLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca_file: Option<PathBuf>,
     /// Seconds a client may take to send a whole request once it has started one.
     pub read_timeout: f64,
     /// Seconds a response write may take.
@@ -144,6 +148,7 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
             tls_cert_file: None,
             tls_key_file: None,
+            tls_client_ca_file: None,
             read_timeout: 30.0,
             write_timeout: 30.0,
             idle_timeout: 120.0,
@@ -180,6 +185,8 @@ impl Default for ServiceDiscovery {
                 weight: 1,
                 tls_ca_file: None,
                 tls_server_name: None,
+                tls_cert_file: None,
+                tls_key_file: None,
             }],
         );
         ServiceDiscovery {
@@ -214,6 +221,23 @@ pub struct Endpoint {
     /// the URL's host (an upstream reached by address whose certificate names a host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_server_name: Option<String>,
+    /// `https` upstreams that ask for a client certificate (mutual TLS): the PEM certificate
+    /// chain the gateway presents, with `tls_key_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of `tls_cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+}
+
+impl Endpoint {
+    /// The certificate and key it presents to its upstream, when both are set.
+    pub fn identity(&self) -> Option<(&std::path::Path, &std::path::Path)> {
+        Some((
+            self.tls_cert_file.as_deref()?,
+            self.tls_key_file.as_deref()?,
+        ))
+    }
 }
 
 fn one() -> u32 {
@@ -409,9 +433,19 @@ impl Config {
                 ));
             }
         }
+        if let Some(f) = &s.tls_client_ca_file {
+            if let Err(why) = crate::tls::read_roots(f) {
+                p.push(format!("server.tls_client_ca_file: {why}"));
+            } else if s.tls_cert_file.is_none() {
+                p.push(
+                    "server.tls_client_ca_file: needs server.tls_cert_file (TLS on the doors)"
+                        .into(),
+                );
+            }
+        }
         match (&s.tls_cert_file, &s.tls_key_file) {
             (Some(cert), Some(key)) => {
-                if let Err(why) = crate::tls::server_config(cert, key) {
+                if let Err(why) = crate::tls::server_config(cert, key, None) {
                     p.push(format!("server.tls_cert_file, server.tls_key_file: {why}"));
                 }
             }
@@ -536,6 +570,8 @@ impl Config {
                 for (name, set) in [
                     ("tls_ca_file", e.tls_ca_file.is_some()),
                     ("tls_server_name", e.tls_server_name.is_some()),
+                    ("tls_cert_file", e.tls_cert_file.is_some()),
+                    ("tls_key_file", e.tls_key_file.is_some()),
                 ] {
                     if set && !tls {
                         p.push(format!("{key}[{i}].{name}: only for https:// upstreams"));
@@ -545,6 +581,20 @@ impl Config {
                     if let Err(why) = crate::tls::read_roots(f) {
                         p.push(format!("{key}[{i}].tls_ca_file: {why}"));
                     }
+                }
+                match (&e.tls_cert_file, &e.tls_key_file, e.identity()) {
+                    (_, _, Some(identity)) if tls => {
+                        if let Err(why) = crate::tls::client_config(None, Some(identity)) {
+                            p.push(format!("{key}[{i}].tls_cert_file, tls_key_file: {why}"));
+                        }
+                    }
+                    (Some(_), None, _) => p.push(format!(
+                        "{key}[{i}].tls_key_file: needed with tls_cert_file"
+                    )),
+                    (None, Some(_), _) => p.push(format!(
+                        "{key}[{i}].tls_cert_file: needed with tls_key_file"
+                    )),
+                    _ => {}
                 }
                 if let Some(n) = &e.tls_server_name {
                     if let Err(why) = crate::tls::server_name(n) {

@@ -5,9 +5,9 @@
 //! Owns the rule of what reloads: `server.max_connections` (up to half the per-IP table, at
 //! least the value the gateway started with), `server.max_connections_per_ip` (while on),
 //! `server.max_requests_per_ip` and `server.request_burst_per_ip` (when a rate's state was made
-//! at startup), the doors' certificate (`server.tls_cert_file`, `server.tls_key_file`: the
-//! files are read again on every reload while the doors speak TLS, since a renewal keeps their
-//! paths), and all of `routing` and `service_discovery` (the upstreams, their CA files read
+//! at startup), the doors' certificate (`server.tls_cert_file`, `server.tls_key_file`, and the
+//! client authorities `server.tls_client_ca_file`: the files are read again on every reload
+//! while the doors speak TLS, since a renewal keeps their paths), and all of `routing` and `service_discovery` (the upstreams, their CA files read
 //! again: see [`crate::upstream::registry`]). Everything else, and a change of these that cannot
 //! apply, is named in a warning and waits for a restart.
 //!
@@ -30,13 +30,14 @@ use crate::upstream::registry::Registry;
 
 /// The `server` keys a reload applies; beside them, every key of `routing` and
 /// `service_discovery` (see [`crate::upstream::registry`]).
-const LIVE: [&str; 6] = [
+const LIVE: [&str; 7] = [
     "server.max_connections",
     "server.max_connections_per_ip",
     "server.max_requests_per_ip",
     "server.request_burst_per_ip",
     "server.tls_cert_file",
     "server.tls_key_file",
+    "server.tls_client_ca_file",
 ];
 
 /// The sections a reload applies whole.
@@ -104,14 +105,22 @@ fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
     }
     if let Some(door) = tls {
         match (&now.tls_cert_file, &now.tls_key_file) {
-            (Some(cert), Some(key)) => match crate::tls::server_config(cert, key) {
-                Ok(config) => {
-                    door.replace(config);
-                    (was.tls_cert_file, was.tls_key_file) = (Some(cert.clone()), Some(key.clone()));
-                    tracing::info!(cert = %cert.display(), "TLS certificate reloaded: new handshakes use it");
+            (Some(cert), Some(key)) => {
+                match crate::tls::server_config(cert, key, now.tls_client_ca_file.as_deref()) {
+                    Ok(config) => {
+                        door.replace(config);
+                        (was.tls_cert_file, was.tls_key_file) =
+                            (Some(cert.clone()), Some(key.clone()));
+                        was.tls_client_ca_file = now.tls_client_ca_file.clone();
+                        tracing::info!(
+                            cert = %cert.display(),
+                            client_ca = %now.tls_client_ca_file.as_ref().map_or("none".into(), |f| f.display().to_string()),
+                            "TLS certificate reloaded: new handshakes use it"
+                        );
+                    }
+                    Err(why) => refused.push(format!("server.tls_cert_file ({why})")),
                 }
-                Err(why) => refused.push(format!("server.tls_cert_file ({why})")),
-            },
+            }
             _ => refused.push("server.tls_cert_file (turning TLS off needs a restart)".into()),
         }
     } else if now.tls_cert_file.is_some() {
@@ -277,7 +286,7 @@ mod tests {
         assert_eq!(running.server.tls_cert_file, None);
         // Started with TLS: the files are read again even when their paths did not change.
         let mut running = Config::parse(&with_tls, false).unwrap();
-        let config = crate::tls::server_config(&cert_file, &key_file).unwrap();
+        let config = crate::tls::server_config(&cert_file, &key_file, None).unwrap();
         let door = DoorTls::new(config);
         let own = std::cell::RefCell::new(None);
         let before = door.refresh(&own);
@@ -293,6 +302,19 @@ mod tests {
             !Arc::ptr_eq(&before, &door.refresh(&own)),
             "a new configuration"
         );
+        // Client certificates required from now on (mutual TLS): applied with the rest.
+        let ca = dir.path().join("clients.pem");
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        std::fs::write(
+            &path,
+            format!("{with_tls}  tls_client_ca_file: {}\n", ca.display()),
+        )
+        .unwrap();
+        assert_eq!(
+            apply(&path, &mut running, &self::live(limiter, Some(&door))),
+            Reload::Applied
+        );
+        assert_eq!(running.server.tls_client_ca_file, Some(ca));
         // Turning it off: refused, the doors keep theirs.
         std::fs::write(&path, "server:\n  max_connections: 100\n").unwrap();
         assert_eq!(

@@ -1,12 +1,15 @@
-//! TLS (rustls, with the `ring` provider): the client configuration of each `https://` upstream,
-//! the server configuration of the client doors (`server.tls_cert_file`), both made once at
-//! startup, and the stream that runs rustls over a monoio `TcpStream` on either side.
+//! TLS (rustls, with the `ring` provider): the client configuration of each `https://` upstream
+//! (with the certificate it presents, for upstreams that ask for one), the server configuration
+//! of the client doors (`server.tls_cert_file`, and `server.tls_client_ca_file` to require client
+//! certificates), and the stream that runs rustls over a monoio `TcpStream` on either side.
 //!
 //! Written here rather than taken from `monoio-rustls` because both sides need two things that
 //! crate does not give: a readiness wait that knows about bytes rustls already decrypted, and no
 //! read buffer held by an idle connection.
 //!
 //! Invariants:
+//! - With `server.tls_client_ca_file`, no client completes a handshake on a door without a
+//!   certificate that authority issued.
 //! - Upstream certificates are always verified, against the bundled Mozilla roots
 //!   (`webpki-roots`) or the upstream's `tls_ca_file`, for the URL's host or its
 //!   `tls_server_name`. Nothing turns that off.
@@ -80,8 +83,12 @@ pub fn server_name(name: &str) -> Result<ServerName<'static>, String> {
 }
 
 /// The client configuration of one `https://` upstream: roots from `ca_file` or the bundled
-/// Mozilla set, ALPN `http/1.1`.
-pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+/// Mozilla set, ALPN `http/1.1`, and, with `identity` (a certificate chain file and its key
+/// file), that certificate presented to an upstream that asks for one (mutual TLS).
+pub fn client_config(
+    ca_file: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, String> {
     let roots = match ca_file {
         Some(f) => read_roots(f)?,
         None => RootCertStore {
@@ -89,19 +96,29 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String
         },
     };
     let provider = provider();
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert_file, key_file)) => {
+            let (chain, key) = read_identity(cert_file, key_file)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("{} with {}: {e}", cert_file.display(), key_file.display()))?
+        }
+    };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
-/// The doors' server configuration: the certificate chain in the PEM file `cert_file` (the
-/// server's own first) and the private key in `key_file` (PKCS#8, PKCS#1 or SEC1), ALPN
-/// `http/1.1`. The error names the file at fault and why.
-pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, String> {
+/// The certificate chain in the PEM file `cert_file` (its own certificate first) and the
+/// private key in `key_file` (PKCS#8, PKCS#1 or SEC1). The error names the file at fault.
+fn read_identity(
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
     use rustls::pki_types::pem::PemObject;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
         .and_then(|certs| certs.collect())
@@ -114,11 +131,35 @@ pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConf
     }
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| format!("{}: {e}", key_file.display()))?;
+    Ok((chain, key))
+}
+
+/// The doors' server configuration: the certificate chain in `cert_file` and its key in
+/// `key_file` (see [`read_identity`]), ALPN `http/1.1`; with `client_ca_file`, every client must
+/// present a certificate issued by one of that PEM file's authorities (mutual TLS). The error
+/// names the file at fault and why.
+pub fn server_config(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca_file: Option<&Path>,
+) -> Result<Arc<ServerConfig>, String> {
+    let (chain, key) = read_identity(cert_file, key_file)?;
     let provider = provider();
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(f) => {
+            let roots = Arc::new(read_roots(f)?);
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .map_err(|e| format!("{}: {e}", f.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
         .with_single_cert(chain, key)
         .map_err(|e| format!("{} with {}: {e}", cert_file.display(), key_file.display()))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];

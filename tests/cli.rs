@@ -25,23 +25,15 @@ fn check_prints_the_effective_configuration() {
 
 #[test]
 fn bad_configuration_names_the_key_and_exits_64() {
-    let (code, _, err) = check("server:\n  max_connectionz: 5\n", "g.yaml");
-    assert_eq!(code, 64);
+    let err = refused("server:\n  max_connectionz: 5\n");
     assert!(
         err.contains("server: unknown field `max_connectionz`"),
         "{err}"
     );
-    let (code, _, err) = check(
-        "server:\n  max_connections: 0\n  read_timeout: 0\nrouting:\n  strategy: random\n",
-        "g.yaml",
-    );
-    assert_eq!(code, 64);
+    let err =
+        refused("server:\n  max_connections: 0\n  read_timeout: 0\nrouting:\n  strategy: random\n");
     assert!(err.contains("routing.strategy"), "{err}");
-    let (code, _, err) = check(
-        "server:\n  max_connections: 0\n  read_timeout: 0\n",
-        "g.yaml",
-    );
-    assert_eq!(code, 64);
+    let err = refused("server:\n  max_connections: 0\n  read_timeout: 0\n");
     assert!(
         err.contains("server.max_connections") && err.contains("server.read_timeout"),
         "all at once: {err}"

@@ -161,11 +161,7 @@ fn tls_keys_are_checked_before_start() {
     let (cert, key) = ca.pem_files(&["127.0.0.1"], dir.path());
     let junk = dir.path().join("junk.pem");
     std::fs::write(&junk, "junk").unwrap();
-    let refused = |server: String| {
-        let (code, _, err) = check(&format!("server:\n{server}"), "g.yaml");
-        assert_ne!(code, 0, "{server}");
-        err
-    };
+    let refused = |server: String| refused(&format!("server:\n{server}"));
     let e = refused(format!("  tls_cert_file: {}\n", cert.display()));
     assert!(
         e.contains("server.tls_key_file: needed with server.tls_cert_file"),
@@ -314,4 +310,60 @@ fn a_proxy_header_comes_before_the_handshake() {
         1.0,
     );
     assert_eq!(tls_errors(&gw, "http"), 0.0);
+}
+
+#[test]
+fn with_a_client_ca_only_clients_with_its_certificates_get_in() {
+    let (ca, clients, strangers) = (Ca::new(), Ca::new(), Ca::new());
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("tls_client_ca_file: {}\n", clients.ca_file.display());
+    let gw = tls_gateway(&ca, dir.path(), &extra);
+    // A certificate from the authority: served, on both doors.
+    let mut c =
+        common::tls::connect_with(ca.client_config_presenting(&clients), "127.0.0.2", gw.http);
+    assert_eq!(roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status, 200);
+    let peer = c.conn.peer_certificates().map(<[_]>::len);
+    assert_eq!(peer, Some(2), "the gateway's chain");
+    let mut m = common::tls::connect_with(
+        ca.client_config_presenting(&clients),
+        "127.0.0.2",
+        gw.tcp.unwrap(),
+    );
+    m.write_all(&mcpb_frame(4, b"")).unwrap();
+    assert_eq!(read_mcpb_raw(&mut m).0, 4, "MCPB HealthCheck answered");
+    // No certificate, or one from another authority: the handshake fails, nothing is served.
+    for config in [ca.client_config(), ca.client_config_presenting(&strangers)] {
+        let mut c = common::tls::connect_with(config, "127.0.0.3", gw.http);
+        let sent = c.write_all(post_mcp(TOOLS_LIST).as_bytes());
+        let mut buf = [0u8; 64];
+        let read = c.read(&mut buf);
+        assert!(
+            sent.is_err() || read.is_err() || read.is_ok_and(|n| n == 0),
+            "no answer without a good certificate"
+        );
+    }
+    gw.wait_metric(
+        "mcp_gateway_protocol_errors_total{frontend=\"http\",kind=\"tls\"}",
+        2.0,
+    );
+    drop((c, m));
+    gw.wait_all_closed();
+}
+
+#[test]
+fn a_client_ca_needs_tls_on_the_doors_and_a_readable_file() {
+    let ca = Ca::new();
+    let err = refused(&format!(
+        "server:\n  tls_client_ca_file: {}\n",
+        ca.ca_file.display()
+    ));
+    assert!(
+        err.contains("server.tls_client_ca_file: needs server.tls_cert_file"),
+        "{err}"
+    );
+    let err = refused("server:\n  tls_client_ca_file: /nonexistent/ca.pem\n");
+    assert!(
+        err.contains("server.tls_client_ca_file: /nonexistent/ca.pem"),
+        "{err}"
+    );
 }

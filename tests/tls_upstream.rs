@@ -212,7 +212,7 @@ fn tls_session<F: std::future::Future<Output = ()>>(
         serve(s);
     });
     let tls = Tls {
-        config: client_config(Some(&ca.ca_file)).unwrap(),
+        config: client_config(Some(&ca.ca_file), None).unwrap(),
         name: server_name("127.0.0.1").unwrap(),
     };
     let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
@@ -317,4 +317,65 @@ fn tls_keys_are_checked_with_their_key_path() {
     ] {
         assert!(err.contains(want), "{want:?} missing from:\n{err}");
     }
+}
+
+#[test]
+fn an_upstream_asking_for_a_client_certificate_gets_the_configured_one() {
+    let (ca, clients) = (Ca::new(), Ca::new());
+    let up = Mock::start_tls(
+        ca.server_config_asking(&["127.0.0.1"], Some(&clients)),
+        |req, s| json_reply(s, req, r#"{"ok":true}"#, &[]),
+    );
+    let url = up.https_url();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = clients.client_pem_files("mcp-gateway", dir.path());
+    // Two namespaces on the same upstream: one presents the certificate, one has none.
+    let keys = format!(
+        "{}          tls_cert_file: {}\n          tls_key_file: {}\n",
+        ca_key(&ca),
+        cert.display(),
+        key.display()
+    );
+    let yaml = format!(
+        "{ROUTING}service_discovery:\n  static:\n    endpoints:\n      default:\n        - url: {url}\n{keys}      bare:\n        - url: {url}\n{}",
+        ca_key(&ca)
+    );
+    let gw = start_with("", &yaml);
+    let mut c = connect_from("127.0.0.2", gw.http);
+    let r = roundtrip(&mut c, &post_mcp(TOOLS_LIST));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["result"]["ok"], true);
+    let bare = post_mcp(TOOLS_LIST).replacen("/mcp", "/mcp/bare", 1);
+    let r = roundtrip(&mut c, &bare);
+    assert_eq!(r.status, 502, "no certificate, no session");
+    assert_eq!(up.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[test]
+fn client_certificate_keys_are_checked() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, _) = ca.client_pem_files("x", dir.path());
+    let e = |keys: String, url: &str| refused(&endpoint(url, &keys));
+    let only_cert = format!("          tls_cert_file: {}\n", cert.display());
+    let err = e(only_cert.clone(), "https://h/mcp");
+    assert!(
+        err.contains("default[0].tls_key_file: needed with tls_cert_file"),
+        "{err}"
+    );
+    let err = e(only_cert, "http://h/mcp");
+    assert!(
+        err.contains("default[0].tls_cert_file: only for https:// upstreams"),
+        "{err}"
+    );
+    let junk = format!(
+        "          tls_cert_file: {}\n          tls_key_file: {}\n",
+        cert.display(),
+        cert.display()
+    );
+    let err = e(junk, "https://h/mcp");
+    assert!(
+        err.contains("default[0].tls_cert_file, tls_key_file: "),
+        "{err}"
+    );
 }

@@ -149,7 +149,7 @@ impl Upstream {
                 true => {
                     let name = e.tls_server_name.as_deref().unwrap_or(&u.host);
                     Some(crate::tls::Tls {
-                        config: crate::tls::client_config(e.tls_ca_file.as_deref())
+                        config: crate::tls::client_config(e.tls_ca_file.as_deref(), e.identity())
                             .map_err(fail)?,
                         name: crate::tls::server_name(name).map_err(fail)?,
                     })

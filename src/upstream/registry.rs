@@ -8,8 +8,8 @@
 //! keeps it to its end, so none sees half of one configuration and half of the next.
 //!
 //! Invariants:
-//! - An upstream whose configuration did not change (its namespace, endpoint keys, CA file
-//!   contents, breaker settings and `max_in_flight`) is the same object in the new view: its
+//! - An upstream whose configuration did not change (its namespace, endpoint keys, the contents
+//!   of its CA, certificate and key files, breaker settings and `max_in_flight`) is the same object in the new view: its
 //!   pooled connections, health, breaker, in-flight counts and metrics carry on, and sessions on
 //!   it stay where they are (a session's tag is a hash of namespace and URL).
 //! - An upstream's index never changes and is never given to another upstream: per-core metrics,
@@ -196,30 +196,37 @@ fn build(
     Ok(Upstreams::new(generation, all, namespaces, &config.routing))
 }
 
-/// What makes an upstream the same one across reloads: everything its object is built from.
+/// What makes an upstream the same one across reloads: everything its object is built from,
+/// the contents of the files it reads included (a renewed CA bundle or client certificate makes
+/// it a new one).
 fn identity(ns: &str, e: &crate::config::Endpoint, config: &Config) -> Result<String, String> {
-    let ca = match &e.tls_ca_file {
-        None => 0,
-        Some(f) => {
-            let bytes = std::fs::read(f).map_err(|why| {
-                format!(
-                    "service_discovery.static.endpoints.{ns}: {}: tls_ca_file {}: {why}",
-                    e.url,
-                    f.display()
-                )
-            })?;
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            bytes.hash(&mut h);
-            h.finish()
-        }
+    let contents = |key: &str, file: &Option<std::path::PathBuf>| -> Result<u64, String> {
+        let Some(f) = file else { return Ok(0) };
+        let bytes = std::fs::read(f).map_err(|why| {
+            format!(
+                "service_discovery.static.endpoints.{ns}: {}: {key} {}: {why}",
+                e.url,
+                f.display()
+            )
+        })?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        bytes.hash(&mut h);
+        Ok(h.finish())
     };
+    let files = [
+        contents("tls_ca_file", &e.tls_ca_file)?,
+        contents("tls_cert_file", &e.tls_cert_file)?,
+        contents("tls_key_file", &e.tls_key_file)?,
+    ];
     let r = &config.routing;
     let cb = &r.circuit_breaker;
     Ok(format!(
-        "{ns}\n{}\n{}\n{:?}\n{ca:x}\n{:?}\n{} {} {} {}",
+        "{ns}\n{}\n{}\n{:?} {:?} {:?} {files:x?}\n{:?}\n{} {} {} {}",
         e.url,
         e.weight,
         e.tls_ca_file,
+        e.tls_cert_file,
+        e.tls_key_file,
         e.tls_server_name,
         cb.failure_threshold,
         cb.success_threshold,

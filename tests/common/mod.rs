@@ -69,14 +69,17 @@ pub fn start_with(server_yaml: &str, rest_yaml: &str) -> Gateway {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                {
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+                // Only once the line is in the log: a test may read the log at once.
                 if line.contains(" listening ") {
                     if let Some(tx) = tx.take() {
-                        let _ = tx.send(line.clone());
+                        let _ = tx.send(line);
                     }
                 }
-                let mut l = log.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
             }
         });
     }
@@ -345,6 +348,14 @@ pub fn check(contents: &str, file: &str) -> (i32, String, String) {
         String::from_utf8(out.stdout).unwrap(),
         String::from_utf8(out.stderr).unwrap(),
     )
+}
+
+/// Runs `mcp-gateway check` on `contents` (YAML) that must be refused (exit 64, a usage error);
+/// returns what it said.
+pub fn refused(contents: &str) -> String {
+    let (code, _, err) = check(contents, "g.yaml");
+    assert_eq!(code, 64, "{contents} was not refused: {err}");
+    err
 }
 
 /// A JSON-RPC POST to `/mcp`.

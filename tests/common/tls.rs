@@ -50,15 +50,73 @@ impl Ca {
 
     /// A rustls server configuration presenting a certificate for `names`.
     pub fn server_config(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
+        self.server_config_asking(names, None)
+    }
+
+    /// A rustls server configuration presenting a certificate for `names` that, with
+    /// `clients`, requires a client certificate that authority issued (mutual TLS).
+    pub fn server_config_asking(
+        &self,
+        names: &[&str],
+        clients: Option<&Ca>,
+    ) -> Arc<rustls::ServerConfig> {
+        let (chain, key) = self.chain(names);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match clients {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.cert.der().clone()).unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        Arc::new(builder.with_single_cert(chain, key).unwrap())
+    }
+
+    /// A certificate this authority issued for `names`, with its chain, and its key.
+    fn chain(
+        &self,
+        names: &[&str],
+    ) -> (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+    ) {
         let (cert, key) = self.leaf(names);
         let chain = vec![cert.der().clone(), self.cert.der().clone()];
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (chain, key)
+    }
+
+    /// A client certificate for `name` and its key, as PEM files in `dir`: (chain, key).
+    pub fn client_pem_files(&self, name: &str, dir: &std::path::Path) -> (PathBuf, PathBuf) {
+        let (cert, key) = self.leaf(&[name]);
+        let (cert_file, key_file) = (dir.join("client.pem"), dir.join("client.key"));
+        std::fs::write(&cert_file, cert.pem() + &self.cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        (cert_file, key_file)
+    }
+
+    /// A client configuration trusting this CA only and presenting a certificate `issuer`
+    /// issued.
+    pub fn client_config_presenting(&self, issuer: &Ca) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.der().clone()).unwrap();
+        let (chain, key) = issuer.chain(&["client.example"]);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
+        let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
             .unwrap();
         Arc::new(config)
     }
@@ -67,6 +125,11 @@ impl Ca {
         let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .unwrap();
+        // Good for either side: a server's and a client's.
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.distinguished_name = rcgen::DistinguishedName::new();
         params
             .distinguished_name
@@ -107,9 +170,18 @@ impl Ca {
 
     /// A TLS connection from `from` to `to` (the handshake runs on first use).
     pub fn connect(&self, from: &str, to: std::net::SocketAddr) -> TlsClient {
-        let tcp = super::connect_from(from, to);
-        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-        let conn = rustls::ClientConnection::new(self.client_config(), name).unwrap();
-        rustls::StreamOwned::new(conn, tcp)
+        connect_with(self.client_config(), from, to)
     }
+}
+
+/// A TLS connection with `config` from `from` to `to` (the handshake runs on first use).
+pub fn connect_with(
+    config: Arc<rustls::ClientConfig>,
+    from: &str,
+    to: std::net::SocketAddr,
+) -> TlsClient {
+    let tcp = super::connect_from(from, to);
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(config, name).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
 }
