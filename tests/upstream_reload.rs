@@ -128,8 +128,30 @@ fn upstreams_come_and_go_on_sighup_while_clients_keep_their_connections() {
     );
 
     // a leaves, and so does `tools`: a's sessions start anew, on b.
+    // a's weight changes: a new upstream object, the same server, so sessions on it go on, on
+    // the HTTP door and on the MCPB connection alike.
+    let weighted = second.replacen(
+        &format!("- url: {ua}\n"),
+        &format!("- url: {ua}\n          weight: 3\n"),
+        1,
+    );
+    gw.reload(&second, &weighted);
+    let (status, server, _) = exchange(&mut http, "/mcp", TOOLS_LIST, Some(&on_a));
+    assert_eq!((status, server.as_str()), (200, "a"));
+    mcpb.write_all(&mcpb_frame(1, TOOLS_LIST.as_bytes()))
+        .unwrap();
+    let r = read_mcpb(&mut mcpb).1;
+    assert_eq!(
+        (
+            r["result"]["server"].as_str(),
+            r["result"]["session"].as_str()
+        ),
+        (Some("a"), Some("sess-a")),
+        "{r}"
+    );
+
     let third = endpoints(&[("default", &[&ub])]);
-    gw.reload(&second, &third);
+    gw.reload(&weighted, &third);
     let (status, _, _) = exchange(&mut http, "/mcp", TOOLS_LIST, Some(&on_a));
     assert_eq!(status, 404, "a session on a removed upstream is gone");
     let (status, _, _) = exchange(&mut http, "/mcp/tools", TOOLS_LIST, None);
@@ -173,7 +195,7 @@ fn upstreams_come_and_go_on_sighup_while_clients_keep_their_connections() {
             &text,
             "mcp_gateway_config_reloads_total{result=\"applied\"}"
         ),
-        2.0
+        3.0
     );
     drop((http, mcpb, ws));
     gw.wait_all_closed();

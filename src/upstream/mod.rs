@@ -344,11 +344,17 @@ impl Upstreams {
             .map(|u| (*u, rest))
     }
 
-    /// True when `u` is one of this view's upstreams of namespace `ns`.
-    pub fn serves(&self, ns: usize, u: &Upstream) -> bool {
+    /// The upstream of namespace `ns` that now serves the sessions of `u` (an upstream of this
+    /// view or an older one): `u` itself when a reload kept it, the one with its URL when a
+    /// reload changed its settings (the same server, so its sessions are still there), `None`
+    /// when a reload removed it.
+    pub fn successor(&self, ns: usize, u: &Upstream) -> Option<&'static Upstream> {
         self.namespaces
-            .get(ns)
-            .is_some_and(|n| n.upstreams.iter().any(|m| m.index == u.index))
+            .get(ns)?
+            .upstreams
+            .iter()
+            .find(|m| m.tag == u.tag)
+            .copied()
     }
 }
 

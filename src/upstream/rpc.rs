@@ -389,7 +389,8 @@ pub struct ClientGone;
 
 /// Forwards `message` to namespace `ns` of `all` within the connection's session and queues
 /// every message the upstream sends back, as it arrives. A session whose upstream a reload
-/// removed is forgotten (the client's next `initialize` starts one elsewhere).
+/// removed is forgotten (the client's next `initialize` starts one elsewhere); one whose
+/// upstream a reload changed goes on with the changed one (the same URL, the same server).
 async fn forward(
     worker: &'static Worker,
     (all, ns): (&'static Upstreams, Option<usize>),
@@ -401,9 +402,14 @@ async fn forward(
         state.forget();
         return fail(outbox, message, NAMESPACE_GONE);
     };
-    if state.upstream.get().is_some_and(|u| !all.serves(ns, u)) {
-        state.forget();
-        return fail(outbox, message, UPSTREAM_REMOVED);
+    if let Some(u) = state.upstream.get() {
+        match all.successor(ns, u) {
+            Some(now) => state.upstream.set(Some(now)),
+            None => {
+                state.forget();
+                return fail(outbox, message, UPSTREAM_REMOVED);
+            }
+        }
     }
     let lease = match state.upstream.get() {
         Some(u) => worker.balancer.pinned(u, true),
