@@ -230,6 +230,10 @@ pub struct Metrics {
     upstreams: &'static Registry,
     /// Configuration reloads (SIGHUP) by [`Reload`] outcome; written by the main thread only.
     reloads: [AtomicU64; 3],
+    /// 1 when the last reload applied the whole file (or there was none yet), else 0.
+    last_reload_whole: AtomicU64,
+    /// Unix time (seconds) of the last reload that applied anything, 0 before any.
+    last_reload_at: AtomicU64,
 }
 
 /// How a configuration reload ended: the `result` label of `mcp_gateway_config_reloads_total`.
@@ -257,12 +261,22 @@ impl Metrics {
             limiter,
             upstreams,
             reloads: Default::default(),
+            last_reload_whole: AtomicU64::new(1),
+            last_reload_at: AtomicU64::new(0),
         }
     }
 
     /// A configuration reload ended with `how`.
     pub fn reloaded(&self, how: Reload) {
         self.reloads[how as usize].fetch_add(1, Relaxed);
+        self.last_reload_whole
+            .store(u64::from(how == Reload::Applied), Relaxed);
+        if how != Reload::Failed {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.last_reload_at.store(now, Relaxed);
+        }
     }
 
     pub fn leak(self) -> &'static Metrics {
@@ -445,6 +459,16 @@ impl Metrics {
                 .enumerate()
                 .map(|(i, r)| (vec![("result", *r)], self.reloads[i].load(Relaxed) as f64))
                 .collect(),
+        ));
+        fams.push(gauge(
+            "mcp_gateway_config_last_reload_successful",
+            "1 when the last reload (SIGHUP) applied the whole file, or none happened yet; 0 when it failed or left changes waiting for a restart.",
+            vec![(vec![], self.last_reload_whole.load(Relaxed) as f64)],
+        ));
+        fams.push(gauge(
+            "mcp_gateway_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last reload that applied anything (0: none yet).",
+            vec![(vec![], self.last_reload_at.load(Relaxed) as f64)],
         ));
         fams.push(self.latency_family());
         // One view for every upstream family of a scrape (a reload may publish another).

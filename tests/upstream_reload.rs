@@ -206,6 +206,15 @@ fn upstreams_that_cannot_be_built_leave_the_ones_in_force() {
     let a = Mock::start_on("127.0.0.1:0", named("a"));
     let first = endpoints(&[("default", &[&a.url()])]);
     let gw = start_with("", &format!("{ROUTING}{first}"));
+    let (whole, at) = (
+        "mcp_gateway_config_last_reload_successful",
+        "mcp_gateway_config_last_reload_success_timestamp_seconds",
+    );
+    assert_eq!(
+        (gw.metric(whole), gw.metric(at)),
+        (1.0, 0.0),
+        "no reload yet"
+    );
     let unresolvable = endpoints(&[("default", &["http://no-such-host.invalid:9/mcp"])]);
     gw.reload(&first, &unresolvable);
     gw.wait_log("cannot resolve no-such-host.invalid");
@@ -213,6 +222,13 @@ fn upstreams_that_cannot_be_built_leave_the_ones_in_force() {
         gw.metric("mcp_gateway_config_reloads_total{result=\"partial\"}"),
         1.0
     );
+    // What operators alert on: the file in force is not the file on disk.
+    assert_eq!(gw.metric(whole), 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - gw.metric(at)).abs() < 60.0, "{}", gw.metric(at));
     let mut c = connect_from("127.0.0.2", gw.http);
     assert_eq!(exchange(&mut c, "/mcp", INIT, None).1, "a");
 }
