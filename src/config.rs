@@ -111,6 +111,10 @@ pub struct ServerConfig {
     /// PEM private key of `tls_cert_file` (PKCS#8, PKCS#1 or SEC1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
+    /// More certificates for the doors, each given to the clients that ask (SNI) for a name it
+    /// covers; `tls_cert_file`'s is for every other client.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tls_certificates: Vec<DoorCertificate>,
     /// PEM file of certificate authorities: with it, every TLS client must present a
     /// certificate one of them issued (mutual TLS).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -148,6 +152,7 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
             tls_cert_file: None,
             tls_key_file: None,
+            tls_certificates: Vec::new(),
             tls_client_ca_file: None,
             read_timeout: 30.0,
             write_timeout: 30.0,
@@ -242,6 +247,14 @@ impl Endpoint {
 
 fn one() -> u32 {
     1
+}
+
+/// `server.tls_certificates[i]`: a certificate of the doors (PEM chain and key).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DoorCertificate {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// `routing`: how a namespace's upstreams share the traffic, and how long they may take.
@@ -433,20 +446,20 @@ impl Config {
                 ));
             }
         }
-        if let Some(f) = &s.tls_client_ca_file {
-            if let Err(why) = crate::tls::read_roots(f) {
-                p.push(format!("server.tls_client_ca_file: {why}"));
-            } else if s.tls_cert_file.is_none() {
-                p.push(
-                    "server.tls_client_ca_file: needs server.tls_cert_file (TLS on the doors)"
-                        .into(),
-                );
+        for (key, set) in [
+            ("tls_client_ca_file", s.tls_client_ca_file.is_some()),
+            ("tls_certificates", !s.tls_certificates.is_empty()),
+        ] {
+            if set && s.tls_cert_file.is_none() {
+                p.push(format!(
+                    "server.{key}: needs server.tls_cert_file (TLS on the doors)"
+                ));
             }
         }
         match (&s.tls_cert_file, &s.tls_key_file) {
-            (Some(cert), Some(key)) => {
-                if let Err(why) = crate::tls::server_config(cert, key, None) {
-                    p.push(format!("server.tls_cert_file, server.tls_key_file: {why}"));
+            (Some(_), Some(_)) => {
+                if let Err(why) = crate::tls::door_config(s) {
+                    p.push(why);
                 }
             }
             (Some(_), None) => {

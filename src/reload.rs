@@ -30,13 +30,14 @@ use crate::upstream::registry::Registry;
 
 /// The `server` keys a reload applies; beside them, every key of `routing` and
 /// `service_discovery` (see [`crate::upstream::registry`]).
-const LIVE: [&str; 7] = [
+const LIVE: [&str; 8] = [
     "server.max_connections",
     "server.max_connections_per_ip",
     "server.max_requests_per_ip",
     "server.request_burst_per_ip",
     "server.tls_cert_file",
     "server.tls_key_file",
+    "server.tls_certificates",
     "server.tls_client_ca_file",
 ];
 
@@ -103,28 +104,28 @@ fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
             Err(why) => refused.push(format!("server.max_requests_per_ip ({why})")),
         }
     }
-    if let Some(door) = tls {
-        match (&now.tls_cert_file, &now.tls_key_file) {
-            (Some(cert), Some(key)) => {
-                match crate::tls::server_config(cert, key, now.tls_client_ca_file.as_deref()) {
-                    Ok(config) => {
-                        door.replace(config);
-                        (was.tls_cert_file, was.tls_key_file) =
-                            (Some(cert.clone()), Some(key.clone()));
-                        was.tls_client_ca_file = now.tls_client_ca_file.clone();
-                        tracing::info!(
-                            cert = %cert.display(),
-                            client_ca = %now.tls_client_ca_file.as_ref().map_or("none".into(), |f| f.display().to_string()),
-                            "TLS certificate reloaded: new handshakes use it"
-                        );
-                    }
-                    Err(why) => refused.push(format!("server.tls_cert_file ({why})")),
-                }
-            }
-            _ => refused.push("server.tls_cert_file (turning TLS off needs a restart)".into()),
+    match (tls, crate::tls::door_config(now)) {
+        (Some(door), Ok(Some(config))) => {
+            door.replace(config);
+            was.tls_cert_file.clone_from(&now.tls_cert_file);
+            was.tls_key_file.clone_from(&now.tls_key_file);
+            was.tls_certificates.clone_from(&now.tls_certificates);
+            was.tls_client_ca_file.clone_from(&now.tls_client_ca_file);
+            tracing::info!(
+                cert = %now.tls_cert_file.as_ref().map_or(String::new(), |f| f.display().to_string()),
+                more = now.tls_certificates.len(),
+                client_ca = %now.tls_client_ca_file.as_ref().map_or("none".into(), |f| f.display().to_string()),
+                "TLS certificates reloaded: new handshakes use them"
+            );
         }
-    } else if now.tls_cert_file.is_some() {
-        refused.push("server.tls_cert_file (turning TLS on needs a restart)".into());
+        (Some(_), Ok(None)) => {
+            refused.push("server.tls_cert_file (turning TLS off needs a restart)".into())
+        }
+        (None, Ok(Some(_))) => {
+            refused.push("server.tls_cert_file (turning TLS on needs a restart)".into())
+        }
+        (None, Ok(None)) => {}
+        (_, Err(why)) => refused.push(format!("server.tls_cert_file ({why})")),
     }
     let restart: Vec<String> = changed_keys(running, &new)
         .into_iter()
@@ -286,7 +287,7 @@ mod tests {
         assert_eq!(running.server.tls_cert_file, None);
         // Started with TLS: the files are read again even when their paths did not change.
         let mut running = Config::parse(&with_tls, false).unwrap();
-        let config = crate::tls::server_config(&cert_file, &key_file, None).unwrap();
+        let config = crate::tls::door_config(&running.server).unwrap().unwrap();
         let door = DoorTls::new(config);
         let own = std::cell::RefCell::new(None);
         let before = door.refresh(&own);

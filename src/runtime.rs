@@ -98,13 +98,9 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
                     .collect(),
             ),
             allowed_origins: crate::http::origin::Origins::new(&s.allowed_origins),
-            tls: match (&s.tls_cert_file, &s.tls_key_file) {
-                (Some(cert), Some(key)) => Some(crate::tls::DoorTls::new(
-                    crate::tls::server_config(cert, key, s.tls_client_ca_file.as_deref())
-                        .map_err(std::io::Error::other)?,
-                )),
-                _ => None,
-            },
+            tls: crate::tls::door_config(s)
+                .map_err(std::io::Error::other)?
+                .map(crate::tls::DoorTls::new),
         },
         limiter,
         metrics,

@@ -25,6 +25,7 @@
 //!   decrypt to more than rustls' 16 KiB receive limit.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io::{self, BufRead};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Release};
@@ -35,6 +36,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use monoio::BufResult;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig};
 
 use crate::conn::{give_buf, peek, take_buf, Peek};
@@ -134,38 +136,150 @@ fn read_identity(
     Ok((chain, key))
 }
 
-/// The doors' server configuration: the certificate chain in `cert_file` and its key in
-/// `key_file` (see [`read_identity`]), ALPN `http/1.1`; with `client_ca_file`, every client must
-/// present a certificate issued by one of that PEM file's authorities (mutual TLS). The error
-/// names the file at fault and why.
-pub fn server_config(
-    cert_file: &Path,
-    key_file: &Path,
-    client_ca_file: Option<&Path>,
-) -> Result<Arc<ServerConfig>, String> {
-    let (chain, key) = read_identity(cert_file, key_file)?;
+/// One certificate of the doors, as read from its files: the chain, the key and the DNS names
+/// it covers (`*.example.com` for a wildcard).
+struct DoorCert {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    names: Vec<String>,
+}
+
+/// The doors' TLS setup, as the configuration gives it: the server configuration, and the
+/// certificates its per-core copies choose from by the name a client asks for (SNI).
+pub struct DoorConfig {
+    config: Arc<ServerConfig>,
+    /// `tls_cert_file`'s first, then `tls_certificates` in their order.
+    certs: Arc<[DoorCert]>,
+}
+
+/// The doors' TLS setup of the `server` section `s` (`None`: the doors speak plain TCP):
+/// `tls_cert_file` with `tls_key_file` (each PEM; the key PKCS#8, PKCS#1 or SEC1), the further
+/// certificates of `tls_certificates` chosen by SNI, ALPN `http/1.1`, and, with
+/// `tls_client_ca_file`, every client required to present a certificate one of that file's
+/// authorities issued (mutual TLS). The error names the key or file at fault and why.
+pub fn door_config(s: &crate::config::ServerConfig) -> Result<Option<DoorConfig>, String> {
+    let (Some(cert_file), Some(key_file)) = (&s.tls_cert_file, &s.tls_key_file) else {
+        return Ok(None);
+    };
     let provider = provider();
+    let load = |key: &str, cert_file: &Path, key_file: &Path| -> Result<DoorCert, String> {
+        let (chain, private) =
+            read_identity(cert_file, key_file).map_err(|e| format!("{key}: {e}"))?;
+        CertifiedKey::from_der(chain.clone(), private.clone_key(), &provider).map_err(|e| {
+            format!(
+                "{key}: {} with {}: {e}",
+                cert_file.display(),
+                key_file.display()
+            )
+        })?;
+        let names = webpki::EndEntityCert::try_from(&chain[0])
+            .map(|c| c.valid_dns_names().map(str::to_ascii_lowercase).collect())
+            .map_err(|e| format!("{key}: {}: {e:?}", cert_file.display()))?;
+        Ok(DoorCert {
+            chain,
+            key: private,
+            names,
+        })
+    };
+    let mut certs = vec![load(
+        "server.tls_cert_file, server.tls_key_file",
+        cert_file,
+        key_file,
+    )?];
+    for (i, c) in s.tls_certificates.iter().enumerate() {
+        let key = format!("server.tls_certificates[{i}]");
+        let cert = load(&key, &c.cert_file, &c.key_file)?;
+        if cert.names.is_empty() {
+            return Err(format!(
+                "{key}: {}: the certificate names no DNS host, so no client would be given it",
+                c.cert_file.display()
+            ));
+        }
+        certs.push(cert);
+    }
+    let certs: Arc<[DoorCert]> = certs.into();
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
-    let builder = match client_ca_file {
+    let builder = match &s.tls_client_ca_file {
         None => builder.with_no_client_auth(),
         Some(f) => {
-            let roots = Arc::new(read_roots(f)?);
+            let what = |e: &dyn std::fmt::Display| format!("server.tls_client_ca_file: {e}");
+            let roots = Arc::new(read_roots(f).map_err(|e| what(&e))?);
             let verifier =
                 rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
                     .build()
-                    .map_err(|e| format!("{}: {e}", f.display()))?;
+                    .map_err(|e| what(&format!("{}: {e}", f.display())))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| format!("{} with {}: {e}", cert_file.display(), key_file.display()))?;
+    let mut config = builder.with_cert_resolver(Arc::new(ByName::new(&certs)?));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     // The gateway's order of suites, not the client's (which often puts AES-256 first).
     config.ignore_client_order = true;
-    Ok(Arc::new(config))
+    Ok(Some(DoorConfig {
+        config: Arc::new(config),
+        certs,
+    }))
+}
+
+/// Chooses the doors' certificate for a handshake by the name the client asked for: the one
+/// covering it exactly, else one whose wildcard covers it, else `tls_cert_file`'s (also for a
+/// client that names no host, or an address). Each core has its own (see [`DoorTls::refresh`]):
+/// the keys are loaded per core, so a handshake clones no reference count another core clones.
+#[derive(Debug)]
+struct ByName {
+    default: Arc<CertifiedKey>,
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// `*.example.com` certificates, by `example.com`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl ByName {
+    /// The resolver of `certs` (`tls_cert_file`'s first); of two certificates covering one
+    /// name, the first listed wins.
+    fn new(certs: &[DoorCert]) -> Result<ByName, String> {
+        let provider = provider();
+        let load = |c: &DoorCert| {
+            CertifiedKey::from_der(c.chain.clone(), c.key.clone_key(), &provider)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        };
+        let (first, rest) = certs.split_first().ok_or("no certificate")?;
+        let mut by = ByName {
+            default: load(first)?,
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+        };
+        for c in rest {
+            let key = load(c)?;
+            for name in &c.names {
+                let table = match name.strip_prefix("*.") {
+                    Some(parent) => by.wildcard.entry(parent.to_string()),
+                    None => by.exact.entry(name.clone()),
+                };
+                table.or_insert_with(|| key.clone());
+            }
+        }
+        Ok(by)
+    }
+
+    fn pick(&self, name: Option<&str>) -> &Arc<CertifiedKey> {
+        let Some(name) = name else {
+            return &self.default;
+        };
+        let name = name.to_ascii_lowercase();
+        self.exact
+            .get(&name)
+            .or_else(|| self.wildcard.get(name.split_once('.')?.1))
+            .unwrap_or(&self.default)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ByName {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.pick(hello.server_name()).clone())
+    }
 }
 
 /// The doors' TLS configuration, replaceable while the gateway runs (a renewed certificate is
@@ -176,11 +290,11 @@ pub struct DoorTls {
     /// then finds the new configuration under the lock.
     generation: AtomicU64,
     /// Read only when the generation changed: never on a handshake of a settled worker.
-    current: Mutex<Arc<ServerConfig>>,
+    current: Mutex<DoorConfig>,
 }
 
 impl DoorTls {
-    pub fn new(config: Arc<ServerConfig>) -> DoorTls {
+    pub fn new(config: DoorConfig) -> DoorTls {
         DoorTls {
             generation: AtomicU64::new(0),
             current: Mutex::new(config),
@@ -188,14 +302,14 @@ impl DoorTls {
     }
 
     /// Replaces the configuration for handshakes from now on (open sessions keep theirs).
-    pub fn replace(&self, config: Arc<ServerConfig>) {
+    pub fn replace(&self, config: DoorConfig) {
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = config;
         self.generation.fetch_add(1, Release);
     }
 
     /// This worker's configuration, `own` (its copy and the generation it was made from), made
-    /// anew when the process's changed: a copy with a session cache of its own, so that a
-    /// handshake touches no reference count or cache lock that other cores touch.
+    /// anew when the process's changed: a copy with a session cache and certificate keys of its
+    /// own, so that a handshake touches no reference count or cache lock that other cores touch.
     pub fn refresh(&self, own: &RefCell<Option<(u64, Arc<ServerConfig>)>>) -> Arc<ServerConfig> {
         let now = self.generation.load(Acquire);
         if let Some((seen, config)) = &*own.borrow() {
@@ -203,8 +317,15 @@ impl DoorTls {
                 return config.clone();
             }
         }
-        let mut copy = (**self.current.lock().unwrap_or_else(|p| p.into_inner())).clone();
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut copy = (*current.config).clone();
         copy.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
+        // The keys were loaded once already, when the configuration was made; should loading
+        // them again fail, the shared resolver serves.
+        if let Ok(by_name) = ByName::new(&current.certs) {
+            copy.cert_resolver = Arc::new(by_name);
+        }
+        drop(current);
         let copy = Arc::new(copy);
         *own.borrow_mut() = Some((now, copy.clone()));
         copy

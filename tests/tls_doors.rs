@@ -201,7 +201,7 @@ fn a_renewed_certificate_is_used_after_sighup_and_open_sessions_stay() {
     // The renewal writes new files at the same paths; SIGHUP with the configuration unchanged.
     new_ca.door_keys(dir.path());
     gw.reload("port: 0", "port: 0");
-    gw.wait_log("TLS certificate reloaded");
+    gw.wait_log("TLS certificates reloaded");
     let mut renewed = new_ca.connect("127.0.0.3", gw.http);
     assert_eq!(roundtrip(&mut renewed, &post_mcp(TOOLS_LIST)).status, 200);
     let mut stale = old_ca.connect("127.0.0.4", gw.http);
@@ -319,13 +319,18 @@ fn with_a_client_ca_only_clients_with_its_certificates_get_in() {
     let extra = format!("tls_client_ca_file: {}\n", clients.ca_file.display());
     let gw = tls_gateway(&ca, dir.path(), &extra);
     // A certificate from the authority: served, on both doors.
-    let mut c =
-        common::tls::connect_with(ca.client_config_presenting(&clients), "127.0.0.2", gw.http);
+    let mut c = common::tls::connect_with(
+        ca.client_config_presenting(&clients),
+        "127.0.0.1",
+        "127.0.0.2",
+        gw.http,
+    );
     assert_eq!(roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status, 200);
     let peer = c.conn.peer_certificates().map(<[_]>::len);
     assert_eq!(peer, Some(2), "the gateway's chain");
     let mut m = common::tls::connect_with(
         ca.client_config_presenting(&clients),
+        "127.0.0.1",
         "127.0.0.2",
         gw.tcp.unwrap(),
     );
@@ -333,7 +338,7 @@ fn with_a_client_ca_only_clients_with_its_certificates_get_in() {
     assert_eq!(read_mcpb_raw(&mut m).0, 4, "MCPB HealthCheck answered");
     // No certificate, or one from another authority: the handshake fails, nothing is served.
     for config in [ca.client_config(), ca.client_config_presenting(&strangers)] {
-        let mut c = common::tls::connect_with(config, "127.0.0.3", gw.http);
+        let mut c = common::tls::connect_with(config, "127.0.0.1", "127.0.0.3", gw.http);
         let sent = c.write_all(post_mcp(TOOLS_LIST).as_bytes());
         let mut buf = [0u8; 64];
         let read = c.read(&mut buf);
@@ -351,19 +356,80 @@ fn with_a_client_ca_only_clients_with_its_certificates_get_in() {
 }
 
 #[test]
-fn a_client_ca_needs_tls_on_the_doors_and_a_readable_file() {
+fn the_certificate_is_chosen_by_the_name_the_client_asks_for() {
+    let (main, hosted, wild) = (Ca::new(), Ca::new(), Ca::new());
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (h_cert, h_key) = hosted.pem_files(&["mcp.example.com"], dirs[1].path());
+    let (w_cert, w_key) = wild.pem_files(&["*.tools.example"], dirs[2].path());
+    let more = format!(
+        "tls_certificates: [{{cert_file: {}, key_file: {}}}, {{cert_file: {}, key_file: {}}}]\n",
+        h_cert.display(),
+        h_key.display(),
+        w_cert.display(),
+        w_key.display()
+    );
+    let gw = tls_gateway(&main, dirs[0].path(), &more);
+    // Each client trusts one authority only: its handshake passes only with that certificate.
+    for (ca, name) in [
+        (&hosted, "mcp.example.com"),
+        (&hosted, "MCP.Example.com"),
+        (&wild, "a.tools.example"),
+        (&main, "localhost"),
+        (&main, "127.0.0.1"), // no SNI: the first certificate
+    ] {
+        let mut c = common::tls::connect_with(ca.client_config(), name, "127.0.0.2", gw.http);
+        let r = roundtrip(&mut c, &post_mcp(TOOLS_LIST));
+        assert_eq!(r.status, 200, "{name}");
+    }
+    // A name no certificate covers gets the first one, which is not for it: the client refuses.
+    let mut c = common::tls::connect_with(
+        wild.client_config(),
+        "b.a.tools.example",
+        "127.0.0.2",
+        gw.http,
+    );
+    assert!(c.write_all(post_mcp(TOOLS_LIST).as_bytes()).is_err());
+}
+
+#[test]
+fn door_tls_keys_need_tls_on_and_readable_files() {
     let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
     let err = refused(&format!(
-        "server:\n  tls_client_ca_file: {}\n",
+        "server:\n  tls_client_ca_file: {}\n  tls_certificates:\n    - cert_file: a.pem\n      key_file: a.key\n",
         ca.ca_file.display()
     ));
-    assert!(
-        err.contains("server.tls_client_ca_file: needs server.tls_cert_file"),
-        "{err}"
-    );
-    let err = refused("server:\n  tls_client_ca_file: /nonexistent/ca.pem\n");
+    for key in ["tls_client_ca_file", "tls_certificates"] {
+        assert!(
+            err.contains(&format!("server.{key}: needs server.tls_cert_file")),
+            "{err}"
+        );
+    }
+    let keys = ca.door_keys(dir.path());
+    let err = refused(&format!(
+        "server:\n{}  tls_client_ca_file: /nonexistent/ca.pem\n",
+        indent(&keys)
+    ));
     assert!(
         err.contains("server.tls_client_ca_file: /nonexistent/ca.pem"),
         "{err}"
     );
+    // A certificate for an address only: no client could ask for it by name.
+    let other = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.pem_files(&["10.0.0.1"], other.path());
+    let err = refused(&format!(
+        "server:\n{}  tls_certificates:\n    - cert_file: {}\n      key_file: {}\n",
+        indent(&keys),
+        cert.display(),
+        key.display()
+    ));
+    assert!(
+        err.contains("server.tls_certificates[0]: ") && err.contains("names no DNS host"),
+        "{err}"
+    );
+}
+
+/// `lines` indented under a section.
+fn indent(lines: &str) -> String {
+    lines.lines().map(|l| format!("  {l}\n")).collect()
 }

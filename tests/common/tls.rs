@@ -170,18 +170,20 @@ impl Ca {
 
     /// A TLS connection from `from` to `to` (the handshake runs on first use).
     pub fn connect(&self, from: &str, to: std::net::SocketAddr) -> TlsClient {
-        connect_with(self.client_config(), from, to)
+        connect_with(self.client_config(), "127.0.0.1", from, to)
     }
 }
 
-/// A TLS connection with `config` from `from` to `to` (the handshake runs on first use).
+/// A TLS connection with `config` to server `name` (a host name is sent in SNI, an address is
+/// not) from `from` to `to` (the handshake runs on first use).
 pub fn connect_with(
     config: Arc<rustls::ClientConfig>,
+    name: &str,
     from: &str,
     to: std::net::SocketAddr,
 ) -> TlsClient {
     let tcp = super::connect_from(from, to);
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
     let conn = rustls::ClientConnection::new(config, name).unwrap();
     rustls::StreamOwned::new(conn, tcp)
 }
