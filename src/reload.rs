@@ -25,6 +25,7 @@ use serde_yaml::Value;
 use crate::config::Config;
 use crate::limiter::Limiter;
 use crate::metrics::{describe_limits, Metrics, Reload};
+use crate::runtime::Descriptors;
 use crate::tls::DoorTls;
 use crate::upstream::registry::Registry;
 
@@ -51,6 +52,8 @@ pub struct Live<'a> {
     pub tls: Option<&'a DoorTls>,
     pub upstreams: &'a Registry,
     pub metrics: &'a Metrics,
+    /// What the open-file limit allows, checked again after the reload.
+    pub descriptors: &'a Descriptors,
 }
 
 /// Re-reads `path` and applies what can be applied to `live`, updating `running`; counts the
@@ -141,6 +144,8 @@ fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
         );
     }
     tracing::info!(file = %path.display(), limits = %describe_limits(limiter), "configuration reloaded");
+    live.descriptors
+        .check(limiter.max_connections(), live.upstreams.current());
     if partial {
         Reload::Partial
     } else {
@@ -194,6 +199,10 @@ mod tests {
             tls,
             upstreams,
             metrics: Metrics::new(1, Limiter::new(1, 0).leak(), upstreams).leak(),
+            descriptors: Box::leak(Box::new(Descriptors {
+                limit: 1 << 20,
+                workers: 1,
+            })),
         }
     }
 

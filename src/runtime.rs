@@ -107,11 +107,10 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
         upstreams,
     }));
 
-    // Each client connection is a descriptor; with HTTP upstreams, one in flight (or holding its
-    // session's stream) may hold one more upstream, besides the idle upstream pools.
-    let forwarding = upstreams.current().all.iter().any(|u| u.http().is_some());
-    let per_client = if forwarding { 2 } else { 1 };
-    let needed = per_client * s.max_connections as u64 + 2 * workers as u64 + 64;
+    let descriptors = Descriptors {
+        limit: nofile,
+        workers,
+    };
     tracing::info!(
         workers,
         driver = driver.label(),
@@ -126,13 +125,7 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
             "connections from these networks must start with a PROXY protocol header; the client it names is the one limited"
         );
     }
-    if nofile < needed {
-        tracing::warn!(
-            open_file_limit = nofile,
-            needed,
-            "server.max_connections cannot be reached with this open-file limit (with HTTP upstreams, a client connection may hold an upstream one too); raise the hard limit (ulimit -Hn, LimitNOFILE=)"
-        );
-    }
+    descriptors.check(limiter.max_connections(), upstreams.current());
 
     // Workers inherit this mask, so the signals reach only the main thread's sigwait.
     let mut signals = SigSet::empty();
@@ -206,6 +199,7 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
                         tls: shared.settings.tls.as_ref(),
                         upstreams,
                         metrics,
+                        descriptors: &descriptors,
                     },
                 ),
                 None => tracing::warn!(
@@ -406,6 +400,32 @@ fn proc_net_listener(line: &str) -> Option<SocketAddr> {
         _ => return None,
     };
     Some(SocketAddr::new(ip, port))
+}
+
+/// The open-file limit the process got, and what it has to serve.
+pub struct Descriptors {
+    pub limit: u64,
+    pub workers: usize,
+}
+
+impl Descriptors {
+    /// Warns when `max_connections` clients cannot all be served within the limit with the
+    /// upstreams `all`: each client connection is a descriptor, and with HTTP upstreams one in
+    /// flight (or holding its session's stream) may hold an upstream one too, besides the idle
+    /// upstream pools. Checked at startup and after each reload (a raised limit, HTTP upstreams
+    /// where there were none).
+    pub fn check(&self, max_connections: usize, all: &crate::upstream::Upstreams) {
+        let forwarding = all.all.iter().any(|u| u.http().is_some());
+        let per_client = if forwarding { 2 } else { 1 };
+        let needed = per_client * max_connections as u64 + 2 * self.workers as u64 + 64;
+        if self.limit < needed {
+            tracing::warn!(
+                open_file_limit = self.limit,
+                needed,
+                "server.max_connections cannot be reached with this open-file limit (with HTTP upstreams, a client connection may hold an upstream one too); raise the hard limit (ulimit -Hn, LimitNOFILE=)"
+            );
+        }
+    }
 }
 
 /// Raises the open-file soft limit to the hard limit; returns the limit in force.

@@ -284,3 +284,33 @@ fn reloads_under_traffic_cost_the_clients_nothing() {
     );
     assert_eq!(gw.metric(&in_flight), 0.0, "every lease ended");
 }
+
+/// The open-file hard limit of this process (and so of the gateways it starts); `None`:
+/// unlimited.
+fn open_file_hard_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(4).unwrap().parse().ok()
+}
+
+#[test]
+fn a_reload_bringing_http_upstreams_checks_the_open_file_limit_again() {
+    let a = Mock::start_on("127.0.0.1:0", named("a"));
+    // Enough descriptors for every client alone, not for every client and an upstream each.
+    let Some(hard) = open_file_hard_limit() else {
+        return; // nothing to warn about
+    };
+    let max = hard / 2 + 100;
+    let echo = endpoints(&[("default", &["builtin:echo"])]);
+    let gw = start_with(
+        &format!("max_connections: {max}"),
+        &format!("{ROUTING}{echo}"),
+    );
+    let warning = "server.max_connections cannot be reached with this open-file limit";
+    assert!(!gw.log.lock().unwrap().contains(warning));
+    gw.reload(&echo, &endpoints(&[("default", &[&a.url()])]));
+    gw.wait_log(warning);
+}
