@@ -178,7 +178,7 @@ fn upstreams_come_and_go_on_sighup_while_clients_keep_their_connections() {
         e["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("no longer configured"),
+            .contains("namespace is not configured"),
         "{e}"
     );
     ws.write_all(&ws_frame(true, 9, b"still there?")).unwrap();

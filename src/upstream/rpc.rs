@@ -367,12 +367,13 @@ pub enum Dest {
     Echo(&'static Upstream),
     /// Forwarded to the namespace's HTTP upstreams.
     Forward,
-    /// Nowhere: a reload removed the namespace.
+    /// Nowhere: the namespace is not configured (any more).
     Gone,
 }
 
-/// The error for a message whose namespace a reload removed.
-pub const NAMESPACE_GONE: &str = "this MCP namespace is no longer configured";
+/// The error for a message whose namespace is not configured (a reload removed it, or, on the
+/// MCPB door, there is no `default` namespace).
+pub const NAMESPACE_GONE: &str = "this connection's MCP namespace is not configured";
 /// The error for a message of a session whose upstream a reload removed.
 pub const UPSTREAM_REMOVED: &str =
     "the session's upstream MCP server was removed from the configuration; initialize a new session";
