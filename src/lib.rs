@@ -19,6 +19,7 @@
 //! - [`upstream`]: upstream MCP servers: balancing, breakers, health checks, the HTTP client
 //!   and its per-core pool, message forwarding for WebSocket and MCPB.
 //! - [`metrics`]: per-core counters, summed into Prometheus text at scrape.
+//! - [`logging`]: the log's writer thread, which no worker waits on.
 //! - [`admin`]: `/metrics`, `/healthz`, `/ready`.
 //! - [`loadgen`]: the bench kit's load generator (`mcp-loadgen`), a client of the gateway.
 
@@ -29,6 +30,7 @@ pub mod echo;
 pub mod http;
 pub mod limiter;
 pub mod loadgen;
+pub mod logging;
 pub mod mcpb;
 pub mod metrics;
 pub mod network;

@@ -460,6 +460,11 @@ impl Metrics {
                 .map(|(i, r)| (vec![("result", *r)], self.reloads[i].load(Relaxed) as f64))
                 .collect(),
         ));
+        fams.push(counter(
+            "mcp_gateway_log_lines_dropped_total",
+            "Log lines dropped because stderr did not take them fast enough (the gateway never waits for its log).",
+            vec![(vec![], crate::logging::dropped_lines() as f64)],
+        ));
         fams.push(gauge(
             "mcp_gateway_config_last_reload_successful",
             "1 when the last reload (SIGHUP) applied the whole file, or none happened yet; 0 when it failed or left changes waiting for a restart.",

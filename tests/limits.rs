@@ -454,3 +454,29 @@ fn sighup_applies_new_limits_to_new_connections_and_keeps_open_ones() {
     drop(held);
     gw.wait_all_closed();
 }
+
+/// A log reader that stops reading (a full pipe) must not stop the gateway: under a flood of
+/// refusals with `RUST_LOG=debug`, each refusal a log line, every client still gets its answer.
+#[test]
+fn a_stalled_log_reader_does_not_stall_the_gateway() {
+    let gw = start_logging(
+        "max_connections_per_ip: 1",
+        "",
+        Log::StallAfterStart("debug"),
+    );
+    let _held = connect_from("127.0.0.2", gw.http);
+    gw.wait_metric("mcp_gateway_connections_active", 1.0);
+    // Far more lines than the pipe holds (64 KiB: a few hundred lines; a gateway writing its log
+    // itself stalled at the 544th here), and than the gateway's queue holds (16 384 lines).
+    for i in 0..18_000 {
+        let mut c = connect_from("127.0.0.2", gw.http);
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let r = roundtrip(&mut c, &post_mcp(TOOLS_LIST));
+        assert_eq!(r.status, 429, "refusal {i}");
+    }
+    let mut c = connect_from("127.0.0.3", gw.http);
+    assert_eq!(roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status, 200);
+    // What did not fit was dropped, and counted.
+    assert!(gw.metric("mcp_gateway_log_lines_dropped_total") > 0.0);
+}

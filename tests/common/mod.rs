@@ -30,6 +30,20 @@ pub fn start(server_yaml: &str) -> Gateway {
 }
 
 pub fn start_with(server_yaml: &str, rest_yaml: &str) -> Gateway {
+    start_logging(server_yaml, rest_yaml, Log::Read("info"))
+}
+
+/// What the harness does with a gateway's log (stderr).
+#[derive(Clone, Copy)]
+pub enum Log {
+    /// Reads it all into [`Gateway::log`], at this `RUST_LOG` level.
+    Read(&'static str),
+    /// Reads it up to the `listening` line, then never again (the pipe stays open and fills):
+    /// a log consumer that stalls. At this `RUST_LOG` level.
+    StallAfterStart(&'static str),
+}
+
+pub fn start_logging(server_yaml: &str, rest_yaml: &str, log_mode: Log) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     // `tcp_port: 0` disables the TCP door, so it gets a port that was free a moment ago.
     let mut yaml = String::from("server:\n  host: \"::\"\n  port: 0\n  metrics_port: 0\n");
@@ -54,7 +68,12 @@ pub fn start_with(server_yaml: &str, rest_yaml: &str) -> Gateway {
     std::fs::write(&path, &yaml).unwrap();
     let mut child = Command::new(BIN)
         .args(["-c", path.to_str().unwrap()])
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            match log_mode {
+                Log::Read(level) | Log::StallAfterStart(level) => level,
+            },
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -67,7 +86,8 @@ pub fn start_with(server_yaml: &str, rest_yaml: &str) -> Gateway {
         let log = log.clone();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines() {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Some(line) = lines.next() {
                 let Ok(line) = line else { break };
                 {
                     let mut l = log.lock().unwrap();
@@ -78,6 +98,11 @@ pub fn start_with(server_yaml: &str, rest_yaml: &str) -> Gateway {
                 if line.contains(" listening ") {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(line);
+                    }
+                    if let Log::StallAfterStart(_) = log_mode {
+                        // Keep the pipe open, unread, for the rest of the test process.
+                        std::mem::forget(lines);
+                        return;
                     }
                 }
             }
