@@ -137,8 +137,7 @@ pub fn serve(
         // MCPB has no namespace in its frames: it serves the `default` namespace.
         let all = worker.upstreams();
         let namespace = all.namespace("default").map(|ns| &all.namespaces[ns]);
-        let client = MsgSession::client(worker, namespace, &stream);
-        let mut session = MsgSession::new(namespace, Frontend::Tcp, client);
+        let mut session = MsgSession::new(worker, namespace, Frontend::Tcp, &stream);
         let mut pending: Option<Vec<u8>> = None;
         loop {
             if pending.is_none()

@@ -28,6 +28,15 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// A door's client that presented a verified certificate: it, as `X-Forwarded-Client-Cert`
+    /// says it (plain TCP, or TLS without client certificates: `None`).
+    pub fn identity(&self) -> Option<&str> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::Tls(s) => s.identity(),
+        }
+    }
+
     /// The socket (under the TLS session, if any).
     pub fn tcp(&self) -> &TcpStream {
         match self {

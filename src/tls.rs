@@ -332,6 +332,22 @@ impl DoorTls {
     }
 }
 
+/// A client certificate as the `X-Forwarded-Client-Cert` field names it (Envoy's form):
+/// `Hash=` its SHA-256 (hex, of the DER), then `;DNS=` each DNS name it holds.
+pub fn client_identity(cert: &CertificateDer<'_>) -> String {
+    use std::fmt::Write;
+    let mut out = String::from("Hash=");
+    for b in ring::digest::digest(&ring::digest::SHA256, cert).as_ref() {
+        let _ = write!(out, "{b:02x}");
+    }
+    if let Ok(c) = webpki::EndEntityCert::try_from(cert) {
+        for name in c.valid_dns_names() {
+            let _ = write!(out, ";DNS={name}");
+        }
+    }
+    out
+}
+
 /// What an upstream needs to open TLS connections: its configuration and the name it checks.
 #[derive(Debug, Clone)]
 pub struct Tls {
@@ -344,6 +360,10 @@ pub struct Tls {
 pub struct TlsStream {
     tcp: TcpStream,
     tls: Connection,
+    /// A door's client that presented a verified certificate (`server.tls_client_ca_file`): it,
+    /// as `X-Forwarded-Client-Cert` says it to upstreams (see [`client_identity`]). Made once,
+    /// at the end of the handshake.
+    identity: Option<Box<str>>,
 }
 
 fn invalid(e: rustls::Error) -> io::Error {
@@ -361,11 +381,27 @@ impl TlsStream {
     /// Runs the server side of the handshake over `tcp` (the caller bounds it in time).
     pub async fn accept(tcp: TcpStream, config: &Arc<ServerConfig>) -> io::Result<TlsStream> {
         let conn = rustls::ServerConnection::new(config.clone()).map_err(invalid)?;
-        TlsStream::handshake(tcp, conn.into()).await
+        let mut s = TlsStream::handshake(tcp, conn.into()).await?;
+        // Verified by the handshake, when the doors ask for certificates; else there is none.
+        s.identity = s
+            .tls
+            .peer_certificates()
+            .and_then(<[_]>::first)
+            .map(|cert| client_identity(cert).into());
+        Ok(s)
+    }
+
+    /// The verified certificate of a door's client, as `X-Forwarded-Client-Cert` gives it.
+    pub fn identity(&self) -> Option<&str> {
+        self.identity.as_deref()
     }
 
     async fn handshake(tcp: TcpStream, tls: Connection) -> io::Result<TlsStream> {
-        let mut s = TlsStream { tcp, tls };
+        let mut s = TlsStream {
+            tcp,
+            tls,
+            identity: None,
+        };
         let mut received = 0;
         while s.tls.is_handshaking() {
             s.send_tls().await?;

@@ -222,8 +222,7 @@ pub fn serve<'a>(
     async move {
         let s = worker.settings();
         let mut assembly = Assembly::default();
-        let client = MsgSession::client(worker, Some(namespace), &stream);
-        let mut session = MsgSession::new(Some(namespace), Frontend::WebSocket, client);
+        let mut session = MsgSession::new(worker, Some(namespace), Frontend::WebSocket, &stream);
         loop {
             let expired = pending.is_none()
                 && match session

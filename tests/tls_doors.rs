@@ -433,3 +433,61 @@ fn door_tls_keys_need_tls_on_and_readable_files() {
 fn indent(lines: &str) -> String {
     lines.lines().map(|l| format!("  {l}\n")).collect()
 }
+
+#[test]
+fn upstreams_learn_which_certificate_a_client_showed_and_no_client_can_claim_one() {
+    use common::mock::{json_reply, Mock};
+    // An upstream answering with the X-Forwarded-Client-Cert it got ("" without one).
+    let up = Mock::start(|req, s| {
+        let xfcc = req.header("x-forwarded-client-cert").unwrap_or("");
+        json_reply(
+            s,
+            req,
+            &format!(r#"{{"xfcc":"{xfcc}"}}"#),
+            &[("Mcp-Session-Id", "S")],
+        );
+    });
+    let endpoints = format!(
+        "service_discovery:\n  static:\n    endpoints:\n      default:\n        - url: {}\n",
+        up.url()
+    );
+    let spoofed = post_mcp(TOOLS_LIST).replacen(
+        "\r\n\r\n",
+        "\r\nX-Forwarded-Client-Cert: Hash=00;DNS=admin.example\r\n\r\n",
+        1,
+    );
+    let (ca, clients) = (Ca::new(), Ca::new());
+    let dir = tempfile::tempdir().unwrap();
+    let server = format!(
+        "{}tls_client_ca_file: {}\n",
+        ca.door_keys(dir.path()),
+        clients.ca_file.display()
+    );
+    let gw = start_with(&server, &endpoints);
+    let (config, cert) = ca.client_presenting(&clients);
+    let hash: String = ring::digest::digest(&ring::digest::SHA256, &cert)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let expected = format!("Hash={hash};DNS=client.example");
+    // HTTPS: the certificate the client showed, not the one it claims.
+    let mut c = common::tls::connect_with(config.clone(), "127.0.0.1", "127.0.0.2", gw.http);
+    let r = roundtrip(&mut c, &spoofed);
+    assert_eq!(r.json()["result"]["xfcc"], expected.as_str());
+    // MCPB over TLS: the session's requests say it too.
+    let mut m = common::tls::connect_with(config, "127.0.0.1", "127.0.0.2", gw.tcp.unwrap());
+    m.write_all(&mcpb_frame(
+        1,
+        br#"{"jsonrpc":"2.0","id":1,"method":"initialize"}"#,
+    ))
+    .unwrap();
+    let (kind, reply) = read_mcpb(&mut m);
+    assert_eq!(kind, 2, "{reply}");
+    assert_eq!(reply["result"]["xfcc"], expected.as_str());
+
+    // A gateway without client certificates: a client's claim never reaches the upstream.
+    let plain = start_with("", &endpoints);
+    let mut c = connect_from("127.0.0.2", plain.http);
+    assert_eq!(roundtrip(&mut c, &spoofed).json()["result"]["xfcc"], "");
+}

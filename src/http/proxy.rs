@@ -120,6 +120,7 @@ pub async fn forward(
         wire::Fields::Client {
             head: raw_head,
             client: worker.forwarded_for(all, ns, client),
+            identity: client.identity(),
         },
         upstream_session,
         body_len,

@@ -97,15 +97,21 @@ pub enum Next {
 }
 
 impl MsgSession {
-    /// The session of a connection of `door` whose messages go to `namespace`; `client`: the
-    /// address to name in `X-Forwarded-For` ([`MsgSession::client`]).
+    /// The session of the connection on `stream` (a connection of `door`) whose messages go to
+    /// `namespace`: its requests name the client (`X-Forwarded-For`, [`MsgSession::client`]) and
+    /// the certificate it showed, if any (`X-Forwarded-Client-Cert`).
     pub fn new(
+        worker: &Worker,
         namespace: Option<&'static Namespace>,
         door: Frontend,
-        client: Option<IpAddr>,
+        stream: &Stream,
     ) -> MsgSession {
         let state = State::default();
-        state.fields.borrow_mut().client = client;
+        {
+            let mut fields = state.fields.borrow_mut();
+            fields.client = MsgSession::client(worker, namespace, stream);
+            fields.identity = stream.identity().map(Box::from);
+        }
         MsgSession {
             namespace,
             door,
@@ -118,11 +124,7 @@ impl MsgSession {
 
     /// The address to name in `X-Forwarded-For` for the client on `stream` whose messages go to
     /// `namespace` (see [`Worker::forwarded_for`]).
-    pub fn client(
-        worker: &Worker,
-        namespace: Option<&Namespace>,
-        stream: &Stream,
-    ) -> Option<IpAddr> {
+    fn client(worker: &Worker, namespace: Option<&Namespace>, stream: &Stream) -> Option<IpAddr> {
         let all = worker.upstreams();
         let ns = all.namespace(&namespace?.name)?;
         worker.forwarded_for(all, ns, stream)

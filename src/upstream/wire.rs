@@ -201,14 +201,17 @@ pub fn parse_response(
 }
 
 /// Whose request goes upstream, which decides its end-to-end fields. `client`, when set, is
-/// the client's address for `X-Forwarded-For` (`routing.forwarded_for`).
+/// the client's address for `X-Forwarded-For` (`routing.forwarded_for`); `identity`, its
+/// verified certificate for `X-Forwarded-Client-Cert` (see [`crate::tls::client_identity`]).
 pub enum Fields<'a> {
     /// An HTTP client's (its raw request head): its end-to-end fields are copied, except those
-    /// the gateway re-does (framing, `Host`, the session id, `Expect`); `client` is appended to
-    /// the `X-Forwarded-For` it sent, if any.
+    /// the gateway re-does (framing, `Host`, the session id, `Expect`) and any
+    /// `X-Forwarded-Client-Cert` (only the gateway may say which certificate a client showed);
+    /// `client` is appended to the `X-Forwarded-For` it sent, if any.
     Client {
         head: &'a [u8],
         client: Option<IpAddr>,
+        identity: Option<&'a str>,
     },
     /// The gateway's own, for a WebSocket or MCPB session: JSON in, JSON or an event stream
     /// out, and the session's protocol version once `initialize` negotiated one (the MCP
@@ -216,6 +219,7 @@ pub enum Fields<'a> {
     Gateway {
         protocol: Option<&'a [u8]>,
         client: Option<IpAddr>,
+        identity: Option<&'a str>,
     },
 }
 
@@ -226,6 +230,8 @@ pub struct SessionFields {
     pub protocol: Option<Vec<u8>>,
     /// The client's address, when `routing.forwarded_for` is on.
     pub client: Option<IpAddr>,
+    /// The client's verified certificate, for `X-Forwarded-Client-Cert`.
+    pub identity: Option<Box<str>>,
 }
 
 impl SessionFields {
@@ -233,6 +239,7 @@ impl SessionFields {
         Fields::Gateway {
             protocol: self.protocol.as_deref(),
             client: self.client,
+            identity: self.identity.as_deref(),
         }
     }
 }
@@ -257,7 +264,11 @@ pub fn write_request(
         "{method} {path}{query} HTTP/1.1\r\nHost: {authority}\r\n"
     );
     match fields {
-        Fields::Client { head: raw, client } => {
+        Fields::Client {
+            head: raw,
+            client,
+            identity,
+        } => {
             let mut headers = [httparse::EMPTY_HEADER; crate::http::request::MAX_HEADERS];
             let mut req = httparse::Request::new(&mut headers);
             if let Ok(httparse::Status::Complete(_)) = req.parse(raw) {
@@ -272,6 +283,7 @@ pub fn write_request(
                             "mcp-session-id",
                             "expect",
                             "proxy-authorization",
+                            "x-forwarded-client-cert",
                         ]
                         .iter()
                         .any(|n| h.name.eq_ignore_ascii_case(n));
@@ -291,11 +303,17 @@ pub fn write_request(
                     let _ = write!(out, "{ip}\r\n");
                 }
             }
+            write_identity(out, identity);
         }
-        Fields::Gateway { protocol, client } => {
+        Fields::Gateway {
+            protocol,
+            client,
+            identity,
+        } => {
             if let Some(ip) = client {
                 let _ = write!(out, "X-Forwarded-For: {ip}\r\n");
             }
+            write_identity(out, identity);
             out.extend_from_slice(
                 b"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n",
             );
@@ -319,6 +337,15 @@ pub fn write_request(
         Some(_) => {}
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// `X-Forwarded-Client-Cert` naming the client's verified certificate, when it showed one.
+fn write_identity(out: &mut Vec<u8>, identity: Option<&str>) {
+    if let Some(id) = identity {
+        out.extend_from_slice(b"X-Forwarded-Client-Cert: ");
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// Decodes a response body from the bytes read so far, piece by piece.

@@ -106,11 +106,23 @@ impl Ca {
     }
 
     /// A client configuration trusting this CA only and presenting a certificate `issuer`
-    /// issued.
+    /// issued for `client.example`.
     pub fn client_config_presenting(&self, issuer: &Ca) -> Arc<rustls::ClientConfig> {
+        self.client_presenting(issuer).0
+    }
+
+    /// [`Ca::client_config_presenting`], and the certificate it presents.
+    pub fn client_presenting(
+        &self,
+        issuer: &Ca,
+    ) -> (
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::CertificateDer<'static>,
+    ) {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.cert.der().clone()).unwrap();
         let (chain, key) = issuer.chain(&["client.example"]);
+        let leaf = chain[0].clone();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -118,7 +130,7 @@ impl Ca {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .unwrap();
-        Arc::new(config)
+        (Arc::new(config), leaf)
     }
 
     fn leaf(&self, names: &[&str]) -> (rcgen::Certificate, KeyPair) {
