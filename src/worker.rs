@@ -2,7 +2,8 @@
 //! connections through the limiter, serves them to completion, and drains on shutdown.
 //!
 //! Owns the per-core state: the registry of open connections (used to wake idle ones when the
-//! worker drains), the count of rejection replies in flight, and the core's session-id generator.
+//! worker drains, and event streams whose upstream a reload removed), the count of rejection
+//! replies in flight, and the core's session-id generator.
 //!
 //! Invariants:
 //! - A connection lives and dies on the worker that accepted it; nothing crosses cores.
@@ -77,7 +78,10 @@ pub struct Worker {
     view: Cell<u64>,
     draining: Cell<bool>,
     /// Open connections: fd and idle state (see [`Idle`]).
-    conns: RefCell<Slab<(RawFd, Idle)>>,
+    conns: RefCell<Slab<Entry>>,
+    /// The generation of the upstream view the sweeper last checked open event streams against
+    /// (see [`Worker::expire_removed_streams`]).
+    streams_checked: Cell<u64>,
     /// Origin of the millisecond clock of idle deadlines.
     epoch: Instant,
     rejecting: Cell<usize>,
@@ -101,6 +105,7 @@ impl Worker {
             view: Cell::new(shared.upstreams.current().generation),
             draining: Cell::new(false),
             conns: RefCell::new(Slab::new()),
+            streams_checked: Cell::new(shared.upstreams.current().generation),
             epoch: Instant::now(),
             rejecting: Cell::new(0),
             rng: Cell::new(seed | 1),
@@ -181,10 +186,11 @@ impl Worker {
 
     /// Tracks a connection on `door` (registry and active gauge) until the guard drops.
     pub fn register(&'static self, stream: &TcpStream, door: Frontend) -> Registration {
-        let key = self
-            .conns
-            .borrow_mut()
-            .insert((stream.as_raw_fd(), Idle::Busy));
+        let key = self.conns.borrow_mut().insert(Entry {
+            fd: stream.as_raw_fd(),
+            stream_of: NO_STREAM,
+            idle: Idle::Busy,
+        });
         self.metrics.opened(door);
         Registration {
             worker: self,
@@ -206,17 +212,44 @@ impl Worker {
             Idle::Until(deadline)
         };
         if let Some(e) = self.conns.borrow_mut().get_mut(reg.key) {
-            e.1 = state;
+            e.idle = state;
         }
     }
 
-    /// The wait ended; true when it ended because the connection expired (timeout or drain).
+    /// The connection waits for the next event of an event stream from upstream `upstream`
+    /// (by index): no deadline, but a drain, or a reload that removes that upstream, expires it.
+    pub fn stream_begin(&self, reg: &Registration, upstream: usize) {
+        self.idle_begin(reg, STREAM_IDLE);
+        if let Some(e) = self.conns.borrow_mut().get_mut(reg.key) {
+            e.stream_of = u32::try_from(upstream).unwrap_or(NO_STREAM);
+        }
+    }
+
+    /// The wait ended; true when it ended because the connection expired (timeout, drain, or
+    /// its event stream's upstream removed).
     pub fn idle_end(&self, reg: &Registration) -> bool {
         let mut conns = self.conns.borrow_mut();
         let Some(e) = conns.get_mut(reg.key) else {
             return true;
         };
-        std::mem::replace(&mut e.1, Idle::Busy) == Idle::Expired
+        e.stream_of = NO_STREAM;
+        std::mem::replace(&mut e.idle, Idle::Busy) == Idle::Expired
+    }
+
+    /// Once per new upstream view (a reload), expires the event streams waiting on upstreams it
+    /// no longer has: their clients get the stream's end (MCP clients then find their session
+    /// gone and start anew) instead of a stream from a server the operator took out.
+    fn expire_removed_streams(&self) {
+        let view = self.shared.upstreams.current();
+        if self.streams_checked.replace(view.generation) == view.generation {
+            return;
+        }
+        let kept = |i: u32| view.all.iter().any(|u| u.index == i as usize);
+        for (_, e) in self.conns.borrow_mut().iter_mut() {
+            if e.stream_of != NO_STREAM && matches!(e.idle, Idle::Until(_)) && !kept(e.stream_of) {
+                e.expire();
+            }
+        }
     }
 
     fn open_connections(&self) -> usize {
@@ -227,14 +260,10 @@ impl Worker {
     /// shuts their read side, which ends their readiness wait with EOF.
     fn expire_idle(&self, all: bool) {
         let now = self.now_ms();
-        for (_, (fd, state)) in self.conns.borrow_mut().iter_mut() {
-            if let Idle::Until(deadline) = *state {
+        for (_, e) in self.conns.borrow_mut().iter_mut() {
+            if let Idle::Until(deadline) = e.idle {
                 if all || deadline <= now {
-                    *state = Idle::Expired;
-                    // SAFETY: an idle entry's fd belongs to a live socket: the connection is
-                    // suspended in `wait_idle`, holding its stream. Shutting the read side only
-                    // wakes that wait.
-                    unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+                    e.expire();
                 }
             }
         }
@@ -245,6 +274,32 @@ impl Worker {
     fn begin_drain(&self) {
         self.draining.set(true);
         self.expire_idle(true);
+    }
+}
+
+/// A connection in its worker's registry.
+struct Entry {
+    fd: RawFd,
+    /// While it waits on an event stream: the upstream's index ([`NO_STREAM`] otherwise). Fits
+    /// in what would be padding: an entry is no larger for it.
+    stream_of: u32,
+    idle: Idle,
+}
+
+const NO_STREAM: u32 = u32::MAX;
+
+/// How long an event stream may wait for its next event before the idle sweeper would end it:
+/// in effect never (streams end when the client, the upstream, a drain or a reload ends them).
+const STREAM_IDLE: Duration = Duration::from_secs(365 * 86_400);
+
+impl Entry {
+    /// Marks an idle connection expired and wakes its wait.
+    fn expire(&mut self) {
+        self.idle = Idle::Expired;
+        // SAFETY: an idle entry's fd belongs to a live socket: the connection is suspended in
+        // its wait (`wait_idle`, or an event stream's watch), holding its stream. Shutting the
+        // read side only wakes that wait.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RD) };
     }
 }
 
@@ -334,7 +389,8 @@ pub async fn run(
 }
 
 /// One coarse timer per core instead of one per connection: every tick, expire the idle
-/// connections past their deadline. Deadlines are honoured within one tick.
+/// connections past their deadline, and the event streams of upstreams a reload removed.
+/// Deadlines are honoured within one tick.
 async fn sweep_idle(worker: &'static Worker) {
     let s = worker.settings();
     let tick = (s.idle_timeout.min(s.read_timeout) / 8)
@@ -342,6 +398,7 @@ async fn sweep_idle(worker: &'static Worker) {
     loop {
         monoio::time::sleep(tick).await;
         worker.expire_idle(false);
+        worker.expire_removed_streams();
     }
 }
 
@@ -591,5 +648,20 @@ impl<F: Future<Output = ()>> Future for CatchUnwind<F> {
                 Poll::Ready(())
             }
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// Every open connection has an entry: the event stream's upstream rides in what would be
+    /// padding.
+    #[test]
+    fn an_entry_is_no_larger_for_the_stream_it_may_wait_on() {
+        assert_eq!(
+            std::mem::size_of::<Entry>(),
+            std::mem::size_of::<(RawFd, Idle)>()
+        );
     }
 }

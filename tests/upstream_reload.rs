@@ -314,3 +314,41 @@ fn a_reload_bringing_http_upstreams_checks_the_open_file_limit_again() {
     gw.reload(&echo, &endpoints(&[("default", &[&a.url()])]));
     gw.wait_log(warning);
 }
+
+#[test]
+fn an_event_stream_from_a_removed_upstream_ends_and_the_others_stay_open() {
+    let (gone_tx, gone_rx) = std::sync::mpsc::channel();
+    let (kept_tx, kept_rx) = std::sync::mpsc::channel();
+    let gone = Mock::start(mock::stream_until_closed(gone_tx));
+    let kept = Mock::start(mock::stream_until_closed(kept_tx));
+    let both = endpoints(&[("gone", &[&gone.url()]), ("kept", &[&kept.url()])]);
+    // One worker: one sweeper, so the end of one stream shows the other was looked at too.
+    let gw = start_with("workers: 1", &format!("{ROUTING}{both}"));
+    let stream = |ns: &str| {
+        let mut c = connect_from("127.0.0.2", gw.http);
+        let get = format!("GET /mcp/{ns} HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n");
+        c.write_all(get.as_bytes()).unwrap();
+        let mut buf = Vec::new();
+        read_until(&mut c, &mut buf, ": open");
+        c
+    };
+    let (mut from_gone, mut from_kept) = (stream("gone"), stream("kept"));
+    gw.reload(&both, &endpoints(&[("kept", &[&kept.url()])]));
+    // The removed upstream's stream ends cleanly (its last chunk), and so does its upstream
+    // connection.
+    let mut buf = Vec::new();
+    read_until(&mut from_gone, &mut buf, "0\r\n\r\n");
+    gone_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the upstream connection of the removed upstream is closed");
+    // The other one is still open: nothing to read, no end.
+    from_kept
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    let e = std::io::Read::read(&mut from_kept, &mut b).expect_err("nothing, and no end");
+    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+    assert!(kept_rx.try_recv().is_err());
+    drop((from_gone, from_kept));
+    gw.wait_all_closed();
+}

@@ -17,7 +17,8 @@
 //! - An event stream may stay silent for as long as it likes, but the client's side is watched
 //!   meanwhile: a client that closes ends the stream and the upstream connection at once, and
 //!   a drain (shutdown) ends it cleanly (last chunk, then close) instead of waiting for
-//!   `shutdown_timeout`: MCP clients keep a standalone `GET` stream open all the time.
+//!   `shutdown_timeout`: MCP clients keep a standalone `GET` stream open all the time. So does a
+//!   reload that removes the stream's upstream.
 //! - Failures become a JSON-RPC error with 502 (refused, reset, bad response, no upstream) or 504
 //!   (timeout) before any byte of the response went out; after that, the client connection is
 //!   closed (a response cannot be taken back).
@@ -364,15 +365,15 @@ async fn relay(
             break;
         }
         // Event streams may be silent for long: no deadline, but a client that leaves ends it,
-        // and so does a drain: meanwhile the connection counts as idle, so the worker's drain
-        // shuts its read side, which the watch sees.
+        // and so do a drain and a reload removing the upstream: meanwhile the connection counts
+        // as idle, so the worker shuts its read side, which the watch sees.
         let deadline = (!rh.event_stream).then(|| Instant::now() + all.request_timeout);
         if rh.event_stream {
             if worker.draining() {
                 end_stream(worker, client, chunk).await;
                 break;
             }
-            worker.idle_begin(reg, STREAM_IDLE);
+            worker.stream_begin(reg, u.index);
             // Between events the stream holds no buffer (`read_watching` gives back its own).
             give_buf(std::mem::take(&mut data));
             give_buf(std::mem::take(&mut out));
@@ -382,11 +383,12 @@ async fn relay(
             data = take_buf();
             out = take_buf();
         }
-        let drained = rh.event_stream && worker.idle_end(reg) && worker.draining();
+        // Expired: the gateway drains, or a reload removed the stream's upstream.
+        let expired = rh.event_stream && worker.idle_end(reg);
         match got {
             Watched::Data => {}
             Watched::Eof if decoded.eof().is_ok() => {}
-            Watched::ClientGone if drained => {
+            Watched::ClientGone if expired => {
                 end_stream(worker, client, chunk).await;
                 break;
             }
@@ -402,11 +404,8 @@ async fn relay(
     ended
 }
 
-/// How long an event stream may wait for its next event before the idle sweeper would end it:
-/// in effect never (streams end when the client, the upstream or a drain ends them).
-const STREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
-
-/// Ends a chunked event stream cleanly (the gateway is draining); the connection then closes.
+/// Ends a chunked event stream cleanly (the gateway is draining, or a reload removed its
+/// upstream); the connection then closes.
 async fn end_stream(worker: &Worker, client: &mut Stream, chunked: bool) {
     if chunked {
         let mut out = take_buf();
