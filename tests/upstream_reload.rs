@@ -352,3 +352,22 @@ fn an_event_stream_from_a_removed_upstream_ends_and_the_others_stay_open() {
     drop((from_gone, from_kept));
     gw.wait_all_closed();
 }
+
+#[test]
+fn a_shorter_health_check_interval_applies_at_once() {
+    let (probed_tx, probed_rx) = std::sync::mpsc::channel();
+    let probed_tx = std::sync::Mutex::new(probed_tx);
+    let up = Mock::start(move |req, s| {
+        if req.header("user-agent") == Some("mcp-gateway-health") {
+            let _ = probed_tx.lock().unwrap().send(());
+        }
+        json_reply(s, req, "{}", &[]);
+    });
+    let one = endpoints(&[("default", &[&up.url()])]);
+    let gw = start_with("", &format!("{ROUTING}{one}"));
+    // Started with an hour between checks: the reload's half second applies now, not in an hour.
+    gw.reload("health_check_interval: 3600", "health_check_interval: 0.5");
+    probed_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a health check soon after the reload");
+}

@@ -18,22 +18,35 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::registry::Registry;
 use super::{Upstream, Upstreams};
 use std::collections::HashSet;
 
+/// How often the checker looks whether a round is due: a reload that shortens
+/// `routing.health_check_interval` (or adds upstreams) takes effect within this, not after the
+/// old interval.
+const LOOK: Duration = Duration::from_millis(250);
+
 /// Starts the checker thread. It runs until the process exits, checking the upstreams in force
-/// each round (a reload may add HTTP upstreams where there were none).
+/// each `routing.health_check_interval` of the view in force (a reload may add HTTP upstreams
+/// where there were none, or change the interval).
 pub fn spawn(registry: &'static Registry) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("mcp-health".into())
         .spawn(move || {
             // Upstream indices whose name failed to resolve last time (logged once per spell).
             let mut unresolved = HashSet::new();
+            let mut last = Instant::now();
             loop {
-                std::thread::sleep(registry.current().health_check_interval);
+                let due = last + registry.current().health_check_interval;
+                let now = Instant::now();
+                if now < due {
+                    std::thread::sleep((due - now).min(LOOK));
+                    continue;
+                }
+                last = now;
                 let all = registry.current();
                 for u in &all.all {
                     if let Some(http) = u.http() {
