@@ -98,7 +98,7 @@ pub enum Next {
 
 impl MsgSession {
     /// The session of the connection on `stream` (a connection of `door`) whose messages go to
-    /// `namespace`: its requests name the client (`X-Forwarded-For`, [`MsgSession::client`]) and
+    /// `namespace`: its requests name the client (`X-Forwarded-For`) and
     /// the certificate it showed, if any (`X-Forwarded-Client-Cert`).
     pub fn new(
         worker: &Worker,
