@@ -82,6 +82,9 @@ pub struct Worker {
     /// The generation of the upstream view the sweeper last checked open event streams against
     /// (see [`Worker::expire_removed_streams`]).
     streams_checked: Cell<u64>,
+    /// The standalone streams of this core's WebSocket and MCPB sessions: each one's upstream
+    /// socket and the upstream's index (see [`Worker::watch_session_stream`]).
+    session_streams: RefCell<Slab<(RawFd, u32)>>,
     /// Origin of the millisecond clock of idle deadlines.
     epoch: Instant,
     rejecting: Cell<usize>,
@@ -106,6 +109,7 @@ impl Worker {
             draining: Cell::new(false),
             conns: RefCell::new(Slab::new()),
             streams_checked: Cell::new(shared.upstreams.current().generation),
+            session_streams: RefCell::new(Slab::new()),
             epoch: Instant::now(),
             rejecting: Cell::new(0),
             rng: Cell::new(seed | 1),
@@ -222,7 +226,19 @@ impl Worker {
         self.idle_begin(reg, STREAM_IDLE);
         if let Some(e) = self.conns.borrow_mut().get_mut(reg.key) {
             e.stream_of = u32::try_from(upstream).unwrap_or(NO_STREAM);
+            // Removed before the sweeper could see this stream: expired now.
+            if matches!(e.idle, Idle::Until(_)) && !self.serves(upstream) {
+                e.expire();
+            }
         }
+    }
+
+    /// The upstream of this index is in the view in force. Checked by a stream as it starts to
+    /// wait, after registering: the sweeper checks each new view once, so a stream registered
+    /// after that check would otherwise never learn its upstream was removed.
+    fn serves(&self, upstream: usize) -> bool {
+        let view = self.shared.upstreams.current();
+        view.all.iter().any(|u| u.index == upstream)
     }
 
     /// The wait ended; true when it ended because the connection expired (timeout, drain, or
@@ -250,6 +266,32 @@ impl Worker {
                 e.expire();
             }
         }
+        for (_, (fd, upstream)) in self.session_streams.borrow().iter() {
+            if !kept(*upstream) {
+                // SAFETY: a watched fd belongs to a live upstream socket (the watch is dropped
+                // before it); shutting its read side only ends the listener's wait with EOF.
+                unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+            }
+        }
+    }
+
+    /// Watches the standalone stream of a WebSocket or MCPB session, read on the upstream socket
+    /// `fd` from upstream `upstream` (by index), until the guard drops: a reload removing that
+    /// upstream ends the stream (its socket's read side is shut, and the listener ends at EOF)
+    /// while the client's connection stays.
+    pub fn watch_session_stream(&'static self, fd: RawFd, upstream: usize) -> SessionStreamWatch {
+        let watch = SessionStreamWatch {
+            worker: self,
+            key: self
+                .session_streams
+                .borrow_mut()
+                .insert((fd, u32::try_from(upstream).unwrap_or(NO_STREAM))),
+        };
+        if !self.serves(upstream) {
+            // SAFETY: as in `expire_removed_streams`: the caller's socket is live.
+            unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+        }
+        watch
     }
 
     fn open_connections(&self) -> usize {
@@ -274,6 +316,18 @@ impl Worker {
     fn begin_drain(&self) {
         self.draining.set(true);
         self.expire_idle(true);
+    }
+}
+
+/// See [`Worker::watch_session_stream`].
+pub struct SessionStreamWatch {
+    worker: &'static Worker,
+    key: usize,
+}
+
+impl Drop for SessionStreamWatch {
+    fn drop(&mut self) {
+        self.worker.session_streams.borrow_mut().remove(self.key);
     }
 }
 

@@ -371,3 +371,39 @@ fn a_shorter_health_check_interval_applies_at_once() {
         .recv_timeout(Duration::from_secs(5))
         .expect("a health check soon after the reload");
 }
+
+#[test]
+fn a_websocket_session_stream_from_a_removed_upstream_ends_and_the_client_stays() {
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel();
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let opened_tx = std::sync::Mutex::new(opened_tx);
+    let streaming = mock::stream_until_closed(closed_tx);
+    let up = Mock::start(move |req, s| match req.method.as_str() {
+        // The session's standalone stream: open until the gateway closes it.
+        "GET" => {
+            let _ = opened_tx.lock().unwrap().send(());
+            streaming(req, s)
+        }
+        "DELETE" => respond(s, 200, &[], ""),
+        _ => json_reply(s, req, r#"{"server":"gone"}"#, &[("Mcp-Session-Id", "S")]),
+    });
+    let both = endpoints(&[("default", &["builtin:echo"]), ("gone", &[&up.url()])]);
+    let gw = start_with("", &format!("{ROUTING}{both}"));
+    let mut ws = connect_from("127.0.0.2", gw.http);
+    let r = roundtrip(&mut ws, &WS_UPGRADE.replacen("/mcp", "/mcp/gone", 1));
+    assert_eq!(r.status, 101);
+    ws.write_all(&ws_frame(true, 1, INIT.as_bytes())).unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&read_ws_frame(&mut ws).1).unwrap();
+    assert_eq!(reply["result"]["server"], "gone");
+    // The session has an id: its standalone stream opens upstream (the mock's GET).
+    opened_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the session's stream opened");
+    gw.reload(&both, &endpoints(&[("default", &["builtin:echo"])]));
+    closed_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the removed upstream's session stream is closed at the reload");
+    // The client's connection stays.
+    ws.write_all(&ws_frame(true, 9, b"here")).unwrap();
+    assert_eq!(read_ws_frame(&mut ws), (10, b"here".to_vec()));
+}

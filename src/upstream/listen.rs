@@ -6,10 +6,12 @@
 //! `GET`s the session's stream and queues every event's data in the connection's
 //! [`Outbox`], which the connection writes. Dropping the [`Listener`] (the connection ended)
 //! cancels the task at once, whatever it is waiting on. An upstream that offers no stream (405)
-//! or drops it simply ends the task: requests and their replies go on. A client too slow to take
+//! or drops it simply ends the task: requests and their replies go on; so does a reload that
+//! removes the upstream (see [`Worker::watch_session_stream`]). A client too slow to take
 //! what the stream brings (the outbox full) loses the stream, like a server would drop a
 //! subscriber that does not read.
 
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -67,6 +69,9 @@ async fn listen(
         give_buf(buf);
         return;
     }
+    // A reload removing the upstream ends the stream (the session's next message then finds
+    // the session gone).
+    let _watch = worker.watch_session_stream(up.tcp().as_raw_fd(), u.index);
     let mut body = Body::new(head.body);
     let mut data = take_buf();
     loop {
