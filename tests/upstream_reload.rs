@@ -69,6 +69,21 @@ fn exchange(c: &mut TcpStream, path: &str, body: &str, id: Option<&str>) -> (u16
     (r.status, server, sid)
 }
 
+/// A WebSocket client from `from` of namespace `ns`, its `initialize` answered: the connection
+/// and the server that answered.
+fn ws_initialized(gw: &Gateway, from: &str, ns: &str) -> (TcpStream, String) {
+    let mut ws = connect_from(from, gw.http);
+    let r = roundtrip(
+        &mut ws,
+        &WS_UPGRADE.replacen("/mcp", &format!("/mcp/{ns}"), 1),
+    );
+    assert_eq!(r.status, 101);
+    ws.write_all(&ws_frame(true, 1, INIT.as_bytes())).unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&read_ws_frame(&mut ws).1).unwrap();
+    let server = reply["result"]["server"].as_str().unwrap_or("").to_string();
+    (ws, server)
+}
+
 #[test]
 fn upstreams_come_and_go_on_sighup_while_clients_keep_their_connections() {
     let a = Mock::start_on("127.0.0.1:0", named("a"));
@@ -112,12 +127,8 @@ fn upstreams_come_and_go_on_sighup_while_clients_keep_their_connections() {
     let (status, server, _) = exchange(&mut http, "/mcp/tools", TOOLS_LIST, None);
     assert_eq!((status, server.as_str()), (200, "b"));
     // A WebSocket client of the new namespace.
-    let mut ws = connect_from("127.0.0.3", gw.http);
-    let r = roundtrip(&mut ws, &WS_UPGRADE.replacen("/mcp", "/mcp/tools", 1));
-    assert_eq!(r.status, 101);
-    ws.write_all(&ws_frame(true, 1, INIT.as_bytes())).unwrap();
-    let reply: serde_json::Value = serde_json::from_slice(&read_ws_frame(&mut ws).1).unwrap();
-    assert_eq!(reply["result"]["server"], "b");
+    let (mut ws, server) = ws_initialized(&gw, "127.0.0.3", "tools");
+    assert_eq!(server, "b");
     // One request over HTTP, one over WebSocket.
     let text = gw.scrape();
     assert!(
@@ -389,12 +400,8 @@ fn a_websocket_session_stream_from_a_removed_upstream_ends_and_the_client_stays(
     });
     let both = endpoints(&[("default", &["builtin:echo"]), ("gone", &[&up.url()])]);
     let gw = start_with("", &format!("{ROUTING}{both}"));
-    let mut ws = connect_from("127.0.0.2", gw.http);
-    let r = roundtrip(&mut ws, &WS_UPGRADE.replacen("/mcp", "/mcp/gone", 1));
-    assert_eq!(r.status, 101);
-    ws.write_all(&ws_frame(true, 1, INIT.as_bytes())).unwrap();
-    let reply: serde_json::Value = serde_json::from_slice(&read_ws_frame(&mut ws).1).unwrap();
-    assert_eq!(reply["result"]["server"], "gone");
+    let (mut ws, server) = ws_initialized(&gw, "127.0.0.2", "gone");
+    assert_eq!(server, "gone");
     // The session has an id: its standalone stream opens upstream (the mock's GET).
     opened_rx
         .recv_timeout(Duration::from_secs(5))
