@@ -74,14 +74,12 @@ pub struct Worker {
     pub metrics: &'static CoreMetrics,
     /// This core's choice of upstreams (its own counters; nothing shared).
     pub balancer: Balancer,
-    /// The generation of the upstream view this core last saw (see [`Worker::upstreams`]).
-    view: Cell<u64>,
     draining: Cell<bool>,
     /// Open connections: fd and idle state (see [`Idle`]).
     conns: RefCell<Slab<Entry>>,
-    /// The generation of the upstream view the sweeper last checked open event streams against
-    /// (see [`Worker::expire_removed_streams`]).
-    streams_checked: Cell<u64>,
+    /// The generation of the upstream view the sweeper last caught up with (see
+    /// [`Worker::leave_removed_upstreams`]).
+    view_seen: Cell<u64>,
     /// The standalone streams of this core's WebSocket and MCPB sessions: each one's upstream
     /// socket and the upstream's index (see [`Worker::watch_session_stream`]).
     session_streams: RefCell<Slab<(RawFd, u32)>>,
@@ -105,10 +103,9 @@ impl Worker {
             shared,
             metrics: shared.metrics.core(index),
             balancer: Balancer::new(index, shared.metrics.core(index)),
-            view: Cell::new(shared.upstreams.current().generation),
             draining: Cell::new(false),
             conns: RefCell::new(Slab::new()),
-            streams_checked: Cell::new(shared.upstreams.current().generation),
+            view_seen: Cell::new(shared.upstreams.current().generation),
             session_streams: RefCell::new(Slab::new()),
             epoch: Instant::now(),
             rejecting: Cell::new(0),
@@ -118,15 +115,9 @@ impl Worker {
     }
 
     /// The upstreams in force: what a request forwards by from its start to its end (take it
-    /// once per request). The first time this core sees a new view (a reload), it closes its
-    /// pooled connections to the upstreams that left.
+    /// once per request).
     pub fn upstreams(&self) -> &'static Upstreams {
-        let view = self.shared.upstreams.current();
-        if view.generation > self.view.get() {
-            self.view.set(view.generation);
-            client::keep_pooled(|u| view.all.iter().any(|v| v.index == u));
-        }
-        view
+        self.shared.upstreams.current()
     }
 
     /// The doors speak TLS.
@@ -252,14 +243,16 @@ impl Worker {
         std::mem::replace(&mut e.idle, Idle::Busy) == Idle::Expired
     }
 
-    /// Once per new upstream view (a reload), expires the event streams waiting on upstreams it
-    /// no longer has: their clients get the stream's end (MCP clients then find their session
-    /// gone and start anew) instead of a stream from a server the operator took out.
-    fn expire_removed_streams(&self) {
+    /// Once per new upstream view (a reload), leaves the upstreams it no longer has: closes this
+    /// core's pooled connections to them and expires the event streams waiting on them, whose
+    /// clients get the stream's end (MCP clients then find their session gone and start anew)
+    /// instead of a stream from a server the operator took out.
+    fn leave_removed_upstreams(&self) {
         let view = self.shared.upstreams.current();
-        if self.streams_checked.replace(view.generation) == view.generation {
+        if self.view_seen.replace(view.generation) == view.generation {
             return;
         }
+        client::keep_pooled(|i| view.all.iter().any(|u| u.index == i));
         let kept = |i: u32| view.all.iter().any(|u| u.index == i as usize);
         for (_, e) in self.conns.borrow_mut().iter_mut() {
             if e.stream_of != NO_STREAM && matches!(e.idle, Idle::Until(_)) && !kept(e.stream_of) {
@@ -288,7 +281,7 @@ impl Worker {
                 .insert((fd, u32::try_from(upstream).unwrap_or(NO_STREAM))),
         };
         if !self.serves(upstream) {
-            // SAFETY: as in `expire_removed_streams`: the caller's socket is live.
+            // SAFETY: as in `leave_removed_upstreams`: the caller's socket is live.
             unsafe { libc::shutdown(fd, libc::SHUT_RD) };
         }
         watch
@@ -443,7 +436,8 @@ pub async fn run(
 }
 
 /// One coarse timer per core instead of one per connection: every tick, expire the idle
-/// connections past their deadline, and the event streams of upstreams a reload removed.
+/// connections past their deadline, and leave the upstreams a reload removed (their pooled
+/// connections and event streams).
 /// Deadlines are honoured within one tick.
 async fn sweep_idle(worker: &'static Worker) {
     let s = worker.settings();
@@ -452,7 +446,7 @@ async fn sweep_idle(worker: &'static Worker) {
     loop {
         monoio::time::sleep(tick).await;
         worker.expire_idle(false);
-        worker.expire_removed_streams();
+        worker.leave_removed_upstreams();
     }
 }
 

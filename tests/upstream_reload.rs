@@ -414,3 +414,52 @@ fn a_websocket_session_stream_from_a_removed_upstream_ends_and_the_client_stays(
     ws.write_all(&ws_frame(true, 9, b"here")).unwrap();
     assert_eq!(read_ws_frame(&mut ws), (10, b"here".to_vec()));
 }
+
+#[test]
+fn a_removed_upstreams_pooled_connections_are_closed() {
+    use std::io::{BufRead, BufReader, Read};
+    // An upstream on one keep-alive connection at a time, which says when the gateway closes it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut w = conn;
+            loop {
+                let mut len = 0;
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    line.clear();
+                }
+                if line != "\r\n" {
+                    let _ = closed_tx.send(()); // EOF: the gateway closed it
+                    break;
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                let reply = r#"{"jsonrpc":"2.0","id":1,"result":{"server":"raw"}}"#;
+                let _ = write!(
+                    w,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
+                    reply.len()
+                );
+            }
+        }
+    });
+    let one = endpoints(&[("default", &["builtin:echo"]), ("gone", &[&url])]);
+    let gw = start_with("workers: 1", &format!("{ROUTING}{one}"));
+    let mut c = connect_from("127.0.0.2", gw.http);
+    let (status, _, _) = exchange(&mut c, "/mcp/gone", TOOLS_LIST, None);
+    assert_eq!(status, 200);
+    // The gateway keeps that upstream connection in its pool; the reload closes it.
+    assert!(closed_rx.try_recv().is_err());
+    gw.reload(&one, &endpoints(&[("default", &["builtin:echo"])]));
+    closed_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the pooled connection to the removed upstream is closed");
+}
