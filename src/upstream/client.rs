@@ -30,8 +30,12 @@ thread_local! {
     static POOL: RefCell<Vec<Vec<Stream>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Returns a connection whose response was read to its end to this core's pool.
+/// Returns a connection whose response was read to its end to this core's pool (or closes it,
+/// when a reload removed its upstream meanwhile).
 pub fn give_back(upstream: &Upstream, stream: Stream) {
+    if upstream.is_retired() {
+        return;
+    }
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         if p.len() <= upstream.index {

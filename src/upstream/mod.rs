@@ -125,6 +125,10 @@ pub struct Upstream {
     /// Set by the health checker; true until a check fails. Relaxed: an advisory flag read on
     /// each pick; a pick that sees a stale value for a moment is what any health check allows.
     healthy: AtomicBool,
+    /// Set by a reload that removed it (before the view without it is published), cleared when
+    /// one configures it again. Relaxed: read when a connection would go back to the pool; a
+    /// worker that saw the new view (Acquire) sees it set.
+    retired: AtomicBool,
     pub breaker: Breaker,
     /// Requests in flight against `routing.max_in_flight`, all cores; `None` without the limit.
     in_flight: Option<Cap>,
@@ -176,6 +180,7 @@ impl Upstream {
             weight: e.weight,
             tag: tag(ns, &e.url),
             healthy: AtomicBool::new(true),
+            retired: AtomicBool::new(false),
             breaker: Breaker::new(
                 cb.failure_threshold,
                 cb.success_threshold,
@@ -189,7 +194,13 @@ impl Upstream {
     /// configured again after a reload had removed it.
     fn reset(&self) {
         self.healthy.store(true, Relaxed);
+        self.retired.store(false, Relaxed);
         self.breaker.reset();
+    }
+
+    /// A reload removed it: its connections are not kept for reuse.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Relaxed)
     }
 
     pub fn is_healthy(&self) -> bool {

@@ -148,6 +148,9 @@ impl Registry {
             removed: names(now, &|u| !next.contains(&u.index)),
         };
         make_room(made.len());
+        for u in now.all.iter().filter(|u| !next.contains(&u.index)) {
+            u.retired.store(true, Ordering::Relaxed);
+        }
         self.current
             .store(Box::into_raw(Box::new(view)), Ordering::Release);
         Ok(change)
@@ -299,6 +302,10 @@ mod tests {
         );
         assert_eq!(room, 4);
         assert_eq!(second.namespace("tools"), Some(1));
+        assert!(
+            ub.is_retired() && !ua.is_retired(),
+            "b's connections are not pooled any more"
+        );
 
         // b again: its old object, reset.
         ub.breaker.record(super::super::breaker::Admit::Yes, false);
@@ -307,7 +314,7 @@ mod tests {
             .unwrap();
         let third = r.current();
         assert!(std::ptr::eq(third.all[1], ub));
-        assert!(ub.is_healthy());
+        assert!(ub.is_healthy() && !ub.is_retired());
     }
 
     #[test]
