@@ -268,9 +268,17 @@ impl ByName {
         let Some(name) = name else {
             return &self.default;
         };
-        let name = name.to_ascii_lowercase();
+        // rustls hands over the name as the client sent it; clients send lower case, so the
+        // copy is made only for one that does not.
+        let lower;
+        let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = name.to_ascii_lowercase();
+            lower.as_str()
+        } else {
+            name
+        };
         self.exact
-            .get(&name)
+            .get(name)
             .or_else(|| self.wildcard.get(name.split_once('.')?.1))
             .unwrap_or(&self.default)
     }
