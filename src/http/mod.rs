@@ -624,6 +624,26 @@ mod tests {
             let size = std::mem::size_of_val(&ws);
             eprintln!("websocket::serve future: {size} bytes");
             assert!(size <= 640, "websocket::serve future is {size} bytes");
+            // A WebSocket or MCPB session's standalone stream: its listener task lives as long
+            // as the session. 1 144 bytes with the opening of the stream (the request, the
+            // send, the session's id and fields) inline; boxed, 456.
+            let u = upstreams.current().namespaces[0].upstreams[0];
+            let (_stop, stop) = futures_channel::oneshot::channel();
+            let fields = crate::upstream::wire::SessionFields::default();
+            let listener = crate::upstream::listen::task(
+                worker,
+                u,
+                Vec::new(),
+                fields,
+                Default::default(),
+                stop,
+            );
+            let size = std::mem::size_of_val(&listener);
+            eprintln!("session stream listener future: {size} bytes");
+            assert!(
+                size <= 512,
+                "session stream listener future is {size} bytes"
+            );
         });
     }
 }

@@ -11,7 +11,9 @@
 //! what the stream brings (the outbox full) loses the stream, like a server would drop a
 //! subscriber that does not read.
 
+use std::future::Future;
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -20,9 +22,10 @@ use futures_channel::oneshot;
 use super::client;
 use super::outbox::{Kind, Outbox};
 use super::rpc::next_event;
-use super::wire::{self, Body, SessionFields};
+use super::wire::{self, Body, BodyKind, SessionFields};
 use super::Upstream;
-use crate::conn::{give_buf, read_more, take_buf, until_readable, ReadError};
+use crate::conn::{give_buf, read_more, take_buf, ReadError};
+use crate::stream::Stream;
 use crate::worker::Worker;
 
 /// A running listener; dropping it stops the task.
@@ -39,40 +42,44 @@ pub fn start(
     fields: SessionFields,
     outbox: Rc<Outbox>,
 ) -> Listener {
-    let (stop_tx, mut stop_rx) = oneshot::channel();
-    monoio::spawn(async move {
+    let (stop_tx, stop_rx) = oneshot::channel();
+    monoio::spawn(task(worker, u, id, fields, outbox, stop_rx));
+    Listener { _stop: stop_tx }
+}
+
+/// The listener task: what a session holds for as long as it lives (a unit test keeps its size
+/// in check). Opening the stream is boxed, and the session's id and fields go into that box:
+/// once the stream is open, the task holds only the wait for its next event.
+pub(crate) fn task(
+    worker: &'static Worker,
+    u: &'static Upstream,
+    id: Vec<u8>,
+    fields: SessionFields,
+    outbox: Rc<Outbox>,
+    mut stop_rx: oneshot::Receiver<()>,
+) -> impl Future<Output = ()> {
+    let opening = Box::pin(open(worker, u, id, fields));
+    async move {
         monoio::select! {
-            _ = listen(worker, u, id, fields, &outbox) => {}
+            _ = listen(worker, u, opening, &outbox) => {}
             _ = &mut stop_rx => {}
         }
-    });
-    Listener { _stop: stop_tx }
+    }
 }
 
 async fn listen(
     worker: &'static Worker,
     u: &'static Upstream,
-    id: Vec<u8>,
-    fields: SessionFields,
+    opening: Pin<Box<impl Future<Output = Option<(Stream, Vec<u8>, BodyKind)>>>>,
     queue: &Outbox,
 ) {
-    let mut req = take_buf();
-    wire::write_request(&mut req, "GET", u, "", fields.fields(), Some(&id), Some(0));
-    // Sending and reading are boxed: the task lives as long as the session, and what it holds
-    // while it waits for an event is then only the wait itself (monoio's timers are 640 bytes).
-    let sent = Box::pin(client::send(worker.upstreams(), u, req, None)).await;
-    let Ok((mut up, mut buf, head)) = sent else {
+    let Some((mut up, mut buf, body)) = opening.await else {
         return;
     };
-    if head.status != 200 || !head.event_stream {
-        tracing::debug!(upstream = %u.url, status = head.status, "upstream offers no session stream");
-        give_buf(buf);
-        return;
-    }
     // A reload removing the upstream ends the stream (the session's next message then finds
     // the session gone).
     let _watch = worker.watch_session_stream(up.tcp().as_raw_fd(), u.index);
-    let mut body = Body::new(head.body);
+    let mut body = Body::new(body);
     let mut data = take_buf();
     loop {
         if body.feed(&mut buf, &mut data).is_err() {
@@ -97,12 +104,13 @@ async fn listen(
         if buf.is_empty() && data.is_empty() {
             give_buf(std::mem::take(&mut buf));
             give_buf(std::mem::take(&mut data));
-            if until_readable(&up, None, &mut false).await.is_some() {
+            if up.readable().await.is_err() {
                 break;
             }
             buf = take_buf();
             data = take_buf();
         }
+        // Boxed: a read's deadline is a monoio timer, held only while the read lasts.
         let far = Instant::now() + Duration::from_secs(365 * 86_400);
         match Box::pin(read_more(&mut up, &mut buf, far)).await {
             Ok(_) => {}
@@ -112,4 +120,23 @@ async fn listen(
     }
     give_buf(data);
     give_buf(buf);
+}
+
+/// Sends the `GET` of session `id`'s stream to `u`: the connection, what it read past the
+/// response head, and how the body is framed, if the upstream offers the stream.
+async fn open(
+    worker: &'static Worker,
+    u: &'static Upstream,
+    id: Vec<u8>,
+    fields: SessionFields,
+) -> Option<(Stream, Vec<u8>, BodyKind)> {
+    let mut req = take_buf();
+    wire::write_request(&mut req, "GET", u, "", fields.fields(), Some(&id), Some(0));
+    let (up, buf, head) = client::send(worker.upstreams(), u, req, None).await.ok()?;
+    if head.status != 200 || !head.event_stream {
+        tracing::debug!(upstream = %u.url, status = head.status, "upstream offers no session stream");
+        give_buf(buf);
+        return None;
+    }
+    Some((up, buf, head.body))
 }
