@@ -65,12 +65,16 @@ impl Outbox {
         reply: fn(&mut Vec<u8>, &[u8]),
         fail: fn(&mut Vec<u8>, &[u8]),
     ) {
-        for (kind, m) in self.queue.borrow_mut().drain(..) {
+        let mut q = self.queue.borrow_mut();
+        for (kind, m) in q.drain(..) {
             match kind {
                 Kind::Reply => reply(out, &m),
                 Kind::Fail => fail(out, &m),
             }
         }
+        // An idle session holds no queue: the next reply allocates one again (a handful of
+        // entries, beside the forward's own allocations).
+        *q = VecDeque::new();
     }
 
     pub fn in_flight(&self) -> usize {
@@ -146,6 +150,8 @@ mod tests {
         );
         assert_eq!(out, b"RaFb");
         assert!(!o.has_messages());
+        // What an idle WebSocket or MCPB session keeps of its replies: nothing.
+        assert_eq!(o.queue.borrow().capacity(), 0);
         for _ in 0..MAX_QUEUED {
             assert!(o.push(Kind::Reply, Vec::new()));
         }

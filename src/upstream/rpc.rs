@@ -257,7 +257,7 @@ impl MsgSession {
     /// apply (a long tool call is not idleness); when the wait expires (idle, or the gateway
     /// draining) the forwards in flight are answered first.
     pub async fn next(
-        &self,
+        &mut self,
         worker: &Worker,
         reg: &Registration,
         client: &mut Stream,
@@ -265,6 +265,12 @@ impl MsgSession {
         framing: &Framing,
     ) -> Next {
         loop {
+            // An idle session holds nothing for forwards that ended (a stop channel is 72
+            // bytes).
+            self.stops.retain(|s| !s.is_canceled());
+            if self.stops.is_empty() {
+                self.stops = Vec::new();
+            }
             let woke = if worker.draining() {
                 Woke::Client(Wait::Expired)
             } else {
