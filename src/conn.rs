@@ -219,32 +219,22 @@ pub async fn read_more<S: AsyncReadRent>(
 pub enum Watched {
     Data,
     Eof,
-    TimedOut,
     Failed,
     ClientGone,
 }
 
-/// Reads more of an upstream's response from `up` into `buf`, within `deadline` when there is
-/// one (an event stream may be silent for long and gets none). While `watch`, the client's socket
-/// is watched too: EOF from it ends the wait (`ClientGone`), so a client that leaves does not
-/// leave its upstream stream behind; bytes from it (its next request) end the watching, and are
-/// left for its door to read later.
+/// Reads more of an event stream from `up` into `buf`, with no deadline (an event stream may be
+/// silent for long), holding no buffer and no timer while it waits. While `watch`, the client's
+/// socket is watched too: EOF from it ends the wait (`ClientGone`), so a client that leaves does
+/// not leave its upstream stream behind; bytes from it (its next request) end the watching, and
+/// are left for its door to read later.
 pub async fn read_watching(
     up: &mut Stream,
     buf: &mut Vec<u8>,
-    deadline: Option<Instant>,
     client: &mut Stream,
     watch: &mut bool,
 ) -> Watched {
     use monoio::buf::IoBufMut;
-    if let Some(d) = deadline {
-        return match read_more(up, buf, d).await {
-            Ok(_) => Watched::Data,
-            Err(ReadError::Eof) => Watched::Eof,
-            Err(ReadError::TimedOut) => Watched::TimedOut,
-            Err(ReadError::Io(_)) => Watched::Failed,
-        };
-    }
     if buf.is_empty() {
         give_buf(std::mem::take(buf));
         let ended = until_readable(up, Some(client), watch).await;

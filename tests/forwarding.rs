@@ -33,6 +33,10 @@ fn event_stream_reaches_the_client_event_by_event() {
     let (go_tx, go_rx) = mpsc::channel::<()>();
     let go_rx = Mutex::new(go_rx);
     let up = Mock::start(move |req, s| {
+        if req.body_str().contains("\"ping\"") {
+            json_reply(s, req, "{}", &[]);
+            return;
+        }
         if req.method == "GET" {
             // A standalone stream: silent longer than request_timeout, then one event.
             let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
@@ -47,11 +51,23 @@ fn event_stream_reaches_the_client_event_by_event() {
         chunk(s, "event: message\ndata: {\"second\":2}\n\n");
         let _ = s.write_all(b"0\r\n\r\n");
     });
-    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
+    let url = up.url();
+    let gw = start_with("", &endpoints(&[("default", &[&url])], ROUTING));
     let mut c = connect_from("127.0.0.2", gw.http);
-    c.write_all(post_mcp(TOOLS_LIST).as_bytes()).unwrap();
+    // A second request pipelined behind the one answered with a stream: it is answered after
+    // the stream ends, on the same connection.
+    let ping = post_mcp(r#"{"jsonrpc":"2.0","id":5,"method":"ping"}"#);
+    c.write_all((post_mcp(TOOLS_LIST) + &ping).as_bytes())
+        .unwrap();
     let mut buf = Vec::new();
     read_until(&mut c, &mut buf, "{\"first\":1}");
+    // While its stream is open, the request is in flight to its upstream, and not yet counted
+    // as answered.
+    let in_flight =
+        format!("mcp_gateway_upstream_in_flight{{namespace=\"default\",upstream=\"{url}\"}}");
+    let answered = "mcp_gateway_requests_total{frontend=\"http\"}";
+    assert_eq!(gw.metric(&in_flight), 1.0);
+    assert_eq!(gw.metric(answered), 0.0);
     let text = String::from_utf8_lossy(&buf).to_string();
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(
@@ -66,6 +82,12 @@ fn event_stream_reaches_the_client_event_by_event() {
     go_tx.send(()).unwrap();
     read_until(&mut c, &mut buf, "0\r\n\r\n");
     assert!(String::from_utf8_lossy(&buf).contains("{\"second\":2}"));
+    let end = String::from_utf8_lossy(&buf).find("0\r\n\r\n").unwrap() + 5;
+    let mut after = buf[end..].to_vec();
+    let pinged = read_response(&mut c, &mut after).expect("the pipelined request's answer");
+    assert_eq!(pinged.status, 200);
+    gw.wait_metric(&in_flight, 0.0);
+    assert_eq!(gw.metric(answered), 2.0);
 
     // The connection is still good, and a GET stream outlives request_timeout (2 s).
     buf.clear();

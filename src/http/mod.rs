@@ -58,6 +58,9 @@ enum Step {
     /// Switched protocols: hand the connection to the WebSocket door with these bytes, for this
     /// namespace (of the view in force at the upgrade).
     Upgrade(Vec<u8>, &'static Namespace),
+    /// A proxied response is an event stream: relay it ([`proxy::events`]), then go on with the
+    /// bytes of a pipelined request, if any.
+    Events(Box<proxy::Events>),
 }
 
 /// Serves an admitted connection on the HTTP port until it closes.
@@ -93,11 +96,16 @@ pub fn serve(
                 }
             }
             first = false;
-            let exchanged = exchange(worker, reg, &permit, &mut stream, pending.take());
-            match Box::pin(exchanged).await {
+            let exchanged = exchange(worker, &permit, &mut stream, pending.take());
+            let mut step = Box::pin(exchanged).await;
+            if let Step::Events(events) = step {
+                step = Box::pin(relay_events(worker, reg, &mut stream, events)).await;
+            }
+            match step {
                 Step::KeepAlive(rest) => pending = rest,
                 Step::Close => return,
                 Step::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
+                Step::Events(_) => unreachable!("relayed above"),
                 Step::Upgrade(rest, namespace) => {
                     reg.switch(Frontend::WebSocket);
                     let ws = websocket::serve(worker, stream, reg, &permit, rest, namespace);
@@ -108,10 +116,27 @@ pub fn serve(
     }
 }
 
+/// Relays an event stream (see [`Step::Events`]) and counts its request once it ends; then the
+/// connection goes on with the pipelined request that came after it, if any, or closes.
+async fn relay_events(
+    worker: &'static Worker,
+    reg: &Registration,
+    stream: &mut Stream,
+    mut events: Box<proxy::Events>,
+) -> Step {
+    let (rest, started) = (events.rest.take(), events.started);
+    let ended = proxy::events(worker, reg, stream, events).await;
+    worker.metrics.request(Frontend::Http, started.elapsed());
+    match (ended, rest) {
+        (Proxied::KeepAlive, rest) => Step::KeepAlive(rest),
+        (_, None) => Step::Close,
+        (_, Some(rest)) => Step::Linger(rest),
+    }
+}
+
 /// Reads and answers requests while bytes are available.
 async fn exchange(
     worker: &'static Worker,
-    reg: &Registration,
     permit: &Permit,
     stream: &mut Stream,
     pending: Option<Vec<u8>>,
@@ -182,7 +207,6 @@ async fn exchange(
             let keep_alive = head.keep_alive && !worker.draining();
             let forwarded = proxy::forward(
                 worker,
-                reg,
                 stream,
                 &mut buf,
                 &head,
@@ -192,6 +216,17 @@ async fn exchange(
                 out,
             );
             let ended = Box::pin(forwarded).await;
+            if let Proxied::Events(mut events) = ended {
+                // Relayed by `serve`, once this exchange's state is gone.
+                events.rest = if buf.is_empty() {
+                    give_buf(buf);
+                    None
+                } else {
+                    Some(buf)
+                };
+                events.started = started;
+                return Step::Events(events);
+            }
             worker.metrics.request(Frontend::Http, started.elapsed());
             match ended {
                 Proxied::KeepAlive if buf.is_empty() => {
@@ -205,6 +240,7 @@ async fn exchange(
                 Proxied::Close if buf.is_empty() => return Step::Close,
                 Proxied::Close | Proxied::Linger => return Step::Linger(buf),
                 Proxied::Refused(r) => return refuse(worker, stream, buf, take_buf(), r).await,
+                Proxied::Events(_) => unreachable!("handed to `serve` above"),
             }
         }
         let (consumed, body) = match read_body(worker, stream, &mut buf, &head, deadline).await {
@@ -600,7 +636,6 @@ mod tests {
             let body = proxy::ReqBody::InBuf(0..0);
             let forward = proxy::forward(
                 worker,
-                &reg,
                 &mut stream,
                 &mut buf,
                 &head,

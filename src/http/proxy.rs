@@ -31,6 +31,7 @@ use crate::stream::Stream;
 use super::request::{self, BodyKind, ChunkStep, Chunked, Head, Method, Refusal};
 use super::response;
 use crate::conn::{give_buf, read_more, read_watching, take_buf, write_all, ReadError, Watched};
+use crate::upstream::balance::Lease;
 use crate::upstream::client;
 use crate::upstream::wire::{self, Body, ClientHead};
 use crate::upstream::{Failure, Upstream, Upstreams};
@@ -44,6 +45,29 @@ pub enum Proxied {
     Linger,
     /// The client's request was bad (or too slow): the door answers with this refusal.
     Refused(Refusal),
+    /// The response is an event stream: its head and what came with it went out, and the door
+    /// relays the rest with [`events`], after this exchange's state is gone (a stream may stay
+    /// open for as long as the session; what it holds meanwhile is only [`Events`]).
+    Events(Box<Events>),
+}
+
+/// An event stream being relayed to the client: the upstream connection, the body's decoding
+/// state, and the lease on the upstream (a stream counts as in flight until it ends).
+pub struct Events {
+    up: Stream,
+    buf: Vec<u8>,
+    decoded: Body,
+    /// The client gets the body chunked.
+    chunk: bool,
+    /// The client's connection stays open after the stream.
+    keep_alive: bool,
+    /// The upstream's connection may be pooled after the stream.
+    upstream_keep_alive: bool,
+    lease: Lease<'static>,
+    /// The door's: the bytes of a pipelined request that followed, and when the request
+    /// started (set by the door when it takes the stream over).
+    pub rest: Option<Vec<u8>>,
+    pub started: Instant,
 }
 
 /// The request body, as the door has it.
@@ -60,7 +84,6 @@ pub enum ReqBody {
 #[allow(clippy::too_many_arguments)]
 pub async fn forward(
     worker: &'static Worker,
-    reg: &Registration,
     client: &mut Stream,
     buf: &mut Vec<u8>,
     head: &Head,
@@ -181,7 +204,6 @@ pub async fn forward(
     }
     relay(
         worker,
-        reg,
         client,
         up,
         ubuf,
@@ -189,7 +211,7 @@ pub async fn forward(
         head.http11,
         keep_alive,
         out,
-        (all, u),
+        (all, lease),
     )
     .await
 }
@@ -314,11 +336,11 @@ async fn stream_body(
 }
 
 /// Streams the upstream's response (its head is already in `out`) to the client, piece by
-/// piece; pools the upstream connection when the response ended cleanly.
+/// piece; pools the upstream connection when the response ended cleanly. An event stream is
+/// handed back to the door once what came with its head went out ([`Proxied::Events`]).
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     worker: &'static Worker,
-    reg: &Registration,
     client: &mut Stream,
     mut up: Stream,
     mut buf: Vec<u8>,
@@ -326,30 +348,19 @@ async fn relay(
     http11: bool,
     keep_alive: bool,
     mut out: Vec<u8>,
-    (all, u): (&Upstreams, &'static Upstream),
+    (all, lease): (&Upstreams, Lease<'static>),
 ) -> Proxied {
     let s = worker.settings();
     let chunk = !matches!(rh.body, wire::BodyKind::Length(_)) && http11;
     let mut decoded = Body::new(rh.body);
     let mut data = take_buf();
-    let mut watch = rh.event_stream;
     let mut ended = Proxied::Close;
     let mut reusable = false;
     loop {
-        if decoded.feed(&mut buf, &mut data).is_err() {
+        let done = frame_body(&mut decoded, &mut buf, &mut data, &mut out, chunk);
+        let Ok(done) = done else {
             break; // the head went out: all we can do is close
-        }
-        if !data.is_empty() {
-            if chunk {
-                frame_chunk(&mut out, &data);
-            } else {
-                out.extend_from_slice(&data);
-            }
-            data.clear();
-        }
-        if decoded.is_done() && chunk {
-            out.extend_from_slice(b"0\r\n\r\n");
-        }
+        };
         if !out.is_empty() {
             match write_all(client, out, s.write_timeout).await {
                 Ok(o) => out = o,
@@ -359,49 +370,124 @@ async fn relay(
                 }
             }
         }
-        if decoded.is_done() {
+        if done {
             reusable = rh.keep_alive && !decoded.until_close() && buf.is_empty();
             ended = end(keep_alive);
             break;
         }
-        // Event streams may be silent for long: no deadline, but a client that leaves ends it,
-        // and so do a drain and a reload removing the upstream: meanwhile the connection counts
-        // as idle, so the worker shuts its read side, which the watch sees.
-        let deadline = (!rh.event_stream).then(|| Instant::now() + all.request_timeout);
         if rh.event_stream {
-            if worker.draining() {
-                end_stream(worker, client, chunk).await;
-                break;
-            }
-            worker.stream_begin(reg, u.index);
-            // Between events the stream holds no buffer (`read_watching` gives back its own).
-            give_buf(std::mem::take(&mut data));
-            give_buf(std::mem::take(&mut out));
+            give_buf(data);
+            give_buf(out);
+            return Proxied::Events(Box::new(Events {
+                up,
+                buf,
+                decoded,
+                chunk,
+                keep_alive,
+                upstream_keep_alive: rh.keep_alive,
+                lease,
+                rest: None,
+                started: Instant::now(),
+            }));
         }
-        let got = read_watching(&mut up, &mut buf, deadline, client, &mut watch).await;
-        if rh.event_stream {
-            data = take_buf();
-            out = take_buf();
-        }
-        // Expired: the gateway drains, or a reload removed the stream's upstream.
-        let expired = rh.event_stream && worker.idle_end(reg);
-        match got {
-            Watched::Data => {}
-            Watched::Eof if decoded.eof().is_ok() => {}
-            Watched::ClientGone if expired => {
-                end_stream(worker, client, chunk).await;
-                break;
-            }
-            Watched::Eof | Watched::TimedOut | Watched::Failed | Watched::ClientGone => break,
+        match read_more(&mut up, &mut buf, Instant::now() + all.request_timeout).await {
+            Ok(_) => {}
+            Err(ReadError::Eof) if decoded.eof().is_ok() => {}
+            Err(_) => break,
         }
     }
     if reusable {
-        client::give_back(u, up);
+        client::give_back(lease.upstream, up);
     }
     give_buf(data);
     give_buf(buf);
     give_buf(out);
     ended
+}
+
+/// Relays an event stream to the client until it ends. It may be silent for long: no deadline,
+/// but a client that leaves ends it, and so do a drain and a reload removing the upstream:
+/// meanwhile the connection counts as idle, so the worker shuts its read side, which the watch
+/// sees. Between events it holds no buffer and no timer (its writes are boxed).
+pub async fn events(
+    worker: &'static Worker,
+    reg: &Registration,
+    client: &mut Stream,
+    mut e: Box<Events>,
+) -> Proxied {
+    let s = worker.settings();
+    let u = e.lease.upstream;
+    let mut watch = true;
+    let mut ended = Proxied::Close;
+    let mut reusable = false;
+    loop {
+        if worker.draining() {
+            Box::pin(end_stream(worker, client, e.chunk)).await;
+            break;
+        }
+        worker.stream_begin(reg, u.index);
+        let got = read_watching(&mut e.up, &mut e.buf, client, &mut watch).await;
+        // Expired: the gateway drains, or a reload removed the stream's upstream.
+        let expired = worker.idle_end(reg);
+        match got {
+            Watched::Data => {}
+            Watched::Eof if e.decoded.eof().is_ok() => {}
+            Watched::ClientGone if expired => {
+                Box::pin(end_stream(worker, client, e.chunk)).await;
+                break;
+            }
+            Watched::Eof | Watched::Failed | Watched::ClientGone => break,
+        }
+        let (mut data, mut out) = (take_buf(), take_buf());
+        let done = frame_body(&mut e.decoded, &mut e.buf, &mut data, &mut out, e.chunk);
+        give_buf(data);
+        let written = match done {
+            Ok(_) if out.is_empty() => Ok(out),
+            Ok(_) => Box::pin(write_all(client, out, s.write_timeout)).await,
+            Err(()) => Err(std::io::ErrorKind::InvalidData.into()),
+        };
+        match written {
+            Ok(o) => give_buf(o),
+            Err(_) => break,
+        }
+        if done == Ok(true) {
+            reusable = e.upstream_keep_alive && !e.decoded.until_close() && e.buf.is_empty();
+            ended = end(e.keep_alive);
+            break;
+        }
+    }
+    let Events { up, buf, .. } = *e;
+    if reusable {
+        client::give_back(u, up);
+    }
+    give_buf(buf);
+    ended
+}
+
+/// Decodes what `buf` holds of the response body and frames it into `out` for the client
+/// (chunked when `chunk`, with the last chunk once the body is complete). `Ok(true)`: the body is
+/// complete; `Err`: the upstream's framing is broken.
+fn frame_body(
+    decoded: &mut Body,
+    buf: &mut Vec<u8>,
+    data: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    chunk: bool,
+) -> Result<bool, ()> {
+    decoded.feed(buf, data).map_err(|_| ())?;
+    if !data.is_empty() {
+        if chunk {
+            frame_chunk(out, data);
+        } else {
+            out.extend_from_slice(data);
+        }
+        data.clear();
+    }
+    let done = decoded.is_done();
+    if done && chunk {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    Ok(done)
 }
 
 /// Ends a chunked event stream cleanly (the gateway is draining, or a reload removed its
