@@ -10,24 +10,29 @@
 set -euo pipefail
 usage() {
   cat <<USAGE
-usage: scripts/scaling.sh [--workers "1 2 4 8"] [--mode proxy|direct] [--upstream-workers U] [--duration S] [--rounds R] [--driver D] [--no-nginx]
+usage: scripts/scaling.sh [--workers "1 2 4 8"] [--mode proxy|direct] [--upstream-workers U] [--duration S] [--rounds R] [--warmup S] [--driver D] [--no-nginx]
   --workers LIST  worker counts to measure (default "1 2 4 8"; rows needing more cores are skipped)
   --mode M        proxy (default): forward to an upstream MCP server (mcp-gateway, builtin:echo,
                   ceil(W/2) workers on their own cores); direct: answer from builtin:echo / return 200
   --upstream-workers U  the upstream's workers in proxy mode (default 0 = ceil(W/2))
   --duration S    seconds per measurement (default 5, at most 60)
-  --rounds R      alternating rounds, best of them shown (default 1)
+  --rounds R      alternating rounds, best of them shown (default 1); each measurement is also
+                  said on stderr (req/s, p99)
+  --warmup S      seconds of load each server gets before its first measurement (default 1; 0:
+                  none), so that connection set-up (the clients', and the proxies' upstream
+                  connections, opened on demand) is not measured
   --driver D      mcp-gateway's server.driver: auto (default), io_uring or epoll
   --no-nginx      measure mcp-gateway only
 USAGE
 }
-WS="1 2 4 8"; MODE=proxy; D=5; ROUNDS=1; NGINX=1; DRIVER=auto; UW=0
+WS="1 2 4 8"; MODE=proxy; D=5; ROUNDS=1; NGINX=1; DRIVER=auto; UW=0; WARMUP=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --workers) WS=$2; shift 2 ;;
     --mode) MODE=$2; shift 2 ;;
     --duration) D=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
+    --warmup) WARMUP=$2; shift 2 ;;
     --driver) DRIVER=$2; shift 2 ;;
     --upstream-workers) UW=$2; shift 2 ;;
     --no-nginx) NGINX=0; shift ;;
@@ -99,6 +104,7 @@ measure() { # port cores-of-wrk pids... -> "req/s p99ms busy-cores us-per-reques
     spread "W=$W port $port: upstream" "$work/up.before" "$work/up.after"
   fi
   rps=$(awk '/^requests\/s:/ {print $2}' <<<"$out")
+  echo "W=$W port $port: $rps req/s, p99 $(awk '/^p99 latency:/ {print $3}' <<<"$out") ms" >&2
   grep -q 'non-2xx 0$' <<<"$out" || echo "warning: errors on port $port: $(grep 'socket errors' <<<"$out")" >&2
   python3 -c "
 hz = $(getconf CLK_TCK); cpu = ($after - $before) / hz
@@ -168,6 +174,12 @@ CONF
     answers "$nport"
   fi
   declare -A best=()
+  if [ "$WARMUP" != 0 ]; then
+    for p in "$gport" $([ "$NGINX" = 1 ] && echo "$nport"); do
+      conns=$(( 64 * W )); t=$(( $(awk -F, '{print NF}' <<<"$lcores") ))
+      CLOSE=0 timeout $((WARMUP + 30)) taskset -c "$lcores" wrk -t"$t" -c"$conns" -d"${WARMUP}s" -s scripts/mcp.lua "http://127.0.0.1:$p/mcp" >/dev/null
+    done
+  fi
   for _ in $(seq 1 "$ROUNDS"); do
     for s in mcp-gateway nginx; do
       [ "$s" = nginx ] && [ "$NGINX" = 0 ] && continue
