@@ -129,6 +129,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: f64,
     /// Largest request body, WebSocket message or MCPB payload, in bytes.
     pub max_message_size: usize,
+    /// One log line per request answered on the HTTP door (target `access`).
+    pub access_log: bool,
 }
 
 impl Default for ServerConfig {
@@ -159,6 +161,7 @@ impl Default for ServerConfig {
             idle_timeout: 120.0,
             shutdown_timeout: 30.0,
             max_message_size: 1 << 20,
+            access_log: false,
         }
     }
 }

@@ -2,7 +2,8 @@
 //! ever waits on whoever reads the log.
 //!
 //! Owns the process's `tracing` subscriber (text or JSON lines, filtered by `RUST_LOG`, `info`
-//! by default), its writer thread (`mcp-log`) and the count of lines it had to drop.
+//! by default), its writer thread (`mcp-log`), the count of lines it had to drop, and whether
+//! the access log (`server.access_log`) is on.
 //!
 //! Invariants:
 //! - A worker that logs formats the line and hands it to a bounded queue; it never blocks on the
@@ -16,6 +17,7 @@
 //! - The writer thread blocks the signals the main thread waits for, so a SIGTERM is always a
 //!   graceful stop, never the default action on that thread.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
@@ -60,6 +62,21 @@ pub fn init(json: bool) -> Guard {
             .init();
     }
     guard
+}
+
+/// `server.access_log`: whether the HTTP door logs each request it answers.
+static ACCESS: AtomicBool = AtomicBool::new(false);
+
+/// Turns the access log on or off (at startup and on reload).
+pub fn set_access_log(on: bool) {
+    // Relaxed: a flag nothing else is published with; a request that reads it just before or
+    // after a reload is logged by the old setting or the new, either being right.
+    ACCESS.store(on, Ordering::Relaxed);
+}
+
+/// Whether requests are to be logged: one load of a line written only by reloads.
+pub fn access_log() -> bool {
+    ACCESS.load(Ordering::Relaxed)
 }
 
 /// Lines dropped because the queue was full (0 before [`init`]).

@@ -2,7 +2,7 @@
 //! upstreams, take effect at once, without a restart that would cut every open session and event
 //! stream.
 //!
-//! Owns the rule of what reloads: `server.max_connections` (up to half the per-IP table, at
+//! Owns the rule of what reloads: `server.access_log`, `server.max_connections` (up to half the per-IP table, at
 //! least the value the gateway started with), `server.max_connections_per_ip` (while on),
 //! `server.max_requests_per_ip` and `server.request_burst_per_ip` (when a rate's state was made
 //! at startup), the doors' certificate (`server.tls_cert_file`, `server.tls_key_file`, and the
@@ -31,7 +31,8 @@ use crate::upstream::registry::Registry;
 
 /// The `server` keys a reload applies; beside them, every key of `routing` and
 /// `service_discovery` (see [`crate::upstream::registry`]).
-const LIVE: [&str; 8] = [
+const LIVE: [&str; 9] = [
+    "server.access_log",
     "server.max_connections",
     "server.max_connections_per_ip",
     "server.max_requests_per_ip",
@@ -99,6 +100,11 @@ fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
             Ok(()) => was.max_connections_per_ip = now.max_connections_per_ip,
             Err(why) => refused.push(format!("server.max_connections_per_ip ({why})")),
         }
+    }
+    if now.access_log != was.access_log {
+        crate::logging::set_access_log(now.access_log);
+        was.access_log = now.access_log;
+        tracing::info!(on = now.access_log, "access log switched");
     }
     let rate = (now.max_requests_per_ip, now.request_burst_per_ip);
     if rate != (was.max_requests_per_ip, was.request_burst_per_ip) {

@@ -41,6 +41,7 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
         n => n,
     };
     let driver = choose_driver(s.driver)?;
+    crate::logging::set_access_log(s.access_log);
 
     let host: IpAddr = s.host.parse().map_err(|_| invalid("server.host"))?;
     let http = bind_group(SocketAddr::new(host, s.port), workers)?;

@@ -163,6 +163,12 @@ impl Worker {
         if !all.forwards_client(ns) {
             return None;
         }
+        self.client_addr(stream)
+    }
+
+    /// The address of the client on `stream`: the one a trusted load balancer relayed, else its
+    /// peer's.
+    pub fn client_addr(&self, stream: &Stream) -> Option<IpAddr> {
         // monoio asks the kernel once per connection, then keeps the address.
         RELAYED
             .get()

@@ -1122,3 +1122,75 @@ fn requests_over_the_rate_never_reach_the_upstream() {
         (6 - admitted) as f64
     );
 }
+
+/// The fields of the access log's lines (`target: access`), in order, as `key=value` maps.
+fn access_lines(log: &str) -> Vec<std::collections::HashMap<String, String>> {
+    log.lines()
+        .filter(|l| l.contains(" access: request "))
+        .map(|l| {
+            l.split(" access: request ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn the_access_log_names_each_request_its_answer_and_upstream_and_turns_off_on_reload() {
+    let up = Mock::start(|req, s| json_reply(s, req, "{}", &[]));
+    let url = up.url();
+    let rest = format!(
+        "{}      local:\n        - url: builtin:echo\n",
+        endpoints(&[("default", &[&url])], ROUTING)
+    );
+    let gw = start_with("access_log: true\nmax_message_size: 1024", &rest);
+    let mut c = connect_from("127.0.0.2", gw.http);
+    // Proxied, with a query (which the line leaves out), then builtin, an unknown namespace,
+    // and a body over max_message_size (refused by the gateway).
+    let proxied = post_mcp(TOOLS_LIST).replacen("POST /mcp ", "POST /mcp?token=secret ", 1);
+    assert_eq!(roundtrip(&mut c, &proxied).status, 200);
+    let local = post_mcp(TOOLS_LIST).replacen("POST /mcp ", "POST /mcp/local ", 1);
+    assert_eq!(roundtrip(&mut c, &local).status, 200);
+    let unknown = post_mcp(TOOLS_LIST).replacen("POST /mcp ", "POST /mcp/nope ", 1);
+    assert_eq!(roundtrip(&mut c, &unknown).status, 404);
+    let big = post_mcp(&format!(r#"{{"x":"{}"}}"#, "a".repeat(2000)));
+    assert_eq!(roundtrip(&mut c, &big).status, 413);
+    gw.wait_log("status=413");
+    let lines = access_lines(&gw.log.lock().unwrap());
+    let seen: Vec<(&str, &str, &str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["client"].as_str(),
+                l["path"].as_str(),
+                l["status"].as_str(),
+                l["upstream"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("127.0.0.2", "/mcp", "200", url.as_str()),
+            ("127.0.0.2", "/mcp/local", "200", "builtin:echo"),
+            ("127.0.0.2", "/mcp/nope", "404", "-"),
+            ("127.0.0.2", "/mcp", "413", "-"),
+        ],
+        "{}",
+        gw.log.lock().unwrap()
+    );
+    assert!(lines.iter().all(|l| l["method"] == "POST"));
+    assert!(lines.iter().all(|l| l["ms"].parse::<f64>().unwrap() >= 0.0));
+    assert!(!gw.log.lock().unwrap().contains("secret"));
+    // Off on SIGHUP: later requests leave no line.
+    gw.reload("access_log: true", "access_log: false");
+    let mut c = connect_from("127.0.0.3", gw.http);
+    assert_eq!(roundtrip(&mut c, &local).status, 200);
+    assert_eq!(roundtrip(&mut c, &proxied).status, 200);
+    gw.wait_log("access log switched on=false");
+    assert_eq!(access_lines(&gw.log.lock().unwrap()).len(), 4);
+}

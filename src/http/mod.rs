@@ -23,6 +23,7 @@
 //! - A request must arrive whole within `read_timeout` of its first byte (a forwarded body too);
 //!   an idle keep-alive connection is closed after `idle_timeout`.
 
+pub mod access;
 pub mod origin;
 pub mod proxy;
 pub mod request;
@@ -44,6 +45,7 @@ use crate::metrics::Frontend;
 use crate::upstream::{Namespace, Outcome, Upstreams};
 use crate::websocket;
 use crate::worker::{Registration, Worker};
+use access::By;
 use proxy::{Proxied, ReqBody};
 use request::{parse_head, BodyKind, ChunkStep, Chunked, Head, Method, Refusal, Route};
 
@@ -173,10 +175,13 @@ async fn exchange(
                 }
             }
         };
+        let access = access::begin(&buf[..head.len]);
         // A browser page of an origin not allowed (DNS rebinding, cross-site WebSocket): 403.
         if let (Route::Mcp(_), Some((from, to))) = (&head.route, head.origin) {
             if !s.allowed_origins.allows(&buf[from..to]) {
-                return refuse(worker, stream, buf, out, request::FORBIDDEN_ORIGIN).await;
+                let r = request::FORBIDDEN_ORIGIN;
+                access::end(access, worker, stream, r.status, By::Gateway, false);
+                return refuse(worker, stream, buf, out, r).await;
             }
         }
         // Over the address's request rate: the request is read (its body discarded) and answered
@@ -196,7 +201,9 @@ async fn exchange(
             let body = match head.body {
                 BodyKind::None => ReqBody::InBuf(head.len..head.len),
                 BodyKind::Length(n) if n > s.max_message_size => {
-                    return refuse(worker, stream, buf, out, request::BODY_TOO_LARGE).await
+                    let r = request::BODY_TOO_LARGE;
+                    access::end(access, worker, stream, r.status, By::Gateway, false);
+                    return refuse(worker, stream, buf, out, r).await;
                 }
                 BodyKind::Length(n) if buf.len() >= head.len + n => {
                     ReqBody::InBuf(head.len..head.len + n)
@@ -205,6 +212,7 @@ async fn exchange(
             };
             let started = Instant::now();
             let keep_alive = head.keep_alive && !worker.draining();
+            let mut answered = (0, By::Gateway);
             let forwarded = proxy::forward(
                 worker,
                 stream,
@@ -214,8 +222,15 @@ async fn exchange(
                 (all, ns),
                 keep_alive,
                 out,
+                &mut answered,
             );
             let ended = Box::pin(forwarded).await;
+            let (status, by) = match ended {
+                Proxied::Refused(r) => (r.status, By::Gateway),
+                _ => answered,
+            };
+            let streaming = matches!(ended, Proxied::Events(_));
+            access::end(access, worker, stream, status, by, streaming);
             if let Proxied::Events(mut events) = ended {
                 // Relayed by `serve`, once this exchange's state is gone.
                 events.rest = if buf.is_empty() {
@@ -245,17 +260,23 @@ async fn exchange(
         }
         let (consumed, body) = match read_body(worker, stream, &mut buf, &head, deadline).await {
             Ok(b) => b,
-            Err(Some(refusal)) => return refuse(worker, stream, buf, out, refusal).await,
+            Err(Some(refusal)) => {
+                access::end(access, worker, stream, refusal.status, By::Gateway, false);
+                return refuse(worker, stream, buf, out, refusal).await;
+            }
             Err(None) => return Step::Close,
         };
+        let start = out.len();
         let started = Instant::now();
         let keep_alive = head.keep_alive && !worker.draining();
         if let Some(wait) = limited {
             let retry = wait.to_string();
             let retry = [("Retry-After", retry.as_str())];
             response::error(&mut out, 429, -32000, rate::REFUSAL, &retry, keep_alive);
+            access::end(access, worker, stream, 429, By::Gateway, false);
         } else if let (Some(upgrade), Route::Mcp(ns)) = (&head.upgrade, head.route) {
             let status = websocket::handshake(upgrade, &mut out);
+            access::end(access, worker, stream, status, By::Gateway, false);
             if status != 101 {
                 worker
                     .metrics
@@ -277,6 +298,18 @@ async fn exchange(
             };
             answer(worker, all, &head, body_bytes, keep_alive, &mut out);
             worker.metrics.request(Frontend::Http, started.elapsed());
+            let by = match head.route {
+                Route::Mcp(ns) => By::Upstream(all.namespaces[ns].upstreams[0]),
+                _ => By::Gateway,
+            };
+            access::end(
+                access,
+                worker,
+                stream,
+                access::status_at(&out, start),
+                by,
+                false,
+            );
         }
         if let Some(b) = body {
             give_buf(b);
@@ -627,13 +660,14 @@ mod tests {
             let (stream, permit) = accept();
             let reg = worker.register(&stream, Frontend::Http);
             let mut stream = Stream::Plain(stream);
-            // A proxied exchange: what an open event stream holds (boxed) while it waits for
-            // its next event. 2 432 bytes in the dev profile before TLS; a TLS handshake or
-            // read inline in it made it 5 120.
+            // A proxied request's forward, boxed while the request is in flight (an event
+            // stream's answer leaves it once it starts: see `proxy::Events`). 2 432 bytes in the
+            // dev profile before TLS; a TLS handshake or read inline in it made it 5 120.
             let raw = b"GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n";
             let head = request::parse_head(raw, |_| Some(0)).unwrap().unwrap();
             let mut buf = raw.to_vec();
             let body = proxy::ReqBody::InBuf(0..0);
+            let mut answered = (0, By::Gateway);
             let forward = proxy::forward(
                 worker,
                 &mut stream,
@@ -643,6 +677,7 @@ mod tests {
                 (upstreams.current(), 0),
                 true,
                 Vec::new(),
+                &mut answered,
             );
             let size = std::mem::size_of_val(&forward);
             eprintln!("proxy::forward future: {size} bytes");

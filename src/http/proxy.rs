@@ -28,6 +28,7 @@ use std::time::Instant;
 
 use crate::stream::Stream;
 
+use super::access::By;
 use super::request::{self, BodyKind, ChunkStep, Chunked, Head, Method, Refusal};
 use super::response;
 use crate::conn::{give_buf, read_more, read_watching, take_buf, write_all, ReadError, Watched};
@@ -70,6 +71,10 @@ pub struct Events {
     pub started: Instant,
 }
 
+/// What the client got, for the access log: the status of its answer (0: none went out) and who
+/// gave it.
+pub type Answered = (u16, By);
+
 /// The request body, as the door has it.
 pub enum ReqBody {
     /// Complete in the client buffer, at this range (empty for no body).
@@ -91,6 +96,7 @@ pub async fn forward(
     (all, ns): (&'static Upstreams, usize),
     keep_alive: bool,
     mut out: Vec<u8>,
+    answered: &mut Answered,
 ) -> Proxied {
     let method = match head.method {
         Method::Get => "GET",
@@ -121,11 +127,12 @@ pub async fn forward(
     let mut lease = match lease {
         Ok(l) => l,
         Err((f, pinned)) => {
-            let ended = fail(worker, client, out, f, pinned, keep_alive).await;
+            let ended = fail(worker, client, out, f, (pinned, keep_alive), answered).await;
             return drained(buf, head, &body, ended);
         }
     };
     let u = lease.upstream;
+    answered.1 = By::Upstream(u);
     let body_len = match &body {
         ReqBody::InBuf(r) => Some(r.len()),
         ReqBody::Stream {
@@ -180,7 +187,7 @@ pub async fn forward(
                     lease.record(worker.metrics, Err(f), Instant::now());
                     out.clear();
                     let gone = pinned && f.unreachable();
-                    return fail(worker, client, out, f, gone, false).await;
+                    return fail(worker, client, out, f, (gone, false), answered).await;
                 }
                 Err(Sent::Client(ended)) => return ended,
             }
@@ -193,10 +200,11 @@ pub async fn forward(
             lease.record(worker.metrics, Err(f), started);
             out.clear();
             let gone = pinned && f.unreachable();
-            return fail(worker, client, out, f, gone, keep_alive).await;
+            return fail(worker, client, out, f, (gone, keep_alive), answered).await;
         }
     };
     lease.record(worker.metrics, Ok(rh.status), started);
+    answered.0 = rh.status;
     if rh.event_stream && buf.is_empty() {
         // A stream may stay open for as long as the session: the client's read buffer goes
         // back meanwhile (the door takes another for the next request).
@@ -532,8 +540,8 @@ async fn fail(
     client: &mut Stream,
     mut out: Vec<u8>,
     f: Failure,
-    pinned: bool,
-    keep_alive: bool,
+    (pinned, keep_alive): (bool, bool),
+    answered: &mut Answered,
 ) -> Proxied {
     let (status, message) = if pinned && !matches!(f, Failure::Timeout | Failure::Busy) {
         (
@@ -543,6 +551,7 @@ async fn fail(
     } else {
         (f.status(), f.message())
     };
+    answered.0 = status;
     tracing::debug!(status, reason = f.message(), "upstream request failed");
     // Busy is the one failure worth retrying soon: say when, as the connection limits do.
     let retry: &[(&str, &str)] = if f == Failure::Busy {
