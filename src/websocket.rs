@@ -202,17 +202,19 @@ fn text_frame(out: &mut Vec<u8>, payload: &[u8]) {
     write_frame(out, OP_TEXT, payload);
 }
 
-/// Serves an upgraded connection; `first` holds bytes that came after the handshake.
+/// Serves an upgraded connection, as the task of its own it runs in (see
+/// [`crate::worker::serve_upgraded`]), holding its permit and registration until it closes;
+/// `first` holds bytes that came after the handshake.
 /// An `async` block rather than an `async fn`, for the reason given at [`crate::http::serve`].
 #[allow(clippy::manual_async_fn)] // on purpose: see above
-pub fn serve<'a>(
+pub fn serve(
     worker: &'static Worker,
     mut stream: Stream,
-    reg: &'a Registration,
-    permit: &'a Permit,
+    reg: Registration,
+    permit: Permit,
     first: Vec<u8>,
     namespace: &'static Namespace,
-) -> impl Future<Output = ()> + 'a {
+) -> impl Future<Output = ()> {
     let mut pending = if first.is_empty() {
         give_buf(first);
         None
@@ -220,6 +222,7 @@ pub fn serve<'a>(
         Some(first)
     };
     async move {
+        let (reg, permit) = (&reg, &permit);
         let s = worker.settings();
         let mut assembly = Assembly::default();
         let mut session = MsgSession::new(worker, Some(namespace), Frontend::WebSocket, &stream);

@@ -34,7 +34,7 @@ use crate::proxy_protocol::{self, HeaderError, Trusted};
 use crate::stream::Stream;
 use crate::upstream::balance::Balancer;
 use crate::upstream::registry::Registry;
-use crate::upstream::{client, Upstreams};
+use crate::upstream::{client, Namespace, Upstreams};
 use crate::{conn, http, mcpb};
 
 /// Process-wide, read-only settings the connection tasks need, resolved from the configuration.
@@ -551,6 +551,23 @@ fn serve_door(
             let served = http::serve(worker, stream, permit, reg);
             monoio::spawn(CatchUnwind(WithClient::new(c, served)))
         }
+    };
+}
+
+/// Hands a connection upgraded to WebSocket to a task of its own (with the client a PROXY header
+/// named, if one did), so that the HTTP door's task, and what it held, ends.
+pub(crate) fn serve_upgraded(
+    worker: &'static Worker,
+    stream: Stream,
+    permit: Permit,
+    reg: Registration,
+    first: Vec<u8>,
+    namespace: &'static Namespace,
+) {
+    let ws = crate::websocket::serve(worker, stream, reg, permit, first, namespace);
+    match RELAYED.get() {
+        None => monoio::spawn(CatchUnwind(ws)),
+        Some(c) => monoio::spawn(CatchUnwind(WithClient::new(c, ws))),
     };
 }
 

@@ -254,6 +254,14 @@ fn upstreams_see_the_relayed_client_in_x_forwarded_for() {
         .unwrap();
     assert_eq!(read_mcpb(&mut mcpb).0, 2);
     assert_eq!(next().as_deref(), Some("2001:db8::9"));
+    // A WebSocket connection goes on in a task of its own after its upgrade: still the
+    // relayed client's.
+    let mut ws = relayed(gw.http, &v1("198.51.100.4"));
+    assert_eq!(roundtrip(&mut ws, WS_UPGRADE).status, 101);
+    ws.write_all(&ws_frame(true, 1, TOOLS_LIST.as_bytes()))
+        .unwrap();
+    assert_eq!(read_ws_frame(&mut ws).0, 1);
+    assert_eq!(next().as_deref(), Some("198.51.100.4"));
     // The balancer's own check, and a client connecting directly, name themselves.
     let mut local = relayed(gw.http, &v2(None));
     assert_eq!(tools_list(&mut local), 200);
