@@ -234,7 +234,6 @@ pub async fn read_watching(
     client: &mut Stream,
     watch: &mut bool,
 ) -> Watched {
-    use monoio::buf::IoBufMut;
     if buf.is_empty() {
         give_buf(std::mem::take(buf));
         let ended = until_readable(up, Some(client), watch).await;
@@ -243,6 +242,19 @@ pub async fn read_watching(
             return ended;
         }
     }
+    // Boxed: the read (and the client's watch beside it) is held only while it lasts, not by a
+    // stream waiting for its next event.
+    Box::pin(read_now(up, buf, client, watch)).await
+}
+
+/// The read of [`read_watching`], once `up` is readable (or part of an event is in `buf`).
+async fn read_now(
+    up: &mut Stream,
+    buf: &mut Vec<u8>,
+    client: &mut Stream,
+    watch: &mut bool,
+) -> Watched {
+    use monoio::buf::IoBufMut;
     if buf.capacity() - buf.len() < 512 {
         buf.reserve(BUF_SIZE);
     }
