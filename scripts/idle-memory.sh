@@ -6,7 +6,7 @@
 set -euo pipefail
 usage() {
   cat <<USAGE
-usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx] [--proxy-protocol] [--tls]
+usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx] [--proxy-protocol] [--tls] [--heap]
   --mode M          http (default): keep-alive connections idle after a request;
                     stream: open event streams (GET /mcp) through the proxy to an upstream that
                     holds them silent (scripts/lib/sse_upstream.py), as every MCP client keeps one;
@@ -22,10 +22,13 @@ usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx] [--proxy-pr
                     connection starts with a PROXY v1 header naming a client of its own
   --tls             the clients speak TLS 1.3 to the gateway (tls_cert_file, tls_key_file) and to
                     nginx (listen ssl), with a P-256 certificate made with openssl
+  --heap            also the gateway's live heap per connection while they are held (glibc's
+                    malloc_stats, called through gdb, installed if missing): steadier than RSS,
+                    which moves with how the allocator's pages fall
 Runs on loopback only and stops everything it started.
 USAGE
 }
-N=""; NGINX=0; MODE=http; PP=0; TLS=0
+N=""; NGINX=0; MODE=http; PP=0; TLS=0; HEAP=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --mode) MODE=$2; shift 2 ;;
@@ -33,6 +36,7 @@ while [ $# -gt 0 ]; do
     --nginx) NGINX=1; shift ;;
     --proxy-protocol) PP=1; shift ;;
     --tls) TLS=1; shift ;;
+    --heap) HEAP=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage; exit 64 ;;
   esac
@@ -128,12 +132,50 @@ CONF
   sleep 0.5
 }
 
+# The gateway's live heap (bytes in use, all arenas), as glibc's malloc_stats prints it into its log.
+heap_in_use() { # pid
+  local before; before=$(grep -c "^Total (incl. mmap)" "$work/gw.log" || true)
+  gdb -p "$1" -batch -ex 'call (void)malloc_stats()' >/dev/null 2>&1
+  for _ in $(seq 50); do
+    [ "$(grep -A2 "^Total (incl. mmap)" "$work/gw.log" | grep -c "in use bytes")" -gt "$before" ] && break
+    sleep 0.1
+  done
+  grep -A2 "^Total (incl. mmap)" "$work/gw.log" | grep "in use bytes" | tail -1 | awk '{print $NF}'
+}
+
+heap() { # mode port pid: live heap per connection while N connections are held (a fresh gateway)
+  local mode=$1 port=$2 pid=$3
+  local n=${N:-$([ "$mode" = http ] && echo 15000 || echo 8000)}
+  local pp=(); [ "$PP" = 1 ] && pp=(--proxy-header); [ "$TLS" = 1 ] && pp+=(--tls)
+  local h0 h1 holder
+  python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections 200 --hold 0 "${pp[@]}" >/dev/null
+  sleep 0.5
+  h0=$(heap_in_use "$pid")
+  mkfifo "$work/hold"
+  python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections "$n" --hold 300 "${pp[@]}" \
+    < "$work/hold" > "$work/held" &
+  holder=$!
+  exec 9> "$work/hold"
+  until [ -s "$work/held" ]; do sleep 0.2; done
+  sleep 1
+  h1=$(heap_in_use "$pid")
+  exec 9>&-; wait "$holder" 2>/dev/null || true; rm -f "$work/hold" "$work/held"
+  echo "mcp-gateway ($mode): live heap $(( (h1 - h0) / n )) bytes per idle connection ($h0 -> $h1 bytes in use)"
+}
+
+[ "$HEAP" = 1 ] && need gdb
 modes=("$MODE"); [ "$MODE" = all ] && modes=(http stream ws mcpb)
 for mode in "${modes[@]}"; do
   start_gateway "$mode"
   port=$gport; [ "$mode" = mcpb ] && port=$gtcp
   measure "mcp-gateway ($mode)" "$mode" "$port" "$gw"
   kill "$gw"; wait "$gw" 2>/dev/null || true
+  if [ "$HEAP" = 1 ]; then
+    start_gateway "$mode"
+    port=$gport; [ "$mode" = mcpb ] && port=$gtcp
+    heap "$mode" "$port" "$gw"
+    kill "$gw"; wait "$gw" 2>/dev/null || true
+  fi
   if [ "$NGINX" = 1 ] && { [ "$mode" = http ] || [ "$mode" = stream ]; }; then
     start_nginx "$mode"
     # shellcheck disable=SC2046
