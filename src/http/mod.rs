@@ -80,7 +80,7 @@ pub fn serve(
     async move {
         let mut pending: Option<Vec<u8>> = None;
         let mut first = true;
-        let (rest, namespace) = loop {
+        let (rest, namespace) = 'serve: loop {
             if pending.is_none() {
                 if worker.draining() {
                     return;
@@ -98,16 +98,17 @@ pub fn serve(
             first = false;
             let exchanged = exchange(worker, &permit, &mut stream, pending.take());
             let mut step = Box::pin(exchanged).await;
-            if let Step::Events(events) = step {
-                step = Box::pin(relay_events(worker, &reg, &mut stream, events)).await;
-            }
-            match step {
-                Step::KeepAlive(rest) => pending = rest,
-                Step::Close => return,
-                Step::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
-                Step::Events(_) => unreachable!("relayed above"),
-                Step::Upgrade(rest, namespace) => break (rest, namespace),
-            }
+            pending = loop {
+                match step {
+                    Step::KeepAlive(rest) => break rest,
+                    Step::Close => return,
+                    Step::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
+                    Step::Events(events) => {
+                        step = Box::pin(relay_events(worker, &reg, &mut stream, events)).await
+                    }
+                    Step::Upgrade(rest, namespace) => break 'serve (rest, namespace),
+                }
+            };
         };
         // The WebSocket door goes on in a task of its own: what this one held is freed.
         reg.switch(Frontend::WebSocket);
@@ -228,19 +229,22 @@ async fn exchange(
             };
             let streaming = matches!(ended, Proxied::Events(_));
             access::end(access, worker, stream, status, by, streaming);
-            if let Proxied::Events(mut events) = ended {
-                // Relayed by `serve`, once this exchange's state is gone.
-                events.rest = if buf.is_empty() {
-                    give_buf(buf);
-                    None
-                } else {
-                    Some(buf)
-                };
-                events.started = started;
-                return Step::Events(events);
+            if !streaming {
+                // (An event stream's request counts when the stream ends.)
+                worker.metrics.request(Frontend::Http, started.elapsed());
             }
-            worker.metrics.request(Frontend::Http, started.elapsed());
             match ended {
+                Proxied::Events(mut events) => {
+                    // Relayed by `serve`, once this exchange's state is gone.
+                    events.rest = if buf.is_empty() {
+                        give_buf(buf);
+                        None
+                    } else {
+                        Some(buf)
+                    };
+                    events.started = started;
+                    return Step::Events(events);
+                }
                 Proxied::KeepAlive if buf.is_empty() => {
                     give_buf(buf);
                     return Step::KeepAlive(None);
@@ -252,7 +256,6 @@ async fn exchange(
                 Proxied::Close if buf.is_empty() => return Step::Close,
                 Proxied::Close | Proxied::Linger => return Step::Linger(buf),
                 Proxied::Refused(r) => return refuse(worker, stream, buf, take_buf(), r).await,
-                Proxied::Events(_) => unreachable!("handed to `serve` above"),
             }
         }
         let (consumed, body) = match read_body(worker, stream, &mut buf, &head, deadline).await {
