@@ -556,7 +556,7 @@ fn serve_door(
 
 /// Hands a connection upgraded to WebSocket to a task of its own (with the client a PROXY header
 /// named, if one did), so that the HTTP door's task, and what it held, ends.
-pub(crate) fn serve_upgraded(
+pub fn serve_upgraded(
     worker: &'static Worker,
     stream: Stream,
     permit: Permit,
