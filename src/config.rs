@@ -129,7 +129,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: f64,
     /// Largest request body, WebSocket message or MCPB payload, in bytes.
     pub max_message_size: usize,
-    /// One log line per request answered on the HTTP door (target `access`).
+    /// One log line per request the HTTP door answers and per WebSocket/MCPB message forwarded
+    /// (target `access`).
     pub access_log: bool,
 }
 

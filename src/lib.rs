@@ -19,10 +19,12 @@
 //! - [`upstream`]: upstream MCP servers: balancing, breakers, health checks, the HTTP client
 //!   and its per-core pool, message forwarding for WebSocket and MCPB.
 //! - [`metrics`]: per-core counters, summed into Prometheus text at scrape.
-//! - [`logging`]: the log's writer thread, which no worker waits on.
+//! - [`logging`]: the log's writer thread, which no worker waits on; [`access`]: the access
+//!   log's lines.
 //! - [`admin`]: `/metrics`, `/healthz`, `/ready`.
 //! - [`loadgen`]: the bench kit's load generator (`mcp-loadgen`), a client of the gateway.
 
+pub mod access;
 pub mod admin;
 pub mod config;
 pub mod conn;

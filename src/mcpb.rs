@@ -245,10 +245,12 @@ async fn exchange(
         };
         match (kind, dest) {
             (FrameType::Request, Dest::Echo(builtin)) => {
+                let access = crate::access::message_begin(worker, stream);
                 let mut reply = take_buf();
                 if echo::handle(payload, &mut reply).replied {
                     write_frame(&mut out, FrameType::Response, &reply);
                 }
+                crate::access::message_end(access, Frontend::Tcp, Some(builtin), 200);
                 give_buf(reply);
                 worker.metrics.upstream(builtin.index, Outcome::Ok, None);
                 worker.metrics.request(Frontend::Tcp, started.elapsed());

@@ -417,10 +417,12 @@ async fn exchange(
                 }
             };
             let started = Instant::now();
+            let access = crate::access::message_begin(worker, stream);
             let mut reply = take_buf();
             if echo::handle(&message, &mut reply).replied {
                 write_frame(&mut out, OP_TEXT, &reply);
             }
+            crate::access::message_end(access, Frontend::WebSocket, Some(builtin), 200);
             worker.metrics.upstream(builtin.index, Outcome::Ok, None);
             worker
                 .metrics

@@ -1123,12 +1123,14 @@ fn requests_over_the_rate_never_reach_the_upstream() {
     );
 }
 
-/// The fields of the access log's lines (`target: access`), in order, as `key=value` maps.
-fn access_lines(log: &str) -> Vec<std::collections::HashMap<String, String>> {
+/// The fields of the access log's lines of `kind` (`request`, `message`), in order, as
+/// `key=value` maps.
+fn access_lines(log: &str, kind: &str) -> Vec<std::collections::HashMap<String, String>> {
+    let marker = format!(" access: {kind} ");
     log.lines()
-        .filter(|l| l.contains(" access: request "))
+        .filter(|l| l.contains(&marker))
         .map(|l| {
-            l.split(" access: request ")
+            l.split(&marker)
                 .nth(1)
                 .unwrap()
                 .split(' ')
@@ -1160,7 +1162,7 @@ fn the_access_log_names_each_request_its_answer_and_upstream_and_turns_off_on_re
     let big = post_mcp(&format!(r#"{{"x":"{}"}}"#, "a".repeat(2000)));
     assert_eq!(roundtrip(&mut c, &big).status, 413);
     gw.wait_log("status=413");
-    let lines = access_lines(&gw.log.lock().unwrap());
+    let lines = access_lines(&gw.log.lock().unwrap(), "request");
     let seen: Vec<(&str, &str, &str, &str)> = lines
         .iter()
         .map(|l| {
@@ -1186,11 +1188,52 @@ fn the_access_log_names_each_request_its_answer_and_upstream_and_turns_off_on_re
     assert!(lines.iter().all(|l| l["method"] == "POST"));
     assert!(lines.iter().all(|l| l["ms"].parse::<f64>().unwrap() >= 0.0));
     assert!(!gw.log.lock().unwrap().contains("secret"));
-    // Off on SIGHUP: later requests leave no line.
+    // WebSocket and MCPB messages: one line each, forwarded or answered by builtin:echo.
+    let mut ws = connect_from("127.0.0.4", gw.http);
+    assert_eq!(roundtrip(&mut ws, WS_UPGRADE).status, 101);
+    ws.write_all(&ws_frame(true, 1, TOOLS_LIST.as_bytes()))
+        .unwrap();
+    assert_eq!(read_ws_frame(&mut ws).0, 1);
+    let mut local_ws = connect_from("127.0.0.4", gw.http);
+    let upgrade = WS_UPGRADE.replacen("GET /mcp ", "GET /mcp/local ", 1);
+    assert_eq!(roundtrip(&mut local_ws, &upgrade).status, 101);
+    local_ws
+        .write_all(&ws_frame(true, 1, TOOLS_LIST.as_bytes()))
+        .unwrap();
+    assert_eq!(read_ws_frame(&mut local_ws).0, 1);
+    let mut m = mcpb_client(&gw);
+    m.write_all(&mcpb_frame(1, TOOLS_LIST.as_bytes())).unwrap();
+    assert_eq!(read_mcpb(&mut m).0, 2);
+    gw.wait_log("door=tcp");
+    let messages: Vec<(String, String, String)> = access_lines(&gw.log.lock().unwrap(), "message")
+        .iter()
+        .map(|l| {
+            (
+                l["door"].clone(),
+                l["upstream"].clone(),
+                l["status"].clone(),
+            )
+        })
+        .collect();
+    let want =
+        |door: &str, upstream: &str| (door.to_string(), upstream.to_string(), "200".to_string());
+    assert_eq!(
+        messages,
+        [
+            want("websocket", &url),
+            want("websocket", "builtin:echo"),
+            want("tcp", &url)
+        ]
+    );
+    // Off on SIGHUP: later requests and messages leave no line.
     gw.reload("access_log: true", "access_log: false");
     let mut c = connect_from("127.0.0.3", gw.http);
     assert_eq!(roundtrip(&mut c, &local).status, 200);
     assert_eq!(roundtrip(&mut c, &proxied).status, 200);
+    m.write_all(&mcpb_frame(1, TOOLS_LIST.as_bytes())).unwrap();
+    assert_eq!(read_mcpb(&mut m).0, 2);
     gw.wait_log("access log switched on=false");
-    assert_eq!(access_lines(&gw.log.lock().unwrap()).len(), 4);
+    // (The two upgrades were requests too: 101.)
+    assert_eq!(access_lines(&gw.log.lock().unwrap(), "request").len(), 6);
+    assert_eq!(access_lines(&gw.log.lock().unwrap(), "message").len(), 3);
 }

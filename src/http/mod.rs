@@ -23,7 +23,6 @@
 //! - A request must arrive whole within `read_timeout` of its first byte (a forwarded body too);
 //!   an idle keep-alive connection is closed after `idle_timeout`.
 
-pub mod access;
 pub mod origin;
 pub mod proxy;
 pub mod request;
@@ -36,6 +35,7 @@ use monoio::net::TcpStream;
 
 use crate::stream::Stream;
 
+use crate::access::{self, By};
 use crate::conn::{
     give_buf, linger_close, open, read_more, take_buf, wait_idle, write_all, ReadError, Wait,
 };
@@ -45,7 +45,6 @@ use crate::metrics::Frontend;
 use crate::upstream::{Namespace, Outcome, Upstreams};
 use crate::websocket;
 use crate::worker::{Registration, Worker};
-use access::By;
 use proxy::{Proxied, ReqBody};
 use request::{parse_head, BodyKind, ChunkStep, Chunked, Head, Method, Refusal, Route};
 

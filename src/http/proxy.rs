@@ -28,9 +28,9 @@ use std::time::Instant;
 
 use crate::stream::Stream;
 
-use super::access::By;
 use super::request::{self, BodyKind, ChunkStep, Chunked, Head, Method, Refusal};
 use super::response;
+use crate::access::By;
 use crate::conn::{give_buf, read_more, read_watching, take_buf, write_all, ReadError, Watched};
 use crate::upstream::balance::Lease;
 use crate::upstream::client;

@@ -29,6 +29,7 @@ use super::listen::{self, Listener};
 use super::outbox::{Kind, Outbox};
 use super::wire::{self, Body, SessionFields};
 use super::{Failure, Namespace, Outcome, Upstream, Upstreams};
+use crate::access;
 use crate::conn::{give_buf, read_more, take_buf, wait_idle, write_all, ReadError, Wait};
 use crate::metrics::Frontend;
 use crate::worker::{Registration, Worker};
@@ -176,12 +177,14 @@ impl MsgSession {
         let door = self.door;
         let all = worker.upstreams();
         let ns = self.find(all);
+        let access = access::message_begin(worker, client);
         outbox.started();
         monoio::spawn(async move {
             let started = Instant::now();
             monoio::select! {
-                _ = forward(worker, (all, ns), &state, &outbox, &message) => {
+                status = forward(worker, (all, ns), &state, &outbox, &message) => {
                     worker.metrics.request(door, started.elapsed());
+                    access::message_end(access, door, state.upstream.get(), status);
                 }
                 _ = &mut stop_rx => {}
             }
@@ -406,17 +409,19 @@ async fn forward(
     state: &Rc<State>,
     outbox: &Rc<Outbox>,
     message: &[u8],
-) {
+) -> u16 {
     let Some(ns) = ns else {
         state.forget();
-        return fail(outbox, message, NAMESPACE_GONE);
+        fail(outbox, message, NAMESPACE_GONE);
+        return 0;
     };
     if let Some(u) = state.upstream.get() {
         match all.successor(ns, u) {
             Some(now) => state.upstream.set(Some(now)),
             None => {
                 state.forget();
-                return fail(outbox, message, UPSTREAM_REMOVED);
+                fail(outbox, message, UPSTREAM_REMOVED);
+                return 0;
             }
         }
     }
@@ -427,13 +432,17 @@ async fn forward(
     let mut lease = match lease {
         Ok(l) => l,
         // A busy upstream keeps its session (and the balancer counted the refusal).
-        Err(Failure::Busy) => return fail(outbox, message, Failure::Busy.message()),
+        Err(Failure::Busy) => {
+            fail(outbox, message, Failure::Busy.message());
+            return 0;
+        }
         Err(f) => {
             if let Some(u) = state.upstream.get() {
                 worker.metrics.upstream(u.index, Outcome::of(f), None);
             }
             state.forget();
-            return fail(outbox, message, f.message());
+            fail(outbox, message, f.message());
+            return 0;
         }
     };
     let u = lease.upstream;
@@ -459,7 +468,8 @@ async fn forward(
             if f.unreachable() {
                 state.forget();
             }
-            return fail(outbox, message, f.message());
+            fail(outbox, message, f.message());
+            return 0;
         }
     };
     lease.record(worker.metrics, Ok(head.status), started);
@@ -546,6 +556,7 @@ async fn forward(
             *state.listener.borrow_mut() = Some(listener);
         }
     }
+    head.status
 }
 
 /// Whether `message` is an `initialize` request (a substring test first: most messages are not).

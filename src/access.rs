@@ -1,21 +1,29 @@
-//! The HTTP door's access log: one line per request it answers, when `server.access_log` is on.
+//! The access log: when `server.access_log` is on, one line per request the HTTP door answers
+//! and one per message a WebSocket or MCPB connection forwards or has answered by
+//! `builtin:echo`.
 //!
-//! Owns what a line says: the client's address (the one a trusted load balancer relayed, if
-//! any), the method, the path (never the query, which may carry secrets), the status, the
-//! upstream that answered (`builtin:echo` for the gateway's own), whether the answer is an event
-//! stream, and the time from the request's head to the end of its answer (for an event stream,
-//! to the end of what came with its head: the line is written when the stream starts).
+//! Owns what a line says. A request: the client's address (the one a trusted load balancer
+//! relayed, if any), the method, the path (never the query, which may carry secrets), the
+//! status, the upstream that answered (`builtin:echo` for the gateway's own, `-` when the gateway
+//! refused it), whether the answer is an event stream, and the time from the request's head to
+//! the end of its answer (for an event stream, to the end of what came with its head: the line is
+//! written when the stream starts). A message: its door, the client, the upstream, the
+//! upstream's HTTP status (0 when none came: the client got a JSON-RPC error), and the time
+//! until its answer was queued for the client.
 //!
 //! Invariants:
-//! - Off (the default), a request costs one relaxed load of a flag and nothing else.
+//! - Off (the default), a request or message costs one relaxed load of a flag and nothing else.
 //! - Lines go through the process's log (target `access`, level info): formatted by the
 //!   worker, written by the log's own thread, dropped and counted when stderr does not take
 //!   them, never waited for ([`crate::logging`]).
 //! - A request the door could not read far enough to have a request line (malformed, too
-//!   large, too slow) gets no line: the protocol error metrics count those.
+//!   large, too slow) gets no line, nor does a message refused before it was sent anywhere
+//!   (over the rate, its namespace gone): the metrics count those.
 
+use std::net::IpAddr;
 use std::time::Instant;
 
+use crate::metrics::Frontend;
 use crate::stream::Stream;
 use crate::upstream::Upstream;
 use crate::worker::Worker;
@@ -88,6 +96,31 @@ pub fn end(
         event_stream,
         ms = r.started.elapsed().as_secs_f64() * 1e3,
         "request"
+    );
+}
+
+/// What a message's line needs from its connection, taken when the message is sent on (`None`
+/// when the access log is off): the client, and when the message started.
+pub type MessageStart = Option<(Option<IpAddr>, Instant)>;
+
+/// Notes a message of the connection on `stream`, if the access log is on.
+pub fn message_begin(worker: &Worker, stream: &Stream) -> MessageStart {
+    crate::logging::access_log().then(|| (worker.client_addr(stream), Instant::now()))
+}
+
+/// Writes the line of a message on `door` that `upstream` answered with HTTP `status`.
+pub fn message_end(begun: MessageStart, door: Frontend, upstream: Option<&Upstream>, status: u16) {
+    let Some((client, started)) = begun else {
+        return;
+    };
+    tracing::info!(
+        target: "access",
+        door = %door.label(),
+        client = %client.map_or_else(|| "-".to_string(), |a| a.to_string()),
+        upstream = %upstream.map_or("-", |u| u.url.as_str()),
+        status,
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "message"
     );
 }
 
