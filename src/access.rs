@@ -88,13 +88,13 @@ pub fn end(
     let client = worker.client_addr(stream);
     tracing::info!(
         target: "access",
-        client = %client.map_or_else(|| "-".to_string(), |a| a.to_string()),
+        client = %Client(client),
         method = %r.method,
         path = %r.path,
         status,
         upstream = %upstream,
         event_stream,
-        ms = r.started.elapsed().as_secs_f64() * 1e3,
+        ms = millis(r.started),
         "request"
     );
 }
@@ -116,12 +116,29 @@ pub fn message_end(begun: MessageStart, door: Frontend, upstream: Option<&Upstre
     tracing::info!(
         target: "access",
         door = %door.label(),
-        client = %client.map_or_else(|| "-".to_string(), |a| a.to_string()),
+        client = %Client(client),
         upstream = %upstream.map_or("-", |u| u.url.as_str()),
         status,
-        ms = started.elapsed().as_secs_f64() * 1e3,
+        ms = millis(started),
         "message"
     );
+}
+
+/// A client's address as a line shows it: `-` when unknown.
+struct Client(Option<IpAddr>);
+
+impl std::fmt::Display for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// Milliseconds since `started`, to the microsecond.
+fn millis(started: Instant) -> f64 {
+    started.elapsed().as_micros() as f64 / 1e3
 }
 
 /// The status of the response that starts at `out[start..]` (written by the gateway itself).
