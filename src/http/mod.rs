@@ -682,6 +682,18 @@ mod tests {
             eprintln!("proxy::forward future: {size} bytes");
             assert!(size <= 2560, "proxy::forward future is {size} bytes");
             drop(forward);
+            // An open event stream between two events: what it holds for as long as it stays
+            // open (every MCP client keeps one). Inside the exchange, 4.3 KiB; handed back to
+            // the connection's loop, 600 bytes (the wait with its client watch; its reads and
+            // writes are boxed).
+            let (up, _) = accept();
+            let lease = worker.balancer.pick(upstreams.current(), 0, false).unwrap();
+            let events = proxy::Events::for_test(Stream::Plain(up), lease);
+            let relay = relay_events(worker, &reg, &mut stream, events);
+            let size = std::mem::size_of_val(&relay);
+            eprintln!("event stream relay future: {size} bytes");
+            assert!(size <= 640, "event stream relay future is {size} bytes");
+            drop(relay);
             let ws = crate::websocket::serve(
                 worker,
                 stream,

@@ -71,6 +71,24 @@ pub struct Events {
     pub started: Instant,
 }
 
+impl Events {
+    /// A stream from `up` under `lease`, as a relay would hand it over (for size checks).
+    #[cfg(test)]
+    pub(crate) fn for_test(up: Stream, lease: Lease<'static>) -> Box<Events> {
+        Box::new(Events {
+            up,
+            buf: Vec::new(),
+            decoded: Body::new(wire::BodyKind::Chunked),
+            chunk: true,
+            keep_alive: true,
+            upstream_keep_alive: true,
+            lease,
+            rest: None,
+            started: Instant::now(),
+        })
+    }
+}
+
 /// What the client got, for the access log: the status of its answer (0: none went out) and who
 /// gave it.
 pub type Answered = (u16, By);
