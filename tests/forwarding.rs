@@ -725,15 +725,21 @@ fn session_requests_name_the_protocol_version_that_initialize_negotiated() {
     ))
     .unwrap();
     assert_eq!(read_mcpb(&mut c).0, 2);
-    drop(c);
     let mut seen = Vec::new();
-    while !seen.iter().any(|(m, _): &(String, _)| m == "DELETE") {
-        seen.push(
-            seen_rx
-                .recv_timeout(Duration::from_secs(5))
-                .unwrap_or_else(|_| panic!("no DELETE after {seen:?}")),
-        );
-    }
+    let until = |method: &str, seen: &mut Vec<(String, Option<String>)>| {
+        while !seen.iter().any(|(m, _)| m == method) {
+            seen.push(
+                seen_rx
+                    .recv_timeout(Duration::from_secs(5))
+                    .unwrap_or_else(|_| panic!("no {method} after {seen:?}")),
+            );
+        }
+    };
+    // The session's stream is opened in the background once `initialize` is answered: the
+    // client stays until it is (leaving earlier would cancel it, rightly).
+    until("GET", &mut seen);
+    drop(c);
+    until("DELETE", &mut seen);
     let v = Some("2025-06-18".to_string());
     assert_eq!(seen[0], ("POST".into(), None), "nothing negotiated yet");
     for method in ["GET", "POST", "DELETE"] {
