@@ -52,10 +52,8 @@ pub fn begin(raw_head: &[u8]) -> Option<Request> {
     if !crate::logging::access_log() {
         return None;
     }
-    let line = raw_head.split(|b| *b == b'\r').next().unwrap_or(b"");
-    let mut parts = line.split(|b| *b == b' ');
-    let method = String::from_utf8_lossy(parts.next().unwrap_or(b""));
-    let target = parts.next().unwrap_or(b"");
+    let (method, target) = crate::http::request::request_line(raw_head);
+    let method = String::from_utf8_lossy(method);
     let target = target.split(|b| *b == b'?').next().unwrap_or(b"");
     let mut path = String::from_utf8_lossy(&target[..target.len().min(MAX_PATH)]).into_owned();
     if target.len() > MAX_PATH {

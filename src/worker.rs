@@ -538,20 +538,10 @@ fn serve_door(
     reg: Registration,
     client: Option<IpAddr>,
 ) {
-    match (reg.door(), client) {
-        (Frontend::Tcp, None) => {
-            monoio::spawn(CatchUnwind(mcpb::serve(worker, stream, permit, reg)))
-        }
-        (Frontend::Tcp, Some(c)) => {
-            let served = mcpb::serve(worker, stream, permit, reg);
-            monoio::spawn(CatchUnwind(WithClient::new(c, served)))
-        }
-        (_, None) => monoio::spawn(CatchUnwind(http::serve(worker, stream, permit, reg))),
-        (_, Some(c)) => {
-            let served = http::serve(worker, stream, permit, reg);
-            monoio::spawn(CatchUnwind(WithClient::new(c, served)))
-        }
-    };
+    match reg.door() {
+        Frontend::Tcp => spawn_connection(mcpb::serve(worker, stream, permit, reg), client),
+        _ => spawn_connection(http::serve(worker, stream, permit, reg), client),
+    }
 }
 
 /// Hands a connection upgraded to WebSocket to a task of its own (with the client a PROXY header
@@ -565,9 +555,14 @@ pub fn serve_upgraded(
     namespace: &'static Namespace,
 ) {
     let ws = crate::websocket::serve(worker, stream, reg, permit, first, namespace);
-    match RELAYED.get() {
-        None => monoio::spawn(CatchUnwind(ws)),
-        Some(c) => monoio::spawn(CatchUnwind(WithClient::new(c, ws))),
+    spawn_connection(ws, RELAYED.get());
+}
+
+/// Spawns a connection's task: panics caught, and the relayed client, if any, named to its code.
+fn spawn_connection(door: impl Future<Output = ()> + 'static, client: Option<IpAddr>) {
+    match client {
+        None => monoio::spawn(CatchUnwind(door)),
+        Some(c) => monoio::spawn(CatchUnwind(WithClient::new(c, door))),
     };
 }
 

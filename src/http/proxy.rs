@@ -467,16 +467,19 @@ pub async fn events(
         let (mut data, mut out) = (take_buf(), take_buf());
         let done = frame_body(&mut e.decoded, &mut e.buf, &mut data, &mut out, e.chunk);
         give_buf(data);
-        let written = match done {
-            Ok(_) if out.is_empty() => Ok(out),
-            Ok(_) => Box::pin(write_all(client, out, s.write_timeout)).await,
-            Err(()) => Err(std::io::ErrorKind::InvalidData.into()),
+        let Ok(done) = done else {
+            give_buf(out);
+            break; // the upstream's framing broke: all we can do is close
         };
-        match written {
-            Ok(o) => give_buf(o),
-            Err(_) => break,
+        if out.is_empty() {
+            give_buf(out); // part of an event: nothing to write yet
+        } else {
+            match Box::pin(write_all(client, out, s.write_timeout)).await {
+                Ok(o) => give_buf(o),
+                Err(_) => break,
+            }
         }
-        if done == Ok(true) {
+        if done {
             reusable = e.upstream_keep_alive && !e.decoded.until_close() && e.buf.is_empty();
             ended = end(e.keep_alive);
             break;
@@ -538,9 +541,7 @@ fn end(keep_alive: bool) -> Proxied {
 
 /// The query part (with its `?`) of the request target in `raw_head`, or "".
 fn query(raw_head: &[u8]) -> &str {
-    let line = raw_head.split(|b| *b == b'\r').next().unwrap_or(b"");
-    let target = line.split(|b| *b == b' ').nth(1).unwrap_or(b"");
-    let target = std::str::from_utf8(target).unwrap_or("");
+    let target = std::str::from_utf8(request::request_line(raw_head).1).unwrap_or("");
     target.find('?').map_or("", |i| &target[i..])
 }
 

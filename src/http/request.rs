@@ -121,6 +121,14 @@ const UNSUPPORTED_TE: Refusal = refuse(
     ProtocolError::Malformed,
 );
 
+/// The method and the target (path and query) of the request line of `raw_head`, a head
+/// [`parse_head`] accepted.
+pub fn request_line(raw_head: &[u8]) -> (&[u8], &[u8]) {
+    let line = raw_head.split(|b| *b == b'\r').next().unwrap_or(b"");
+    let mut parts = line.split(|b| *b == b' ');
+    (parts.next().unwrap_or(b""), parts.next().unwrap_or(b""))
+}
+
 /// Parses a head from the start of `buf`. `Ok(None)`: incomplete, read more.
 /// `namespace` maps a namespace name to its upstream index.
 pub fn parse_head(
