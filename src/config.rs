@@ -125,6 +125,9 @@ pub struct ServerConfig {
     pub write_timeout: f64,
     /// Seconds a connection may sit idle between requests or messages.
     pub idle_timeout: f64,
+    /// Park idle HTTP connections (plain, not upgraded) outside any task once they have waited
+    /// a sweep or two, in the worker's epoll set: about 450 bytes of user-space memory fewer each.
+    pub park_idle_connections: bool,
     /// Seconds open connections get to finish after SIGTERM/SIGINT.
     pub shutdown_timeout: f64,
     /// Largest request body, WebSocket message or MCPB payload, in bytes.
@@ -160,6 +163,7 @@ impl Default for ServerConfig {
             read_timeout: 30.0,
             write_timeout: 30.0,
             idle_timeout: 120.0,
+            park_idle_connections: true,
             shutdown_timeout: 30.0,
             max_message_size: 1 << 20,
             access_log: false,

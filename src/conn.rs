@@ -86,11 +86,15 @@ pub enum Wait {
     Ready,
     /// `limit` passed, or the worker is draining: close.
     Expired,
+    /// The sweeper asks this idle connection to park ([`Worker::park`]): hand it over and end.
+    Park,
 }
 
 /// Waits until the socket is readable, holding no buffer and no timer meanwhile: the worker's
 /// idle sweeper enforces `limit` (see [`Worker::idle_begin`]), so a waiting connection costs only
 /// its readiness wait. (A monoio timer is 640 bytes: more than the rest of the idle state.)
+/// A plain HTTP connection may end its wait with [`Wait::Park`] (see [`crate::park`]): its
+/// task keeps the waker where the sweeper finds it.
 ///
 /// Written as a plain future over monoio's readiness future, so it adds two pointers to it,
 /// where an `async fn` would also keep its arguments.
@@ -129,7 +133,12 @@ impl<F: Future<Output = io::Result<()>>> Future for IdleWait<'_, F> {
             return Poll::Ready(Wait::Ready);
         };
         // SAFETY: as above.
-        let result = std::task::ready!(unsafe { Pin::new_unchecked(ready) }.poll(cx));
+        let Poll::Ready(result) = unsafe { Pin::new_unchecked(ready) }.poll(cx) else {
+            return match worker.idle_pending(reg, cx.waker()) {
+                true => Poll::Ready(Wait::Park),
+                false => Poll::Pending,
+            };
+        };
         let expired = worker.idle_end(reg);
         Poll::Ready(if expired || result.is_err() {
             Wait::Expired

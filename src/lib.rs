@@ -6,6 +6,7 @@
 //! - [`runtime`]: process start and stop: listeners, pinned workers, signals.
 //! - [`reload`]: what a SIGHUP re-reads and applies at once.
 //! - [`worker`]: one core's runtime: accept loops, admission, drain.
+//! - [`park`]: the parking lot, where idle HTTP connections wait outside any task.
 //! - [`limiter`]: the global count, the per-IP table and request rate, and the RAII permit.
 //! - [`proxy_protocol`]: PROXY protocol headers from trusted load balancers.
 //! - [`network`]: IP networks (CIDR) and the one form addresses are compared in.
@@ -36,6 +37,7 @@ pub mod logging;
 pub mod mcpb;
 pub mod metrics;
 pub mod network;
+pub mod park;
 pub mod proxy_protocol;
 pub mod reload;
 pub mod runtime;

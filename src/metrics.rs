@@ -125,6 +125,9 @@ pub struct CoreMetrics {
     requests: [AtomicU64; 3],
     rate_limited: [AtomicU64; 3],
     latency: [Histo; 3],
+    /// Idle connections parked now, and parks since start (see [`crate::park`]).
+    parked: AtomicI64,
+    parks: AtomicU64,
     /// Per upstream, by its index (room made by the registry before an upstream is in force).
     /// Padded: the cores' boxes are separate heap allocations that would otherwise share cache
     /// lines with each other.
@@ -154,6 +157,8 @@ impl CoreMetrics {
             requests: Default::default(),
             rate_limited: Default::default(),
             latency: Default::default(),
+            parked: Default::default(),
+            parks: Default::default(),
             upstreams: PerUpstream::new(upstreams),
         }
     }
@@ -191,6 +196,17 @@ impl CoreMetrics {
     /// A connection of `door` closed (or moved to another door: see [`crate::worker::Registration::switch`]).
     pub fn closed(&self, door: Frontend) {
         self.active[door as usize].fetch_sub(1, Relaxed);
+    }
+
+    /// An idle connection was parked.
+    pub fn parked(&self) {
+        self.parks.fetch_add(1, Relaxed);
+        self.parked.fetch_add(1, Relaxed);
+    }
+
+    /// A parked connection left the parking lot (resumed or closed).
+    pub fn unparked(&self) {
+        self.parked.fetch_sub(1, Relaxed);
     }
 
     pub fn rejected(&self, door: Frontend, why: Rejection) {
@@ -390,6 +406,22 @@ impl Metrics {
                     (vec![("worker", w.as_str())], v as f64)
                 })
                 .collect(),
+        ));
+        fams.push(gauge(
+            "mcp_gateway_connections_parked",
+            "Idle HTTP connections parked outside any task now (they count as active too).",
+            vec![(
+                vec![],
+                self.cores
+                    .iter()
+                    .map(|c| c.parked.load(Relaxed))
+                    .sum::<i64>() as f64,
+            )],
+        ));
+        fams.push(counter(
+            "mcp_gateway_connection_parks_total",
+            "Times an idle HTTP connection was parked since start.",
+            vec![(vec![], self.sum(|c| c.parks.load(Relaxed)) as f64)],
         ));
         fams.push(gauge(
             "mcp_gateway_connection_limit",

@@ -87,6 +87,7 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
             read_timeout: secs(s.read_timeout),
             write_timeout: secs(s.write_timeout),
             idle_timeout: secs(s.idle_timeout),
+            park_idle: s.park_idle_connections,
             shutdown_timeout: secs(s.shutdown_timeout),
             max_message_size: s.max_message_size,
             proxy_protocol: Trusted::new(

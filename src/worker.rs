@@ -22,7 +22,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use monoio::net::{TcpListener, TcpStream};
@@ -30,6 +30,7 @@ use slab::Slab;
 
 use crate::limiter::{Limiter, Permit, Rejection};
 use crate::metrics::{AcceptError, CoreMetrics, Frontend, Metrics, ProtocolError};
+use crate::park::Lot;
 use crate::proxy_protocol::{self, HeaderError, Trusted};
 use crate::stream::Stream;
 use crate::upstream::balance::Balancer;
@@ -42,6 +43,8 @@ pub struct Settings {
     pub read_timeout: Duration,
     pub write_timeout: Duration,
     pub idle_timeout: Duration,
+    /// `server.park_idle_connections` (see [`crate::park`]).
+    pub park_idle: bool,
     pub shutdown_timeout: Duration,
     pub max_message_size: usize,
     /// `server.proxy_protocol_networks`.
@@ -90,6 +93,11 @@ pub struct Worker {
     /// This core's copy of the doors' TLS configuration and the generation it was made from
     /// (see [`crate::tls::DoorTls::refresh`]).
     tls: RefCell<Option<(u64, Arc<rustls::ServerConfig>)>>,
+    /// Where idle HTTP connections park (`None`: `server.park_idle_connections` is off, or the
+    /// lot could not be made).
+    lot: Option<Lot>,
+    /// The lot takes connections (false once its wait failed).
+    parking: Cell<bool>,
 }
 
 impl Worker {
@@ -111,6 +119,8 @@ impl Worker {
             rejecting: Cell::new(0),
             rng: Cell::new(seed | 1),
             tls: RefCell::new(None),
+            lot: shared.settings.park_idle.then(make_lot).flatten(),
+            parking: Cell::new(shared.settings.park_idle),
         }))
     }
 
@@ -191,6 +201,7 @@ impl Worker {
             fd: stream.as_raw_fd(),
             stream_of: NO_STREAM,
             idle: Idle::Busy,
+            waker: None,
         });
         self.metrics.opened(door);
         Registration {
@@ -198,6 +209,65 @@ impl Worker {
             key,
             door: Cell::new(door),
         }
+    }
+
+    /// Idle connections on this worker park (see [`crate::park`]).
+    pub fn parks(&self) -> bool {
+        self.parking.get() && !self.draining()
+    }
+
+    /// The parking lot failed: connections wait in their tasks from now on.
+    pub fn stop_parking(&self) {
+        self.parking.set(false);
+    }
+
+    /// Parks the idle HTTP connection whose task runs now (its wait said [`conn::Wait::Park`]);
+    /// the task then ends.
+    pub fn park(&self, stream: Stream, permit: Permit, reg: Registration) {
+        if let Some(lot) = self.lot.as_ref().filter(|_| self.parks()) {
+            lot.park(self, stream, permit, reg, RELAYED.get());
+        }
+    }
+
+    /// The parked connection of `reg` is watched on descriptor `fd` now (the sweeper shuts
+    /// that one to expire it).
+    pub fn parked_on(&self, reg: &Registration, fd: RawFd) {
+        if let Some(e) = self.conns.borrow_mut().get_mut(reg.key) {
+            e.fd = fd;
+        }
+    }
+
+    /// Serves a connection that left the parking lot readable: the HTTP door reads its next
+    /// request at once, in a task of its own.
+    pub fn serve_parked(
+        &'static self,
+        stream: Stream,
+        permit: Permit,
+        reg: Registration,
+        client: Option<IpAddr>,
+    ) {
+        let resumed = Some(conn::take_buf());
+        spawn_connection(http::serve(self, stream, permit, reg, resumed), client);
+    }
+
+    /// A connection's idle wait is still pending. One that may park (a plain HTTP connection)
+    /// keeps its task's `waker` for the sweeper; true when the sweeper asked it to park.
+    pub fn idle_pending(&self, reg: &Registration, waker: &Waker) -> bool {
+        if reg.door() != Frontend::Http || self.speaks_tls() || !self.parks() {
+            return false;
+        }
+        let mut conns = self.conns.borrow_mut();
+        let Some(e) = conns.get_mut(reg.key) else {
+            return false;
+        };
+        if let Idle::Park(_) = e.idle {
+            e.waker = None;
+            return true;
+        }
+        if !e.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            e.waker = Some(waker.clone());
+        }
+        false
     }
 
     fn now_ms(&self) -> u64 {
@@ -224,7 +294,7 @@ impl Worker {
         if let Some(e) = self.conns.borrow_mut().get_mut(reg.key) {
             e.stream_of = u32::try_from(upstream).unwrap_or(NO_STREAM);
             // Removed before the sweeper could see this stream: expired now.
-            if matches!(e.idle, Idle::Until(_)) && !self.serves(upstream) {
+            if e.idle.deadline().is_some() && !self.serves(upstream) {
                 e.expire();
             }
         }
@@ -246,6 +316,7 @@ impl Worker {
             return true;
         };
         e.stream_of = NO_STREAM;
+        e.waker = None;
         std::mem::replace(&mut e.idle, Idle::Busy) == Idle::Expired
     }
 
@@ -261,7 +332,7 @@ impl Worker {
         client::keep_pooled(|i| view.all.iter().any(|u| u.index == i));
         let kept = |i: u32| view.all.iter().any(|u| u.index == i as usize);
         for (_, e) in self.conns.borrow_mut().iter_mut() {
-            if e.stream_of != NO_STREAM && matches!(e.idle, Idle::Until(_)) && !kept(e.stream_of) {
+            if e.stream_of != NO_STREAM && e.idle.deadline().is_some() && !kept(e.stream_of) {
                 e.expire();
             }
         }
@@ -298,23 +369,36 @@ impl Worker {
     }
 
     /// Expires idle connections whose deadline passed (all idle ones when `all`): marks them and
-    /// shuts their read side, which ends their readiness wait with EOF.
-    fn expire_idle(&self, all: bool) {
+    /// shuts their read side, which ends their readiness wait (or parking) with EOF. Asks the
+    /// parkable ones that were already waiting at the last sweep to park (at most `PARK_BATCH`
+    /// a sweep: each holds a second descriptor until monoio closes its first).
+    fn sweep(&self, all: bool) {
         let now = self.now_ms();
+        let mut asked = 0;
         for (_, e) in self.conns.borrow_mut().iter_mut() {
-            if let Idle::Until(deadline) = e.idle {
-                if all || deadline <= now {
-                    e.expire();
+            match e.idle {
+                Idle::Until(d) | Idle::Seen(d) | Idle::Park(d) if all || d <= now => e.expire(),
+                Idle::Until(d) => e.idle = Idle::Seen(d),
+                Idle::Seen(d) if asked < PARK_BATCH => {
+                    if let Some(waker) = e.waker.take() {
+                        e.idle = Idle::Park(d);
+                        waker.wake(); // queues the task; nothing runs inside this borrow
+                        asked += 1;
+                    }
                 }
+                _ => {}
             }
         }
     }
 
-    /// Stops taking new requests: idle connections are expired now and busy ones close after
-    /// their current request.
+    /// Stops taking new requests: idle connections are expired now (parked ones closed) and busy
+    /// ones close after their current request.
     fn begin_drain(&self) {
         self.draining.set(true);
-        self.expire_idle(true);
+        self.sweep(true);
+        if let Some(lot) = &self.lot {
+            lot.close_all(self);
+        }
     }
 }
 
@@ -337,6 +421,21 @@ struct Entry {
     /// in what would be padding: an entry is no larger for it.
     stream_of: u32,
     idle: Idle,
+    /// While a connection that may park waits in its task: the task's waker, for the sweeper to
+    /// ask it to park.
+    waker: Option<Waker>,
+}
+
+/// Connections one sweep asks to park at most.
+const PARK_BATCH: usize = 1024;
+
+/// This worker's parking lot, or `None` (logged) when the system gives no epoll set.
+fn make_lot() -> Option<Lot> {
+    Lot::new()
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "no parking lot: idle connections wait in their tasks"),
+        )
+        .ok()
 }
 
 const NO_STREAM: u32 = u32::MAX;
@@ -350,8 +449,9 @@ impl Entry {
     fn expire(&mut self) {
         self.idle = Idle::Expired;
         // SAFETY: an idle entry's fd belongs to a live socket: the connection is suspended in
-        // its wait (`wait_idle`, or an event stream's watch), holding its stream. Shutting the
-        // read side only wakes that wait.
+        // its wait (`wait_idle`, or an event stream's watch), holding its stream, or parked, its
+        // lot holding the descriptor the entry names (`parked_on`). Shutting the read side only
+        // wakes that wait (or the lot).
         unsafe { libc::shutdown(self.fd, libc::SHUT_RD) };
     }
 }
@@ -363,8 +463,22 @@ enum Idle {
     Busy,
     /// Waiting for the next request until this many ms after the worker's epoch.
     Until(u64),
+    /// As `Until`, and already waiting at the last sweep: it parks at the next, if it may.
+    Seen(u64),
+    /// As `Until`; asked to park (its task was woken), or parked.
+    Park(u64),
     /// Expired by the sweeper or the drain; its wait has been woken.
     Expired,
+}
+
+impl Idle {
+    /// The deadline of a connection waiting (in its task or parked).
+    fn deadline(self) -> Option<u64> {
+        match self {
+            Idle::Until(d) | Idle::Seen(d) | Idle::Park(d) => Some(d),
+            Idle::Busy | Idle::Expired => None,
+        }
+    }
 }
 
 /// A connection's entry in its worker's registry and its place in its door's active gauge;
@@ -411,6 +525,12 @@ pub async fn run(
     let tcp = listeners.tcp.map(TcpListener::from_std).transpose()?;
     {
         let http_loop = accept_loop(worker, http, Frontend::Http);
+        let lot = async move {
+            match &worker.lot {
+                Some(lot) => lot.run(worker).await,
+                None => std::future::pending().await,
+            }
+        };
         let tcp_loop = async move {
             match tcp {
                 Some(l) => accept_loop(worker, l, Frontend::Tcp).await,
@@ -421,6 +541,7 @@ pub async fn run(
             _ = http_loop => {}
             _ = tcp_loop => {}
             _ = sweep_idle(worker) => {}
+            _ = lot => {}
             _ = stop => {}
         }
         // The listeners are dropped here: this worker accepts nothing more.
@@ -451,7 +572,7 @@ async fn sweep_idle(worker: &'static Worker) {
         .clamp(Duration::from_millis(10), Duration::from_millis(500));
     loop {
         monoio::time::sleep(tick).await;
-        worker.expire_idle(false);
+        worker.sweep(false);
         worker.leave_removed_upstreams();
     }
 }
@@ -540,7 +661,7 @@ fn serve_door(
 ) {
     match reg.door() {
         Frontend::Tcp => spawn_connection(mcpb::serve(worker, stream, permit, reg), client),
-        _ => spawn_connection(http::serve(worker, stream, permit, reg), client),
+        _ => spawn_connection(http::serve(worker, stream, permit, reg, None), client),
     }
 }
 
@@ -727,7 +848,7 @@ mod tests {
     fn an_entry_is_no_larger_for_the_stream_it_may_wait_on() {
         assert_eq!(
             std::mem::size_of::<Entry>(),
-            std::mem::size_of::<(RawFd, Idle)>()
+            std::mem::size_of::<(RawFd, Idle, Option<Waker>)>()
         );
     }
 }

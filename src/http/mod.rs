@@ -64,8 +64,10 @@ enum Step {
     Events(Box<proxy::Events>),
 }
 
-/// Serves an admitted connection on the HTTP port until it closes, or until it is upgraded to
-/// WebSocket, which goes on in a task of its own; `permit` is held until then.
+/// Serves an admitted connection on the HTTP port until it closes, parks ([`crate::park`]), or
+/// is upgraded to WebSocket, which goes on in a task of its own; `permit` is held until then.
+/// `pending`: bytes of its next request already read (an empty buffer: it left the parking lot
+/// readable, so read at once).
 ///
 /// An `async` block rather than an `async fn`: an `async fn` keeps a second copy of its arguments
 /// in its state (rustc issue 62958), which cost 88 bytes per idle connection here.
@@ -75,9 +77,9 @@ pub fn serve(
     mut stream: Stream,
     permit: Permit,
     reg: Registration,
+    mut pending: Option<Vec<u8>>,
 ) -> impl Future<Output = ()> {
     async move {
-        let mut pending: Option<Vec<u8>> = None;
         let mut first = true;
         let (rest, namespace) = 'serve: loop {
             if pending.is_none() {
@@ -90,8 +92,11 @@ pub fn serve(
                 } else {
                     s.idle_timeout
                 };
-                if wait_idle(worker, &reg, &stream, limit).await == Wait::Expired {
-                    return; // idle past the limit, draining, or a socket error: close quietly
+                match wait_idle(worker, &reg, &stream, limit).await {
+                    Wait::Ready => {}
+                    // Idle past the limit, draining, or a socket error: close quietly.
+                    Wait::Expired => return,
+                    Wait::Park => return worker.park(stream, permit, reg),
                 }
             }
             first = false;
@@ -604,6 +609,7 @@ mod tests {
                 read_timeout: t,
                 write_timeout: t,
                 idle_timeout: t,
+                park_idle: true,
                 shutdown_timeout: t,
                 max_message_size: 1024,
                 proxy_protocol: Default::default(),
@@ -631,7 +637,7 @@ mod tests {
             };
             let (stream, permit) = accept();
             let reg = worker.register(&stream, Frontend::Http);
-            let http = serve(worker, Stream::Plain(stream), permit, reg);
+            let http = serve(worker, Stream::Plain(stream), permit, reg, None);
             let size = std::mem::size_of_val(&http);
             eprintln!("http::serve future: {size} bytes");
             assert!(size <= 320, "http::serve future is {size} bytes");
@@ -640,7 +646,7 @@ mod tests {
             let (stream, permit) = accept();
             let client = std::net::Ipv4Addr::LOCALHOST.into();
             let reg = worker.register(&stream, Frontend::Http);
-            let served = serve(worker, Stream::Plain(stream), permit, reg);
+            let served = serve(worker, Stream::Plain(stream), permit, reg, None);
             let relayed = crate::worker::WithClient::new(client, served);
             let size = std::mem::size_of_val(&relayed);
             eprintln!("relayed http::serve future: {size} bytes");

@@ -283,7 +283,10 @@ impl MsgSession {
             // future (a monoio timer alone is 640 bytes), though an idle wait holds none.
             let done = match woke {
                 Woke::Client(Wait::Ready) => return Next::Message,
-                Woke::Client(Wait::Expired) => Box::pin(self.settle(worker, client, framing)).await,
+                // (A message door's wait is never asked to park: `Park` cannot come.)
+                Woke::Client(Wait::Expired | Wait::Park) => {
+                    Box::pin(self.settle(worker, client, framing)).await
+                }
                 Woke::Queued => match Box::pin(self.write_queued(worker, client, framing)).await {
                     Ok(()) => continue,
                     Err(gone) => Err(gone),

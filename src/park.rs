@@ -1,0 +1,205 @@
+//! The parking lot: idle HTTP connections held outside any task.
+//!
+//! A connection waiting for its next request in its task costs about 450 bytes of heap: the
+//! task's header, the door's future (monoio's stream and readiness wait inside it) and monoio's
+//! shared descriptor. Once it has waited through a sweep of the idle sweeper, the sweeper asks it
+//! to park ([`crate::worker::Worker`]'s sweep wakes its task): the task hands this core's lot the
+//! socket, its permit, its registration and the client a PROXY header named, then ends. Here it
+//! costs a slab entry of about 70 bytes, and the kernel watches it in the lot's epoll set. When
+//! it becomes readable (its next request, its close, or the sweeper's shutdown that expires it),
+//! the lot's task takes it out of the set and spawns the door again on it, which reads the
+//! request as if it had never left.
+//!
+//! Invariants:
+//! - A parked connection keeps its permit and its registration: the limiter, the gauges, the
+//!   sweeper's deadlines and the drain count it as open exactly as before. Only its task is gone.
+//! - A connection is in the epoll set exactly while it is in the slab, keyed by its slab key.
+//! - Expiry needs nothing new: the sweeper marks the registry entry expired and shuts the read
+//!   side, the lot sees the socket readable and closes it. The drain closes every parked
+//!   connection at once (they are idle).
+//! - Only plain HTTP connections park: a TLS session, a WebSocket and an MCPB session keep state
+//!   in their task that a socket alone cannot carry.
+//! - The lot holds a duplicate of the socket's descriptor: the task's readiness wait, cancelled
+//!   to park, keeps monoio's descriptor until the ring answers the cancel, and monoio then
+//!   closes it. A connection that cannot get a duplicate or a place in the set (out of
+//!   descriptors or memory) is closed, as nginx closes idle keep-alive connections when it
+//!   runs out: it was idle, and its client opens another.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use slab::Slab;
+
+use crate::limiter::Permit;
+use crate::stream::Stream;
+use crate::worker::{Registration, Worker};
+
+/// One core's parked connections and the epoll set that watches them.
+pub struct Lot {
+    epoll: OwnedFd,
+    parked: RefCell<Slab<Parked>>,
+}
+
+/// What a parked connection is: what its door needs to go on.
+struct Parked {
+    socket: OwnedFd,
+    permit: Permit,
+    reg: Registration,
+    /// The client its PROXY header named, if one did.
+    client: Option<IpAddr>,
+}
+
+/// Events the lot takes from the set per system call.
+const BATCH: usize = 64;
+
+impl Lot {
+    pub fn new() -> io::Result<Lot> {
+        // SAFETY: a plain system call; a descriptor it returns is ours alone.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Lot {
+            // SAFETY: just created, owned by nothing else.
+            epoll: unsafe { OwnedFd::from_raw_fd(fd) },
+            parked: RefCell::new(Slab::new()),
+        })
+    }
+
+    /// Connections parked now.
+    pub fn len(&self) -> usize {
+        self.parked.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Parks an idle HTTP connection (its task then ends), or closes it when it cannot be
+    /// watched (see the module's invariants). `client`: the one its PROXY header named.
+    pub fn park(
+        &self,
+        worker: &Worker,
+        stream: Stream,
+        permit: Permit,
+        reg: Registration,
+        client: Option<IpAddr>,
+    ) {
+        let Stream::Plain(tcp) = &stream else {
+            return; // a TLS session never parks (see `conn::wait_idle`): closed
+        };
+        // SAFETY: the stream is live and outlives the borrow.
+        let socket = match unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) }.try_clone_to_owned() {
+            Ok(s) => s,
+            Err(e) => return tracing::debug!(error = %e, "cannot park an idle connection; closed"),
+        };
+        let mut parked = self.parked.borrow_mut();
+        let slot = parked.vacant_entry();
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+            u64: slot.key() as u64,
+        };
+        // SAFETY: both descriptors are live; `event` is read during the call only.
+        let added = unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                socket.as_raw_fd(),
+                &mut event,
+            )
+        };
+        if added < 0 {
+            let e = io::Error::last_os_error();
+            return tracing::debug!(error = %e, "cannot park an idle connection; closed");
+        }
+        worker.parked_on(&reg, socket.as_raw_fd());
+        slot.insert(Parked {
+            socket,
+            permit,
+            reg,
+            client,
+        });
+        worker.metrics.parked();
+        // `stream` drops here: monoio closes its descriptor once its cancelled wait is answered.
+    }
+
+    /// This core's lot at work: takes the connections that became readable out of the set and
+    /// serves them again. Runs until the worker stops accepting.
+    pub async fn run(&self, worker: &'static Worker) {
+        // monoio has no readiness wait for a bare descriptor; a Unix stream's is a plain poll of
+        // its descriptor, which is what an epoll set's readiness needs (nothing is ever read).
+        let watch = self
+            .epoll
+            .try_clone()
+            .map(std::os::unix::net::UnixStream::from)
+            .and_then(monoio::net::UnixStream::from_std);
+        let watch = match watch {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(worker = worker.index, error = %e, "parking lot cannot wait; idle connections park no more");
+                worker.stop_parking();
+                return std::future::pending().await;
+            }
+        };
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
+        loop {
+            if let Err(e) = watch.readable(false).await {
+                tracing::error!(worker = worker.index, error = %e, "parking lot wait failed");
+                worker.stop_parking();
+                return std::future::pending().await;
+            }
+            loop {
+                // SAFETY: `events` has room for `BATCH` entries; a zero timeout never blocks.
+                let n = unsafe {
+                    libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), BATCH as i32, 0)
+                };
+                let Ok(n) = usize::try_from(n) else {
+                    break; // EINTR: the outer wait comes back at once if events are left
+                };
+                for e in &events[..n] {
+                    self.resume(worker, e.u64 as usize);
+                }
+                if n < BATCH {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Takes connection `key` out of the lot: closed if the sweeper expired it, else served
+    /// again by its door, in a task of its own.
+    fn resume(&self, worker: &'static Worker, key: usize) {
+        let Some(p) = self.parked.borrow_mut().try_remove(key) else {
+            return;
+        };
+        worker.metrics.unparked();
+        // SAFETY: both descriptors are live; a null event is allowed for a removal.
+        unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                p.socket.as_raw_fd(),
+                std::ptr::null_mut(),
+            )
+        };
+        if worker.idle_end(&p.reg) || worker.draining() {
+            return; // expired: dropping it closes it and gives its places back
+        }
+        let tcp = std::net::TcpStream::from(p.socket);
+        match monoio::net::TcpStream::from_std(tcp) {
+            Ok(tcp) => worker.serve_parked(Stream::Plain(tcp), p.permit, p.reg, p.client),
+            Err(e) => tracing::debug!(error = %e, "cannot serve a parked connection; closed"),
+        }
+    }
+
+    /// Closes every parked connection (the worker drains: they are idle).
+    pub fn close_all(&self, worker: &Worker) {
+        let all: Vec<Parked> = self.parked.borrow_mut().drain().collect();
+        for _ in &all {
+            worker.metrics.unparked();
+        }
+        drop(all); // outside the borrow: each registration's drop reaches the worker
+    }
+}

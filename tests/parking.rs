@@ -1,0 +1,152 @@
+//! Idle HTTP connections park outside their tasks (`server.park_idle_connections`) and come
+//! back for their next request as if they had never left: answers, pipelining, limits, counts,
+//! idle expiry and the drain, on both drivers.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+
+const PARKED: &str = "mcp_gateway_connections_parked";
+const PARKS: &str = "mcp_gateway_connection_parks_total";
+
+/// A request whose JSON-RPC id is `id`.
+fn call(id: u32) -> String {
+    post_mcp(&format!(
+        r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/list"}}"#
+    ))
+}
+
+/// Reads one response and checks it answers request `id`.
+fn answered(s: &mut TcpStream, buf: &mut Vec<u8>, id: u32) {
+    let r = read_response(s, buf).expect("a response");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["id"], id, "answers in order");
+}
+
+fn park_and_resume(driver: &str) {
+    // read_timeout 0.8 s: the sweeper runs every 100 ms, so a connection parks within 300 ms.
+    let gw = start(&format!(
+        "driver: {driver}\nread_timeout: 0.8\nidle_timeout: 30\nmax_connections_per_ip: 5"
+    ));
+    let mut clients: Vec<TcpStream> = Vec::new();
+    for i in 0..40 {
+        let from = format!("127.0.0.{}", 2 + i / 5);
+        clients.push(connect_from(&from, gw.http));
+    }
+    clients.push(connect_from("::1", gw.http));
+    clients.push(connect_from("::1", gw.http));
+    let n = clients.len();
+    let mut id = 0;
+    for c in &mut clients {
+        id += 1;
+        c.write_all(call(id).as_bytes()).unwrap();
+        answered(c, &mut Vec::new(), id);
+    }
+    gw.wait_metric(PARKED, n as f64);
+    // Parked, they still count: the limiter holds their places.
+    assert_eq!(gw.metric("mcp_gateway_connections_active"), n as f64);
+    assert_eq!(
+        gw.metric("mcp_gateway_frontend_connections_active{frontend=\"http\"}"),
+        n as f64
+    );
+    assert_eq!(gw.metric("mcp_gateway_tracked_ips"), 9.0);
+    let mut late = connect_from("127.0.0.2", gw.http);
+    assert_eq!(
+        roundtrip(&mut late, &call(1)).status,
+        429,
+        "the per-IP limit counts parked connections"
+    );
+    drop(late);
+    // Each comes back for its next requests: one, two pipelined in one write, or one whose
+    // head arrives in two writes.
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut buf = Vec::new();
+        match i % 3 {
+            0 => {
+                c.write_all(call(100).as_bytes()).unwrap();
+                answered(c, &mut buf, 100);
+            }
+            1 => {
+                c.write_all((call(200) + &call(201)).as_bytes()).unwrap();
+                answered(c, &mut buf, 200);
+                answered(c, &mut buf, 201);
+            }
+            _ => {
+                let req = call(300);
+                let (a, b) = req.split_at(9);
+                c.write_all(a.as_bytes()).unwrap();
+                c.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+                c.write_all(b.as_bytes()).unwrap();
+                answered(c, &mut buf, 300);
+            }
+        }
+    }
+    // They park again, and parks were counted each time.
+    gw.wait_metric(PARKED, n as f64);
+    assert!(gw.metric(PARKS) >= 2.0 * n as f64);
+    // Clients leave while parked, some with a reset: every place is given back.
+    for (i, c) in clients.drain(..20).enumerate() {
+        if i % 2 == 0 {
+            socket2::SockRef::from(&c)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        }
+    }
+    gw.wait_metric("mcp_gateway_connections_active", (n - 20) as f64);
+    gw.wait_metric(PARKED, (n - 20) as f64);
+    drop(clients);
+    gw.wait_all_closed();
+    gw.wait_metric(PARKED, 0.0);
+}
+
+#[test]
+fn idle_connections_park_and_come_back_for_their_next_requests() {
+    park_and_resume("io_uring");
+}
+
+#[test]
+fn idle_connections_park_on_the_epoll_driver_too() {
+    park_and_resume("epoll");
+}
+
+#[test]
+fn parked_connections_expire_after_idle_timeout_and_close_at_shutdown() {
+    let mut gw = start("read_timeout: 0.8\nidle_timeout: 1.5\nshutdown_timeout: 30");
+    let mut early: Vec<TcpStream> = (0..5).map(|_| connect_from("127.0.0.2", gw.http)).collect();
+    for c in &mut early {
+        assert_eq!(roundtrip(c, &call(1)).status, 200);
+    }
+    gw.wait_metric(PARKED, 5.0);
+    for c in &mut early {
+        assert!(closed_by_peer(c), "a parked connection expires when idle");
+    }
+    gw.wait_all_closed();
+    gw.wait_metric(PARKED, 0.0);
+    // The drain closes parked connections at once, not after shutdown_timeout.
+    let mut late: Vec<TcpStream> = (0..5).map(|_| connect_from("127.0.0.3", gw.http)).collect();
+    for c in &mut late {
+        assert_eq!(roundtrip(c, &call(1)).status, 200);
+    }
+    gw.wait_metric(PARKED, 5.0);
+    unsafe { libc::kill(gw.pid(), libc::SIGTERM) };
+    for c in &mut late {
+        assert!(closed_by_peer(c), "the drain closes a parked connection");
+    }
+    assert_eq!(gw.stop(0, Duration::from_secs(5)).code(), Some(0));
+}
+
+#[test]
+fn connections_wait_in_their_tasks_when_parking_is_off() {
+    let gw = start("read_timeout: 0.8\nidle_timeout: 0.6\npark_idle_connections: false");
+    let mut c = connect_from("127.0.0.2", gw.http);
+    assert_eq!(roundtrip(&mut c, &call(1)).status, 200);
+    // Expired by the sweeper after several sweeps: none of them parked it.
+    assert!(closed_by_peer(&mut c));
+    assert_eq!(gw.metric(PARKS), 0.0);
+    gw.wait_all_closed();
+}
