@@ -88,13 +88,13 @@ else
 fi
 
 # mcp-gateway
-gport=$(port)
+gport=$(port); gmetrics=$(port)
 cat > "$work/gw.yaml" <<YAML
 server:
   host: 127.0.0.1
   port: $gport
   tcp_port: 0
-  metrics_port: 0
+  metrics_port: $gmetrics
   max_connections: 19000
   max_connections_per_ip: $L
   # The load generator shares these cores: unpinned, like nginx's and HAProxy's workers (pinned
@@ -171,10 +171,13 @@ wrk_run() { # server mode -> "req/s p99ms"
   echo "$(awk '/^requests\/s:/ {print $2}' <<<"$out") $(awk '/^p99 latency:/ {print $3}' <<<"$out")"
 }
 idle_bytes() { # server round -> bytes per idle connection
-  # Warm up (buffer pools, allocator arenas), then measure the growth for $IDLE idle connections.
-  python3 scripts/hold_connections.py --port "${PORT[$1]}" --connections 200 --sources 8 --hold 0 >/dev/null
+  # Warm up (buffer pools, allocator arenas; for mcp-gateway, a wave of idle connections that
+  # park, as the measured ones do: see scripts/idle-memory.sh), then measure the growth for
+  # $IDLE idle connections.
+  local settle=(); [ "$1" = mcp-gateway ] && settle=(--settle-url "http://127.0.0.1:$gmetrics/metrics")
+  python3 scripts/hold_connections.py --port "${PORT[$1]}" --connections 2000 --sources 48 --hold 0 "${settle[@]}" >/dev/null
   python3 scripts/hold_connections.py --port "${PORT[$1]}" --connections "$IDLE" \
-    --sources $(( IDLE / (L - 1) + 1 )) --measure-pids "$(pids_of "$1" | xargs | tr ' ' ',')" |
+    --sources $(( IDLE / (L - 1) + 1 )) --measure-pids "$(pids_of "$1" | xargs | tr ' ' ',')" "${settle[@]}" |
     sed -E 's/.*: (-?[0-9]+) bytes per idle connection.*/\1/'
 }
 flood_kept() { # throughput with a one-address flood / without

@@ -6,7 +6,7 @@ Modes: http (default): one JSON-RPC request, then an idle keep-alive connection;
 whose event stream stays open (the standalone stream every MCP client keeps; it needs an
 upstream that holds it); ws: a WebSocket upgrade and one message; mcpb: one MCPB Request frame
 (to the MCPB port). Loopback only."""
-import argparse, resource, socket, ssl, struct, sys, time, select
+import argparse, resource, socket, ssl, struct, sys, time, select, urllib.request
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--port", type=int, required=True)
@@ -20,6 +20,9 @@ p.add_argument("--tls", action="store_true",
 p.add_argument("--proxy-header", action="store_true",
                help="start each connection with a PROXY v1 header naming a client 10.x.y.z of its own "
                     "(for a gateway whose server.proxy_protocol_networks holds 127.0.0.0/8)")
+p.add_argument("--settle-url", default="",
+               help="the gateway's /metrics: once all are held, wait until its count of parked "
+                    "connections (mcp_gateway_connections_parked) stops moving before going on")
 p.add_argument("--measure-pids", default="",
                help="comma-separated pids: print their RSS growth per held connection, then close")
 a = p.parse_args()
@@ -85,11 +88,31 @@ for i in range(a.connections):
     except OSError:
         failed += 1
     socks.append(s)
+
+
+def parked(url):
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return int(float(next(l.split()[1] for l in text.splitlines()
+                          if l.startswith("mcp_gateway_connections_parked "))))
+
+
+settled = ""
+if a.settle_url:
+    # Idle connections park a sweep or two after their last request, a batch per sweep: wait
+    # until two reads a second apart agree (at most a minute).
+    last, deadline = -1, time.time() + 60
+    while time.time() < deadline:
+        time.sleep(1)
+        now = parked(a.settle_url)
+        if now == last:
+            break
+        last = now
+    settled = f", {last} parked"
 if measured:
     time.sleep(1)  # let the servers finish with the last requests
     after = rss_kib(measured)
     print(f"held {len(socks) - failed} ok, {failed} failed; RSS before {before} KiB, after {after} KiB: "
-          f"{(after - before) * 1024 // a.connections} bytes per idle connection ({a.mode})", flush=True)
+          f"{(after - before) * 1024 // a.connections} bytes per idle connection ({a.mode}{settled})", flush=True)
     sys.exit(0)
-print(f"held {len(socks) - failed} ok, {failed} failed", flush=True)
+print(f"held {len(socks) - failed} ok, {failed} failed{settled}", flush=True)
 select.select([sys.stdin], [], [], a.hold)

@@ -6,7 +6,7 @@
 set -euo pipefail
 usage() {
   cat <<USAGE
-usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx] [--proxy-protocol] [--tls] [--heap]
+usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx] [--proxy-protocol] [--tls] [--heap] [--no-park]
   --mode M          http (default): keep-alive connections idle after a request;
                     stream: open event streams (GET /mcp) through the proxy to an upstream that
                     holds them silent (scripts/lib/sse_upstream.py), as every MCP client keeps one;
@@ -25,10 +25,13 @@ usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx] [--proxy-pr
   --heap            also the gateway's live heap per connection while they are held (glibc's
                     malloc_stats, called through gdb, installed if missing): steadier than RSS,
                     which moves with how the allocator's pages fall
+  --no-park         server.park_idle_connections: false (idle HTTP connections wait in their
+                    tasks); by default they park, and each measurement waits until the gateway's
+                    count of parked connections settles
 Runs on loopback only and stops everything it started.
 USAGE
 }
-N=""; NGINX=0; MODE=http; PP=0; TLS=0; HEAP=0
+N=""; NGINX=0; MODE=http; PP=0; TLS=0; HEAP=0; PARK=true
 while [ $# -gt 0 ]; do
   case "$1" in
     --mode) MODE=$2; shift 2 ;;
@@ -37,6 +40,7 @@ while [ $# -gt 0 ]; do
     --proxy-protocol) PP=1; shift ;;
     --tls) TLS=1; shift ;;
     --heap) HEAP=1; shift ;;
+    --no-park) PARK=false; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage; exit 64 ;;
   esac
@@ -54,11 +58,14 @@ measure() { # name mode port pid...
   local name=$1 mode=$2 port=$3; shift 3
   local n=${N:-$([ "$mode" = http ] && echo 15000 || echo 8000)}
   local pids; pids=$(echo "$@" | tr ' ' ',')
-  # Warm up: the buffer pools and allocator arenas reach their working size.
+  # Warm up: the buffer pools and allocator arenas reach their working size, and the gateway
+  # has lived through a wave of idle connections parking (and given back what their tasks
+  # freed) before the baseline, as it does before the measurement.
   local pp=(); [ "$PP" = 1 ] && [ "$name" != "${name#mcp-gateway}" ] && pp=(--proxy-header)
   [ "$TLS" = 1 ] && pp+=(--tls)
-  python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections 200 --hold 0 "${pp[@]}" >/dev/null
-  echo "$name: $(python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections "$n" --measure-pids "$pids" "${pp[@]}")"
+  local settle=(); [ "$name" != "${name#mcp-gateway}" ] && settle=(--settle-url "http://127.0.0.1:$gmetrics/metrics")
+  python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections 2000 --hold 0 "${pp[@]}" "${settle[@]}" >/dev/null
+  echo "$name: $(python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections "$n" --measure-pids "$pids" "${pp[@]}" "${settle[@]}")"
 }
 
 if [ "$TLS" = 1 ]; then
@@ -74,8 +81,8 @@ python3 scripts/lib/sse_upstream.py "$uport" > "$work/up.log" 2>&1 &
 pids+=("$!")
 until grep -q listening "$work/up.log"; do sleep 0.1; done
 
-start_gateway() { # mode -> sets gw, gport, gtcp
-  gport=$(free_port); gtcp=$(free_port)
+start_gateway() { # mode -> sets gw, gport, gtcp, gmetrics
+  gport=$(free_port); gtcp=$(free_port); gmetrics=$(free_port)
   local routing=""
   [ "$1" != http ] && routing="routing:
   health_check_interval: 3600
@@ -89,8 +96,9 @@ server:
   host: 127.0.0.1
   port: $gport
   tcp_port: $gtcp
-  metrics_port: 0
+  metrics_port: $gmetrics
   idle_timeout: 600
+  park_idle_connections: $PARK
   proxy_protocol_networks: [$([ "$PP" = 1 ] && echo 127.0.0.0/8)]
 $([ "$TLS" = 1 ] && printf '  tls_cert_file: %s\n  tls_key_file: %s' "$work/cert.pem" "$work/key.pem")
 $routing
@@ -153,14 +161,15 @@ heap() { # mode port pid: live heap per connection while N connections are held 
   h0=$(heap_in_use "$pid")
   mkfifo "$work/hold"
   python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections "$n" --hold 300 "${pp[@]}" \
-    < "$work/hold" > "$work/held" &
+    --settle-url "http://127.0.0.1:$gmetrics/metrics" < "$work/hold" > "$work/held" &
   holder=$!
   exec 9> "$work/hold"
   until [ -s "$work/held" ]; do sleep 0.2; done
   sleep 1
   h1=$(heap_in_use "$pid")
+  local held; held=$(cat "$work/held")
   exec 9>&-; wait "$holder" 2>/dev/null || true; rm -f "$work/hold" "$work/held"
-  echo "mcp-gateway ($mode): live heap $(( (h1 - h0) / n )) bytes per idle connection ($h0 -> $h1 bytes in use)"
+  echo "mcp-gateway ($mode): live heap $(( (h1 - h0) / n )) bytes per idle connection ($h0 -> $h1 bytes in use; $held)"
 }
 
 [ "$HEAP" = 1 ] && need gdb

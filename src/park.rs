@@ -25,7 +25,7 @@
 //!   descriptors or memory) is closed, as nginx closes idle keep-alive connections when it
 //!   runs out: it was idle, and its client opens another.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -40,6 +40,8 @@ use crate::worker::{Registration, Worker};
 pub struct Lot {
     epoll: OwnedFd,
     parked: RefCell<Slab<Parked>>,
+    /// Connections parked since the allocator last gave free memory back (see [`Lot::settle`]).
+    since_trim: Cell<usize>,
 }
 
 /// What a parked connection is: what its door needs to go on.
@@ -54,6 +56,9 @@ struct Parked {
 /// Events the lot takes from the set per system call.
 const BATCH: usize = 64;
 
+/// Parked connections after which the end of a wave gives memory back (see [`Lot::settle`]).
+const TRIM_AFTER: usize = 256;
+
 impl Lot {
     pub fn new() -> io::Result<Lot> {
         // SAFETY: a plain system call; a descriptor it returns is ours alone.
@@ -65,6 +70,7 @@ impl Lot {
             // SAFETY: just created, owned by nothing else.
             epoll: unsafe { OwnedFd::from_raw_fd(fd) },
             parked: RefCell::new(Slab::new()),
+            since_trim: Cell::new(0),
         })
     }
 
@@ -122,6 +128,7 @@ impl Lot {
             client,
         });
         worker.metrics.parked();
+        self.since_trim.set(self.since_trim.get() + 1);
         // `stream` drops here: monoio closes its descriptor once its cancelled wait is answered.
     }
 
@@ -191,6 +198,23 @@ impl Lot {
         match monoio::net::TcpStream::from_std(tcp) {
             Ok(tcp) => worker.serve_parked(Stream::Plain(tcp), p.permit, p.reg, p.client),
             Err(e) => tracing::debug!(error = %e, "cannot serve a parked connection; closed"),
+        }
+    }
+
+    /// Called by each sweep (`asked`: whether it asked connections to park). Once a wave of at
+    /// least `TRIM_AFTER` parked connections has ended, gives the memory their tasks freed back
+    /// to the system: the allocator keeps freed memory for reuse, and a wave of idle clients
+    /// would otherwise leave the gateway's resident memory at its peak, as if they had never
+    /// parked. Once per wave, not per connection; glibc only.
+    pub fn settle(&self, asked: bool) {
+        if asked || self.since_trim.get() < TRIM_AFTER {
+            return;
+        }
+        self.since_trim.set(0);
+        #[cfg(target_env = "gnu")]
+        // SAFETY: a plain call into the allocator, which takes its own locks.
+        unsafe {
+            libc::malloc_trim(0);
         }
     }
 

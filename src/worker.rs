@@ -389,6 +389,9 @@ impl Worker {
                 _ => {}
             }
         }
+        if let Some(lot) = &self.lot {
+            lot.settle(asked > 0);
+        }
     }
 
     /// Stops taking new requests: idle connections are expired now (parked ones closed) and busy

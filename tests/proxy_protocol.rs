@@ -275,6 +275,13 @@ fn upstreams_see_the_relayed_client_in_x_forwarded_for() {
     assert_eq!(next().as_deref(), Some("203.0.113.7"));
     assert_eq!(tools_list(&mut direct), 200);
     assert_eq!(next().as_deref(), Some("127.0.0.3"));
+    // Parked between requests (see tests/parking.rs), the connections come back as the clients
+    // they were: the relayed one its header's, the direct one its peer.
+    gw.wait_metric("mcp_gateway_connections_parked", 3.0);
+    assert_eq!(tools_list(&mut c), 200);
+    assert_eq!(next().as_deref(), Some("203.0.113.7"));
+    assert_eq!(tools_list(&mut direct), 200);
+    assert_eq!(next().as_deref(), Some("127.0.0.3"));
 }
 
 /// HAProxy (`mode tcp`), killed on drop (and then its configuration's directory removed).
