@@ -36,7 +36,29 @@ def rss_kib(pids):
     return total
 
 
+def parked(url):
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return int(float(next(l.split()[1] for l in text.splitlines()
+                          if l.startswith("mcp_gateway_connections_parked "))))
+
+
+def settle(url):
+    """Idle connections park a sweep or two after their last request, a batch per sweep, and
+    the gateway gives freed memory back once a wave has ended: wait until two reads of the
+    parked count a second apart agree (at most a minute)."""
+    last, deadline = -1, time.time() + 60
+    while time.time() < deadline:
+        time.sleep(1)
+        now = parked(url)
+        if now == last:
+            break
+        last = now
+    return last
+
+
 measured = [int(x) for x in a.measure_pids.split(",") if x]
+if measured and a.settle_url:
+    settle(a.settle_url)  # what an earlier client left (its connections leaving the lot) settles
 before = rss_kib(measured) if measured else 0
 
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -89,24 +111,9 @@ for i in range(a.connections):
         failed += 1
     socks.append(s)
 
-
-def parked(url):
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    return int(float(next(l.split()[1] for l in text.splitlines()
-                          if l.startswith("mcp_gateway_connections_parked "))))
-
-
 settled = ""
 if a.settle_url:
-    # Idle connections park a sweep or two after their last request, a batch per sweep: wait
-    # until two reads a second apart agree (at most a minute).
-    last, deadline = -1, time.time() + 60
-    while time.time() < deadline:
-        time.sleep(1)
-        now = parked(a.settle_url)
-        if now == last:
-            break
-        last = now
+    last = settle(a.settle_url)
     settled = f", {last} parked"
 if measured:
     time.sleep(1)  # let the servers finish with the last requests

@@ -40,8 +40,11 @@ use crate::worker::{Registration, Worker};
 pub struct Lot {
     epoll: OwnedFd,
     parked: RefCell<Slab<Parked>>,
-    /// Connections parked since the allocator last gave free memory back (see [`Lot::settle`]).
+    /// Connections that came into the lot or left it since the allocator last gave free memory
+    /// back (see [`Lot::settle`]).
     since_trim: Cell<usize>,
+    /// One came or left since the last sweep.
+    moved: Cell<bool>,
 }
 
 /// What a parked connection is: what its door needs to go on.
@@ -56,7 +59,8 @@ struct Parked {
 /// Events the lot takes from the set per system call.
 const BATCH: usize = 64;
 
-/// Parked connections after which the end of a wave gives memory back (see [`Lot::settle`]).
+/// Connections parked or leaving after which the end of a wave gives memory back (see
+/// [`Lot::settle`]).
 const TRIM_AFTER: usize = 256;
 
 impl Lot {
@@ -71,6 +75,7 @@ impl Lot {
             epoll: unsafe { OwnedFd::from_raw_fd(fd) },
             parked: RefCell::new(Slab::new()),
             since_trim: Cell::new(0),
+            moved: Cell::new(false),
         })
     }
 
@@ -128,7 +133,7 @@ impl Lot {
             client,
         });
         worker.metrics.parked();
-        self.since_trim.set(self.since_trim.get() + 1);
+        self.moved();
         // `stream` drops here: monoio closes its descriptor once its cancelled wait is answered.
     }
 
@@ -182,6 +187,7 @@ impl Lot {
             return;
         };
         worker.metrics.unparked();
+        self.moved();
         // SAFETY: both descriptors are live; a null event is allowed for a removal.
         unsafe {
             libc::epoll_ctl(
@@ -201,20 +207,33 @@ impl Lot {
         }
     }
 
+    fn moved(&self) {
+        self.since_trim.set(self.since_trim.get() + 1);
+        self.moved.set(true);
+    }
+
     /// Called by each sweep (`asked`: whether it asked connections to park). Once a wave of at
-    /// least `TRIM_AFTER` parked connections has ended, gives the memory their tasks freed back
-    /// to the system: the allocator keeps freed memory for reuse, and a wave of idle clients
-    /// would otherwise leave the gateway's resident memory at its peak, as if they had never
-    /// parked. Once per wave, not per connection; glibc only.
+    /// least `TRIM_AFTER` connections parking or leaving the lot has ended (a sweep with none
+    /// asked, and none parked or left since the last), gives the memory their tasks and buffers
+    /// freed back to the system: the allocator keeps freed memory for reuse, and a wave of idle
+    /// clients would otherwise leave the gateway's resident memory at its peak, as if they had
+    /// never parked. Once per wave, never while connections keep coming and going; glibc only.
     pub fn settle(&self, asked: bool) {
-        if asked || self.since_trim.get() < TRIM_AFTER {
+        let moved = self.moved.replace(false);
+        if asked || moved || self.since_trim.get() < TRIM_AFTER {
             return;
         }
-        self.since_trim.set(0);
+        let wave = self.since_trim.replace(0);
         #[cfg(target_env = "gnu")]
-        // SAFETY: a plain call into the allocator, which takes its own locks.
-        unsafe {
-            libc::malloc_trim(0);
+        {
+            let started = std::time::Instant::now();
+            // SAFETY: a plain call into the allocator, which takes its own locks.
+            unsafe { libc::malloc_trim(0) };
+            tracing::debug!(
+                wave,
+                took_us = started.elapsed().as_micros() as u64,
+                "freed memory given back after a wave of parked connections"
+            );
         }
     }
 

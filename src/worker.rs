@@ -106,6 +106,7 @@ impl Worker {
             &std::collections::hash_map::RandomState::new(),
             index,
         );
+        let lot = shared.settings.park_idle.then(make_lot).flatten();
         Box::leak(Box::new(Worker {
             index,
             shared,
@@ -119,8 +120,8 @@ impl Worker {
             rejecting: Cell::new(0),
             rng: Cell::new(seed | 1),
             tls: RefCell::new(None),
-            lot: shared.settings.park_idle.then(make_lot).flatten(),
-            parking: Cell::new(shared.settings.park_idle),
+            parking: Cell::new(lot.is_some()),
+            lot,
         }))
     }
 
@@ -221,10 +222,11 @@ impl Worker {
         self.parking.set(false);
     }
 
-    /// Parks the idle HTTP connection whose task runs now (its wait said [`conn::Wait::Park`]);
-    /// the task then ends.
+    /// Parks the idle HTTP connection whose task runs now (its wait said [`conn::Wait::Park`],
+    /// which it says only while [`Worker::parks`], so there is a lot); the task then ends.
     pub fn park(&self, stream: Stream, permit: Permit, reg: Registration) {
-        if let Some(lot) = self.lot.as_ref().filter(|_| self.parks()) {
+        debug_assert!(self.lot.is_some(), "asked to park without a parking lot");
+        if let Some(lot) = &self.lot {
             lot.park(self, stream, permit, reg, RELAYED.get());
         }
     }
