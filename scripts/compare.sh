@@ -172,10 +172,11 @@ wrk_run() { # server mode -> "req/s p99ms"
 }
 idle_bytes() { # server round -> bytes per idle connection
   # Warm up (buffer pools, allocator arenas; for mcp-gateway, a wave of idle connections that
-  # park, as the measured ones do: see scripts/idle-memory.sh), then measure the growth for
-  # $IDLE idle connections.
-  local settle=(); [ "$1" = mcp-gateway ] && settle=(--settle-url "http://127.0.0.1:$gmetrics/metrics")
-  python3 scripts/hold_connections.py --port "${PORT[$1]}" --connections 2000 --sources 48 --hold 0 "${settle[@]}" >/dev/null
+  # park, as the measured ones do, big enough that it gives freed memory back once the wave
+  # ends: see scripts/idle-memory.sh), then measure the growth for $IDLE idle connections.
+  local settle=() warm=200
+  [ "$1" = mcp-gateway ] && settle=(--settle-url "http://127.0.0.1:$gmetrics/metrics") && warm=2000
+  python3 scripts/hold_connections.py --port "${PORT[$1]}" --connections "$warm" --sources 48 --hold 0 "${settle[@]}" >/dev/null
   python3 scripts/hold_connections.py --port "${PORT[$1]}" --connections "$IDLE" \
     --sources $(( IDLE / (L - 1) + 1 )) --measure-pids "$(pids_of "$1" | xargs | tr ' ' ',')" "${settle[@]}" |
     sed -E 's/.*: (-?[0-9]+) bytes per idle connection.*/\1/'
