@@ -79,15 +79,6 @@ impl Lot {
         })
     }
 
-    /// Connections parked now.
-    pub fn len(&self) -> usize {
-        self.parked.borrow().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Parks an idle HTTP connection (its task then ends), or closes it when it cannot be
     /// watched (see the module's invariants). `client`: the one its PROXY header named.
     pub fn park(
@@ -149,18 +140,12 @@ impl Lot {
             .and_then(monoio::net::UnixStream::from_std);
         let watch = match watch {
             Ok(w) => w,
-            Err(e) => {
-                tracing::error!(worker = worker.index, error = %e, "parking lot cannot wait; idle connections park no more");
-                worker.stop_parking();
-                return std::future::pending().await;
-            }
+            Err(e) => return self.give_up(worker, e).await,
         };
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
         loop {
             if let Err(e) = watch.readable(false).await {
-                tracing::error!(worker = worker.index, error = %e, "parking lot wait failed");
-                worker.stop_parking();
-                return std::future::pending().await;
+                return self.give_up(worker, e).await;
             }
             loop {
                 // SAFETY: `events` has room for `BATCH` entries; a zero timeout never blocks.
@@ -178,6 +163,15 @@ impl Lot {
                 }
             }
         }
+    }
+
+    /// The lot cannot wait on its set (never seen): its connections are closed (their clients
+    /// open others), and idle connections wait in their tasks from now on.
+    async fn give_up(&self, worker: &Worker, e: io::Error) {
+        tracing::error!(worker = worker.index, error = %e, "parking lot cannot wait; idle connections park no more");
+        worker.stop_parking();
+        self.close_all(worker);
+        std::future::pending().await
     }
 
     /// Takes connection `key` out of the lot: closed if the sweeper expired it, else served

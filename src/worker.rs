@@ -2,8 +2,9 @@
 //! connections through the limiter, serves them to completion, and drains on shutdown.
 //!
 //! Owns the per-core state: the registry of open connections (used to wake idle ones when the
-//! worker drains, and event streams whose upstream a reload removed), the count of rejection
-//! replies in flight, and the core's session-id generator.
+//! worker drains, and event streams whose upstream a reload removed), the idle sweeper (which
+//! expires idle connections and asks idle HTTP ones to park in the core's [`crate::park::Lot`]),
+//! the count of rejection replies in flight, and the core's session-id generator.
 //!
 //! Invariants:
 //! - A connection lives and dies on the worker that accepted it; nothing crosses cores.
