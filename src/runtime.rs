@@ -117,6 +117,7 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
         workers,
         driver = driver.label(),
         pinned = s.pin_workers,
+        park_idle = s.park_idle_connections,
         limits = %describe_limits(limiter),
         open_file_limit = nofile,
         "mcp-gateway starting"

@@ -178,6 +178,7 @@ fn json_logs_are_one_object_per_line_with_the_fields_as_keys() {
     assert_eq!(starting["level"], "INFO");
     assert_eq!(starting["fields"]["message"], "mcp-gateway starting");
     assert_eq!(starting["fields"]["workers"], 1);
+    assert_eq!(starting["fields"]["park_idle"], true);
     let listening = loop {
         let l = next();
         if l["fields"]["message"] == "listening" {

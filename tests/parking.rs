@@ -89,8 +89,12 @@ fn park_and_resume(driver: &str) {
     // They park again, and parks were counted each time.
     gw.wait_metric(PARKED, n as f64);
     assert!(gw.metric(PARKS) >= 2.0 * n as f64);
-    // Clients leave while parked, some with a reset: every place is given back.
-    for (i, c) in clients.drain(..20).enumerate() {
+    // Clients leave while parked (some with a reset), or after the first bytes of a request
+    // brought them back (some with a reset): every place is given back.
+    for (i, mut c) in clients.drain(..20).enumerate() {
+        if i % 4 >= 2 {
+            c.write_all(b"POST /mcp HTTP/1.1\r\nHost: t\r\n").unwrap();
+        }
         if i % 2 == 0 {
             socket2::SockRef::from(&c)
                 .set_linger(Some(Duration::ZERO))
