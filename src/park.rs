@@ -21,9 +21,9 @@
 //!   in their task that a socket alone cannot carry.
 //! - The lot holds a duplicate of the socket's descriptor: the task's readiness wait, cancelled
 //!   to park, keeps monoio's descriptor until the ring answers the cancel, and monoio then
-//!   closes it. A connection that cannot get a duplicate or a place in the set (out of
-//!   descriptors or memory) is closed, as nginx closes idle keep-alive connections when it
-//!   runs out: it was idle, and its client opens another.
+//!   closes it. A connection that cannot get a duplicate or a place in the set (a gateway at its
+//!   descriptor limit) stays in its task, waiting as before with the same deadline; none is
+//!   asked to park for a few sweeps after that. Parking never closes a connection.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -34,7 +34,7 @@ use slab::Slab;
 
 use crate::limiter::Permit;
 use crate::stream::Stream;
-use crate::worker::{Registration, Worker};
+use crate::worker::{Registration, Unparked, Worker};
 
 /// One core's parked connections and the epoll set that watches them.
 pub struct Lot {
@@ -45,6 +45,8 @@ pub struct Lot {
     since_trim: Cell<usize>,
     /// One came or left since the last sweep.
     moved: Cell<bool>,
+    /// Sweeps left before connections are asked to park again, after one could not.
+    pause: Cell<u32>,
 }
 
 /// What a parked connection is: what its door needs to go on.
@@ -55,6 +57,9 @@ struct Parked {
     /// The client its PROXY header named, if one did.
     client: Option<IpAddr>,
 }
+
+/// Sweeps without asking connections to park after one could not.
+const PAUSE_SWEEPS: u32 = 16;
 
 /// Events the lot takes from the set per system call.
 const BATCH: usize = 64;
@@ -76,11 +81,12 @@ impl Lot {
             parked: RefCell::new(Slab::new()),
             since_trim: Cell::new(0),
             moved: Cell::new(false),
+            pause: Cell::new(0),
         })
     }
 
-    /// Parks an idle HTTP connection (its task then ends), or closes it when it cannot be
-    /// watched (see the module's invariants). `client`: the one its PROXY header named.
+    /// Parks an idle HTTP connection (its task then ends), or gives it back when it cannot be
+    /// watched now (see the module's invariants). `client`: the one its PROXY header named.
     pub fn park(
         &self,
         worker: &Worker,
@@ -88,14 +94,17 @@ impl Lot {
         permit: Permit,
         reg: Registration,
         client: Option<IpAddr>,
-    ) {
+    ) -> Result<(), Unparked> {
         let Stream::Plain(tcp) = &stream else {
-            return; // a TLS session never parks (see `conn::wait_idle`): closed
+            return Err((stream, permit, reg)); // a TLS session never parks (`Worker::idle_pending`)
         };
         // SAFETY: the stream is live and outlives the borrow.
         let socket = match unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) }.try_clone_to_owned() {
             Ok(s) => s,
-            Err(e) => return tracing::debug!(error = %e, "cannot park an idle connection; closed"),
+            Err(e) => {
+                self.cannot_park(worker, &e);
+                return Err((stream, permit, reg));
+            }
         };
         let mut parked = self.parked.borrow_mut();
         let slot = parked.vacant_entry();
@@ -113,8 +122,8 @@ impl Lot {
             )
         };
         if added < 0 {
-            let e = io::Error::last_os_error();
-            return tracing::debug!(error = %e, "cannot park an idle connection; closed");
+            self.cannot_park(worker, &io::Error::last_os_error());
+            return Err((stream, permit, reg));
         }
         worker.parked_on(&reg, socket.as_raw_fd());
         slot.insert(Parked {
@@ -125,7 +134,23 @@ impl Lot {
         });
         worker.metrics.parked();
         self.moved();
-        // `stream` drops here: monoio closes its descriptor once its cancelled wait is answered.
+        // `stream` drops on return: monoio closes its descriptor once its cancelled wait is
+        // answered.
+        Ok(())
+    }
+
+    /// A connection could not park (out of descriptors, or of kernel memory for the set): it
+    /// waits on in its task, and no connection is asked to park for `PAUSE_SWEEPS` sweeps, so
+    /// that a gateway at its descriptor limit does not wake its idle connections in vain.
+    fn cannot_park(&self, worker: &Worker, e: &io::Error) {
+        if self.pause.replace(PAUSE_SWEEPS) == 0 {
+            tracing::warn!(worker = worker.index, error = %e, "idle connections cannot park now; they wait in their tasks for a while");
+        }
+    }
+
+    /// The sweeper may ask connections to park (none failed to lately).
+    pub fn may_ask(&self) -> bool {
+        self.pause.get() == 0
     }
 
     /// This core's lot at work: takes the connections that became readable out of the set and
@@ -213,6 +238,7 @@ impl Lot {
     /// clients would otherwise leave the gateway's resident memory at its peak, as if they had
     /// never parked. Once per wave, never while connections keep coming and going; glibc only.
     pub fn settle(&self, asked: bool) {
+        self.pause.set(self.pause.get().saturating_sub(1));
         let moved = self.moved.replace(false);
         if asked || moved || self.since_trim.get() < TRIM_AFTER {
             return;

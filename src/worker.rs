@@ -224,11 +224,26 @@ impl Worker {
     }
 
     /// Parks the idle HTTP connection whose task runs now (its wait said [`conn::Wait::Park`],
-    /// which it says only while [`Worker::parks`], so there is a lot); the task then ends.
-    pub fn park(&self, stream: Stream, permit: Permit, reg: Registration) {
-        debug_assert!(self.lot.is_some(), "asked to park without a parking lot");
-        if let Some(lot) = &self.lot {
-            lot.park(self, stream, permit, reg, RELAYED.get());
+    /// which it says only while [`Worker::parks`], so there is a lot); its task then ends. `Err`
+    /// gives the connection back when it cannot park now (no descriptor or memory to spare): it
+    /// waits on in its task, its deadline unchanged.
+    pub fn park(&self, stream: Stream, permit: Permit, reg: Registration) -> Result<(), Unparked> {
+        let Some(lot) = &self.lot else {
+            return Err((stream, permit, reg));
+        };
+        let back = lot.park(self, stream, permit, reg, RELAYED.get());
+        if let Err((_, _, reg)) = &back {
+            self.not_parked(reg);
+        }
+        back
+    }
+
+    /// The connection of `reg`, asked to park, could not: it waits again with its deadline.
+    fn not_parked(&self, reg: &Registration) {
+        if let Some(e) = self.conns.borrow_mut().get_mut(reg.key) {
+            if let Idle::Park(d) = e.idle {
+                e.idle = Idle::Until(d);
+            }
         }
     }
 
@@ -278,6 +293,7 @@ impl Worker {
     }
 
     /// The connection starts waiting for its next request; the sweeper expires it after `limit`.
+    /// One that could not park waits again with the deadline it had (see [`Worker::park`]).
     pub fn idle_begin(&self, reg: &Registration, limit: Duration) {
         let deadline = self.now_ms() + limit.as_millis() as u64;
         let state = if self.draining() {
@@ -286,7 +302,9 @@ impl Worker {
             Idle::Until(deadline)
         };
         if let Some(e) = self.conns.borrow_mut().get_mut(reg.key) {
-            e.idle = state;
+            if e.idle.deadline().is_none() {
+                e.idle = state;
+            }
         }
     }
 
@@ -378,11 +396,12 @@ impl Worker {
     fn sweep(&self, all: bool) {
         let now = self.now_ms();
         let mut asked = 0;
+        let may_ask = self.lot.as_ref().is_some_and(|lot| lot.may_ask());
         for (_, e) in self.conns.borrow_mut().iter_mut() {
             match e.idle {
                 Idle::Until(d) | Idle::Seen(d) | Idle::Park(d) if all || d <= now => e.expire(),
                 Idle::Until(d) => e.idle = Idle::Seen(d),
-                Idle::Seen(d) if asked < PARK_BATCH => {
+                Idle::Seen(d) if asked < PARK_BATCH && may_ask => {
                     if let Some(waker) = e.waker.take() {
                         e.idle = Idle::Park(d);
                         waker.wake(); // queues the task; nothing runs inside this borrow
@@ -434,6 +453,9 @@ struct Entry {
 
 /// Connections one sweep asks to park at most.
 const PARK_BATCH: usize = 1024;
+
+/// A connection that could not park, given back to its task.
+pub type Unparked = (Stream, Permit, Registration);
 
 /// This worker's parking lot, or `None` (logged) when the system gives no epoll set.
 fn make_lot() -> Option<Lot> {
@@ -845,8 +867,69 @@ impl<F: Future<Output = ()>> Future for CatchUnwind<F> {
 }
 
 #[cfg(all(test, not(loom)))]
+impl Worker {
+    /// A worker of one core on the default configuration with 1 s timeouts, a 10-connection
+    /// limit and parking on, for unit tests (on a monoio runtime of the test's own).
+    pub(crate) fn for_test() -> &'static Worker {
+        let limiter = Limiter::new(10, 0).leak();
+        let upstreams = Registry::new(&crate::config::Config::default())
+            .unwrap()
+            .leak();
+        let metrics = Metrics::new(1, limiter, upstreams).leak();
+        let t = Duration::from_secs(1);
+        let shared = Box::leak(Box::new(Shared {
+            settings: Settings {
+                read_timeout: t,
+                write_timeout: t,
+                idle_timeout: t,
+                park_idle: true,
+                shutdown_timeout: t,
+                max_message_size: 1024,
+                proxy_protocol: Default::default(),
+                allowed_origins: Default::default(),
+                tls: None,
+            },
+            limiter,
+            metrics,
+            upstreams,
+        }));
+        Worker::new(0, shared)
+    }
+}
+
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    /// A connection that could not park (no descriptor to spare) waits on in its task with the
+    /// deadline it had: were it to start afresh, one that can never park would never expire.
+    #[test]
+    fn a_connection_that_could_not_park_keeps_its_deadline() {
+        let worker = Worker::for_test();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let tcp = TcpStream::from_std(server).unwrap();
+            let reg = worker.register(&tcp, Frontend::Http);
+            let idle = |w: &Worker| w.conns.borrow()[reg.key].idle;
+            worker.idle_begin(&reg, Duration::from_secs(1));
+            let Idle::Until(deadline) = idle(worker) else {
+                panic!("waiting: {:?}", idle(worker));
+            };
+            worker.conns.borrow_mut()[reg.key].idle = Idle::Park(deadline); // asked to park
+            worker.not_parked(&reg);
+            worker.idle_begin(&reg, Duration::from_secs(100)); // it waits again
+            assert_eq!(idle(worker), Idle::Until(deadline));
+            // A connection whose wait ended starts its next one afresh.
+            worker.idle_end(&reg);
+            worker.idle_begin(&reg, Duration::from_secs(100));
+            assert!(matches!(idle(worker), Idle::Until(d) if d > deadline));
+        });
+    }
 
     /// Every open connection has an entry: the event stream's upstream rides in what would be
     /// padding.

@@ -154,3 +154,49 @@ fn connections_wait_in_their_tasks_when_parking_is_off() {
     assert_eq!(gw.metric(PARKS), 0.0);
     gw.wait_all_closed();
 }
+
+/// Sets the open-file limit (soft and hard) of the running process `pid`.
+fn set_nofile(pid: i32, n: usize) {
+    let limit = libc::rlimit {
+        rlim_cur: n as u64,
+        rlim_max: n as u64,
+    };
+    // SAFETY: a plain system call on our own child; `limit` is read during the call only.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn at_its_descriptor_limit_the_gateway_keeps_idle_connections_it_cannot_park() {
+    let gw = start("read_timeout: 0.8\nidle_timeout: 30");
+    // The descriptors the gateway holds at rest (listeners, rings, epoll sets, admin, stdio),
+    // once a request went through; then room for the clients and 6 more, so that the
+    // duplicates parking needs run out while the sweeper asks them all.
+    let mut probe = connect_from("127.0.0.3", gw.http);
+    assert_eq!(roundtrip(&mut probe, &call(1)).status, 200);
+    drop(probe);
+    gw.wait_all_closed();
+    let at_rest = std::fs::read_dir(format!("/proc/{}/fd", gw.pid()))
+        .unwrap()
+        .count();
+    let clients = 20;
+    set_nofile(gw.pid(), at_rest + clients + 6);
+    let mut conns: Vec<TcpStream> = (0..clients)
+        .map(|_| connect_from("127.0.0.2", gw.http))
+        .collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(call(i as u32).as_bytes()).unwrap();
+        answered(c, &mut Vec::new(), i as u32);
+    }
+    gw.wait_log("idle connections cannot park now");
+    // None was closed for it: each answers its next request, parked or not.
+    for (i, c) in conns.iter_mut().enumerate() {
+        let id = 100 + i as u32;
+        c.write_all(call(id).as_bytes()).unwrap();
+        answered(c, &mut Vec::new(), id);
+    }
+    assert!(gw.metric(PARKS) > 0.0, "some parked within the descriptors");
+    drop(conns);
+    gw.wait_all_closed();
+    gw.wait_metric(PARKED, 0.0);
+}

@@ -75,8 +75,8 @@ enum Step {
 pub fn serve(
     worker: &'static Worker,
     mut stream: Stream,
-    permit: Permit,
-    reg: Registration,
+    mut permit: Permit,
+    mut reg: Registration,
     mut pending: Option<Vec<u8>>,
 ) -> impl Future<Output = ()> {
     async move {
@@ -96,7 +96,13 @@ pub fn serve(
                     Wait::Ready => {}
                     // Idle past the limit, draining, or a socket error: close quietly.
                     Wait::Expired => return,
-                    Wait::Park => return worker.park(stream, permit, reg),
+                    Wait::Park => match worker.park(stream, permit, reg) {
+                        Ok(()) => return,
+                        Err(back) => {
+                            (stream, permit, reg) = back;
+                            continue; // it waits on in this task
+                        }
+                    },
                 }
             }
             first = false;
@@ -589,38 +595,13 @@ pub async fn reject(worker: &'static Worker, tcp: TcpStream, why: Rejection) {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use crate::limiter::Limiter;
-    use crate::metrics::Metrics;
-    use crate::worker::{Settings, Shared};
-    use std::time::Duration;
 
     /// An idle connection is its task's future (plus monoio's per-fd and per-op state): keep it
     /// small. This guards the idle-memory budget against a stray timer, buffer or argument copy.
     #[test]
     fn idle_connection_futures_stay_small() {
-        let limiter = Limiter::new(10, 0).leak();
-        let upstreams = crate::upstream::registry::Registry::new(&crate::config::Config::default())
-            .unwrap()
-            .leak();
-        let metrics = Metrics::new(1, limiter, upstreams).leak();
-        let t = Duration::from_secs(1);
-        let shared = Box::leak(Box::new(Shared {
-            settings: Settings {
-                read_timeout: t,
-                write_timeout: t,
-                idle_timeout: t,
-                park_idle: true,
-                shutdown_timeout: t,
-                max_message_size: 1024,
-                proxy_protocol: Default::default(),
-                allowed_origins: Default::default(),
-                tls: None,
-            },
-            limiter,
-            metrics,
-            upstreams,
-        }));
-        let worker = Worker::new(0, shared);
+        let worker = Worker::for_test();
+        let (limiter, upstreams) = (worker.shared.limiter, worker.shared.upstreams);
         let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()
             .build()
