@@ -333,10 +333,12 @@ impl Metrics {
 
     /// Active connections on `door`, summed over cores.
     pub fn active(&self, door: Frontend) -> i64 {
-        self.cores
-            .iter()
-            .map(|c| c.active[door as usize].load(Relaxed))
-            .sum()
+        self.gauge_sum(|c| &c.active[door as usize])
+    }
+
+    /// A per-core gauge, summed over the cores.
+    fn gauge_sum(&self, of: impl Fn(&CoreMetrics) -> &AtomicI64) -> i64 {
+        self.cores.iter().map(|c| of(c).load(Relaxed)).sum()
     }
 
     /// The Prometheus text exposition.
@@ -410,13 +412,7 @@ impl Metrics {
         fams.push(gauge(
             "mcp_gateway_connections_parked",
             "Idle HTTP connections parked outside any task now (they count as active too).",
-            vec![(
-                vec![],
-                self.cores
-                    .iter()
-                    .map(|c| c.parked.load(Relaxed))
-                    .sum::<i64>() as f64,
-            )],
+            vec![(vec![], self.gauge_sum(|c| &c.parked) as f64)],
         ));
         fams.push(counter(
             "mcp_gateway_connection_parks_total",

@@ -53,6 +53,8 @@ pub struct Lot {
     moved: Cell<bool>,
     /// Sweeps left before connections are asked to park again, after one could not.
     pause: Cell<u32>,
+    /// The lot could not wait on its set (see [`Lot::give_up`]): nothing parks any more.
+    broken: Cell<bool>,
 }
 
 /// What a parked connection is: what its door needs to go on.
@@ -88,6 +90,7 @@ impl Lot {
             since_trim: Cell::new(0),
             moved: Cell::new(false),
             pause: Cell::new(0),
+            broken: Cell::new(false),
         })
     }
 
@@ -154,9 +157,14 @@ impl Lot {
         }
     }
 
+    /// The lot takes connections (it has not given up).
+    pub fn works(&self) -> bool {
+        !self.broken.get()
+    }
+
     /// The sweeper may ask connections to park (none failed to lately).
     pub fn may_ask(&self) -> bool {
-        self.pause.get() == 0
+        self.works() && self.pause.get() == 0
     }
 
     /// This core's lot at work: takes the connections that became readable out of the set and
@@ -200,7 +208,7 @@ impl Lot {
     /// open others), and idle connections wait in their tasks from now on.
     async fn give_up(&self, worker: &Worker, e: io::Error) {
         tracing::error!(worker = worker.index, error = %e, "parking lot cannot wait; idle connections park no more");
-        worker.stop_parking();
+        self.broken.set(true);
         self.close_all(worker);
         std::future::pending().await
     }

@@ -97,8 +97,6 @@ pub struct Worker {
     /// Where idle HTTP connections park (`None`: `server.park_idle_connections` is off, or the
     /// lot could not be made).
     lot: Option<Lot>,
-    /// The lot takes connections (false once its wait failed).
-    parking: Cell<bool>,
 }
 
 impl Worker {
@@ -121,7 +119,6 @@ impl Worker {
             rejecting: Cell::new(0),
             rng: Cell::new(seed | 1),
             tls: RefCell::new(None),
-            parking: Cell::new(lot.is_some()),
             lot,
         }))
     }
@@ -213,14 +210,10 @@ impl Worker {
         }
     }
 
-    /// Idle connections on this worker park (see [`crate::park`]).
+    /// Idle connections on this worker park (see [`crate::park`]): it has a lot that works,
+    /// and it is not draining.
     pub fn parks(&self) -> bool {
-        self.parking.get() && !self.draining()
-    }
-
-    /// The parking lot failed: connections wait in their tasks from now on.
-    pub fn stop_parking(&self) {
-        self.parking.set(false);
+        self.lot.as_ref().is_some_and(Lot::works) && !self.draining()
     }
 
     /// Parks the idle HTTP connection whose task runs now (its wait said [`conn::Wait::Park`],

@@ -32,6 +32,11 @@ fn park_and_resume(driver: &str) {
     let gw = start(&format!(
         "driver: {driver}\nread_timeout: 0.8\nidle_timeout: 30\nmax_connections_per_ip: 5"
     ));
+    assert!(gw
+        .log
+        .lock()
+        .unwrap()
+        .contains(&format!("driver=\"{driver}\"")));
     let mut clients: Vec<TcpStream> = Vec::new();
     for i in 0..40 {
         let from = format!("127.0.0.{}", 2 + i / 5);
