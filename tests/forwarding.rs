@@ -1048,6 +1048,29 @@ fn a_client_answers_a_request_the_server_sends_in_the_middle_of_a_call() {
     );
 }
 
+/// For a raw upstream: reads from `s` into `got` until it holds a request head and `body_bytes`
+/// bytes of body.
+fn read_request_until(s: &mut TcpStream, got: &mut Vec<u8>, body_bytes: usize) {
+    let mut chunk = [0u8; 4096];
+    let body_at = |g: &[u8]| g.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    while body_at(got).is_none_or(|at| got.len() < at + body_bytes) {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "the gateway closed early");
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// For a raw upstream: reads a request with a 2 060-byte body from `s`, calling `partial` once
+/// it holds the head and the first 100 body bytes (before the client sends the rest, in the
+/// tests of bodies still arriving); returns all it read.
+fn read_streamed_request(s: &mut TcpStream, partial: impl FnOnce(&[u8])) -> Vec<u8> {
+    let mut got = Vec::new();
+    read_request_until(s, &mut got, 100);
+    partial(&got);
+    read_request_until(s, &mut got, 2060);
+    got
+}
+
 #[test]
 fn a_request_body_reaches_the_upstream_before_it_is_complete() {
     // A raw upstream that reports what it has received once it holds the head and 100 body bytes:
@@ -1059,21 +1082,9 @@ fn a_request_body_reaches_the_upstream_before_it_is_complete() {
     std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 4096];
-        let body_at = |g: &[u8]| g.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-        while body_at(&got).is_none_or(|at| got.len() < at + 100) {
-            let n = s.read(&mut chunk).unwrap();
-            assert!(n > 0, "the gateway closed early");
-            got.extend_from_slice(&chunk[..n]);
-        }
-        let _ = seen_tx.send(String::from_utf8_lossy(&got).to_string());
-        let at = body_at(&got).unwrap();
-        while got.len() < at + 2060 {
-            let n = s.read(&mut chunk).unwrap();
-            assert!(n > 0, "the gateway closed early");
-            got.extend_from_slice(&chunk[..n]);
-        }
+        read_streamed_request(&mut s, |got| {
+            let _ = seen_tx.send(String::from_utf8_lossy(got).to_string());
+        });
         respond(
             &mut s,
             200,
@@ -1097,6 +1108,78 @@ fn a_request_body_reaches_the_upstream_before_it_is_complete() {
     c.write_all(&body.as_bytes()[100..]).unwrap();
     let r = read_response(&mut c, &mut Vec::new()).unwrap();
     assert_eq!((r.status, r.json()["whole"].clone()), (200, true.into()));
+}
+
+/// A pooled connection that waited past `UNCHECKED_IDLE` is looked at before it is reused: one
+/// the upstream closed meanwhile is skipped, so even a request whose body is still arriving (which
+/// cannot be sent again) reaches the upstream, once, on a new connection.
+#[test]
+fn a_pooled_connection_the_upstream_closed_while_idle_is_not_reused() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let (closed_tx, closed_rx) = mpsc::channel::<()>();
+    let (partial_tx, partial_rx) = mpsc::channel::<()>();
+    let (seen_tx, seen_rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        // First connection: one request answered keep-alive, then closed by the upstream.
+        let (mut a, _) = listener.accept().unwrap();
+        a.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        read_request_until(&mut a, &mut Vec::new(), 2);
+        respond(
+            &mut a,
+            200,
+            &[("Content-Type", "application/json")],
+            r#"{"n":1}"#,
+        );
+        drop(a);
+        let _ = closed_tx.send(());
+        // Every later request: on a new connection.
+        while let Ok((mut b, _)) = listener.accept() {
+            b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let got = read_streamed_request(&mut b, |_| {
+                let _ = partial_tx.send(());
+            });
+            let _ = seen_tx.send(got);
+            respond(
+                &mut b,
+                200,
+                &[("Content-Type", "application/json")],
+                r#"{"n":2}"#,
+            );
+        }
+    });
+    let gw = start_with("", &endpoints(&[("default", &[&url])], ROUTING));
+    let mut c = connect_from("127.0.0.2", gw.http);
+    let r = roundtrip(&mut c, &post_mcp("{}"));
+    assert_eq!((r.status, r.json()["n"].clone()), (200, 1.into()));
+    closed_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    // Past the window (the connection went back to the pool as the answer went out).
+    std::thread::sleep(mcp_gateway::upstream::client::UNCHECKED_IDLE * 5);
+    let body = "x".repeat(2060);
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    c.write_all(&body.as_bytes()[..100]).unwrap();
+    // The rest only once the upstream holds the start: a body that cannot be sent again.
+    partial_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the request reached the upstream on a new connection");
+    c.write_all(&body.as_bytes()[100..]).unwrap();
+    let r = read_response(&mut c, &mut Vec::new()).unwrap();
+    assert_eq!(
+        (r.status, r.json()["n"].clone()),
+        (200, 2.into()),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let seen = seen_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(
+        seen.ends_with(body.as_bytes()),
+        "the whole body, on the new connection"
+    );
+    assert!(seen_rx.try_recv().is_err(), "sent once");
 }
 
 /// `server.max_requests_per_ip` in front of an HTTP upstream: a refused request never reaches it,
