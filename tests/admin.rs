@@ -21,6 +21,93 @@ fn healthz_ready_and_unknown_paths() {
     assert!(ct.starts_with("text/plain; version=0.0.4"));
 }
 
+/// A scraper that connects and sends nothing, or trickles its request a byte at a time, holds
+/// neither the admin port nor itself past the 2 s a request may take: health probes from others
+/// are answered meanwhile, and the trickler is cut off.
+#[test]
+fn silent_and_trickling_admin_clients_hold_nothing() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let gw = start("");
+    let silent: Vec<_> = (0..4)
+        .map(|_| std::net::TcpStream::connect(gw.admin).unwrap())
+        .collect();
+    let mut trickler = std::net::TcpStream::connect(gw.admin).unwrap();
+    let started = Instant::now();
+    let request = b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n";
+    let mut sent = 0;
+    let mut cut_off = None;
+    while started.elapsed() < Duration::from_secs(6) {
+        // Others are answered at once, whatever the silent and the trickling clients do.
+        let asked = Instant::now();
+        assert_eq!(http_get(gw.admin, "/healthz").0, 200);
+        assert!(
+            asked.elapsed() < Duration::from_millis(1500),
+            "a probe waited {:?}",
+            asked.elapsed()
+        );
+        if trickler.write_all(&request[sent..sent + 1]).is_err() {
+            cut_off = Some(started.elapsed());
+            break;
+        }
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // A byte every 250 ms would complete the head after 9.5 s: the gateway ends the connection
+    // once its 2 s are up (the write above fails, or a read sees the end).
+    let cut_off = cut_off.unwrap_or_else(|| {
+        trickler
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = trickler.read_to_end(&mut rest);
+        started.elapsed()
+    });
+    assert!(
+        cut_off < Duration::from_secs(5),
+        "the trickling client was served for {cut_off:?}"
+    );
+    drop(silent);
+}
+
+/// Silent clients beyond `MAX_OPEN` are closed at once instead of each holding a thread, and
+/// every place comes back once their 2 s are up: the admin port then answers again.
+#[test]
+fn admin_connections_beyond_the_cap_are_closed_and_places_come_back() {
+    use std::time::Duration;
+    let gw = start("");
+    let threads = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
+        line[8..].trim().parse::<usize>().unwrap()
+    };
+    let before = threads();
+    let max = mcp_gateway::admin::MAX_OPEN;
+    let silent: Vec<_> = (0..max)
+        .map(|_| std::net::TcpStream::connect(gw.admin).unwrap())
+        .collect();
+    // One more: closed at once, nothing answered (the others are all still within their 2 s).
+    let mut over = std::net::TcpStream::connect(gw.admin).unwrap();
+    over.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    assert!(
+        closed_by_peer(&mut over),
+        "the connection over the cap is closed at once"
+    );
+    assert!(threads() <= before + max, "{} threads", threads());
+    // Once the silent ones are cut off, their threads are gone and a probe is answered.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while threads() != before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} threads",
+            threads()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(http_get(gw.admin, "/healthz").0, 200);
+    drop(silent);
+}
+
 fn promtool() -> Option<&'static str> {
     let found = Command::new("promtool")
         .arg("--version")
