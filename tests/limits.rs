@@ -149,6 +149,42 @@ fn rejected_client_gets_its_status_even_when_it_writes_late() {
     assert_rejected(&roundtrip(&mut second, &post_mcp(TOOLS_LIST)), 429);
 }
 
+/// A refused client whose request came whole is closed right after its answer; one whose body
+/// is still coming is read to the end (its late bytes are taken, not answered with a reset that
+/// could destroy the answer before it is read).
+#[test]
+fn a_refused_client_still_sending_its_body_is_read_not_reset() {
+    let gw = start("max_connections_per_ip: 1");
+    let mut first = connect_from("127.0.0.4", gw.http);
+    assert_eq!(roundtrip(&mut first, &post_mcp(TOOLS_LIST)).status, 200);
+    let body = "x".repeat(3000);
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    for whole in [false, true] {
+        let mut s = connect_from("127.0.0.4", gw.http);
+        let sent = if whole { body.len() } else { 100 };
+        s.write_all(format!("{head}{}", &body[..sent]).as_bytes())
+            .unwrap();
+        let r = read_response(&mut s, &mut Vec::new()).expect("an answer");
+        assert_rejected(&r, 429);
+        // Late bytes: the rest of the body, or (for the whole one) a request it should not send.
+        let late = if whole { TOOLS_LIST } else { &body[sent..] };
+        let mut refused = false;
+        for piece in late.as_bytes().chunks(late.len() / 2 + 1) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            refused |= s.write_all(piece).is_err();
+        }
+        assert_eq!(
+            refused,
+            whole,
+            "late bytes are {} (whole request: {whole})",
+            if refused { "refused" } else { "taken" }
+        );
+    }
+}
+
 /// `server.per_ip_overrides`: a network gets its own per-IP limit (first match wins), everyone
 /// else keeps the default, and the log names how many overrides are in force.
 #[test]

@@ -588,8 +588,28 @@ pub async fn reject(worker: &'static Worker, tcp: TcpStream, why: Rejection) {
     if let Ok(o) = write_all(&mut stream, out, worker.settings().write_timeout).await {
         give_buf(o);
     }
+    if matches!(stream, Stream::Plain(_)) && read_whole(&buf) {
+        // Nothing of the request is left unread: closing now cannot reset the answer away, and
+        // saves the lingering read (about a fifth of what a refusal costs). TLS lingers to
+        // end its session properly.
+        give_buf(buf);
+        return;
+    }
     buf.clear();
     linger_close(stream, Some(buf)).await;
+}
+
+/// Whether `buf` holds a whole request (a head, and all of the body its `Content-Length` gives),
+/// so that a refused client has nothing more to send.
+fn read_whole(buf: &[u8]) -> bool {
+    match parse_head(buf, |_| None) {
+        Ok(Some(head)) => match head.body {
+            BodyKind::None => true,
+            BodyKind::Length(n) => buf.len() >= head.len + n,
+            BodyKind::Chunked => false,
+        },
+        _ => false,
+    }
 }
 
 #[cfg(all(test, not(loom)))]
