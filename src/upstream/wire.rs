@@ -156,7 +156,11 @@ pub fn parse_response(
         let named = names_fields(res.headers);
         let out = &mut *c.out;
         let reason = res.reason.unwrap_or("");
-        let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(reason.as_bytes());
+        out.extend_from_slice(b"\r\n");
         for h in res.headers.iter() {
             if is_hop_by_hop(h.name, res.headers, named)
                 || h.name.eq_ignore_ascii_case("content-length")
@@ -172,9 +176,7 @@ pub fn parse_response(
             out.extend_from_slice(b"\r\n");
         }
         match body {
-            BodyKind::Length(n) => {
-                let _ = write!(out, "Content-Length: {n}\r\n");
-            }
+            BodyKind::Length(n) => push_length(out, n),
             BodyKind::Chunked | BodyKind::UntilClose if c.http11 => {
                 out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
             }
@@ -259,10 +261,19 @@ pub fn write_request(
 ) {
     let http = upstream.http().expect("an HTTP upstream");
     let (authority, path) = (&http.authority, &http.path);
-    let _ = write!(
-        out,
-        "{method} {path}{query} HTTP/1.1\r\nHost: {authority}\r\n"
-    );
+    // Appended piece by piece, here and below: `write!`'s formatting machinery was about 1% of
+    // the gateway's CPU per proxied request (`perf`), a tenth of its user-space time.
+    for piece in [
+        method,
+        " ",
+        path,
+        query,
+        " HTTP/1.1\r\nHost: ",
+        authority,
+        "\r\n",
+    ] {
+        out.extend_from_slice(piece.as_bytes());
+    }
     match fields {
         Fields::Client {
             head: raw,
@@ -300,7 +311,8 @@ pub fn write_request(
                         out.extend_from_slice(h.value);
                         out.extend_from_slice(b", ");
                     }
-                    let _ = write!(out, "{ip}\r\n");
+                    push_ip(out, ip);
+                    out.extend_from_slice(b"\r\n");
                 }
             }
             write_identity(out, identity);
@@ -311,7 +323,9 @@ pub fn write_request(
             identity,
         } => {
             if let Some(ip) = client {
-                let _ = write!(out, "X-Forwarded-For: {ip}\r\n");
+                out.extend_from_slice(b"X-Forwarded-For: ");
+                push_ip(out, ip);
+                out.extend_from_slice(b"\r\n");
             }
             write_identity(out, identity);
             out.extend_from_slice(
@@ -331,12 +345,34 @@ pub fn write_request(
     }
     match body_len {
         None => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
-        Some(n) if n > 0 || method == "POST" => {
-            let _ = write!(out, "Content-Length: {n}\r\n");
-        }
+        Some(n) if n > 0 || method == "POST" => push_length(out, n as u64),
         Some(_) => {}
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Appends a `Content-Length` field of `n`.
+fn push_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"Content-Length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `ip` as text: an IPv4 address octet by octet (most clients), others by `Display`.
+fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(itoa::Buffer::new().format(octet).as_bytes());
+            }
+        }
+        IpAddr::V6(_) => {
+            let _ = write!(out, "{ip}");
+        }
+    }
 }
 
 /// `X-Forwarded-Client-Cert` naming the client's verified certificate, when it showed one.
