@@ -470,6 +470,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn addresses_read_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.7.199",
+            "127.0.0.1",
+            "::1",
+            "2001:db8::8:800:200c:417a",
+            "::ffff:10.0.0.1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut out = b"x".to_vec();
+            push_ip(&mut out, ip);
+            assert_eq!(out, format!("x{ip}").into_bytes());
+        }
+    }
+
+    #[test]
     fn response_head_rewrite() {
         let raw = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nMcp-Session-Id: abc\r\nTransfer-Encoding: chunked\r\nCache-Control: no-cache\r\n\r\nrest";
         let mut out = Vec::new();
