@@ -891,7 +891,7 @@ fn request_bodies_stream_to_the_upstream_as_they_arrive() {
     // Content-Length, sent in two parts, arrives whole and with its length (that the first part
     // goes out before the second exists is what the next test checks).
     let mut c = connect_from("127.0.0.2", gw.http);
-    let head = format!("POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+    let head = post_mcp_head(body.len());
     c.write_all(head.as_bytes()).unwrap();
     c.write_all(&body.as_bytes()[..100]).unwrap();
     std::thread::sleep(Duration::from_millis(100));
@@ -1060,15 +1060,23 @@ fn read_request_until(s: &mut TcpStream, got: &mut Vec<u8>, body_bytes: usize) {
     }
 }
 
-/// For a raw upstream: reads a request with a 2 060-byte body from `s`, calling `partial` once
-/// it holds the head and the first 100 body bytes (before the client sends the rest, in the
-/// tests of bodies still arriving); returns all it read.
+/// The body length of the raw-upstream tests of bodies still arriving.
+const STREAMED: usize = 2060;
+
+/// For a raw upstream: reads a request with a [`STREAMED`]-byte body from `s`, calling
+/// `partial` once it holds the head and the first 100 body bytes (before the client sends the
+/// rest, in the tests of bodies still arriving); returns all it read.
 fn read_streamed_request(s: &mut TcpStream, partial: impl FnOnce(&[u8])) -> Vec<u8> {
     let mut got = Vec::new();
     read_request_until(s, &mut got, 100);
     partial(&got);
-    read_request_until(s, &mut got, 2060);
+    read_request_until(s, &mut got, STREAMED);
     got
+}
+
+/// For a raw upstream: a 200 answer with a JSON `body`.
+fn respond_json(s: &mut TcpStream, body: &str) {
+    respond(s, 200, &[("Content-Type", "application/json")], body);
 }
 
 #[test]
@@ -1085,26 +1093,21 @@ fn a_request_body_reaches_the_upstream_before_it_is_complete() {
         read_streamed_request(&mut s, |got| {
             let _ = seen_tx.send(String::from_utf8_lossy(got).to_string());
         });
-        respond(
-            &mut s,
-            200,
-            &[("Content-Type", "application/json")],
-            r#"{"whole":true}"#,
-        );
+        respond_json(&mut s, r#"{"whole":true}"#);
     });
     let gw = start_with("", &endpoints(&[("default", &[&url])], ROUTING));
-    let body = "x".repeat(2060);
+    let body = "x".repeat(STREAMED);
     let mut c = connect_from("127.0.0.2", gw.http);
-    let head = format!(
-        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
+    let head = post_mcp_head(body.len());
     c.write_all(head.as_bytes()).unwrap();
     c.write_all(&body.as_bytes()[..100]).unwrap();
     let seen = seen_rx
         .recv_timeout(Duration::from_secs(5))
         .expect("the upstream got the head and the first bytes before the rest was sent");
-    assert!(seen.contains("Content-Length: 2060"), "{seen}");
+    assert!(
+        seen.contains(&format!("Content-Length: {STREAMED}")),
+        "{seen}"
+    );
     c.write_all(&body.as_bytes()[100..]).unwrap();
     let r = read_response(&mut c, &mut Vec::new()).unwrap();
     assert_eq!((r.status, r.json()["whole"].clone()), (200, true.into()));
@@ -1125,12 +1128,7 @@ fn a_pooled_connection_the_upstream_closed_while_idle_is_not_reused() {
         let (mut a, _) = listener.accept().unwrap();
         a.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         read_request_until(&mut a, &mut Vec::new(), 2);
-        respond(
-            &mut a,
-            200,
-            &[("Content-Type", "application/json")],
-            r#"{"n":1}"#,
-        );
+        respond_json(&mut a, r#"{"n":1}"#);
         drop(a);
         let _ = closed_tx.send(());
         // Every later request: on a new connection.
@@ -1140,12 +1138,7 @@ fn a_pooled_connection_the_upstream_closed_while_idle_is_not_reused() {
                 let _ = partial_tx.send(());
             });
             let _ = seen_tx.send(got);
-            respond(
-                &mut b,
-                200,
-                &[("Content-Type", "application/json")],
-                r#"{"n":2}"#,
-            );
+            respond_json(&mut b, r#"{"n":2}"#);
         }
     });
     let gw = start_with("", &endpoints(&[("default", &[&url])], ROUTING));
@@ -1155,11 +1148,8 @@ fn a_pooled_connection_the_upstream_closed_while_idle_is_not_reused() {
     closed_rx.recv_timeout(Duration::from_secs(5)).unwrap();
     // Past the window (the connection went back to the pool as the answer went out).
     std::thread::sleep(mcp_gateway::upstream::client::UNCHECKED_IDLE * 5);
-    let body = "x".repeat(2060);
-    let head = format!(
-        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
+    let body = "x".repeat(STREAMED);
+    let head = post_mcp_head(body.len());
     c.write_all(head.as_bytes()).unwrap();
     c.write_all(&body.as_bytes()[..100]).unwrap();
     // The rest only once the upstream holds the start: a body that cannot be sent again.

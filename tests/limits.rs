@@ -158,10 +158,7 @@ fn a_refused_client_still_sending_its_body_is_read_not_reset() {
     let mut first = connect_from("127.0.0.4", gw.http);
     assert_eq!(roundtrip(&mut first, &post_mcp(TOOLS_LIST)).status, 200);
     let body = "x".repeat(3000);
-    let head = format!(
-        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
+    let head = post_mcp_head(body.len());
     for whole in [false, true] {
         let mut s = connect_from("127.0.0.4", gw.http);
         let sent = if whole { body.len() } else { 100 };

@@ -385,9 +385,14 @@ pub fn refused(contents: &str) -> String {
 
 /// A JSON-RPC POST to `/mcp`.
 pub fn post_mcp(body: &str) -> String {
+    post_mcp_head(body.len()) + body
+}
+
+/// The head of a JSON-RPC POST to `/mcp` whose `body_len`-byte body the caller sends itself
+/// (in pieces, late, or not at all).
+pub fn post_mcp_head(body_len: usize) -> String {
     format!(
-        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {body_len}\r\n\r\n"
     )
 }
 
