@@ -1113,6 +1113,74 @@ fn a_request_body_reaches_the_upstream_before_it_is_complete() {
     assert_eq!((r.status, r.json()["whole"].clone()), (200, true.into()));
 }
 
+/// Field values the gateway does not read may carry obs-text (RFC 9110, section 5.5: bytes
+/// 0x80-0xFF, such as Latin-1 from older software): they cross both ways byte for byte, where
+/// the gateway used to answer the client 400 and the upstream's response 502. A field it reads
+/// must still be text.
+#[test]
+fn fields_with_obs_text_cross_as_they_came() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let (seen_tx, seen_rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        read_request_until(&mut s, &mut got, TOOLS_LIST.len());
+        let _ = seen_tx.send(got);
+        let body = r#"{"jsonrpc":"2.0","id":1,"result":{}}"#;
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Up-Note: na\u{ef}ve\r\n\r\n",
+            body.len()
+        );
+        // The `ï` above is written as one Latin-1 byte, as such software sends it.
+        let head: Vec<u8> = head.chars().map(|c| c as u32 as u8).collect();
+        s.write_all(&head).unwrap();
+        s.write_all(body.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_secs(5)); // holds the connection while the test reads
+    });
+    let gw = start_with("", &endpoints(&[("default", &[&url])], ROUTING));
+    let mut c = connect_from("127.0.0.2", gw.http);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut req = post_mcp_head(TOOLS_LIST.len()).into_bytes();
+    req.truncate(req.len() - 2);
+    req.extend_from_slice(b"X-Note: caf\xe9\r\n\r\n");
+    req.extend_from_slice(TOOLS_LIST.as_bytes());
+    c.write_all(&req).unwrap();
+    let seen = seen_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("forwarded, not refused");
+    let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        has(&seen, b"\r\nX-Note: caf\xe9\r\n"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    let mut got = Vec::new();
+    while !got.ends_with(b"\"result\":{}}") {
+        let mut chunk = [0u8; 4096];
+        let n = c.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200 "),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        has(&got, b"\r\nX-Up-Note: na\xefve\r\n"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    // A field the door reads is still refused when it is not text.
+    let mut c = connect_from("127.0.0.2", gw.http);
+    let bad = "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\u{e9}\r\nContent-Length: 2\r\n\r\n{}";
+    let bad: Vec<u8> = bad.chars().map(|c| c as u32 as u8).collect();
+    c.write_all(&bad).unwrap();
+    assert_eq!(read_response(&mut c, &mut Vec::new()).unwrap().status, 400);
+}
+
 /// A pooled connection that waited past `UNCHECKED_IDLE` is looked at before it is reused: one
 /// the upstream closed meanwhile is skipped, so even a request whose body is still arriving (which
 /// cannot be sent again) reaches the upstream, once, on a new connection.

@@ -129,6 +129,47 @@ pub fn request_line(raw_head: &[u8]) -> (&[u8], &[u8]) {
     (parts.next().unwrap_or(b""), parts.next().unwrap_or(b""))
 }
 
+/// The request fields the door reads; every other field is passed on as it came.
+#[derive(Clone, Copy)]
+enum Field {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    Expect,
+    Accept,
+    ContentType,
+    SessionId,
+    Origin,
+    Upgrade,
+    WebSocketKey,
+    WebSocketVersion,
+    WebSocketProtocol,
+}
+
+impl Field {
+    /// The field named `name` (any case), if the door reads it.
+    fn of(name: &str) -> Option<Field> {
+        const NAMES: [(&str, Field); 12] = [
+            ("content-type", Field::ContentType),
+            ("content-length", Field::ContentLength),
+            ("accept", Field::Accept),
+            ("mcp-session-id", Field::SessionId),
+            ("connection", Field::Connection),
+            ("transfer-encoding", Field::TransferEncoding),
+            ("expect", Field::Expect),
+            ("origin", Field::Origin),
+            ("upgrade", Field::Upgrade),
+            ("sec-websocket-key", Field::WebSocketKey),
+            ("sec-websocket-version", Field::WebSocketVersion),
+            ("sec-websocket-protocol", Field::WebSocketProtocol),
+        ];
+        NAMES
+            .iter()
+            .find(|(n, _)| name.eq_ignore_ascii_case(n))
+            .map(|&(_, field)| field)
+    }
+}
+
 /// Parses a head from the start of `buf`. `Ok(None)`: incomplete, read more.
 /// `namespace` maps a namespace name to its upstream index.
 pub fn parse_head(
@@ -175,68 +216,85 @@ pub fn parse_head(
         mcp_protocol: false,
     };
     for h in req.headers.iter() {
-        let name = h.name;
+        // Only the fields read here must be text: any other may carry obs-text (RFC 9110,
+        // section 5.5: bytes 0x80-0xFF, Latin-1 from older clients) and goes upstream as it came.
+        let Some(field) = Field::of(h.name) else {
+            continue;
+        };
         let value = std::str::from_utf8(h.value).map_err(|_| MALFORMED)?.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            let n: usize = value.parse().map_err(|_| BAD_FRAMING)?;
-            if length.is_some_and(|m| m != n) {
-                return Err(BAD_FRAMING);
+        match field {
+            Field::ContentLength => {
+                let n: usize = value.parse().map_err(|_| BAD_FRAMING)?;
+                if length.is_some_and(|m| m != n) {
+                    return Err(BAD_FRAMING);
+                }
+                length = Some(n);
             }
-            length = Some(n);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            for coding in value.split(',').map(str::trim) {
-                if coding.eq_ignore_ascii_case("chunked") {
-                    chunked = true;
-                } else if !coding.is_empty() {
-                    other_te = true;
+            Field::TransferEncoding => {
+                for coding in value.split(',').map(str::trim) {
+                    if coding.eq_ignore_ascii_case("chunked") {
+                        chunked = true;
+                    } else if !coding.is_empty() {
+                        other_te = true;
+                    }
                 }
             }
-        } else if name.eq_ignore_ascii_case("connection") {
-            for token in value.split(',').map(str::trim) {
-                if token.eq_ignore_ascii_case("close") {
-                    keep_alive = false;
-                } else if token.eq_ignore_ascii_case("keep-alive") {
-                    keep_alive = true;
-                } else if token.eq_ignore_ascii_case("upgrade") {
-                    connection_upgrade = true;
+            Field::Connection => {
+                for token in value.split(',').map(str::trim) {
+                    if token.eq_ignore_ascii_case("close") {
+                        keep_alive = false;
+                    } else if token.eq_ignore_ascii_case("keep-alive") {
+                        keep_alive = true;
+                    } else if token.eq_ignore_ascii_case("upgrade") {
+                        connection_upgrade = true;
+                    }
                 }
             }
-        } else if name.eq_ignore_ascii_case("expect") {
-            expect_continue = value.eq_ignore_ascii_case("100-continue");
-        } else if name.eq_ignore_ascii_case("accept") {
-            accept_seen = true;
-            for item in value.split(',') {
-                let media = item.split(';').next().unwrap_or("").trim();
-                if media.eq_ignore_ascii_case("application/json")
-                    || media == "*/*"
-                    || media.eq_ignore_ascii_case("application/*")
-                {
-                    accept_json = true;
-                } else if media.eq_ignore_ascii_case("text/event-stream") {
-                    accept_sse = true;
+            Field::Expect => {
+                expect_continue = value.eq_ignore_ascii_case("100-continue");
+            }
+            Field::Accept => {
+                accept_seen = true;
+                for item in value.split(',') {
+                    let media = item.split(';').next().unwrap_or("").trim();
+                    if media.eq_ignore_ascii_case("application/json")
+                        || media == "*/*"
+                        || media.eq_ignore_ascii_case("application/*")
+                    {
+                        accept_json = true;
+                    } else if media.eq_ignore_ascii_case("text/event-stream") {
+                        accept_sse = true;
+                    }
                 }
             }
-        } else if name.eq_ignore_ascii_case("content-type") {
-            let media = value.split(';').next().unwrap_or("").trim();
-            bad_content_type = !media.eq_ignore_ascii_case("application/json");
-        } else if name.eq_ignore_ascii_case("mcp-session-id") {
-            if !value.is_empty() {
+            Field::ContentType => {
+                let media = value.split(';').next().unwrap_or("").trim();
+                bad_content_type = !media.eq_ignore_ascii_case("application/json");
+            }
+            Field::SessionId => {
+                if !value.is_empty() {
+                    let at = value.as_ptr() as usize - buf.as_ptr() as usize;
+                    session = Some((at, at + value.len()));
+                }
+            }
+            Field::Origin => {
                 let at = value.as_ptr() as usize - buf.as_ptr() as usize;
-                session = Some((at, at + value.len()));
+                origin = Some((at, at + value.len()));
             }
-        } else if name.eq_ignore_ascii_case("origin") {
-            let at = value.as_ptr() as usize - buf.as_ptr() as usize;
-            origin = Some((at, at + value.len()));
-        } else if name.eq_ignore_ascii_case("upgrade") {
-            upgrade_ws = value
-                .split(',')
-                .any(|p| p.trim().eq_ignore_ascii_case("websocket"));
-        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
-            ws.key = Some(value.to_string());
-        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
-            ws.version_13 = value == "13";
-        } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
-            ws.mcp_protocol |= value.split(',').any(|p| p.trim() == "mcp");
+            Field::Upgrade => {
+                upgrade_ws = value
+                    .split(',')
+                    .any(|p| p.trim().eq_ignore_ascii_case("websocket"));
+            }
+            Field::WebSocketKey => {
+                ws.key = Some(value.to_string());
+            }
+            Field::WebSocketVersion => {
+                ws.version_13 = value == "13";
+            }
+            Field::WebSocketProtocol => {
+                ws.mcp_protocol |= value.split(',').any(|p| p.trim() == "mcp");
+            }
         }
     }
     let body = match (chunked, other_te, length) {

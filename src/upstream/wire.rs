@@ -111,30 +111,37 @@ pub fn parse_response(
         keep_alive = false;
     }
     for h in res.headers.iter() {
-        let value = std::str::from_utf8(h.value)
-            .map_err(|_| Failure::BadResponse)?
-            .trim();
+        // Only the fields read here must be text: any other may carry obs-text (RFC 9110,
+        // section 5.5) and reaches the client as it came.
+        let value = || {
+            std::str::from_utf8(h.value)
+                .map(str::trim)
+                .map_err(|_| Failure::BadResponse)
+        };
         if h.name.eq_ignore_ascii_case("content-length") {
+            let value = value()?;
             let n: u64 = value.parse().map_err(|_| Failure::BadResponse)?;
             if length.is_some_and(|m| m != n) {
                 return Err(Failure::BadResponse);
             }
             length = Some(n);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            let value = value()?;
             chunked = value
                 .rsplit(',')
                 .next()
                 .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
         } else if h.name.eq_ignore_ascii_case("content-type") {
+            let value = value()?;
             event_stream = value
                 .split(';')
                 .next()
                 .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"));
-        } else if h.name.eq_ignore_ascii_case("mcp-session-id")
-            && !value.is_empty()
-            && client.is_none()
-        {
-            session = Some(value.as_bytes().to_vec());
+        } else if h.name.eq_ignore_ascii_case("mcp-session-id") && client.is_none() {
+            let value = value()?;
+            if !value.is_empty() {
+                session = Some(value.as_bytes().to_vec());
+            }
         }
     }
     let no_body = status == 204 || status == 304 || (100..200).contains(&status);
