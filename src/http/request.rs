@@ -129,6 +129,16 @@ pub fn request_line(raw_head: &[u8]) -> (&[u8], &[u8]) {
     (parts.next().unwrap_or(b""), parts.next().unwrap_or(b""))
 }
 
+/// A `Content-Length` value: digits only (RFC 9110, section 8.6). Rust's integer parsing also
+/// takes a leading `+`, which a proxy in front may read otherwise (or not at all), framing the
+/// message differently: a way to smuggle a request past it.
+pub fn content_length(value: &str) -> Option<u64> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
+}
+
 /// The request fields the door reads; every other field is passed on as it came.
 #[derive(Clone, Copy)]
 enum Field {
@@ -224,7 +234,9 @@ pub fn parse_head(
         let value = std::str::from_utf8(h.value).map_err(|_| MALFORMED)?.trim();
         match field {
             Field::ContentLength => {
-                let n: usize = value.parse().map_err(|_| BAD_FRAMING)?;
+                let n = content_length(value)
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or(BAD_FRAMING)?;
                 if length.is_some_and(|m| m != n) {
                     return Err(BAD_FRAMING);
                 }
@@ -477,6 +489,14 @@ mod tests {
         assert_eq!(parse_head(both, ns).unwrap_err().status, 400);
         let two = b"POST /mcp HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
         assert_eq!(parse_head(two, ns).unwrap_err().status, 400);
+        for length in ["+3", "-3", "3 3", "0x3", "", "99999999999999999999999"] {
+            let head = format!("POST /mcp HTTP/1.1\r\nContent-Length: {length}\r\n\r\nabc");
+            assert_eq!(
+                parse_head(head.as_bytes(), ns),
+                Err(BAD_FRAMING),
+                "{length:?}"
+            );
+        }
         let gzip = b"POST /mcp HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
         assert_eq!(parse_head(gzip, ns).unwrap_err().status, 501);
         let big = [b"GET /mcp HTTP/1.1\r\nX: ".as_slice(), &[b'a'; MAX_HEAD]].concat();

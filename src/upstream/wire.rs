@@ -120,7 +120,7 @@ pub fn parse_response(
         };
         if h.name.eq_ignore_ascii_case("content-length") {
             let value = value()?;
-            let n: u64 = value.parse().map_err(|_| Failure::BadResponse)?;
+            let n = crate::http::request::content_length(value).ok_or(Failure::BadResponse)?;
             if length.is_some_and(|m| m != n) {
                 return Err(Failure::BadResponse);
             }
@@ -544,6 +544,7 @@ Content-Length: 3
             None
         )
         .is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: +3\r\n\r\nabc", None).is_err());
         assert!(parse_response(b"garbage\r\n\r\n", None).is_err());
         assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\n", None), Ok(None));
     }
