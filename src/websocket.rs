@@ -180,6 +180,29 @@ fn write_close(out: &mut Vec<u8>, CloseWith(code, reason): CloseWith) {
     write_frame(out, OP_CLOSE, &payload[..2 + n]);
 }
 
+/// The code to echo for a client's close frame `payload` (RFC 6455, section 5.5.1: none means
+/// 1000), or why the frame is refused: a one-byte payload or a code no endpoint may send (1002;
+/// 1005, 1006 and 1015 only report what happened locally, section 7.4), or a reason that is not
+/// UTF-8 (1007).
+fn close_code(payload: &[u8]) -> Result<u16, CloseWith> {
+    let [a, b, reason @ ..] = payload else {
+        return match payload {
+            [] => Ok(1000),
+            _ => Err(CloseWith(1002, "close frame of one byte")),
+        };
+    };
+    let code = u16::from_be_bytes([*a, *b]);
+    // Defined by RFC 6455 (1000-1003, 1007-1011) or registered with IANA since (1012-1014), or
+    // left to libraries and applications (3000-4999).
+    if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
+        return Err(CloseWith(1002, "invalid close code"));
+    }
+    if std::str::from_utf8(reason).is_err() {
+        return Err(CloseWith(1007, "close reason is not UTF-8"));
+    }
+    Ok(code)
+}
+
 /// A fragmented message being assembled across frames.
 #[derive(Default)]
 struct Assembly {
@@ -344,10 +367,12 @@ async fn exchange(
             }
             OP_PONG => None,
             OP_CLOSE => {
-                let code = match payload.len() {
-                    0 => 1000,
-                    1 => return close_with(worker, stream, out, PROTOCOL).await,
-                    _ => u16::from_be_bytes([payload[0], payload[1]]),
+                let code = match close_code(payload) {
+                    Ok(code) => code,
+                    Err(why) => {
+                        worker.metrics.protocol_error(Frontend::WebSocket, ProtocolError::Malformed);
+                        return close_with(worker, stream, out, why).await;
+                    }
                 };
                 write_close(&mut out, CloseWith(code, ""));
                 let _ = write_all(stream, out, s.write_timeout).await;

@@ -106,6 +106,23 @@ fn protocol_violations_close_with_the_rfc_code() {
     let mut s = upgrade(&gw);
     s.write_all(&ws_frame(true, 2, b"{}")).unwrap();
     expect_close(&mut s, 1003);
+
+    // A close frame: an application's code is echoed; one no endpoint may send (1005, 1006 and
+    // 1015 only report what happened locally; others are undefined) is a protocol error, and so
+    // is a one-byte payload; a reason that is not UTF-8 is 1007.
+    for (payload, answer) in [
+        (&[0x0f, 0xa0, b'b', b'y', b'e'][..], 4000),
+        (&[0x03, 0xed], 1002),       // 1005
+        (&[0x03, 0xee], 1002),       // 1006
+        (&[0x03, 0xe7], 1002),       // 999
+        (&[0x0b, 0xb7], 1002),       // 2999
+        (&[0x03], 1002),             // one byte
+        (&[0x03, 0xe8, 0xff], 1007), // 1000 with a reason that is not UTF-8
+    ] {
+        let mut s = upgrade(&gw);
+        s.write_all(&ws_frame(true, 8, payload)).unwrap();
+        expect_close(&mut s, answer);
+    }
     assert_eq!(
         gw.metric("mcp_gateway_protocol_errors_total{frontend=\"websocket\",kind=\"too_large\"}"),
         2.0
