@@ -120,6 +120,21 @@ fn chunked_body_and_expect_continue() {
     );
     let r = roundtrip(&mut s, &req);
     assert_eq!(r.json()["result"]["tools"][0]["name"], "echo");
+    // With a request pipelined behind it, in small chunks with extensions and a trailer field:
+    // both are answered, in order.
+    let chunks: String = TOOLS_LIST
+        .chars()
+        .map(|c| format!("1;n=v\r\n{c}\r\n"))
+        .collect();
+    let both = format!(
+        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{chunks}0\r\nX-Sum: 1\r\n\r\n{}",
+        post_mcp(r#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#)
+    );
+    s.write_all(both.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let first = read_response(&mut s, &mut buf).unwrap();
+    assert_eq!(first.json()["result"]["tools"][0]["name"], "echo");
+    assert_eq!(read_response(&mut s, &mut buf).unwrap().json()["id"], 2);
 
     let head = format!(
         "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
@@ -171,6 +186,18 @@ fn bad_input_gets_the_right_status_then_a_close() {
         "a".repeat(2048)
     );
     expect_refusal(&gw, chunked_big.as_bytes(), 413);
+    // A length that is not all digits; a chunked body that is mostly extensions (refused after
+    // about 16 KiB of them, though its data would stay far under max_message_size).
+    expect_refusal(
+        &gw,
+        b"POST /mcp HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: +2\r\n\r\n{}",
+        400,
+    );
+    let padded = format!(
+        "POST /mcp HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+        format!("1;{}\r\na\r\n", "e".repeat(500)).repeat(40)
+    );
+    expect_refusal(&gw, padded.as_bytes(), 400);
     // Errors in the JSON, not in the HTTP, keep the connection usable.
     let mut s = connect_from("127.0.0.3", gw.http);
     let r = roundtrip(&mut s, &post_mcp("{not json"));

@@ -359,7 +359,8 @@ fn proxied(all: &Upstreams, head: &Head) -> Option<usize> {
 }
 
 /// Reads the body of `head`. Returns the offset where the request ends in `buf` and, for a
-/// chunked body, the decoded bytes (a `Content-Length` body is `buf[head.len..end]`).
+/// chunked body, the decoded bytes (a `Content-Length` body is `buf[head.len..end]`; a chunked
+/// one's framing is dropped from `buf` as it is decoded, so its request ends at `head.len`).
 /// `Err(None)`: the client went away.
 async fn read_body(
     worker: &'static Worker,
@@ -394,8 +395,14 @@ async fn read_body(
             let mut body = take_buf();
             let mut asked = false;
             loop {
-                match decoder.decode(buf, &mut body, s.max_message_size) {
-                    Ok(ChunkStep::Done(end)) => return Ok((end, Some(body))),
+                let step = decoder.decode(buf, &mut body, s.max_message_size);
+                // What was decoded is in `body`: its framing goes, so the buffer holds no more
+                // than one read of it, whatever the framing costs. The head stays (its fields
+                // are read from it), and so does the rest (a pipelined request).
+                buf.drain(head.len..decoder.pos);
+                decoder.pos = head.len;
+                match step {
+                    Ok(ChunkStep::Done(_)) => return Ok((head.len, Some(body))),
                     Ok(ChunkStep::More) => {}
                     Err(r) => return Err(Some(r)),
                 }

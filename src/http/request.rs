@@ -356,7 +356,17 @@ pub struct Chunked {
     remaining: usize,
     in_data: bool,
     in_trailers: bool,
+    /// Framing bytes read beyond what the data earns (see [`MAX_EXCESS`]).
+    excess: usize,
 }
+
+/// How far the framing of a chunked body (size lines with their extensions, line ends, trailer
+/// fields) may run ahead of its data: each chunk earns 16 bytes plus twice its size, and what is
+/// not earned may add up to 16 KiB. Streaming a byte per chunk (5 bytes of framing each) is
+/// fine; a body whose bytes are mostly extensions or trailers is refused, where it would
+/// otherwise carry any amount past `max_message_size` (the rule of Go's `net/http` since
+/// CVE-2023-39326).
+const MAX_EXCESS: usize = 16 * 1024;
 
 /// Result of feeding [`Chunked::decode`].
 #[derive(Debug, PartialEq, Eq)]
@@ -396,6 +406,7 @@ impl Chunked {
                 if eol == 0 {
                     return Ok(ChunkStep::Done(self.pos));
                 }
+                self.framing(eol + 2, 0)?; // a trailer field earns nothing
                 continue;
             }
             if self.in_data {
@@ -422,6 +433,8 @@ impl Chunked {
             match httparse::parse_chunk_size(&buf[self.pos..]) {
                 Ok(httparse::Status::Complete((used, size))) => {
                     self.pos += used;
+                    // The size line and the line end after the data, against what the chunk earns.
+                    self.framing(used + 2, size.saturating_mul(2).saturating_add(16))?;
                     if size == 0 {
                         self.in_trailers = true;
                         continue;
@@ -442,6 +455,16 @@ impl Chunked {
                 Err(_) => return Err(BAD_CHUNK),
             }
         }
+    }
+
+    /// Counts `bytes` of framing, of which `earned` are allowed for free.
+    fn framing(&mut self, bytes: usize, earned: u64) -> Result<(), Refusal> {
+        let earned = usize::try_from(earned).unwrap_or(usize::MAX);
+        self.excess = (self.excess + bytes).saturating_sub(earned);
+        if self.excess > MAX_EXCESS {
+            return Err(BAD_CHUNK);
+        }
+        Ok(())
     }
 }
 
@@ -504,6 +527,38 @@ mod tests {
         let many: String = (0..100).map(|i| format!("X{i}: y\r\n")).collect();
         let many = format!("GET /mcp HTTP/1.1\r\n{many}\r\n");
         assert_eq!(parse_head(many.as_bytes(), ns), Err(HEAD_TOO_LARGE));
+    }
+
+    /// Decodes `raw` whole with a 1 MiB limit.
+    fn decode_all(raw: &[u8]) -> Result<(ChunkStep, usize), Refusal> {
+        let mut body = Vec::new();
+        let step = Chunked::new(0).decode(raw, &mut body, 1 << 20)?;
+        Ok((step, body.len()))
+    }
+
+    #[test]
+    fn chunk_framing_may_not_outrun_the_data() {
+        // A byte per chunk (5 bytes of framing each) streams fine, and so does some framing.
+        let bytes: String = "1\r\na\r\n".repeat(20_000) + "0\r\n\r\n";
+        assert_eq!(
+            decode_all(bytes.as_bytes()),
+            Ok((ChunkStep::Done(bytes.len()), 20_000))
+        );
+        let ext = format!(
+            "4;name={}\r\nabcd\r\n0\r\nX: {}\r\n\r\n",
+            "v".repeat(8000),
+            "t".repeat(7000)
+        );
+        assert_eq!(
+            decode_all(ext.as_bytes()),
+            Ok((ChunkStep::Done(ext.len()), 4))
+        );
+        // Mostly extensions: refused after about 16 KiB of them, long before 1 MiB of data.
+        let padded = format!("1;{}\r\na\r\n", "e".repeat(100)).repeat(1000);
+        assert_eq!(decode_all(padded.as_bytes()), Err(BAD_CHUNK));
+        // Trailer fields without end: refused too.
+        let trailers = format!("1\r\na\r\n0\r\n{}", "X: y\r\n".repeat(5000));
+        assert_eq!(decode_all(trailers.as_bytes()), Err(BAD_CHUNK));
     }
 
     #[test]
