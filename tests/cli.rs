@@ -121,7 +121,7 @@ fn sigint_with_a_stuck_client_exits_zero_after_shutdown_timeout() {
     let mut gw = start("shutdown_timeout: 0.5\nread_timeout: 30");
     let mut stuck = connect_from("127.0.0.2", gw.http);
     stuck
-        .write_all(b"POST /mcp HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+        .write_all(b"POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{")
         .unwrap();
     gw.wait_metric("mcp_gateway_connections_active", 1.0);
     let t = Instant::now();

@@ -166,23 +166,23 @@ fn bad_input_gets_the_right_status_then_a_close() {
     expect_refusal(&gw, b"this is not http\r\n\r\n", 400);
     expect_refusal(
         &gw,
-        b"POST /mcp HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
         400,
     );
     expect_refusal(
         &gw,
-        b"POST /mcp HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"POST /mcp HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         400,
     );
     let big_header = format!("GET /mcp HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(20_000));
     expect_refusal(&gw, big_header.as_bytes(), 431);
     expect_refusal(
         &gw,
-        b"POST /mcp HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n{",
+        b"POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n{",
         413,
     );
     let chunked_big = format!(
-        "POST /mcp HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n{}\r\n",
+        "POST /mcp HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n{}\r\n",
         "a".repeat(2048)
     );
     expect_refusal(&gw, chunked_big.as_bytes(), 413);
@@ -190,11 +190,22 @@ fn bad_input_gets_the_right_status_then_a_close() {
     // about 16 KiB of them, though its data would stay far under max_message_size).
     expect_refusal(
         &gw,
-        b"POST /mcp HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: +2\r\n\r\n{}",
+        b"POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: +2\r\n\r\n{}",
+        400,
+    );
+    // HTTP/1.1 without a Host field, or with two.
+    expect_refusal(
+        &gw,
+        b"POST /mcp HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+        400,
+    );
+    expect_refusal(
+        &gw,
+        b"POST /mcp HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 2\r\n\r\n{}",
         400,
     );
     let padded = format!(
-        "POST /mcp HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+        "POST /mcp HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n{}",
         format!("1;{}\r\na\r\n", "e".repeat(500)).repeat(40)
     );
     expect_refusal(&gw, padded.as_bytes(), 400);
@@ -207,7 +218,7 @@ fn bad_input_gets_the_right_status_then_a_close() {
     );
     let r = roundtrip(
         &mut s,
-        "POST /mcp HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{}",
+        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{}",
     );
     assert_eq!(r.status, 415);
     assert_eq!(roundtrip(&mut s, &post_mcp(TOOLS_LIST)).status, 200);

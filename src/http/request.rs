@@ -109,6 +109,13 @@ pub const FORBIDDEN_ORIGIN: Refusal = refuse(
     "Origin not allowed (server.allowed_origins)",
     ProtocolError::Origin,
 );
+/// RFC 9112, section 3.2: an HTTP/1.1 request names exactly one `Host` (HTTP/1.0: at most
+/// one). Two could be read differently by the gateway's logs and whatever is in front of it.
+const BAD_HOST: Refusal = refuse(
+    400,
+    "exactly one Host field required",
+    ProtocolError::Malformed,
+);
 const BAD_FRAMING: Refusal = refuse(
     400,
     "ambiguous or invalid message framing",
@@ -142,6 +149,7 @@ pub fn content_length(value: &str) -> Option<u64> {
 /// The request fields the door reads; every other field is passed on as it came.
 #[derive(Clone, Copy)]
 enum Field {
+    Host,
     ContentLength,
     TransferEncoding,
     Connection,
@@ -159,7 +167,8 @@ enum Field {
 impl Field {
     /// The field named `name` (any case), if the door reads it.
     fn of(name: &str) -> Option<Field> {
-        const NAMES: [(&str, Field); 12] = [
+        const NAMES: [(&str, Field); 13] = [
+            ("host", Field::Host),
             ("content-type", Field::ContentType),
             ("content-length", Field::ContentLength),
             ("accept", Field::Accept),
@@ -208,6 +217,7 @@ pub fn parse_head(
     let route = route(req.path.unwrap_or(""), namespace);
 
     let mut keep_alive = http11;
+    let mut hosts = 0u32;
     let mut length: Option<usize> = None;
     let mut chunked = false;
     let mut other_te = false;
@@ -233,6 +243,7 @@ pub fn parse_head(
         };
         let value = std::str::from_utf8(h.value).map_err(|_| MALFORMED)?.trim();
         match field {
+            Field::Host => hosts += 1,
             Field::ContentLength => {
                 let n = content_length(value)
                     .and_then(|n| usize::try_from(n).ok())
@@ -308,6 +319,9 @@ pub fn parse_head(
                 ws.mcp_protocol |= value.split(',').any(|p| p.trim() == "mcp");
             }
         }
+    }
+    if hosts > 1 || (http11 && hosts == 0) {
+        return Err(BAD_HOST);
     }
     let body = match (chunked, other_te, length) {
         (_, true, _) => return Err(UNSUPPORTED_TE),
@@ -508,7 +522,8 @@ mod tests {
     #[test]
     fn refusals() {
         assert_eq!(parse_head(b"BAD\r\n\r\n", ns), Err(MALFORMED));
-        let both = b"POST /mcp HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let both =
+            b"POST /mcp HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert_eq!(parse_head(both, ns).unwrap_err().status, 400);
         let two = b"POST /mcp HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
         assert_eq!(parse_head(two, ns).unwrap_err().status, 400);
@@ -520,13 +535,25 @@ mod tests {
                 "{length:?}"
             );
         }
-        let gzip = b"POST /mcp HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
+        let gzip = b"POST /mcp HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
         assert_eq!(parse_head(gzip, ns).unwrap_err().status, 501);
         let big = [b"GET /mcp HTTP/1.1\r\nX: ".as_slice(), &[b'a'; MAX_HEAD]].concat();
         assert_eq!(parse_head(&big, ns), Err(HEAD_TOO_LARGE));
         let many: String = (0..100).map(|i| format!("X{i}: y\r\n")).collect();
         let many = format!("GET /mcp HTTP/1.1\r\n{many}\r\n");
         assert_eq!(parse_head(many.as_bytes(), ns), Err(HEAD_TOO_LARGE));
+        // Exactly one Host in HTTP/1.1, at most one in HTTP/1.0.
+        let head = |raw: &[u8]| parse_head(raw, ns).map(|h| h.is_some());
+        assert_eq!(head(b"GET /mcp HTTP/1.1\r\n\r\n"), Err(BAD_HOST));
+        assert_eq!(
+            head(b"GET /mcp HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n"),
+            Err(BAD_HOST)
+        );
+        assert_eq!(
+            head(b"GET /mcp HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n"),
+            Err(BAD_HOST)
+        );
+        assert_eq!(head(b"GET /mcp HTTP/1.0\r\n\r\n"), Ok(true));
     }
 
     /// Decodes `raw` whole with a 1 MiB limit.
