@@ -105,6 +105,7 @@ pub fn parse_response(
     let mut keep_alive = res.version == Some(1);
     let mut length: Option<u64> = None;
     let mut chunked = false;
+    let mut transfer_coded = false;
     let mut event_stream = false;
     let mut session = None;
     if connection_tokens(res.headers).any(|t| t.eq_ignore_ascii_case("close")) {
@@ -127,6 +128,7 @@ pub fn parse_response(
             length = Some(n);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             let value = value()?;
+            transfer_coded = true;
             chunked = value
                 .rsplit(',')
                 .next()
@@ -149,6 +151,11 @@ pub fn parse_response(
         BodyKind::None
     } else if chunked {
         BodyKind::Chunked
+    } else if transfer_coded {
+        // Coded, but not chunked last: the body runs to the close, whatever a `Content-Length`
+        // says (RFC 9112, section 6.3).
+        keep_alive = false;
+        BodyKind::UntilClose
     } else if let Some(n) = length {
         if n == 0 {
             BodyKind::None
@@ -545,6 +552,14 @@ Content-Length: 3
         )
         .is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: +3\r\n\r\nabc", None).is_err());
+        let coded = p(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n");
+        assert_eq!(
+            (coded.body, coded.keep_alive),
+            (BodyKind::UntilClose, false)
+        );
+        let chunked =
+            p(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        assert_eq!(chunked.body, BodyKind::Chunked);
         assert!(parse_response(b"garbage\r\n\r\n", None).is_err());
         assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\n", None), Ok(None));
     }
