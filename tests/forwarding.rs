@@ -1113,6 +1113,69 @@ fn a_request_body_reaches_the_upstream_before_it_is_complete() {
     assert_eq!((r.status, r.json()["whole"].clone()), (200, true.into()));
 }
 
+/// A browser page's CORS preflight (`OPTIONS`) reaches the upstream, so one that allows the
+/// page's origin can say so, and its answer comes back whole; a page of an origin the gateway
+/// does not allow gets 403 from the gateway and never reaches the upstream.
+#[test]
+fn cors_preflights_of_allowed_pages_reach_the_upstream() {
+    let preflights = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = preflights.clone();
+    let up = Mock::start(move |req, s| {
+        if req.method == "OPTIONS" {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let origin = req.header("origin").unwrap_or("").to_string();
+            let asked = req
+                .header("access-control-request-headers")
+                .unwrap_or("")
+                .to_string();
+            respond(
+                s,
+                204,
+                &[
+                    ("Access-Control-Allow-Origin", &origin),
+                    ("Access-Control-Allow-Methods", "GET, POST, DELETE"),
+                    ("Access-Control-Allow-Headers", &asked),
+                ],
+                "",
+            );
+        } else {
+            json_reply(s, req, "{}", &[]);
+        }
+    });
+    let gw = start_with(
+        "allowed_origins: [\"https://app.example.com\"]",
+        &endpoints(&[("default", &[&up.url()])], ROUTING),
+    );
+    let preflight = |origin: &str| {
+        format!(
+            "OPTIONS /mcp HTTP/1.1\r\nHost: t\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: content-type, mcp-session-id\r\n\r\n"
+        )
+    };
+    let mut c = connect_from("127.0.0.2", gw.http);
+    let r = roundtrip(&mut c, &preflight("https://app.example.com"));
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(
+        r.header("access-control-allow-headers"),
+        Some("content-type, mcp-session-id")
+    );
+    // The connection goes on.
+    assert_eq!(roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status, 200);
+    let mut c = connect_from("127.0.0.2", gw.http);
+    assert_eq!(
+        roundtrip(&mut c, &preflight("https://evil.example")).status,
+        403
+    );
+    assert_eq!(
+        preflights.load(Ordering::SeqCst),
+        1,
+        "only the allowed page's"
+    );
+}
+
 /// Field values the gateway does not read may carry obs-text (RFC 9110, section 5.5: bytes
 /// 0x80-0xFF, such as Latin-1 from older software): they cross both ways byte for byte, where
 /// the gateway used to answer the client 400 and the upstream's response 502. A field it reads

@@ -515,7 +515,9 @@ fn answer(
             &[],
             keep_alive,
         ),
-        Method::Other => error(
+        // builtin:echo allows no browser origin (no CORS): a preflight gets what any other
+        // method it does not serve gets.
+        Method::Options | Method::Other => error(
             out,
             405,
             -32000,

@@ -120,6 +120,7 @@ pub async fn forward(
         Method::Get => "GET",
         Method::Post => "POST",
         Method::Delete => "DELETE",
+        Method::Options => "OPTIONS",
         Method::Other => unreachable!("the door answers other methods itself"),
     };
     let raw_head = &buf[..head.len];

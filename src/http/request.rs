@@ -19,6 +19,9 @@ pub enum Method {
     Get,
     Post,
     Delete,
+    /// A browser's CORS preflight: forwarded, so that an upstream that allows the page's origin
+    /// can say so (the gateway's own `server.allowed_origins` check comes first).
+    Options,
     Other,
 }
 
@@ -212,6 +215,7 @@ pub fn parse_head(
         "GET" => Method::Get,
         "POST" => Method::Post,
         "DELETE" => Method::Delete,
+        "OPTIONS" => Method::Options,
         _ => Method::Other,
     };
     let route = route(req.path.unwrap_or(""), namespace);
