@@ -616,6 +616,52 @@ fn mcpb_requests_are_forwarded_with_notifications_and_failures_keep_the_connecti
     assert_eq!(read_mcpb(&mut c).0, 4, "the connection stays usable");
 }
 
+/// A reply to a message door is one message, so it may be no larger than `max_message_size`
+/// either: a larger one (a JSON body, or one event of a stream) costs that message an Error frame
+/// instead of the gateway holding whatever the upstream sends, and the connection goes on.
+#[test]
+fn replies_larger_than_max_message_size_become_errors() {
+    let big = format!(r#""{}""#, "x".repeat(2000));
+    let up = Mock::start(move |req, s| {
+        if req.method != "POST" {
+            return respond(s, 405, &[], "");
+        }
+        let body = req.body_str();
+        let id = serde_json::from_str::<serde_json::Value>(body).unwrap()["id"].clone();
+        let result = if body.contains("big") {
+            big.as_str()
+        } else {
+            "{}"
+        };
+        let reply = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#);
+        if body.contains("\"stream\"") {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+            chunk(s, &format!("event: message\ndata: {reply}\n\n"));
+            let _ = s.write_all(b"0\r\n\r\n");
+        } else {
+            json_reply(s, req, result, &[]);
+        }
+    });
+    let gw = start_with(
+        "max_message_size: 1024",
+        &endpoints(&[("default", &[&up.url()])], ROUTING),
+    );
+    let mut c = mcpb_client(&gw);
+    for (id, method) in [(1, "big"), (2, "big/stream"), (3, "small")] {
+        let m = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"{method}"}}"#);
+        c.write_all(&mcpb_frame(1, m.as_bytes())).unwrap();
+        let (kind, reply) = read_mcpb(&mut c);
+        assert_eq!(reply["id"], id, "{reply}");
+        if method == "small" {
+            assert_eq!(kind, 2, "the connection goes on: {reply}");
+        } else {
+            assert_eq!(kind, 5, "{reply}");
+            let why = reply["error"]["message"].as_str().unwrap();
+            assert!(why.contains("max_message_size"), "{why}");
+        }
+    }
+}
+
 #[test]
 fn a_closed_mcpb_connection_ends_its_upstream_session() {
     let (deleted_tx, deleted_rx) = mpsc::channel::<String>();

@@ -96,6 +96,12 @@ async fn listen(
             }
         }
         data.drain(..at);
+        if data.len() > worker.settings().max_message_size {
+            // Part of one event, already past what a message may be: the stream goes (the
+            // session's requests still get their own replies).
+            tracing::warn!(upstream = %u.url, "session stream event larger than max_message_size; dropping the stream");
+            break;
+        }
         if body.is_done() {
             break;
         }

@@ -34,6 +34,10 @@ use crate::conn::{give_buf, read_more, take_buf, wait_idle, write_all, ReadError
 use crate::metrics::Frontend;
 use crate::worker::{Registration, Worker};
 
+/// The error a message gets when its reply (or one event of it) is larger than
+/// `server.max_message_size`: the largest message either way.
+pub const REPLY_TOO_LARGE: &str = "upstream reply larger than max_message_size";
+
 /// Forwards in flight per connection beyond which the connection stops reading its client.
 const MAX_IN_FLIGHT: usize = 16;
 
@@ -501,6 +505,14 @@ async fn forward(
                 }
             }
             data.drain(..at);
+        }
+        if data.len() > worker.settings().max_message_size {
+            // What is in `data` is one message for the client (a JSON reply, or part of an
+            // event): an upstream sending more without end would have the gateway hold it all.
+            tracing::warn!(upstream = %u.url, "reply larger than max_message_size; dropped");
+            fail(outbox, message, REPLY_TOO_LARGE);
+            data.clear(); // nothing of it goes to the client
+            break;
         }
         if body.is_done() {
             break;
