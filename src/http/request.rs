@@ -260,6 +260,11 @@ pub fn parse_head(
             Field::TransferEncoding => {
                 for coding in value.split(',').map(str::trim) {
                     if coding.eq_ignore_ascii_case("chunked") {
+                        // Chunked twice (RFC 9112, section 6.1: never more than once) is a
+                        // framing another server could read otherwise.
+                        if chunked {
+                            return Err(BAD_FRAMING);
+                        }
                         chunked = true;
                     } else if !coding.is_empty() {
                         other_te = true;
@@ -538,6 +543,13 @@ mod tests {
                 Err(BAD_FRAMING),
                 "{length:?}"
             );
+        }
+        for twice in [
+            "Transfer-Encoding: chunked, chunked\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        ] {
+            let head = format!("POST /mcp HTTP/1.1\r\nHost: h\r\n{twice}\r\n");
+            assert_eq!(parse_head(head.as_bytes(), ns), Err(BAD_FRAMING), "{twice}");
         }
         let gzip = b"POST /mcp HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
         assert_eq!(parse_head(gzip, ns).unwrap_err().status, 501);
