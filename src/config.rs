@@ -682,17 +682,55 @@ impl UpstreamUrl {
         {
             return Err("expected http://host:port/path (no user info, query or fragment)".into());
         }
-        let port_at = authority.rfind(']').unwrap_or(0);
-        let (host, port) = match authority[port_at..].rsplit_once(':') {
-            Some((_, p)) => match p.parse::<u16>() {
-                Ok(n) if n > 0 => (&authority[..authority.len() - p.len() - 1], n),
+        // An IPv6 address in brackets, or a name or IPv4 address; then `:port`, if any.
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(inner) => {
+                let Some((ip, after)) = inner.split_once(']') else {
+                    return Err("an IPv6 address needs its closing `]`".into());
+                };
+                if ip.parse::<std::net::Ipv6Addr>().is_err() {
+                    return Err(format!("{ip:?} between `[` and `]` is not an IPv6 address"));
+                }
+                match after {
+                    "" => (ip, None),
+                    _ => match after.strip_prefix(':') {
+                        Some(p) => (ip, Some(p)),
+                        None => return Err("expected `:port` after the `]`".into()),
+                    },
+                }
+            }
+            None => match authority.split_once(':') {
+                Some((host, p)) => (host, Some(p)),
+                None => (authority, None),
+            },
+        };
+        let port = match port {
+            None => {
+                if tls {
+                    443
+                } else {
+                    80
+                }
+            }
+            Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => match p.parse::<u16>() {
+                Ok(n) if n > 0 => n,
                 _ => return Err("the port is not a number from 1 to 65535".into()),
             },
-            None => (authority, if tls { 443 } else { 80 }),
+            // `h::1`, `::1`: more than one colon outside brackets.
+            Some(p) if p.contains(':') && !authority.starts_with('[') => {
+                return Err("an IPv6 address is written in brackets: [::1]".into())
+            }
+            Some(_) => return Err("the port is not a number from 1 to 65535".into()),
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             return Err("expected a host before the port".into());
+        }
+        if !authority.starts_with('[')
+            && !host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        {
+            return Err(format!("{host:?} is not a host name or IPv4 address"));
         }
         Ok(UpstreamUrl {
             authority: authority.to_string(),
@@ -912,6 +950,15 @@ mod tests {
             "http://x:99999/",
             "http://u@x/",
             "http://x/?q",
+            "http://[::1",
+            "http://[::1]x/",
+            "http://[::1]:/",
+            "http://[nope]:80/",
+            "http://::1/",
+            "http://h::80/",
+            "http://x:+80/",
+            "http://ex%61mple/",
+            "http://[]/",
         ] {
             assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
         }
