@@ -531,8 +531,19 @@ impl Config {
         if s.tcp_port != 0 && s.tcp_port == s.port && s.port != 0 {
             p.push("server.tcp_port: must differ from server.port".into());
         }
-        if s.metrics_port != 0 && s.metrics_port == s.port && s.metrics_host == s.host {
-            p.push("server.metrics_port: must differ from server.port".into());
+        // The admin listener shares no port with a door whose address overlaps its own (the
+        // same address, or either a wildcard): binding would fail at startup.
+        let overlap = match (
+            s.host.parse::<std::net::IpAddr>(),
+            s.metrics_host.parse::<std::net::IpAddr>(),
+        ) {
+            (Ok(a), Ok(b)) => a.is_unspecified() || b.is_unspecified() || a == b,
+            _ => false, // reported above
+        };
+        for (key, port) in [("server.port", s.port), ("server.tcp_port", s.tcp_port)] {
+            if s.metrics_port != 0 && s.metrics_port == port && overlap {
+                p.push(format!("server.metrics_port: must differ from {key}"));
+            }
         }
         if s.workers > 4096 {
             p.push(format!("server.workers: {} is more than 4096", s.workers));
@@ -888,6 +899,26 @@ mod tests {
         assert_eq!(e.len(), 2, "{e:?}");
         assert!(e[0].contains("server.max_connections"));
         assert!(e[1].contains("server.idle_timeout"));
+    }
+
+    #[test]
+    fn the_admin_port_shares_no_door_port_on_an_overlapping_address() {
+        let errors = |server: &str| {
+            Config::parse(&format!("server:\n{server}"), false)
+                .err()
+                .unwrap_or_default()
+        };
+        // The defaults: doors on 0.0.0.0, the admin port on 127.0.0.1.
+        assert_eq!(
+            errors("  port: 9090\n"),
+            ["server.metrics_port: must differ from server.port"]
+        );
+        assert_eq!(
+            errors("  tcp_port: 9090\n"),
+            ["server.metrics_port: must differ from server.tcp_port"]
+        );
+        // Different addresses, neither a wildcard: both bind.
+        assert!(errors("  host: 10.0.0.5\n  port: 9090\n").is_empty());
     }
 
     #[test]
