@@ -3,8 +3,9 @@
 //! tasks that receive them and written by the connection's own task (so frames never interleave).
 //!
 //! Owns the queue, the count of forwards in flight, and the wake-up of the connection task when
-//! either changes. Bounded: at most [`MAX_QUEUED`] messages wait; a producer that finds the queue
-//! full gives up (a session stream is dropped; a reply becomes an error for its message).
+//! either changes. Bounded: at most [`MAX_QUEUED`] messages and [`MAX_QUEUED_BYTES`] bytes wait;
+//! a producer that finds the queue full gives up (a session stream is dropped; a reply becomes an
+//! error for its message).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -14,6 +15,12 @@ use std::task::{Context, Poll, Waker};
 
 /// Messages waiting for the client beyond which producers give up.
 pub const MAX_QUEUED: usize = 1024;
+
+/// Bytes waiting for the client beyond which producers give up: a client that does not read
+/// while its tool calls return large results would otherwise have up to [`MAX_QUEUED`] of them
+/// held for it, each up to `server.max_message_size`. Room for one message of the largest size
+/// any configuration allows (10 MiB) and more.
+pub const MAX_QUEUED_BYTES: usize = 16 << 20;
 
 /// How a message is framed for the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +34,8 @@ pub enum Kind {
 #[derive(Default)]
 pub struct Outbox {
     queue: RefCell<VecDeque<(Kind, Vec<u8>)>>,
+    /// The bytes of the messages in `queue`.
+    bytes: Cell<usize>,
     in_flight: Cell<usize>,
     /// Bumped on every push and every finished forward; [`Outbox::changed`] waits for a bump.
     version: Cell<u64>,
@@ -38,9 +47,11 @@ impl Outbox {
     pub fn push(&self, kind: Kind, message: Vec<u8>) -> bool {
         {
             let mut q = self.queue.borrow_mut();
-            if q.len() >= MAX_QUEUED {
+            let bytes = self.bytes.get() + message.len();
+            if q.len() >= MAX_QUEUED || bytes > MAX_QUEUED_BYTES {
                 return false;
             }
+            self.bytes.set(bytes);
             q.push_back((kind, message));
         }
         self.bump();
@@ -75,6 +86,7 @@ impl Outbox {
         // An idle session holds no queue: the next reply allocates one again (a handful of
         // entries, beside the forward's own allocations).
         *q = VecDeque::new();
+        self.bytes.set(0);
     }
 
     pub fn in_flight(&self) -> usize {
@@ -156,5 +168,21 @@ mod tests {
             assert!(o.push(Kind::Reply, Vec::new()));
         }
         assert!(!o.push(Kind::Reply, Vec::new()), "full");
+    }
+
+    #[test]
+    fn queue_is_bounded_in_bytes_too() {
+        let o = Outbox::default();
+        let mib = || vec![b'x'; 1 << 20];
+        for _ in 0..16 {
+            assert!(o.push(Kind::Reply, mib()));
+        }
+        assert!(!o.push(Kind::Reply, mib()), "16 MiB wait already");
+        assert!(!o.push(Kind::Fail, b"x".to_vec()), "not a byte more");
+        o.drain(&mut Vec::new(), |_, _| {}, |_, _| {});
+        assert!(
+            o.push(Kind::Reply, mib()),
+            "taken by the client: room again"
+        );
     }
 }
