@@ -186,8 +186,7 @@ fn bad_input_gets_the_right_status_then_a_close() {
         "a".repeat(2048)
     );
     expect_refusal(&gw, chunked_big.as_bytes(), 413);
-    // A length that is not all digits; a chunked body that is mostly extensions (refused after
-    // about 16 KiB of them, though its data would stay far under max_message_size).
+    // A length that is not all digits.
     expect_refusal(
         &gw,
         b"POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: +2\r\n\r\n{}",
@@ -204,6 +203,8 @@ fn bad_input_gets_the_right_status_then_a_close() {
         b"POST /mcp HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 2\r\n\r\n{}",
         400,
     );
+    // A chunked body that is mostly extensions: refused after about 16 KiB of them, though its
+    // data would stay far under max_message_size.
     let padded = format!(
         "POST /mcp HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n{}",
         format!("1;{}\r\na\r\n", "e".repeat(500)).repeat(40)

@@ -36,7 +36,7 @@ use crate::worker::{Registration, Worker};
 
 /// The error a message gets when its reply (or one event of it) is larger than
 /// `server.max_message_size`: the largest message either way.
-pub const REPLY_TOO_LARGE: &str = "upstream reply larger than max_message_size";
+const REPLY_TOO_LARGE: &str = "upstream reply larger than max_message_size";
 
 /// Forwards in flight per connection beyond which the connection stops reading its client.
 const MAX_IN_FLIGHT: usize = 16;
