@@ -99,9 +99,16 @@ fn namespaces_route_by_path() {
         &post_mcp(TOOLS_LIST).replace("POST /mcp ", "POST /mcp/tools "),
     );
     assert_eq!(r.status, 200);
+    // The absolute form of the target (what clients send to a proxy) routes the same.
+    let absolute = format!("POST http://{}/mcp/tools?x=1 ", gw.http);
+    let r = roundtrip(
+        &mut s,
+        &post_mcp(TOOLS_LIST).replace("POST /mcp ", &absolute),
+    );
+    assert_eq!(r.status, 200);
     gw.wait_metric(
         "mcp_gateway_upstream_requests_total{namespace=\"tools\",upstream=\"builtin:echo\",outcome=\"ok\"}",
-        1.0,
+        2.0,
     );
 }
 

@@ -358,7 +358,7 @@ pub fn parse_head(
 }
 
 fn route(target: &str, namespace: impl Fn(&str) -> Option<usize>) -> Route {
-    let path = target.split(['?', '#']).next().unwrap_or("");
+    let path = origin_form(target).split(['?', '#']).next().unwrap_or("");
     let ns = match path.strip_prefix("/mcp") {
         Some("") | Some("/") => "default",
         Some(rest) => match rest.strip_prefix('/') {
@@ -368,6 +368,25 @@ fn route(target: &str, namespace: impl Fn(&str) -> Option<usize>) -> Route {
         None => return Route::NotFound,
     };
     namespace(ns).map_or(Route::UnknownNamespace, Route::Mcp)
+}
+
+/// The path and query of a request target. A server must accept the absolute form too
+/// (`http://host/mcp`, RFC 9112 section 3.2.2), which clients send to proxies: its scheme and
+/// authority are dropped (the request still names its `Host`, which the gateway replaces).
+fn origin_form(target: &str) -> &str {
+    let scheme = |s: &str| {
+        target
+            .get(..s.len())
+            .is_some_and(|t| t.eq_ignore_ascii_case(s))
+    };
+    let Some(rest) = ["http://", "https://"]
+        .into_iter()
+        .find(|s| scheme(s))
+        .map(|s| &target[s.len()..])
+    else {
+        return target;
+    };
+    rest.find(['/', '?']).map_or("", |at| &rest[at..])
 }
 
 /// Progress of a chunked body decode over a buffer that grows as bytes arrive.
@@ -513,6 +532,11 @@ mod tests {
         assert_eq!(h("/mcpx"), Route::NotFound);
         assert_eq!(h("/"), Route::NotFound);
         assert_eq!(h("/mcp/a/b"), Route::NotFound);
+        // The absolute form, as sent to a proxy.
+        assert_eq!(h("http://gw.example:8080/mcp/tools?x=1"), Route::Mcp(1));
+        assert_eq!(h("HTTPS://gw.example/mcp"), Route::Mcp(0));
+        assert_eq!(h("http://gw.example"), Route::NotFound);
+        assert_eq!(h("ftp://gw.example/mcp"), Route::NotFound);
     }
 
     #[test]
