@@ -8,6 +8,9 @@
 # connections: mcp-gateway with its forwarding, nginx with proxy_pass and an upstream keepalive
 # pool, HAProxy with http-reuse. Mode "direct": every server answers the POST itself
 # (builtin:echo, `return 200`, `http-request return`), which compares the front doors alone.
+# Per server: keep-alive requests/s, p99 and CPU per request (the server's own processes, from
+# /proc), Connection: close requests/s, memory per idle connection, and the throughput kept
+# under a one-address flood.
 # Installs nginx, haproxy and wrk from Debian's packages when missing. Loopback only.
 set -euo pipefail
 usage() {
@@ -165,10 +168,15 @@ declare -A PORT=([mcp-gateway]=$gport [nginx]=$nport [haproxy]=$hport)
 servers=(mcp-gateway nginx haproxy)
 pids_of() { case "$1" in mcp-gateway) echo "$gw" ;; nginx) nginx_pids ;; haproxy) echo "$hp" ;; esac; }
 
-wrk_run() { # server mode -> "req/s p99ms"
-  local out
+wrk_run() { # server mode -> "req/s p99ms cpu-us-per-request" (the server's own processes' CPU)
+  local out t0 t1 rps
+  # shellcheck disable=SC2046 # one pid per word
+  t0=$(cpu_ticks $(pids_of "$1"))
   out=$(CLOSE=$2 timeout $((D + 30)) wrk -t1 -c"$C" -d"${D}s" -s scripts/mcp.lua "http://127.0.0.1:${PORT[$1]}/mcp")
-  echo "$(awk '/^requests\/s:/ {print $2}' <<<"$out") $(awk '/^p99 latency:/ {print $3}' <<<"$out")"
+  # shellcheck disable=SC2046
+  t1=$(cpu_ticks $(pids_of "$1"))
+  rps=$(awk '/^requests\/s:/ {print $2}' <<<"$out")
+  echo "$rps $(awk '/^p99 latency:/ {print $3}' <<<"$out") $(python3 -c "print(f'{($t1-$t0)*1e6/$TCK/($rps*$D):.1f}' if $rps else 0)")"
 }
 idle_bytes() { # server round -> bytes per idle connection
   # Warm up (buffer pools, allocator arenas; for mcp-gateway, a wave of idle connections that
@@ -192,7 +200,8 @@ flood_kept() { # throughput with a one-address flood / without
   kill "$f" 2>/dev/null; wait "$f" 2>/dev/null || true
   python3 -c "print(f'{$flooded/$quiet:.2f}')"
 }
-declare -A KA KAP CL MEM FL
+declare -A KA KAP KACPU CL MEM FL
+TCK=$(getconf CLK_TCK)
 first() { echo "$1"; } # memory: the first round's (later rounds reuse memory freed by earlier runs)
 best() { python3 -c "import sys; a=[float(x) for x in sys.argv[2:] if x]; print(max(a) if sys.argv[1]=='max' else min(a))" "$@"; }
 for round in $(seq 1 "$ROUNDS"); do
@@ -200,18 +209,19 @@ for round in $(seq 1 "$ROUNDS"); do
   # would reuse without growing the RSS.
   for s in "${servers[@]}"; do MEM[$s]="${MEM[$s]:-} $(idle_bytes "$s" "$round")"; done
   for s in "${servers[@]}"; do
-    read -r rps p99 <<<"$(wrk_run "$s" 0)"; KA[$s]="${KA[$s]:-} $rps"; KAP[$s]="${KAP[$s]:-} $p99"
+    read -r rps p99 cpu <<<"$(wrk_run "$s" 0)"
+    KA[$s]="${KA[$s]:-} $rps"; KAP[$s]="${KAP[$s]:-} $p99"; KACPU[$s]="${KACPU[$s]:-} $cpu"
   done
   for s in "${servers[@]}"; do CL[$s]="${CL[$s]:-} $(wrk_run "$s" 1 | cut -d' ' -f1)"; done
   for s in "${servers[@]}"; do FL[$s]="${FL[$s]:-} $(flood_kept "$s")"; done
 done
 ratio() { python3 -c "print(f'{$1/$2:.2f}x' if $2 else 'n/a')"; }
-echo "| server | keep-alive req/s | p99 ms | Connection: close req/s | bytes per idle connection | throughput kept under a one-address flood |"
-echo "|---|---|---|---|---|---|"
+echo "| server | keep-alive req/s | p99 ms | CPU µs per keep-alive request | Connection: close req/s | bytes per idle connection | throughput kept under a one-address flood |"
+echo "|---|---|---|---|---|---|---|"
 for s in "${servers[@]}"; do
-  ka=$(best max ${KA[$s]}); p=$(best min ${KAP[$s]}); cl=$(best max ${CL[$s]}); m=$(first ${MEM[$s]}); f=$(best max ${FL[$s]})
-  nka=$(best max ${KA[nginx]}); ncl=$(best max ${CL[nginx]}); nm=$(first ${MEM[nginx]})
-  echo "| $s | ${ka%.*} ($(ratio "$ka" "$nka")) | $p | ${cl%.*} ($(ratio "$cl" "$ncl")) | ${m%.*} ($(ratio "$m" "$nm")) | $f |"
+  ka=$(best max ${KA[$s]}); p=$(best min ${KAP[$s]}); cpu=$(best min ${KACPU[$s]}); cl=$(best max ${CL[$s]}); m=$(first ${MEM[$s]}); f=$(best max ${FL[$s]})
+  nka=$(best max ${KA[nginx]}); ncpu=$(best min ${KACPU[nginx]}); ncl=$(best max ${CL[nginx]}); nm=$(first ${MEM[nginx]})
+  echo "| $s | ${ka%.*} ($(ratio "$ka" "$nka")) | $p | $cpu ($(ratio "$cpu" "$ncpu")) | ${cl%.*} ($(ratio "$cl" "$ncl")) | ${m%.*} ($(ratio "$m" "$nm")) | $f |"
 done
 echo
 what=$([ "$MODE" = proxy ] && echo "proxy mode: each server forwards to one shared upstream MCP server (mcp-gateway, builtin:echo, 1 worker)" || echo "direct mode: each server answers the POST itself")
