@@ -662,6 +662,53 @@ fn replies_larger_than_max_message_size_become_errors() {
     }
 }
 
+/// An event of the session's own stream larger than `max_message_size` ends that stream (the
+/// gateway does not hold it for the client), while the client's connection and its requests go on.
+#[test]
+fn a_session_stream_event_larger_than_max_message_size_ends_the_stream() {
+    let (gone_tx, gone_rx) = mpsc::channel::<()>();
+    let gone_tx = Mutex::new(gone_tx);
+    let up = Mock::start(move |req, s| {
+        if req.method == "GET" {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+            let big = format!(
+                "data: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{{\"data\":\"{}\"}}}}\n\n",
+                "x".repeat(2000)
+            );
+            chunk(s, &big);
+            // Held open until the gateway drops it.
+            let mut b = [0u8; 16];
+            s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            if let Ok(0) = s.read(&mut b) {
+                let _ = gone_tx.lock().unwrap().send(());
+            }
+        } else if req.method == "DELETE" {
+            respond(s, 200, &[], "");
+        } else {
+            json_reply(s, req, r#"{"n":1}"#, &[("Mcp-Session-Id", "S4")]);
+        }
+    });
+    let gw = start_with(
+        "max_message_size: 1024",
+        &endpoints(&[("default", &[&up.url()])], ROUTING),
+    );
+    let mut c = mcpb_initialized(&gw);
+    gone_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the session stream is dropped at its oversized event");
+    c.write_all(&mcpb_frame(
+        1,
+        br#"{"jsonrpc":"2.0","id":3,"method":"ping"}"#,
+    ))
+    .unwrap();
+    let (kind, r) = read_mcpb(&mut c);
+    assert_eq!(
+        (kind, r["id"].clone()),
+        (2, 3.into()),
+        "the event never came: {r}"
+    );
+}
+
 #[test]
 fn a_closed_mcpb_connection_ends_its_upstream_session() {
     let (deleted_tx, deleted_rx) = mpsc::channel::<String>();

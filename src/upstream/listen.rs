@@ -81,13 +81,19 @@ async fn listen(
     let _watch = worker.watch_session_stream(up.tcp().as_raw_fd(), u.index);
     let mut body = Body::new(body);
     let mut data = take_buf();
+    let max = worker.settings().max_message_size;
     loop {
         if body.feed(&mut buf, &mut data).is_err() {
             break;
         }
         let mut at = 0;
+        let mut too_large = false;
         while let Some((used, event)) = next_event(&data[at..]) {
             at += used;
+            if event.len() > max {
+                too_large = true;
+                break;
+            }
             if !event.is_empty() && !queue.push(Kind::Reply, event) {
                 tracing::warn!(upstream = %u.url, "client too slow for its session stream; dropping the stream");
                 give_buf(data);
@@ -96,9 +102,9 @@ async fn listen(
             }
         }
         data.drain(..at);
-        if data.len() > worker.settings().max_message_size {
-            // Part of one event, already past what a message may be: the stream goes (the
-            // session's requests still get their own replies).
+        if too_large || data.len() > max {
+            // An event (or what has come of one) past what a message may be: the stream goes
+            // (the session's requests still get their own replies).
             tracing::warn!(upstream = %u.url, "session stream event larger than max_message_size; dropping the stream");
             break;
         }

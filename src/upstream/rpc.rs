@@ -488,15 +488,21 @@ async fn forward(
     }
     let mut body = Body::new(head.body);
     let mut data = take_buf();
+    let max = worker.settings().max_message_size;
     loop {
         if let Err(f) = body.feed(&mut buf, &mut data) {
             fail(outbox, message, f.message());
             break;
         }
+        let mut too_large = false;
         if head.event_stream {
             let mut at = 0;
             while let Some((used, event)) = next_event(&data[at..]) {
                 at += used;
+                if event.len() > max {
+                    too_large = true;
+                    break;
+                }
                 if initializing {
                     learn_protocol(state, &event);
                 }
@@ -506,9 +512,10 @@ async fn forward(
             }
             data.drain(..at);
         }
-        if data.len() > worker.settings().max_message_size {
-            // What is in `data` is one message for the client (a JSON reply, or part of an
-            // event): an upstream sending more without end would have the gateway hold it all.
+        if too_large || data.len() > max {
+            // One message for the client (a JSON reply, an event, or what has come of either)
+            // beyond what a message may be: an upstream sending more without end would have the
+            // gateway hold it all.
             tracing::warn!(upstream = %u.url, "reply larger than max_message_size; dropped");
             fail(outbox, message, REPLY_TOO_LARGE);
             data.clear(); // nothing of it goes to the client
