@@ -662,6 +662,16 @@ fn replies_larger_than_max_message_size_become_errors() {
     }
 }
 
+/// For a mock's session stream: holds the connection open until the gateway drops it, then
+/// says so on `gone`.
+fn held_until_dropped(s: &mut TcpStream, gone: &Mutex<mpsc::Sender<()>>) {
+    let mut b = [0u8; 16];
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    if let Ok(0) = s.read(&mut b) {
+        let _ = gone.lock().unwrap().send(());
+    }
+}
+
 /// An event of the session's own stream larger than `max_message_size` ends that stream (the
 /// gateway does not hold it for the client), while the client's connection and its requests go on.
 #[test]
@@ -676,12 +686,7 @@ fn a_session_stream_event_larger_than_max_message_size_ends_the_stream() {
                 "x".repeat(2000)
             );
             chunk(s, &big);
-            // Held open until the gateway drops it.
-            let mut b = [0u8; 16];
-            s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-            if let Ok(0) = s.read(&mut b) {
-                let _ = gone_tx.lock().unwrap().send(());
-            }
+            held_until_dropped(s, &gone_tx);
         } else if req.method == "DELETE" {
             respond(s, 200, &[], "");
         } else {
@@ -750,12 +755,7 @@ fn what_the_upstream_sends_on_its_own_reaches_an_mcpb_client_between_messages() 
                 s,
                 "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/tools/list_changed\"}\n\n",
             );
-            // Held open until the gateway drops it.
-            let mut b = [0u8; 16];
-            s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-            if let Ok(0) = s.read(&mut b) {
-                let _ = gone_tx.lock().unwrap().send(());
-            }
+            held_until_dropped(s, &gone_tx);
         } else if req.method == "DELETE" {
             respond(s, 200, &[], "");
         } else {
