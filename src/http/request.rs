@@ -628,6 +628,56 @@ mod tests {
         assert_eq!(decode_all(trailers.as_bytes()), Err(BAD_CHUNK));
     }
 
+    /// What senders really write passes the framing rule: 2 000 random bodies, each of random
+    /// chunks (1 byte to 8 KiB, a third of them 1 to 16 bytes), some with short extensions,
+    /// some with trailer fields, fed in random pieces, decode whole.
+    #[test]
+    fn ordinary_chunked_bodies_are_never_refused() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for _ in 0..2000 {
+            let (mut raw, mut want) = (Vec::new(), Vec::new());
+            for _ in 0..1 + next(40) {
+                let size = if next(3) == 0 {
+                    1 + next(16)
+                } else {
+                    1 + next(8192)
+                };
+                let data: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+                raw.extend_from_slice(format!("{size:x}").as_bytes());
+                if next(4) == 0 {
+                    raw.extend_from_slice(format!(";ext{}=v", next(100)).as_bytes());
+                }
+                raw.extend_from_slice(b"\r\n");
+                raw.extend_from_slice(&data);
+                raw.extend_from_slice(b"\r\n");
+                want.extend_from_slice(&data);
+            }
+            raw.extend_from_slice(b"0\r\n");
+            for _ in 0..next(4) {
+                raw.extend_from_slice(
+                    format!("X-T{}: {}\r\n", next(9), "v".repeat(next(200))).as_bytes(),
+                );
+            }
+            raw.extend_from_slice(b"\r\n");
+            let (mut c, mut body, mut end) = (Chunked::new(0), Vec::new(), 0);
+            let step = loop {
+                end = (end + 1 + next(3000)).min(raw.len());
+                match c.decode(&raw[..end], &mut body, 1 << 20) {
+                    Ok(ChunkStep::More) if end < raw.len() => {}
+                    other => break other,
+                }
+            };
+            assert_eq!(step, Ok(ChunkStep::Done(raw.len())));
+            assert_eq!(body, want);
+        }
+    }
+
     #[test]
     fn chunked_in_pieces() {
         let raw = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT";
