@@ -9,8 +9,8 @@
 # pool, HAProxy with http-reuse. Mode "direct": every server answers the POST itself
 # (builtin:echo, `return 200`, `http-request return`), which compares the front doors alone.
 # Per server: keep-alive requests/s, p99 and CPU per request (the server's own processes, from
-# /proc), Connection: close requests/s, memory per idle connection, and the throughput kept
-# under a one-address flood.
+# /proc), Connection: close requests/s and CPU per request, memory per idle connection, and the
+# throughput kept under a one-address flood.
 # Installs nginx, haproxy and wrk from Debian's packages when missing. Loopback only.
 set -euo pipefail
 usage() {
@@ -200,7 +200,7 @@ flood_kept() { # throughput with a one-address flood / without
   kill "$f" 2>/dev/null; wait "$f" 2>/dev/null || true
   python3 -c "print(f'{$flooded/$quiet:.2f}')"
 }
-declare -A KA KAP KACPU CL MEM FL
+declare -A KA KAP KACPU CL CLCPU MEM FL
 TCK=$(getconf CLK_TCK)
 first() { echo "$1"; } # memory: the first round's (later rounds reuse memory freed by earlier runs)
 best() { python3 -c "import sys; a=[float(x) for x in sys.argv[2:] if x]; print(max(a) if sys.argv[1]=='max' else min(a))" "$@"; }
@@ -212,16 +212,18 @@ for round in $(seq 1 "$ROUNDS"); do
     read -r rps p99 cpu <<<"$(wrk_run "$s" 0)"
     KA[$s]="${KA[$s]:-} $rps"; KAP[$s]="${KAP[$s]:-} $p99"; KACPU[$s]="${KACPU[$s]:-} $cpu"
   done
-  for s in "${servers[@]}"; do CL[$s]="${CL[$s]:-} $(wrk_run "$s" 1 | cut -d' ' -f1)"; done
+  for s in "${servers[@]}"; do
+    read -r rps _ cpu <<<"$(wrk_run "$s" 1)"; CL[$s]="${CL[$s]:-} $rps"; CLCPU[$s]="${CLCPU[$s]:-} $cpu"
+  done
   for s in "${servers[@]}"; do FL[$s]="${FL[$s]:-} $(flood_kept "$s")"; done
 done
 ratio() { python3 -c "print(f'{$1/$2:.2f}x' if $2 else 'n/a')"; }
-echo "| server | keep-alive req/s | p99 ms | CPU µs per keep-alive request | Connection: close req/s | bytes per idle connection | throughput kept under a one-address flood |"
-echo "|---|---|---|---|---|---|---|"
+echo "| server | keep-alive req/s | p99 ms | CPU µs per keep-alive request | Connection: close req/s | CPU µs per Connection: close request | bytes per idle connection | throughput kept under a one-address flood |"
+echo "|---|---|---|---|---|---|---|---|"
 for s in "${servers[@]}"; do
-  ka=$(best max ${KA[$s]}); p=$(best min ${KAP[$s]}); cpu=$(best min ${KACPU[$s]}); cl=$(best max ${CL[$s]}); m=$(first ${MEM[$s]}); f=$(best max ${FL[$s]})
-  nka=$(best max ${KA[nginx]}); ncpu=$(best min ${KACPU[nginx]}); ncl=$(best max ${CL[nginx]}); nm=$(first ${MEM[nginx]})
-  echo "| $s | ${ka%.*} ($(ratio "$ka" "$nka")) | $p | $cpu ($(ratio "$cpu" "$ncpu")) | ${cl%.*} ($(ratio "$cl" "$ncl")) | ${m%.*} ($(ratio "$m" "$nm")) | $f |"
+  ka=$(best max ${KA[$s]}); p=$(best min ${KAP[$s]}); cpu=$(best min ${KACPU[$s]}); cl=$(best max ${CL[$s]}); ccpu=$(best min ${CLCPU[$s]}); m=$(first ${MEM[$s]}); f=$(best max ${FL[$s]})
+  nka=$(best max ${KA[nginx]}); ncpu=$(best min ${KACPU[nginx]}); ncl=$(best max ${CL[nginx]}); nccpu=$(best min ${CLCPU[nginx]}); nm=$(first ${MEM[nginx]})
+  echo "| $s | ${ka%.*} ($(ratio "$ka" "$nka")) | $p | $cpu ($(ratio "$cpu" "$ncpu")) | ${cl%.*} ($(ratio "$cl" "$ncl")) | $ccpu ($(ratio "$ccpu" "$nccpu")) | ${m%.*} ($(ratio "$m" "$nm")) | $f |"
 done
 echo
 what=$([ "$MODE" = proxy ] && echo "proxy mode: each server forwards to one shared upstream MCP server (mcp-gateway, builtin:echo, 1 worker)" || echo "direct mode: each server answers the POST itself")
