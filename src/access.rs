@@ -18,7 +18,8 @@
 //!   them, never waited for ([`crate::logging`]).
 //! - A request the door could not read far enough to have a request line (malformed, too
 //!   large, too slow) gets no line, nor does a message refused before it was sent anywhere
-//!   (over the rate, its namespace gone): the metrics count those.
+//!   (over the rate, its namespace gone): the metrics count those. A request refused for its
+//!   fields (no `Host`, ambiguous framing) does get one.
 
 use std::net::IpAddr;
 use std::time::Instant;

@@ -1464,7 +1464,13 @@ fn the_access_log_names_each_request_its_answer_and_upstream_and_turns_off_on_re
     assert_eq!(roundtrip(&mut c, &unknown).status, 404);
     let big = post_mcp(&format!(r#"{{"x":"{}"}}"#, "a".repeat(2000)));
     assert_eq!(roundtrip(&mut c, &big).status, 413);
-    gw.wait_log("status=413");
+    // Refused for its fields (no Host): a line too; garbage gets none.
+    let mut c = connect_from("127.0.0.2", gw.http);
+    let no_host = "POST /mcp/x HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
+    assert_eq!(roundtrip(&mut c, no_host).status, 400);
+    let mut c = connect_from("127.0.0.2", gw.http);
+    assert_eq!(roundtrip(&mut c, "not http at all\r\n\r\n").status, 400);
+    gw.wait_log("path=/mcp/x");
     let lines = access_lines(&gw.log.lock().unwrap(), "request");
     let seen: Vec<(&str, &str, &str, &str)> = lines
         .iter()
@@ -1484,6 +1490,7 @@ fn the_access_log_names_each_request_its_answer_and_upstream_and_turns_off_on_re
             ("127.0.0.2", "/mcp/local", "200", "builtin:echo"),
             ("127.0.0.2", "/mcp/nope", "404", "-"),
             ("127.0.0.2", "/mcp", "413", "-"),
+            ("127.0.0.2", "/mcp/x", "400", "-"),
         ],
         "{}",
         gw.log.lock().unwrap()
@@ -1537,6 +1544,6 @@ fn the_access_log_names_each_request_its_answer_and_upstream_and_turns_off_on_re
     assert_eq!(read_mcpb(&mut m).0, 2);
     gw.wait_log("access log switched on=false");
     // (The two upgrades were requests too: 101.)
-    assert_eq!(access_lines(&gw.log.lock().unwrap(), "request").len(), 6);
+    assert_eq!(access_lines(&gw.log.lock().unwrap(), "request").len(), 7);
     assert_eq!(access_lines(&gw.log.lock().unwrap(), "message").len(), 3);
 }

@@ -162,7 +162,14 @@ async fn exchange(
             match parse_head(&buf, |n| all.namespace(n)) {
                 Ok(Some(head)) => break head,
                 Ok(None) => {}
-                Err(refusal) => return refuse(worker, stream, buf, out, refusal).await,
+                Err(refusal) => {
+                    // Refused for its fields (`Host`, framing), not its syntax: its request line
+                    // was read, so the access log has a line for it.
+                    if let Some(a) = access::begin(&buf).filter(|_| request::is_http(&buf)) {
+                        access::end(Some(a), worker, stream, refusal.status, By::Gateway, false);
+                    }
+                    return refuse(worker, stream, buf, out, refusal).await;
+                }
             }
             // Answers already made go out before we wait on the client again.
             if !out.is_empty() {

@@ -139,6 +139,16 @@ pub fn request_line(raw_head: &[u8]) -> (&[u8], &[u8]) {
     (parts.next().unwrap_or(b""), parts.next().unwrap_or(b""))
 }
 
+/// Whether `buf` starts with a whole head that is HTTP/1.x by its syntax, whatever its fields
+/// say (for the access log of a refused request; off the path of admitted ones).
+pub fn is_http(buf: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    matches!(
+        httparse::Request::new(&mut headers).parse(buf),
+        Ok(httparse::Status::Complete(_))
+    )
+}
+
 /// A `Content-Length` value: digits only (RFC 9110, section 8.6). Rust's integer parsing also
 /// takes a leading `+`, which a proxy in front may read otherwise (or not at all), framing the
 /// message differently: a way to smuggle a request past it.
