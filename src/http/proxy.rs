@@ -73,7 +73,7 @@ pub struct Events {
 
 impl Events {
     /// A stream from `up` under `lease`, as a relay would hand it over (for size checks).
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn for_test(up: Stream, lease: Lease<'static>) -> Box<Events> {
         Box::new(Events {
             up,
