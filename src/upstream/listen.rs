@@ -21,7 +21,7 @@ use futures_channel::oneshot;
 
 use super::client;
 use super::outbox::{Kind, Outbox};
-use super::rpc::next_event;
+use super::rpc::{take_events, TooLarge};
 use super::wire::{self, Body, BodyKind, SessionFields};
 use super::Upstream;
 use crate::conn::{give_buf, read_more, take_buf, ReadError};
@@ -86,27 +86,20 @@ async fn listen(
         if body.feed(&mut buf, &mut data).is_err() {
             break;
         }
-        let mut at = 0;
-        let mut too_large = false;
-        while let Some((used, event)) = next_event(&data[at..]) {
-            at += used;
-            if event.len() > max {
-                too_large = true;
+        match take_events(&mut data, max, |event| {
+            event.is_empty() || queue.push(Kind::Reply, event)
+        }) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(upstream = %u.url, "client too slow for its session stream; dropping the stream");
                 break;
             }
-            if !event.is_empty() && !queue.push(Kind::Reply, event) {
-                tracing::warn!(upstream = %u.url, "client too slow for its session stream; dropping the stream");
-                give_buf(data);
-                give_buf(buf);
-                return;
+            // Past what a message may be: the stream goes (the session's requests still get
+            // their own replies).
+            Err(TooLarge) => {
+                tracing::warn!(upstream = %u.url, "session stream event larger than max_message_size; dropping the stream");
+                break;
             }
-        }
-        data.drain(..at);
-        if too_large || data.len() > max {
-            // An event (or what has come of one) past what a message may be: the stream goes
-            // (the session's requests still get their own replies).
-            tracing::warn!(upstream = %u.url, "session stream event larger than max_message_size; dropping the stream");
-            break;
         }
         if body.is_done() {
             break;

@@ -494,25 +494,21 @@ async fn forward(
             fail(outbox, message, f.message());
             break;
         }
-        let mut too_large = false;
-        if head.event_stream {
-            let mut at = 0;
-            while let Some((used, event)) = next_event(&data[at..]) {
-                at += used;
-                if event.len() > max {
-                    too_large = true;
-                    break;
-                }
+        let sized = match head.event_stream {
+            true => take_events(&mut data, max, |event| {
                 if initializing {
                     learn_protocol(state, &event);
                 }
                 if !event.is_empty() && !outbox.push(Kind::Reply, event) {
                     fail(outbox, message, "client too slow to take the replies");
                 }
-            }
-            data.drain(..at);
-        }
-        if too_large || data.len() > max {
+                true
+            }),
+            // A JSON reply: all of it is one message.
+            false if data.len() > max => Err(TooLarge),
+            false => Ok(true),
+        };
+        if sized.is_err() {
             // One message for the client (a JSON reply, an event, or what has come of either)
             // beyond what a message may be: an upstream sending more without end would have the
             // gateway hold it all.
@@ -643,9 +639,42 @@ pub fn error_for(message: &[u8], why: &str) -> Vec<u8> {
     payload
 }
 
+/// An event, or the part of one that has come, larger than `server.max_message_size`: one
+/// message for the client either way, which the gateway does not hold.
+pub struct TooLarge;
+
+/// Takes the complete server-sent events out of the start of `data` and hands each (its data, see
+/// [`next_event`]) to `each`, in order, until `each` returns false (`Ok(false)`; what is left
+/// stays in `data`). `Err(TooLarge)` when an event, or the part of the next one left in `data`,
+/// is larger than `max`.
+pub fn take_events(
+    data: &mut Vec<u8>,
+    max: usize,
+    mut each: impl FnMut(Vec<u8>) -> bool,
+) -> Result<bool, TooLarge> {
+    let mut at = 0;
+    let mut taken = Ok(true);
+    while let Some((used, event)) = next_event(&data[at..]) {
+        at += used;
+        if event.len() > max {
+            taken = Err(TooLarge);
+            break;
+        }
+        if !each(event) {
+            taken = Ok(false);
+            break;
+        }
+    }
+    data.drain(..at);
+    match taken {
+        Ok(true) if data.len() > max => Err(TooLarge),
+        taken => taken,
+    }
+}
+
 /// The next complete server-sent event at the start of `data`: the bytes it used and its data
 /// (the `data:` lines joined with `\n`; empty for events without data, such as comments).
-pub fn next_event(data: &[u8]) -> Option<(usize, Vec<u8>)> {
+fn next_event(data: &[u8]) -> Option<(usize, Vec<u8>)> {
     let mut payload = Vec::new();
     let mut lines = 0;
     let mut at = 0;
@@ -699,6 +728,32 @@ mod tests {
             None
         );
         assert_eq!(learned("not json"), None);
+    }
+
+    #[test]
+    fn events_are_taken_whole_and_never_past_the_size() {
+        let mut got = Vec::new();
+        let mut data = b"data: a\n\ndata: b\n\ndata: par".to_vec();
+        assert!(matches!(
+            take_events(&mut data, 16, |e| {
+                got.push(e);
+                true
+            }),
+            Ok(true)
+        ));
+        assert_eq!(
+            (got, data.as_slice()),
+            (vec![b"a".to_vec(), b"b".to_vec()], &b"data: par"[..])
+        );
+        // Stopped by the taker: the rest stays.
+        let mut data = b"data: a\n\ndata: b\n\n".to_vec();
+        assert!(matches!(take_events(&mut data, 16, |_| false), Ok(false)));
+        assert_eq!(data, b"data: b\n\n");
+        // A whole event over the size, and a part of one already over it.
+        let mut data = b"data: 12345678901234567\n\n".to_vec();
+        assert!(take_events(&mut data, 16, |_| true).is_err());
+        let mut data = b"data: a\n\ndata: 1234567890ab".to_vec();
+        assert!(take_events(&mut data, 16, |_| true).is_err());
     }
 
     #[test]
