@@ -25,9 +25,9 @@ usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx] [--proxy-pr
   --heap            also the gateway's live heap per connection while they are held (glibc's
                     malloc_stats, called through gdb, installed if missing): steadier than RSS,
                     which moves with how the allocator's pages fall
-  --no-park         server.park_idle_connections: false (idle HTTP connections wait in their
-                    tasks); by default they park, and each measurement waits until the gateway's
-                    count of parked connections settles
+  --no-park         server.park_idle_connections: false (idle connections wait in their
+                    tasks); by default plain ones park, and each measurement waits until the
+                    gateway's count of parked connections settles
 Runs on loopback only and stops everything it started.
 USAGE
 }
@@ -59,7 +59,7 @@ measure() { # name mode port pid...
   local n=${N:-$([ "$mode" = http ] && echo 15000 || echo 8000)}
   local pids; pids=$(echo "$@" | tr ' ' ',')
   # Warm up: the buffer pools and allocator arenas reach their working size. Where the
-  # connections park (the gateway's plain http), with a wave big enough that the gateway gives
+  # connections park (the gateway's plain http, ws and mcpb), with a wave big enough that the gateway gives
   # freed memory back once it ends (256 a core), as it does after the measured one: both RSS
   # readings are then taken in that state.
   local pp=(); [ "$PP" = 1 ] && [ "$name" != "${name#mcp-gateway}" ] && pp=(--proxy-header)
@@ -67,7 +67,7 @@ measure() { # name mode port pid...
   local settle=() warm=200
   if [ "$name" != "${name#mcp-gateway}" ]; then
     settle=(--settle-url "http://127.0.0.1:$gmetrics/metrics")
-    [ "$mode" = http ] && [ "$PARK" = true ] && [ "$TLS" = 0 ] && warm=2000
+    [ "$mode" != stream ] && [ "$PARK" = true ] && [ "$TLS" = 0 ] && warm=2000
   fi
   python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections "$warm" --hold 0 "${pp[@]}" "${settle[@]}" >/dev/null
   echo "$name: $(python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections "$n" --measure-pids "$pids" "${pp[@]}" "${settle[@]}")"

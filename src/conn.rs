@@ -93,8 +93,8 @@ pub enum Wait {
 /// Waits until the socket is readable, holding no buffer and no timer meanwhile: the worker's
 /// idle sweeper enforces `limit` (see [`Worker::idle_begin`]), so a waiting connection costs only
 /// its readiness wait. (A monoio timer is 640 bytes: more than the rest of the idle state.)
-/// A plain HTTP connection may end its wait with [`Wait::Park`] (see [`crate::park`]): its
-/// task keeps the waker where the sweeper finds it.
+/// A plain connection whose registration allows it may end its wait with [`Wait::Park`] (see
+/// [`crate::park`]): its task keeps the waker where the sweeper finds it.
 ///
 /// Written as a plain future over monoio's readiness future, so it adds two pointers to it,
 /// where an `async fn` would also keep its arguments.

@@ -120,33 +120,46 @@ enum Step {
     Linger(Vec<u8>),
 }
 
-/// Serves an admitted TCP connection until it closes.
-/// Serves an admitted TCP connection until it closes; `permit` is held until then. An `async`
-/// block rather than an `async fn`, for the reason given at [`crate::http::serve`].
+/// Serves an admitted TCP connection until it closes or parks with its session
+/// ([`crate::park`]); `permit` is held until then. `session`: the one it parked with, when it
+/// comes back from the parking lot. An `async` block rather than an `async fn`, for the reason
+/// given at [`crate::http::serve`].
 #[allow(clippy::manual_async_fn)] // on purpose: see above
 pub fn serve(
     worker: &'static Worker,
     mut stream: Stream,
-    permit: Permit,
-    reg: Registration,
+    mut permit: Permit,
+    mut reg: Registration,
+    session: Option<Box<MsgSession>>,
 ) -> impl Future<Output = ()> {
     async move {
-        let _held = &permit;
-        let reg = &reg;
         let s = worker.settings();
-        // MCPB has no namespace in its frames: it serves the `default` namespace.
-        let all = worker.upstreams();
-        let namespace = all.namespace("default").map(|ns| &all.namespaces[ns]);
-        let mut session = MsgSession::new(worker, namespace, Frontend::Tcp, &stream);
+        // Made here, in the connection's task, which knows the client a PROXY header named.
+        let mut session = session.unwrap_or_else(|| {
+            // MCPB has no namespace in its frames: it serves the `default` namespace.
+            let all = worker.upstreams();
+            let namespace = all.namespace("default").map(|ns| &all.namespaces[ns]);
+            Box::new(MsgSession::new(worker, namespace, Frontend::Tcp, &stream))
+        });
         let mut pending: Option<Vec<u8>> = None;
         loop {
-            if pending.is_none()
-                && session
-                    .next(worker, reg, &mut stream, s.idle_timeout, &FRAMING)
+            if pending.is_none() {
+                match session
+                    .next(worker, &reg, &mut stream, s.idle_timeout, &FRAMING, true)
                     .await
-                    != Next::Message
-            {
-                return;
+                {
+                    Next::Message => {}
+                    Next::Expired | Next::Gone => return,
+                    Next::Park => match worker.park(stream, permit, reg, Some(session)) {
+                        Ok(()) => return,
+                        Err(back) => {
+                            let held;
+                            (stream, permit, reg, held) = back;
+                            session = held.expect("the lot gives back the session it was given");
+                            continue; // it waits on in this task
+                        }
+                    },
+                }
             }
             match Box::pin(exchange(
                 worker,

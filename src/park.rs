@@ -1,14 +1,23 @@
-//! The parking lot: idle HTTP connections held outside any task.
+//! The parking lot: idle plain connections held outside any task, with what their doors need
+//! to go on.
 //!
 //! A connection waiting for its next request in its task costs about 500 bytes of heap: the
 //! task's header, the door's future (monoio's stream and readiness wait inside it) and monoio's
-//! shared descriptor, which no trimming of the door's future can bring much lower. Once it has waited through a sweep of the idle sweeper, the sweeper asks it
-//! to park ([`crate::worker::Worker`]'s sweep wakes its task): the task hands this core's lot the
+//! shared descriptor, which no trimming of the door's future can bring much lower. Once it has
+//! waited through a sweep of the idle sweeper, the sweeper asks it to park
+//! ([`crate::worker::Worker`]'s sweep wakes its task): the task hands this core's lot the
 //! socket, its permit, its registration and the client a PROXY header named, then ends. Here it
-//! costs a slab entry of about 70 bytes, and the kernel watches it in the lot's epoll set. When
+//! costs a slab entry of about 80 bytes, and the kernel watches it in the lot's epoll set. When
 //! it becomes readable (its next request, its close, or the sweeper's shutdown that expires it),
 //! the lot's task takes it out of the set and spawns the door again on it, which reads the
 //! request as if it had never left.
+//!
+//! A WebSocket or MCPB connection parks with its upstream session ([`MsgSession`], boxed), whose
+//! standalone stream goes on listening in its own task: what the upstream sends on its own is
+//! queued in the session's outbox as ever, and the outbox wakes the lot instead of a task
+//! (`session_waker`), which serves the connection again to write it. Such a connection parks
+//! only while nothing is in flight or queued for it, and a WebSocket one not in the middle of a
+//! fragmented message (the door's assembly is not carried).
 //!
 //! The price is paid by a connection that comes back: a new task, the epoll calls and the
 //! duplicated descriptor, about 8 µs of CPU on the development VM (README, "Resident memory
@@ -22,9 +31,13 @@
 //! - A connection is in the epoll set exactly while it is in the slab, keyed by its slab key.
 //! - Expiry needs nothing new: the sweeper marks the registry entry expired and shuts the read
 //!   side, the lot sees the socket readable and closes it. The drain closes every parked
-//!   connection at once (they are idle).
-//! - Only plain HTTP connections park: a TLS session, a WebSocket and an MCPB session keep state
-//!   in their task that a socket alone cannot carry.
+//!   connection at once (they are idle). A WebSocket connection is closed by its door, served
+//!   again for that, so that its client gets the close frame (1001) it would have got in its task.
+//! - Only plain connections park: a TLS session keeps state in its task that a socket alone
+//!   cannot carry.
+//! - A parked session's outbox holds the lot's waker for that stay and nothing else: leaving the
+//!   lot drops it, and a waker woken late (its spawned resumption ran after the connection
+//!   left) names a token that no longer matches.
 //! - The lot holds a duplicate of the socket's descriptor: the task's readiness wait, cancelled
 //!   to park, keeps monoio's descriptor until the ring answers the cancel, and monoio then
 //!   closes it. A connection that cannot get a duplicate or a place in the set (a gateway at its
@@ -35,11 +48,14 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::task::{RawWaker, RawWakerVTable, Waker};
 
 use slab::Slab;
 
 use crate::limiter::Permit;
+use crate::metrics::Frontend;
 use crate::stream::Stream;
+use crate::upstream::rpc::MsgSession;
 use crate::worker::{Registration, Unparked, Worker};
 
 /// One core's parked connections and the epoll set that watches them.
@@ -55,15 +71,21 @@ pub struct Lot {
     pause: Cell<u32>,
     /// The lot could not wait on its set (see [`Lot::give_up`]): nothing parks any more.
     broken: Cell<bool>,
+    /// Told apart the sessions parked under one slab key in turn (see [`session_waker`]).
+    tokens: Cell<u32>,
 }
 
 /// What a parked connection is: what its door needs to go on.
 struct Parked {
     socket: OwnedFd,
+    /// This stay's token, which its session's waker names with its key.
+    token: u32,
     permit: Permit,
     reg: Registration,
     /// The client its PROXY header named, if one did.
     client: Option<IpAddr>,
+    /// A WebSocket or MCPB connection's upstream session (`None` on the HTTP door).
+    session: Option<Box<MsgSession>>,
 }
 
 /// Sweeps without asking connections to park after one could not.
@@ -91,11 +113,15 @@ impl Lot {
             moved: Cell::new(false),
             pause: Cell::new(0),
             broken: Cell::new(false),
+            tokens: Cell::new(0),
         })
     }
 
-    /// Parks an idle HTTP connection (its task then ends), or gives it back when it cannot be
-    /// watched now (see the module's invariants). `client`: the one its PROXY header named.
+    /// Parks an idle connection (its task then ends), or gives it back when it cannot be
+    /// watched now (see the module's invariants). `client`: the one its PROXY header named;
+    /// `session`: a message door's upstream session, which must be idle (nothing in flight or
+    /// queued: else it is given back too).
+    #[allow(clippy::result_large_err)] // a connection given back whole: rare, moved once
     pub fn park(
         &self,
         worker: &Worker,
@@ -103,20 +129,28 @@ impl Lot {
         permit: Permit,
         reg: Registration,
         client: Option<IpAddr>,
+        session: Option<Box<MsgSession>>,
     ) -> Result<(), Unparked> {
         let Stream::Plain(tcp) = &stream else {
-            return Err((stream, permit, reg)); // a TLS session never parks (`Worker::idle_pending`)
+            // A TLS session never parks (`Worker::idle_pending`).
+            return Err((stream, permit, reg, session));
         };
+        if session.as_ref().is_some_and(|s| !s.is_idle()) {
+            return Err((stream, permit, reg, session)); // a reply came as it was asked
+        }
         // SAFETY: the stream is live and outlives the borrow.
         let socket = match unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) }.try_clone_to_owned() {
             Ok(s) => s,
             Err(e) => {
                 self.cannot_park(worker, &e);
-                return Err((stream, permit, reg));
+                return Err((stream, permit, reg, session));
             }
         };
         let mut parked = self.parked.borrow_mut();
         let slot = parked.vacant_entry();
+        let Ok(key) = u32::try_from(slot.key()) else {
+            return Err((stream, permit, reg, session)); // never: as many as descriptors
+        };
         let mut event = libc::epoll_event {
             events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
             u64: slot.key() as u64,
@@ -132,14 +166,21 @@ impl Lot {
         };
         if added < 0 {
             self.cannot_park(worker, &io::Error::last_os_error());
-            return Err((stream, permit, reg));
+            return Err((stream, permit, reg, session));
         }
         worker.parked_on(&reg, socket.as_raw_fd());
+        let token = self.tokens.get().wrapping_add(1);
+        self.tokens.set(token);
+        if let Some(s) = &session {
+            s.wake_parked(session_waker(key, token));
+        }
         slot.insert(Parked {
             socket,
+            token,
             permit,
             reg,
             client,
+            session,
         });
         worker.metrics.parked();
         self.moved();
@@ -170,6 +211,7 @@ impl Lot {
     /// This core's lot at work: takes the connections that became readable out of the set and
     /// serves them again. Runs until the worker stops accepting.
     pub async fn run(&self, worker: &'static Worker) {
+        OWNER.set(Some(worker));
         // monoio has no readiness wait for a bare descriptor; a Unix stream's is a plain poll of
         // its descriptor, which is what an epoll set's readiness needs (nothing is ever read).
         let watch = self
@@ -206,19 +248,38 @@ impl Lot {
 
     /// The lot cannot wait on its set (never seen): its connections are closed (their clients
     /// open others), and idle connections wait in their tasks from now on.
-    async fn give_up(&self, worker: &Worker, e: io::Error) {
+    async fn give_up(&self, worker: &'static Worker, e: io::Error) {
         tracing::error!(worker = worker.index, error = %e, "parking lot cannot wait; idle connections park no more");
         self.broken.set(true);
         self.close_all(worker);
         std::future::pending().await
     }
 
-    /// Takes connection `key` out of the lot: closed if the sweeper expired it, else served
-    /// again by its door, in a task of its own.
+    /// Takes connection `key` out of the lot (it became readable) and serves it again.
     fn resume(&self, worker: &'static Worker, key: usize) {
         let Some(p) = self.parked.borrow_mut().try_remove(key) else {
             return;
         };
+        self.serve_again(worker, p);
+    }
+
+    /// Takes the session parked under `key` for stay `token` out of the lot, if it is still
+    /// there: replies for its client are queued (see [`session_waker`]).
+    fn resume_session(&self, worker: &'static Worker, key: usize, token: u32) {
+        let p = {
+            let mut parked = self.parked.borrow_mut();
+            match parked.get(key) {
+                Some(p) if p.token == token => parked.remove(key),
+                _ => return, // it left already (readable, or closed by the drain)
+            }
+        };
+        self.serve_again(worker, p);
+    }
+
+    /// A connection that left the lot: closed if the sweeper expired it or the gateway drains,
+    /// else served again by its door, in a task of its own. A WebSocket client is owed a close
+    /// frame either way: its door sends it.
+    fn serve_again(&self, worker: &'static Worker, p: Parked) {
         worker.metrics.unparked();
         self.moved();
         // SAFETY: both descriptors are live; a null event is allowed for a removal.
@@ -230,12 +291,19 @@ impl Lot {
                 std::ptr::null_mut(),
             )
         };
-        if worker.idle_end(&p.reg) || worker.draining() {
-            return; // expired: dropping it closes it and gives its places back
+        if let Some(s) = &p.session {
+            s.wake_task(); // its waker named this stay, over now
+        }
+        let expired = worker.idle_end(&p.reg) || worker.draining();
+        if expired && p.reg.door() != Frontend::WebSocket {
+            return; // dropping it closes it and gives its places back
         }
         let tcp = std::net::TcpStream::from(p.socket);
         match monoio::net::TcpStream::from_std(tcp) {
-            Ok(tcp) => worker.serve_parked(Stream::Plain(tcp), p.permit, p.reg, p.client),
+            Ok(tcp) => {
+                let stream = Stream::Plain(tcp);
+                worker.serve_parked(stream, p.permit, p.reg, p.client, p.session, expired)
+            }
             Err(e) => tracing::debug!(error = %e, "cannot serve a parked connection; closed"),
         }
     }
@@ -271,12 +339,53 @@ impl Lot {
         }
     }
 
-    /// Closes every parked connection (the worker drains: they are idle).
-    pub fn close_all(&self, worker: &Worker) {
+    /// Closes every parked connection (the worker drains: they are idle); WebSocket ones
+    /// through their door, which sends the close frame they are owed.
+    pub fn close_all(&self, worker: &'static Worker) {
         let all: Vec<Parked> = self.parked.borrow_mut().drain().collect();
-        for _ in &all {
-            worker.metrics.unparked();
+        // Outside the borrow: each registration's drop reaches the worker.
+        for p in all {
+            self.serve_again(worker, p);
         }
-        drop(all); // outside the borrow: each registration's drop reaches the worker
     }
 }
+
+thread_local! {
+    /// The worker whose lot runs on this thread, for the wakers of its parked sessions.
+    static OWNER: Cell<Option<&'static Worker>> = const { Cell::new(None) };
+}
+
+/// The waker a parked session's outbox holds (see [`MsgSession::wake_parked`]): woken when a
+/// reply or a message of the session's stream is queued for the client, it has the lot serve
+/// the connection again, from a task of its own so that nothing runs inside the producer's
+/// push. It carries the session's slab key and its stay's token in its data word: a stale
+/// one (the connection left and another parked under that key) finds the token changed.
+/// Woken only on this thread, as everything of a session is (`Rc`).
+fn session_waker(key: u32, token: u32) -> Waker {
+    const _: () = assert!(usize::BITS >= 64, "the data word carries two 32-bit halves");
+    let data = (u64::from(key) << 32 | u64::from(token)) as usize as *const ();
+    // SAFETY: the data word is an integer, never dereferenced; the functions of the table
+    // below keep no state and honour the contract of each entry (clone copies the word).
+    unsafe { Waker::from_raw(RawWaker::new(data, &SESSION_WAKER)) }
+}
+
+static SESSION_WAKER: RawWakerVTable =
+    RawWakerVTable::new(clone_session, wake_session, wake_session, drop_session);
+
+fn clone_session(data: *const ()) -> RawWaker {
+    RawWaker::new(data, &SESSION_WAKER)
+}
+
+fn wake_session(data: *const ()) {
+    let word = data as usize as u64;
+    let (key, token) = ((word >> 32) as usize, word as u32);
+    if let Some(worker) = OWNER.get() {
+        monoio::spawn(async move {
+            if let Some(lot) = worker.lot() {
+                lot.resume_session(worker, key, token);
+            }
+        });
+    }
+}
+
+fn drop_session(_: *const ()) {}

@@ -29,7 +29,7 @@ use crate::http::response;
 use crate::limiter::{rate, Permit};
 use crate::metrics::{Frontend, ProtocolError};
 use crate::upstream::rpc::{self, Dest, Framing, MsgSession, Next};
-use crate::upstream::{Namespace, Outcome};
+use crate::upstream::Outcome;
 use crate::worker::{Registration, Worker};
 
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -226,39 +226,51 @@ fn text_frame(out: &mut Vec<u8>, payload: &[u8]) {
 }
 
 /// Serves an upgraded connection, as the task of its own it runs in (see
-/// [`crate::worker::serve_upgraded`]), holding its permit and registration until it closes;
-/// `first` holds bytes that came after the handshake.
+/// [`crate::worker::serve_upgraded`]), holding its permit and registration until it closes or
+/// parks with its session ([`crate::park`]); `pending` holds bytes that came after the
+/// handshake. `expired`: it comes back from the parking lot only to be closed.
 /// An `async` block rather than an `async fn`, for the reason given at [`crate::http::serve`].
 #[allow(clippy::manual_async_fn)] // on purpose: see above
 pub fn serve(
     worker: &'static Worker,
     mut stream: Stream,
-    reg: Registration,
-    permit: Permit,
-    first: Vec<u8>,
-    namespace: &'static Namespace,
+    mut reg: Registration,
+    mut permit: Permit,
+    mut pending: Option<Vec<u8>>,
+    mut session: Box<MsgSession>,
+    mut expired: bool,
 ) -> impl Future<Output = ()> {
-    let mut pending = if first.is_empty() {
-        give_buf(first);
-        None
-    } else {
-        Some(first)
-    };
     async move {
-        let (reg, permit) = (&reg, &permit);
         let s = worker.settings();
         let mut assembly = Assembly::default();
-        let mut session = MsgSession::new(worker, Some(namespace), Frontend::WebSocket, &stream);
         loop {
-            let expired = pending.is_none()
-                && match session
-                    .next(worker, reg, &mut stream, s.idle_timeout, &FRAMING)
+            if !expired && pending.is_none() {
+                let may_park = assembly.message.is_none();
+                match session
+                    .next(
+                        worker,
+                        &reg,
+                        &mut stream,
+                        s.idle_timeout,
+                        &FRAMING,
+                        may_park,
+                    )
                     .await
                 {
-                    Next::Message => false,
-                    Next::Expired => true,
+                    Next::Message => {}
+                    Next::Expired => expired = true,
                     Next::Gone => return,
-                };
+                    Next::Park => match worker.park(stream, permit, reg, Some(session)) {
+                        Ok(()) => return,
+                        Err(back) => {
+                            let held;
+                            (stream, permit, reg, held) = back;
+                            session = held.expect("the lot gives back the session it was given");
+                            continue; // it waits on in this task
+                        }
+                    },
+                }
+            }
             if expired {
                 let why = if worker.draining() {
                     CloseWith(1001, "gateway shutting down")
@@ -269,7 +281,7 @@ pub fn serve(
             }
             let step = Box::pin(exchange(
                 worker,
-                permit,
+                &permit,
                 &mut stream,
                 pending.take(),
                 &mut assembly,

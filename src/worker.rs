@@ -3,7 +3,7 @@
 //!
 //! Owns the per-core state: the registry of open connections (used to wake idle ones when the
 //! worker drains, and event streams whose upstream a reload removed), the idle sweeper (which
-//! expires idle connections and asks idle HTTP ones to park in the core's [`crate::park::Lot`]),
+//! expires idle connections and asks idle plain ones to park in the core's [`crate::park::Lot`]),
 //! the count of rejection replies in flight, and the core's session-id generator.
 //!
 //! Invariants:
@@ -36,8 +36,9 @@ use crate::proxy_protocol::{self, HeaderError, Trusted};
 use crate::stream::Stream;
 use crate::upstream::balance::Balancer;
 use crate::upstream::registry::Registry;
+use crate::upstream::rpc::MsgSession;
 use crate::upstream::{client, Namespace, Upstreams};
-use crate::{conn, http, mcpb};
+use crate::{conn, http, mcpb, websocket};
 
 /// Process-wide, read-only settings the connection tasks need, resolved from the configuration.
 pub struct Settings {
@@ -94,7 +95,7 @@ pub struct Worker {
     /// This core's copy of the doors' TLS configuration and the generation it was made from
     /// (see [`crate::tls::DoorTls::refresh`]).
     tls: RefCell<Option<(u64, Arc<rustls::ServerConfig>)>>,
-    /// Where idle HTTP connections park (`None`: `server.park_idle_connections` is off, or the
+    /// Where idle connections park (`None`: `server.park_idle_connections` is off, or the
     /// lot could not be made).
     lot: Option<Lot>,
 }
@@ -207,6 +208,7 @@ impl Worker {
             worker: self,
             key,
             door: Cell::new(door),
+            may_park: Cell::new(door == Frontend::Http),
         }
     }
 
@@ -216,16 +218,29 @@ impl Worker {
         self.lot.as_ref().is_some_and(Lot::works) && !self.draining()
     }
 
-    /// Parks the idle HTTP connection whose task runs now (its wait said [`conn::Wait::Park`],
-    /// which it says only while [`Worker::parks`], so there is a lot); its task then ends. `Err`
-    /// gives the connection back when it cannot park now (no descriptor or memory to spare): it
-    /// waits on in its task, its deadline unchanged.
-    pub fn park(&self, stream: Stream, permit: Permit, reg: Registration) -> Result<(), Unparked> {
+    /// This core's parking lot, if it has one.
+    pub fn lot(&self) -> Option<&Lot> {
+        self.lot.as_ref()
+    }
+
+    /// Parks the idle connection whose task runs now (its wait said [`conn::Wait::Park`],
+    /// which it says only while [`Worker::parks`], so there is a lot), with its upstream
+    /// session if it is a message door's; its task then ends. `Err` gives the connection back
+    /// when it cannot park now (no descriptor or memory to spare, or a reply just came for
+    /// it): it waits on in its task, its deadline unchanged.
+    #[allow(clippy::result_large_err)] // a connection given back whole: rare, moved once
+    pub fn park(
+        &self,
+        stream: Stream,
+        permit: Permit,
+        reg: Registration,
+        session: Option<Box<MsgSession>>,
+    ) -> Result<(), Unparked> {
         let Some(lot) = &self.lot else {
-            return Err((stream, permit, reg));
+            return Err((stream, permit, reg, session));
         };
-        let back = lot.park(self, stream, permit, reg, RELAYED.get());
-        if let Err((_, _, reg)) = &back {
+        let back = lot.park(self, stream, permit, reg, RELAYED.get(), session);
+        if let Err((_, _, reg, _)) = &back {
             self.not_parked(reg);
         }
         back
@@ -248,23 +263,40 @@ impl Worker {
         }
     }
 
-    /// Serves a connection that left the parking lot readable: the HTTP door reads its next
-    /// request at once, in a task of its own.
+    /// Serves a connection that left the parking lot, in a task of its own: the HTTP door
+    /// reads its next request at once (it left readable); a message door waits for the
+    /// client's next message and writes what its session queued meanwhile. `expired` (only a
+    /// WebSocket connection comes back expired; the lot closes others itself): the door
+    /// closes it as its idle timeout or the drain would have.
     pub fn serve_parked(
         &'static self,
         stream: Stream,
         permit: Permit,
         reg: Registration,
         client: Option<IpAddr>,
+        session: Option<Box<MsgSession>>,
+        expired: bool,
     ) {
-        let resumed = Some(conn::take_buf());
-        spawn_connection(http::serve(self, stream, permit, reg, resumed), client);
+        match session {
+            None => {
+                let resumed = Some(conn::take_buf());
+                spawn_connection(http::serve(self, stream, permit, reg, resumed), client);
+            }
+            Some(s) if reg.door() == Frontend::Tcp => {
+                spawn_connection(mcpb::serve(self, stream, permit, reg, Some(s)), client)
+            }
+            Some(s) => spawn_connection(
+                websocket::serve(self, stream, reg, permit, None, s, expired),
+                client,
+            ),
+        }
     }
 
-    /// A connection's idle wait is still pending. One that may park (a plain HTTP connection)
-    /// keeps its task's `waker` for the sweeper; true when the sweeper asked it to park.
+    /// A connection's idle wait is still pending. One that may park (a plain connection whose
+    /// registration says so) keeps its task's `waker` for the sweeper; true when the sweeper
+    /// asked it to park.
     pub fn idle_pending(&self, reg: &Registration, waker: &Waker) -> bool {
-        if reg.door() != Frontend::Http || self.speaks_tls() || !self.parks() {
+        if !reg.may_park.get() || self.speaks_tls() || !self.parks() {
             return false;
         }
         let mut conns = self.conns.borrow_mut();
@@ -411,7 +443,7 @@ impl Worker {
 
     /// Stops taking new requests: idle connections are expired now (parked ones closed) and busy
     /// ones close after their current request.
-    fn begin_drain(&self) {
+    fn begin_drain(&'static self) {
         self.draining.set(true);
         self.sweep(true);
         if let Some(lot) = &self.lot {
@@ -447,8 +479,8 @@ struct Entry {
 /// Connections one sweep asks to park at most.
 const PARK_BATCH: usize = 1024;
 
-/// A connection that could not park, given back to its task.
-pub type Unparked = (Stream, Permit, Registration);
+/// A connection that could not park, given back to its task with its session, if any.
+pub type Unparked = (Stream, Permit, Registration, Option<Box<MsgSession>>);
 
 /// This worker's parking lot, or `None` (logged) when the system gives no epoll set.
 fn make_lot() -> Option<Lot> {
@@ -508,12 +540,21 @@ pub struct Registration {
     worker: &'static Worker,
     key: usize,
     door: Cell<Frontend>,
+    /// Its idle waits may park (see [`Worker::idle_pending`]): always on the HTTP door; a
+    /// message door's session says so before each wait (none while its forwards are in
+    /// flight or replies wait to be written). Fits in the padding after `door`.
+    may_park: Cell<bool>,
 }
 
 impl Registration {
     /// The door the connection counts on.
     pub fn door(&self) -> Frontend {
         self.door.get()
+    }
+
+    /// Whether the connection's next idle waits may park (see the field `may_park`).
+    pub fn set_may_park(&self, may: bool) {
+        self.may_park.set(may);
     }
 
     /// The connection now counts on `door` (an HTTP upgrade to WebSocket).
@@ -681,7 +722,7 @@ fn serve_door(
     client: Option<IpAddr>,
 ) {
     match reg.door() {
-        Frontend::Tcp => spawn_connection(mcpb::serve(worker, stream, permit, reg), client),
+        Frontend::Tcp => spawn_connection(mcpb::serve(worker, stream, permit, reg, None), client),
         _ => spawn_connection(http::serve(worker, stream, permit, reg, None), client),
     }
 }
@@ -696,7 +737,22 @@ pub fn serve_upgraded(
     first: Vec<u8>,
     namespace: &'static Namespace,
 ) {
-    let ws = crate::websocket::serve(worker, stream, reg, permit, first, namespace);
+    let pending = if first.is_empty() {
+        conn::give_buf(first);
+        None
+    } else {
+        Some(first)
+    };
+    let session = MsgSession::new(worker, Some(namespace), Frontend::WebSocket, &stream);
+    let ws = websocket::serve(
+        worker,
+        stream,
+        reg,
+        permit,
+        pending,
+        Box::new(session),
+        false,
+    );
     spawn_connection(ws, RELAYED.get());
 }
 

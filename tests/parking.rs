@@ -1,13 +1,16 @@
-//! Idle HTTP connections park outside their tasks (`server.park_idle_connections`) and come
-//! back for their next request as if they had never left: answers, pipelining, limits, counts,
-//! idle expiry and the drain, on both drivers.
+//! Idle connections park outside their tasks (`server.park_idle_connections`) and come back
+//! for their next request as if they had never left: answers, pipelining, limits, counts, idle
+//! expiry and the drain, on both drivers; WebSocket and MCPB sessions with their upstream
+//! session, which also brings them back to deliver what the upstream sends on its own.
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
+use common::mock::*;
 use common::*;
 
 const PARKED: &str = "mcp_gateway_connections_parked";
@@ -204,4 +207,173 @@ fn at_its_descriptor_limit_the_gateway_keeps_idle_connections_it_cannot_park() {
     drop(conns);
     gw.wait_all_closed();
     gw.wait_metric(PARKED, 0.0);
+}
+
+const INIT: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#;
+const PING: &str = r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#;
+
+/// An upstream MCP server for message sessions: every `POST` answered in session `id`; the
+/// session's stream (`GET`) sends a notification naming `id` each time `notify` is told, and
+/// reports on `gone` when the gateway drops the stream (it looks every 20 ms, for 30 s at most).
+fn session_upstream(id: &'static str, notify: mpsc::Receiver<()>, gone: mpsc::Sender<()>) -> Mock {
+    let (notify, gone) = (Mutex::new(notify), Mutex::new(gone));
+    Mock::start(move |req, s| match req.method.as_str() {
+        "GET" => {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            let mut b = [0u8; 16];
+            for _ in 0..1500 {
+                if notify.lock().unwrap().try_recv().is_ok() {
+                    chunk(
+                        s,
+                        &format!("data: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{{\"data\":\"{id}\"}}}}\n\n"),
+                    );
+                }
+                match s.read(&mut b) {
+                    Ok(0) => {
+                        let _ = gone.lock().unwrap().send(());
+                        return;
+                    }
+                    Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return,
+                    _ => {}
+                }
+            }
+        }
+        "DELETE" => respond(s, 200, &[], ""),
+        _ => json_reply(s, req, "{}", &[("Mcp-Session-Id", id)]),
+    })
+}
+
+/// MCPB's namespace (`default`) on `default`, namespace `ws` on `other`, and `echo` answered
+/// by `builtin:echo`.
+fn routed(default: &Mock, other: &Mock) -> String {
+    format!(
+        "routing:\n  health_check_interval: 3600\n  request_timeout: 2\nservice_discovery:\n  static:\n    endpoints:\n      default:\n        - url: {}\n      ws:\n        - url: {}\n      echo:\n        - url: builtin:echo\n",
+        default.url(),
+        other.url()
+    )
+}
+
+/// A WebSocket connection upgraded on `path`.
+fn ws_client(gw: &Gateway, from: &str, path: &str) -> TcpStream {
+    let mut ws = connect_from(from, gw.http);
+    ws.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let r = roundtrip(&mut ws, &WS_UPGRADE.replacen("/mcp", path, 1));
+    assert_eq!(r.status, 101);
+    ws
+}
+
+/// The JSON-RPC message of the next text frame.
+fn ws_message(ws: &mut TcpStream) -> serde_json::Value {
+    let (opcode, payload) = read_ws_frame(ws);
+    assert_eq!(opcode, 1, "a text frame");
+    serde_json::from_slice(&payload).unwrap()
+}
+
+#[test]
+fn idle_message_sessions_park_and_come_back_for_either_side() {
+    let (mcpb_notify, mcpb_notified) = mpsc::channel();
+    let (ws_notify, ws_notified) = mpsc::channel();
+    let (gone_tx, gone) = mpsc::channel();
+    let mcpb_up = session_upstream("M1", mcpb_notified, gone_tx.clone());
+    let ws_up = session_upstream("W1", ws_notified, gone_tx);
+    let gw = start_with(
+        "read_timeout: 0.8\nidle_timeout: 30",
+        &routed(&mcpb_up, &ws_up),
+    );
+    // A WebSocket client in the middle of a fragmented message never parks: it became idle
+    // first, so any sweep that parks the others would have parked it too.
+    let mut fragmented = ws_client(&gw, "127.0.0.4", "/mcp/echo");
+    let (first, rest) = PING.split_at(10);
+    fragmented
+        .write_all(&ws_frame(false, 1, first.as_bytes()))
+        .unwrap();
+    let mut mcpb = TcpStream::connect(gw.tcp.unwrap()).unwrap();
+    mcpb.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    mcpb.write_all(&mcpb_frame(1, INIT.as_bytes())).unwrap();
+    assert_eq!(read_mcpb(&mut mcpb).0, 2);
+    let mut ws = ws_client(&gw, "127.0.0.2", "/mcp/ws");
+    ws.write_all(&ws_frame(true, 1, INIT.as_bytes())).unwrap();
+    assert_eq!(ws_message(&mut ws)["id"], 0);
+    gw.wait_metric(PARKED, 2.0);
+    let parks = gw.metric(PARKS);
+    // Parked, they still count on their doors.
+    assert_eq!(
+        gw.metric("mcp_gateway_frontend_connections_active{frontend=\"websocket\"}"),
+        2.0
+    );
+    assert_eq!(gw.metric("mcp_gateway_tcp_connections_active"), 1.0);
+    assert_eq!(
+        gw.metric(PARKED),
+        2.0,
+        "the fragmented message's connection waits in its task"
+    );
+    fragmented
+        .write_all(&ws_frame(true, 0, rest.as_bytes()))
+        .unwrap();
+    assert_eq!(ws_message(&mut fragmented)["id"], 7);
+    // What the upstream sends on its own brings a parked session back to its client, twice
+    // (it parks again in between).
+    for round in 0..2 {
+        mcpb_notify.send(()).unwrap();
+        let (kind, n) = read_mcpb(&mut mcpb);
+        assert_eq!((kind, n["params"]["data"].clone()), (2, "M1".into()));
+        ws_notify.send(()).unwrap();
+        assert_eq!(ws_message(&mut ws)["params"]["data"], "W1");
+        gw.wait_metric(PARKED, 3.0);
+        assert!(gw.metric(PARKS) >= parks + 2.0 * (round + 1) as f64);
+    }
+    // So does the client's next message: answered within the session.
+    mcpb.write_all(&mcpb_frame(1, PING.as_bytes())).unwrap();
+    assert_eq!(read_mcpb(&mut mcpb).1["id"], 7);
+    ws.write_all(&ws_frame(true, 1, PING.as_bytes())).unwrap();
+    assert_eq!(ws_message(&mut ws)["id"], 7);
+    gw.wait_metric(PARKED, 3.0);
+    // Clients that leave while parked end their sessions' streams, and every place is given
+    // back (one with a reset).
+    socket2::SockRef::from(&ws)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop((ws, mcpb, fragmented));
+    for _ in 0..2 {
+        gone.recv_timeout(Duration::from_secs(10))
+            .expect("a session stream closed when its client left");
+    }
+    gw.wait_all_closed();
+    gw.wait_metric(PARKED, 0.0);
+}
+
+#[test]
+fn parked_message_sessions_expire_and_drain_with_the_close_they_are_owed() {
+    let mut gw = start("read_timeout: 0.8\nidle_timeout: 1.5\nshutdown_timeout: 30");
+    let mut ws = ws_client(&gw, "127.0.0.2", "/mcp");
+    ws.write_all(&ws_frame(true, 1, PING.as_bytes())).unwrap();
+    assert_eq!(ws_message(&mut ws)["id"], 7);
+    let mut mcpb = TcpStream::connect(gw.tcp.unwrap()).unwrap();
+    mcpb.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    mcpb.write_all(&mcpb_frame(1, PING.as_bytes())).unwrap();
+    assert_eq!(read_mcpb(&mut mcpb).1["id"], 7);
+    gw.wait_metric(PARKED, 2.0);
+    // Idle past idle_timeout: the WebSocket client gets its close frame, as in its task.
+    let (opcode, payload) = read_ws_frame(&mut ws);
+    assert_eq!((opcode, &payload[..2]), (8, &1001u16.to_be_bytes()[..]));
+    assert_eq!(&payload[2..], b"idle timeout");
+    assert!(
+        closed_by_peer(&mut mcpb),
+        "a parked MCPB connection expires"
+    );
+    gw.wait_all_closed();
+    gw.wait_metric(PARKED, 0.0);
+    // The drain closes a parked WebSocket connection at once, with its close frame.
+    let mut late = ws_client(&gw, "127.0.0.3", "/mcp");
+    late.write_all(&ws_frame(true, 1, PING.as_bytes())).unwrap();
+    assert_eq!(ws_message(&mut late)["id"], 7);
+    gw.wait_metric(PARKED, 1.0);
+    unsafe { libc::kill(gw.pid(), libc::SIGTERM) };
+    let (opcode, payload) = read_ws_frame(&mut late);
+    assert_eq!((opcode, &payload[2..]), (8, &b"gateway shutting down"[..]));
+    late.write_all(&ws_frame(true, 8, &payload[..2])).unwrap();
+    assert_eq!(gw.stop(0, Duration::from_secs(5)).code(), Some(0));
 }

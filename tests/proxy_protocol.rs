@@ -275,13 +275,22 @@ fn upstreams_see_the_relayed_client_in_x_forwarded_for() {
     assert_eq!(next().as_deref(), Some("203.0.113.7"));
     assert_eq!(tools_list(&mut direct), 200);
     assert_eq!(next().as_deref(), Some("127.0.0.3"));
-    // Parked between requests (see tests/parking.rs), the connections come back as the clients
-    // they were: the relayed one its header's, the direct one its peer.
-    gw.wait_metric("mcp_gateway_connections_parked", 3.0);
+    // Parked between requests (see tests/parking.rs; all five, the MCPB and WebSocket
+    // sessions too), the connections come back as the clients they were: the relayed ones
+    // their headers', the direct one its peer.
+    gw.wait_metric("mcp_gateway_connections_parked", 5.0);
     assert_eq!(tools_list(&mut c), 200);
     assert_eq!(next().as_deref(), Some("203.0.113.7"));
     assert_eq!(tools_list(&mut direct), 200);
     assert_eq!(next().as_deref(), Some("127.0.0.3"));
+    mcpb.write_all(&mcpb_frame(1, TOOLS_LIST.as_bytes()))
+        .unwrap();
+    assert_eq!(read_mcpb(&mut mcpb).0, 2);
+    assert_eq!(next().as_deref(), Some("2001:db8::9"));
+    ws.write_all(&ws_frame(true, 1, TOOLS_LIST.as_bytes()))
+        .unwrap();
+    assert_eq!(read_ws_frame(&mut ws).0, 1);
+    assert_eq!(next().as_deref(), Some("198.51.100.4"));
 }
 
 /// HAProxy (`mode tcp`), killed on drop (and then its configuration's directory removed).

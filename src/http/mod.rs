@@ -96,10 +96,10 @@ pub fn serve(
                     Wait::Ready => {}
                     // Idle past the limit, draining, or a socket error: close quietly.
                     Wait::Expired => return,
-                    Wait::Park => match worker.park(stream, permit, reg) {
+                    Wait::Park => match worker.park(stream, permit, reg, None) {
                         Ok(()) => return,
                         Err(back) => {
-                            (stream, permit, reg) = back;
+                            (stream, permit, reg, _) = back;
                             continue; // it waits on in this task
                         }
                     },
@@ -675,7 +675,7 @@ mod tests {
             // with its writes inline, 600 with them boxed.
             let (stream, permit) = accept();
             let reg = worker.register(&stream, Frontend::Tcp);
-            let mcpb = crate::mcpb::serve(worker, Stream::Plain(stream), permit, reg);
+            let mcpb = crate::mcpb::serve(worker, Stream::Plain(stream), permit, reg, None);
             let size = std::mem::size_of_val(&mcpb);
             eprintln!("mcpb::serve future: {size} bytes");
             assert!(size <= 640, "mcpb::serve future is {size} bytes");
@@ -717,13 +717,21 @@ mod tests {
             eprintln!("event stream relay future: {size} bytes");
             assert!(size <= 640, "event stream relay future is {size} bytes");
             drop(relay);
+            let ns = &upstreams.current().namespaces[0];
+            let session = crate::upstream::rpc::MsgSession::new(
+                worker,
+                Some(ns),
+                Frontend::WebSocket,
+                &stream,
+            );
             let ws = crate::websocket::serve(
                 worker,
                 stream,
                 reg,
                 permit,
-                Vec::new(),
-                &upstreams.current().namespaces[0],
+                None,
+                Box::new(session),
+                false,
             );
             // An upgraded connection's task, permit and registration included (it was a
             // 608-byte box inside the HTTP door's task, which stayed too).

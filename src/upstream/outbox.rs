@@ -114,6 +114,17 @@ impl Outbox {
     pub fn ready(&self) -> impl Future<Output = ()> + '_ {
         Ready(self)
     }
+
+    /// Has `waker` woken at the next push or finished forward, in place of a task's: a parked
+    /// connection's (see [`crate::park`]).
+    pub fn wake(&self, waker: Waker) {
+        self.waker.set(Some(waker));
+    }
+
+    /// Drops the waker set by [`Outbox::wake`] (or a task's), so that it is never woken.
+    pub fn forget_waker(&self) {
+        self.waker.take();
+    }
 }
 
 struct Changed<'a> {

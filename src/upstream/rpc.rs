@@ -17,6 +17,7 @@
 use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
 use std::rc::Rc;
+use std::task::Waker;
 use std::time::Instant;
 
 use crate::stream::Stream;
@@ -99,6 +100,8 @@ pub enum Next {
     Expired,
     /// The client went away.
     Gone,
+    /// The idle sweeper asks the connection to park ([`Worker::park`]), with this session.
+    Park,
 }
 
 impl MsgSession {
@@ -203,6 +206,23 @@ impl MsgSession {
         self.outbox.in_flight()
     }
 
+    /// Nothing in flight and nothing queued: the session may park with its connection.
+    pub fn is_idle(&self) -> bool {
+        self.outbox.in_flight() == 0 && !self.outbox.has_messages()
+    }
+
+    /// The session parks: `waker` (the lot's, see [`crate::park`]) is woken when a message is
+    /// queued for its client.
+    pub fn wake_parked(&self, waker: Waker) {
+        self.outbox.wake(waker);
+    }
+
+    /// The session left the lot: the lot's waker is dropped; its connection's task sets its
+    /// own as it waits.
+    pub fn wake_task(&self) {
+        self.outbox.forget_waker();
+    }
+
     /// Frames the queued messages into `out`.
     pub fn drain(&self, out: &mut Vec<u8>, framing: &Framing) {
         self.outbox.drain(out, framing.reply, framing.fail);
@@ -262,7 +282,9 @@ impl MsgSession {
     /// Waits for the client's next message, holding no buffer (as [`wait_idle`] does), and writes
     /// what comes back from the upstream meanwhile. While forwards are in flight `limit` does not
     /// apply (a long tool call is not idleness); when the wait expires (idle, or the gateway
-    /// draining) the forwards in flight are answered first.
+    /// draining) the forwards in flight are answered first. An idle session (see
+    /// [`MsgSession::is_idle`]) whose door allows it (`may_park`: a WebSocket connection does
+    /// not in the middle of a fragmented message) may be asked to park.
     pub async fn next(
         &mut self,
         worker: &Worker,
@@ -270,6 +292,7 @@ impl MsgSession {
         client: &mut Stream,
         limit: std::time::Duration,
         framing: &Framing,
+        may_park: bool,
     ) -> Next {
         loop {
             // An idle session holds nothing for forwards that ended (a stop channel is 72
@@ -281,16 +304,15 @@ impl MsgSession {
             let woke = if worker.draining() {
                 Woke::Client(Wait::Expired)
             } else {
+                reg.set_may_park(may_park && self.is_idle());
                 self.wait(worker, reg, client, limit).await
             };
             // The writes are boxed: inline, their timers would sit in every idle connection's
             // future (a monoio timer alone is 640 bytes), though an idle wait holds none.
             let done = match woke {
                 Woke::Client(Wait::Ready) => return Next::Message,
-                // (A message door's wait is never asked to park: `Park` cannot come.)
-                Woke::Client(Wait::Expired | Wait::Park) => {
-                    Box::pin(self.settle(worker, client, framing)).await
-                }
+                Woke::Client(Wait::Park) => return Next::Park,
+                Woke::Client(Wait::Expired) => Box::pin(self.settle(worker, client, framing)).await,
                 Woke::Queued => match Box::pin(self.write_queued(worker, client, framing)).await {
                     Ok(()) => continue,
                     Err(gone) => Err(gone),
@@ -644,7 +666,7 @@ pub fn error_for(message: &[u8], why: &str) -> Vec<u8> {
 pub struct TooLarge;
 
 /// Takes the complete server-sent events out of the start of `data` and hands each (its data, see
-/// [`next_event`]) to `each`, in order, until `each` returns false (`Ok(false)`; what is left
+/// `next_event`) to `each`, in order, until `each` returns false (`Ok(false)`; what is left
 /// stays in `data`). `Err(TooLarge)` when an event, or the part of the next one left in `data`,
 /// is larger than `max`.
 pub fn take_events(
