@@ -71,15 +71,13 @@ pub struct Lot {
     pause: Cell<u32>,
     /// The lot could not wait on its set (see [`Lot::give_up`]): nothing parks any more.
     broken: Cell<bool>,
-    /// Told apart the sessions parked under one slab key in turn (see [`session_waker`]).
+    /// Tells apart the sessions parked under one slab key in turn (see [`session_waker`]).
     tokens: Cell<u32>,
 }
 
 /// What a parked connection is: what its door needs to go on.
 struct Parked {
     socket: OwnedFd,
-    /// This stay's token, which its session's waker names with its key.
-    token: u32,
     permit: Permit,
     reg: Registration,
     /// The client its PROXY header named, if one did.
@@ -169,14 +167,14 @@ impl Lot {
             return Err((stream, permit, reg, session));
         }
         worker.parked_on(&reg, socket.as_raw_fd());
-        let token = self.tokens.get().wrapping_add(1);
-        self.tokens.set(token);
-        if let Some(s) = &session {
-            s.wake_parked(session_waker(key, token));
+        let mut session = session;
+        if let Some(s) = &mut session {
+            let token = self.tokens.get().wrapping_add(1);
+            self.tokens.set(token);
+            s.park(token, session_waker(key, token));
         }
         slot.insert(Parked {
             socket,
-            token,
             permit,
             reg,
             client,
@@ -268,8 +266,8 @@ impl Lot {
     fn resume_session(&self, worker: &'static Worker, key: usize, token: u32) {
         let p = {
             let mut parked = self.parked.borrow_mut();
-            match parked.get(key) {
-                Some(p) if p.token == token => parked.remove(key),
+            match parked.get(key).and_then(|p| p.session.as_ref()) {
+                Some(s) if s.stay() == token => parked.remove(key),
                 _ => return, // it left already (readable, or closed by the drain)
             }
         };
@@ -355,7 +353,7 @@ thread_local! {
     static OWNER: Cell<Option<&'static Worker>> = const { Cell::new(None) };
 }
 
-/// The waker a parked session's outbox holds (see [`MsgSession::wake_parked`]): woken when a
+/// The waker a parked session's outbox holds (see [`MsgSession::park`]): woken when a
 /// reply or a message of the session's stream is queued for the client, it has the lot serve
 /// the connection again, from a task of its own so that nothing runs inside the producer's
 /// push. It carries the session's slab key and its stay's token in its data word: a stale
@@ -389,3 +387,18 @@ fn wake_session(data: *const ()) {
 }
 
 fn drop_session(_: *const ()) {}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// What a parked connection costs the lot, beside its registry entry and the slab's tag:
+    /// 64 bytes before message sessions parked; their session is boxed (its stay's token inside
+    /// it), so an HTTP connection pays one word for it.
+    #[test]
+    fn parked_entries_stay_small() {
+        let size = std::mem::size_of::<Parked>();
+        eprintln!("parked entry: {size} bytes");
+        assert!(size <= 72, "a parked entry is {size} bytes");
+    }
+}

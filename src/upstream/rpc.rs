@@ -57,6 +57,9 @@ pub struct MsgSession {
     /// One per forward task; dropping them cancels the tasks.
     stops: Vec<oneshot::Sender<()>>,
     worker: Option<&'static Worker>,
+    /// The token of its latest stay in the parking lot (see [`MsgSession::park`]). Fits in the
+    /// padding after `door`.
+    stay: u32,
 }
 
 /// What the forwards of one connection share.
@@ -127,6 +130,7 @@ impl MsgSession {
             outbox: Rc::default(),
             stops: Vec::new(),
             worker: None,
+            stay: 0,
         }
     }
 
@@ -211,10 +215,16 @@ impl MsgSession {
         self.outbox.in_flight() == 0 && !self.outbox.has_messages()
     }
 
-    /// The session parks: `waker` (the lot's, see [`crate::park`]) is woken when a message is
-    /// queued for its client.
-    pub fn wake_parked(&self, waker: Waker) {
+    /// The session parks for stay `token`: `waker` (the lot's, see [`crate::park`]) is woken
+    /// when a message is queued for its client.
+    pub fn park(&mut self, token: u32, waker: Waker) {
+        self.stay = token;
         self.outbox.wake(waker);
+    }
+
+    /// The token of its latest stay in the parking lot.
+    pub fn stay(&self) -> u32 {
+        self.stay
     }
 
     /// The session left the lot: the lot's waker is dropped; its connection's task sets its
