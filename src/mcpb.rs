@@ -150,12 +150,10 @@ pub fn serve(
                 {
                     Next::Message => {}
                     Next::Expired | Next::Gone => return,
-                    Next::Park => match worker.park(stream, permit, reg, Some(session)) {
+                    Next::Park => match worker.park_session(stream, permit, reg, session) {
                         Ok(()) => return,
                         Err(back) => {
-                            let held;
-                            (stream, permit, reg, held) = back;
-                            session = held.expect("the lot gives back the session it was given");
+                            (stream, permit, reg, session) = back;
                             continue; // it waits on in this task
                         }
                     },

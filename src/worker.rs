@@ -246,6 +246,23 @@ impl Worker {
         back
     }
 
+    /// [`Worker::park`] for a WebSocket or MCPB connection, with its session; `Err` gives both
+    /// back.
+    #[allow(clippy::result_large_err)] // as above
+    pub fn park_session(
+        &self,
+        stream: Stream,
+        permit: Permit,
+        reg: Registration,
+        session: Box<MsgSession>,
+    ) -> Result<(), (Stream, Permit, Registration, Box<MsgSession>)> {
+        self.park(stream, permit, reg, Some(session))
+            .map_err(|(stream, permit, reg, session)| {
+                let session = session.expect("the lot gives back the session it was given");
+                (stream, permit, reg, session)
+            })
+    }
+
     /// The connection of `reg`, asked to park, could not: it waits again with its deadline.
     fn not_parked(&self, reg: &Registration) {
         if let Some(e) = self.conns.borrow_mut().get_mut(reg.key) {
