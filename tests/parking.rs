@@ -272,15 +272,29 @@ fn ws_message(ws: &mut TcpStream) -> serde_json::Value {
 
 #[test]
 fn idle_message_sessions_park_and_come_back_for_either_side() {
+    sessions_park_and_resume("io_uring");
+}
+
+#[test]
+fn idle_message_sessions_park_on_the_epoll_driver_too() {
+    sessions_park_and_resume("epoll");
+}
+
+fn sessions_park_and_resume(driver: &str) {
     let (mcpb_notify, mcpb_notified) = mpsc::channel();
     let (ws_notify, ws_notified) = mpsc::channel();
     let (gone_tx, gone) = mpsc::channel();
     let mcpb_up = session_upstream("M1", mcpb_notified, gone_tx.clone());
     let ws_up = session_upstream("W1", ws_notified, gone_tx);
     let gw = start_with(
-        "read_timeout: 0.8\nidle_timeout: 30",
+        &format!("driver: {driver}\nread_timeout: 0.8\nidle_timeout: 30"),
         &routed(&mcpb_up, &ws_up),
     );
+    assert!(gw
+        .log
+        .lock()
+        .unwrap()
+        .contains(&format!("driver=\"{driver}\"")));
     // A WebSocket client in the middle of a fragmented message never parks: it became idle
     // first, so any sweep that parks the others would have parked it too.
     let mut fragmented = ws_client(&gw, "127.0.0.4", "/mcp/echo");
