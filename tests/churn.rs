@@ -3,12 +3,17 @@
 //! answer). Afterwards every connection gauge and the tracked-IP count must be exactly zero and
 //! every connection must have been counted as accepted exactly once. A second churn goes through
 //! the forwarding path on all three doors, clients leaving while their request, body or stream is
-//! still with the upstream; it ends with the upstream's in-flight gauge at zero too.
+//! still with the upstream; it ends with the upstream's in-flight gauge at zero too. A third
+//! keeps WebSocket and MCPB sessions parking and coming back while their upstream sessions'
+//! streams send to them, until their clients leave every way: no message lost or out of order,
+//! and every count back at zero.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::mock::{self, chunk, json_reply, Mock};
@@ -244,4 +249,137 @@ fn forwarded_connections_that_leave_midway_leave_every_count_at_zero() {
     // And the gateway still forwards.
     let mut s = connect_from("127.0.0.2", http);
     assert_eq!(roundtrip(&mut s, &post_mcp(TOOLS_LIST)).status, 200);
+}
+
+const SESSIONS: usize = 600;
+
+/// The next JSON-RPC message `s` gets on `door`: a WebSocket text frame or an MCPB Response.
+fn next_message(s: &mut TcpStream, ws: bool) -> serde_json::Value {
+    if ws {
+        let (opcode, payload) = read_ws_frame(s);
+        assert_eq!(
+            opcode,
+            1,
+            "a text frame: {:?}",
+            String::from_utf8_lossy(&payload)
+        );
+        serde_json::from_slice(&payload).unwrap()
+    } else {
+        let (kind, m) = read_mcpb(s);
+        assert_eq!(kind, 2, "a Response frame: {m}");
+        m
+    }
+}
+
+#[test]
+fn sessions_that_park_while_their_streams_send_leave_every_count_at_zero() {
+    // Each session's stream: numbered notifications every 60 ms until the gateway drops it
+    // (6 s at most); those that ended are counted.
+    let ended = Arc::new(AtomicUsize::new(0));
+    let ended_up = ended.clone();
+    let up = Mock::start(move |req, s| match req.method.as_str() {
+        "GET" => {
+            let _ = s.write_all(SSE_HEAD);
+            let until = Instant::now() + Duration::from_secs(6);
+            let mut n = 0;
+            while Instant::now() < until {
+                let event = format!("data: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{{\"n\":{n}}}}}\n\n");
+                let framed = format!("{:x}\r\n{event}\r\n", event.len());
+                if s.write_all(framed.as_bytes()).is_err() {
+                    ended_up.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_millis(60));
+            }
+        }
+        "DELETE" => mock::respond(s, 200, &[], ""),
+        _ => json_reply(s, req, "{}", &[("Mcp-Session-Id", "C1")]),
+    });
+    let url = up.url();
+    // A sweeper tick every 30 ms: an idle session parks about every other notification.
+    let gw = start_with(
+        "read_timeout: 0.24",
+        &format!(
+            "routing:\n  health_check_interval: 3600\nservice_discovery:\n  static:\n    endpoints:\n      default:\n        - url: {url}\n"
+        ),
+    );
+    let (http, tcp) = (gw.http, gw.tcp.unwrap());
+    let init = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#;
+    let ping = r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#;
+    let clients: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let ws = i % 2 == 0;
+                let src = format!("127.0.4.{}", 1 + i % 16);
+                let mut s = connect_from(&src, if ws { http } else { tcp });
+                // A lost wake-up would leave the client waiting for good: 3 s is ample.
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                let send = |s: &mut TcpStream, m: &str| {
+                    let frame = if ws {
+                        ws_frame(true, 1, m.as_bytes())
+                    } else {
+                        mcpb_frame(1, m.as_bytes())
+                    };
+                    s.write_all(&frame).unwrap();
+                };
+                if ws {
+                    assert_eq!(roundtrip(&mut s, WS_UPGRADE).status, 101);
+                }
+                send(&mut s, init);
+                assert_eq!(next_message(&mut s, ws)["id"], 0);
+                // Notifications for 0.6-1.4 s, every one in order; a ping in the middle
+                // brings the session back from the client's side too.
+                let until = Instant::now() + Duration::from_millis(600 + (i as u64 * 37) % 800);
+                let (mut expect, mut pinged, mut answered) = (0, false, false);
+                while Instant::now() < until || (pinged && !answered) {
+                    let m = next_message(&mut s, ws);
+                    if m["id"] == 7 {
+                        answered = true;
+                        continue;
+                    }
+                    assert_eq!(m["params"]["n"], expect, "session {i}: {m}");
+                    expect += 1;
+                    if expect == 5 && i % 3 == 0 {
+                        send(&mut s, ping);
+                        pinged = true;
+                    }
+                }
+                // Leave: a reset, a close, or half a message and a reset.
+                match i % 3 {
+                    0 => reset(s),
+                    1 => drop(s),
+                    _ => {
+                        let frame = if ws {
+                            ws_frame(true, 1, ping.as_bytes())
+                        } else {
+                            mcpb_frame(1, ping.as_bytes())
+                        };
+                        s.write_all(&frame[..frame.len() / 2]).unwrap();
+                        reset(s);
+                    }
+                }
+                expect
+            })
+        })
+        .collect();
+    let received: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    gw.wait_all_closed();
+    gw.wait_metric("mcp_gateway_connections_parked", 0.0);
+    let in_flight =
+        format!("mcp_gateway_upstream_in_flight{{namespace=\"default\",upstream=\"{url}\"}}");
+    gw.wait_metric(&in_flight, 0.0);
+    // They did park, again and again, and came back for every message.
+    let parks = gw.metric("mcp_gateway_connection_parks_total");
+    eprintln!("{SESSIONS} sessions: {received} notifications, {parks} parks");
+    assert!(
+        parks >= SESSIONS as f64,
+        "{parks} parks for {received} notifications"
+    );
+    // Every session's stream was closed upstream when its client left.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ended.load(Ordering::Relaxed) < SESSIONS && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(ended.load(Ordering::Relaxed), SESSIONS);
 }
