@@ -230,22 +230,34 @@ pub enum Watched {
     Eof,
     Failed,
     ClientGone,
+    /// The idle sweeper asks the stream to park ([`crate::park`]); only where the caller said it
+    /// may, and only while the client is watched (its socket says nothing until it speaks).
+    Park,
 }
+
+/// Where an event stream waiting for its next event may be asked to park: the connection's
+/// registration (see [`read_watching`]).
+pub type Parking<'a> = Option<&'a Registration>;
 
 /// Reads more of an event stream from `up` into `buf`, with no deadline (an event stream may be
 /// silent for long), holding no buffer and no timer while it waits. While `watch`, the client's
 /// socket is watched too: EOF from it ends the wait (`ClientGone`), so a client that leaves does
 /// not leave its upstream stream behind; bytes from it (its next request) end the watching, and
-/// are left for its door to read later.
+/// are left for its door to read later. With `parking`, a wait with nothing of an event in `buf`
+/// and the client watched may end in [`Watched::Park`].
 pub async fn read_watching(
     up: &mut Stream,
     buf: &mut Vec<u8>,
     client: &mut Stream,
     watch: &mut bool,
+    parking: Parking<'_>,
 ) -> Watched {
     if buf.is_empty() {
         give_buf(std::mem::take(buf));
-        let ended = until_readable(up, Some(client), watch).await;
+        let ended = until_readable(up, Some(client), watch, parking).await;
+        if let Some(Watched::Park) = ended {
+            return Watched::Park; // it leaves with an empty buffer, as it waited
+        }
         *buf = take_buf();
         if let Some(ended) = ended {
             return ended;
@@ -288,11 +300,13 @@ async fn read_now(
 }
 
 /// Waits without a buffer until `up` has something to read (bytes, EOF or an error: `None`, read
-/// now), watching `client` meanwhile as [`read_watching`] does while `*watch`.
+/// now), watching `client` meanwhile as [`read_watching`] does while `*watch`, and, with
+/// `parking`, until the sweeper asks the stream to park.
 pub async fn until_readable(
     up: &Stream,
     mut client: Option<&mut Stream>,
     watch: &mut bool,
+    parking: Parking<'_>,
 ) -> Option<Watched> {
     loop {
         let up_ready = up.readable();
@@ -302,9 +316,24 @@ pub async fn until_readable(
         monoio::select! {
             r = up_ready => return r.err().map(|_| Watched::Failed),
             _ = client.readable() => {}
+            _ = ParkAsked(parking) => return Some(Watched::Park),
         }
         if let Some(gone) = client_spoke(client, watch) {
             return Some(gone);
+        }
+    }
+}
+
+/// Resolves once the sweeper asks the connection of the registration to park (keeping the
+/// task's waker for it meanwhile, see [`Worker::idle_pending`]); never without one.
+struct ParkAsked<'a>(Parking<'a>);
+
+impl Future for ParkAsked<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.0 {
+            Some(reg) if reg.idle_pending(cx.waker()) => Poll::Ready(()),
+            _ => Poll::Pending,
         }
     }
 }

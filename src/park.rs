@@ -47,11 +47,12 @@
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::task::{RawWaker, RawWakerVTable, Waker};
 
 use slab::Slab;
 
+use crate::http::proxy::Events;
 use crate::limiter::Permit;
 use crate::metrics::Frontend;
 use crate::stream::Stream;
@@ -82,8 +83,19 @@ struct Parked {
     reg: Registration,
     /// The client its PROXY header named, if one did.
     client: Option<IpAddr>,
-    /// A WebSocket or MCPB connection's upstream session (`None` on the HTTP door).
-    session: Option<Box<MsgSession>>,
+    /// What its door needs besides the socket.
+    held: Held,
+}
+
+/// What a parked connection's door needs besides its socket to go on.
+pub enum Held {
+    /// An HTTP connection between requests.
+    Nothing,
+    /// A WebSocket or MCPB connection's upstream session.
+    Session(Box<MsgSession>),
+    /// An HTTP connection's open event stream between two events: the lot watches its
+    /// upstream socket too.
+    Events(Box<Events>),
 }
 
 /// Sweeps without asking connections to park after one could not.
@@ -127,48 +139,44 @@ impl Lot {
         permit: Permit,
         reg: Registration,
         client: Option<IpAddr>,
-        session: Option<Box<MsgSession>>,
+        held: Held,
     ) -> Result<(), Unparked> {
         let Stream::Plain(tcp) = &stream else {
             // A TLS session never parks (`Worker::idle_pending`).
-            return Err((stream, permit, reg, session));
+            return Err((stream, permit, reg, held));
         };
-        if session.as_ref().is_some_and(|s| !s.is_idle()) {
-            return Err((stream, permit, reg, session)); // a reply came as it was asked
+        if let Held::Session(s) = &held {
+            if !s.is_idle() {
+                return Err((stream, permit, reg, held)); // a reply came as it was asked
+            }
         }
         // SAFETY: the stream is live and outlives the borrow.
         let socket = match unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) }.try_clone_to_owned() {
             Ok(s) => s,
             Err(e) => {
                 self.cannot_park(worker, &e);
-                return Err((stream, permit, reg, session));
+                return Err((stream, permit, reg, held));
             }
         };
         let mut parked = self.parked.borrow_mut();
         let slot = parked.vacant_entry();
         let Ok(key) = u32::try_from(slot.key()) else {
-            return Err((stream, permit, reg, session)); // never: as many as descriptors
+            return Err((stream, permit, reg, held)); // never: as many as descriptors
         };
-        let mut event = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
-            u64: slot.key() as u64,
-        };
-        // SAFETY: both descriptors are live; `event` is read during the call only.
-        let added = unsafe {
-            libc::epoll_ctl(
-                self.epoll.as_raw_fd(),
-                libc::EPOLL_CTL_ADD,
-                socket.as_raw_fd(),
-                &mut event,
-            )
-        };
-        if added < 0 {
-            self.cannot_park(worker, &io::Error::last_os_error());
-            return Err((stream, permit, reg, session));
+        if let Err(e) = self.watch(socket.as_raw_fd(), key) {
+            self.cannot_park(worker, &e);
+            return Err((stream, permit, reg, held));
+        }
+        if let Held::Events(events) = &held {
+            if let Err(e) = self.watch(events.upstream_fd(), key) {
+                self.unwatch(socket.as_raw_fd());
+                self.cannot_park(worker, &e);
+                return Err((stream, permit, reg, held));
+            }
         }
         worker.parked_on(&reg, socket.as_raw_fd());
-        let mut session = session;
-        if let Some(s) = &mut session {
+        let mut held = held;
+        if let Held::Session(s) = &mut held {
             let token = self.tokens.get().wrapping_add(1);
             self.tokens.set(token);
             s.park(token, session_waker(key, token));
@@ -178,13 +186,41 @@ impl Lot {
             permit,
             reg,
             client,
-            session,
+            held,
         });
         worker.metrics.parked();
         self.moved();
         // `stream` drops on return: monoio closes its descriptor once its cancelled wait is
         // answered.
         Ok(())
+    }
+
+    /// Adds `fd` to the set, readable ending the stay of connection `key`.
+    fn watch(&self, fd: RawFd, key: u32) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+            u64: u64::from(key),
+        };
+        // SAFETY: both descriptors are live; `event` is read during the call only.
+        let added =
+            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
+        if added < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Takes `fd` out of the set.
+    fn unwatch(&self, fd: RawFd) {
+        // SAFETY: both descriptors are live; a null event is allowed for a removal.
+        unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        };
     }
 
     /// A connection could not park (out of descriptors, or of kernel memory for the set): it
@@ -266,8 +302,8 @@ impl Lot {
     fn resume_session(&self, worker: &'static Worker, key: usize, token: u32) {
         let p = {
             let mut parked = self.parked.borrow_mut();
-            match parked.get(key).and_then(|p| p.session.as_ref()) {
-                Some(s) if s.stay() == token => parked.remove(key),
+            match parked.get(key).map(|p| &p.held) {
+                Some(Held::Session(s)) if s.stay() == token => parked.remove(key),
                 _ => return, // it left already (readable, or closed by the drain)
             }
         };
@@ -275,32 +311,29 @@ impl Lot {
     }
 
     /// A connection that left the lot: closed if the sweeper expired it or the gateway drains,
-    /// else served again by its door, in a task of its own. A WebSocket client is owed a close
-    /// frame either way: its door sends it.
+    /// else served again by its door, in a task of its own. A WebSocket connection and an event
+    /// stream are served again either way, for what they are owed.
     fn serve_again(&self, worker: &'static Worker, p: Parked) {
         worker.metrics.unparked();
         self.moved();
-        // SAFETY: both descriptors are live; a null event is allowed for a removal.
-        unsafe {
-            libc::epoll_ctl(
-                self.epoll.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                p.socket.as_raw_fd(),
-                std::ptr::null_mut(),
-            )
-        };
-        if let Some(s) = &p.session {
-            s.wake_task(); // its waker named this stay, over now
+        self.unwatch(p.socket.as_raw_fd());
+        match &p.held {
+            Held::Nothing => {}
+            Held::Session(s) => s.wake_task(), // its waker named this stay, over now
+            Held::Events(events) => self.unwatch(events.upstream_fd()),
         }
         let expired = worker.idle_end(&p.reg) || worker.draining();
-        if expired && p.reg.door() != Frontend::WebSocket {
+        // A WebSocket client is owed a close frame, an event stream its end: their doors send
+        // them (a relay sees the drain, or its upstream removed, for itself).
+        let owed = matches!(p.held, Held::Events(_)) || p.reg.door() == Frontend::WebSocket;
+        if expired && !owed {
             return; // dropping it closes it and gives its places back
         }
         let tcp = std::net::TcpStream::from(p.socket);
         match monoio::net::TcpStream::from_std(tcp) {
             Ok(tcp) => {
                 let stream = Stream::Plain(tcp);
-                worker.serve_parked(stream, p.permit, p.reg, p.client, p.session, expired)
+                worker.serve_parked(stream, p.permit, p.reg, p.client, p.held, expired)
             }
             Err(e) => tracing::debug!(error = %e, "cannot serve a parked connection; closed"),
         }
@@ -393,12 +426,12 @@ mod tests {
     use super::*;
 
     /// What a parked connection costs the lot, beside its registry entry and the slab's tag:
-    /// 64 bytes before message sessions parked; their session is boxed (its stay's token inside
-    /// it), so an HTTP connection pays one word for it.
+    /// 64 bytes before message sessions and event streams parked; what they hold is boxed (a
+    /// session's stay's token inside it), and the entry says which (two words).
     #[test]
     fn parked_entries_stay_small() {
         let size = std::mem::size_of::<Parked>();
         eprintln!("parked entry: {size} bytes");
-        assert!(size <= 72, "a parked entry is {size} bytes");
+        assert!(size <= 80, "a parked entry is {size} bytes");
     }
 }

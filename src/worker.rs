@@ -29,9 +29,10 @@ use std::time::{Duration, Instant};
 use monoio::net::{TcpListener, TcpStream};
 use slab::Slab;
 
+use crate::http::proxy::Events;
 use crate::limiter::{Limiter, Permit, Rejection};
 use crate::metrics::{AcceptError, CoreMetrics, Frontend, Metrics, ProtocolError};
-use crate::park::Lot;
+use crate::park::{Held, Lot};
 use crate::proxy_protocol::{self, HeaderError, Trusted};
 use crate::stream::Stream;
 use crate::upstream::balance::Balancer;
@@ -209,6 +210,7 @@ impl Worker {
             key,
             door: Cell::new(door),
             may_park: Cell::new(door == Frontend::Http),
+            served: Cell::new(false),
         }
     }
 
@@ -234,12 +236,12 @@ impl Worker {
         stream: Stream,
         permit: Permit,
         reg: Registration,
-        session: Option<Box<MsgSession>>,
+        held: Held,
     ) -> Result<(), Unparked> {
         let Some(lot) = &self.lot else {
-            return Err((stream, permit, reg, session));
+            return Err((stream, permit, reg, held));
         };
-        let back = lot.park(self, stream, permit, reg, RELAYED.get(), session);
+        let back = lot.park(self, stream, permit, reg, RELAYED.get(), held);
         if let Err((_, _, reg, _)) = &back {
             self.not_parked(reg);
         }
@@ -256,10 +258,27 @@ impl Worker {
         reg: Registration,
         session: Box<MsgSession>,
     ) -> Result<(), (Stream, Permit, Registration, Box<MsgSession>)> {
-        self.park(stream, permit, reg, Some(session))
-            .map_err(|(stream, permit, reg, session)| {
-                let session = session.expect("the lot gives back the session it was given");
-                (stream, permit, reg, session)
+        self.park(stream, permit, reg, Held::Session(session))
+            .map_err(|(stream, permit, reg, held)| match held {
+                Held::Session(session) => (stream, permit, reg, session),
+                _ => unreachable!("the lot gives back what it was given"),
+            })
+    }
+
+    /// [`Worker::park`] for an HTTP connection with its open event stream; `Err` gives both
+    /// back.
+    #[allow(clippy::result_large_err)] // as above
+    pub fn park_events(
+        &self,
+        stream: Stream,
+        permit: Permit,
+        reg: Registration,
+        events: Box<Events>,
+    ) -> Result<(), (Stream, Permit, Registration, Box<Events>)> {
+        self.park(stream, permit, reg, Held::Events(events))
+            .map_err(|(stream, permit, reg, held)| match held {
+                Held::Events(events) => (stream, permit, reg, events),
+                _ => unreachable!("the lot gives back what it was given"),
             })
     }
 
@@ -291,18 +310,21 @@ impl Worker {
         permit: Permit,
         reg: Registration,
         client: Option<IpAddr>,
-        session: Option<Box<MsgSession>>,
+        held: Held,
         expired: bool,
     ) {
-        match session {
-            None => {
+        match held {
+            Held::Nothing => {
                 let resumed = Some(conn::take_buf());
                 spawn_connection(http::serve(self, stream, permit, reg, resumed), client);
             }
-            Some(s) if reg.door() == Frontend::Tcp => {
+            Held::Events(e) => {
+                spawn_connection(http::serve_relay(self, stream, permit, reg, e), client)
+            }
+            Held::Session(s) if reg.door() == Frontend::Tcp => {
                 spawn_connection(mcpb::serve(self, stream, permit, reg, Some(s)), client)
             }
-            Some(s) => spawn_connection(
+            Held::Session(s) => spawn_connection(
                 websocket::serve(self, stream, reg, permit, None, s, expired),
                 client,
             ),
@@ -496,8 +518,8 @@ struct Entry {
 /// Connections one sweep asks to park at most.
 const PARK_BATCH: usize = 1024;
 
-/// A connection that could not park, given back to its task with its session, if any.
-pub type Unparked = (Stream, Permit, Registration, Option<Box<MsgSession>>);
+/// A connection that could not park, given back to its task with what it held.
+pub type Unparked = (Stream, Permit, Registration, Held);
 
 /// This worker's parking lot, or `None` (logged) when the system gives no epoll set.
 fn make_lot() -> Option<Lot> {
@@ -561,12 +583,30 @@ pub struct Registration {
     /// message door's session says so before each wait (none while its forwards are in
     /// flight or replies wait to be written). Fits in the padding after `door`.
     may_park: Cell<bool>,
+    /// It has served a request (the HTTP door: its next one may take `idle_timeout` to come,
+    /// not `read_timeout`). In the padding too.
+    served: Cell<bool>,
 }
 
 impl Registration {
     /// The door the connection counts on.
     pub fn door(&self) -> Frontend {
         self.door.get()
+    }
+
+    /// [`Worker::idle_pending`] for this connection.
+    pub fn idle_pending(&self, waker: &Waker) -> bool {
+        self.worker.idle_pending(self, waker)
+    }
+
+    /// The connection has served a request (see the field `served`).
+    pub fn served(&self) -> bool {
+        self.served.get()
+    }
+
+    /// The connection served a request.
+    pub fn set_served(&self) {
+        self.served.set(true);
     }
 
     /// Whether the connection's next idle waits may park (see the field `may_park`).

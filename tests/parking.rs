@@ -212,22 +212,28 @@ fn at_its_descriptor_limit_the_gateway_keeps_idle_connections_it_cannot_park() {
 const INIT: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#;
 const PING: &str = r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#;
 
-/// An upstream MCP server for message sessions: every `POST` answered in session `id`; the
-/// session's stream (`GET`) sends a notification naming `id` each time `notify` is told, and
-/// reports on `gone` when the gateway drops the stream (it looks every 20 ms, for 30 s at most).
-fn session_upstream(id: &'static str, notify: mpsc::Receiver<()>, gone: mpsc::Sender<()>) -> Mock {
-    let (notify, gone) = (Mutex::new(notify), Mutex::new(gone));
+/// An upstream MCP server: every `POST` answered (in session `id`); each standalone stream
+/// (`GET`) sends a numbered notification naming `id` each time `events` is told `true`, ends
+/// (its last chunk) when told `false`, and reports on `gone` when the gateway drops it (it looks
+/// every 20 ms, for 30 s at most).
+fn upstream(id: &'static str, events: mpsc::Receiver<bool>, gone: mpsc::Sender<()>) -> Mock {
+    let (events, gone) = (Mutex::new(events), Mutex::new(gone));
     Mock::start(move |req, s| match req.method.as_str() {
         "GET" => {
             let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
             s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-            let mut b = [0u8; 16];
+            let (mut n, mut b) = (0, [0u8; 16]);
             for _ in 0..1500 {
-                if notify.lock().unwrap().try_recv().is_ok() {
-                    chunk(
-                        s,
-                        &format!("data: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{{\"data\":\"{id}\"}}}}\n\n"),
-                    );
+                match events.lock().unwrap().try_recv() {
+                    Ok(true) => {
+                        chunk(s, &format!("data: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{{\"data\":\"{id}\",\"n\":{n}}}}}\n\n"));
+                        n += 1;
+                    }
+                    Ok(false) => {
+                        let _ = s.write_all(b"0\r\n\r\n");
+                        return;
+                    }
+                    Err(_) => {}
                 }
                 match s.read(&mut b) {
                     Ok(0) => {
@@ -284,8 +290,8 @@ fn sessions_park_and_resume(driver: &str) {
     let (mcpb_notify, mcpb_notified) = mpsc::channel();
     let (ws_notify, ws_notified) = mpsc::channel();
     let (gone_tx, gone) = mpsc::channel();
-    let mcpb_up = session_upstream("M1", mcpb_notified, gone_tx.clone());
-    let ws_up = session_upstream("W1", ws_notified, gone_tx);
+    let mcpb_up = upstream("M1", mcpb_notified, gone_tx.clone());
+    let ws_up = upstream("W1", ws_notified, gone_tx);
     let gw = start_with(
         &format!("driver: {driver}\nread_timeout: 0.8\nidle_timeout: 30"),
         &routed(&mcpb_up, &ws_up),
@@ -330,10 +336,10 @@ fn sessions_park_and_resume(driver: &str) {
     // What the upstream sends on its own brings a parked session back to its client, twice
     // (it parks again in between).
     for round in 0..2 {
-        mcpb_notify.send(()).unwrap();
+        mcpb_notify.send(true).unwrap();
         let (kind, n) = read_mcpb(&mut mcpb);
         assert_eq!((kind, n["params"]["data"].clone()), (2, "M1".into()));
-        ws_notify.send(()).unwrap();
+        ws_notify.send(true).unwrap();
         assert_eq!(ws_message(&mut ws)["params"]["data"], "W1");
         gw.wait_metric(PARKED, 3.0);
         assert!(gw.metric(PARKS) >= parks + 2.0 * (round + 1) as f64);
@@ -389,5 +395,92 @@ fn parked_message_sessions_expire_and_drain_with_the_close_they_are_owed() {
     let (opcode, payload) = read_ws_frame(&mut late);
     assert_eq!((opcode, &payload[2..]), (8, &b"gateway shutting down"[..]));
     late.write_all(&ws_frame(true, 8, &payload[..2])).unwrap();
+    assert_eq!(gw.stop(0, Duration::from_secs(5)).code(), Some(0));
+}
+
+const STREAM: &str = "GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n";
+
+/// Reads from `s` until `needle` has arrived (the read timeout bounds the wait).
+fn read_until(s: &mut TcpStream, needle: &str) {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        match s.read(&mut chunk) {
+            Ok(n) if n > 0 => got.extend_from_slice(&chunk[..n]),
+            other => panic!(
+                "{other:?} before {needle:?}: {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+}
+
+#[test]
+fn open_event_streams_park_between_events_and_come_back_for_each() {
+    streams_park_and_resume("io_uring");
+}
+
+#[test]
+fn open_event_streams_park_on_the_epoll_driver_too() {
+    streams_park_and_resume("epoll");
+}
+
+fn streams_park_and_resume(driver: &str) {
+    let (events, events_rx) = mpsc::channel();
+    let (gone_tx, gone) = mpsc::channel();
+    let up = upstream("S1", events_rx, gone_tx);
+    let mut gw = start_with(
+        &format!("driver: {driver}\nread_timeout: 0.8\nidle_timeout: 30\nshutdown_timeout: 30"),
+        &format!(
+            "routing:\n  health_check_interval: 3600\nservice_discovery:\n  static:\n    endpoints:\n      default:\n        - url: {}\n",
+            up.url()
+        ),
+    );
+    let open = |from: &str| {
+        let mut c = connect_from(from, gw.http);
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(STREAM.as_bytes()).unwrap();
+        read_until(&mut c, "text/event-stream");
+        c
+    };
+    let mut c = open("127.0.0.2");
+    gw.wait_metric(PARKED, 1.0);
+    let parks = gw.metric(PARKS);
+    // Still in flight to its upstream while parked.
+    let in_flight = format!(
+        "mcp_gateway_upstream_in_flight{{namespace=\"default\",upstream=\"{}\"}}",
+        up.url()
+    );
+    assert_eq!(gw.metric(&in_flight), 1.0);
+    // Each event brings it back to be relayed, and it parks again after.
+    for n in 0..3 {
+        events.send(true).unwrap();
+        read_until(&mut c, &format!("\"n\":{n}}}"));
+        gw.wait_metric(PARKED, 1.0);
+        assert!(gw.metric(PARKS) >= parks + (n + 1) as f64);
+    }
+    // The upstream ends the stream while it is parked: the client gets the end, and its
+    // connection serves its next request.
+    events.send(false).unwrap();
+    read_until(&mut c, "0\r\n\r\n");
+    assert_eq!(roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status, 200);
+    gw.wait_metric(&in_flight, 0.0);
+    // A client that leaves while its stream is parked ends the stream upstream.
+    let second = open("127.0.0.3");
+    gw.wait_metric(PARKED, 2.0); // the first connection, idle, parked too
+    socket2::SockRef::from(&second)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(second);
+    gone.recv_timeout(Duration::from_secs(10))
+        .expect("the stream closed upstream when its client left");
+    gw.wait_metric(&in_flight, 0.0);
+    gw.wait_metric(PARKED, 1.0);
+    // The drain ends a parked stream with its last chunk.
+    let mut third = open("127.0.0.4");
+    gw.wait_metric(PARKED, 2.0);
+    drop(c);
+    unsafe { libc::kill(gw.pid(), libc::SIGTERM) };
+    read_until(&mut third, "0\r\n\r\n");
     assert_eq!(gw.stop(0, Duration::from_secs(5)).code(), Some(0));
 }

@@ -42,6 +42,7 @@ use crate::conn::{
 use crate::echo;
 use crate::limiter::{rate, Permit, Rejection};
 use crate::metrics::Frontend;
+use crate::park::Held;
 use crate::upstream::{Namespace, Outcome, Upstreams};
 use crate::websocket;
 use crate::worker::{Registration, Worker};
@@ -62,6 +63,8 @@ enum Step {
     /// A proxied response is an event stream: relay it ([`proxy::events`]), then go on with the
     /// bytes of a pipelined request, if any.
     Events(Box<proxy::Events>),
+    /// The sweeper asks the connection to park with its event stream ([`crate::park`]).
+    Park(Box<proxy::Events>),
 }
 
 /// Serves an admitted connection on the HTTP port until it closes, parks ([`crate::park`]), or
@@ -80,23 +83,22 @@ pub fn serve(
     mut pending: Option<Vec<u8>>,
 ) -> impl Future<Output = ()> {
     async move {
-        let mut first = true;
         let (rest, namespace) = 'serve: loop {
             if pending.is_none() {
                 if worker.draining() {
                     return;
                 }
                 let s = worker.settings();
-                let limit = if first {
-                    s.read_timeout
-                } else {
+                let limit = if reg.served() {
                     s.idle_timeout
+                } else {
+                    s.read_timeout
                 };
                 match wait_idle(worker, &reg, &stream, limit).await {
                     Wait::Ready => {}
                     // Idle past the limit, draining, or a socket error: close quietly.
                     Wait::Expired => return,
-                    Wait::Park => match worker.park(stream, permit, reg, None) {
+                    Wait::Park => match worker.park(stream, permit, reg, Held::Nothing) {
                         Ok(()) => return,
                         Err(back) => {
                             (stream, permit, reg, _) = back;
@@ -105,7 +107,7 @@ pub fn serve(
                     },
                 }
             }
-            first = false;
+            reg.set_served();
             let exchanged = exchange(worker, &permit, &mut stream, pending.take());
             let mut step = Box::pin(exchanged).await;
             pending = loop {
@@ -116,6 +118,14 @@ pub fn serve(
                     Step::Events(events) => {
                         step = Box::pin(relay_events(worker, &reg, &mut stream, events)).await
                     }
+                    Step::Park(events) => match worker.park_events(stream, permit, reg, events) {
+                        Ok(()) => return,
+                        Err(back) => {
+                            let events;
+                            (stream, permit, reg, events) = back;
+                            step = Step::Events(events); // it waits on in this task
+                        }
+                    },
                     Step::Upgrade(rest, namespace) => break 'serve (rest, namespace),
                 }
             };
@@ -123,6 +133,32 @@ pub fn serve(
         // The WebSocket door goes on in a task of its own: what this one held is freed.
         reg.switch(Frontend::WebSocket);
         crate::worker::serve_upgraded(worker, stream, permit, reg, rest, namespace);
+    }
+}
+
+/// Serves a connection that left the parking lot with its event stream (see [`crate::park`]):
+/// relays the stream on (parking again as the sweeper asks), then serves the connection's next
+/// requests as [`serve`] does, if it stays open.
+#[allow(clippy::manual_async_fn)] // as `serve`
+pub fn serve_relay(
+    worker: &'static Worker,
+    mut stream: Stream,
+    mut permit: Permit,
+    mut reg: Registration,
+    mut events: Box<proxy::Events>,
+) -> impl Future<Output = ()> {
+    async move {
+        loop {
+            match Box::pin(relay_events(worker, &reg, &mut stream, events)).await {
+                Step::Park(e) => match worker.park_events(stream, permit, reg, e) {
+                    Ok(()) => return,
+                    Err(back) => (stream, permit, reg, events) = back,
+                },
+                Step::KeepAlive(rest) => return serve(worker, stream, permit, reg, rest).await,
+                Step::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
+                _ => return, // closed: a relay ends in nothing else
+            }
+        }
     }
 }
 
@@ -135,7 +171,10 @@ async fn relay_events(
     mut events: Box<proxy::Events>,
 ) -> Step {
     let (rest, started) = (events.rest.take(), events.started);
-    let ended = proxy::events(worker, reg, stream, events).await;
+    let ended = match proxy::events(worker, reg, stream, events, rest.is_none()).await {
+        proxy::Relayed::Ended(e) => e,
+        proxy::Relayed::Park(events) => return Step::Park(events),
+    };
     worker.metrics.request(Frontend::Http, started.elapsed());
     match (ended, rest) {
         (Proxied::KeepAlive, rest) => Step::KeepAlive(rest),

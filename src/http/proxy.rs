@@ -435,13 +435,17 @@ async fn relay(
 /// Relays an event stream to the client until it ends. It may be silent for long: no deadline,
 /// but a client that leaves ends it, and so do a drain and a reload removing the upstream:
 /// meanwhile the connection counts as idle, so the worker shuts its read side, which the watch
-/// sees. Between events it holds no buffer and no timer (its writes are boxed).
+/// sees. Between events it holds no buffer and no timer (its writes are boxed). With `parks`
+/// (nothing of a next request came with it), a plain stream waiting for its next event with
+/// nothing of one in hand and the client silent may be asked to park ([`crate::park`]):
+/// [`Relayed::Park`] gives the stream back for that.
 pub async fn events(
     worker: &'static Worker,
     reg: &Registration,
     client: &mut Stream,
     mut e: Box<Events>,
-) -> Proxied {
+    parks: bool,
+) -> Relayed {
     let s = worker.settings();
     let u = e.lease.upstream;
     let mut watch = true;
@@ -453,7 +457,11 @@ pub async fn events(
             break;
         }
         worker.stream_begin(reg, u.index);
-        let got = read_watching(&mut e.up, &mut e.buf, client, &mut watch).await;
+        let parking = (parks && matches!(e.up, Stream::Plain(_))).then_some(reg);
+        let got = read_watching(&mut e.up, &mut e.buf, client, &mut watch, parking).await;
+        if let Watched::Park = got {
+            return Relayed::Park(e); // its registry entry stays as it is: asked to park
+        }
         // Expired: the gateway drains, or a reload removed the stream's upstream.
         let expired = worker.idle_end(reg);
         match got {
@@ -463,7 +471,7 @@ pub async fn events(
                 Box::pin(end_stream(worker, client, e.chunk)).await;
                 break;
             }
-            Watched::Eof | Watched::Failed | Watched::ClientGone => break,
+            Watched::Eof | Watched::Failed | Watched::ClientGone | Watched::Park => break,
         }
         let (mut data, mut out) = (take_buf(), take_buf());
         let done = frame_body(&mut e.decoded, &mut e.buf, &mut data, &mut out, e.chunk);
@@ -491,7 +499,24 @@ pub async fn events(
         client::give_back(u, up);
     }
     give_buf(buf);
-    ended
+    Relayed::Ended(ended)
+}
+
+/// How [`events`] ended.
+pub enum Relayed {
+    /// The stream ended: what the connection does next.
+    Ended(Proxied),
+    /// The sweeper asks the connection to park with its stream.
+    Park(Box<Events>),
+}
+
+impl Events {
+    /// The upstream socket the parking lot watches while the stream is parked: readable when
+    /// the next event (or the stream's end) comes.
+    pub fn upstream_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.up.tcp().as_raw_fd()
+    }
 }
 
 /// Decodes what `buf` holds of the response body and frames it into `out` for the client
