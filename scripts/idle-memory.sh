@@ -59,7 +59,7 @@ measure() { # name mode port pid...
   local n=${N:-$([ "$mode" = http ] && echo 15000 || echo 8000)}
   local pids; pids=$(echo "$@" | tr ' ' ',')
   # Warm up: the buffer pools and allocator arenas reach their working size. Where the
-  # connections park (the gateway's plain http, ws and mcpb), with a wave big enough that the gateway gives
+  # connections park (the gateway's, plain), with a wave big enough that the gateway gives
   # freed memory back once it ends (256 a core), as it does after the measured one: both RSS
   # readings are then taken in that state.
   local pp=(); [ "$PP" = 1 ] && [ "$name" != "${name#mcp-gateway}" ] && pp=(--proxy-header)
@@ -67,7 +67,7 @@ measure() { # name mode port pid...
   local settle=() warm=200
   if [ "$name" != "${name#mcp-gateway}" ]; then
     settle=(--settle-url "http://127.0.0.1:$gmetrics/metrics")
-    [ "$mode" != stream ] && [ "$PARK" = true ] && [ "$TLS" = 0 ] && warm=2000
+    [ "$PARK" = true ] && [ "$TLS" = 0 ] && warm=2000
   fi
   python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections "$warm" --hold 0 "${pp[@]}" "${settle[@]}" >/dev/null
   echo "$name: $(python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections "$n" --measure-pids "$pids" "${pp[@]}" "${settle[@]}")"

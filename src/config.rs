@@ -127,7 +127,7 @@ pub struct ServerConfig {
     pub idle_timeout: f64,
     /// Park idle plain (not TLS) connections outside any task once they have waited a sweep or
     /// two, in the worker's epoll set: about 400 bytes of user-space memory fewer for an HTTP
-    /// one, 600 for a WebSocket or MCPB session.
+    /// one, 600 for a WebSocket or MCPB session, 1 000 for an open event stream.
     pub park_idle_connections: bool,
     /// Seconds open connections get to finish after SIGTERM/SIGINT.
     pub shutdown_timeout: f64,

@@ -6,8 +6,8 @@
 //! - [`runtime`]: process start and stop: listeners, pinned workers, signals.
 //! - [`reload`]: what a SIGHUP re-reads and applies at once.
 //! - [`worker`]: one core's runtime: accept loops, admission, drain.
-//! - [`park`]: the parking lot, where idle plain connections (HTTP, WebSocket, MCPB) wait outside
-//!   any task.
+//! - [`park`]: the parking lot, where idle plain connections (HTTP, WebSocket, MCPB, event
+//!   streams between events) wait outside any task.
 //! - [`limiter`]: the global count, the per-IP table and request rate, and the RAII permit.
 //! - [`proxy_protocol`]: PROXY protocol headers from trusted load balancers.
 //! - [`network`]: IP networks (CIDR) and the one form addresses are compared in.

@@ -1,5 +1,5 @@
-//! The parking lot: idle plain connections held outside any task, with what their doors need
-//! to go on.
+//! The parking lot: idle plain connections (and open event streams between events) held
+//! outside any task, with what their doors need to go on.
 //!
 //! A connection waiting for its next request in its task costs about 500 bytes of heap: the
 //! task's header, the door's future (monoio's stream and readiness wait inside it) and monoio's
@@ -19,6 +19,12 @@
 //! only while nothing is in flight or queued for it, and a WebSocket one not in the middle of a
 //! fragmented message (the door's assembly is not carried).
 //!
+//! An HTTP connection relaying an event stream parks between two events with the stream's state
+//! ([`Events`], boxed, its upstream connection inside): the lot watches the upstream socket as
+//! well as the client's, under the same key, and either becoming readable (the next event, the
+//! stream's end, the client's departure) serves the connection again in its relay. Only a
+//! stream from a plain upstream, with nothing of an event in hand and the client silent.
+//!
 //! The price is paid by a connection that comes back: a new task, the epoll calls and the
 //! duplicated descriptor, about 8 µs of CPU on the development VM (README, "Resident memory
 //! per idle connection"). Busy keep-alive connections never pay it: only one still waiting at
@@ -28,11 +34,13 @@
 //! Invariants:
 //! - A parked connection keeps its permit and its registration: the limiter, the gauges, the
 //!   sweeper's deadlines and the drain count it as open exactly as before. Only its task is gone.
-//! - A connection is in the epoll set exactly while it is in the slab, keyed by its slab key.
+//! - A connection is in the epoll set exactly while it is in the slab, keyed by its slab key
+//!   (a parked event stream's upstream socket too).
 //! - Expiry needs nothing new: the sweeper marks the registry entry expired and shuts the read
 //!   side, the lot sees the socket readable and closes it. The drain closes every parked
 //!   connection at once (they are idle). A WebSocket connection is closed by its door, served
-//!   again for that, so that its client gets the close frame (1001) it would have got in its task.
+//!   again for that, so that its client gets the close frame (1001) it would have got in its
+//!   task; an event stream is served again to its relay, which ends it as it would have.
 //! - Only plain connections park: a TLS session keeps state in its task that a socket alone
 //!   cannot carry.
 //! - A parked session's outbox holds the lot's waker for that stay and nothing else: leaving the

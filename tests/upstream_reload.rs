@@ -328,13 +328,28 @@ fn a_reload_bringing_http_upstreams_checks_the_open_file_limit_again() {
 
 #[test]
 fn an_event_stream_from_a_removed_upstream_ends_and_the_others_stay_open() {
+    removed_upstreams_stream_ends(false);
+}
+
+#[test]
+fn a_parked_event_stream_from_a_removed_upstream_ends_too() {
+    removed_upstreams_stream_ends(true);
+}
+
+/// `parked`: both streams park (see tests/parking.rs) before the reload.
+fn removed_upstreams_stream_ends(parked: bool) {
     let (gone_tx, gone_rx) = std::sync::mpsc::channel();
     let (kept_tx, kept_rx) = std::sync::mpsc::channel();
     let gone = Mock::start(mock::stream_until_closed(gone_tx));
     let kept = Mock::start(mock::stream_until_closed(kept_tx));
     let both = endpoints(&[("gone", &[&gone.url()]), ("kept", &[&kept.url()])]);
     // One worker: one sweeper, so the end of one stream shows the other was looked at too.
-    let gw = start_with("workers: 1", &format!("{ROUTING}{both}"));
+    let server = if parked {
+        "workers: 1\nread_timeout: 0.8"
+    } else {
+        "workers: 1"
+    };
+    let gw = start_with(server, &format!("{ROUTING}{both}"));
     let stream = |ns: &str| {
         let mut c = connect_from("127.0.0.2", gw.http);
         let get = format!("GET /mcp/{ns} HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n");
@@ -344,6 +359,9 @@ fn an_event_stream_from_a_removed_upstream_ends_and_the_others_stay_open() {
         c
     };
     let (mut from_gone, mut from_kept) = (stream("gone"), stream("kept"));
+    if parked {
+        gw.wait_metric("mcp_gateway_connections_parked", 2.0);
+    }
     gw.reload(&both, &endpoints(&[("kept", &[&kept.url()])]));
     // The removed upstream's stream ends cleanly (its last chunk), and so does its upstream
     // connection.
