@@ -4,9 +4,9 @@
 //! every connection must have been counted as accepted exactly once. A second churn goes through
 //! the forwarding path on all three doors, clients leaving while their request, body or stream is
 //! still with the upstream; it ends with the upstream's in-flight gauge at zero too. A third
-//! keeps WebSocket and MCPB sessions parking and coming back while their upstream sessions'
-//! streams send to them, until their clients leave every way: no message lost or out of order,
-//! and every count back at zero.
+//! keeps WebSocket and MCPB sessions and HTTP event streams parking and coming back while their
+//! upstreams' streams send to them, until their clients leave every way: no message lost or out
+//! of order, and every count back at zero.
 
 mod common;
 
@@ -118,6 +118,8 @@ fn hundred_thousand_connections_leave_every_count_at_zero() {
 
 /// Connections of the forwarding churn (each one proxied, some to a slow upstream answer).
 const FORWARDED: usize = 7_000;
+
+const STREAM: &str = "GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n";
 
 const SSE_HEAD: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
@@ -253,28 +255,58 @@ fn forwarded_connections_that_leave_midway_leave_every_count_at_zero() {
 
 const SESSIONS: usize = 600;
 
-/// The next JSON-RPC message `s` gets on `door`: a WebSocket text frame or an MCPB Response.
-fn next_message(s: &mut TcpStream, ws: bool) -> serde_json::Value {
-    if ws {
-        let (opcode, payload) = read_ws_frame(s);
-        assert_eq!(
-            opcode,
-            1,
-            "a text frame: {:?}",
-            String::from_utf8_lossy(&payload)
-        );
-        serde_json::from_slice(&payload).unwrap()
-    } else {
-        let (kind, m) = read_mcpb(s);
-        assert_eq!(kind, 2, "a Response frame: {m}");
-        m
+/// A client of the parking churn: a WebSocket or MCPB session, or an HTTP client's event stream.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Ws,
+    Mcpb,
+    Events,
+}
+
+/// The next JSON-RPC message `s` gets: a WebSocket text frame, an MCPB Response, or the data of
+/// the next event of an event stream (`buf` keeps what came of the one after).
+fn next_message(s: &mut TcpStream, kind: Kind, buf: &mut Vec<u8>) -> serde_json::Value {
+    match kind {
+        Kind::Ws => {
+            let (opcode, payload) = read_ws_frame(s);
+            assert_eq!(
+                opcode,
+                1,
+                "a text frame: {:?}",
+                String::from_utf8_lossy(&payload)
+            );
+            serde_json::from_slice(&payload).unwrap()
+        }
+        Kind::Mcpb => {
+            let (kind, m) = read_mcpb(s);
+            assert_eq!(kind, 2, "a Response frame: {m}");
+            m
+        }
+        Kind::Events => loop {
+            let data = buf.windows(6).position(|w| w == b"data: ");
+            if let Some(start) = data {
+                if let Some(len) = buf[start..].iter().position(|&b| b == b'\n') {
+                    let m = serde_json::from_slice(&buf[start + 6..start + len]).unwrap();
+                    buf.drain(..start + len);
+                    return m;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).expect("the next event");
+            assert!(
+                n > 0,
+                "the stream ended: {:?}",
+                String::from_utf8_lossy(buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        },
     }
 }
 
 #[test]
-fn sessions_that_park_while_their_streams_send_leave_every_count_at_zero() {
-    // Each session's stream: numbered notifications every 60 ms until the gateway drops it
-    // (6 s at most); those that ended are counted.
+fn sessions_and_streams_that_park_while_their_upstreams_send_leave_every_count_at_zero() {
+    // Each stream (a session's, or an HTTP client's): numbered notifications every 60 ms until
+    // the gateway drops it (6 s at most); those that ended are counted.
     let ended = Arc::new(AtomicUsize::new(0));
     let ended_up = ended.clone();
     let up = Mock::start(move |req, s| match req.method.as_str() {
@@ -297,7 +329,8 @@ fn sessions_that_park_while_their_streams_send_leave_every_count_at_zero() {
         _ => json_reply(s, req, "{}", &[("Mcp-Session-Id", "C1")]),
     });
     let url = up.url();
-    // A sweeper tick every 30 ms: an idle session parks about every other notification.
+    // A sweeper tick every 30 ms: an idle session or stream parks about every other
+    // notification.
     let gw = start_with(
         "read_timeout: 0.24",
         &format!(
@@ -310,52 +343,51 @@ fn sessions_that_park_while_their_streams_send_leave_every_count_at_zero() {
     let clients: Vec<_> = (0..SESSIONS)
         .map(|i| {
             std::thread::spawn(move || {
-                let ws = i % 2 == 0;
+                let kind = [Kind::Ws, Kind::Mcpb, Kind::Events][i % 3];
                 let src = format!("127.0.4.{}", 1 + i % 16);
-                let mut s = connect_from(&src, if ws { http } else { tcp });
+                let mut s = connect_from(&src, if kind == Kind::Mcpb { tcp } else { http });
                 // A lost wake-up would leave the client waiting for good: 3 s is ample.
                 s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-                let send = |s: &mut TcpStream, m: &str| {
-                    let frame = if ws {
-                        ws_frame(true, 1, m.as_bytes())
-                    } else {
-                        mcpb_frame(1, m.as_bytes())
-                    };
-                    s.write_all(&frame).unwrap();
+                let frame = |m: &str| match kind {
+                    Kind::Ws => ws_frame(true, 1, m.as_bytes()),
+                    Kind::Mcpb => mcpb_frame(1, m.as_bytes()),
+                    Kind::Events => post_mcp(m).into_bytes(),
                 };
-                if ws {
-                    assert_eq!(roundtrip(&mut s, WS_UPGRADE).status, 101);
+                let mut buf = Vec::new();
+                match kind {
+                    Kind::Events => s.write_all(STREAM.as_bytes()).unwrap(),
+                    _ => {
+                        if kind == Kind::Ws {
+                            assert_eq!(roundtrip(&mut s, WS_UPGRADE).status, 101);
+                        }
+                        s.write_all(&frame(init)).unwrap();
+                        assert_eq!(next_message(&mut s, kind, &mut buf)["id"], 0);
+                    }
                 }
-                send(&mut s, init);
-                assert_eq!(next_message(&mut s, ws)["id"], 0);
                 // Notifications for 0.6-1.4 s, every one in order; a ping in the middle
-                // brings the session back from the client's side too.
+                // brings some sessions back from the client's side too.
                 let until = Instant::now() + Duration::from_millis(600 + (i as u64 * 37) % 800);
                 let (mut expect, mut pinged, mut answered) = (0, false, false);
                 while Instant::now() < until || (pinged && !answered) {
-                    let m = next_message(&mut s, ws);
+                    let m = next_message(&mut s, kind, &mut buf);
                     if m["id"] == 7 {
                         answered = true;
                         continue;
                     }
-                    assert_eq!(m["params"]["n"], expect, "session {i}: {m}");
+                    assert_eq!(m["params"]["n"], expect, "client {i}: {m}");
                     expect += 1;
-                    if expect == 5 && i % 3 == 0 {
-                        send(&mut s, ping);
+                    if expect == 5 && i % 4 == 0 && kind != Kind::Events {
+                        s.write_all(&frame(ping)).unwrap();
                         pinged = true;
                     }
                 }
                 // Leave: a reset, a close, or half a message and a reset.
-                match i % 3 {
-                    0 => reset(s),
-                    1 => drop(s),
+                match i % 5 {
+                    0 | 1 => reset(s),
+                    2 | 3 => drop(s),
                     _ => {
-                        let frame = if ws {
-                            ws_frame(true, 1, ping.as_bytes())
-                        } else {
-                            mcpb_frame(1, ping.as_bytes())
-                        };
-                        s.write_all(&frame[..frame.len() / 2]).unwrap();
+                        let half = frame(ping);
+                        s.write_all(&half[..half.len() / 2]).unwrap();
                         reset(s);
                     }
                 }
@@ -371,12 +403,12 @@ fn sessions_that_park_while_their_streams_send_leave_every_count_at_zero() {
     gw.wait_metric(&in_flight, 0.0);
     // They did park, again and again, and came back for every message.
     let parks = gw.metric("mcp_gateway_connection_parks_total");
-    eprintln!("{SESSIONS} sessions: {received} notifications, {parks} parks");
+    eprintln!("{SESSIONS} sessions and streams: {received} notifications, {parks} parks");
     assert!(
         parks >= SESSIONS as f64,
         "{parks} parks for {received} notifications"
     );
-    // Every session's stream was closed upstream when its client left.
+    // Every stream was closed upstream when its client left.
     let deadline = Instant::now() + Duration::from_secs(10);
     while ended.load(Ordering::Relaxed) < SESSIONS && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
