@@ -231,6 +231,9 @@ fn upstream(id: &'static str, events: mpsc::Receiver<bool>, gone: mpsc::Sender<(
                     }
                     Ok(false) => {
                         let _ = s.write_all(b"0\r\n\r\n");
+                        // The connection may serve the gateway's next request: the mock's
+                        // loop reads it without a deadline.
+                        s.set_read_timeout(None).unwrap();
                         return;
                     }
                     Err(_) => {}
