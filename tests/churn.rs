@@ -305,7 +305,7 @@ fn next_message(s: &mut TcpStream, kind: Kind, buf: &mut Vec<u8>) -> serde_json:
 
 #[test]
 fn sessions_and_streams_that_park_while_their_upstreams_send_leave_every_count_at_zero() {
-    // Each stream (a session's, or an HTTP client's): numbered notifications every 60 ms until
+    // Each stream (a session's, or an HTTP client's): numbered notifications every 100 ms until
     // the gateway drops it (6 s at most); those that ended are counted.
     let ended = Arc::new(AtomicUsize::new(0));
     let ended_up = ended.clone();
@@ -322,17 +322,18 @@ fn sessions_and_streams_that_park_while_their_upstreams_send_leave_every_count_a
                     return;
                 }
                 n += 1;
-                std::thread::sleep(Duration::from_millis(60));
+                std::thread::sleep(Duration::from_millis(100));
             }
         }
         "DELETE" => mock::respond(s, 200, &[], ""),
         _ => json_reply(s, req, "{}", &[("Mcp-Session-Id", "C1")]),
     });
     let url = up.url();
-    // A sweeper tick every 30 ms: an idle session or stream parks about every other
-    // notification.
+    // A sweeper tick every 50 ms: an idle session or stream parks between most notifications.
+    // (read_timeout bounds a new connection's first request too: 400 ms is ample for a client
+    // thread between its connect and its write.)
     let gw = start_with(
-        "read_timeout: 0.24",
+        "read_timeout: 0.4",
         &format!(
             "routing:\n  health_check_interval: 3600\nservice_discovery:\n  static:\n    endpoints:\n      default:\n        - url: {url}\n"
         ),
