@@ -411,12 +411,12 @@ impl Metrics {
         ));
         fams.push(gauge(
             "mcp_gateway_connections_parked",
-            "Idle HTTP connections parked outside any task now (they count as active too).",
+            "Idle connections (HTTP, WebSocket, MCPB, event streams between events) parked outside any task now (they count as active too).",
             vec![(vec![], self.gauge_sum(|c| &c.parked) as f64)],
         ));
         fams.push(counter(
             "mcp_gateway_connection_parks_total",
-            "Times an idle HTTP connection was parked since start.",
+            "Times an idle connection was parked since start.",
             vec![(vec![], self.sum(|c| c.parks.load(Relaxed)) as f64)],
         ));
         fams.push(gauge(
