@@ -134,7 +134,7 @@ impl<F: Future<Output = io::Result<()>>> Future for IdleWait<'_, F> {
         };
         // SAFETY: as above.
         let Poll::Ready(result) = unsafe { Pin::new_unchecked(ready) }.poll(cx) else {
-            return match worker.idle_pending(reg, cx.waker()) {
+            return match reg.idle_pending(cx.waker()) {
                 true => Poll::Ready(Wait::Park),
                 false => Poll::Pending,
             };
@@ -325,7 +325,7 @@ pub async fn until_readable(
 }
 
 /// Resolves once the sweeper asks the connection of the registration to park (keeping the
-/// task's waker for it meanwhile, see [`Worker::idle_pending`]); never without one.
+/// task's waker for it meanwhile, see [`Registration::idle_pending`]); never without one.
 struct ParkAsked<'a>(Parking<'a>);
 
 impl Future for ParkAsked<'_> {

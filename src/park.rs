@@ -137,8 +137,8 @@ impl Lot {
 
     /// Parks an idle connection (its task then ends), or gives it back when it cannot be
     /// watched now (see the module's invariants). `client`: the one its PROXY header named;
-    /// `session`: a message door's upstream session, which must be idle (nothing in flight or
-    /// queued: else it is given back too).
+    /// `held`: what its door needs to go on (a message door's session must be idle, nothing in
+    /// flight or queued: else the connection is given back too).
     #[allow(clippy::result_large_err)] // a connection given back whole: rare, moved once
     pub fn park(
         &self,
@@ -150,7 +150,7 @@ impl Lot {
         held: Held,
     ) -> Result<(), Unparked> {
         let Stream::Plain(tcp) = &stream else {
-            // A TLS session never parks (`Worker::idle_pending`).
+            // A TLS session never parks (`Registration::idle_pending`).
             return Err((stream, permit, reg, held));
         };
         if let Held::Session(s) = &held {
@@ -441,5 +441,70 @@ mod tests {
         let size = std::mem::size_of::<Parked>();
         eprintln!("parked entry: {size} bytes");
         assert!(size <= 80, "a parked entry is {size} bytes");
+    }
+
+    /// A parked session's waker brings it back only for the stay it was made for: one woken
+    /// late, after the connection left and another parked under its key, names a token that
+    /// no longer matches and leaves the other parked.
+    #[test]
+    fn a_session_waker_serves_only_its_own_stay() {
+        let worker = Worker::for_test();
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            OWNER.set(Some(worker));
+            let lot = worker.lot().expect("parking is on");
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut clients = Vec::new();
+            // Parks a fresh MCPB connection with its session: its key and its stay's token.
+            let mut park = || {
+                clients.push(std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap());
+                let (server, peer) = listener.accept().unwrap();
+                server.set_nonblocking(true).unwrap();
+                let permit = worker.shared.limiter.try_acquire(peer.ip()).unwrap();
+                let tcp = monoio::net::TcpStream::from_std(server).unwrap();
+                let reg = worker.register(&tcp, Frontend::Tcp);
+                let stream = Stream::Plain(tcp);
+                let session = Box::new(MsgSession::new(worker, None, Frontend::Tcp, &stream));
+                let held = Held::Session(session);
+                assert!(lot.park(worker, stream, permit, reg, None, held).is_ok());
+                let parked = lot.parked.borrow();
+                let (key, p) = parked.iter().last().unwrap();
+                let Held::Session(s) = &p.held else {
+                    unreachable!("parked with its session")
+                };
+                (key as u32, s.stay())
+            };
+            let wake = |key: u32, token: u32| async move {
+                session_waker(key, token).wake();
+                monoio::time::sleep(std::time::Duration::from_millis(5)).await; // its task runs
+            };
+            let (key, first) = park();
+            wake(key, first.wrapping_add(1)).await;
+            assert_eq!(
+                lot.parked.borrow().len(),
+                1,
+                "a token of no stay wakes nothing"
+            );
+            wake(key, first).await;
+            assert!(
+                lot.parked.borrow().is_empty(),
+                "its own token serves it again"
+            );
+            // Another connection parks under the same key: the first stay's waker, woken late,
+            // leaves it parked.
+            let (again, second) = park();
+            assert_eq!((again, second == first), (key, false));
+            wake(key, first).await;
+            assert_eq!(
+                lot.parked.borrow().len(),
+                1,
+                "a late waker of the stay before"
+            );
+            wake(key, second).await;
+            assert!(lot.parked.borrow().is_empty());
+        });
     }
 }

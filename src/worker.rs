@@ -331,10 +331,8 @@ impl Worker {
         }
     }
 
-    /// A connection's idle wait is still pending. One that may park (a plain connection whose
-    /// registration says so) keeps its task's `waker` for the sweeper; true when the sweeper
-    /// asked it to park.
-    pub fn idle_pending(&self, reg: &Registration, waker: &Waker) -> bool {
+    /// See [`Registration::idle_pending`].
+    fn idle_pending(&self, reg: &Registration, waker: &Waker) -> bool {
         if !reg.may_park.get() || self.speaks_tls() || !self.parks() {
             return false;
         }
@@ -579,7 +577,7 @@ pub struct Registration {
     worker: &'static Worker,
     key: usize,
     door: Cell<Frontend>,
-    /// Its idle waits may park (see [`Worker::idle_pending`]): always on the HTTP door; a
+    /// Its idle waits may park (see [`Registration::idle_pending`]): always on the HTTP door; a
     /// message door's session says so before each wait (none while its forwards are in
     /// flight or replies wait to be written). Fits in the padding after `door`.
     may_park: Cell<bool>,
@@ -594,7 +592,9 @@ impl Registration {
         self.door.get()
     }
 
-    /// [`Worker::idle_pending`] for this connection.
+    /// The connection's idle wait is still pending. One that may park (a plain connection
+    /// whose registration says so) keeps its task's `waker` for the sweeper; true when the
+    /// sweeper asked it to park.
     pub fn idle_pending(&self, waker: &Waker) -> bool {
         self.worker.idle_pending(self, waker)
     }

@@ -205,11 +205,6 @@ impl MsgSession {
         Ok(())
     }
 
-    /// Forwards in flight.
-    pub fn in_flight(&self) -> usize {
-        self.outbox.in_flight()
-    }
-
     /// Nothing in flight and nothing queued: the session may park with its connection.
     pub fn is_idle(&self) -> bool {
         self.outbox.in_flight() == 0 && !self.outbox.has_messages()
