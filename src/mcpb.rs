@@ -150,7 +150,7 @@ pub fn serve(
                 {
                     Next::Message => {}
                     Next::Expired | Next::Gone => return,
-                    Next::Park => match worker.park_session(stream, permit, reg, session) {
+                    Next::Park => match worker.park_holding(stream, permit, reg, session) {
                         Ok(()) => return,
                         Err(back) => {
                             (stream, permit, reg, session) = back;

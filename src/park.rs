@@ -106,6 +106,37 @@ pub enum Held {
     Events(Box<Events>),
 }
 
+/// What a door hands the lot with its connection, and takes back if it cannot park (see
+/// [`Worker::park_holding`]).
+pub trait Hold: Sized {
+    fn held(self) -> Held;
+    fn back(held: Held) -> Option<Self>;
+}
+
+impl Hold for Box<MsgSession> {
+    fn held(self) -> Held {
+        Held::Session(self)
+    }
+    fn back(held: Held) -> Option<Self> {
+        match held {
+            Held::Session(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl Hold for Box<Events> {
+    fn held(self) -> Held {
+        Held::Events(self)
+    }
+    fn back(held: Held) -> Option<Self> {
+        match held {
+            Held::Events(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 /// Sweeps without asking connections to park after one could not.
 const PAUSE_SWEEPS: u32 = 16;
 
@@ -460,11 +491,7 @@ mod tests {
             let mut clients = Vec::new();
             // Parks a fresh MCPB connection with its session: its key and its stay's token.
             let mut park = || {
-                clients.push(std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap());
-                let (server, peer) = listener.accept().unwrap();
-                server.set_nonblocking(true).unwrap();
-                let permit = worker.shared.limiter.try_acquire(peer.ip()).unwrap();
-                let tcp = monoio::net::TcpStream::from_std(server).unwrap();
+                let (tcp, permit) = worker.test_connection(&listener, &mut clients);
                 let reg = worker.register(&tcp, Frontend::Tcp);
                 let stream = Stream::Plain(tcp);
                 let session = Box::new(MsgSession::new(worker, None, Frontend::Tcp, &stream));

@@ -29,10 +29,9 @@ use std::time::{Duration, Instant};
 use monoio::net::{TcpListener, TcpStream};
 use slab::Slab;
 
-use crate::http::proxy::Events;
 use crate::limiter::{Limiter, Permit, Rejection};
 use crate::metrics::{AcceptError, CoreMetrics, Frontend, Metrics, ProtocolError};
-use crate::park::{Held, Lot};
+use crate::park::{Held, Hold, Lot};
 use crate::proxy_protocol::{self, HeaderError, Trusted};
 use crate::stream::Stream;
 use crate::upstream::balance::Balancer;
@@ -248,37 +247,20 @@ impl Worker {
         back
     }
 
-    /// [`Worker::park`] for a WebSocket or MCPB connection, with its session; `Err` gives both
-    /// back.
+    /// [`Worker::park`] for a connection holding `what` (a message door's session, an open
+    /// event stream); `Err` gives it back as it came.
     #[allow(clippy::result_large_err)] // as above
-    pub fn park_session(
+    pub fn park_holding<T: Hold>(
         &self,
         stream: Stream,
         permit: Permit,
         reg: Registration,
-        session: Box<MsgSession>,
-    ) -> Result<(), (Stream, Permit, Registration, Box<MsgSession>)> {
-        self.park(stream, permit, reg, Held::Session(session))
-            .map_err(|(stream, permit, reg, held)| match held {
-                Held::Session(session) => (stream, permit, reg, session),
-                _ => unreachable!("the lot gives back what it was given"),
-            })
-    }
-
-    /// [`Worker::park`] for an HTTP connection with its open event stream; `Err` gives both
-    /// back.
-    #[allow(clippy::result_large_err)] // as above
-    pub fn park_events(
-        &self,
-        stream: Stream,
-        permit: Permit,
-        reg: Registration,
-        events: Box<Events>,
-    ) -> Result<(), (Stream, Permit, Registration, Box<Events>)> {
-        self.park(stream, permit, reg, Held::Events(events))
-            .map_err(|(stream, permit, reg, held)| match held {
-                Held::Events(events) => (stream, permit, reg, events),
-                _ => unreachable!("the lot gives back what it was given"),
+        what: T,
+    ) -> Result<(), (Stream, Permit, Registration, T)> {
+        self.park(stream, permit, reg, what.held())
+            .map_err(|(stream, permit, reg, held)| {
+                let what = T::back(held).expect("the lot gives back what it was given");
+                (stream, permit, reg, what)
             })
     }
 
@@ -1000,6 +982,21 @@ impl Worker {
             upstreams,
         }));
         Worker::new(0, shared)
+    }
+
+    /// A loopback connection to `listener` admitted by this worker's limiter, for unit tests:
+    /// the server side (for the test's monoio runtime) and its permit; the client side goes
+    /// into `clients`, which keeps it open.
+    pub(crate) fn test_connection(
+        &self,
+        listener: &std::net::TcpListener,
+        clients: &mut Vec<std::net::TcpStream>,
+    ) -> (TcpStream, Permit) {
+        clients.push(std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap());
+        let (server, peer) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let permit = self.shared.limiter.try_acquire(peer.ip()).unwrap();
+        (TcpStream::from_std(server).unwrap(), permit)
     }
 }
 

@@ -118,7 +118,7 @@ pub fn serve(
                     Step::Events(events) => {
                         step = Box::pin(relay_events(worker, &reg, &mut stream, events)).await
                     }
-                    Step::Park(events) => match worker.park_events(stream, permit, reg, events) {
+                    Step::Park(events) => match worker.park_holding(stream, permit, reg, events) {
                         Ok(()) => return,
                         Err(back) => {
                             let events;
@@ -150,7 +150,7 @@ pub fn serve_relay(
     async move {
         loop {
             match Box::pin(relay_events(worker, &reg, &mut stream, events)).await {
-                Step::Park(e) => match worker.park_events(stream, permit, reg, e) {
+                Step::Park(e) => match worker.park_holding(stream, permit, reg, e) {
                     Ok(()) => return,
                     Err(back) => (stream, permit, reg, events) = back,
                 },
@@ -676,7 +676,7 @@ mod tests {
     #[test]
     fn idle_connection_futures_stay_small() {
         let worker = Worker::for_test();
-        let (limiter, upstreams) = (worker.shared.limiter, worker.shared.upstreams);
+        let upstreams = worker.shared.upstreams;
         let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()
             .build()
@@ -684,13 +684,7 @@ mod tests {
         rt.block_on(async move {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let mut clients = Vec::new();
-            let mut accept = || {
-                clients.push(std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap());
-                let (server, peer) = listener.accept().unwrap();
-                server.set_nonblocking(true).unwrap();
-                let permit = limiter.try_acquire(peer.ip()).unwrap();
-                (TcpStream::from_std(server).unwrap(), permit)
-            };
+            let mut accept = || worker.test_connection(&listener, &mut clients);
             let (stream, permit) = accept();
             let reg = worker.register(&stream, Frontend::Http);
             let http = serve(worker, Stream::Plain(stream), permit, reg, None);
