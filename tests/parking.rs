@@ -466,6 +466,9 @@ fn streams_park_and_resume(driver: &str) {
     // connection serves its next request.
     events.send(false).unwrap();
     read_until(&mut c, "0\r\n\r\n");
+    // Its next request may take idle_timeout (30 s) to come, not read_timeout (0.8 s, which
+    // the sweeper enforces within a 100 ms tick): it has served one.
+    std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status, 200);
     gw.wait_metric(&in_flight, 0.0);
     // A client that leaves while its stream is parked ends the stream upstream.
