@@ -783,6 +783,7 @@ mod tests {
                 Vec::new(),
                 fields,
                 Default::default(),
+                Default::default(),
                 stop,
             );
             let size = std::mem::size_of_val(&listener);
