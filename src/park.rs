@@ -99,24 +99,11 @@ struct Parked {
 pub enum Held {
     /// An HTTP connection between requests.
     Nothing,
-    /// A WebSocket or MCPB connection's upstream session (its standalone stream too, when
-    /// the listener handed it over: the lot watches its upstream socket).
+    /// A WebSocket or MCPB connection's upstream session.
     Session(Box<MsgSession>),
     /// An HTTP connection's open event stream between two events: the lot watches its
     /// upstream socket too.
     Events(Box<Events>),
-}
-
-impl Held {
-    /// The upstream socket the lot watches beside the client's: an event stream's, or a
-    /// session's standalone stream its listener handed over.
-    fn upstream_fd(&self) -> Option<RawFd> {
-        match self {
-            Held::Nothing => None,
-            Held::Session(s) => s.stream_fd(),
-            Held::Events(events) => Some(events.upstream_fd()),
-        }
-    }
 }
 
 /// What a door hands the lot with its connection, and takes back if it cannot park (see
@@ -219,8 +206,8 @@ impl Lot {
             self.cannot_park(worker, &e);
             return Err((stream, permit, reg, held));
         }
-        if let Some(up) = held.upstream_fd() {
-            if let Err(e) = self.watch(up, key) {
+        if let Held::Events(events) = &held {
+            if let Err(e) = self.watch(events.upstream_fd(), key) {
                 self.unwatch(socket.as_raw_fd());
                 self.cannot_park(worker, &e);
                 return Err((stream, permit, reg, held));
@@ -369,11 +356,10 @@ impl Lot {
         worker.metrics.unparked();
         self.moved();
         self.unwatch(p.socket.as_raw_fd());
-        if let Some(up) = p.held.upstream_fd() {
-            self.unwatch(up);
-        }
-        if let Held::Session(s) = &p.held {
-            s.wake_task(); // its waker named this stay, over now
+        match &p.held {
+            Held::Nothing => {}
+            Held::Session(s) => s.wake_task(), // its waker named this stay, over now
+            Held::Events(events) => self.unwatch(events.upstream_fd()),
         }
         let expired = worker.idle_end(&p.reg) || worker.draining();
         // A WebSocket client is owed a close frame, an event stream its end: their doors send

@@ -783,7 +783,6 @@ mod tests {
                 Vec::new(),
                 fields,
                 Default::default(),
-                Default::default(),
                 stop,
             );
             let size = std::mem::size_of_val(&listener);

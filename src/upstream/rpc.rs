@@ -16,7 +16,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
-use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::task::Waker;
 use std::time::Instant;
@@ -229,33 +228,6 @@ impl MsgSession {
         self.outbox.forget_waker();
     }
 
-    /// The upstream socket of its standalone stream, if its listener handed the stream over
-    /// to park with it (see [`Listener::hand_over`]): the lot watches it too.
-    pub fn stream_fd(&self) -> Option<RawFd> {
-        self.state.listener.borrow().as_ref()?.handed_fd()
-    }
-
-    /// Has a listener that handed its stream over read it again (the connection is back in a
-    /// task, or did not park after all).
-    fn listen_again(&self, worker: &'static Worker) {
-        if let Some(l) = self.state.listener.borrow_mut().as_mut() {
-            l.resume(worker);
-        }
-    }
-
-    /// Has a listener waiting idle hand its stream over, to park with the session.
-    async fn hand_over(&self) {
-        let asking = self
-            .state
-            .listener
-            .borrow()
-            .as_ref()
-            .map(Listener::hand_over);
-        if let Some(asking) = asking {
-            asking.await;
-        }
-    }
-
     /// Frames the queued messages into `out`.
     pub fn drain(&self, out: &mut Vec<u8>, framing: &Framing) {
         self.outbox.drain(out, framing.reply, framing.fail);
@@ -320,7 +292,7 @@ impl MsgSession {
     /// not in the middle of a fragmented message) may be asked to park.
     pub async fn next(
         &mut self,
-        worker: &'static Worker,
+        worker: &Worker,
         reg: &Registration,
         client: &mut Stream,
         limit: std::time::Duration,
@@ -328,7 +300,6 @@ impl MsgSession {
         may_park: bool,
     ) -> Next {
         loop {
-            self.listen_again(worker);
             // An idle session holds nothing for forwards that ended (a stop channel is 72
             // bytes).
             self.stops.retain(|s| !s.is_canceled());
@@ -345,10 +316,7 @@ impl MsgSession {
             // future (a monoio timer alone is 640 bytes), though an idle wait holds none.
             let done = match woke {
                 Woke::Client(Wait::Ready) => return Next::Message,
-                Woke::Client(Wait::Park) => {
-                    self.hand_over().await;
-                    return Next::Park;
-                }
+                Woke::Client(Wait::Park) => return Next::Park,
                 Woke::Client(Wait::Expired) => Box::pin(self.settle(worker, client, framing)).await,
                 Woke::Queued => match Box::pin(self.write_queued(worker, client, framing)).await {
                     Ok(()) => continue,
