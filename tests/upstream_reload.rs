@@ -403,6 +403,17 @@ fn a_shorter_health_check_interval_applies_at_once() {
 
 #[test]
 fn a_websocket_session_stream_from_a_removed_upstream_ends_and_the_client_stays() {
+    removed_upstreams_session_stream_ends(false);
+}
+
+#[test]
+fn a_parked_websocket_session_stream_from_a_removed_upstream_ends_too() {
+    removed_upstreams_session_stream_ends(true);
+}
+
+/// `parked`: the session parks (see tests/parking.rs) before the reload, its stream's listener
+/// going on in its task; the client comes back from the lot for its next message.
+fn removed_upstreams_session_stream_ends(parked: bool) {
     let (closed_tx, closed_rx) = std::sync::mpsc::channel();
     let (opened_tx, opened_rx) = std::sync::mpsc::channel();
     let opened_tx = std::sync::Mutex::new(opened_tx);
@@ -417,13 +428,17 @@ fn a_websocket_session_stream_from_a_removed_upstream_ends_and_the_client_stays(
         _ => json_reply(s, req, r#"{"server":"gone"}"#, &[("Mcp-Session-Id", "S")]),
     });
     let both = endpoints(&[("default", &["builtin:echo"]), ("gone", &[&up.url()])]);
-    let gw = start_with("", &format!("{ROUTING}{both}"));
+    let server = if parked { "read_timeout: 0.8" } else { "" };
+    let gw = start_with(server, &format!("{ROUTING}{both}"));
     let (mut ws, server) = ws_initialized(&gw, "127.0.0.2", "gone");
     assert_eq!(server, "gone");
     // The session has an id: its standalone stream opens upstream (the mock's GET).
     opened_rx
         .recv_timeout(Duration::from_secs(5))
         .expect("the session's stream opened");
+    if parked {
+        gw.wait_metric("mcp_gateway_connections_parked", 1.0);
+    }
     gw.reload(&both, &endpoints(&[("default", &["builtin:echo"])]));
     closed_rx
         .recv_timeout(Duration::from_secs(5))
