@@ -492,8 +492,10 @@ fn sighup_applies_new_limits_to_new_connections_and_keeps_open_ones() {
 /// refusals with `RUST_LOG=debug`, each refusal a log line, every client still gets its answer.
 #[test]
 fn a_stalled_log_reader_does_not_stall_the_gateway() {
+    // The held connection sends nothing: its first request's `read_timeout` must outlast the
+    // 18 000 refusals, which took 30 s on a slower machine (the default is 30).
     let gw = start_logging(
-        "max_connections_per_ip: 1",
+        "max_connections_per_ip: 1\nread_timeout: 3600",
         "",
         Log::StallAfterStart("debug"),
     );
