@@ -329,10 +329,31 @@ pub fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
     };
     let s = Socket::new(Domain::for_address(to), Type::STREAM, None).unwrap();
     s.set_reuse_address(true).unwrap();
+    if from.is_ipv4() {
+        // The port is chosen at `connect`, for this destination: tests that make tens of
+        // thousands of connections from one address (and those beside them, from the same
+        // address) would otherwise run out of the address's ports, which `bind` alone must
+        // choose free for every destination.
+        let on: libc::c_int = 1;
+        // SAFETY: a live socket; the option reads one int for the duration of the call.
+        let set = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0, "IP_BIND_ADDRESS_NO_PORT");
+    }
     s.bind(&SocketAddr::new(from, 0).into()).unwrap();
-    s.connect(&to.into()).unwrap();
+    // Bounded, like every wait of a test: a full accept queue would otherwise retry for minutes.
+    s.connect_timeout(&to.into(), Duration::from_secs(10))
+        .unwrap();
     let s: TcpStream = s.into();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
     s.set_nodelay(true).unwrap();
     s
 }
