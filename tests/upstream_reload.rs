@@ -443,7 +443,10 @@ fn removed_upstreams_session_stream_ends(parked: bool) {
     closed_rx
         .recv_timeout(Duration::from_secs(5))
         .expect("the removed upstream's session stream is closed at the reload");
-    // The client's connection stays.
+    // The client's connection stays (still parked: its ping is answered from the lot).
+    if parked {
+        assert_eq!(gw.metric("mcp_gateway_connections_parked"), 1.0);
+    }
     ws.write_all(&ws_frame(true, 9, b"here")).unwrap();
     assert_eq!(read_ws_frame(&mut ws), (10, b"here".to_vec()));
 }
