@@ -6,7 +6,7 @@
 //! - The plain variant adds nothing to a `TcpStream` but the variant's tag; the TLS one, and
 //!   its I/O futures, are boxed, so plain connections' state (what an idle one costs) does not
 //!   grow by rustls'.
-//! - A readiness wait is ready while decrypted bytes wait inside rustls ([`Stream::buffered`]),
+//! - A readiness wait is ready while decrypted bytes wait in the TLS session ([`Stream::buffered`]),
 //!   not only when the socket is.
 
 use std::future::Future;
