@@ -705,9 +705,16 @@ impl TlsStream {
     /// After a failure, the fatal alert rustls made for the peer, if any: best effort, the
     /// connection is over.
     async fn send_alert(&mut self) {
-        self.failed = false;
-        let _ = self.advance(Want::Alert);
-        self.failed = true;
+        // Only while rustls holds records to send: asked with none, it would read the input it
+        // failed on again.
+        for _ in 0..4 {
+            if !self.tls.state().wants_write() {
+                break;
+            }
+            self.failed = false;
+            let _ = self.advance(Want::Alert);
+            self.failed = true;
+        }
         let _ = self.send_out().await;
     }
 
@@ -1053,6 +1060,50 @@ mod tests {
             assert_eq!(r.unwrap(), 0);
             assert!(server.buffered(), "the session's end is ready to read");
             assert!(matches!(server.pull(), Peek::Closed));
+        });
+    }
+
+    /// Bad records after the handshake (a forged one, an unknown content type, a length past
+    /// the limit, one cut short by the close): each fails the reader with an error, every later
+    /// read too, without a panic (rustls' debug assertions are on in tests), and the peer
+    /// learns why from the alert.
+    #[test]
+    fn a_bad_record_fails_the_session_and_the_peer_is_told() {
+        runtime().block_on(async {
+            let forged = [&[23u8, 3, 3, 0, 40][..], &[0x5a; 40]].concat();
+            let unknown_type = vec![99u8, 3, 3, 0, 4, 1, 2, 3, 4];
+            let too_long = vec![23u8, 3, 3, 0xff, 0xff, 0];
+            for (what, bad) in [
+                ("forged", forged),
+                ("type", unknown_type),
+                ("long", too_long),
+            ] {
+                let (mut client, mut server) = pair().await;
+                let (r, _) = client.tcp.write_all(bad).await;
+                r.unwrap();
+                let (r, _) = server.read(vec![0; 64]).await;
+                let e = r.expect_err(what);
+                assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{what}: {e}");
+                assert!(
+                    server.buffered(),
+                    "{what}: a failed session is ready (to fail)"
+                );
+                let (again, _) = server.read(vec![0; 64]).await;
+                assert!(again.is_err(), "{what}: a failed session stays failed");
+                assert!(matches!(server.pull(), Peek::Closed), "{what}");
+                // The alert arrives (encrypted, as TLS 1.3 sends alerts), and the client's
+                // reader reports it as the session's failure.
+                let (r, _) = client.read(vec![0; 64]).await;
+                let e = r.expect_err(what);
+                assert!(e.to_string().contains("alert"), "{what}: {e}");
+            }
+            // A record cut short by the peer's close: the end of the stream, no error.
+            let (mut client, mut server) = pair().await;
+            let (r, _) = client.tcp.write_all(vec![23u8, 3, 3, 0, 40, 1, 2]).await;
+            r.unwrap();
+            client.tcp.shutdown().await.unwrap();
+            let (r, _) = server.read(vec![0; 64]).await;
+            assert_eq!(r.unwrap(), 0);
         });
     }
 
