@@ -431,7 +431,7 @@ enum Want {
 }
 
 /// How one [`TlsStream::advance`] ended.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 enum Got {
     /// `n` bytes of plaintext were read, or encrypted (0: the close_notify).
     Done(usize),
@@ -504,10 +504,14 @@ fn on_state<D>(
         EncryptError::InsufficientSize(s) => Some(s.required_size),
         _ => None,
     };
+    let encoded_size = |e: EncodeError| match e {
+        EncodeError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    };
     let state = state.map_err(invalid)?;
     if let Want::Alert = want {
         if let ConnectionState::EncodeTlsData(mut encode) = state {
-            append(out, 64, |room| encode.encode(room).map_err(|_| None))?;
+            append(out, 64, |room| encode.encode(room).map_err(encoded_size))?;
         }
         return Ok(Some(Got::Input));
     }
@@ -546,12 +550,7 @@ fn on_state<D>(
             Some(Got::Done(n))
         }
         ConnectionState::EncodeTlsData(mut encode) => {
-            append(out, 4096, |room| {
-                encode.encode(room).map_err(|e| match e {
-                    EncodeError::InsufficientSize(s) => Some(s.required_size),
-                    _ => None,
-                })
-            })?;
+            append(out, 4096, |room| encode.encode(room).map_err(encoded_size))?;
             None
         }
         // What was encoded is sent before anything encoded after it (`out` is sent whole,
@@ -578,7 +577,9 @@ fn on_state<D>(
             }
             Want::Read { .. } | Want::Settle | Want::Alert => Some(Got::Input),
         },
-        ConnectionState::PeerClosed | ConnectionState::Closed => match want {
+        // Said once; writing goes on after it (the peer closed its half).
+        ConnectionState::PeerClosed => Some(Got::PeerClosed),
+        ConnectionState::Closed => match want {
             Want::Write(..) | Want::CloseNotify => {
                 return Err(io::Error::new(
                     io::ErrorKind::BrokenPipe,
@@ -695,6 +696,9 @@ impl TlsStream {
                 None => continue,
                 Some(Got::PeerClosed) => {
                     self.peer_closed = true;
+                    if let Want::Write(..) | Want::CloseNotify = want {
+                        continue;
+                    }
                     return Ok(Got::PeerClosed);
                 }
                 Some(got) => return Ok(got),
@@ -776,8 +780,11 @@ impl TlsStream {
             let got = self.advance(Want::Read { ptr, cap });
             match got {
                 Ok(Got::Done(n)) => {
-                    // The next record decrypted now, so that `buffered` sees it.
-                    let _ = self.advance(Want::Settle);
+                    // The next record decrypted now, so that `buffered` sees it (or sees the
+                    // session failed, which the next read reports: these bytes were good).
+                    if self.advance(Want::Settle).is_err() {
+                        self.send_alert().await;
+                    }
                     self.send_out().await?;
                     return Ok(n);
                 }
@@ -927,7 +934,7 @@ impl AsyncWriteRent for TlsStream {
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {
-        // Best effort, as a close_notify after the peer's own is no error.
+        // Best effort: a second shutdown finds the session closed already.
         let _ = self.advance(Want::CloseNotify);
         self.send_out().await?;
         self.tcp.shutdown().await
@@ -1063,6 +1070,35 @@ mod tests {
         });
     }
 
+    /// A client that sends its request and closes its half (close_notify) still gets the
+    /// answer, and then the server's own close.
+    #[test]
+    fn a_peer_that_closed_its_half_still_gets_the_answer() {
+        runtime().block_on(async {
+            let (mut client, mut server) = pair().await;
+            let (r, _) = client.write_all(b"request".to_vec()).await;
+            r.unwrap();
+            client.shutdown().await.unwrap();
+            let (r, buf) = server.read_exact(vec![0; 7]).await;
+            r.unwrap();
+            assert_eq!(buf, b"request");
+            let (r, _) = server.read(vec![0; 16]).await;
+            assert_eq!(
+                r.unwrap(),
+                0,
+                "the client's close_notify ends what it sends"
+            );
+            let (r, _) = server.write_all(b"answer".to_vec()).await;
+            r.expect("writing after the peer closed its half");
+            server.shutdown().await.unwrap();
+            let (r, buf) = client.read_exact(vec![0; 6]).await;
+            r.unwrap();
+            assert_eq!(buf, b"answer");
+            let (r, _) = client.read(vec![0; 16]).await;
+            assert_eq!(r.unwrap(), 0);
+        });
+    }
+
     /// Bad records after the handshake (a forged one, an unknown content type, a length past
     /// the limit, one cut short by the close): each fails the reader with an error, every later
     /// read too, without a panic (rustls' debug assertions are on in tests), and the peer
@@ -1097,6 +1133,25 @@ mod tests {
                 let e = r.expect_err(what);
                 assert!(e.to_string().contains("alert"), "{what}: {e}");
             }
+            // A good record and a forged one sent together: the good one is read, the next
+            // read fails, and the peer is told.
+            let (mut client, mut server) = pair().await;
+            let good = b"good";
+            assert!(matches!(
+                client.advance(Want::Write(good.as_ptr(), good.len())),
+                Ok(Got::Done(4))
+            ));
+            // In one write of the socket behind it, so that they arrive in one read.
+            client.out.extend_from_slice(&[23, 3, 3, 0, 40]);
+            client.out.extend_from_slice(&[0x5a; 40]);
+            client.send_out().await.unwrap();
+            let (r, buf) = server.read_exact(vec![0; 4]).await;
+            r.unwrap();
+            assert_eq!(buf, b"good");
+            let (r, _) = server.read(vec![0; 64]).await;
+            assert_eq!(r.unwrap_err().kind(), io::ErrorKind::InvalidData);
+            let (r, _) = client.read(vec![0; 64]).await;
+            assert!(r.unwrap_err().to_string().contains("alert"));
             // A record cut short by the peer's close: the end of the stream, no error.
             let (mut client, mut server) = pair().await;
             let (r, _) = client.tcp.write_all(vec![23u8, 3, 3, 0, 40, 1, 2]).await;
