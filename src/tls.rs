@@ -443,8 +443,9 @@ enum Got {
     PeerClosed,
 }
 
-/// The most plaintext one write encrypts: four full records (callers write the rest in the next).
-const MAX_WRITE: usize = 64 * 1024;
+/// The most plaintext one write encrypts (callers write the rest in the next): its records,
+/// with their headers and tags, still fit a buffer the pool keeps (at most 64 KiB).
+const MAX_WRITE: usize = 60 * 1024;
 
 fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
