@@ -734,14 +734,20 @@ impl TlsStream {
         r.map(|_| ())
     }
 
-    /// Reads ciphertext from the socket onto `incoming`. `Ok(0)`: the socket is at EOF.
-    async fn receive(&mut self) -> io::Result<usize> {
+    /// Makes room in `incoming` for a read of the socket: a buffer of the pool, or 16 KiB more
+    /// once less than 4 KiB is left (a record is at most 16 KiB and a little, so a partial one
+    /// is completed by the reads after).
+    fn room_to_read(&mut self) {
         if self.incoming.capacity() == 0 {
             self.incoming = take_buf();
         } else if self.incoming.capacity() - self.incoming.len() < 4096 {
-            // A record is at most 16 KiB and a little: a partial one always fits after this.
             self.incoming.reserve(BUF_SIZE);
         }
+    }
+
+    /// Reads ciphertext from the socket onto `incoming`. `Ok(0)`: the socket is at EOF.
+    async fn receive(&mut self) -> io::Result<usize> {
+        self.room_to_read();
         let (len, cap) = (self.incoming.len(), self.incoming.capacity());
         let (r, slice) = self
             .tcp
@@ -844,11 +850,7 @@ impl TlsStream {
                 Peek::Data => {}
                 other => return other,
             }
-            if self.incoming.capacity() == 0 {
-                self.incoming = take_buf();
-            } else if self.incoming.capacity() - self.incoming.len() < 4096 {
-                self.incoming.reserve(BUF_SIZE);
-            }
+            self.room_to_read();
             let len = self.incoming.len();
             let room = self.incoming.capacity() - len;
             // SAFETY: a non-blocking read into the spare capacity of a buffer we own; the
