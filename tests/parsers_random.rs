@@ -143,3 +143,116 @@ fn random_and_mutated_inputs_never_panic_and_respect_caps() {
         "{seen:?}"
     );
 }
+
+/// The TLS stream after the handshake, over mutated records: a client (plain rustls, blocking,
+/// in a thread) completes a handshake, makes one application-data record, changes it as
+/// `mutate` does, sends it and closes its half. The gateway's stream must end in data, the end
+/// (a record cut short) or an error, never a panic (debug assertions on) or a hang, and an
+/// error must stay: the session is failed for good.
+#[test]
+fn mutated_tls_records_end_in_data_the_end_or_an_error() {
+    use monoio::io::AsyncReadRent;
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let der = cert.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .unwrap(),
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der).unwrap();
+    let client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let payload = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/list\"}";
+    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .unwrap();
+    let (mut data, mut ends, mut errors) = (0, 0, 0);
+    rt.block_on(async {
+        let listener = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut rng = Rng(0x7153_0bad_5eed_0001);
+        for _ in 0..200 {
+            let seed = rng.next();
+            let client = client.clone();
+            let sender = std::thread::spawn(move || {
+                let mut rng = Rng(seed | 1);
+                let mut sock = std::net::TcpStream::connect(addr).unwrap();
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let mut tls = rustls::ClientConnection::new(client, name).unwrap();
+                while tls.is_handshaking() {
+                    tls.complete_io(&mut sock).unwrap();
+                }
+                tls.writer().write_all(payload).unwrap();
+                let mut record = Vec::new();
+                tls.write_tls(&mut record).unwrap();
+                let bad = mutate(&mut rng, &record);
+                let _ = sock.write_all(&bad);
+                let _ = sock.shutdown(std::net::Shutdown::Write);
+                let _ = sock.read_to_end(&mut Vec::new()); // its alert, or nothing
+                bad == record
+            });
+            let (tcp, _) = listener.accept().await.unwrap();
+            // The record may arrive with the client's last handshake message and fail the
+            // handshake's last read: an error all the same.
+            let mut stream = match mcp_gateway::tls::TlsStream::accept(tcp, &server).await {
+                Ok(s) => s,
+                Err(_) => {
+                    assert!(!sender.join().unwrap(), "an unchanged record fails nothing");
+                    errors += 1;
+                    continue;
+                }
+            };
+            let mut got = Vec::new();
+            let end = loop {
+                let read = stream.read(Vec::with_capacity(64));
+                let (r, buf) = monoio::time::timeout(Duration::from_secs(10), read)
+                    .await
+                    .expect("the stream ends: the client closed its half");
+                match r {
+                    Ok(0) => break Ok(()),
+                    Ok(_) => got.extend_from_slice(&buf),
+                    Err(e) => break Err(e),
+                }
+            };
+            if end.is_err() {
+                assert!(stream.buffered(), "a failed session is ready (to fail)");
+                let (again, _) = stream.read(Vec::with_capacity(64)).await;
+                assert!(again.is_err(), "a failed session stays failed");
+            }
+            drop(stream); // the client reads until the connection closes
+            let unchanged = sender.join().unwrap();
+            match end {
+                Ok(()) if got.is_empty() => ends += 1,
+                Ok(()) => {
+                    assert_eq!(got, payload, "what is read is what was sent");
+                    data += 1;
+                }
+                Err(_) => {
+                    assert!(!unchanged, "an unchanged record fails nothing");
+                    errors += 1;
+                }
+            }
+        }
+    });
+    eprintln!("mutated TLS records: {data} read, {ends} cut short, {errors} failed");
+    assert!(
+        errors > 100 && ends > 0,
+        "the run reached past the error paths"
+    );
+}
