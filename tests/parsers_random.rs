@@ -3,6 +3,8 @@
 //! (cargo-fuzz needs a nightly toolchain, which this project's machines do not have; this is the
 //! stable-toolchain stand-in, deterministic so a failure reproduces.)
 
+mod common;
+
 use mcp_gateway::http::origin::{self, Origins};
 use mcp_gateway::http::request::{parse_head, ChunkStep, Chunked, MAX_HEAD};
 use mcp_gateway::proxy_protocol::{self, Parsed, MAX_HEADER};
@@ -153,30 +155,11 @@ fn random_and_mutated_inputs_never_panic_and_respect_caps() {
 fn mutated_tls_records_end_in_data_the_end_or_an_error() {
     use monoio::io::AsyncReadRent;
     use std::io::{Read, Write};
-    use std::sync::Arc;
     use std::time::Duration;
 
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let der = cert.cert.der().clone();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = Arc::new(
-        rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![der.clone()], key)
-            .unwrap(),
-    );
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(der).unwrap();
-    let client = Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    );
+    let ca = common::tls::Ca::new();
+    let server = ca.server_config(&["localhost"]);
+    let client = ca.client_config();
     let payload = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/list\"}";
     let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
         .enable_timer()
