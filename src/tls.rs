@@ -479,6 +479,17 @@ fn append(
     }
 }
 
+/// Keeps decrypted bytes no reader took (yet) in `plain`, a buffer of the pool once it holds any.
+fn set_aside(plain: &mut Vec<u8>, bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    if plain.capacity() == 0 {
+        *plain = take_buf();
+    }
+    plain.extend_from_slice(bytes);
+}
+
 /// One status of the connection, handled as `want` asks: what came of it (`Ok(None)`: call
 /// again) and the bytes of the input rustls is done with. Generic over the side, as rustls'
 /// states are.
@@ -525,10 +536,7 @@ fn on_state<D>(
                 // Writing: the plaintext moves aside, for the next read.
                 while let Some(record) = traffic.next_record() {
                     let record = record.map_err(invalid)?;
-                    if plain.capacity() == 0 {
-                        *plain = take_buf();
-                    }
-                    plain.extend_from_slice(record.payload);
+                    set_aside(plain, record.payload);
                     *discard += record.discard;
                 }
                 return Ok(None);
@@ -541,12 +549,7 @@ fn on_state<D>(
             // SAFETY: the caller's buffer has room for `cap` bytes at `ptr`, and does not
             // overlap rustls' record.
             unsafe { std::ptr::copy_nonoverlapping(record.payload.as_ptr(), ptr, n) };
-            if n < record.payload.len() {
-                if plain.capacity() == 0 {
-                    *plain = take_buf();
-                }
-                plain.extend_from_slice(&record.payload[n..]);
-            }
+            set_aside(plain, &record.payload[n..]);
             *discard += record.discard;
             Some(Got::Done(n))
         }
@@ -687,9 +690,7 @@ impl TlsStream {
             };
             if discard > 0 {
                 self.incoming.drain(..discard);
-                if self.incoming.is_empty() {
-                    give_buf(std::mem::take(&mut self.incoming));
-                }
+                self.give_back_incoming_if_empty();
             }
             let got = got.inspect_err(|_| self.failed = true)?;
             match got {
@@ -745,6 +746,14 @@ impl TlsStream {
         }
     }
 
+    /// An idle stream holds no buffer: `incoming`, once rustls took all of it, goes back to the
+    /// pool.
+    fn give_back_incoming_if_empty(&mut self) {
+        if self.incoming.is_empty() {
+            give_buf(std::mem::take(&mut self.incoming));
+        }
+    }
+
     /// Reads ciphertext from the socket onto `incoming`. `Ok(0)`: the socket is at EOF.
     async fn receive(&mut self) -> io::Result<usize> {
         self.room_to_read();
@@ -754,9 +763,7 @@ impl TlsStream {
             .read(std::mem::take(&mut self.incoming).slice_mut(len..cap))
             .await;
         self.incoming = slice.into_inner();
-        if self.incoming.is_empty() {
-            give_buf(std::mem::take(&mut self.incoming));
-        }
+        self.give_back_incoming_if_empty();
         r
     }
 
@@ -864,9 +871,7 @@ impl TlsStream {
                 )
             };
             if n <= 0 {
-                if self.incoming.is_empty() {
-                    give_buf(std::mem::take(&mut self.incoming));
-                }
+                self.give_back_incoming_if_empty();
                 return Peek::Closed;
             }
             // SAFETY: the kernel initialised the `n` bytes after `len`.
