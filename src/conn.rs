@@ -21,6 +21,7 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
+use crate::boxed;
 use crate::metrics::{Frontend, ProtocolError};
 use crate::stream::Stream;
 use crate::tls::TlsStream;
@@ -265,7 +266,7 @@ pub async fn read_watching(
     }
     // Boxed: the read (and the client's watch beside it) is held only while it lasts, not by a
     // stream waiting for its next event.
-    Box::pin(read_now(up, buf, client, watch)).await
+    boxed::pin(read_now(up, buf, client, watch)).await
 }
 
 /// The read of [`read_watching`], once `up` is readable (or part of an event is in `buf`).

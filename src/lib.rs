@@ -12,6 +12,7 @@
 //! - [`proxy_protocol`]: PROXY protocol headers from trusted load balancers.
 //! - [`network`]: IP networks (CIDR) and the one form addresses are compared in.
 //! - [`conn`]: connection I/O shared by the doors: buffer pool, idle wait, timed reads/writes.
+//! - [`boxed`]: `Box::pin` for a request's state, in blocks each core reuses.
 //! - [`stream`]: a connection, plain or TLS, on either side; [`tls`]: rustls, its
 //!   configurations and the TLS stream.
 //! - [`http`]: the Streamable HTTP front door (and the WebSocket upgrade).
@@ -28,6 +29,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod boxed;
 pub mod config;
 pub mod conn;
 pub mod echo;

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use monoio::net::TcpStream;
 
+use crate::boxed;
 use crate::stream::Stream;
 
 use crate::conn::{give_buf, linger_close, read_more, take_buf, write_all, ReadError};
@@ -159,7 +160,7 @@ pub fn serve(
                     },
                 }
             }
-            match Box::pin(exchange(
+            match boxed::pin(exchange(
                 worker,
                 &permit,
                 &mut stream,
@@ -170,7 +171,7 @@ pub fn serve(
             {
                 Step::Continue => {}
                 Step::Close => return,
-                Step::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
+                Step::Linger(buf) => return boxed::pin(linger_close(stream, Some(buf))).await,
             }
         }
     }
@@ -274,7 +275,7 @@ async fn exchange(
                 let mut message = take_buf();
                 message.extend_from_slice(payload);
                 let sent = session.submit(worker, message, stream, &mut out, &FRAMING);
-                if Box::pin(sent).await.is_err() {
+                if boxed::pin(sent).await.is_err() {
                     return Step::Close;
                 }
             }

@@ -19,6 +19,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use monoio::net::TcpStream;
 use monoio::BufResult;
 
+use crate::boxed::{self, Boxed};
 use crate::conn::{peek, Peek};
 use crate::tls::TlsStream;
 
@@ -83,14 +84,14 @@ impl AsyncReadRent for Stream {
     fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
         match self {
             Stream::Plain(s) => Either::Plain(s.read(buf)),
-            Stream::Tls(s) => Either::Tls(Box::pin(s.read(buf))),
+            Stream::Tls(s) => Either::Tls(boxed::pin(s.read(buf))),
         }
     }
 
     fn readv<T: IoVecBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
         match self {
             Stream::Plain(s) => Either::Plain(s.readv(buf)),
-            Stream::Tls(s) => Either::Tls(Box::pin(s.readv(buf))),
+            Stream::Tls(s) => Either::Tls(boxed::pin(s.readv(buf))),
         }
     }
 }
@@ -99,28 +100,28 @@ impl AsyncWriteRent for Stream {
     fn write<T: IoBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
         match self {
             Stream::Plain(s) => Either::Plain(s.write(buf)),
-            Stream::Tls(s) => Either::Tls(Box::pin(s.write(buf))),
+            Stream::Tls(s) => Either::Tls(boxed::pin(s.write(buf))),
         }
     }
 
     fn writev<T: IoVecBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
         match self {
             Stream::Plain(s) => Either::Plain(s.writev(buf)),
-            Stream::Tls(s) => Either::Tls(Box::pin(s.writev(buf))),
+            Stream::Tls(s) => Either::Tls(boxed::pin(s.writev(buf))),
         }
     }
 
     async fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Plain(s) => s.flush().await,
-            Stream::Tls(s) => Box::pin(s.flush()).await,
+            Stream::Tls(s) => boxed::pin(s.flush()).await,
         }
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {
         match self {
             Stream::Plain(s) => s.shutdown().await,
-            Stream::Tls(s) => Box::pin(s.shutdown()).await,
+            Stream::Tls(s) => boxed::pin(s.shutdown()).await,
         }
     }
 }
@@ -130,17 +131,17 @@ impl AsyncWriteRent for Stream {
 /// boxed.
 enum Either<A, B> {
     Plain(A),
-    Tls(Pin<Box<B>>),
+    Tls(Boxed<B>),
 }
 
 impl<A: Future, B: Future<Output = A::Output>> Future for Either<A, B> {
     type Output = A::Output;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<A::Output> {
         // SAFETY: the plain future is structurally pinned: it is never moved out of the pinned
-        // enum; the boxed one is pinned by its box.
+        // enum; the boxed one is pinned in its block (see `crate::boxed`).
         match unsafe { self.get_unchecked_mut() } {
             Either::Plain(f) => unsafe { Pin::new_unchecked(f) }.poll(cx),
-            Either::Tls(f) => f.as_mut().poll(cx),
+            Either::Tls(f) => Pin::new(f).poll(cx),
         }
     }
 }

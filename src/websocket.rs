@@ -18,6 +18,7 @@
 use std::future::Future;
 use std::time::Instant;
 
+use crate::boxed;
 use crate::stream::Stream;
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
@@ -275,9 +276,9 @@ pub fn serve(
                 } else {
                     CloseWith(1001, "idle timeout")
                 };
-                return Box::pin(close_idle(worker, stream, why)).await;
+                return boxed::pin(close_idle(worker, stream, why)).await;
             }
-            let step = Box::pin(exchange(
+            let step = boxed::pin(exchange(
                 worker,
                 &permit,
                 &mut stream,
@@ -289,7 +290,7 @@ pub fn serve(
             match step {
                 WsStep::Continue(rest) => pending = rest,
                 WsStep::Close => return,
-                WsStep::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
+                WsStep::Linger(buf) => return boxed::pin(linger_close(stream, Some(buf))).await,
             }
         }
     }
@@ -439,7 +440,7 @@ async fn exchange(
             let builtin = match session.dest(worker) {
                 Dest::Forward => {
                     let sent = session.submit(worker, message, stream, &mut out, &FRAMING);
-                    if Box::pin(sent).await.is_err() {
+                    if boxed::pin(sent).await.is_err() {
                         return WsStep::Close;
                     }
                     continue;

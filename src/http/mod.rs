@@ -33,6 +33,7 @@ use std::time::Instant;
 
 use monoio::net::TcpStream;
 
+use crate::boxed;
 use crate::stream::Stream;
 
 use crate::access::{self, By};
@@ -109,14 +110,14 @@ pub fn serve(
             }
             reg.set_served();
             let exchanged = exchange(worker, &permit, &mut stream, pending.take());
-            let mut step = Box::pin(exchanged).await;
+            let mut step = boxed::pin(exchanged).await;
             pending = loop {
                 match step {
                     Step::KeepAlive(rest) => break rest,
                     Step::Close => return,
-                    Step::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
+                    Step::Linger(buf) => return boxed::pin(linger_close(stream, Some(buf))).await,
                     Step::Events(events) => {
-                        step = Box::pin(relay_events(worker, &reg, &mut stream, events)).await
+                        step = boxed::pin(relay_events(worker, &reg, &mut stream, events)).await
                     }
                     Step::Park(events) => match worker.park_holding(stream, permit, reg, events) {
                         Ok(()) => return,
@@ -149,13 +150,13 @@ pub fn serve_relay(
 ) -> impl Future<Output = ()> {
     async move {
         loop {
-            match Box::pin(relay_events(worker, &reg, &mut stream, events)).await {
+            match boxed::pin(relay_events(worker, &reg, &mut stream, events)).await {
                 Step::Park(e) => match worker.park_holding(stream, permit, reg, e) {
                     Ok(()) => return,
                     Err(back) => (stream, permit, reg, events) = back,
                 },
                 Step::KeepAlive(rest) => return serve(worker, stream, permit, reg, rest).await,
-                Step::Linger(buf) => return Box::pin(linger_close(stream, Some(buf))).await,
+                Step::Linger(buf) => return boxed::pin(linger_close(stream, Some(buf))).await,
                 _ => return, // closed: a relay ends in nothing else
             }
         }
@@ -278,7 +279,7 @@ async fn exchange(
                 out,
                 &mut answered,
             );
-            let ended = Box::pin(forwarded).await;
+            let ended = boxed::pin(forwarded).await;
             let (status, by) = match ended {
                 Proxied::Refused(r) => (r.status, By::Gateway),
                 _ => answered,

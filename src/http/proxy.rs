@@ -26,6 +26,7 @@
 use std::ops::Range;
 use std::time::Instant;
 
+use crate::boxed;
 use crate::stream::Stream;
 
 use super::request::{self, BodyKind, ChunkStep, Chunked, Head, Method, Refusal};
@@ -405,7 +406,7 @@ async fn relay(
         if rh.event_stream {
             give_buf(data);
             give_buf(out);
-            return Proxied::Events(Box::new(Events {
+            return Proxied::Events(boxed::new(Events {
                 up,
                 buf,
                 decoded,
@@ -453,7 +454,7 @@ pub async fn events(
     let mut reusable = false;
     loop {
         if worker.draining() {
-            Box::pin(end_stream(worker, client, e.chunk)).await;
+            boxed::pin(end_stream(worker, client, e.chunk)).await;
             break;
         }
         worker.stream_begin(reg, u.index);
@@ -468,7 +469,7 @@ pub async fn events(
             Watched::Data => {}
             Watched::Eof if e.decoded.eof().is_ok() => {}
             Watched::ClientGone if expired => {
-                Box::pin(end_stream(worker, client, e.chunk)).await;
+                boxed::pin(end_stream(worker, client, e.chunk)).await;
                 break;
             }
             Watched::Eof | Watched::Failed | Watched::ClientGone | Watched::Park => break,
@@ -483,7 +484,7 @@ pub async fn events(
         if out.is_empty() {
             give_buf(out); // part of an event: nothing to write yet
         } else {
-            match Box::pin(write_all(client, out, s.write_timeout)).await {
+            match boxed::pin(write_all(client, out, s.write_timeout)).await {
                 Ok(o) => give_buf(o),
                 Err(_) => break,
             }
@@ -494,7 +495,7 @@ pub async fn events(
             break;
         }
     }
-    let Events { up, buf, .. } = *e;
+    let Events { up, buf, .. } = boxed::unbox(e);
     if reusable {
         client::give_back(u, up);
     }

@@ -20,6 +20,7 @@ use monoio::net::TcpStream;
 
 use super::wire::{parse_response, ClientHead, ResponseHead};
 use super::{Failure, Upstream, Upstreams};
+use crate::boxed;
 use crate::conn::{give_buf, read_more, take_buf, until, ReadError};
 use crate::stream::Stream;
 use crate::tls::TlsStream;
@@ -92,7 +93,7 @@ async fn connect(all: &Upstreams, upstream: &Upstream) -> Result<Stream, Failure
         return Ok(Stream::Plain(tcp));
     };
     // Boxed: plain upstreams' exchanges do not grow by the handshake's state.
-    match until(deadline, Box::pin(TlsStream::connect(tcp, tls))).await {
+    match until(deadline, boxed::pin(TlsStream::connect(tcp, tls))).await {
         Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s))),
         Ok(Err(e)) => {
             tracing::debug!(upstream = %upstream.url, error = %e, "TLS handshake failed");

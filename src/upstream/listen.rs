@@ -13,7 +13,6 @@
 
 use std::future::Future;
 use std::os::fd::AsRawFd;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +23,7 @@ use super::outbox::{Kind, Outbox};
 use super::rpc::{take_events, TooLarge};
 use super::wire::{self, Body, BodyKind, SessionFields};
 use super::Upstream;
+use crate::boxed;
 use crate::conn::{give_buf, read_more, take_buf, ReadError};
 use crate::stream::Stream;
 use crate::worker::Worker;
@@ -58,7 +58,7 @@ pub(crate) fn task(
     outbox: Rc<Outbox>,
     mut stop_rx: oneshot::Receiver<()>,
 ) -> impl Future<Output = ()> {
-    let opening = Box::pin(open(worker, u, id, fields));
+    let opening = boxed::pin(open(worker, u, id, fields));
     async move {
         monoio::select! {
             _ = listen(worker, u, opening, &outbox) => {}
@@ -70,7 +70,7 @@ pub(crate) fn task(
 async fn listen(
     worker: &'static Worker,
     u: &'static Upstream,
-    opening: Pin<Box<impl Future<Output = Option<(Stream, Vec<u8>, BodyKind)>>>>,
+    opening: boxed::Boxed<impl Future<Output = Option<(Stream, Vec<u8>, BodyKind)>>>,
     queue: &Outbox,
 ) {
     let Some((mut up, mut buf, body)) = opening.await else {
@@ -117,7 +117,7 @@ async fn listen(
         }
         // Boxed: a read's deadline is a monoio timer, held only while the read lasts.
         let far = Instant::now() + Duration::from_secs(365 * 86_400);
-        match Box::pin(read_more(&mut up, &mut buf, far)).await {
+        match boxed::pin(read_more(&mut up, &mut buf, far)).await {
             Ok(_) => {}
             Err(ReadError::Eof) if body.eof().is_ok() => {}
             Err(_) => break,

@@ -20,6 +20,7 @@ use std::rc::Rc;
 use std::task::Waker;
 use std::time::Instant;
 
+use crate::boxed;
 use crate::stream::Stream;
 use futures_channel::oneshot;
 use serde::Deserialize;
@@ -317,11 +318,15 @@ impl MsgSession {
             let done = match woke {
                 Woke::Client(Wait::Ready) => return Next::Message,
                 Woke::Client(Wait::Park) => return Next::Park,
-                Woke::Client(Wait::Expired) => Box::pin(self.settle(worker, client, framing)).await,
-                Woke::Queued => match Box::pin(self.write_queued(worker, client, framing)).await {
-                    Ok(()) => continue,
-                    Err(gone) => Err(gone),
-                },
+                Woke::Client(Wait::Expired) => {
+                    boxed::pin(self.settle(worker, client, framing)).await
+                }
+                Woke::Queued => {
+                    match boxed::pin(self.write_queued(worker, client, framing)).await {
+                        Ok(()) => continue,
+                        Err(gone) => Err(gone),
+                    }
+                }
             };
             return match done {
                 Ok(()) => Next::Expired,

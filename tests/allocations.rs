@@ -1,0 +1,261 @@
+//! The forwarding path allocates nothing per request: keep-alive requests proxied to an HTTP
+//! upstream reuse the core's buffers, boxed futures and pooled upstream connections.
+//!
+//! The one test here that does not run the binary: allocations are counted by this process's
+//! global allocator, so the gateway runs in it (the library's `runtime::run`, on a thread of
+//! its own), with an upstream and a client that allocate nothing once started (fixed buffers
+//! over `std::net`). Every allocation made while the client's requests are measured is the
+//! gateway's, or a stray one of a timer tick (the sweeper, say): the bound leaves room for
+//! those, not for one per request.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The system allocator, counting.
+struct Counting;
+
+/// Allocations made by the process (`alloc`, `alloc_zeroed`, `realloc`). Relaxed: a count read
+/// after the requests it covers were answered (their replies read by this thread), which orders
+/// the worker's increments before it.
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is passed on to `System` unchanged; the count has no effect on memory.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const REPLY: &[u8] =
+    br#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"hello"}]}}"#;
+
+/// The last chunk of a chunked body.
+const END: &[u8] = b"0\r\n\r\n";
+
+/// Event-stream replies whose event the client has read. The upstream ends each stream only
+/// once its event reached the client, so the gateway relays it as a stream (not as a reply
+/// that came whole). Release on the client's increment, Acquire on the upstream's read: only
+/// the count itself is shared.
+static EVENTS_SEEN: AtomicU64 = AtomicU64::new(0);
+
+/// Reads from `s` into `buf` after its first `have` bytes until `whole` says the bytes are
+/// complete; the new length, or 0 when the peer closed. Allocates nothing.
+fn read_until(
+    s: &mut TcpStream,
+    buf: &mut [u8],
+    mut have: usize,
+    whole: fn(&[u8]) -> bool,
+) -> usize {
+    while !whole(&buf[..have]) {
+        match s.read(&mut buf[have..]) {
+            Ok(0) | Err(_) => return 0,
+            Ok(n) => have += n,
+        }
+    }
+    have
+}
+
+/// One whole HTTP message: its head, then a `Content-Length` or chunked body.
+fn whole_message(b: &[u8]) -> bool {
+    let Some(head) = b.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    match field(&b[..head], b"content-length") {
+        Some(len) => {
+            let len = len
+                .iter()
+                .filter(|b| b.is_ascii_digit())
+                .fold(0, |n, d| n * 10 + usize::from(d - b'0'));
+            b.len() >= head + 4 + len
+        }
+        // Chunked: whole at its last chunk (one message at a time: nothing follows).
+        None => b[head + 4..].ends_with(b"0\r\n\r\n"),
+    }
+}
+
+/// `REPLY` is in the bytes.
+fn has_reply(b: &[u8]) -> bool {
+    b.windows(REPLY.len()).any(|w| w == REPLY)
+}
+
+/// The value of field `name` in `head`.
+fn field<'h>(head: &'h [u8], name: &[u8]) -> Option<&'h [u8]> {
+    head.split(|&b| b == b'\n').find_map(|line| {
+        let colon = line.iter().position(|&b| b == b':')?;
+        line[..colon]
+            .eq_ignore_ascii_case(name)
+            .then(|| &line[colon + 1..])
+    })
+}
+
+/// An MCP server answering every request, keep-alive, a thread per connection: with `REPLY` as
+/// JSON on `/json`; as one event of a chunked `text/event-stream` elsewhere, written at once
+/// on `/whole`, and on `/events` ended only once the client has read the event (so the
+/// gateway relays it as a stream).
+fn upstream() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let r = String::from_utf8_lossy(REPLY);
+    let json: &'static [u8] = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{r}",
+        REPLY.len()
+    )
+    .leak()
+    .as_bytes();
+    let event = format!("event: message\ndata: {r}\n\n");
+    let events: &'static [u8] = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{event}\r\n",
+        event.len()
+    )
+    .leak()
+    .as_bytes();
+    let whole: &'static [u8] = [events, END].concat().leak();
+    std::thread::spawn(move || {
+        let mut sent = 0;
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            // The end of an event stream is a second small write: not held back for an ACK.
+            conn.set_nodelay(true).unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    let n = read_until(&mut conn, &mut buf, 0, whole_message);
+                    if n == 0 {
+                        return;
+                    }
+                    if buf.starts_with(b"POST /json ") {
+                        if conn.write_all(json).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    if buf.starts_with(b"POST /whole ") {
+                        if conn.write_all(whole).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    if conn.write_all(events).is_err() {
+                        return;
+                    }
+                    sent += 1;
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while EVENTS_SEEN.load(Ordering::Acquire) < sent && Instant::now() < deadline {
+                        std::thread::yield_now();
+                    }
+                    if conn.write_all(END).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Allocations the gateway made for `requests` keep-alive requests from `client` to `path`,
+/// after as many to warm up (its pools fill: buffers, boxed futures, upstream connections).
+fn allocations(client: &mut TcpStream, path: &str, requests: u64) -> u64 {
+    let body = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hello"}}}"#;
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    let events = path.ends_with("/events");
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut exchange = || {
+        client.write_all(&request).unwrap();
+        let mut n = 0;
+        if events {
+            n = read_until(client, &mut buf, 0, has_reply);
+            assert!(n > 0, "the gateway closed the connection");
+            EVENTS_SEEN.fetch_add(1, Ordering::Release);
+        }
+        let n = read_until(client, &mut buf, n, whole_message);
+        assert!(n > 0, "the gateway closed the connection");
+        assert!(buf.starts_with(b"HTTP/1.1 200 "), "a 200");
+        assert!(has_reply(&buf[..n]), "the upstream's reply");
+    };
+    for _ in 0..requests {
+        exchange();
+    }
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..requests {
+        exchange();
+    }
+    ALLOCATIONS.load(Ordering::Relaxed) - before
+}
+#[test]
+fn forwarding_allocates_nothing_per_request() {
+    let up = upstream();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let yaml = format!(
+        "server:\n  host: 127.0.0.1\n  port: {port}\n  tcp_port: 0\n  metrics_port: 0\n  workers: 1\n  pin_workers: false\n\
+         service_discovery:\n  static:\n    endpoints:\n      \
+         json:\n        - url: http://127.0.0.1:{up}/json\n      \
+         whole:\n        - url: http://127.0.0.1:{up}/whole\n      \
+         events:\n        - url: http://127.0.0.1:{up}/events\n"
+    );
+    let config = mcp_gateway::config::Config::parse(&yaml, false).unwrap();
+    std::thread::spawn(move || mcp_gateway::runtime::run(config, None));
+
+    // Connect once it listens (the listeners are bound before the workers start).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut client = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("the gateway did not listen: {e}"),
+        }
+    };
+    client.set_nodelay(true).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+
+    const REQUESTS: u64 = 2000;
+    // (path, what, allocations allowed per request)
+    for (path, what, each) in [
+        ("/mcp/json", "JSON replies", 0),
+        ("/mcp/whole", "event-stream replies read whole", 0),
+        // A stream relayed while it lasts watches its client meanwhile; monoio records each
+        // readiness wait it cancels (the watch, when the upstream speaks first) in a box of its
+        // own: two per stream, none of the gateway's.
+        ("/mcp/events", "relayed event streams", 2),
+    ] {
+        let made = allocations(&mut client, path, REQUESTS);
+        eprintln!("{made} allocations for {REQUESTS} proxied keep-alive requests with {what}");
+        assert!(
+            made < REQUESTS * each + REQUESTS / 20,
+            "{made} allocations for {REQUESTS} proxied requests with {what}"
+        );
+    }
+}
