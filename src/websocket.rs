@@ -398,12 +398,15 @@ async fn exchange(
                 worker.metrics.protocol_error(Frontend::WebSocket, ProtocolError::Malformed);
                 return close_with(worker, stream, out, CloseWith(1002, "new message inside a fragmented one")).await;
             }
-            OP_TEXT if head.fin => Some(payload.to_vec()),
             OP_TEXT => {
                 let mut m = take_buf();
                 m.extend_from_slice(payload);
-                assembly.message = Some(m);
-                None
+                if head.fin {
+                    Some(m)
+                } else {
+                    assembly.message = Some(m);
+                    None
+                }
             }
             _ /* OP_CONT */ => match assembly.message.as_mut() {
                 None => return close_with(worker, stream, out, CloseWith(1002, "continuation without a message")).await,
