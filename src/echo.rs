@@ -33,17 +33,47 @@ pub struct Answer {
 #[derive(Deserialize)]
 struct Message<'a> {
     #[serde(default, borrow)]
-    jsonrpc: Option<Cow<'a, str>>,
+    jsonrpc: Option<Str<'a>>,
     #[serde(default, borrow)]
     id: Id<'a>,
     #[serde(default, borrow)]
-    method: Option<Cow<'a, str>>,
+    method: Option<Str<'a>>,
     #[serde(default, borrow)]
     params: Option<&'a RawValue>,
     #[serde(default, borrow)]
     result: Option<&'a RawValue>,
     #[serde(default, borrow)]
     error: Option<&'a RawValue>,
+}
+
+/// A JSON string, borrowed from the input when it has no escapes. (Serde's own `Cow<str>`
+/// inside an `Option` always copies, `borrow` or not: four allocations per echoed call.)
+struct Str<'a>(Cow<'a, str>);
+
+impl std::ops::Deref for Str<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl<'de> serde::de::Visitor<'de> for Text {
+            type Value = Cow<'de, str>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Cow::Borrowed(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v.to_owned()))
+            }
+        }
+        d.deserialize_str(Text).map(Str)
+    }
 }
 
 /// A present `id` (`null` included), kept as raw JSON to be echoed back byte for byte.
@@ -59,7 +89,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Id<'a> {
 #[derive(Deserialize)]
 struct CallParams<'a> {
     #[serde(default, borrow)]
-    name: Option<Cow<'a, str>>,
+    name: Option<Str<'a>>,
     #[serde(default, borrow)]
     arguments: Option<EchoArguments<'a>>,
 }
@@ -67,13 +97,13 @@ struct CallParams<'a> {
 #[derive(Deserialize)]
 struct EchoArguments<'a> {
     #[serde(default, borrow)]
-    message: Option<Cow<'a, str>>,
+    message: Option<Str<'a>>,
 }
 
 #[derive(Deserialize)]
 struct InitializeParams<'a> {
     #[serde(default, rename = "protocolVersion", borrow)]
-    protocol_version: Option<Cow<'a, str>>,
+    protocol_version: Option<Str<'a>>,
 }
 
 const TOOLS: &str = r#"{"tools":[{"name":"echo","description":"Returns its message argument unchanged.","inputSchema":{"type":"object","properties":{"message":{"type":"string","description":"Text to echo back."}},"required":["message"]}}]}"#;
@@ -181,7 +211,7 @@ fn reply_to(
         return false; // a notification
     }
     let params = m.params.map_or("{}", RawValue::get);
-    match method.as_ref() {
+    match &*method {
         "initialize" => {
             *initialize = true;
             let asked = serde_json::from_str::<InitializeParams>(params)
@@ -210,7 +240,7 @@ fn reply_to(
             match (name.as_deref(), message) {
                 (Some("echo"), Some(text)) => write_result(out, id, |out| {
                     out.extend_from_slice(br#"{"content":[{"type":"text","text":"#);
-                    serde_json::to_writer(&mut *out, text.as_ref()).expect("Vec<u8> write");
+                    serde_json::to_writer(&mut *out, &*text).expect("Vec<u8> write");
                     out.extend_from_slice(br#"}],"isError":false}"#);
                 }),
                 (Some("echo"), None) => {
@@ -233,6 +263,21 @@ fn reply_to(
 mod tests {
     use super::*;
     use serde_json::Value;
+
+    #[test]
+    fn strings_are_borrowed_from_the_input_unless_escaped() {
+        let m: Message =
+            serde_json::from_str(r#"{"jsonrpc":"2.0","method":"tools/call"}"#).unwrap();
+        assert!(matches!(m.method.unwrap().0, Cow::Borrowed("tools/call")));
+        assert!(matches!(m.jsonrpc.unwrap().0, Cow::Borrowed("2.0")));
+        let m: Message = serde_json::from_str(r#"{"method":"tools\/call"}"#).unwrap();
+        assert!(matches!(m.method.unwrap().0, Cow::Owned(s) if s == "tools/call"));
+        let c: CallParams =
+            serde_json::from_str(r#"{"name":"echo","arguments":{"message":"a\nb"}}"#).unwrap();
+        assert!(matches!(c.name.unwrap().0, Cow::Borrowed("echo")));
+        assert_eq!(&*c.arguments.unwrap().message.unwrap(), "a\nb");
+        assert!(serde_json::from_str::<Message>(r#"{"method":7}"#).is_err());
+    }
 
     fn ask(req: &str) -> (Answer, Value) {
         let mut out = Vec::new();

@@ -519,28 +519,33 @@ fn answer(
             let ans = echo::handle(body, &mut reply);
             worker.metrics.upstream(upstream, Outcome::Ok, None);
             let session;
-            let mut headers: Vec<(&str, &str)> = Vec::with_capacity(3);
+            // The session id, if any, then the reply's own fields (on the stack: no
+            // allocation per request).
+            let mut headers = [("", ""); 3];
+            let mut n = 0;
             if ans.initialize {
                 session = format!("{:016x}{:016x}", worker.random(), worker.random());
-                headers.push(("Mcp-Session-Id", &session));
+                headers[0] = ("Mcp-Session-Id", &session);
+                n = 1;
             }
+            const JSON: (&str, &str) = ("Content-Type", "application/json");
             if ans.parse_error {
-                headers.push(("Content-Type", "application/json"));
-                write(out, 400, &headers, &reply, keep_alive);
+                headers[n] = JSON;
+                write(out, 400, &headers[..n + 1], &reply, keep_alive);
             } else if !ans.replied {
-                write(out, 202, &headers, b"", keep_alive);
+                write(out, 202, &headers[..n], b"", keep_alive);
             } else if head.sse_only {
                 let mut event = take_buf();
                 event.extend_from_slice(b"event: message\ndata: ");
                 event.extend_from_slice(&reply);
                 event.extend_from_slice(b"\n\n");
-                headers.push(("Content-Type", "text/event-stream"));
-                headers.push(("Cache-Control", "no-cache"));
-                write(out, 200, &headers, &event, keep_alive);
+                headers[n] = ("Content-Type", "text/event-stream");
+                headers[n + 1] = ("Cache-Control", "no-cache");
+                write(out, 200, &headers[..n + 2], &event, keep_alive);
                 give_buf(event);
             } else {
-                headers.push(("Content-Type", "application/json"));
-                write(out, 200, &headers, &reply, keep_alive);
+                headers[n] = JSON;
+                write(out, 200, &headers[..n + 1], &reply, keep_alive);
             }
             give_buf(reply);
         }
