@@ -226,8 +226,10 @@ fn allocations_per_keep_alive_request() {
          json:\n        - url: http://127.0.0.1:{up}/json\n      \
          whole:\n        - url: http://127.0.0.1:{up}/whole\n      \
          events:\n        - url: http://127.0.0.1:{up}/events\n      \
-         builtin:\n        - url: builtin:echo\n"
+         builtin:\n        - url: builtin:echo\n\
+         routing:\n  health_check_interval: 3600\n"
     );
+    // (Health checks, whose allocations would count, only at startup: an hour apart.)
     let config = mcp_gateway::config::Config::parse(&yaml, false).unwrap();
     std::thread::spawn(move || mcp_gateway::runtime::run(config, None));
 

@@ -214,6 +214,11 @@ impl MsgSession {
     /// The session parks for stay `token`: `waker` (the lot's, see [`crate::park`]) is woken
     /// when a message is queued for its client.
     pub fn park(&mut self, token: u32, waker: Waker) {
+        // A parked session has nothing in flight (it parks only idle) and holds no list.
+        self.stops.retain(|s| !s.is_canceled());
+        if self.stops.is_empty() {
+            self.stops = Vec::new();
+        }
         self.stay = token;
         self.outbox.wake(waker);
     }
@@ -302,11 +307,8 @@ impl MsgSession {
     ) -> Next {
         loop {
             // An idle session holds nothing for forwards that ended (a stop channel is 72
-            // bytes).
+            // bytes); the list keeps its room for the next message until the session parks.
             self.stops.retain(|s| !s.is_canceled());
-            if self.stops.is_empty() {
-                self.stops = Vec::new();
-            }
             let woke = if worker.draining() {
                 Woke::Client(Wait::Expired)
             } else {
