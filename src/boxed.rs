@@ -3,12 +3,11 @@
 //!
 //! A connection's task boxes the state of each request (its exchange, the forward to an
 //! upstream, a timed write, an event stream being relayed) so that an idle connection holds
-//! none of it: a monoio timer alone
-//! is 640 bytes, and an HTTP exchange is about 4 KiB. With `Box::pin`, every request paid for
-//! an allocation and a free of that size (over-aligned, 128 bytes: monoio pads its timers to a
-//! cache line, so each went through `posix_memalign`), two per proxied HTTP request. Here a
-//! finished future's block goes back to a per-thread (so per-core) free list for its layout,
-//! and the next future of that layout takes it. [`new`] and [`unbox`] do the same for a value
+//! none of it: a monoio timer alone is 640 bytes, and an HTTP exchange is about 4 KiB. With
+//! `Box::pin`, every request paid for an allocation and a free of that size (over-aligned, 128
+//! bytes: monoio pads its timers to a cache line, so each went through `posix_memalign`), two
+//! per proxied HTTP request. Here a finished future's block goes back to a per-thread (so
+//! per-core) free list for its layout, and the next future of that layout takes it. [`new`] and [`unbox`] do the same for a value
 //! that moves between owners as a `Box` (an event stream's state).
 //!
 //! Invariants:
@@ -102,7 +101,8 @@ fn give_block(layout: Layout, block: NonNull<u8>) {
         })
         .unwrap_or(false); // the thread is ending: its lists are gone
     if !kept {
-        // SAFETY: the block was allocated with `layout` (by `take`) and holds no value.
+        // SAFETY: the block was allocated with `layout` (by `take_block`, or as a `Box` of
+        // that layout) and holds no value.
         unsafe { dealloc(block.as_ptr(), layout) };
     }
 }
