@@ -1,6 +1,7 @@
 //! The forwarding path allocates nothing per request: keep-alive requests proxied to an HTTP
-//! upstream reuse the core's buffers, boxed futures and pooled upstream connections; and
-//! builtin:echo answers with one allocation (serde_json's).
+//! upstream reuse the core's buffers, boxed futures and pooled upstream connections. The
+//! allocations other paths make are counted and bounded too: monoio's for a relayed event
+//! stream, serde_json's for builtin:echo, those of a WebSocket or MCPB message's forward.
 //!
 //! The one test here that does not run the binary: allocations are counted by this process's
 //! global allocator, so the gateway runs in it (the library's `runtime::run`, on a thread of
@@ -178,19 +179,50 @@ fn upstream() -> u16 {
     port
 }
 
-/// Allocations the gateway made for `requests` keep-alive requests from `client` to `path`,
-/// after as many to warm up (its pools fill: buffers, boxed futures, upstream connections).
-fn allocations(client: &mut TcpStream, path: &str, requests: u64) -> u64 {
-    let body = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hello"}}}"#;
+/// The test's call, as JSON.
+const CALL: &[u8] =
+    br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hello"}}}"#;
+
+/// Allocations made while `exchange` runs `requests` times, after as many runs to warm up
+/// (the gateway's pools fill: buffers, boxes, upstream connections).
+fn counted(requests: u64, mut exchange: impl FnMut()) -> u64 {
+    for _ in 0..requests {
+        exchange();
+    }
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..requests {
+        exchange();
+    }
+    ALLOCATIONS.load(Ordering::Relaxed) - before
+}
+
+/// A connection to the gateway on `port`, once it listens (the listeners are bound before the
+/// workers start, so the first connections may wait for them).
+fn connect(port: u16) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let s = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("the gateway did not listen: {e}"),
+        }
+    };
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// One keep-alive `POST` of the call to `path` on `client`, and its answer.
+fn http<'c>(client: &'c mut TcpStream, path: &str) -> impl FnMut() + 'c {
     let mut request = format!(
         "POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n",
-        body.len()
+        CALL.len()
     )
     .into_bytes();
-    request.extend_from_slice(body);
+    request.extend_from_slice(CALL);
     let events = path.ends_with("/events");
     let mut buf = vec![0u8; 16 * 1024];
-    let mut exchange = || {
+    move || {
         client.write_all(&request).unwrap();
         let mut n = 0;
         if events {
@@ -202,27 +234,70 @@ fn allocations(client: &mut TcpStream, path: &str, requests: u64) -> u64 {
         assert!(n > 0, "the gateway closed the connection");
         assert!(buf.starts_with(b"HTTP/1.1 200 "), "a 200");
         assert!(has_reply(&buf[..n]), "the reply");
-    };
-    for _ in 0..requests {
-        exchange();
     }
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
-    for _ in 0..requests {
-        exchange();
-    }
-    ALLOCATIONS.load(Ordering::Relaxed) - before
 }
+
+/// One WebSocket text message with the call on a connection upgraded on `path`, and its
+/// reply message.
+fn websocket(port: u16, path: &str) -> impl FnMut() {
+    let mut ws = connect(port);
+    let upgrade = format!(
+        "GET {path} HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    ws.write_all(upgrade.as_bytes()).unwrap();
+    let mut buf = vec![0u8; 16 * 1024];
+    let n = read_until(&mut ws, &mut buf, 0, |b| b.ends_with(b"\r\n\r\n"));
+    assert!(buf[..n].starts_with(b"HTTP/1.1 101 "), "upgraded");
+    // Masked with a zero key: the payload as it is.
+    assert!(CALL.len() < 126);
+    let mut frame = vec![0x81, 0x80 | CALL.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(CALL);
+    move || {
+        ws.write_all(&frame).unwrap();
+        let n = read_until(&mut ws, &mut buf, 0, |b| match b {
+            [_, len @ 0..=125, rest @ ..] => rest.len() >= usize::from(*len),
+            [_, 126, a, c, rest @ ..] => rest.len() >= usize::from(u16::from_be_bytes([*a, *c])),
+            _ => false,
+        });
+        assert!(n > 0, "the gateway closed the connection");
+        assert_eq!(buf[0], 0x81, "a text message");
+        assert!(has_reply(&buf[..n]), "the reply");
+    }
+}
+
+/// One MCPB Request frame with the call, and its Response frame.
+fn mcpb(port: u16) -> impl FnMut() {
+    let mut s = connect(port);
+    let mut frame = b"MCPB\0\x01\0\x01".to_vec();
+    frame.extend_from_slice(&(CALL.len() as u32).to_be_bytes());
+    frame.extend_from_slice(CALL);
+    let mut buf = vec![0u8; 16 * 1024];
+    move || {
+        s.write_all(&frame).unwrap();
+        let n = read_until(&mut s, &mut buf, 0, |b| {
+            b.len() >= 12 && b.len() - 12 >= u32::from_be_bytes([b[8], b[9], b[10], b[11]]) as usize
+        });
+        assert!(n > 0, "the gateway closed the connection");
+        assert_eq!(&buf[4..8], b"\0\x01\0\x02", "a Response frame");
+        assert!(has_reply(&buf[..n]), "the reply");
+    }
+}
+
 #[test]
 fn allocations_per_keep_alive_request() {
     let up = upstream();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let free = || {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, tcp_port) = (free(), free());
     let yaml = format!(
-        "server:\n  host: 127.0.0.1\n  port: {port}\n  tcp_port: 0\n  metrics_port: 0\n  workers: 1\n  pin_workers: false\n\
+        "server:\n  host: 127.0.0.1\n  port: {port}\n  tcp_port: {tcp_port}\n  metrics_port: 0\n  workers: 1\n  pin_workers: false\n\
          service_discovery:\n  static:\n    endpoints:\n      \
+         default:\n        - url: http://127.0.0.1:{up}/json\n      \
          json:\n        - url: http://127.0.0.1:{up}/json\n      \
          whole:\n        - url: http://127.0.0.1:{up}/whole\n      \
          events:\n        - url: http://127.0.0.1:{up}/events\n      \
@@ -232,38 +307,44 @@ fn allocations_per_keep_alive_request() {
     // (Health checks, whose allocations would count, only at startup: an hour apart.)
     let config = mcp_gateway::config::Config::parse(&yaml, false).unwrap();
     std::thread::spawn(move || mcp_gateway::runtime::run(config, None));
-
-    // Connect once it listens (the listeners are bound before the workers start).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut client = loop {
-        match TcpStream::connect(("127.0.0.1", port)) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("the gateway did not listen: {e}"),
-        }
-    };
-    client.set_nodelay(true).unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut client = connect(port);
 
     const REQUESTS: u64 = 2000;
+    let check = |what: &str, each: u64, made: u64| {
+        eprintln!("{made} allocations for {REQUESTS} {what}");
+        assert!(
+            made < REQUESTS * each + REQUESTS / 20,
+            "{made} allocations for {REQUESTS} {what}"
+        );
+    };
     // (path, what, allocations allowed per request)
     for (path, what, each) in [
-        ("/mcp/json", "JSON replies", 0),
-        ("/mcp/whole", "event-stream replies read whole", 0),
+        ("/mcp/json", "keep-alive requests with JSON replies", 0),
+        (
+            "/mcp/whole",
+            "requests with event-stream replies read whole",
+            0,
+        ),
         // A stream relayed while it lasts watches its client meanwhile; monoio records each
         // readiness wait it cancels (the watch, when the upstream speaks first) in a box of its
         // own: two per stream, none of the gateway's.
-        ("/mcp/events", "relayed event streams", 2),
+        ("/mcp/events", "requests with relayed event streams", 2),
         // Answered inside the gateway: serde_json's stack for the nested `params` it skips.
-        ("/mcp/builtin", "builtin:echo's answers", 1),
+        ("/mcp/builtin", "requests answered by builtin:echo", 1),
     ] {
-        let made = allocations(&mut client, path, REQUESTS);
-        eprintln!("{made} allocations for {REQUESTS} keep-alive requests with {what}");
-        assert!(
-            made < REQUESTS * each + REQUESTS / 20,
-            "{made} allocations for {REQUESTS} keep-alive requests with {what}"
-        );
+        check(what, each, counted(REQUESTS, http(&mut client, path)));
     }
+    // A message forwarded from a WebSocket or MCPB session: its task, the task's stop channel,
+    // the reply's copy and the reply queue (given back when it empties, so that an idle session
+    // holds none), and monoio's box for the wait on the client that the reply cancelled.
+    check(
+        "WebSocket messages forwarded",
+        5,
+        counted(REQUESTS, websocket(port, "/mcp/json")),
+    );
+    check(
+        "MCPB frames forwarded",
+        5,
+        counted(REQUESTS, mcpb(tcp_port)),
+    );
 }
