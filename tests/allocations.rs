@@ -62,6 +62,11 @@ const END: &[u8] = b"0\r\n\r\n";
 /// the count itself is shared.
 static EVENTS_SEEN: AtomicU64 = AtomicU64::new(0);
 
+/// Event-stream replies the upstream has begun, over all its connections (the gateway may open
+/// more than one): the number each stream waits for in `EVENTS_SEEN`. Relaxed: only the
+/// upstream's threads count it.
+static EVENTS_SENT: AtomicU64 = AtomicU64::new(0);
+
 /// Reads from `s` into `buf` after its first `have` bytes until `whole` says the bytes are
 /// complete; the new length, or 0 when the peer closed. Allocates nothing.
 fn read_until(
@@ -93,7 +98,7 @@ fn whole_message(b: &[u8]) -> bool {
             b.len() >= head + 4 + len
         }
         // Chunked: whole at its last chunk (one message at a time: nothing follows).
-        None => b[head + 4..].ends_with(b"0\r\n\r\n"),
+        None => b[head + 4..].ends_with(END),
     }
 }
 
@@ -137,7 +142,6 @@ fn upstream() -> u16 {
     .as_bytes();
     let whole: &'static [u8] = [events, END].concat().leak();
     std::thread::spawn(move || {
-        let mut sent = 0;
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
             // The end of an event stream is a second small write: not held back for an ACK.
@@ -164,7 +168,7 @@ fn upstream() -> u16 {
                     if conn.write_all(events).is_err() {
                         return;
                     }
-                    sent += 1;
+                    let sent = EVENTS_SENT.fetch_add(1, Ordering::Relaxed) + 1;
                     let deadline = Instant::now() + Duration::from_secs(10);
                     while EVENTS_SEEN.load(Ordering::Acquire) < sent && Instant::now() < deadline {
                         std::thread::yield_now();
