@@ -338,17 +338,17 @@ fn allocations_per_keep_alive_request() {
     ] {
         check(what, each, counted(REQUESTS, http(&mut client, path)));
     }
-    // A message forwarded from a WebSocket or MCPB session: its task, the task's stop channel,
-    // the reply's copy and the reply queue (given back when it empties, so that an idle session
-    // holds none), and monoio's box for the wait on the client that the reply cancelled.
+    // A message forwarded from a WebSocket or MCPB session: its task (monoio's), and monoio's
+    // box for the wait on the client that the reply cancelled. The reply is queued in a pooled
+    // buffer and the task's stop slot is reused.
     check(
         "WebSocket messages forwarded",
-        5,
+        2,
         counted(REQUESTS, websocket(port, "/mcp/json")),
     );
     check(
         "MCPB frames forwarded",
-        5,
+        2,
         counted(REQUESTS, mcpb(tcp_port)),
     );
 }

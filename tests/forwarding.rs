@@ -737,6 +737,45 @@ fn a_closed_mcpb_connection_ends_its_upstream_session() {
     gw.wait_all_closed();
 }
 
+/// A client that leaves while its calls are still being answered stops their forwards: the
+/// upstream sees each held request's connection closed at once, not at `request_timeout`.
+#[test]
+fn a_closed_mcpb_connection_stops_its_forwards_in_flight() {
+    let (held_tx, held_rx) = mpsc::channel::<()>();
+    let (gone_tx, gone_rx) = mpsc::channel::<()>();
+    let (held_tx, gone_tx) = (Mutex::new(held_tx), Mutex::new(gone_tx));
+    let up = Mock::start(move |req, s| {
+        if req.body_str().contains("tools/call") {
+            let _ = held_tx.lock().unwrap().send(());
+            held_until_dropped(s, &gone_tx);
+        } else if req.method == "POST" {
+            json_reply(s, req, "{}", &[("Mcp-Session-Id", "S5")]);
+        } else {
+            respond(s, 405, &[], ""); // no session stream; DELETE answered
+        }
+    });
+    // Held calls would end at request_timeout: far beyond the waits below.
+    let routing = "  health_check_interval: 3600\n  request_timeout: 60\n";
+    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], routing));
+    let mut c = mcpb_initialized(&gw);
+    for id in [1, 2] {
+        let call = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call"}}"#);
+        c.write_all(&mcpb_frame(1, call.as_bytes())).unwrap();
+    }
+    for _ in 0..2 {
+        held_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("both calls reach the upstream");
+    }
+    drop(c);
+    for _ in 0..2 {
+        gone_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("each call's upstream connection closed when the client left");
+    }
+    gw.wait_all_closed();
+}
+
 #[test]
 fn what_the_upstream_sends_on_its_own_reaches_an_mcpb_client_between_messages() {
     let (notify_tx, notify_rx) = mpsc::channel::<()>();

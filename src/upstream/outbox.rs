@@ -6,12 +6,17 @@
 //! either changes. Bounded: at most [`MAX_QUEUED`] messages and [`MAX_QUEUED_BYTES`] bytes wait;
 //! a producer that finds the queue full gives up (a session stream is dropped; a reply becomes an
 //! error for its message).
+//!
+//! The queue is one byte buffer from the core's pool (each message a kind byte, a 4-byte length
+//! and its bytes), taken at the first push and given back when the connection drains it: a
+//! message queued costs a copy into it and no allocation, and an idle session holds none.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
+
+use crate::conn::{give_buf, take_buf};
 
 /// Messages waiting for the client beyond which producers give up.
 pub const MAX_QUEUED: usize = 1024;
@@ -26,15 +31,22 @@ pub const MAX_QUEUED_BYTES: usize = 16 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// Something the upstream sent (a reply, a notification, a request to the client).
-    Reply,
+    Reply = 0,
     /// A JSON-RPC error the gateway made for a message it could not forward.
-    Fail,
+    Fail = 1,
 }
+
+/// Bytes before each message in the queue: its kind and its length.
+const ENTRY_HEAD: usize = 5;
 
 #[derive(Default)]
 pub struct Outbox {
-    queue: RefCell<VecDeque<(Kind, Vec<u8>)>>,
-    /// The bytes of the messages in `queue`.
+    /// The queued messages, one after another: a [`Kind`] byte (0 reply, 1 fail), the length as
+    /// a little-endian `u32`, the bytes. A pooled buffer while not empty, none while empty.
+    queue: RefCell<Vec<u8>>,
+    /// Messages in `queue`.
+    messages: Cell<usize>,
+    /// The bytes of the messages in `queue` (without their entry heads).
     bytes: Cell<usize>,
     in_flight: Cell<usize>,
     /// Bumped on every push and every finished forward; [`Outbox::changed`] waits for a bump.
@@ -43,16 +55,23 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Queues a message; false when the queue is full.
-    pub fn push(&self, kind: Kind, message: Vec<u8>) -> bool {
+    /// Queues a copy of `message`; false when the queue is full.
+    pub fn push(&self, kind: Kind, message: &[u8]) -> bool {
         {
-            let mut q = self.queue.borrow_mut();
             let bytes = self.bytes.get() + message.len();
-            if q.len() >= MAX_QUEUED || bytes > MAX_QUEUED_BYTES {
+            if self.messages.get() >= MAX_QUEUED || bytes > MAX_QUEUED_BYTES {
                 return false;
             }
+            let mut q = self.queue.borrow_mut();
+            if q.capacity() == 0 {
+                *q = take_buf();
+            }
+            q.push(kind as u8);
+            // At most MAX_QUEUED_BYTES (16 MiB): fits in a u32.
+            q.extend_from_slice(&(message.len() as u32).to_le_bytes());
+            q.extend_from_slice(message);
             self.bytes.set(bytes);
-            q.push_back((kind, message));
+            self.messages.set(self.messages.get() + 1);
         }
         self.bump();
         true
@@ -66,7 +85,7 @@ impl Outbox {
     }
 
     pub fn has_messages(&self) -> bool {
-        !self.queue.borrow().is_empty()
+        self.messages.get() > 0
     }
 
     /// Frames every queued message into `out`.
@@ -76,16 +95,20 @@ impl Outbox {
         reply: fn(&mut Vec<u8>, &[u8]),
         fail: fn(&mut Vec<u8>, &[u8]),
     ) {
-        let mut q = self.queue.borrow_mut();
-        for (kind, m) in q.drain(..) {
-            match kind {
-                Kind::Reply => reply(out, &m),
-                Kind::Fail => fail(out, &m),
+        let q = std::mem::take(&mut *self.queue.borrow_mut());
+        let mut at = 0;
+        while at < q.len() {
+            let len = u32::from_le_bytes(q[at + 1..at + ENTRY_HEAD].try_into().expect("4 bytes"));
+            let m = &q[at + ENTRY_HEAD..at + ENTRY_HEAD + len as usize];
+            match q[at] {
+                0 => reply(out, m),
+                _ => fail(out, m),
             }
+            at += ENTRY_HEAD + m.len();
         }
-        // An idle session holds no queue: the next reply allocates one again (a handful of
-        // entries, beside the forward's own allocations).
-        *q = VecDeque::new();
+        // An idle session holds no queue: the buffer goes back to the core's pool.
+        give_buf(q);
+        self.messages.set(0);
         self.bytes.set(0);
     }
 
@@ -163,8 +186,8 @@ mod tests {
     #[test]
     fn queue_is_bounded_and_drained_in_order_with_its_framing() {
         let o = Outbox::default();
-        assert!(o.push(Kind::Reply, b"a".to_vec()));
-        assert!(o.push(Kind::Fail, b"b".to_vec()));
+        assert!(o.push(Kind::Reply, b"a"));
+        assert!(o.push(Kind::Fail, b"b"));
         let mut out = Vec::new();
         o.drain(
             &mut out,
@@ -176,24 +199,27 @@ mod tests {
         // What an idle WebSocket or MCPB session keeps of its replies: nothing.
         assert_eq!(o.queue.borrow().capacity(), 0);
         for _ in 0..MAX_QUEUED {
-            assert!(o.push(Kind::Reply, Vec::new()));
+            assert!(o.push(Kind::Reply, b""));
         }
-        assert!(!o.push(Kind::Reply, Vec::new()), "full");
+        assert!(!o.push(Kind::Reply, b""), "full");
+        let mut out = Vec::new();
+        o.drain(&mut out, |o, m| o.extend(m), |_, _| {});
+        assert!(out.is_empty() && !o.has_messages());
+        assert!(o.push(Kind::Reply, b"again"), "drained: room again");
     }
 
     #[test]
     fn queue_is_bounded_in_bytes_too() {
         let o = Outbox::default();
-        let mib = || vec![b'x'; 1 << 20];
+        let mib = vec![b'x'; 1 << 20];
         for _ in 0..16 {
-            assert!(o.push(Kind::Reply, mib()));
+            assert!(o.push(Kind::Reply, &mib));
         }
-        assert!(!o.push(Kind::Reply, mib()), "16 MiB wait already");
-        assert!(!o.push(Kind::Fail, b"x".to_vec()), "not a byte more");
-        o.drain(&mut Vec::new(), |_, _| {}, |_, _| {});
-        assert!(
-            o.push(Kind::Reply, mib()),
-            "taken by the client: room again"
-        );
+        assert!(!o.push(Kind::Reply, &mib), "16 MiB wait already");
+        assert!(!o.push(Kind::Fail, b"x"), "not a byte more");
+        let mut out = Vec::new();
+        o.drain(&mut out, |o, m| o.extend(m), |_, _| {});
+        assert_eq!(out.len(), 16 << 20, "every byte, none twice");
+        assert!(o.push(Kind::Reply, &mib), "taken by the client: room again");
     }
 }

@@ -22,13 +22,13 @@ use std::time::Instant;
 
 use crate::boxed;
 use crate::stream::Stream;
-use futures_channel::oneshot;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::client;
 use super::listen::{self, Listener};
 use super::outbox::{Kind, Outbox};
+use super::stops::Stops;
 use super::wire::{self, Body, SessionFields};
 use super::{Failure, Namespace, Outcome, Upstream, Upstreams};
 use crate::access;
@@ -55,8 +55,6 @@ pub struct MsgSession {
     door: Frontend,
     state: Rc<State>,
     outbox: Rc<Outbox>,
-    /// One per forward task; dropping them cancels the tasks.
-    stops: Vec<oneshot::Sender<()>>,
     worker: Option<&'static Worker>,
     /// The token of its latest stay in the parking lot (see [`MsgSession::park`]). Fits in the
     /// padding after `door`.
@@ -75,6 +73,20 @@ struct State {
     fields: RefCell<SessionFields>,
     /// The session's standalone stream, once it has an id.
     listener: RefCell<Option<Listener>>,
+    /// Stops the forward tasks when the session ends.
+    stops: Stops,
+}
+
+/// A forward task's share of its session: frees its stop slot however the task ends.
+struct Forwarding {
+    state: Rc<State>,
+    slot: usize,
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        self.state.stops.free(self.slot);
+    }
 }
 
 impl State {
@@ -129,7 +141,6 @@ impl MsgSession {
             door,
             state: Rc::new(state),
             outbox: Rc::default(),
-            stops: Vec::new(),
             worker: None,
             stay: 0,
         }
@@ -182,10 +193,11 @@ impl MsgSession {
             }
             self.outbox.changed().await;
         }
-        self.stops.retain(|s| !s.is_canceled());
-        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
-        self.stops.push(stop_tx);
-        let (state, outbox) = (self.state.clone(), self.outbox.clone());
+        let forwarding = Forwarding {
+            slot: self.state.stops.take(),
+            state: self.state.clone(),
+        };
+        let outbox = self.outbox.clone();
         let door = self.door;
         let all = worker.upstreams();
         let ns = self.find(all);
@@ -193,12 +205,13 @@ impl MsgSession {
         outbox.started();
         monoio::spawn(async move {
             let started = Instant::now();
+            let state = &forwarding.state;
             monoio::select! {
-                status = forward(worker, (all, ns), &state, &outbox, &message) => {
+                status = forward(worker, (all, ns), state, &outbox, &message) => {
                     worker.metrics.request(door, started.elapsed());
                     access::message_end(access, door, state.upstream.get(), status);
                 }
-                _ = &mut stop_rx => {}
+                _ = state.stops.stopped(forwarding.slot) => {}
             }
             outbox.finished();
             give_buf(message);
@@ -214,11 +227,8 @@ impl MsgSession {
     /// The session parks for stay `token`: `waker` (the lot's, see [`crate::park`]) is woken
     /// when a message is queued for its client.
     pub fn park(&mut self, token: u32, waker: Waker) {
-        // A parked session has nothing in flight (it parks only idle) and holds no list.
-        self.stops.retain(|s| !s.is_canceled());
-        if self.stops.is_empty() {
-            self.stops = Vec::new();
-        }
+        // A parked session has nothing in flight (it parks only idle) and holds no stop slots.
+        self.state.stops.trim();
         self.stay = token;
         self.outbox.wake(waker);
     }
@@ -306,9 +316,6 @@ impl MsgSession {
         may_park: bool,
     ) -> Next {
         loop {
-            // An idle session holds nothing for forwards that ended (a stop channel is 72
-            // bytes); the list keeps its room for the next message until the session parks.
-            self.stops.retain(|s| !s.is_canceled());
             let woke = if worker.draining() {
                 Woke::Client(Wait::Expired)
             } else {
@@ -362,7 +369,7 @@ impl MsgSession {
 
 impl Drop for MsgSession {
     fn drop(&mut self) {
-        self.stops.clear(); // cancels the forwards in flight
+        self.state.stops.end(); // cancels the forwards in flight
         let u = self.state.upstream.get();
         let id = self.state.id.borrow_mut().take();
         let fields = self.state.fields.borrow().clone();
@@ -531,7 +538,7 @@ async fn forward(
         let sized = match head.event_stream {
             true => take_events(&mut data, max, |event| {
                 if initializing {
-                    learn_protocol(state, &event);
+                    learn_protocol(state, event);
                 }
                 if !event.is_empty() && !outbox.push(Kind::Reply, event) {
                     fail(outbox, message, "client too slow to take the replies");
@@ -583,9 +590,9 @@ async fn forward(
             if initializing {
                 learn_protocol(state, &data);
             }
-            outbox.push(Kind::Reply, data.clone());
+            outbox.push(Kind::Reply, &data);
         } else if head.status >= 400 && json {
-            outbox.push(Kind::Fail, data.clone());
+            outbox.push(Kind::Fail, &data);
         } else if head.status >= 300 {
             fail(
                 outbox,
@@ -654,11 +661,21 @@ const FOREVER: std::time::Duration = std::time::Duration::from_secs(365 * 86_400
 
 /// Queues a JSON-RPC error for `message` (its id, or null).
 fn fail(outbox: &Outbox, message: &[u8], why: &str) {
-    outbox.push(Kind::Fail, error_for(message, why));
+    let mut error = take_buf();
+    write_error_for(&mut error, message, why);
+    outbox.push(Kind::Fail, &error);
+    give_buf(error);
 }
 
 /// A JSON-RPC error answering `message` (with its id, or null when it has none or is not JSON).
 pub fn error_for(message: &[u8], why: &str) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(96 + why.len());
+    write_error_for(&mut payload, message, why);
+    payload
+}
+
+/// Appends the JSON-RPC error answering `message` (see [`error_for`]) to `out`.
+fn write_error_for(out: &mut Vec<u8>, message: &[u8], why: &str) {
     #[derive(Deserialize)]
     struct IdOnly<'a> {
         #[serde(borrow)]
@@ -668,9 +685,7 @@ pub fn error_for(message: &[u8], why: &str) -> Vec<u8> {
         .ok()
         .and_then(|m| m.id)
         .map_or("null", RawValue::get);
-    let mut payload = Vec::with_capacity(96 + why.len());
-    crate::echo::write_error(&mut payload, id, -32000, why);
-    payload
+    crate::echo::write_error(out, id, -32000, why);
 }
 
 /// An event, or the part of one that has come, larger than `server.max_message_size`: one
@@ -680,25 +695,28 @@ pub struct TooLarge;
 /// Takes the complete server-sent events out of the start of `data` and hands each (its data, see
 /// `next_event`) to `each`, in order, until `each` returns false (`Ok(false)`; what is left
 /// stays in `data`). `Err(TooLarge)` when an event, or the part of the next one left in `data`,
-/// is larger than `max`.
+/// is larger than `max`. The events' data are put together in one pooled buffer, one after
+/// another: nothing is allocated per event.
 pub fn take_events(
     data: &mut Vec<u8>,
     max: usize,
-    mut each: impl FnMut(Vec<u8>) -> bool,
+    mut each: impl FnMut(&[u8]) -> bool,
 ) -> Result<bool, TooLarge> {
     let mut at = 0;
     let mut taken = Ok(true);
-    while let Some((used, event)) = next_event(&data[at..]) {
+    let mut event = take_buf();
+    while let Some(used) = next_event(&data[at..], &mut event) {
         at += used;
         if event.len() > max {
             taken = Err(TooLarge);
             break;
         }
-        if !each(event) {
+        if !each(&event) {
             taken = Ok(false);
             break;
         }
     }
+    give_buf(event);
     data.drain(..at);
     match taken {
         Ok(true) if data.len() > max => Err(TooLarge),
@@ -706,10 +724,11 @@ pub fn take_events(
     }
 }
 
-/// The next complete server-sent event at the start of `data`: the bytes it used and its data
-/// (the `data:` lines joined with `\n`; empty for events without data, such as comments).
-fn next_event(data: &[u8]) -> Option<(usize, Vec<u8>)> {
-    let mut payload = Vec::new();
+/// The next complete server-sent event at the start of `data`: the bytes it used, and its data
+/// (the `data:` lines joined with `\n`; empty for events without data, such as comments) in
+/// `payload`, cleared first.
+fn next_event(data: &[u8], payload: &mut Vec<u8>) -> Option<usize> {
+    payload.clear();
     let mut lines = 0;
     let mut at = 0;
     loop {
@@ -720,7 +739,7 @@ fn next_event(data: &[u8]) -> Option<(usize, Vec<u8>)> {
             line = &line[..line.len() - 1];
         }
         if line.is_empty() {
-            return Some((at, payload));
+            return Some(at);
         }
         if let Some(v) = line.strip_prefix(b"data:") {
             if lines > 0 {
@@ -770,7 +789,7 @@ mod tests {
         let mut data = b"data: a\n\ndata: b\n\ndata: par".to_vec();
         assert!(matches!(
             take_events(&mut data, 16, |e| {
-                got.push(e);
+                got.push(e.to_vec());
                 true
             }),
             Ok(true)
@@ -793,12 +812,13 @@ mod tests {
     #[test]
     fn events_split_and_join() {
         let s = b"event: message\r\ndata: {\"a\":1}\r\n\r\n: comment\n\ndata: x\ndata:y\n\ndata: partial";
-        let (n1, e1) = next_event(s).unwrap();
-        assert_eq!(e1, br#"{"a":1}"#);
-        let (n2, e2) = next_event(&s[n1..]).unwrap();
-        assert!(e2.is_empty());
-        let (n3, e3) = next_event(&s[n1 + n2..]).unwrap();
-        assert_eq!(e3, b"x\ny");
-        assert!(next_event(&s[n1 + n2 + n3..]).is_none());
+        let mut e = Vec::new();
+        let n1 = next_event(s, &mut e).unwrap();
+        assert_eq!(e, br#"{"a":1}"#);
+        let n2 = next_event(&s[n1..], &mut e).unwrap();
+        assert!(e.is_empty());
+        let n3 = next_event(&s[n1 + n2..], &mut e).unwrap();
+        assert_eq!(e, b"x\ny");
+        assert!(next_event(&s[n1 + n2 + n3..], &mut e).is_none());
     }
 }
