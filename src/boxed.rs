@@ -153,12 +153,24 @@ pub fn pin<F: Future>(future: F) -> Boxed<F> {
 }
 
 /// A future pinned in a reused block: polls it, and drops it in place when dropped.
-pub struct Boxed<F> {
+pub struct Boxed<F: ?Sized> {
     /// The future: written by [`pin`], dropped by `Drop`, never moved in between.
     at: NonNull<F>,
 }
 
-impl<F: Future> Future for Boxed<F> {
+/// A boxed future whose type is erased ([`Boxed::erase`]): futures of one kind kept in a list.
+pub type Task = Boxed<dyn Future<Output = ()>>;
+
+impl<F: Future<Output = ()> + 'static> Boxed<F> {
+    /// The same box, its future's type erased: the block and the future stay where they are.
+    pub fn erase(self) -> Task {
+        let this = std::mem::ManuallyDrop::new(self);
+        let at: NonNull<dyn Future<Output = ()>> = this.at;
+        Boxed { at }
+    }
+}
+
+impl<F: Future + ?Sized> Future for Boxed<F> {
     type Output = F::Output;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         // SAFETY: the future lives at `at` until `Drop`, is never moved (only the pointer is,
@@ -167,9 +179,11 @@ impl<F: Future> Future for Boxed<F> {
     }
 }
 
-impl<F> Drop for Boxed<F> {
+impl<F: ?Sized> Drop for Boxed<F> {
     fn drop(&mut self) {
-        let layout = Layout::new::<F>();
+        // SAFETY: the future written by `pin` is still there (dropped just below); for an
+        // erased one, the pointer's metadata is its type's, so the layout is the block's.
+        let layout = Layout::for_value(unsafe { self.at.as_ref() });
         // SAFETY: the future written by `pin` is still there (it is dropped only here); after
         // this the block holds no value. Should its destructor panic, the block is leaked,
         // never listed.
@@ -207,7 +221,7 @@ mod tests {
         }
     }
 
-    fn run<F: Future>(mut f: Boxed<F>) -> F::Output {
+    fn run<F: Future + ?Sized>(mut f: Boxed<F>) -> F::Output {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         loop {
             if let Poll::Ready(v) = Pin::new(&mut f).poll(&mut cx) {
@@ -264,6 +278,38 @@ mod tests {
         drop(boxed);
         assert_eq!(drops.get(), 1, "the future's state was dropped");
         assert_eq!(free_blocks(layout), 1, "its block is free again");
+    }
+
+    #[test]
+    fn an_erased_future_runs_drops_and_gives_its_block_back_the_same() {
+        let drops = Rc::new(Cell::new(0));
+        let d = Dropped(drops.clone());
+        let fut = async move {
+            let _d = d;
+            YieldOnce(false).await;
+        };
+        let layout = Layout::for_value(&fut);
+        let first = pin(fut);
+        let at = first.at.cast::<u8>();
+        let tasks: Vec<Task> = vec![first.erase()];
+        assert_eq!(drops.get(), 0, "erasing moved only the pointer");
+        for t in tasks {
+            run(t);
+        }
+        assert_eq!(drops.get(), 1);
+        assert_eq!(
+            free_blocks(layout),
+            1,
+            "the block, listed under the future's layout"
+        );
+        let d = Dropped(drops.clone());
+        let second = pin(async move {
+            let _d = d;
+            YieldOnce(false).await;
+        });
+        assert_eq!(second.at.cast::<u8>(), at, "the same block again");
+        drop(second.erase()); // cancelled while erased
+        assert_eq!((drops.get(), free_blocks(layout)), (2, 1));
     }
 
     #[test]

@@ -214,7 +214,8 @@ async fn exchange(
                 if let Some((_, len)) = found {
                     buf.reserve(HEADER_LEN + len - buf.len());
                 }
-                match read_more(stream, &mut buf, deadline).await {
+                // The rest of a message: the forwards in flight go on meanwhile.
+                match session.read_more(stream, &mut buf, deadline).await {
                     Ok(_) => continue,
                     Err(ReadError::TimedOut) => {
                         worker

@@ -338,7 +338,8 @@ async fn exchange(
                         Err(_) => return WsStep::Close,
                     }
                 }
-                match read_more(stream, &mut buf, deadline).await {
+                // The rest of a message: the forwards in flight go on meanwhile.
+                match session.read_more(stream, &mut buf, deadline).await {
                     Ok(_) => continue,
                     Err(ReadError::TimedOut) => {
                         worker

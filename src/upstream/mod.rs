@@ -12,8 +12,7 @@
 //! - [`health`]: the active health checker (one thread for the process);
 //! - [`rpc`]: one JSON-RPC message forwarded within an upstream MCP session (WebSocket, MCPB);
 //! - [`listen`]: that session's standalone `GET` stream, for what the server sends unprompted;
-//! - [`outbox`]: what goes back to such a client, queued for its connection to write;
-//! - [`stops`]: the end of such a session stopping its forwards in flight.
+//! - [`outbox`]: what goes back to such a client, queued for its connection to write.
 //!
 //! Sessions stick without a shared session map: the `Mcp-Session-Id` a client sees is the
 //! upstream's own id behind an 8-character tag naming the upstream ([`Upstream::tag`], a hash of
@@ -35,7 +34,6 @@ pub mod listen;
 pub mod outbox;
 pub mod registry;
 pub mod rpc;
-pub mod stops;
 pub mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};

@@ -5,22 +5,27 @@
 //! as soon as it arrives.
 //!
 //! Owns the per-connection [`MsgSession`]: the upstream picked by the first message, the session
-//! id it issued, and the forwards in flight. Each message is forwarded by a task of its own, so
-//! the client may go on sending while a message is being answered (the response to a request the
-//! server sent it mid-call, a cancellation); what comes back is queued in the connection's
-//! [`Outbox`] and written by the connection. An upstream failure costs the client a JSON-RPC error
+//! id it issued, and the forwards in flight. Each message's forward is a future of its own, kept
+//! by the session (boxed in a reused block) and polled by the connection's task whenever it waits
+//! (for the client's next message, or for room to forward one), so the client may go on sending
+//! while a message is being answered (the response to a request the server sent it mid-call, a
+//! cancellation), with no task spawned per message; what comes back is queued in the
+//! connection's [`Outbox`] and written by the connection. Dropping the session drops its
+//! forwards (cancelled, their upstream connections closed). An upstream failure costs the client a JSON-RPC error
 //! for that message (with the message's id), never the connection; a session whose upstream is
 //! gone (refused, or answering 404 for the id) is forgotten, so the client's next `initialize`
 //! starts a new one. What the upstream sends outside any request arrives through the session's
 //! standalone stream ([`super::listen`]) into the same outbox.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::rc::Rc;
-use std::task::Waker;
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
-use crate::boxed;
+use crate::boxed::{self, Task};
 use crate::stream::Stream;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -28,7 +33,6 @@ use serde_json::value::RawValue;
 use super::client;
 use super::listen::{self, Listener};
 use super::outbox::{Kind, Outbox};
-use super::stops::Stops;
 use super::wire::{self, Body, SessionFields};
 use super::{Failure, Namespace, Outcome, Upstream, Upstreams};
 use crate::access;
@@ -55,6 +59,9 @@ pub struct MsgSession {
     door: Frontend,
     state: Rc<State>,
     outbox: Rc<Outbox>,
+    /// The forwards in flight (at most `MAX_IN_FLIGHT`), polled by the connection's task; the
+    /// list keeps its room for the next message until the session parks.
+    forwards: Vec<Task>,
     worker: Option<&'static Worker>,
     /// The token of its latest stay in the parking lot (see [`MsgSession::park`]). Fits in the
     /// padding after `door`.
@@ -73,19 +80,26 @@ struct State {
     fields: RefCell<SessionFields>,
     /// The session's standalone stream, once it has an id.
     listener: RefCell<Option<Listener>>,
-    /// Stops the forward tasks when the session ends.
-    stops: Stops,
 }
 
-/// A forward task's share of its session: frees its stop slot however the task ends.
-struct Forwarding {
-    state: Rc<State>,
-    slot: usize,
-}
+/// Counts a forward finished however it ends (answered, or dropped with its session).
+struct Finished(Rc<Outbox>);
 
-impl Drop for Forwarding {
+impl Drop for Finished {
     fn drop(&mut self) {
-        self.state.stops.free(self.slot);
+        self.0.finished();
+    }
+}
+
+/// Polls the forwards in flight, dropping those that finished; never resolves (it runs beside
+/// a wait for something else).
+struct Drive<'a>(&'a mut Vec<Task>);
+
+impl Future for Drive<'_> {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.retain_mut(|f| Pin::new(f).poll(cx).is_pending());
+        Poll::Pending
     }
 }
 
@@ -141,6 +155,7 @@ impl MsgSession {
             door,
             state: Rc::new(state),
             outbox: Rc::default(),
+            forwards: Vec::new(),
             worker: None,
             stay: 0,
         }
@@ -169,12 +184,13 @@ impl MsgSession {
         }
     }
 
-    /// Forwards `message` to the session's namespace in the background, so the client can go on sending
-    /// (a response to a request the server sent it in the middle of a tool call, say): replies
-    /// are queued as they come and written by the connection, in whatever order they complete
-    /// (JSON-RPC matches them by id). Waits first, writing what arrives meanwhile, while the
-    /// session is being set up (its first message in flight and no id yet) or while
-    /// `MAX_IN_FLIGHT` (16) are in flight.
+    /// Forwards `message` to the session's namespace beside whatever the connection does next, so
+    /// the client can go on sending (a response to a request the server sent it in the middle of
+    /// a tool call, say): replies are queued as they come and written by the connection, in
+    /// whatever order they complete (JSON-RPC matches them by id). The forward starts at the
+    /// connection's next wait ([`MsgSession::next`]). Waits first, forwarding and writing what
+    /// arrives meanwhile, while the session is being set up (its first message in flight and no
+    /// id yet) or while `MAX_IN_FLIGHT` (16) are in flight.
     pub async fn submit(
         &mut self,
         worker: &'static Worker,
@@ -191,32 +207,42 @@ impl MsgSession {
             if in_flight < MAX_IN_FLIGHT && !setting_up {
                 break;
             }
-            self.outbox.changed().await;
+            monoio::select! {
+                _ = self.outbox.changed() => {}
+                _ = Drive(&mut self.forwards) => {}
+            }
         }
-        let forwarding = Forwarding {
-            slot: self.state.stops.take(),
-            state: self.state.clone(),
-        };
-        let outbox = self.outbox.clone();
+        let (state, outbox) = (self.state.clone(), self.outbox.clone());
         let door = self.door;
         let all = worker.upstreams();
         let ns = self.find(all);
         let access = access::message_begin(worker, client);
         outbox.started();
-        monoio::spawn(async move {
+        let finished = Finished(outbox.clone());
+        let task = boxed::pin(async move {
+            let _finished = finished;
             let started = Instant::now();
-            let state = &forwarding.state;
-            monoio::select! {
-                status = forward(worker, (all, ns), state, &outbox, &message) => {
-                    worker.metrics.request(door, started.elapsed());
-                    access::message_end(access, door, state.upstream.get(), status);
-                }
-                _ = state.stops.stopped(forwarding.slot) => {}
-            }
-            outbox.finished();
+            let status = forward(worker, (all, ns), &state, &outbox, &message).await;
+            worker.metrics.request(door, started.elapsed());
+            access::message_end(access, door, state.upstream.get(), status);
             give_buf(message);
         });
+        self.forwards.push(task.erase());
         Ok(())
+    }
+
+    /// Reads more of the client's next message into `buf` ([`read_more`]) while the forwards in
+    /// flight go on.
+    pub async fn read_more(
+        &mut self,
+        client: &mut Stream,
+        buf: &mut Vec<u8>,
+        deadline: Instant,
+    ) -> Result<usize, ReadError> {
+        monoio::select! {
+            got = read_more(client, buf, deadline) => got,
+            _ = Drive(&mut self.forwards) => unreachable!("never resolves"),
+        }
     }
 
     /// Nothing in flight and nothing queued: the session may park with its connection.
@@ -227,8 +253,10 @@ impl MsgSession {
     /// The session parks for stay `token`: `waker` (the lot's, see [`crate::park`]) is woken
     /// when a message is queued for its client.
     pub fn park(&mut self, token: u32, waker: Waker) {
-        // A parked session has nothing in flight (it parks only idle) and holds no stop slots.
-        self.state.stops.trim();
+        // A parked session has nothing in flight (it parks only idle) and holds no list.
+        if self.forwards.is_empty() {
+            self.forwards = Vec::new();
+        }
         self.stay = token;
         self.outbox.wake(waker);
     }
@@ -288,13 +316,16 @@ impl MsgSession {
     /// Waits until every forward in flight has finished, writing what they send meanwhile
     /// (a connection closing while the gateway drains).
     async fn settle(
-        &self,
+        &mut self,
         worker: &Worker,
         client: &mut Stream,
         framing: &Framing,
     ) -> Result<(), ClientGone> {
         while self.outbox.in_flight() > 0 {
-            self.outbox.changed().await;
+            monoio::select! {
+                _ = self.outbox.changed() => {}
+                _ = Drive(&mut self.forwards) => {}
+            }
             self.write_queued(worker, client, framing).await?;
         }
         self.write_queued(worker, client, framing).await
@@ -344,8 +375,9 @@ impl MsgSession {
         }
     }
 
+    /// Waits for the client or for messages to write, polling the forwards in flight meanwhile.
     async fn wait(
-        &self,
+        &mut self,
         worker: &Worker,
         reg: &Registration,
         stream: &Stream,
@@ -363,13 +395,14 @@ impl MsgSession {
                 worker.idle_end(reg); // the idle wait was dropped unfinished
                 Woke::Queued
             }
+            _ = Drive(&mut self.forwards) => unreachable!("never resolves"),
         }
     }
 }
 
 impl Drop for MsgSession {
     fn drop(&mut self) {
-        self.state.stops.end(); // cancels the forwards in flight
+        self.forwards.clear(); // cancels the forwards in flight
         let u = self.state.upstream.get();
         let id = self.state.id.borrow_mut().take();
         let fields = self.state.fields.borrow().clone();
