@@ -7,8 +7,10 @@
 //! `Box::pin`, every request paid for an allocation and a free of that size (over-aligned, 128
 //! bytes: monoio pads its timers to a cache line, so each went through `posix_memalign`), two
 //! per proxied HTTP request. Here a finished future's block goes back to a per-thread (so
-//! per-core) free list for its layout, and the next future of that layout takes it. [`new`] and [`unbox`] do the same for a value
-//! that moves between owners as a `Box` (an event stream's state).
+//! per-core) free list for its layout, and the next future of that layout takes it. [`new`] and
+//! [`unbox`] do the same for a value that moves between owners as a `Box` (an event stream's
+//! state). [`Boxed::erase`] turns a boxed future into a [`Task`] of erased type, for a list of
+//! futures of one kind that a task polls itself (a WebSocket or MCPB session's forwards).
 //!
 //! Invariants:
 //! - A block holds one future from [`pin`] until the [`Boxed`] is dropped (finished or
