@@ -737,6 +737,41 @@ fn a_closed_mcpb_connection_ends_its_upstream_session() {
     gw.wait_all_closed();
 }
 
+/// A session whose last message had no reply (a notification, answered `202` upstream: every MCP
+/// client sends `notifications/initialized`) is idle once it was forwarded: `idle_timeout`
+/// closes it, parked or not, as any other idle connection.
+#[test]
+fn a_session_idle_after_a_notification_is_closed_at_idle_timeout() {
+    for park in [true, false] {
+        let up = Mock::start(move |req, s| {
+            if req.body_str().contains("\"initialize\"") {
+                json_reply(s, req, "{}", &[("Mcp-Session-Id", "S6")]);
+            } else if req.method == "POST" {
+                respond(s, 202, &[], "");
+            } else {
+                respond(s, 405, &[], ""); // no session stream; DELETE answered
+            }
+        });
+        let gw = start_with(
+            &format!("idle_timeout: 1\npark_idle_connections: {park}"),
+            &endpoints(&[("default", &[&up.url()])], ROUTING),
+        );
+        let mut c = mcpb_initialized(&gw);
+        let note = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+        c.write_all(&mcpb_frame(1, note)).unwrap();
+        let sent = Instant::now();
+        // Nothing comes back for a notification; then the close (reads are bounded to 10 s).
+        let mut rest = Vec::new();
+        let read = c.read_to_end(&mut rest);
+        assert!(
+            read.is_ok() && sent.elapsed() < Duration::from_secs(5),
+            "closed at idle_timeout (park {park}): {read:?} after {:?}",
+            sent.elapsed()
+        );
+        gw.wait_all_closed();
+    }
+}
+
 /// A client that leaves while its calls are still being answered stops their forwards: the
 /// upstream sees each held request's connection closed at once, not at `request_timeout`.
 #[test]

@@ -91,15 +91,23 @@ impl Drop for Finished {
     }
 }
 
-/// Polls the forwards in flight, dropping those that finished; never resolves (it runs beside
-/// a wait for something else).
+/// Polls the forwards in flight, dropping those that finished, beside a wait for something
+/// else; resolves when the last one has finished (never when there were none), so that the
+/// wait can be made again for a session that may be idle now.
 struct Drive<'a>(&'a mut Vec<Task>);
 
 impl Future for Drive<'_> {
     type Output = ();
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0.is_empty() {
+            return Poll::Pending;
+        }
         self.0.retain_mut(|f| Pin::new(f).poll(cx).is_pending());
-        Poll::Pending
+        if self.0.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 }
 
@@ -119,6 +127,9 @@ enum Woke {
     Client(Wait),
     /// Messages for the client are queued.
     Queued,
+    /// The last forward in flight finished with nothing queued (what it queued would have
+    /// ended the wait first): the session may be idle now.
+    Settled,
 }
 
 /// How [`MsgSession::next`] ended.
@@ -239,9 +250,13 @@ impl MsgSession {
         buf: &mut Vec<u8>,
         deadline: Instant,
     ) -> Result<usize, ReadError> {
+        let forwards = async {
+            Drive(&mut self.forwards).await;
+            std::future::pending::<()>().await // all finished: only the read is left
+        };
         monoio::select! {
             got = read_more(client, buf, deadline) => got,
-            _ = Drive(&mut self.forwards) => unreachable!("never resolves"),
+            _ = forwards => unreachable!("never resolves"),
         }
     }
 
@@ -361,7 +376,7 @@ impl MsgSession {
                 Woke::Client(Wait::Expired) => {
                     boxed::pin(self.settle(worker, client, framing)).await
                 }
-                Woke::Queued => {
+                Woke::Queued | Woke::Settled => {
                     match boxed::pin(self.write_queued(worker, client, framing)).await {
                         Ok(()) => continue,
                         Err(gone) => Err(gone),
@@ -395,7 +410,10 @@ impl MsgSession {
                 worker.idle_end(reg); // the idle wait was dropped unfinished
                 Woke::Queued
             }
-            _ = Drive(&mut self.forwards) => unreachable!("never resolves"),
+            _ = Drive(&mut self.forwards) => {
+                worker.idle_end(reg); // as above
+                Woke::Settled
+            }
         }
     }
 }
