@@ -1,6 +1,7 @@
 //! What goes to one WebSocket or MCPB client from its upstream session: the replies of its
-//! forwarded messages and what the session's standalone stream brings, queued by the background
-//! tasks that receive them and written by the connection's own task (so frames never interleave).
+//! forwarded messages and what the session's standalone stream brings, queued by the forwards
+//! (futures the connection's task polls) and the stream's task as they receive them, and written
+//! by the connection's own task in one place (so frames never interleave).
 //!
 //! Owns the queue, the count of forwards in flight, and the wake-up of the connection task when
 //! either changes. Bounded: at most [`MAX_QUEUED`] messages and [`MAX_QUEUED_BYTES`] bytes wait;

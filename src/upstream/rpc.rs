@@ -7,15 +7,20 @@
 //! Owns the per-connection [`MsgSession`]: the upstream picked by the first message, the session
 //! id it issued, and the forwards in flight. Each message's forward is a future of its own, kept
 //! by the session (boxed in a reused block) and polled by the connection's task whenever it waits
-//! (for the client's next message, or for room to forward one), so the client may go on sending
-//! while a message is being answered (the response to a request the server sent it mid-call, a
-//! cancellation), with no task spawned per message; what comes back is queued in the
-//! connection's [`Outbox`] and written by the connection. Dropping the session drops its
-//! forwards (cancelled, their upstream connections closed). An upstream failure costs the client a JSON-RPC error
-//! for that message (with the message's id), never the connection; a session whose upstream is
-//! gone (refused, or answering 404 for the id) is forgotten, so the client's next `initialize`
-//! starts a new one. What the upstream sends outside any request arrives through the session's
-//! standalone stream ([`super::listen`]) into the same outbox.
+//! (for the client's next message, the rest of one, or room to forward one), so the client may
+//! go on sending while a message is being answered (the response to a request the server sent it
+//! mid-call, a cancellation), with no task spawned per message; what comes back is queued in the
+//! connection's [`Outbox`] and written by the connection. An upstream failure costs the client a
+//! JSON-RPC error for that message (with the message's id), never the connection; a session
+//! whose upstream is gone (refused, or answering 404 for the id) is forgotten, so the client's
+//! next `initialize` starts a new one. What the upstream sends outside any request arrives
+//! through the session's standalone stream ([`super::listen`]) into the same outbox.
+//!
+//! Invariants: every forward started is counted in flight ([`Outbox::in_flight`]) until it
+//! finishes or is dropped, and is in the session's list meanwhile; dropping the session drops
+//! its forwards (cancelled, their upstream connections closed). When the last forward finishes,
+//! the connection's wait for its client is made again, so a session whose last message got
+//! nothing back (a notification) is idle, expires and parks like any other.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
