@@ -242,6 +242,12 @@ mod tests {
         })
     }
 
+    /// Holds `d` until `f` is done (or the future is dropped).
+    async fn holding(d: Dropped, f: impl Future<Output = ()>) {
+        let _d = d;
+        f.await
+    }
+
     /// A request's state: big, and alive across an await.
     async fn exchange(n: u64, state: [u64; 64]) -> u64 {
         YieldOnce(false).await;
@@ -267,11 +273,7 @@ mod tests {
     #[test]
     fn a_cancelled_future_is_dropped_in_place_and_its_block_kept() {
         let drops = Rc::new(Cell::new(0));
-        let d = Dropped(drops.clone());
-        let fut = async move {
-            let _d = d;
-            std::future::pending::<()>().await;
-        };
+        let fut = holding(Dropped(drops.clone()), std::future::pending());
         let layout = Layout::for_value(&fut);
         let mut boxed = pin(fut);
         let mut cx = Context::from_waker(std::task::Waker::noop());
@@ -285,11 +287,7 @@ mod tests {
     #[test]
     fn an_erased_future_runs_drops_and_gives_its_block_back_the_same() {
         let drops = Rc::new(Cell::new(0));
-        let d = Dropped(drops.clone());
-        let fut = async move {
-            let _d = d;
-            YieldOnce(false).await;
-        };
+        let fut = holding(Dropped(drops.clone()), YieldOnce(false));
         let layout = Layout::for_value(&fut);
         let first = pin(fut);
         let at = first.at.cast::<u8>();
@@ -304,11 +302,7 @@ mod tests {
             1,
             "the block, listed under the future's layout"
         );
-        let d = Dropped(drops.clone());
-        let second = pin(async move {
-            let _d = d;
-            YieldOnce(false).await;
-        });
+        let second = pin(holding(Dropped(drops.clone()), YieldOnce(false)));
         assert_eq!(second.at.cast::<u8>(), at, "the same block again");
         drop(second.erase()); // cancelled while erased
         assert_eq!((drops.get(), free_blocks(layout)), (2, 1));
