@@ -3,8 +3,7 @@
 //! (futures the connection's task polls) and the stream's task as they receive them, and written
 //! by the connection's own task in one place (so frames never interleave).
 //!
-//! Owns the queue, the count of forwards in flight, and the wake-up of the connection task when
-//! either changes. Bounded: at most [`MAX_QUEUED`] messages and [`MAX_QUEUED_BYTES`] bytes wait;
+//! Owns the queue and the wake-up of the connection's task when a message is queued. Bounded: at most [`MAX_QUEUED`] messages and [`MAX_QUEUED_BYTES`] bytes wait;
 //! a producer that finds the queue full gives up (a session stream is dropped; a reply becomes an
 //! error for its message).
 //!
@@ -49,9 +48,8 @@ pub struct Outbox {
     messages: Cell<usize>,
     /// The bytes of the messages in `queue` (without their entry heads).
     bytes: Cell<usize>,
-    in_flight: Cell<usize>,
-    /// Bumped on every push and every finished forward; [`Outbox::changed`] waits for a bump.
-    version: Cell<u64>,
+    /// Woken by the next push: the connection's task waiting in [`Outbox::ready`], or the
+    /// parking lot's for a parked session.
     waker: Cell<Option<Waker>>,
 }
 
@@ -79,7 +77,6 @@ impl Outbox {
     }
 
     fn bump(&self) {
-        self.version.set(self.version.get() + 1);
         if let Some(w) = self.waker.take() {
             w.wake();
         }
@@ -113,33 +110,12 @@ impl Outbox {
         self.bytes.set(0);
     }
 
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.get()
-    }
-
-    pub fn started(&self) {
-        self.in_flight.set(self.in_flight.get() + 1);
-    }
-
-    pub fn finished(&self) {
-        self.in_flight.set(self.in_flight.get() - 1);
-        self.bump();
-    }
-
-    /// Resolves at the next push or finished forward after this call.
-    pub fn changed(&self) -> impl Future<Output = ()> + '_ {
-        Changed {
-            outbox: self,
-            seen: self.version.get(),
-        }
-    }
-
     /// Resolves once a message is queued (at once if one is).
     pub fn ready(&self) -> impl Future<Output = ()> + '_ {
         Ready(self)
     }
 
-    /// Has `waker` woken at the next push or finished forward, in place of a task's: a parked
+    /// Has `waker` woken at the next push, in place of a task's: a parked
     /// connection's (see [`crate::park`]).
     pub fn wake(&self, waker: Waker) {
         self.waker.set(Some(waker));
@@ -148,22 +124,6 @@ impl Outbox {
     /// Drops the waker set by [`Outbox::wake`] (or a task's), so that it is never woken.
     pub fn forget_waker(&self) {
         self.waker.take();
-    }
-}
-
-struct Changed<'a> {
-    outbox: &'a Outbox,
-    seen: u64,
-}
-
-impl Future for Changed<'_> {
-    type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.outbox.version.get() != self.seen {
-            return Poll::Ready(());
-        }
-        self.outbox.waker.set(Some(cx.waker().clone()));
-        Poll::Pending
     }
 }
 

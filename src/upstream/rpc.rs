@@ -16,11 +16,11 @@
 //! next `initialize` starts a new one. What the upstream sends outside any request arrives
 //! through the session's standalone stream ([`super::listen`]) into the same outbox.
 //!
-//! Invariants: every forward started is counted in flight ([`Outbox::in_flight`]) until it
-//! finishes or is dropped, and is in the session's list meanwhile; dropping the session drops
-//! its forwards (cancelled, their upstream connections closed). When the last forward finishes,
-//! the connection's wait for its client is made again, so a session whose last message got
-//! nothing back (a notification) is idle, expires and parks like any other.
+//! Invariants: a forward is in flight exactly while it is in the session's list (the count the
+//! limits and idleness go by); dropping the session drops its forwards (cancelled, their
+//! upstream connections closed). When a forward finishes, the connection's wait for its client
+//! is made again, so a session whose last message got nothing back (a notification) is idle,
+//! expires and parks like any other.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -87,28 +87,17 @@ struct State {
     listener: RefCell<Option<Listener>>,
 }
 
-/// Counts a forward finished however it ends (answered, or dropped with its session).
-struct Finished(Rc<Outbox>);
-
-impl Drop for Finished {
-    fn drop(&mut self) {
-        self.0.finished();
-    }
-}
-
 /// Polls the forwards in flight, dropping those that finished, beside a wait for something
-/// else; resolves when the last one has finished (never when there were none), so that the
-/// wait can be made again for a session that may be idle now.
+/// else; resolves when one has finished (never while none is in flight), so that the wait can be
+/// made again for a session that may now have room for a message, or be idle.
 struct Drive<'a>(&'a mut Vec<Task>);
 
 impl Future for Drive<'_> {
     type Output = ();
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0.is_empty() {
-            return Poll::Pending;
-        }
+        let before = self.0.len();
         self.0.retain_mut(|f| Pin::new(f).poll(cx).is_pending());
-        if self.0.is_empty() {
+        if self.0.len() < before {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -132,9 +121,8 @@ enum Woke {
     Client(Wait),
     /// Messages for the client are queued.
     Queued,
-    /// The last forward in flight finished with nothing queued (what it queued would have
-    /// ended the wait first): the session may be idle now.
-    Settled,
+    /// A forward finished: the session may be idle now.
+    Finished,
 }
 
 /// How [`MsgSession::next`] ended.
@@ -218,13 +206,13 @@ impl MsgSession {
         self.worker = Some(worker);
         loop {
             self.write_queued_with(client, out, framing, worker).await?;
-            let in_flight = self.outbox.in_flight();
+            let in_flight = self.forwards.len();
             let setting_up = in_flight > 0 && self.state.id.borrow().is_none();
             if in_flight < MAX_IN_FLIGHT && !setting_up {
                 break;
             }
             monoio::select! {
-                _ = self.outbox.changed() => {}
+                _ = self.outbox.ready() => {}
                 _ = Drive(&mut self.forwards) => {}
             }
         }
@@ -233,10 +221,7 @@ impl MsgSession {
         let all = worker.upstreams();
         let ns = self.find(all);
         let access = access::message_begin(worker, client);
-        outbox.started();
-        let finished = Finished(outbox.clone());
         let task = boxed::pin(async move {
-            let _finished = finished;
             let started = Instant::now();
             let status = forward(worker, (all, ns), &state, &outbox, &message).await;
             worker.metrics.request(door, started.elapsed());
@@ -256,8 +241,9 @@ impl MsgSession {
         deadline: Instant,
     ) -> Result<usize, ReadError> {
         let forwards = async {
-            Drive(&mut self.forwards).await;
-            std::future::pending::<()>().await // all finished: only the read is left
+            loop {
+                Drive(&mut self.forwards).await;
+            }
         };
         monoio::select! {
             got = read_more(client, buf, deadline) => got,
@@ -267,7 +253,7 @@ impl MsgSession {
 
     /// Nothing in flight and nothing queued: the session may park with its connection.
     pub fn is_idle(&self) -> bool {
-        self.outbox.in_flight() == 0 && !self.outbox.has_messages()
+        self.forwards.is_empty() && !self.outbox.has_messages()
     }
 
     /// The session parks for stay `token`: `waker` (the lot's, see [`crate::park`]) is woken
@@ -341,9 +327,9 @@ impl MsgSession {
         client: &mut Stream,
         framing: &Framing,
     ) -> Result<(), ClientGone> {
-        while self.outbox.in_flight() > 0 {
+        while !self.forwards.is_empty() {
             monoio::select! {
-                _ = self.outbox.changed() => {}
+                _ = self.outbox.ready() => {}
                 _ = Drive(&mut self.forwards) => {}
             }
             self.write_queued(worker, client, framing).await?;
@@ -381,7 +367,7 @@ impl MsgSession {
                 Woke::Client(Wait::Expired) => {
                     boxed::pin(self.settle(worker, client, framing)).await
                 }
-                Woke::Queued | Woke::Settled => {
+                Woke::Queued | Woke::Finished => {
                     match boxed::pin(self.write_queued(worker, client, framing)).await {
                         Ok(()) => continue,
                         Err(gone) => Err(gone),
@@ -403,7 +389,7 @@ impl MsgSession {
         stream: &Stream,
         limit: std::time::Duration,
     ) -> Woke {
-        let limit = if self.outbox.in_flight() > 0 {
+        let limit = if !self.forwards.is_empty() {
             FOREVER
         } else {
             limit
@@ -417,7 +403,7 @@ impl MsgSession {
             }
             _ = Drive(&mut self.forwards) => {
                 worker.idle_end(reg); // as above
-                Woke::Settled
+                Woke::Finished
             }
         }
     }
