@@ -811,6 +811,44 @@ fn a_closed_mcpb_connection_stops_its_forwards_in_flight() {
     gw.wait_all_closed();
 }
 
+/// A message goes upstream while the client is still sending the next one: the connection
+/// forwards it while it reads the rest of that frame, not only once the frame is whole (within
+/// `read_timeout`, 30 s here). Its reply comes once the client's frame is complete.
+#[test]
+fn an_mcpb_message_is_forwarded_while_the_client_sends_the_next() {
+    let (got_tx, got_rx) = mpsc::channel::<()>();
+    let got_tx = Mutex::new(got_tx);
+    let up = Mock::start(move |req, s| {
+        if req.body_str().contains("tools/call") {
+            let _ = got_tx.lock().unwrap().send(());
+            json_reply(s, req, "{}", &[]);
+        } else if req.method == "POST" {
+            json_reply(s, req, "{}", &[("Mcp-Session-Id", "S7")]);
+        } else {
+            respond(s, 405, &[], ""); // no session stream; DELETE answered
+        }
+    });
+    let gw = start_with(
+        "read_timeout: 30",
+        &endpoints(&[("default", &[&up.url()])], ROUTING),
+    );
+    let mut c = mcpb_initialized(&gw);
+    let call = mcpb_frame(1, br#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#);
+    let ping = mcpb_frame(1, br#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#);
+    // The call whole and the next frame's first half, in one write.
+    let half = ping.len() / 2;
+    c.write_all(&[&call[..], &ping[..half]].concat()).unwrap();
+    got_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the call reaches the upstream while the next frame is incomplete");
+    c.write_all(&ping[half..]).unwrap();
+    let mut ids: Vec<i64> = (0..2)
+        .map(|_| read_mcpb(&mut c).1["id"].as_i64().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, [1, 2], "both answered once the frame is whole");
+}
+
 #[test]
 fn what_the_upstream_sends_on_its_own_reaches_an_mcpb_client_between_messages() {
     let (notify_tx, notify_rx) = mpsc::channel::<()>();

@@ -56,11 +56,11 @@ pub struct Outbox {
 impl Outbox {
     /// Queues a copy of `message`; false when the queue is full.
     pub fn push(&self, kind: Kind, message: &[u8]) -> bool {
+        let bytes = self.bytes.get() + message.len();
+        if self.messages.get() >= MAX_QUEUED || bytes > MAX_QUEUED_BYTES {
+            return false;
+        }
         {
-            let bytes = self.bytes.get() + message.len();
-            if self.messages.get() >= MAX_QUEUED || bytes > MAX_QUEUED_BYTES {
-                return false;
-            }
             let mut q = self.queue.borrow_mut();
             if q.capacity() == 0 {
                 *q = take_buf();
@@ -69,17 +69,14 @@ impl Outbox {
             // At most MAX_QUEUED_BYTES (16 MiB): fits in a u32.
             q.extend_from_slice(&(message.len() as u32).to_le_bytes());
             q.extend_from_slice(message);
-            self.bytes.set(bytes);
-            self.messages.set(self.messages.get() + 1);
         }
-        self.bump();
-        true
-    }
-
-    fn bump(&self) {
+        self.bytes.set(bytes);
+        self.messages.set(self.messages.get() + 1);
+        // After the queue's borrow ends: the waker is never woken with it held.
         if let Some(w) = self.waker.take() {
             w.wake();
         }
+        true
     }
 
     pub fn has_messages(&self) -> bool {
@@ -115,8 +112,8 @@ impl Outbox {
         Ready(self)
     }
 
-    /// Has `waker` woken at the next push, in place of a task's: a parked
-    /// connection's (see [`crate::park`]).
+    /// Has `waker` woken at the next push, in place of a task's: a parked connection's (see
+    /// [`crate::park`]).
     pub fn wake(&self, waker: Waker) {
         self.waker.set(Some(waker));
     }
