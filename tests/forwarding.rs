@@ -737,21 +737,30 @@ fn a_closed_mcpb_connection_ends_its_upstream_session() {
     gw.wait_all_closed();
 }
 
+/// An upstream issuing session `id` at `initialize`, answering the session's other messages with
+/// `message`, with no session stream (`GET` 405); `DELETE` is answered.
+fn session_upstream(
+    id: &'static str,
+    message: impl Fn(&Req, &mut TcpStream) + Send + Sync + 'static,
+) -> Mock {
+    Mock::start(move |req, s| {
+        if req.body_str().contains("\"initialize\"") {
+            json_reply(s, req, "{}", &[("Mcp-Session-Id", id)]);
+        } else if req.method == "POST" {
+            message(req, s);
+        } else {
+            respond(s, 405, &[], "");
+        }
+    })
+}
+
 /// A session whose last message had no reply (a notification, answered `202` upstream: every MCP
 /// client sends `notifications/initialized`) is idle once it was forwarded: `idle_timeout`
 /// closes it, parked or not, as any other idle connection.
 #[test]
 fn a_session_idle_after_a_notification_is_closed_at_idle_timeout() {
     for park in [true, false] {
-        let up = Mock::start(move |req, s| {
-            if req.body_str().contains("\"initialize\"") {
-                json_reply(s, req, "{}", &[("Mcp-Session-Id", "S6")]);
-            } else if req.method == "POST" {
-                respond(s, 202, &[], "");
-            } else {
-                respond(s, 405, &[], ""); // no session stream; DELETE answered
-            }
-        });
+        let up = session_upstream("S6", |_, s| respond(s, 202, &[], ""));
         let gw = start_with(
             &format!("idle_timeout: 1\npark_idle_connections: {park}"),
             &endpoints(&[("default", &[&up.url()])], ROUTING),
@@ -779,15 +788,9 @@ fn a_closed_mcpb_connection_stops_its_forwards_in_flight() {
     let (held_tx, held_rx) = mpsc::channel::<()>();
     let (gone_tx, gone_rx) = mpsc::channel::<()>();
     let (held_tx, gone_tx) = (Mutex::new(held_tx), Mutex::new(gone_tx));
-    let up = Mock::start(move |req, s| {
-        if req.body_str().contains("tools/call") {
-            let _ = held_tx.lock().unwrap().send(());
-            held_until_dropped(s, &gone_tx);
-        } else if req.method == "POST" {
-            json_reply(s, req, "{}", &[("Mcp-Session-Id", "S5")]);
-        } else {
-            respond(s, 405, &[], ""); // no session stream; DELETE answered
-        }
+    let up = session_upstream("S5", move |_, s| {
+        let _ = held_tx.lock().unwrap().send(());
+        held_until_dropped(s, &gone_tx);
     });
     // Held calls would end at request_timeout: far beyond the waits below.
     let routing = "  health_check_interval: 3600\n  request_timeout: 60\n";
@@ -818,15 +821,11 @@ fn a_closed_mcpb_connection_stops_its_forwards_in_flight() {
 fn an_mcpb_message_is_forwarded_while_the_client_sends_the_next() {
     let (got_tx, got_rx) = mpsc::channel::<()>();
     let got_tx = Mutex::new(got_tx);
-    let up = Mock::start(move |req, s| {
+    let up = session_upstream("S7", move |req, s| {
         if req.body_str().contains("tools/call") {
             let _ = got_tx.lock().unwrap().send(());
-            json_reply(s, req, "{}", &[]);
-        } else if req.method == "POST" {
-            json_reply(s, req, "{}", &[("Mcp-Session-Id", "S7")]);
-        } else {
-            respond(s, 405, &[], ""); // no session stream; DELETE answered
         }
+        json_reply(s, req, "{}", &[]);
     });
     let gw = start_with(
         "read_timeout: 30",
