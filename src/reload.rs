@@ -76,10 +76,15 @@ fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
     // The upstreams first: the files they name (CA bundles) are read again on every reload.
     match live.upstreams.reload(&new, |n| live.metrics.make_room(n)) {
         Ok(change) => {
-            if !change.is_empty() {
+            if let Some(change) = change {
+                let changed: Vec<String> = changed_keys(running, &new)
+                    .into_iter()
+                    .filter(|k| LIVE_SECTIONS.iter().any(|s| k.starts_with(s)))
+                    .collect();
                 tracing::info!(
                     added = %change.added.join(", "),
                     removed = %change.removed.join(", "),
+                    changed = %changed.join(", "),
                     "upstreams reloaded: new requests and sessions use the new set; sessions on a removed upstream start anew"
                 );
             }

@@ -138,9 +138,8 @@ fn upstreams_come_and_go_on_sighup_while_clients_keep_their_connections() {
         "{text}"
     );
 
-    // a leaves, and so does `tools`: a's sessions start anew, on b.
-    // a's weight changes: a new upstream object, the same server, so sessions on it go on, on
-    // the HTTP door and on the MCPB connection alike.
+    // a's weight changes: the same upstream, so sessions on it go on, on the HTTP door and on
+    // the MCPB connection alike.
     let weighted = second.replacen(
         &format!("- url: {ua}\n"),
         &format!("- url: {ua}\n          weight: 3\n"),
@@ -161,6 +160,7 @@ fn upstreams_come_and_go_on_sighup_while_clients_keep_their_connections() {
         "{r}"
     );
 
+    // a leaves, and so does `tools`: a's sessions start anew, on b.
     let third = endpoints(&[("default", &[&ub])]);
     gw.reload(&weighted, &third);
     let (status, _, _) = exchange(&mut http, "/mcp", TOOLS_LIST, Some(&on_a));
@@ -498,4 +498,133 @@ fn a_removed_upstreams_pooled_connections_are_closed() {
     closed_rx
         .recv_timeout(Duration::from_secs(5))
         .expect("the pooled connection to the removed upstream is closed");
+}
+
+#[test]
+fn a_reload_of_weights_breaker_settings_and_max_in_flight_keeps_the_upstream() {
+    // Every tools/call waits until the test lets it go; other requests are answered at once.
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
+    let up = Mock::start(move |req, s| {
+        if req.body_str().contains("tools/call") {
+            let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(10));
+        }
+        json_reply(s, req, "{}", &[]);
+    });
+    let url = up.url();
+    let config = |cap: usize, failures: u32, weight: u32| {
+        format!(
+            "{ROUTING}  max_in_flight: {cap}\n  circuit_breaker:\n    failure_threshold: {failures}\n{}",
+            endpoints(&[("default", &[&url])]).replacen(
+                &format!("- url: {url}\n"),
+                &format!("- url: {url}\n          weight: {weight}\n"),
+                1
+            )
+        )
+    };
+    let before = config(2, 5, 1);
+    let gw = start_with("workers: 1", &before);
+    let series = |outcome: &str| {
+        format!("mcp_gateway_upstream_requests_total{{namespace=\"default\",upstream=\"{url}\",outcome=\"{outcome}\"}}")
+    };
+    let in_flight =
+        format!("mcp_gateway_upstream_in_flight{{namespace=\"default\",upstream=\"{url}\"}}");
+    // A keep-alive client, and a call held by the upstream.
+    let mut c = connect_from("127.0.0.2", gw.http);
+    assert_eq!(roundtrip(&mut c, &post_mcp(INIT)).status, 200);
+    let mut held = connect_from("127.0.0.3", gw.http);
+    held.write_all(post_mcp(r#"{"jsonrpc":"2.0","id":2,"method":"tools/call"}"#).as_bytes())
+        .unwrap();
+    gw.wait_metric(&in_flight, 1.0);
+    let pooled = up.connections();
+
+    // One place of two taken; the limit goes down to one, the breaker's threshold and the
+    // weight change too.
+    gw.reload(&before, &config(1, 2, 4));
+    gw.wait_log("upstreams reloaded");
+    let log = gw.log.lock().unwrap().clone();
+    assert!(
+        log.contains("added= removed= changed=service_discovery.static.endpoints.default, routing.max_in_flight, routing.circuit_breaker.failure_threshold"),
+        "{log}"
+    );
+    // The held call counts against the new limit: the next request is refused.
+    let list = post_mcp(TOOLS_LIST);
+    let r = roundtrip(&mut c, &list);
+    assert_eq!(r.status, 503, "one in flight of one");
+    go_tx.send(()).unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(read_response(&mut held, &mut buf).unwrap().status, 200);
+    gw.wait_metric(&in_flight, 0.0);
+    // The same upstream: its pooled connection is used again, its counts go on.
+    assert_eq!(roundtrip(&mut c, &list).status, 200);
+    assert_eq!(up.connections(), pooled, "no new upstream connection");
+    assert_eq!(
+        gw.metric(&series("ok")),
+        3.0,
+        "initialize, the call, the list"
+    );
+    assert_eq!(gw.metric(&series("busy")), 1.0);
+    drop((c, held));
+    gw.wait_all_closed();
+}
+
+#[test]
+fn a_renewed_ca_file_makes_a_new_upstream_and_its_sessions_stay_on_the_server() {
+    // An https upstream that issues session `s1` and says which session each request was in.
+    let ca = common::tls::Ca::new();
+    let up = Mock::start_tls(ca.server_config(&["127.0.0.1"]), |req, s| {
+        if req.body_str().contains("\"initialize\"") {
+            json_reply(s, req, r#"{"session":"new"}"#, &[("Mcp-Session-Id", "s1")]);
+        } else {
+            let session = req.header("mcp-session-id").unwrap_or("none");
+            json_reply(s, req, &format!(r#"{{"session":"{session}"}}"#), &[]);
+        }
+    });
+    let url = up.https_url();
+    let config = format!(
+        "{ROUTING}{}          tls_ca_file: {}\n",
+        endpoints(&[("default", &[&url])]).replace("#end\n", ""),
+        ca.ca_file.display()
+    );
+    let gw = start_with("", &config);
+    // A session on the HTTP door and one on an MCPB connection.
+    let mut http = connect_from("127.0.0.2", gw.http);
+    let r = roundtrip(&mut http, &post("/mcp", INIT, None));
+    assert_eq!(r.status, 200);
+    let id = r.header("mcp-session-id").unwrap().to_string();
+    let mut mcpb = TcpStream::connect(gw.tcp.unwrap()).unwrap();
+    mcpb.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    mcpb.write_all(&mcpb_frame(1, INIT.as_bytes())).unwrap();
+    assert_eq!(read_mcpb(&mut mcpb).1["result"]["session"], "new");
+
+    // The CA file renewed (now a bundle of the old CA and the next one): the upstream is made
+    // anew, to trust what the file now says, and it is still the same server.
+    let next = common::tls::Ca::new();
+    let bundle = std::fs::read_to_string(&ca.ca_file).unwrap()
+        + &std::fs::read_to_string(&next.ca_file).unwrap();
+    std::fs::write(&ca.ca_file, bundle).unwrap();
+    gw.reload(&config, &config);
+    gw.wait_log(&format!("added=default {url} removed=default {url}"));
+    // Both sessions go on there, through the new upstream's own TLS connections.
+    let connections = up.connections();
+    let r = roundtrip(&mut http, &post("/mcp", TOOLS_LIST, Some(&id)));
+    assert_eq!(
+        (r.status, r.json()["result"]["session"].as_str()),
+        (200, Some("s1"))
+    );
+    mcpb.write_all(&mcpb_frame(1, TOOLS_LIST.as_bytes()))
+        .unwrap();
+    let (kind, reply) = read_mcpb(&mut mcpb);
+    assert_eq!(
+        (kind, reply["result"]["session"].as_str()),
+        (2, Some("s1")),
+        "{reply}"
+    );
+    assert!(
+        up.connections() > connections,
+        "the old upstream's pool is not used"
+    );
+    drop((http, mcpb));
+    gw.wait_all_closed();
 }

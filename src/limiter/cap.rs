@@ -40,7 +40,12 @@ impl Cap {
 
     /// Takes one place unless all `limit` are taken; pair a `true` with [`Cap::give_back`].
     pub fn try_take(&self) -> bool {
-        let limit = self.limit.load(Relaxed);
+        self.try_take_under(self.limit())
+    }
+
+    /// [`Cap::try_take`] against `limit`, the caller's read of [`Cap::limit`] (one that acts on
+    /// the limit itself, such as a limit of 0 meaning none, so it decides on one read).
+    pub fn try_take_under(&self, limit: usize) -> bool {
         self.count
             .fetch_update(Relaxed, Relaxed, |n| (n < limit).then_some(n + 1))
             .is_ok()

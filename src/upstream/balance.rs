@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use std::time::Instant;
 
 use super::breaker::Admit;
-use super::{Failure, Outcome, Upstream, Upstreams};
+use super::{Begun, Failure, Outcome, Upstream, Upstreams};
 use crate::config::Strategy;
 use crate::metrics::CoreMetrics;
 
@@ -77,7 +77,8 @@ impl Balancer {
         ns: usize,
         capped: bool,
     ) -> Result<Lease<'a>, Failure> {
-        let members = &all.namespaces[ns].upstreams;
+        let namespace = &all.namespaces[ns];
+        let members = &namespace.upstreams;
         let n = members.len();
         let start = self.start(all, ns);
         // Tried in preference order; one at `max_in_flight`, or whose breaker refuses at the last
@@ -92,23 +93,21 @@ impl Balancer {
                     .map(|k| (start + k) % n)
                     .filter(|i| candidate(*i))
                     .min_by_key(|i| self.in_flight(members[*i].index)),
-                Strategy::Weighted => self.smooth_weighted(members, candidate),
+                Strategy::Weighted => self.smooth_weighted(members, &namespace.weights, candidate),
             };
             let Some(i) = chosen else { break };
             let u = members[i];
-            if capped && !u.try_begin() {
+            let Some(begun) = u.try_begin(capped) else {
                 skip |= 1 << (i % 64);
                 busy.get_or_insert(u.index);
                 continue;
-            }
+            };
             match u.breaker.admit() {
                 Admit::No => {
-                    if capped {
-                        u.end();
-                    }
+                    u.end(begun);
                     skip |= 1 << (i % 64);
                 }
-                admit => return Ok(self.lease(u, admit, capped)),
+                admit => return Ok(self.lease(u, admit, begun)),
             }
         }
         match busy {
@@ -125,35 +124,34 @@ impl Balancer {
         if !u.is_healthy() {
             return Err(Failure::NoUpstream);
         }
-        if capped && !u.try_begin() {
+        let Some(begun) = u.try_begin(capped) else {
             self.metrics.upstream(u.index, Outcome::Busy, None);
             return Err(Failure::Busy);
-        }
+        };
         match u.breaker.admit() {
             Admit::No => {
-                if capped {
-                    u.end();
-                }
+                u.end(begun);
                 Err(Failure::CircuitOpen)
             }
-            admit => Ok(self.lease(u, admit, capped)),
+            admit => Ok(self.lease(u, admit, begun)),
         }
     }
 
-    /// A lease for a request `u` admitted (when `capped`, its place already taken).
-    fn lease<'a>(&'a self, u: &'static Upstream, admit: Admit, capped: bool) -> Lease<'a> {
+    /// A lease for a request `u` admitted (its `max_in_flight` place, if any, in `begun`).
+    fn lease<'a>(&'a self, u: &'static Upstream, admit: Admit, begun: Begun) -> Lease<'a> {
         self.metrics.upstream_started(u.index);
         Lease {
             balancer: self,
             upstream: u,
             admit,
-            capped,
+            begun,
         }
     }
 
     fn smooth_weighted(
         &self,
         members: &[&'static Upstream],
+        weights: &[u32],
         candidate: impl Fn(usize) -> bool,
     ) -> Option<usize> {
         let mut credit = self.credit.borrow_mut();
@@ -168,7 +166,7 @@ impl Balancer {
             if !candidate(i) {
                 continue;
             }
-            let w = i64::from(m.weight);
+            let w = i64::from(weights[i]);
             total += w;
             credit[m.index] += w;
             if best.is_none_or(|b| credit[m.index] > credit[members[b].index]) {
@@ -187,8 +185,8 @@ pub struct Lease<'a> {
     balancer: &'a Balancer,
     pub upstream: &'static Upstream,
     admit: Admit,
-    /// Holds one of the upstream's `routing.max_in_flight` places.
-    capped: bool,
+    /// Its `routing.max_in_flight` place, if it holds one.
+    begun: Begun,
 }
 
 impl Lease<'_> {
@@ -233,9 +231,7 @@ impl Drop for Lease<'_> {
             self.upstream.breaker.release_probe();
         }
         self.balancer.metrics.upstream_ended(self.upstream.index);
-        if self.capped {
-            self.upstream.end();
-        }
+        self.upstream.end(self.begun);
     }
 }
 

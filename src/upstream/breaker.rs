@@ -17,11 +17,15 @@
 //! CAS from the state it read, and the half-open probe flag is released on every probe result).
 //! The racy paths (two admissions competing for the probe, failures racing to open it, a probe's
 //! result racing a new admission) are model-checked with loom (`loom_tests` below).
+//!
+//! The thresholds and the cool-down are [`Settings`], which a configuration reload changes in
+//! place ([`Breaker::configure`]): the breaker keeps its state and counts across the change.
 
 #[cfg(loom)]
 use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 #[cfg(not(loom))]
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32 as SettingU32, AtomicU64 as SettingU64};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -48,9 +52,17 @@ pub struct Breaker {
     probing: AtomicBool,
     /// When it last opened, ms since [`epoch`].
     opened_ms: AtomicU64,
-    failure_threshold: u32,
-    success_threshold: u32,
-    open_for: Duration,
+    settings: Settings,
+}
+
+/// `routing.circuit_breaker`: written by a reload only. Relaxed (and not modelled by loom: they
+/// take no part in the state machine's races): a request that reads a threshold just before or
+/// just after a reload changes it acts on either, both of which the operator asked for.
+#[derive(Debug)]
+struct Settings {
+    failure_threshold: SettingU32,
+    success_threshold: SettingU32,
+    open_for_ms: SettingU64,
 }
 
 /// Whether a request may go to the upstream now.
@@ -72,18 +84,31 @@ fn now_ms() -> u64 {
 }
 
 impl Breaker {
+    /// A closed breaker with these settings.
     pub fn new(failure_threshold: u32, success_threshold: u32, open_for: Duration) -> Breaker {
         epoch();
-        Breaker {
+        let b = Breaker {
             state: AtomicU8::new(CLOSED),
             failures: AtomicU32::new(0),
             successes: AtomicU32::new(0),
             probing: AtomicBool::new(false),
             opened_ms: AtomicU64::new(0),
-            failure_threshold,
-            success_threshold,
-            open_for,
-        }
+            settings: Settings {
+                failure_threshold: SettingU32::new(0),
+                success_threshold: SettingU32::new(0),
+                open_for_ms: SettingU64::new(0),
+            },
+        };
+        b.configure(failure_threshold, success_threshold, open_for);
+        b
+    }
+
+    /// New thresholds and cool-down (a reload): the state and counts carry on under them.
+    pub fn configure(&self, failure_threshold: u32, success_threshold: u32, open_for: Duration) {
+        let s = &self.settings;
+        s.failure_threshold.store(failure_threshold, Relaxed);
+        s.success_threshold.store(success_threshold, Relaxed);
+        s.open_for_ms.store(open_for.as_millis() as u64, Relaxed);
     }
 
     /// Closed, as new: an upstream configured again after a reload had removed it. A request
@@ -110,7 +135,8 @@ impl Breaker {
     }
 
     fn cooled(&self) -> bool {
-        now_ms().saturating_sub(self.opened_ms.load(Relaxed)) >= self.open_for.as_millis() as u64
+        now_ms().saturating_sub(self.opened_ms.load(Relaxed))
+            >= self.settings.open_for_ms.load(Relaxed)
     }
 
     /// Asks to send one request.
@@ -145,7 +171,9 @@ impl Breaker {
     pub fn record(&self, admitted: Admit, ok: bool) {
         if admitted == Admit::Probe {
             if ok {
-                if self.successes.fetch_add(1, Relaxed) + 1 >= self.success_threshold {
+                if self.successes.fetch_add(1, Relaxed) + 1
+                    >= self.settings.success_threshold.load(Relaxed)
+                {
                     self.successes.store(0, Relaxed);
                     self.failures.store(0, Relaxed);
                     if self
@@ -167,7 +195,9 @@ impl Breaker {
             if self.failures.load(Relaxed) != 0 {
                 self.failures.store(0, Relaxed);
             }
-        } else if self.failures.fetch_add(1, Relaxed) + 1 >= self.failure_threshold {
+        } else if self.failures.fetch_add(1, Relaxed) + 1
+            >= self.settings.failure_threshold.load(Relaxed)
+        {
             self.open_from(CLOSED);
         }
     }
@@ -187,7 +217,7 @@ impl Breaker {
             && from == CLOSED
         {
             tracing::warn!(
-                failures = self.failure_threshold,
+                failures = self.settings.failure_threshold.load(Relaxed),
                 "circuit opened: upstream failing; failing fast"
             );
         }

@@ -119,7 +119,6 @@ pub struct Upstream {
     pub namespace: String,
     pub url: String,
     pub target: Target,
-    pub weight: u32,
     /// Session-id prefix naming this upstream (lowercase hex).
     pub tag: [u8; TAG_LEN],
     /// Set by the health checker; true until a check fails. Relaxed: an advisory flag read on
@@ -130,14 +129,22 @@ pub struct Upstream {
     /// worker that saw the new view (Acquire) sees it set.
     retired: AtomicBool,
     pub breaker: Breaker,
-    /// Requests in flight against `routing.max_in_flight`, all cores; `None` without the limit.
-    in_flight: Option<Cap>,
+    /// Requests in flight against `routing.max_in_flight`, all cores, counted only while the
+    /// limit is on; its limit is 0 while it is off.
+    in_flight: Cap,
+}
+
+/// A request [`Upstream::try_begin`] admitted: whether it holds one of the upstream's
+/// `routing.max_in_flight` places, to give back through [`Upstream::end`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct Begun {
+    counted: bool,
 }
 
 impl Upstream {
     /// Upstream number `index`: endpoint `e` of namespace `ns`, its host name resolved now.
     fn new(index: usize, ns: &str, e: &Endpoint, r: &RoutingConfig) -> Result<Upstream, String> {
-        let cb = &r.circuit_breaker;
         let fail =
             |why: String| format!("service_discovery.static.endpoints.{ns}: {}: {why}", e.url);
         let target = if e.url == BUILTIN_ECHO {
@@ -172,22 +179,27 @@ impl Upstream {
                 tls,
             })
         };
+        let s = Settings::of(r);
         Ok(Upstream {
             index,
             namespace: ns.to_string(),
             url: e.url.clone(),
             target,
-            weight: e.weight,
             tag: tag(ns, &e.url),
             healthy: AtomicBool::new(true),
             retired: AtomicBool::new(false),
-            breaker: Breaker::new(
-                cb.failure_threshold,
-                cb.success_threshold,
-                secs(cb.timeout_seconds),
-            ),
-            in_flight: (r.max_in_flight > 0).then(|| Cap::new(r.max_in_flight)),
+            breaker: Breaker::new(s.failure_threshold, s.success_threshold, s.open_for),
+            in_flight: Cap::new(s.max_in_flight),
         })
+    }
+
+    /// Takes the settings of the upstream itself (its breaker's and `max_in_flight`), in place:
+    /// a reload that changes only these keeps the upstream, with its state and the requests it
+    /// has in flight (counted against the new limit).
+    fn configure(&self, s: &Settings) {
+        self.breaker
+            .configure(s.failure_threshold, s.success_threshold, s.open_for);
+        self.in_flight.set_limit(s.max_in_flight);
     }
 
     /// Starts afresh, as if just configured (healthy, its breaker closed): an upstream
@@ -221,16 +233,25 @@ impl Upstream {
         }
     }
 
-    /// Takes one more request in flight unless `routing.max_in_flight` are already; pair with
-    /// [`Upstream::end`]. Without the limit it touches nothing shared.
-    pub fn try_begin(&self) -> bool {
-        self.in_flight.as_ref().is_none_or(Cap::try_take)
+    /// Admits one more request in flight unless `routing.max_in_flight` are already; pair with
+    /// [`Upstream::end`]. `capped: false` is a request the limit does not apply to (a client's
+    /// standalone `GET` stream): always admitted. Without the limit it writes nothing shared
+    /// (it reads the limit); a request admitted while the limit is off holds no place, so
+    /// turning the limit on counts only the requests after it.
+    pub fn try_begin(&self, capped: bool) -> Option<Begun> {
+        match self.in_flight.limit() {
+            limit if capped && limit > 0 => self
+                .in_flight
+                .try_take_under(limit)
+                .then_some(Begun { counted: true }),
+            _ => Some(Begun { counted: false }),
+        }
     }
 
     /// Ends a request that [`Upstream::try_begin`] admitted.
-    pub fn end(&self) {
-        if let Some(cap) = &self.in_flight {
-            cap.give_back();
+    pub fn end(&self, begun: Begun) {
+        if begun.counted {
+            self.in_flight.give_back();
         }
     }
 
@@ -252,13 +273,17 @@ impl Upstream {
 pub struct Namespace {
     pub name: String,
     pub upstreams: Vec<&'static Upstream>,
+    /// `weight` of each of `upstreams` (in order): a setting of the view, not of the upstream,
+    /// so a reload that changes a weight keeps the upstream.
+    pub weights: Vec<u32>,
     /// Served by `builtin:echo` (never mixed with HTTP upstreams).
     pub builtin: bool,
 }
 
 impl Namespace {
-    fn new(name: String, upstreams: Vec<&'static Upstream>) -> Namespace {
+    fn new(name: String, upstreams: Vec<&'static Upstream>, weights: Vec<u32>) -> Namespace {
         Namespace {
+            weights,
             builtin: upstreams
                 .iter()
                 .all(|u| matches!(u.target, Target::Builtin)),
@@ -284,6 +309,31 @@ pub struct Upstreams {
     pub health_check_interval: Duration,
     /// `routing.forwarded_for`: requests carry the client's address in `X-Forwarded-For`.
     pub forwarded_for: bool,
+    /// What each upstream of the view is set to when the view is published
+    /// ([`Upstream::configure`]); kept here so that a reload changing only these is a change.
+    settings: Settings,
+}
+
+/// The `routing` settings each upstream holds itself, changed in place by a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Settings {
+    /// `circuit_breaker.failure_threshold`, `.success_threshold`, `.timeout_seconds`.
+    failure_threshold: u32,
+    success_threshold: u32,
+    open_for: Duration,
+    max_in_flight: usize,
+}
+
+impl Settings {
+    fn of(r: &RoutingConfig) -> Settings {
+        let cb = &r.circuit_breaker;
+        Settings {
+            failure_threshold: cb.failure_threshold,
+            success_threshold: cb.success_threshold,
+            open_for: secs(cb.timeout_seconds),
+            max_in_flight: r.max_in_flight,
+        }
+    }
 }
 
 impl Upstreams {
@@ -302,18 +352,20 @@ impl Upstreams {
             request_timeout: secs(r.request_timeout),
             forwarded_for: r.forwarded_for,
             health_check_interval: secs(r.health_check_interval),
+            settings: Settings::of(r),
         }
     }
 
-    /// The same namespaces of the same upstreams, with the same settings.
+    /// The same namespaces of the same upstreams with the same weights, and the same settings.
     fn same_as(&self, other: &Upstreams) -> bool {
-        fn members(v: &Upstreams) -> Vec<(&str, Vec<usize>)> {
+        fn members(v: &Upstreams) -> Vec<(&str, Vec<usize>, &[u32])> {
             v.namespaces
                 .iter()
                 .map(|n| {
                     (
                         n.name.as_str(),
                         n.upstreams.iter().map(|u| u.index).collect(),
+                        &n.weights[..],
                     )
                 })
                 .collect()
@@ -327,7 +379,9 @@ impl Upstreams {
                 v.forwarded_for,
             )
         };
-        members(self) == members(other) && settings(self) == settings(other)
+        members(self) == members(other)
+            && settings(self) == settings(other)
+            && self.settings == other.settings
     }
 
     /// True when requests to namespace `ns` name their client in `X-Forwarded-For`:
@@ -357,8 +411,8 @@ impl Upstreams {
 
     /// The upstream of namespace `ns` that now serves the sessions of `u` (an upstream of this
     /// view or an older one): `u` itself when a reload kept it, the one with its URL when a
-    /// reload changed its settings (the same server, so its sessions are still there), `None`
-    /// when a reload removed it.
+    /// reload made it anew (a renewed CA file: the same server, so its sessions are still
+    /// there), `None` when a reload removed it.
     pub fn successor(&self, ns: usize, u: &Upstream) -> Option<&'static Upstream> {
         self.namespaces
             .get(ns)?

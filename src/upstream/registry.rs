@@ -8,10 +8,12 @@
 //! keeps it to its end, so none sees half of one configuration and half of the next.
 //!
 //! Invariants:
-//! - An upstream whose configuration did not change (its namespace, endpoint keys, the contents
-//!   of its CA, certificate and key files, breaker settings and `max_in_flight`) is the same object in the new view: its
-//!   pooled connections, health, breaker, in-flight counts and metrics carry on, and sessions on
-//!   it stay where they are (a session's tag is a hash of namespace and URL).
+//! - An upstream whose identity did not change (its namespace, URL and TLS keys, and the contents
+//!   of its CA, certificate and key files) is the same object in the new view: its pooled
+//!   connections, health, breaker, in-flight counts and metrics carry on, and sessions on it
+//!   stay where they are (a session's tag is a hash of namespace and URL). What else is set per
+//!   upstream changes in place or with the view: its breaker settings and `max_in_flight` are
+//!   given to it when the view is published; its weight is the view's.
 //! - An upstream's index never changes and is never given to another upstream: per-core metrics,
 //!   pools and balancing state are indexed by it. An upstream removed and later configured again
 //!   gets its old object back, with its health and breaker reset.
@@ -81,19 +83,14 @@ pub struct Registry {
     made: Mutex<HashMap<String, &'static Upstream>>,
 }
 
-/// What a reload changed.
+/// What a reload that put a new view in force changed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Change {
-    /// `namespace url` of each upstream that came in (a changed one goes out and comes in).
+    /// `namespace url` of each upstream that came in (one whose identity changed, a renewed CA
+    /// file say, goes out and comes in).
     pub added: Vec<String>,
     /// `namespace url` of each upstream that went out.
     pub removed: Vec<String>,
-}
-
-impl Change {
-    pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty()
-    }
 }
 
 impl Registry {
@@ -126,14 +123,19 @@ impl Registry {
 
     /// Builds the view of `config` (CA files read again, new host names resolved), makes room
     /// for its upstreams with `make_room` (every core's per-upstream storage) and puts it in
-    /// force, unless it is the view already in force. `Err`: nothing changed, and why.
-    pub fn reload(&self, config: &Config, make_room: impl FnOnce(usize)) -> Result<Change, String> {
+    /// force, unless it is the view already in force (`Ok(None)`). `Err`: nothing changed, and
+    /// why.
+    pub fn reload(
+        &self,
+        config: &Config,
+        make_room: impl FnOnce(usize),
+    ) -> Result<Option<Change>, String> {
         let mut made = self.made.lock().expect("only reloads take it; none panics");
         let now = self.current();
         let in_force: HashSet<usize> = now.all.iter().map(|u| u.index).collect();
         let view = build(config, &mut made, now.generation + 1, &in_force)?;
         if view.same_as(now) {
-            return Ok(Change::default());
+            return Ok(None);
         }
         let names = |v: &Upstreams, keep: &dyn Fn(&Upstream) -> bool| -> Vec<String> {
             v.all
@@ -151,9 +153,12 @@ impl Registry {
         for u in now.all.iter().filter(|u| !next.contains(&u.index)) {
             u.retired.store(true, Ordering::Relaxed);
         }
+        for u in &view.all {
+            u.configure(&view.settings);
+        }
         self.current
             .store(Box::into_raw(Box::new(view)), Ordering::Release);
-        Ok(change)
+        Ok(Some(change))
     }
 }
 
@@ -170,8 +175,9 @@ fn build(
     let mut namespaces = Vec::new();
     for (ns, endpoints) in &config.service_discovery.static_.endpoints {
         let mut members = Vec::new();
+        let weights = endpoints.iter().map(|e| e.weight).collect();
         for e in endpoints {
-            let key = identity(ns, e, config)?;
+            let key = identity(ns, e)?;
             let u = match made.get(&key) {
                 Some(u) => {
                     if !in_force.contains(&u.index) {
@@ -194,15 +200,15 @@ fn build(
             members.push(u);
             all.push(u);
         }
-        namespaces.push(super::Namespace::new(ns.clone(), members));
+        namespaces.push(super::Namespace::new(ns.clone(), members, weights));
     }
     Ok(Upstreams::new(generation, all, namespaces, &config.routing))
 }
 
-/// What makes an upstream the same one across reloads: everything its object is built from,
-/// the contents of the files it reads included (a renewed CA bundle or client certificate makes
-/// it a new one).
-fn identity(ns: &str, e: &crate::config::Endpoint, config: &Config) -> Result<String, String> {
+/// What makes an upstream the same one across reloads: everything its object is built from and
+/// cannot change in place, the contents of the files it reads included (a renewed CA bundle or
+/// client certificate makes it a new one).
+fn identity(ns: &str, e: &crate::config::Endpoint) -> Result<String, String> {
     let contents = |key: &str, file: &Option<std::path::PathBuf>| -> Result<u64, String> {
         let Some(f) = file else { return Ok(0) };
         let bytes = std::fs::read(f).map_err(|why| {
@@ -221,20 +227,9 @@ fn identity(ns: &str, e: &crate::config::Endpoint, config: &Config) -> Result<St
         contents("tls_cert_file", &e.tls_cert_file)?,
         contents("tls_key_file", &e.tls_key_file)?,
     ];
-    let r = &config.routing;
-    let cb = &r.circuit_breaker;
     Ok(format!(
-        "{ns}\n{}\n{}\n{:?} {:?} {:?} {files:x?}\n{:?}\n{} {} {} {}",
-        e.url,
-        e.weight,
-        e.tls_ca_file,
-        e.tls_cert_file,
-        e.tls_key_file,
-        e.tls_server_name,
-        cb.failure_threshold,
-        cb.success_threshold,
-        cb.timeout_seconds,
-        r.max_in_flight
+        "{ns}\n{}\n{:?} {:?} {:?} {files:x?}\n{:?}",
+        e.url, e.tls_ca_file, e.tls_cert_file, e.tls_key_file, e.tls_server_name,
     ))
 }
 
@@ -271,10 +266,7 @@ mod tests {
 
         // The same configuration again: nothing changes, not even the view.
         let same = config(&endpoints(&format!("default={a},{b}")));
-        assert_eq!(
-            r.reload(&same, |_| panic!("no room needed")),
-            Ok(Change::default())
-        );
+        assert_eq!(r.reload(&same, |_| panic!("no room needed")), Ok(None));
         assert!(std::ptr::eq(r.current(), first));
 
         // b out, c in, a new namespace of a: a stays the same object.
@@ -287,10 +279,10 @@ mod tests {
             .unwrap();
         assert_eq!(
             change,
-            Change {
+            Some(Change {
                 added: vec![format!("default {c}"), format!("tools {a}")],
                 removed: vec![format!("default {b}")],
-            }
+            })
         );
         let second = r.current();
         assert_eq!(second.generation, 1);
@@ -315,6 +307,73 @@ mod tests {
         let third = r.current();
         assert!(std::ptr::eq(third.all[1], ub));
         assert!(ub.is_healthy() && !ub.is_retired());
+    }
+
+    #[test]
+    fn weights_breaker_settings_and_max_in_flight_change_in_place() {
+        let yaml = |weight: u32, failures: u32, cap: usize| {
+            config(&format!(
+                "routing:\n  max_in_flight: {cap}\n  circuit_breaker:\n    failure_threshold: {failures}\n{}",
+                endpoints("default=http://127.0.0.1:9001/mcp,http://127.0.0.1:9002/mcp")
+                    .replacen("/mcp\n", &format!("/mcp\n          weight: {weight}\n"), 1)
+            ))
+        };
+        let r = Registry::new(&yaml(1, 3, 2)).unwrap();
+        let first = r.current();
+        let (a, b) = (first.all[0], first.all[1]);
+        // a holds a place of two and its breaker is open; b has one failure of three.
+        let held = a.try_begin(true).unwrap();
+        for _ in 0..3 {
+            a.breaker.record(super::super::breaker::Admit::Yes, false);
+        }
+        b.breaker.record(super::super::breaker::Admit::Yes, false);
+        assert!(a.breaker.is_open() && !b.breaker.is_open());
+
+        let change = r.reload(&yaml(5, 2, 1), |_| {}).unwrap();
+        assert_eq!(
+            change,
+            Some(Change::default()),
+            "a new view, no upstream in or out"
+        );
+        let second = r.current();
+        assert!(std::ptr::eq(second.all[0], a) && std::ptr::eq(second.all[1], b));
+        assert_eq!(second.namespaces[0].weights, [5, 1]);
+        assert_eq!(
+            first.namespaces[0].weights,
+            [1, 1],
+            "the old view keeps its own"
+        );
+        assert!(!a.is_retired() && !b.is_retired());
+        // State carried on: a's breaker still open, b's failure counted against the new
+        // threshold of two, a's place counted against the new limit of one.
+        assert!(a.breaker.is_open());
+        b.breaker.record(super::super::breaker::Admit::Yes, false);
+        assert!(b.breaker.is_open(), "2 failures of 2");
+        assert_eq!(
+            a.try_begin(true),
+            None,
+            "the held place fills the new limit"
+        );
+        a.end(held);
+        let next = a.try_begin(true).expect("a place again");
+        assert_eq!(a.try_begin(true), None);
+        a.end(next);
+        // The limit off: nothing is counted, and a place taken before is still given back.
+        let before = a.try_begin(true).unwrap();
+        r.reload(&yaml(5, 2, 0), |_| {}).unwrap();
+        let free = a.try_begin(true).unwrap();
+        let also = a.try_begin(true).unwrap();
+        a.end(before);
+        a.end(free);
+        a.end(also);
+        r.reload(&yaml(5, 2, 1), |_| {}).unwrap();
+        let one = a.try_begin(true).expect("the count is back to zero");
+        assert_eq!(a.try_begin(true), None);
+        a.end(one);
+        assert!(
+            a.try_begin(false).is_some(),
+            "an uncapped request is always admitted"
+        );
     }
 
     #[test]
