@@ -420,6 +420,103 @@ fn breaker_fails_fast_while_open_and_closes_after_a_good_probe() {
 }
 
 #[test]
+fn an_upstream_that_never_answers_delays_no_other_upstreams_health_check() {
+    // `stalled` accepts connections and reads nothing, answers nothing: each probe of it waits
+    // out its timeout (5 s: request_timeout, at most 5). It comes first in the namespace.
+    let stalled = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stalled_url = format!("http://{}/mcp", stalled.local_addr().unwrap());
+    let (accepted_tx, accepted) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in stalled.incoming() {
+            held.push(c);
+            let _ = accepted_tx.send(());
+        }
+    });
+    let b = Mock::start_on("127.0.0.1:0", named("b"));
+    let b_url = b.url();
+    let routing = "  health_check_interval: 0.5
+  request_timeout: 10
+  connect_timeout: 1
+";
+    let gw = start_with(
+        "",
+        &endpoints(&[("default", &[&stalled_url, &b_url])], routing),
+    );
+    let healthy = |url: &str| {
+        gw.metric(&format!(
+            "mcp_gateway_upstream_healthy{{namespace=\"default\",upstream=\"{url}\"}}"
+        ))
+    };
+    // The first probe of `stalled` is under way (and will be for 5 s); `b` goes down now.
+    accepted
+        .recv_timeout(Duration::from_secs(5))
+        .expect("stalled is probed");
+    drop(b);
+    let down = Instant::now();
+    while healthy(&b_url) != 0.0 {
+        assert!(
+            down.elapsed() < Duration::from_secs(4),
+            "b's failure waited for stalled's probe"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(healthy(&stalled_url), 1.0, "stalled's probe still waits");
+    gw.wait_log(&format!(
+        "taken out namespace=default upstream={b_url} reason="
+    ));
+    // Then stalled's own probe times out and takes it out too.
+    gw.wait_metric(
+        &format!(
+            "mcp_gateway_upstream_healthy{{namespace=\"default\",upstream=\"{stalled_url}\"}}"
+        ),
+        0.0,
+    );
+    gw.wait_log(&format!(
+        "taken out namespace=default upstream={stalled_url} reason=no answer"
+    ));
+}
+
+#[test]
+fn health_probes_run_side_by_side_up_to_their_bound() {
+    // 70 upstreams whose listeners never accept: each probe connects (the kernel completes the
+    // handshake into the backlog), sends, and waits out its 5 s for an answer.
+    let silent: Vec<std::net::TcpListener> = (0..70)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let urls: Vec<String> = silent
+        .iter()
+        .map(|l| format!("http://{}/mcp", l.local_addr().unwrap()))
+        .collect();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let routing = "  health_check_interval: 0.2\n  request_timeout: 10\n  connect_timeout: 1\n";
+    let gw = start_with("", &endpoints(&[("default", &urls)], routing));
+    let probes = || {
+        std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with("mcp-health-pro"))
+            .count()
+    };
+    // All at once, not one after another: 64 of them, the bound, within a second or so.
+    let start = Instant::now();
+    while probes() < 64 {
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "{} probes at once",
+            probes()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Never more, while they wait out their timeouts.
+    while start.elapsed() < Duration::from_secs(3) {
+        assert_eq!(probes(), 64);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(silent);
+}
+
+#[test]
 fn health_checks_take_an_upstream_out_and_put_it_back_while_others_never_notice() {
     let a = Mock::start_on("127.0.0.1:0", named("a"));
     let b = Mock::start_on("127.0.0.1:0", named("b"));

@@ -1,5 +1,5 @@
-//! Active health checks: one thread for the process probes every HTTP upstream each
-//! `routing.health_check_interval` and sets its health flag, which every core's balancer reads.
+//! Active health checks: every HTTP upstream is probed each `routing.health_check_interval` and
+//! its health flag set, which every core's balancer reads.
 //!
 //! A probe is what an MCP client's first request looks like: a `POST` of a JSON-RPC `ping` to the
 //! upstream's path, with `Connection: close`. Any HTTP answer below 500 within the timeouts counts
@@ -13,51 +13,111 @@
 //! hosted servers move (cloud load balancers change addresses), and a gateway that resolved
 //! once at startup would go on connecting to an address that is gone.
 //!
-//! Blocking sockets (and the blocking resolver) on a thread of its own: probes are rare, and
-//! this keeps them off the workers' rings entirely.
+//! Blocking sockets (and the blocking resolver), off the workers' rings entirely: one thread
+//! keeps each upstream's schedule and starts each probe on a thread of its own (at most
+//! [`MAX_PROBING`] at once). So every upstream is probed on its own schedule: one that does not
+//! answer (a stalled server, a host gone from the network, a resolver that hangs) holds up its
+//! own next probe until its timeouts end it, never another upstream's.
+//!
+//! Invariants: at most one probe per upstream at a time; an upstream's next probe starts
+//! `health_check_interval` (of the view in force) after its last one started, or when that one
+//! ends if it took longer.
 
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::registry::Registry;
 use super::{Upstream, Upstreams};
-use std::collections::HashSet;
 
-/// How often the checker looks whether a round is due: a reload that shortens
-/// `routing.health_check_interval` (or adds upstreams) takes effect within this, not after the
-/// old interval.
+/// How often the scheduler looks whether a probe is due when none ends: a reload that
+/// shortens `routing.health_check_interval` (or adds upstreams) takes effect within this, not
+/// after the old interval.
 const LOOK: Duration = Duration::from_millis(250);
 
-/// Starts the checker thread. It runs until the process exits, checking the upstreams in force
+/// Probes running at once, at most (each on a thread); a due upstream beyond them waits for one
+/// to end.
+const MAX_PROBING: usize = 64;
+
+/// What a probe thread reports when it ends: its upstream and what re-resolving its name did.
+type Ended = (
+    &'static Upstream,
+    Result<Option<(SocketAddr, SocketAddr)>, String>,
+);
+
+/// Starts the scheduler thread. It runs until the process exits, probing the upstreams in force
 /// each `routing.health_check_interval` of the view in force (a reload may add HTTP upstreams
 /// where there were none, or change the interval).
 pub fn spawn(registry: &'static Registry) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("mcp-health".into())
-        .spawn(move || {
-            // Upstream indices whose name failed to resolve last time (logged once per spell).
-            let mut unresolved = HashSet::new();
-            let mut last = Instant::now();
-            loop {
-                let due = last + registry.current().health_check_interval;
-                let now = Instant::now();
-                if now < due {
-                    std::thread::sleep((due - now).min(LOOK));
-                    continue;
+        .spawn(move || schedule(registry))?;
+    Ok(())
+}
+
+fn schedule(registry: &'static Registry) {
+    let (ended_tx, ended) = mpsc::channel::<Ended>();
+    // When each upstream's last probe started (or, before its first, when it was first seen).
+    let mut started: HashMap<usize, Instant> = HashMap::new();
+    let mut probing: HashSet<usize> = HashSet::new();
+    // Upstream indices whose name failed to resolve last time (logged once per spell).
+    let mut unresolved = HashSet::new();
+    let mut refused_spawn = false;
+    loop {
+        let all = registry.current();
+        let now = Instant::now();
+        // The next look: at the earliest probe due, within LOOK.
+        let mut wake = now + LOOK;
+        for u in all.all.iter().filter(|u| u.http().is_some()) {
+            let due = *started.entry(u.index).or_insert(now) + all.health_check_interval;
+            if probing.contains(&u.index) {
+                continue;
+            }
+            if now < due {
+                wake = wake.min(due);
+                continue;
+            }
+            if probing.len() >= MAX_PROBING {
+                continue; // the end of a probe wakes the loop
+            }
+            let tx = ended_tx.clone();
+            let u: &'static Upstream = u;
+            let probe_one = move || {
+                let dns = u.http().map_or(Ok(None), |h| h.re_resolve(super::resolve));
+                u.set_health(probe(all, u));
+                let _ = tx.send((u, dns));
+            };
+            match std::thread::Builder::new()
+                .name("mcp-health-probe".into())
+                .spawn(probe_one)
+            {
+                Ok(_) => {
+                    started.insert(u.index, now);
+                    probing.insert(u.index);
+                    refused_spawn = false;
                 }
-                last = now;
-                let all = registry.current();
-                for u in &all.all {
-                    if let Some(http) = u.http() {
-                        let r = http.re_resolve(super::resolve);
-                        follow_dns(u, r, &mut unresolved);
-                        u.set_health(probe(all, u));
+                Err(e) => {
+                    // Out of threads or memory: tried again at the next look, logged once.
+                    if !refused_spawn {
+                        tracing::warn!(error = %e, "cannot start a health probe thread; retrying");
+                        refused_spawn = true;
                     }
+                    break;
                 }
             }
-        })?;
-    Ok(())
+        }
+        // Until a probe ends or the next look.
+        let mut next = ended
+            .recv_timeout(wake.saturating_duration_since(Instant::now()))
+            .ok();
+        while let Some((u, dns)) = next {
+            probing.remove(&u.index);
+            follow_dns(u, dns, &mut unresolved);
+            next = ended.try_recv().ok();
+        }
+    }
 }
 
 /// Logs what a re-resolution of `u`'s host name changed, or why it failed (the address in use

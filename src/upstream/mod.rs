@@ -9,7 +9,7 @@
 //! - [`client`]: the per-core keep-alive pool of upstream connections, and one exchange on them;
 //! - [`wire`]: the HTTP/1.1 wire format on the upstream side (heads written and parsed, bodies
 //!   decoded);
-//! - [`health`]: the active health checker (one thread for the process);
+//! - [`health`]: the active health checks (a scheduler thread, each probe on a thread of its own);
 //! - [`rpc`]: one JSON-RPC message forwarded within an upstream MCP session (WebSocket, MCPB);
 //! - [`listen`]: that session's standalone `GET` stream, for what the server sends unprompted;
 //! - [`outbox`]: what goes back to such a client, queued for its connection to write.
