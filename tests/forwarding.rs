@@ -313,6 +313,74 @@ fn sessions_stick_to_their_upstream_and_a_gone_one_gives_404() {
 }
 
 #[test]
+fn a_request_an_upstream_refuses_goes_to_another() {
+    // `refused` comes first in round-robin order; neither health checks nor the breaker take it
+    // out here, so every request without a session is offered to it.
+    let (_refusing, port) = refusing_port();
+    let refused = format!("http://127.0.0.1:{port}/mcp");
+    let (_also_refusing, other_port) = refusing_port();
+    let also_refused = format!("http://127.0.0.1:{other_port}/mcp");
+    let a = Mock::start_on("127.0.0.1:0", named("a"));
+    let routing = "  health_check_interval: 3600\n  request_timeout: 2\n  connect_timeout: 1\n  circuit_breaker:\n    failure_threshold: 1000\n";
+    let gw = start_with(
+        "",
+        &endpoints(
+            &[
+                ("default", &[&refused, &a.url()]),
+                ("down", &[&refused, &also_refused]),
+            ],
+            routing,
+        ),
+    );
+    let connect_errors = |ns: &str, url: &str| {
+        gw.metric(&format!(
+            "mcp_gateway_upstream_requests_total{{namespace=\"{ns}\",upstream=\"{url}\",outcome=\"connect_error\"}}"
+        ))
+    };
+    // HTTP: every request without a session is answered, by a.
+    let mut c = connect_from("127.0.0.2", gw.http);
+    for _ in 0..6 {
+        let r = roundtrip(&mut c, &post_mcp(INIT));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["result"]["server"], "a");
+    }
+    // MCPB: each connection's first message (no session yet) too.
+    for _ in 0..6 {
+        let mut m = mcpb_client(&gw);
+        m.write_all(&mcpb_frame(1, INIT.as_bytes())).unwrap();
+        let (kind, reply) = read_mcpb(&mut m);
+        assert_eq!(
+            (kind, reply["result"]["server"].as_str()),
+            (2, Some("a")),
+            "{reply}"
+        );
+    }
+    // The refusals were tried and counted (round robin offered it about every other request).
+    assert!(
+        connect_errors("default", &refused) >= 4.0,
+        "{}",
+        gw.scrape()
+    );
+    // Where every upstream refuses: each is tried once, then the client gets the 502.
+    let r = roundtrip(
+        &mut c,
+        &post_mcp(TOOLS_LIST).replacen("/mcp", "/mcp/down", 1),
+    );
+    assert_eq!(r.status, 502);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("refused"));
+    assert_eq!(
+        (
+            connect_errors("down", &refused),
+            connect_errors("down", &also_refused)
+        ),
+        (1.0, 1.0)
+    );
+}
+
+#[test]
 fn upstream_failures_are_502_or_504_never_a_hang() {
     let (_refusing, port) = refusing_port();
     let refused = format!("http://127.0.0.1:{port}/mcp");

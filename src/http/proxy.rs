@@ -5,7 +5,9 @@
 //! - A request with an `Mcp-Session-Id` goes to the upstream named by the id's tag (see
 //!   [`crate::upstream`]), with the tag removed; a tag no upstream of the namespace has, or whose
 //!   upstream is gone (out of service, refusing connections), gets 404, which tells an MCP
-//!   client to start a new session. Other requests go where the balancer says.
+//!   client to start a new session. Other requests go where the balancer says, and, when the
+//!   upstream could not be reached (nothing was sent) and the body is whole, to another
+//!   upstream of the namespace, each tried once.
 //! - Bodies stream both ways. A request body already whole in the client buffer (the usual small
 //!   JSON-RPC message) goes out with the head in one write, and may be retried once on a new
 //!   connection when a pooled one turns out closed. A body still arriving (or chunked) is sent as
@@ -130,6 +132,8 @@ pub async fn forward(
     let capped = head.method != Method::Get;
     // With a session id: its upstream, and the id without the tag, as that upstream issued it.
     let mut upstream_session = None;
+    // The namespace's upstreams this request went to (see `pick_untried`).
+    let mut tried = 0;
     let lease = match head.session.map(|(a, b)| &raw_head[a..b]) {
         Some(id) => match all.session(ns, id) {
             Some((u, own)) => {
@@ -140,7 +144,7 @@ pub async fn forward(
         },
         None => worker
             .balancer
-            .pick(all, ns, capped)
+            .pick_untried(all, ns, capped, &mut tried)
             .map_err(|f| (f, false)),
     };
     let pinned = head.session.is_some();
@@ -151,8 +155,7 @@ pub async fn forward(
             return drained(buf, head, &body, ended);
         }
     };
-    let u = lease.upstream;
-    answered.1 = By::Upstream(u);
+    answered.1 = By::Upstream(lease.upstream);
     let body_len = match &body {
         ReqBody::InBuf(r) => Some(r.len()),
         ReqBody::Stream {
@@ -161,37 +164,64 @@ pub async fn forward(
         } => Some(*n),
         ReqBody::Stream { .. } => None, // chunked: forwarded chunked
     };
-    let mut req = take_buf();
     let query = query(raw_head);
-    wire::write_request(
-        &mut req,
-        method,
-        u,
-        query,
-        wire::Fields::Client {
+    let (forwarded_for, identity) = (worker.forwarded_for(all, ns, client), client.identity());
+    let request_to = |u: &Upstream| {
+        let mut req = take_buf();
+        let fields = wire::Fields::Client {
             head: raw_head,
-            client: worker.forwarded_for(all, ns, client),
-            identity: client.identity(),
-        },
-        upstream_session,
-        body_len,
-    );
+            client: forwarded_for,
+            identity,
+        };
+        wire::write_request(
+            &mut req,
+            method,
+            u,
+            query,
+            fields,
+            upstream_session,
+            body_len,
+        );
+        req
+    };
+    let mut req = request_to(lease.upstream);
     let mut c = ClientHead {
         out: &mut out,
         start: 0,
-        tag: &u.tag,
+        tag: &lease.upstream.tag,
         keep_alive,
         http11: head.http11,
     };
     let (sent, started) = match body {
         ReqBody::InBuf(range) => {
             req.extend_from_slice(&buf[range.clone()]);
+            let sent = loop {
+                let started = Instant::now();
+                match client::send(all, lease.upstream, req, Some(&mut c)).await {
+                    // Not reached (refused, or no TLS with it): nothing was sent, so a request
+                    // no session pins goes to another upstream of the namespace, each tried
+                    // once, and only the last failure reaches the client.
+                    Err(f) if !pinned && f.unreachable() => {
+                        let Ok(next) = worker.balancer.pick_untried(all, ns, capped, &mut tried)
+                        else {
+                            break (Err(f), started);
+                        };
+                        lease.record(worker.metrics, Err(f), started);
+                        lease = next;
+                        answered.1 = By::Upstream(lease.upstream);
+                        c.tag = &lease.upstream.tag;
+                        req = request_to(lease.upstream);
+                        req.extend_from_slice(&buf[range.clone()]);
+                    }
+                    sent => break (sent, started),
+                }
+            };
             buf.drain(..range.end.max(head.len));
-            let started = Instant::now();
-            (client::send(all, u, req, Some(&mut c)).await, started)
+            sent
         }
         ReqBody::Stream { kind, deadline } => {
             buf.drain(..head.len);
+            let u = lease.upstream;
             match stream_body(worker, client, buf, head, kind, deadline, (all, u), req).await {
                 Ok(mut up) => {
                     let started = Instant::now();

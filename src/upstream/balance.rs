@@ -77,13 +77,25 @@ impl Balancer {
         ns: usize,
         capped: bool,
     ) -> Result<Lease<'a>, Failure> {
+        self.pick_untried(all, ns, capped, &mut 0)
+    }
+
+    /// [`Self::pick`] among the members not in `tried` (bit i: the namespace's upstream i, for
+    /// a request that could not reach those), adding the one picked to it.
+    pub fn pick_untried<'a>(
+        &'a self,
+        all: &'static Upstreams,
+        ns: usize,
+        capped: bool,
+        tried: &mut u64,
+    ) -> Result<Lease<'a>, Failure> {
         let namespace = &all.namespaces[ns];
         let members = &namespace.upstreams;
         let n = members.len();
         let start = self.start(all, ns);
         // Tried in preference order; one at `max_in_flight`, or whose breaker refuses at the last
         // moment, is skipped.
-        let mut skip = 0u64; // bit i: members[i] refused (namespaces have at most 64 tried)
+        let mut skip = *tried; // bit i: members[i] refused (namespaces have at most 64 tried)
         let mut busy = None; // the first one found at max_in_flight
         for _ in 0..n {
             let candidate = |i: usize| (skip >> (i % 64)) & 1 == 0 && members[i].in_service();
@@ -107,7 +119,10 @@ impl Balancer {
                     u.end(begun);
                     skip |= 1 << (i % 64);
                 }
-                admit => return Ok(self.lease(u, admit, begun)),
+                admit => {
+                    *tried |= 1 << (i % 64);
+                    return Ok(self.lease(u, admit, begun));
+                }
             }
         }
         match busy {
@@ -273,6 +288,26 @@ mod tests {
         (0..n)
             .map(|_| b.pick(u, 0, true).unwrap().upstream.index)
             .collect()
+    }
+
+    #[test]
+    fn a_request_is_offered_each_upstream_once() {
+        for strategy in ["round_robin", "least_connections", "weighted"] {
+            let (b, u) = balancer(upstreams(strategy, &[3, 1, 1]));
+            let mut tried = 0;
+            let mut seen: Vec<usize> = (0..3)
+                .map(|_| {
+                    let lease = b.pick_untried(u, 0, true, &mut tried).unwrap();
+                    lease.upstream.index
+                })
+                .collect();
+            seen.sort();
+            assert_eq!((seen, tried), (vec![0, 1, 2], 0b111), "{strategy}");
+            assert_eq!(
+                b.pick_untried(u, 0, true, &mut tried).err(),
+                Some(Failure::NoUpstream)
+            );
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //! The racy paths (two admissions competing for the probe, failures racing to open it, a probe's
 //! result racing a new admission) are model-checked with loom (`loom_tests` below).
 //!
-//! The thresholds and the cool-down are [`Settings`], which a configuration reload changes in
+//! The thresholds and the cool-down are `Settings`, which a configuration reload changes in
 //! place ([`Breaker::configure`]): the breaker keeps its state and counts across the change.
 
 #[cfg(loom)]

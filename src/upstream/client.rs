@@ -7,7 +7,9 @@
 //!   one taken from the pool after more than [`UNCHECKED_IDLE`] there is checked to be still open
 //!   first (a look at the socket, one system call).
 //! - A request that failed on a pooled connection before any response byte arrived (the upstream
-//!   had closed it while idle) is retried once on a new connection; nothing else is retried.
+//!   had closed it while idle) is retried once on a new connection; nothing else is retried
+//!   here (whether a request an upstream refused goes to another is the caller's choice:
+//!   `Balancer::pick_untried`).
 //! - Every wait on an upstream is bounded: `connect_timeout` to connect (the TLS handshake of an
 //!   `https://` upstream included), `request_timeout` for the request's write and the response
 //!   head.

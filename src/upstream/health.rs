@@ -15,7 +15,7 @@
 //!
 //! Blocking sockets (and the blocking resolver), off the workers' rings entirely: one thread
 //! keeps each upstream's schedule and starts each probe on a thread of its own (at most
-//! [`MAX_PROBING`] at once). So every upstream is probed on its own schedule: one that does not
+//! `MAX_PROBING` at once). So every upstream is probed on its own schedule: one that does not
 //! answer (a stalled server, a host gone from the network, a resolver that hangs) holds up its
 //! own next probe until its timeouts end it, never another upstream's.
 //!

@@ -515,9 +515,12 @@ async fn forward(
             }
         }
     }
+    // The namespace's upstreams this message went to (see `pick_untried`).
+    let mut tried = 0;
+    let pinned = state.upstream.get().is_some();
     let lease = match state.upstream.get() {
         Some(u) => worker.balancer.pinned(u, true),
-        None => worker.balancer.pick(all, ns, true),
+        None => worker.balancer.pick_untried(all, ns, true, &mut tried),
     };
     let mut lease = match lease {
         Ok(l) => l,
@@ -535,33 +538,43 @@ async fn forward(
             return 0;
         }
     };
-    let u = lease.upstream;
-    state.upstream.set(Some(u));
-    let mut req = take_buf();
-    let had_id = {
-        let id = state.id.borrow();
-        let fields = state.fields.borrow();
-        let len = Some(message.len());
-        wire::write_request(&mut req, "POST", u, "", fields.fields(), id.as_deref(), len);
-        id.is_some()
-    };
+    let had_id = state.id.borrow().is_some();
     // The replies to `initialize` carry the protocol version every later request must name.
     // Only a session not set up yet looks (a scan of the message): `initialize` opens one.
     let initializing =
         !had_id && state.fields.borrow().protocol.is_none() && is_initialize(message);
-    req.extend_from_slice(message);
-    let started = Instant::now();
-    let (mut up, mut buf, head) = match client::send(all, u, req, None).await {
-        Ok(r) => r,
-        Err(f) => {
-            lease.record(worker.metrics, Err(f), started);
-            if f.unreachable() {
-                state.forget();
-            }
-            fail(outbox, message, f.message());
-            return 0;
+    let ((mut up, mut buf, head), started) = loop {
+        let u = lease.upstream;
+        state.upstream.set(Some(u));
+        let mut req = take_buf();
+        {
+            let (id, fields) = (state.id.borrow(), state.fields.borrow());
+            let len = Some(message.len());
+            wire::write_request(&mut req, "POST", u, "", fields.fields(), id.as_deref(), len);
         }
+        req.extend_from_slice(message);
+        let started = Instant::now();
+        let f = match client::send(all, u, req, None).await {
+            Ok(r) => break (r, started),
+            Err(f) => f,
+        };
+        // Not reached (refused, or no TLS with it): nothing was sent, so a message of no
+        // session yet goes to another upstream of the namespace, each tried once.
+        if !pinned && f.unreachable() {
+            if let Ok(next) = worker.balancer.pick_untried(all, ns, true, &mut tried) {
+                lease.record(worker.metrics, Err(f), started);
+                lease = next;
+                continue;
+            }
+        }
+        lease.record(worker.metrics, Err(f), started);
+        if f.unreachable() {
+            state.forget();
+        }
+        fail(outbox, message, f.message());
+        return 0;
     };
+    let u = lease.upstream;
     lease.record(worker.metrics, Ok(head.status), started);
     let new_session = !had_id && head.session.is_some();
     if new_session {
