@@ -313,28 +313,35 @@ fn sessions_stick_to_their_upstream_and_a_gone_one_gives_404() {
 }
 
 #[test]
-fn a_request_an_upstream_refuses_goes_to_another() {
-    // `refused` comes first in round-robin order; neither health checks nor the breaker take it
-    // out here, so every request without a session is offered to it.
+fn a_request_an_upstream_cannot_take_goes_to_another() {
+    // `refused` refuses connections; `full` accepts none in time (its accept queue, of one, is
+    // filled by the test: the kernel drops further connection attempts); `a` answers. Neither
+    // health checks nor the breaker take the first two out here, so every request without a
+    // session is offered to them in turn.
     let (_refusing, port) = refusing_port();
     let refused = format!("http://127.0.0.1:{port}/mcp");
-    let (_also_refusing, other_port) = refusing_port();
-    let also_refused = format!("http://127.0.0.1:{other_port}/mcp");
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    full.listen(0).unwrap();
+    let full_addr = full.local_addr().unwrap().as_socket().unwrap();
+    let _filling = TcpStream::connect(full_addr).unwrap();
+    let full_url = format!("http://{full_addr}/mcp");
     let a = Mock::start_on("127.0.0.1:0", named("a"));
-    let routing = "  health_check_interval: 3600\n  request_timeout: 2\n  connect_timeout: 1\n  circuit_breaker:\n    failure_threshold: 1000\n";
+    let routing = "  health_check_interval: 3600\n  request_timeout: 2\n  connect_timeout: 0.3\n  circuit_breaker:\n    failure_threshold: 1000\n";
     let gw = start_with(
         "",
         &endpoints(
             &[
-                ("default", &[&refused, &a.url()]),
-                ("down", &[&refused, &also_refused]),
+                ("default", &[&refused, &full_url, &a.url()]),
+                ("down", &[&refused, &full_url]),
             ],
             routing,
         ),
     );
-    let connect_errors = |ns: &str, url: &str| {
+    let failures = |ns: &str, url: &str, outcome: &str| {
         gw.metric(&format!(
-            "mcp_gateway_upstream_requests_total{{namespace=\"{ns}\",upstream=\"{url}\",outcome=\"connect_error\"}}"
+            "mcp_gateway_upstream_requests_total{{namespace=\"{ns}\",upstream=\"{url}\",outcome=\"{outcome}\"}}"
         ))
     };
     // HTTP: every request without a session is answered, by a.
@@ -355,26 +362,28 @@ fn a_request_an_upstream_refuses_goes_to_another() {
             "{reply}"
         );
     }
-    // The refusals were tried and counted (round robin offered it about every other request).
-    assert!(
-        connect_errors("default", &refused) >= 4.0,
-        "{}",
-        gw.scrape()
+    // Both were offered requests, and their failures counted.
+    let (refusals, timeouts) = (
+        failures("default", &refused, "connect_error"),
+        failures("default", &full_url, "timeout"),
     );
-    // Where every upstream refuses: each is tried once, then the client gets the 502.
+    assert!(refusals >= 1.0 && timeouts >= 1.0, "{}", gw.scrape());
+    // Where no upstream can take it: each is tried once, then the client gets the last failure.
     let r = roundtrip(
         &mut c,
         &post_mcp(TOOLS_LIST).replacen("/mcp", "/mcp/down", 1),
     );
-    assert_eq!(r.status, 502);
-    assert!(r.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("refused"));
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        (r.status == 502 && message.contains("refused"))
+            || (r.status == 504 && message.contains("connected in time")),
+        "{} {message}",
+        r.status
+    );
     assert_eq!(
         (
-            connect_errors("down", &refused),
-            connect_errors("down", &also_refused)
+            failures("down", &refused, "connect_error"),
+            failures("down", &full_url, "timeout")
         ),
         (1.0, 1.0)
     );

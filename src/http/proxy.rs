@@ -5,9 +5,9 @@
 //! - A request with an `Mcp-Session-Id` goes to the upstream named by the id's tag (see
 //!   [`crate::upstream`]), with the tag removed; a tag no upstream of the namespace has, or whose
 //!   upstream is gone (out of service, refusing connections), gets 404, which tells an MCP
-//!   client to start a new session. Other requests go where the balancer says, and, when the
-//!   upstream could not be reached (nothing was sent) and the body is whole, to another
-//!   upstream of the namespace, each tried once.
+//!   client to start a new session. Other requests go where the balancer says, and, when no
+//!   connection to that upstream could be made (nothing was sent) and the body is whole, to
+//!   another upstream of the namespace, each tried once.
 //! - Bodies stream both ways. A request body already whole in the client buffer (the usual small
 //!   JSON-RPC message) goes out with the head in one write, and may be retried once on a new
 //!   connection when a pooled one turns out closed. A body still arriving (or chunked) is sent as
@@ -198,10 +198,10 @@ pub async fn forward(
             let sent = loop {
                 let started = Instant::now();
                 match client::send(all, lease.upstream, req, Some(&mut c)).await {
-                    // Not reached (refused, or no TLS with it): nothing was sent, so a request
-                    // no session pins goes to another upstream of the namespace, each tried
-                    // once, and only the last failure reaches the client.
-                    Err(f) if !pinned && f.unreachable() => {
+                    // Not reached (refused, no TLS with it, not connected in time): nothing was
+                    // sent, so a request no session pins goes to another upstream of the
+                    // namespace, each tried once, and only the last failure reaches the client.
+                    Err(f) if !pinned && f.nothing_sent() => {
                         let Ok(next) = worker.balancer.pick_untried(all, ns, capped, &mut tried)
                         else {
                             break (Err(f), started);
@@ -619,7 +619,11 @@ async fn fail(
     (pinned, keep_alive): (bool, bool),
     answered: &mut Answered,
 ) -> Proxied {
-    let (status, message) = if pinned && !matches!(f, Failure::Timeout | Failure::Busy) {
+    let (status, message) = if pinned
+        && !matches!(
+            f,
+            Failure::Timeout | Failure::ConnectTimeout | Failure::Busy
+        ) {
         (
             404,
             "session not found: its upstream is gone; start a new session",

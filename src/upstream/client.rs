@@ -88,7 +88,7 @@ async fn connect(all: &Upstreams, upstream: &Upstream) -> Result<Stream, Failure
     let tcp = match until(deadline, TcpStream::connect_addr(http.addr())).await {
         Ok(Ok(s)) => s,
         Ok(Err(_)) => return Err(Failure::Connect),
-        Err(_) => return Err(Failure::Timeout),
+        Err(_) => return Err(Failure::ConnectTimeout),
     };
     let _ = tcp.set_nodelay(true);
     let Some(tls) = &http.tls else {
@@ -101,7 +101,7 @@ async fn connect(all: &Upstreams, upstream: &Upstream) -> Result<Stream, Failure
             tracing::debug!(upstream = %upstream.url, error = %e, "TLS handshake failed");
             Err(Failure::Tls)
         }
-        Err(_) => Err(Failure::Timeout),
+        Err(_) => Err(Failure::ConnectTimeout),
     }
 }
 

@@ -445,8 +445,11 @@ pub enum Failure {
     /// The TLS handshake with an `https://` upstream failed (its certificate not trusted or not
     /// for its name, no common protocol version, ...).
     Tls,
-    /// Connecting, or waiting for the response (or its next bytes), took too long.
+    /// Waiting for the response (or its next bytes, or room to send the request) took too long.
     Timeout,
+    /// Connecting (the TLS handshake included) took longer than `connect_timeout`: nothing was
+    /// sent (a host gone from the network, an upstream whose accept queue is full).
+    ConnectTimeout,
     /// The upstream closed or reset the connection before its response was complete.
     Reset,
     /// The upstream's response was not valid HTTP/1.1.
@@ -466,9 +469,15 @@ impl Failure {
         matches!(self, Failure::Connect | Failure::Tls)
     }
 
+    /// The request did not reach the upstream (no connection to it was made): it may go to
+    /// another one, whatever it is.
+    pub fn nothing_sent(self) -> bool {
+        self.unreachable() || self == Failure::ConnectTimeout
+    }
+
     pub fn status(self) -> u16 {
         match self {
-            Failure::Timeout => 504,
+            Failure::Timeout | Failure::ConnectTimeout => 504,
             Failure::Busy => 503,
             _ => 502,
         }
@@ -479,6 +488,7 @@ impl Failure {
             Failure::Connect => "upstream MCP server refused or could not be reached",
             Failure::Tls => "TLS handshake with the upstream MCP server failed",
             Failure::Timeout => "upstream MCP server timed out",
+            Failure::ConnectTimeout => "upstream MCP server could not be connected in time",
             Failure::Reset => "upstream MCP server closed the connection",
             Failure::BadResponse => "upstream MCP server sent an invalid response",
             Failure::CircuitOpen => "upstream MCP server is failing (circuit open)",
@@ -522,7 +532,7 @@ impl Outcome {
     pub fn of(f: Failure) -> Outcome {
         match f {
             Failure::Connect | Failure::NoUpstream => Outcome::ConnectError,
-            Failure::Timeout => Outcome::Timeout,
+            Failure::Timeout | Failure::ConnectTimeout => Outcome::Timeout,
             Failure::Reset => Outcome::Reset,
             Failure::BadResponse => Outcome::BadResponse,
             Failure::CircuitOpen => Outcome::CircuitOpen,

@@ -558,9 +558,9 @@ async fn forward(
             Ok(r) => break (r, started),
             Err(f) => f,
         };
-        // Not reached (refused, or no TLS with it): nothing was sent, so a message of no
-        // session yet goes to another upstream of the namespace, each tried once.
-        if !pinned && f.unreachable() {
+        // Not reached (refused, no TLS with it, not connected in time): nothing was sent, so a
+        // message of no session yet goes to another upstream of the namespace, each tried once.
+        if !pinned && f.nothing_sent() {
             if let Ok(next) = worker.balancer.pick_untried(all, ns, true, &mut tried) {
                 lease.record(worker.metrics, Err(f), started);
                 lease = next;
