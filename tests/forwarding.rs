@@ -351,6 +351,16 @@ fn a_request_an_upstream_cannot_take_goes_to_another() {
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         assert_eq!(r.json()["result"]["server"], "a");
     }
+    // A body still arriving (chunked: forwarded as it comes) waits for a connection that is made.
+    let chunked = format!(
+        "POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{INIT}\r\n0\r\n\r\n",
+        INIT.len()
+    );
+    for _ in 0..6 {
+        let r = roundtrip(&mut c, &chunked);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["result"]["server"], "a");
+    }
     // MCPB: each connection's first message (no session yet) too.
     for _ in 0..6 {
         let mut m = mcpb_client(&gw);

@@ -192,37 +192,76 @@ pub async fn forward(
         keep_alive,
         http11: head.http11,
     };
+    // Not reached (refused, no TLS with it, not connected in time): nothing was sent, so a
+    // request no session pins goes to another upstream of the namespace, each tried once, and
+    // only the last failure reaches the client (`move_on`).
     let (sent, started) = match body {
         ReqBody::InBuf(range) => {
             req.extend_from_slice(&buf[range.clone()]);
             let sent = loop {
                 let started = Instant::now();
-                match client::send(all, lease.upstream, req, Some(&mut c)).await {
-                    // Not reached (refused, no TLS with it, not connected in time): nothing was
-                    // sent, so a request no session pins goes to another upstream of the
-                    // namespace, each tried once, and only the last failure reaches the client.
-                    Err(f) if !pinned && f.nothing_sent() => {
-                        let Ok(next) = worker.balancer.pick_untried(all, ns, capped, &mut tried)
-                        else {
-                            break (Err(f), started);
-                        };
-                        lease.record(worker.metrics, Err(f), started);
-                        lease = next;
-                        answered.1 = By::Upstream(lease.upstream);
-                        c.tag = &lease.upstream.tag;
-                        req = request_to(lease.upstream);
-                        req.extend_from_slice(&buf[range.clone()]);
-                    }
+                let f = match client::send(all, lease.upstream, req, Some(&mut c)).await {
+                    Err(f) => f,
                     sent => break (sent, started),
+                };
+                if pinned
+                    || !move_on(
+                        worker,
+                        &mut lease,
+                        (f, started),
+                        (all, ns, capped),
+                        &mut tried,
+                        &mut c,
+                        answered,
+                    )
+                {
+                    break (Err(f), started);
                 }
+                req = request_to(lease.upstream);
+                req.extend_from_slice(&buf[range.clone()]);
             };
             buf.drain(..range.end.max(head.len));
             sent
         }
         ReqBody::Stream { kind, deadline } => {
+            // The connection first: the body is read from the client only once it has
+            // somewhere to go.
+            let opened = loop {
+                let started = Instant::now();
+                let f = match client::open(all, lease.upstream, false).await {
+                    Ok((up, _)) => break Ok(up),
+                    Err(f) => f,
+                };
+                if pinned
+                    || !move_on(
+                        worker,
+                        &mut lease,
+                        (f, started),
+                        (all, ns, capped),
+                        &mut tried,
+                        &mut c,
+                        answered,
+                    )
+                {
+                    break Err(f);
+                }
+                give_buf(std::mem::replace(&mut req, request_to(lease.upstream)));
+            };
             buf.drain(..head.len);
-            let u = lease.upstream;
-            match stream_body(worker, client, buf, head, kind, deadline, (all, u), req).await {
+            let streamed = match opened {
+                // Boxed: a body still arriving is the rarer path; the exchange's future does
+                // not grow by its state.
+                Ok(up) => {
+                    let body =
+                        stream_body(worker, client, buf, head, kind, deadline, (all, up), req);
+                    boxed::pin(body).await
+                }
+                Err(f) => {
+                    give_buf(req);
+                    Err(Sent::Upstream(f))
+                }
+            };
+            match streamed {
                 Ok(mut up) => {
                     let started = Instant::now();
                     let until = started + all.request_timeout;
@@ -274,6 +313,28 @@ pub async fn forward(
     .await
 }
 
+/// Moves `lease`, whose request failed before anything was sent, to another upstream of
+/// namespace `ns` (see `Balancer::another`), and the answer's upstream and session tag with it:
+/// true when it moved, false when the failure stands.
+fn move_on(
+    worker: &'static Worker,
+    lease: &mut Lease<'static>,
+    failed: (Failure, Instant),
+    (all, ns, capped): (&'static Upstreams, usize, bool),
+    tried: &mut u64,
+    c: &mut ClientHead<'_>,
+    answered: &mut Answered,
+) -> bool {
+    let moved = worker
+        .balancer
+        .another(lease, failed, (all, ns), capped, tried);
+    if moved {
+        answered.1 = By::Upstream(lease.upstream);
+        c.tag = &lease.upstream.tag;
+    }
+    moved
+}
+
 /// Drains the request from `buf` when it was answered without being forwarded.
 fn drained(buf: &mut Vec<u8>, head: &Head, body: &ReqBody, ended: Proxied) -> Proxied {
     match body {
@@ -295,9 +356,9 @@ enum Sent {
     Client(Proxied),
 }
 
-/// Opens a connection to `u` and sends `req` (the request head) followed by the body as it
-/// arrives from the client: `Content-Length` bytes or a chunked body (decoded, sent chunked),
-/// within `max_message_size` and before `deadline`. The body's bytes are drained from `buf`.
+/// Sends `req` (the request head) over `up` followed by the body as it arrives from the
+/// client: `Content-Length` bytes or a chunked body (decoded, sent chunked), within
+/// `max_message_size` and before `deadline`. The body's bytes are drained from `buf`.
 #[allow(clippy::too_many_arguments)]
 async fn stream_body(
     worker: &'static Worker,
@@ -306,11 +367,10 @@ async fn stream_body(
     head: &Head,
     kind: BodyKind,
     deadline: Instant,
-    (all, u): (&Upstreams, &'static Upstream),
+    (all, mut up): (&Upstreams, Stream),
     mut req: Vec<u8>,
 ) -> Result<Stream, Sent> {
     let max = worker.settings().max_message_size;
-    let (mut up, _) = client::open(all, u, false).await.map_err(Sent::Upstream)?;
     let mut remaining = match kind {
         BodyKind::Length(n) => n,
         _ => 0,

@@ -134,6 +134,30 @@ impl Balancer {
         }
     }
 
+    /// After `lease`'s request failed with `f` at `started`: when nothing was sent
+    /// ([`Failure::nothing_sent`]) and another upstream of namespace `ns` not in `tried` takes it,
+    /// records the failure on `lease` and moves it there (`true`). Else leaves both as they are
+    /// (`false`): the failure stands. For a request no session pins (a pinned one has nowhere
+    /// else to go); `capped` as for [`Self::pick`].
+    pub fn another<'a>(
+        &'a self,
+        lease: &mut Lease<'a>,
+        (f, started): (Failure, Instant),
+        (all, ns): (&'static Upstreams, usize),
+        capped: bool,
+        tried: &mut u64,
+    ) -> bool {
+        if !f.nothing_sent() {
+            return false;
+        }
+        let Ok(next) = self.pick_untried(all, ns, capped, tried) else {
+            return false;
+        };
+        lease.record(self.metrics, Err(f), started);
+        *lease = next;
+        true
+    }
+
     /// Admits a request to `u` itself (a session pinned to it); `capped` as for [`Self::pick`].
     pub fn pinned<'a>(&'a self, u: &'static Upstream, capped: bool) -> Result<Lease<'a>, Failure> {
         if !u.is_healthy() {

@@ -560,12 +560,13 @@ async fn forward(
         };
         // Not reached (refused, no TLS with it, not connected in time): nothing was sent, so a
         // message of no session yet goes to another upstream of the namespace, each tried once.
-        if !pinned && f.nothing_sent() {
-            if let Ok(next) = worker.balancer.pick_untried(all, ns, true, &mut tried) {
-                lease.record(worker.metrics, Err(f), started);
-                lease = next;
-                continue;
-            }
+        let failed = (f, started);
+        if !pinned
+            && worker
+                .balancer
+                .another(&mut lease, failed, (all, ns), true, &mut tried)
+        {
+            continue;
         }
         lease.record(worker.metrics, Err(f), started);
         if f.unreachable() {
