@@ -194,7 +194,18 @@ pub async fn forward(
     };
     // Not reached (refused, no TLS with it, not connected in time): nothing was sent, so a
     // request no session pins goes to another upstream of the namespace, each tried once, and
-    // only the last failure reaches the client (`move_on`).
+    // only the last failure reaches the client. True when the lease moved (the answer's
+    // upstream and session tag with it), false when the failure stands.
+    let mut move_on =
+        |lease: &mut Lease<'static>, failed, c: &mut ClientHead<'_>, answered: &mut Answered| {
+            let balancer = &worker.balancer;
+            let moved = !pinned && balancer.another(lease, failed, (all, ns), capped, &mut tried);
+            if moved {
+                answered.1 = By::Upstream(lease.upstream);
+                c.tag = &lease.upstream.tag;
+            }
+            moved
+        };
     let (sent, started) = match body {
         ReqBody::InBuf(range) => {
             req.extend_from_slice(&buf[range.clone()]);
@@ -204,17 +215,7 @@ pub async fn forward(
                     Err(f) => f,
                     sent => break (sent, started),
                 };
-                if pinned
-                    || !move_on(
-                        worker,
-                        &mut lease,
-                        (f, started),
-                        (all, ns, capped),
-                        &mut tried,
-                        &mut c,
-                        answered,
-                    )
-                {
+                if !move_on(&mut lease, (f, started), &mut c, answered) {
                     break (Err(f), started);
                 }
                 req = request_to(lease.upstream);
@@ -232,17 +233,7 @@ pub async fn forward(
                     Ok((up, _)) => break Ok(up),
                     Err(f) => f,
                 };
-                if pinned
-                    || !move_on(
-                        worker,
-                        &mut lease,
-                        (f, started),
-                        (all, ns, capped),
-                        &mut tried,
-                        &mut c,
-                        answered,
-                    )
-                {
+                if !move_on(&mut lease, (f, started), &mut c, answered) {
                     break Err(f);
                 }
                 give_buf(std::mem::replace(&mut req, request_to(lease.upstream)));
@@ -311,28 +302,6 @@ pub async fn forward(
         (all, lease),
     )
     .await
-}
-
-/// Moves `lease`, whose request failed before anything was sent, to another upstream of
-/// namespace `ns` (see `Balancer::another`), and the answer's upstream and session tag with it:
-/// true when it moved, false when the failure stands.
-fn move_on(
-    worker: &'static Worker,
-    lease: &mut Lease<'static>,
-    failed: (Failure, Instant),
-    (all, ns, capped): (&'static Upstreams, usize, bool),
-    tried: &mut u64,
-    c: &mut ClientHead<'_>,
-    answered: &mut Answered,
-) -> bool {
-    let moved = worker
-        .balancer
-        .another(lease, failed, (all, ns), capped, tried);
-    if moved {
-        answered.1 = By::Upstream(lease.upstream);
-        c.tag = &lease.upstream.tag;
-    }
-    moved
 }
 
 /// Drains the request from `buf` when it was answered without being forwarded.
