@@ -397,6 +397,19 @@ fn a_request_an_upstream_cannot_take_goes_to_another() {
         ),
         (1.0, 1.0)
     );
+    // Every request moved on left nothing counted in flight behind it.
+    for (ns, url) in [
+        ("default", &refused),
+        ("default", &full_url),
+        ("default", &a.url()),
+        ("down", &refused),
+        ("down", &full_url),
+    ] {
+        gw.wait_metric(
+            &format!("mcp_gateway_upstream_in_flight{{namespace=\"{ns}\",upstream=\"{url}\"}}"),
+            0.0,
+        );
+    }
 }
 
 #[test]
