@@ -6,8 +6,8 @@
 //!   [`crate::upstream`]), with the tag removed; a tag no upstream of the namespace has, or whose
 //!   upstream is gone (out of service, refusing connections), gets 404, which tells an MCP
 //!   client to start a new session. Other requests go where the balancer says, and, when no
-//!   connection to that upstream could be made (nothing was sent) and the body is whole, to
-//!   another upstream of the namespace, each tried once.
+//!   connection to that upstream could be made (nothing was sent: a body still arriving is read
+//!   only once its connection is made), to another upstream of the namespace, each tried once.
 //! - Bodies stream both ways. A request body already whole in the client buffer (the usual small
 //!   JSON-RPC message) goes out with the head in one write, and may be retried once on a new
 //!   connection when a pooled one turns out closed. A body still arriving (or chunked) is sent as

@@ -374,6 +374,11 @@ mod tests {
             a.try_begin(false).is_some(),
             "an uncapped request is always admitted"
         );
+        // A weight alone is a change too: a new view with it, the same upstreams.
+        let change = r.reload(&yaml(7, 2, 1), |_| {}).unwrap();
+        assert_eq!(change, Some(Change::default()));
+        assert_eq!(r.current().namespaces[0].weights, [7, 1]);
+        assert!(std::ptr::eq(r.current().all[0], a));
     }
 
     #[test]

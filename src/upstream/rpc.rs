@@ -569,7 +569,9 @@ async fn forward(
             continue;
         }
         lease.record(worker.metrics, Err(f), started);
-        if f.unreachable() {
+        // A server that cannot be reached has no session for us any more; one not connected
+        // yet holds none of this connection's either (its next message picks afresh).
+        if f.unreachable() || (!had_id && f.nothing_sent()) {
             state.forget();
         }
         fail(outbox, message, f.message());
