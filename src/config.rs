@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 mod read;
+pub use read::MAX_PROBLEMS;
 
 /// The whole file.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

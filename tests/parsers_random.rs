@@ -239,3 +239,78 @@ fn mutated_tls_records_end_in_data_the_end_or_an_error() {
         "the run reached past the error paths"
     );
 }
+
+/// Configuration documents changed at random, line by line and byte by byte, from the shipped
+/// files (and a TOML one): reading never panics, a document is either a configuration whose
+/// checks pass or a list of problems, each naming what it is about, never more than the bound.
+#[test]
+fn mutated_configuration_documents_are_read_or_refused_with_their_problems() {
+    use mcp_gateway::config::{Config, MAX_PROBLEMS};
+
+    const YAML: [&str; 4] = [
+        include_str!("../config/gateway.yaml"),
+        include_str!("../config/development.yaml"),
+        include_str!("../config/enterprise.yaml"),
+        include_str!("../config/public.yaml"),
+    ];
+    const TOML: &str = "[server]\nport = 8080\nmax_connections = 100\nper_ip_overrides = \
+        [{network = \"10.0.0.0/8\", max_connections_per_ip = 5}]\n[routing]\nstrategy = \
+        \"weighted\"\n[service_discovery.static.endpoints]\ndefault = [{url = \
+        \"http://127.0.0.1:9000/mcp\", weight = 2}, {url = \"http://127.0.0.1:9001/mcp\"}]\n";
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    let (mut read, mut refused, mut several) = (0, 0, 0);
+    for round in 0..3_000 {
+        let toml = round % 4 == 0;
+        let seed = if toml {
+            TOML
+        } else {
+            YAML[rng.below(YAML.len())]
+        };
+        let mut lines: Vec<String> = seed.lines().map(str::to_string).collect();
+        for _ in 0..1 + rng.below(4) {
+            let i = rng.below(lines.len());
+            match rng.below(4) {
+                0 => {
+                    lines.remove(i);
+                }
+                1 => lines.insert(i, lines[i].clone()),
+                2 => {
+                    // A value replaced: a word, a number out of range, a list, nothing.
+                    if let Some((key, _)) = lines[i].split_once([':', '=']) {
+                        let value = ["bogus", "-1", "99999999999", "[1, 2]", "", "\"x\""];
+                        let sep = if toml { " = " } else { ": " };
+                        lines[i] = format!("{key}{sep}{}", value[rng.below(value.len())]);
+                    }
+                }
+                _ => {
+                    let bytes = mutate(&mut rng, lines[i].as_bytes());
+                    lines[i] = String::from_utf8_lossy(&bytes).into_owned();
+                }
+            }
+            if lines.is_empty() {
+                break;
+            }
+        }
+        let text = lines.join("\n");
+        match Config::parse(&text, toml) {
+            Ok(config) => {
+                assert!(config.validate().is_ok(), "read but not valid:\n{text}");
+                read += 1;
+            }
+            Err(problems) => {
+                assert!(
+                    !problems.is_empty() && problems.len() <= MAX_PROBLEMS,
+                    "{problems:?}"
+                );
+                assert!(
+                    problems.iter().all(|p| !p.trim().is_empty()),
+                    "{problems:?}"
+                );
+                refused += 1;
+                several += usize::from(problems.len() > 1);
+            }
+        }
+    }
+    eprintln!("read {read}, refused {refused} ({several} with several problems)");
+    assert!(read > 100 && refused > 1000 && several > 50);
+}
