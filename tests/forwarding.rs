@@ -616,6 +616,78 @@ fn health_probes_run_side_by_side_up_to_their_bound() {
     drop(silent);
 }
 
+/// `n` upstreams of the default namespace, health-checked every `interval` seconds, and the
+/// gateway in front of them.
+fn probed_upstreams(n: usize, interval: f64) -> (Vec<Mock>, Gateway) {
+    let mocks: Vec<Mock> = (0..n)
+        .map(|_| Mock::start_on("127.0.0.1:0", named("any")))
+        .collect();
+    let urls: Vec<String> = mocks.iter().map(Mock::url).collect();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let routing = format!("  health_check_interval: {interval}\n");
+    let gw = start_with("", &endpoints(&[("default", &urls)], &routing));
+    (mocks, gw)
+}
+
+/// Probe threads are kept for the next probes, not started one per probe: three upstreams
+/// probed every 50 ms for 1.5 s (some 90 probes) are probed by the same few threads throughout.
+#[test]
+fn health_probes_reuse_their_threads() {
+    let (mocks, gw) = probed_upstreams(3, 0.05);
+    // The probe threads' ids (a thread started per probe would show new ones all the time).
+    let probers = || -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
+            .unwrap()
+            .filter_map(|t| {
+                let t = t.ok()?;
+                let name = std::fs::read_to_string(t.path().join("comm")).ok()?;
+                name.starts_with("mcp-health-pro")
+                    .then(|| t.file_name().to_string_lossy().into_owned())
+            })
+            .collect()
+    };
+    let start = Instant::now();
+    while probers().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(3), "no probe thread");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200)); // the first rounds start what they need
+    let first = probers();
+    // Each probe is a connection of its own (`Connection: close`).
+    let probed = || mocks.iter().map(Mock::connections).sum::<usize>();
+    let (before, at) = (probed(), Instant::now());
+    while at.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(probers(), first, "the same probe threads");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let probes = probed() - before;
+    assert!(probes >= 30, "{probes} probes");
+    assert!(!first.is_empty() && first.len() <= 3, "{first:?}");
+}
+
+/// Upstreams configured together are first probed at points of the interval of their own, not
+/// all at one moment (which 500 paths of one server would feel as 500 connections at once).
+#[test]
+fn health_probes_of_upstreams_that_came_together_spread_over_the_interval() {
+    let (mocks, gw) = probed_upstreams(8, 1.0);
+    // When each upstream saw its first probe (the gateway sends nothing else).
+    let start = Instant::now();
+    let mut first: Vec<Option<Duration>> = vec![None; mocks.len()];
+    while first.iter().any(Option::is_none) {
+        for (m, f) in mocks.iter().zip(&mut first) {
+            if f.is_none() && m.connections() > 0 {
+                *f = Some(start.elapsed());
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(3), "{first:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let first: Vec<Duration> = first.into_iter().flatten().collect();
+    let (early, late) = (first.iter().min().unwrap(), first.iter().max().unwrap());
+    assert!(*late - *early >= Duration::from_millis(500), "{first:?}");
+    drop(gw);
+}
+
 #[test]
 fn health_checks_take_an_upstream_out_and_put_it_back_while_others_never_notice() {
     let a = Mock::start_on("127.0.0.1:0", named("a"));

@@ -14,19 +14,23 @@
 //! once at startup would go on connecting to an address that is gone.
 //!
 //! Blocking sockets (and the blocking resolver), off the workers' rings entirely: one thread
-//! keeps each upstream's schedule and starts each probe on a thread of its own (at most
-//! `MAX_PROBING` at once). So every upstream is probed on its own schedule: one that does not
-//! answer (a stalled server, a host gone from the network, a resolver that hangs) holds up its
-//! own next probe until its timeouts end it, never another upstream's.
+//! keeps each upstream's schedule and hands each probe due to a probe thread that has none
+//! (at most `MAX_PROBING` probes at once). So every upstream is probed on its own schedule: one
+//! that does not answer (a stalled server, a host gone from the network, a resolver that hangs)
+//! holds up its own next probe until its timeouts end it, never another upstream's. Probe
+//! threads are started as probes need them, up to `MAX_PROBING`, and kept for the next probes:
+//! 4 096 upstreams probed every 10 s would otherwise start some 400 threads a second.
 //!
-//! Invariants: at most one probe per upstream at a time; an upstream's next probe starts
-//! `health_check_interval` (of the view in force) after its last one started, or when that one
-//! ends if it took longer.
+//! Invariants: at most one probe per upstream at a time; an upstream's first probe starts
+//! within one `health_check_interval` of its coming (the upstreams of one configuration spread
+//! over it, so they are not all probed at once), and its next one `health_check_interval` (of
+//! the view in force) after its last one started, or when that one ends if it took longer; there are always at least as many probe threads as probes in flight,
+//! so a probe handed over never waits for another to end.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::registry::Registry;
@@ -41,11 +45,66 @@ const LOOK: Duration = Duration::from_millis(250);
 /// to end.
 const MAX_PROBING: usize = 64;
 
-/// What a probe thread reports when it ends: its upstream and what re-resolving its name did.
+/// What a probe thread reports when a probe ends: its upstream and what re-resolving its name
+/// did.
 type Ended = (
     &'static Upstream,
     Result<Option<(SocketAddr, SocketAddr)>, String>,
 );
+
+/// A probe to run: the upstream, under the view in force when it was due (its timeouts).
+type Probe = (&'static Upstreams, &'static Upstream);
+
+/// The probe threads: each takes the next probe from the queue, runs it and reports its end.
+struct Probers {
+    queue: mpsc::Sender<Probe>,
+    next: Arc<Mutex<mpsc::Receiver<Probe>>>,
+    ended: mpsc::Sender<Ended>,
+    threads: usize,
+}
+
+impl Probers {
+    fn new(ended: mpsc::Sender<Ended>) -> Probers {
+        let (queue, next) = mpsc::channel();
+        Probers {
+            queue,
+            next: Arc::new(Mutex::new(next)),
+            ended,
+            threads: 0,
+        }
+    }
+
+    /// Hands `probe` to a probe thread with nothing to do (`probing`: the probes in flight,
+    /// this one not counted), starting one when every thread has a probe.
+    fn start(&mut self, probe: Probe, probing: usize) -> std::io::Result<()> {
+        if self.threads <= probing {
+            let (next, ended) = (self.next.clone(), self.ended.clone());
+            std::thread::Builder::new()
+                .name("mcp-health-probe".into())
+                .spawn(move || run_probes(&next, &ended))?;
+            self.threads += 1;
+        }
+        self.queue
+            .send(probe)
+            .expect("probe threads live as long as the scheduler");
+        Ok(())
+    }
+}
+
+/// A probe thread: runs the probes it is handed, for good.
+fn run_probes(next: &Mutex<mpsc::Receiver<Probe>>, ended: &mpsc::Sender<Ended>) {
+    loop {
+        // The lock is held while waiting: the idle threads queue on it, one waits on the
+        // channel. A poisoned lock cannot be: nothing panics while holding it.
+        let got = next.lock().map(|rx| rx.recv());
+        let Ok(Ok((all, u))) = got else {
+            return;
+        };
+        let dns = u.http().map_or(Ok(None), |h| h.re_resolve(super::resolve));
+        u.set_health(probe(all, u));
+        let _ = ended.send((u, dns));
+    }
+}
 
 /// Starts the scheduler thread. It runs until the process exits, probing the upstreams in force
 /// each `routing.health_check_interval` of the view in force (a reload may add HTTP upstreams
@@ -59,7 +118,9 @@ pub fn spawn(registry: &'static Registry) -> std::io::Result<()> {
 
 fn schedule(registry: &'static Registry) {
     let (ended_tx, ended) = mpsc::channel::<Ended>();
-    // When each upstream's last probe started (or, before its first, when it was first seen).
+    let mut probers = Probers::new(ended_tx);
+    // When each upstream's last probe started (before its first: a point of the interval before
+    // it was first seen).
     let mut started: HashMap<usize, Instant> = HashMap::new();
     let mut probing: HashSet<usize> = HashSet::new();
     // Upstream indices whose name failed to resolve last time (logged once per spell).
@@ -68,10 +129,23 @@ fn schedule(registry: &'static Registry) {
     loop {
         let all = registry.current();
         let now = Instant::now();
-        // The next look: at the earliest probe due, within LOOK.
+        // The next look: at the earliest probe due, within LOOK, and not sooner than a
+        // twentieth of the interval: each look goes over every upstream, so the probes due
+        // within that go together (the upstreams spread over the interval would otherwise
+        // make one look per probe).
         let mut wake = now + LOOK;
+        let least = now + (all.health_check_interval / 20).min(LOOK);
+        // A probe is due that the bound on probes in flight holds back: the next end frees it.
+        let mut held_back = false;
         for u in all.all.iter().filter(|u| u.http().is_some()) {
-            let due = *started.entry(u.index).or_insert(now) + all.health_check_interval;
+            // An upstream first seen is first probed within one interval, at a point of it of
+            // its own: upstreams that came together are not all probed at the same moment.
+            let first = || {
+                let spread = (u.index as f64 * 0.618_033_988_75).fract();
+                now.checked_sub(all.health_check_interval.mul_f64(spread))
+                    .unwrap_or(now)
+            };
+            let due = *started.entry(u.index).or_insert_with(first) + all.health_check_interval;
             if probing.contains(&u.index) {
                 continue;
             }
@@ -80,19 +154,10 @@ fn schedule(registry: &'static Registry) {
                 continue;
             }
             if probing.len() >= MAX_PROBING {
-                continue; // the end of a probe wakes the loop
+                held_back = true;
+                continue;
             }
-            let tx = ended_tx.clone();
-            let u: &'static Upstream = u;
-            let probe_one = move || {
-                let dns = u.http().map_or(Ok(None), |h| h.re_resolve(super::resolve));
-                u.set_health(probe(all, u));
-                let _ = tx.send((u, dns));
-            };
-            match std::thread::Builder::new()
-                .name("mcp-health-probe".into())
-                .spawn(probe_one)
-            {
+            match probers.start((all, u), probing.len()) {
                 Ok(_) => {
                     started.insert(u.index, now);
                     probing.insert(u.index);
@@ -108,14 +173,16 @@ fn schedule(registry: &'static Registry) {
                 }
             }
         }
-        // Until a probe ends or the next look.
-        let mut next = ended
-            .recv_timeout(wake.saturating_duration_since(Instant::now()))
-            .ok();
-        while let Some((u, dns)) = next {
+        // Until the next look, taking the probes' ends as they come; one that frees a place
+        // for a probe held back brings the look forward.
+        let wake = wake.max(least);
+        while let Ok((u, dns)) = ended.recv_timeout(wake.saturating_duration_since(Instant::now()))
+        {
             probing.remove(&u.index);
             follow_dns(u, dns, &mut unresolved);
-            next = ended.try_recv().ok();
+            if held_back {
+                break;
+            }
         }
     }
 }
