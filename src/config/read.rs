@@ -3,14 +3,14 @@
 //! three.
 //!
 //! serde stops at the first error, so the document is first parsed into a tree (YAML or TOML,
-//! only its syntax checked), and the tree is read into a `Config` again and again: each error
-//! names its key path (`serde_path_to_error`), the key is taken out of the tree, and the next
-//! read gives that key its default and goes on to the next error. A key no struct has is named
-//! by its own path (`server.bogus: unknown field, expected one of ...`). An element of a list
-//! that lacks a field it needs (an endpoint's `url`) goes too; when the field was there but
-//! could not be read, that one problem is reported, not a second one for its absence. Syntax
-//! errors keep their line and column; the keys' problems have their path, as the tree keeps no
-//! positions.
+//! only its syntax checked; YAML's merge keys applied), and the tree is read into a `Config`
+//! again and again: each error names its key path (`serde_path_to_error`), the key is taken
+//! out of the tree, and the next read gives that key its default and goes on to the next error.
+//! A key no struct has is named by its own path (`server.bogus: unknown field, expected one of
+//! ...`). An element of a list that lacks a field it needs (an endpoint's `url`) goes too; when
+//! the field was there but could not be read, that one problem is reported, not a second one
+//! for its absence. Syntax errors keep their line and column; the keys' problems have their
+//! path, as the tree keeps no positions.
 //!
 //! Invariants:
 //! - Each round removes one node of the tree, so the rounds end; at most [`MAX_PROBLEMS`] are
@@ -43,7 +43,11 @@ pub fn read(text: &str, toml: bool) -> Result<Config, Vec<String>> {
     let tree: Value = if toml {
         toml::from_str(text).map_err(|e| e.to_string())
     } else {
-        serde_yaml::from_str(text).map_err(|e| e.to_string())
+        // YAML's merge keys (`<<: *anchor`) take effect: an endpoint may repeat another's
+        // settings.
+        serde_yaml::from_str(text)
+            .and_then(|mut tree: Value| tree.apply_merge().map(|()| tree))
+            .map_err(|e| e.to_string())
     }
     .map_err(|e| vec![e.trim_end().to_string()])?;
     let (config, mut problems, unread) = read_tree(tree);
@@ -361,6 +365,29 @@ mod tests {
         assert!(p[0].starts_with("invalid type: sequence"), "{p:#?}");
         assert!(read("# nothing set\n", false).is_ok());
         assert!(read("", true).is_ok());
+    }
+
+    #[test]
+    fn yaml_anchors_and_merge_keys_repeat_settings() {
+        let c = read(
+            "service_discovery:\n  static:\n    endpoints:\n      default:\n        \
+             - &first {url: \"http://10.0.0.1:9000/mcp\", weight: 3}\n        \
+             - <<: *first\n          url: http://10.0.0.2:9000/mcp\n",
+            false,
+        )
+        .unwrap();
+        let eps = &c.service_discovery.static_.endpoints["default"];
+        assert_eq!(
+            eps.iter()
+                .map(|e| (e.url.as_str(), e.weight))
+                .collect::<Vec<_>>(),
+            [
+                ("http://10.0.0.1:9000/mcp", 3),
+                ("http://10.0.0.2:9000/mcp", 3)
+            ]
+        );
+        let p = problems("routing:\n  <<: 5\n", false);
+        assert_eq!(p.len(), 1, "{p:#?}");
     }
 
     #[test]
