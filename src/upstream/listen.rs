@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use futures_channel::oneshot;
 
 use super::client;
+use super::events::{take_events, TooLarge};
 use super::outbox::{Kind, Outbox};
-use super::rpc::{take_events, TooLarge};
 use super::wire::{self, Body, BodyKind, SessionFields};
 use super::Upstream;
 use crate::boxed;

@@ -9,9 +9,10 @@
 //! - [`client`]: the per-core keep-alive pool of upstream connections, and one exchange on them;
 //! - [`wire`]: the HTTP/1.1 wire format on the upstream side (heads written and parsed, bodies
 //!   decoded);
-//! - [`health`]: the active health checks (a scheduler thread, each probe on a thread of its own);
+//! - [`health`]: the active health checks (a scheduler thread handing probes to probe threads);
 //! - [`rpc`]: one JSON-RPC message forwarded within an upstream MCP session (WebSocket, MCPB);
 //! - [`listen`]: that session's standalone `GET` stream, for what the server sends unprompted;
+//! - [`events`]: the server-sent events of both, taken whole out of what has come;
 //! - [`outbox`]: what goes back to such a client, queued for its connection to write.
 //!
 //! Sessions stick without a shared session map: the `Mcp-Session-Id` a client sees is the
@@ -29,6 +30,7 @@
 pub mod balance;
 pub mod breaker;
 pub mod client;
+pub mod events;
 pub mod health;
 pub mod listen;
 pub mod outbox;
