@@ -100,8 +100,15 @@ fn run_probes(next: &Mutex<mpsc::Receiver<Probe>>, ended: &mpsc::Sender<Ended>) 
         let Ok(Ok((all, u))) = got else {
             return;
         };
-        let dns = u.http().map_or(Ok(None), |h| h.re_resolve(super::resolve));
-        u.set_health(probe(all, u));
+        // A probe that panicked (a bug) fails: its upstream is still probed next time, and the
+        // thread lives on for the next probe.
+        let run = || {
+            let dns = u.http().map_or(Ok(None), |h| h.re_resolve(super::resolve));
+            (probe(all, u), dns)
+        };
+        let (health, dns) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+            .unwrap_or_else(|_| (Err("the probe panicked".into()), Ok(None)));
+        u.set_health(health);
         let _ = ended.send((u, dns));
     }
 }
