@@ -21,11 +21,15 @@
 //! threads are started as probes need them, up to `MAX_PROBING`, and kept for the next probes:
 //! 4 096 upstreams probed every 10 s would otherwise start some 400 threads a second.
 //!
-//! Invariants: at most one probe per upstream at a time; an upstream's first probe starts
-//! within one `health_check_interval` of its coming (the upstreams of one configuration spread
-//! over it, so they are not all probed at once), and its next one `health_check_interval` (of
-//! the view in force) after its last one started, or when that one ends if it took longer; there are always at least as many probe threads as probes in flight,
-//! so a probe handed over never waits for another to end.
+//! Invariants:
+//! - At most one probe per upstream at a time.
+//! - An upstream's first probe starts within one `health_check_interval` of its coming (the
+//!   upstreams of one configuration spread over it, so they are not all probed at once), and
+//!   its next one `health_check_interval` (of the view in force) after its last one started,
+//!   or when that one ends if it took longer; within a twentieth of the interval (at most
+//!   `LOOK`), as the probes due that close together are started together.
+//! - There are always at least as many probe threads as probes in flight, so a probe handed
+//!   over never waits for another to end.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
