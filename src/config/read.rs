@@ -119,6 +119,7 @@ fn read_tree(mut tree: Value) -> (Config, Vec<String>, Unread) {
     if tree.is_null() {
         tree = Value::Mapping(Default::default());
     }
+    keys_as_text(&mut tree);
     let mut problems = Vec::new();
     let mut unread = Unread::default();
     loop {
@@ -173,6 +174,30 @@ fn read_tree(mut tree: Value) -> (Config, Vec<String>, Unread) {
             // the report.
             return (Config::default(), problems, unread);
         }
+    }
+}
+
+/// Mapping keys that YAML reads as numbers or booleans made text, as every key of the file is
+/// (a namespace named `2024:` is `"2024"`, not a type error).
+fn keys_as_text(node: &mut Value) {
+    match node {
+        Value::Mapping(m) => {
+            let plain = |k: &Value| matches!(k, Value::Number(_) | Value::Bool(_));
+            if m.keys().any(plain) {
+                *m = std::mem::take(m)
+                    .into_iter()
+                    .map(|(k, v)| match k {
+                        Value::Number(n) => (Value::String(n.to_string()), v),
+                        Value::Bool(b) => (Value::String(b.to_string()), v),
+                        k => (k, v),
+                    })
+                    .collect();
+            }
+            m.values_mut().for_each(keys_as_text);
+        }
+        Value::Sequence(s) => s.iter_mut().for_each(keys_as_text),
+        Value::Tagged(t) => keys_as_text(&mut t.value),
+        _ => {}
     }
 }
 
@@ -388,6 +413,24 @@ mod tests {
         );
         let p = problems("routing:\n  <<: 5\n", false);
         assert_eq!(p.len(), 1, "{p:#?}");
+    }
+
+    #[test]
+    fn namespaces_that_yaml_reads_as_numbers_are_names() {
+        let c = read(
+            "service_discovery:\n  static:\n    endpoints:\n      default:\n        \
+             - url: builtin:echo\n      2024:\n        - url: builtin:echo\n",
+            false,
+        )
+        .unwrap();
+        let names: Vec<&str> = c
+            .service_discovery
+            .static_
+            .endpoints
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(names, ["2024", "default"]);
     }
 
     #[test]
