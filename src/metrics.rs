@@ -520,6 +520,28 @@ impl Metrics {
                 .map(|u| (up(u), if u.in_service() { 1.0 } else { 0.0 }))
                 .collect(),
         ));
+        let checks: Vec<_> = view
+            .all
+            .iter()
+            .filter(|u| u.http().is_some())
+            .flat_map(|u| {
+                let (ok, failed) = u.checks();
+                let with = |result| {
+                    let mut l = up(u);
+                    l.push(("result", result));
+                    l
+                };
+                [(with("ok"), ok as f64), (with("failed"), failed as f64)]
+            })
+            .collect();
+        // Only HTTP upstreams are checked; an empty family does not encode.
+        if !checks.is_empty() {
+            fams.push(counter(
+                "mcp_gateway_upstream_health_checks_total",
+                "Active health checks of each HTTP upstream since start, by result (ok, failed).",
+                checks,
+            ));
+        }
         fams.push(gauge(
             "mcp_gateway_upstream_circuit_state",
             "Circuit breaker of each upstream: 0 closed, 1 open (failing fast), 2 half-open (probing).",

@@ -728,6 +728,20 @@ fn health_checks_take_an_upstream_out_and_put_it_back_while_others_never_notice(
     };
     drop(b);
     gw.wait_metric(&healthy_b, 0.0);
+    // The checks are counted per upstream and result.
+    let checks = |url: &str, result: &str| {
+        gw.metric(&format!(
+            "mcp_gateway_upstream_health_checks_total{{namespace=\"default\",upstream=\"{url}\",result=\"{result}\"}}"
+        ))
+    };
+    assert!(checks(&b_url, "failed") >= 1.0);
+    let start = Instant::now();
+    while checks(&a_url, "ok") < 1.0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "{}", gw.scrape());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(checks(&a_url, "failed"), 0.0);
+    let b_passed = checks(&b_url, "ok");
     // Out of service: every new request goes to a, without errors.
     let mut c = connect_from("127.0.0.3", gw.http);
     for _ in 0..10 {
@@ -739,6 +753,7 @@ fn health_checks_take_an_upstream_out_and_put_it_back_while_others_never_notice(
     }
     let b = Mock::start_on(&b_addr, named("b"));
     gw.wait_metric(&healthy_b, 1.0);
+    assert!(checks(&b_url, "ok") > b_passed);
     let served: Vec<_> = (0..10)
         .map(|_| roundtrip(&mut c, &post_mcp(TOOLS_LIST)).json()["result"]["server"].clone())
         .collect();

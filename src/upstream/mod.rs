@@ -39,7 +39,7 @@ pub mod rpc;
 pub mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use crossbeam_utils::atomic::AtomicCell;
 use std::time::Duration;
@@ -126,6 +126,10 @@ pub struct Upstream {
     /// Set by the health checker; true until a check fails. Relaxed: an advisory flag read on
     /// each pick; a pick that sees a stale value for a moment is what any health check allows.
     healthy: AtomicBool,
+    /// Health checks passed and failed since start (they go on if a reload removes it and a
+    /// later one configures it again). Relaxed: counters read at scrape, written by the one
+    /// probe of this upstream in flight.
+    checks: [AtomicU64; 2],
     /// Set by a reload that removed it (before the view without it is published), cleared when
     /// one configures it again. Relaxed: read when a connection would go back to the pool; a
     /// worker that saw the new view (Acquire) sees it set.
@@ -189,6 +193,7 @@ impl Upstream {
             target,
             tag: tag(ns, &e.url),
             healthy: AtomicBool::new(true),
+            checks: Default::default(),
             retired: AtomicBool::new(false),
             breaker: Breaker::new(s.failure_threshold, s.success_threshold, s.open_for),
             in_flight: Cap::new(s.max_in_flight),
@@ -217,12 +222,18 @@ impl Upstream {
         self.retired.load(Relaxed)
     }
 
+    /// Health checks passed and failed since start.
+    pub fn checks(&self) -> (u64, u64) {
+        (self.checks[0].load(Relaxed), self.checks[1].load(Relaxed))
+    }
+
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Relaxed)
     }
 
     /// Records a health check's result; a change is logged (a failure with its reason).
     pub fn set_health(&self, result: Result<(), String>) {
+        self.checks[usize::from(result.is_err())].fetch_add(1, Relaxed);
         if self.healthy.swap(result.is_ok(), Relaxed) != result.is_ok() {
             match result {
                 Ok(()) => {
