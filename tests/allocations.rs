@@ -338,17 +338,18 @@ fn allocations_per_keep_alive_request() {
     ] {
         check(what, each, counted(REQUESTS, http(&mut client, path)));
     }
-    // A message forwarded from a WebSocket or MCPB session: monoio's box for the wait on the
-    // client that the reply cancelled. The forward is polled by the connection's own task in a
-    // reused block, and its reply queued in a pooled buffer.
+    // A message forwarded from a WebSocket or MCPB session: the forward is polled by the
+    // connection's own task in a reused block, its reply queued in a pooled buffer and sent
+    // while the wait on the client goes on (a wait cancelled for the reply would be a box of
+    // monoio's each time).
     check(
         "WebSocket messages forwarded",
-        1,
+        0,
         counted(REQUESTS, websocket(port, "/mcp/json")),
     );
     check(
         "MCPB frames forwarded",
-        1,
+        0,
         counted(REQUESTS, mcpb(tcp_port)),
     );
 }

@@ -1943,3 +1943,60 @@ fn the_access_log_names_each_request_its_answer_and_upstream_and_turns_off_on_re
     assert_eq!(access_lines(&gw.log.lock().unwrap(), "request").len(), 7);
     assert_eq!(access_lines(&gw.log.lock().unwrap(), "message").len(), 3);
 }
+
+/// Replies a WebSocket client's socket does not take at once (a client that reads slowly: a
+/// small receive buffer, not read for a while) are written by the connection's timed write
+/// after the part the socket took, so each arrives whole and in its place: 16 replies of 400 KB
+/// that come back while the connection waits for its client, more than the most a loopback
+/// socket's send buffer grows to (4 MiB).
+#[test]
+fn replies_to_a_slow_websocket_reader_arrive_whole_and_in_order() {
+    let up = Mock::start(|req: &Req, s: &mut TcpStream| {
+        std::thread::sleep(Duration::from_millis(200));
+        let v: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
+        let text = v["params"]["arguments"]["message"].to_string();
+        // A session id: the calls then go on side by side, not one after another as while a
+        // session is being set up.
+        json_reply(
+            s,
+            req,
+            &format!(r#"{{"text":{text}}}"#),
+            &[("Mcp-Session-Id", "s1")],
+        );
+    });
+    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let from: std::net::SocketAddr = "127.0.0.2:0".parse().unwrap();
+    socket.bind(&from.into()).unwrap();
+    socket.connect(&gw.http.into()).unwrap();
+    let mut s: TcpStream = socket.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(roundtrip(&mut s, WS_UPGRADE).status, 101);
+    let text = |i: usize| format!("{i:03}").repeat(400_000 / 3);
+    let mut calls = Vec::new();
+    for i in 1..=16 {
+        let call = format!(
+            r#"{{"jsonrpc":"2.0","id":{i},"method":"tools/call","params":{{"name":"echo","arguments":{{"message":"{}"}}}}}}"#,
+            text(i)
+        );
+        calls.extend(ws_frame(true, 1, call.as_bytes()));
+    }
+    s.write_all(&calls).unwrap();
+    // The replies come back and pile up while nobody reads; then the client reads apace.
+    std::thread::sleep(Duration::from_millis(600));
+    socket2::SockRef::from(&s)
+        .set_recv_buffer_size(4 << 20)
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 1..=16 {
+        let (op, reply) = read_ws_frame(&mut s);
+        assert_eq!(op, 1);
+        let v: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+        let i = v["id"].as_u64().unwrap() as usize;
+        assert_eq!(v["result"]["text"], text(i).as_str());
+        ids.push(i);
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=16).collect::<Vec<_>>());
+}

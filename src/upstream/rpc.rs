@@ -18,9 +18,10 @@
 //!
 //! Invariants: a forward is in flight exactly while it is in the session's list (the count the
 //! limits and idleness go by); dropping the session drops its forwards (cancelled, their
-//! upstream connections closed). When a forward finishes, the connection's wait for its client
-//! is made again, so a session whose last message got nothing back (a notification) is idle,
-//! expires and parks like any other.
+//! upstream connections closed). When the last forward in flight finishes, the connection's
+//! wait for its client takes its idle deadline from then on, so a session whose last message
+//! got nothing back (a notification) is idle, expires and parks like any other. Replies go out
+//! in the order they were queued, a part the socket did not take before anything after it.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -120,10 +121,9 @@ impl State {
 enum Woke {
     /// The client's socket: bytes, or expiry (as [`wait_idle`] says).
     Client(Wait),
-    /// Messages for the client are queued.
-    Queued,
-    /// A forward finished: the session may be idle now.
-    Finished,
+    /// Messages for the client are queued that its socket did not take at once: these bytes
+    /// first (framed already, possibly the rest of a frame), then the queue.
+    Queued(Vec<u8>),
 }
 
 /// How [`MsgSession::next`] ended.
@@ -305,19 +305,51 @@ impl MsgSession {
         }
     }
 
-    /// Writes the queued messages to the client.
+    /// Writes `out` (a pooled buffer), then the queued messages, to the client.
     async fn write_queued(
         &self,
         worker: &Worker,
         client: &mut Stream,
         framing: &Framing,
+        mut out: Vec<u8>,
     ) -> Result<(), ClientGone> {
-        let mut out = take_buf();
         let r = self
             .write_queued_with(client, &mut out, framing, worker)
             .await;
         give_buf(out);
         r
+    }
+
+    /// Writes the queued messages straight to the client's socket when it takes them all at
+    /// once (a plain connection with room in its send buffer: nearly always), with no wait and
+    /// no ring operation; `Err` gives back what it did not take, for [`MsgSession::write_queued`].
+    fn send_now(&self, stream: &Stream, framing: &Framing) -> Result<(), Vec<u8>> {
+        if !self.outbox.has_messages() {
+            return Ok(());
+        }
+        let mut out = take_buf();
+        self.drain(&mut out, framing);
+        let Stream::Plain(tcp) = stream else {
+            return Err(out); // TLS: the stream's own writes
+        };
+        // SAFETY: the descriptor is the live socket `stream` holds; the buffer is `out`'s.
+        let sent = unsafe {
+            libc::send(
+                std::os::fd::AsRawFd::as_raw_fd(tcp),
+                out.as_ptr().cast(),
+                out.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        // Less than all (a full send buffer, or an error the timed write will meet again):
+        // the rest goes the usual way, in order.
+        out.drain(..usize::try_from(sent).unwrap_or(0));
+        if out.is_empty() {
+            give_buf(out);
+            Ok(())
+        } else {
+            Err(out)
+        }
     }
 
     /// Waits until every forward in flight has finished, writing what they send meanwhile
@@ -333,9 +365,10 @@ impl MsgSession {
                 _ = self.outbox.ready() => {}
                 _ = Drive(&mut self.forwards) => {}
             }
-            self.write_queued(worker, client, framing).await?;
+            self.write_queued(worker, client, framing, take_buf())
+                .await?;
         }
-        self.write_queued(worker, client, framing).await
+        self.write_queued(worker, client, framing, take_buf()).await
     }
 
     /// Waits for the client's next message, holding no buffer (as [`wait_idle`] does), and writes
@@ -344,6 +377,12 @@ impl MsgSession {
     /// draining) the forwards in flight are answered first. An idle session (see
     /// [`MsgSession::is_idle`]) whose door allows it (`may_park`: a WebSocket connection does
     /// not in the middle of a fragmented message) may be asked to park.
+    ///
+    /// The one wait on the client goes on while replies are sent (straight to the socket:
+    /// `send_now`), so a message answered costs no second wait and no cancelled
+    /// one (monoio boxes each wait it cancels); only replies the socket does not take at once
+    /// end it, to be written with the connection's timed write. The wait is written here, not
+    /// in a function of its own: its arguments would sit twice in every connection's future.
     pub async fn next(
         &mut self,
         worker: &Worker,
@@ -357,8 +396,30 @@ impl MsgSession {
             let woke = if worker.draining() {
                 Woke::Client(Wait::Expired)
             } else {
+                let stream = &*client;
+                let mut busy = !self.forwards.is_empty();
                 reg.set_may_park(may_park && self.is_idle());
-                self.wait(worker, reg, client, limit).await
+                let idle = wait_idle(worker, reg, stream, if busy { FOREVER } else { limit });
+                let mut idle = std::pin::pin!(idle);
+                loop {
+                    let client_woke = monoio::select! {
+                        w = idle.as_mut() => Some(w),
+                        _ = self.outbox.ready() => None,
+                        _ = Drive(&mut self.forwards) => None,
+                    };
+                    if let Some(w) = client_woke {
+                        break Woke::Client(w);
+                    }
+                    if let Err(out) = self.send_now(stream, framing) {
+                        worker.idle_end(reg); // the idle wait is dropped unfinished
+                        break Woke::Queued(out);
+                    }
+                    reg.set_may_park(may_park && self.is_idle());
+                    if busy && self.forwards.is_empty() {
+                        busy = false;
+                        worker.idle_restart(reg, limit);
+                    }
+                }
             };
             // The writes are boxed: inline, their timers would sit in every idle connection's
             // future (a monoio timer alone is 640 bytes), though an idle wait holds none.
@@ -368,8 +429,8 @@ impl MsgSession {
                 Woke::Client(Wait::Expired) => {
                     boxed::pin(self.settle(worker, client, framing)).await
                 }
-                Woke::Queued | Woke::Finished => {
-                    match boxed::pin(self.write_queued(worker, client, framing)).await {
+                Woke::Queued(out) => {
+                    match boxed::pin(self.write_queued(worker, client, framing, out)).await {
                         Ok(()) => continue,
                         Err(gone) => Err(gone),
                     }
@@ -379,33 +440,6 @@ impl MsgSession {
                 Ok(()) => Next::Expired,
                 Err(ClientGone) => Next::Gone,
             };
-        }
-    }
-
-    /// Waits for the client or for messages to write, polling the forwards in flight meanwhile.
-    async fn wait(
-        &mut self,
-        worker: &Worker,
-        reg: &Registration,
-        stream: &Stream,
-        limit: std::time::Duration,
-    ) -> Woke {
-        let limit = if !self.forwards.is_empty() {
-            FOREVER
-        } else {
-            limit
-        };
-        let idle = wait_idle(worker, reg, stream, limit);
-        monoio::select! {
-            w = idle => Woke::Client(w),
-            _ = self.outbox.ready() => {
-                worker.idle_end(reg); // the idle wait was dropped unfinished
-                Woke::Queued
-            }
-            _ = Drive(&mut self.forwards) => {
-                worker.idle_end(reg); // as above
-                Woke::Finished
-            }
         }
     }
 }

@@ -185,6 +185,18 @@ impl Worker {
         }
     }
 
+    /// The connection's wait goes on with a new deadline, `limit` from now (a message
+    /// session's last forward ended: idleness counts from there); one asked to park or
+    /// expired stays so.
+    pub fn idle_restart(&self, reg: &Registration, limit: Duration) {
+        let deadline = self.now_ms() + limit.as_millis() as u64;
+        if let Some(e) = self.conns.borrow_mut().get_mut(reg.key) {
+            if let Idle::Until(_) | Idle::Seen(_) = e.idle {
+                e.idle = Idle::Until(deadline);
+            }
+        }
+    }
+
     /// The connection waits for the next event of an event stream from upstream `upstream`
     /// (by index): no deadline, but a drain, or a reload that removes that upstream, expires it.
     pub fn stream_begin(&self, reg: &Registration, upstream: usize) {
