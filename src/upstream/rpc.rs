@@ -90,8 +90,8 @@ struct State {
 }
 
 /// Polls the forwards in flight, dropping those that finished, beside a wait for something
-/// else; resolves when one has finished (never while none is in flight), so that the wait can be
-/// made again for a session that may now have room for a message, or be idle.
+/// else; resolves when one has finished (never while none is in flight), so that the session
+/// looks again at what changed: room for a message, replies to send, idleness.
 struct Drive<'a>(&'a mut Vec<Task>);
 
 impl Future for Drive<'_> {
