@@ -40,9 +40,10 @@ use std::time::{Duration, Instant};
 use super::registry::Registry;
 use super::{Upstream, Upstreams};
 
-/// How often the scheduler looks whether a probe is due when none ends: a reload that
-/// shortens `routing.health_check_interval` (or adds upstreams) takes effect within this, not
-/// after the old interval.
+/// The longest the scheduler goes without looking whether a probe is due (it looks sooner
+/// when one is due sooner, or when a probe ends while another waits for a place): a reload
+/// that shortens `routing.health_check_interval` (or adds upstreams) takes effect within this,
+/// not after the old interval.
 const LOOK: Duration = Duration::from_millis(250);
 
 /// Probes running at once, at most (each on a thread); a due upstream beyond them waits for one
