@@ -3,8 +3,9 @@
 //! "present" addresses already hold a connection (the slot exists: one compare-and-swap each
 //! way); "new" ones do not (every acquire claims a slot and every release frees it).
 //!
-//! A third design, `global-count-only`, is the limiter with the per-IP limit off: only the one
-//! cache-padded global `AtomicUsize` of the contract, the floor under any per-IP table.
+//! A third design, `global-count-only`, is the limiter with the per-IP limit off: only the global
+//! count (the contract's one cache-padded `AtomicUsize`, with a reserve of free places per
+//! thread in front of it), the floor under any per-IP table.
 //!
 //! A second group, `admit_request`, times the per-IP request rate check of one request.
 //!
@@ -117,8 +118,8 @@ fn designs() -> Vec<(&'static str, Arc<dyn Design>)> {
     vec![
         ("lock-free", Arc::new(Ours(held))),
         ("mutex-hashmap", Arc::new(mutex)),
-        // The floor of the contract's shape: the one global `AtomicUsize` alone (per-IP limit
-        // off), which every admission and release must write whatever the per-IP table does.
+        // The floor of the contract's shape: the global count alone (per-IP limit off), which
+        // every admission and release goes through whatever the per-IP table does.
         (
             "global-count-only",
             Arc::new(Ours(Limiter::new(50_000, 0).leak())),

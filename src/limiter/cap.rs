@@ -1,5 +1,6 @@
-//! A count with a hard limit, shared by every core: the global connection count
-//! (`server.max_connections`) and each upstream's requests in flight (`routing.max_in_flight`).
+//! A count with a hard limit, shared by every core: the global connection count's
+//! (`server.max_connections`, with per-core reserves on top: [`super::global`]) and each
+//! upstream's requests in flight (`routing.max_in_flight`).
 //!
 //! Owns one cache-padded `AtomicUsize` (its own cache line, so the cores that write it bounce
 //! nothing else).

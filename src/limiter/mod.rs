@@ -1,14 +1,15 @@
 //! Connection admission: the global limit and the per-client-IP limit, enforced together across
 //! all cores and front doors without locks.
 //!
-//! Owns the global count (a [`Cap`]: one cache-padded `AtomicUsize`) and the per-IP [`IpTable`]. Every admitted
+//! Owns the global count (a [`GlobalCount`]: one cache-padded `AtomicUsize`, with a reserve of
+//! free places per core) and the per-IP [`IpTable`]. Every admitted
 //! connection holds a [`Permit`] from accept to close; dropping it releases both counts, so a count
 //! cannot leak whatever path ends the connection (error, timeout, panic unwinding a task, shutdown
 //! dropping the runtime). When a request rate per address is set, the permit also admits each
 //! request against it ([`RequestRate`], state kept beside the address's table slot).
 //!
 //! Invariants:
-//! - `active() <= max_connections` at every instant (see [`cap`]).
+//! - `active() <= max_connections` at every instant (see [`global`]).
 //! - A key's count never exceeds `max_connections_per_ip` (see [`ip_table`]).
 //! - The global place is taken first, so the number of live keys never exceeds `max_connections`
 //!   and the table (twice that many slots) cannot fill in normal operation.
@@ -23,6 +24,7 @@
 //! which would be one more shared cache line written per connection.
 
 pub mod cap;
+pub mod global;
 pub mod ip_table;
 pub mod rate;
 
@@ -32,6 +34,7 @@ use std::time::Duration;
 use crate::network::{mapped, Network};
 
 pub use cap::Cap;
+pub use global::GlobalCount;
 pub use ip_table::{IpTable, TableReject};
 use rate::{LiveRate, Rate, RequestRate};
 
@@ -75,7 +78,7 @@ impl Rejection {
 /// Global and per-IP admission. See the module documentation.
 pub struct Limiter {
     /// Connections admitted and not yet closed, against `max_connections`.
-    global: Cap,
+    global: GlobalCount,
     /// `None` when the per-IP limit is disabled (`max_connections_per_ip: 0`); else the table
     /// and the default limit (changed by a reload; Relaxed: see [`Cap`]'s orderings).
     per_ip: Option<(IpTable, AtomicU64)>,
@@ -124,7 +127,7 @@ impl Limiter {
             )
         });
         Limiter {
-            global: Cap::new(max_connections),
+            global: GlobalCount::new(max_connections),
             per_ip,
             rate_words: None,
             rate: LiveRate::default(),
