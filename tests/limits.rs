@@ -81,6 +81,42 @@ fn global_limit_rejects_everyone_on_every_door() {
 }
 
 #[test]
+fn the_global_limit_stays_exact_while_closed_places_wait_on_the_workers() {
+    // A closed connection's place waits in its worker's reserve for that worker's next one;
+    // whichever of the two workers accepts the next connections must still find every free
+    // place, and a lowered limit must take the reserved places back.
+    let gw = start("max_connections: 8\nmax_connections_per_ip: 0");
+    let open = |gw: &Gateway, i: usize| {
+        let mut c = connect_from(&format!("127.0.1.{}", 2 + i), gw.http);
+        let status = roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status;
+        (c, status)
+    };
+    for round in 0..5 {
+        let held: Vec<_> = (0..8)
+            .map(|i| {
+                let (c, status) = open(&gw, i);
+                assert_eq!(status, 200, "round {round}, connection {i}");
+                c
+            })
+            .collect();
+        assert_eq!(open(&gw, 9).1, 503, "round {round}: the ninth");
+        drop(held);
+        gw.wait_metric("mcp_gateway_connections_active", 0.0);
+    }
+    gw.reload("max_connections: 8", "max_connections: 3");
+    let held: Vec<_> = (0..3)
+        .map(|i| {
+            let (c, status) = open(&gw, i);
+            assert_eq!(status, 200);
+            c
+        })
+        .collect();
+    assert_eq!(open(&gw, 4).1, 503, "the lowered limit holds");
+    drop(held);
+    gw.wait_all_closed();
+}
+
+#[test]
 fn doors_share_one_per_ip_count() {
     let gw = start("max_connections_per_ip: 3");
     // One HTTP, one WebSocket (upgraded), one MCPB connection from the same address.
