@@ -1,5 +1,6 @@
-//! Randomized robustness checks of every parser that reads client bytes: random inputs and
-//! mutations of valid ones must never panic, and whatever is accepted must respect its caps.
+//! Randomized robustness checks of every parser that reads client bytes, and of those that read
+//! what upstream MCP servers send: random inputs and mutations of valid ones must never panic,
+//! and whatever is accepted must respect its caps.
 //! (cargo-fuzz needs a nightly toolchain, which this project's machines do not have; this is the
 //! stable-toolchain stand-in, deterministic so a failure reproduces.)
 
@@ -313,4 +314,260 @@ fn mutated_configuration_documents_are_read_or_refused_with_their_problems() {
     }
     eprintln!("read {read}, refused {refused} ({several} with several problems)");
     assert!(read > 100 && refused > 1000 && several > 50);
+}
+
+/// Upstream responses as MCP servers send them, for `mutated_upstream_responses...`: a JSON
+/// reply, an event stream (chunked, with fields the `Connection` field names), an empty 202, an
+/// HTTP/1.0 event stream to the close, a coded body with every hop-by-hop field, a 204 with a
+/// length.
+fn upstream_responses() -> Vec<Vec<u8>> {
+    let chunk = |s: &str| format!("{:x}\r\n{s}\r\n", s.len());
+    let events = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n: keep\n\ndata: a\r\ndata: b\r\n\r\n";
+    vec![
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 36\r\nMcp-Session-Id: s-1\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}".to_vec(),
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive, X-Private\r\nX-Private: 1\r\nKeep-Alive: timeout=5\r\n\r\n{}{}0\r\n\r\n",
+            chunk(&events[..40]),
+            chunk(&events[40..])
+        )
+        .into_bytes(),
+        b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        format!("HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n{events}").into_bytes(),
+        format!(
+            "HTTP/1.1 404 Not Found\r\nTransfer-Encoding: gzip, chunked\r\nTrailer: X-T\r\nUpgrade: h2c\r\nTE: trailers\r\nProxy-Connection: keep-alive\r\nProxy-Authenticate: Basic\r\n\r\n{}0\r\nX-T: 1\r\n\r\n",
+            chunk("hello")
+        )
+        .into_bytes(),
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n".to_vec(),
+    ]
+}
+
+/// A body of kind `kind` fed to the decoder in pieces of the given sizes, then the upstream's
+/// close: the decoded bytes, and `Ok(true)` for a body complete before the close, `Ok(false)` for
+/// one the close ended, `Err` for a bad or cut one.
+fn decode_body(
+    kind: mcp_gateway::upstream::wire::BodyKind,
+    bytes: &[u8],
+    pieces: &[usize],
+) -> (Vec<u8>, Result<bool, mcp_gateway::upstream::Failure>) {
+    use mcp_gateway::upstream::wire::{Body, Feed};
+    let mut body = Body::new(kind);
+    let (mut buf, mut data, mut at) = (Vec::new(), Vec::new(), 0);
+    if body.is_done() {
+        return (data, Ok(true)); // no body: nothing is read
+    }
+    for &n in pieces {
+        buf.extend_from_slice(&bytes[at..at + n]);
+        at += n;
+        match body.feed(&mut buf, &mut data) {
+            Ok(Feed::Done) => return (data, Ok(true)),
+            Ok(Feed::More) => {}
+            Err(e) => return (data, Err(e)),
+        }
+    }
+    (data, body.eof().map(|()| false))
+}
+
+/// Whether a response head has an `Mcp-Session-Id` that is not UTF-8 text.
+fn session_id_not_text(response: &[u8]) -> bool {
+    let mut fields = [httparse::EMPTY_HEADER; 128];
+    let mut res = httparse::Response::new(&mut fields);
+    res.parse(response).is_ok()
+        && res.headers.iter().any(|f| {
+            f.name.eq_ignore_ascii_case("mcp-session-id") && std::str::from_utf8(f.value).is_err()
+        })
+}
+
+/// Sizes that add up to `len`, at random.
+fn random_pieces(rng: &mut Rng, len: usize) -> Vec<usize> {
+    let mut pieces = Vec::new();
+    let mut left = len;
+    while left > 0 {
+        let n = 1 + rng.below(left.min(24));
+        pieces.push(n);
+        left -= n;
+    }
+    pieces
+}
+
+/// What the client gets of upstream head `upstream`: a complete head of the same status, none of
+/// the hop-by-hop fields (those of RFC 9110 and those its `Connection` fields name), framing re-done (one length, or chunked, or neither), and `Connection:
+/// close` exactly when the connection will close.
+fn check_client_head(upstream: &[u8], head: &[u8], status: u16, keep_alive: bool) {
+    // The fields the upstream's own `Connection` fields name are hop-by-hop too.
+    let mut theirs = [httparse::EMPTY_HEADER; 128];
+    let mut up = httparse::Response::new(&mut theirs);
+    up.parse(upstream).unwrap();
+    let connection_named: Vec<String> = up
+        .headers
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+        .filter_map(|f| std::str::from_utf8(f.value).ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
+        .collect();
+    let mut fields = [httparse::EMPTY_HEADER; 128];
+    let mut res = httparse::Response::new(&mut fields);
+    assert_eq!(
+        res.parse(head),
+        Ok(httparse::Status::Complete(head.len())),
+        "{}",
+        String::from_utf8_lossy(head)
+    );
+    assert_eq!(res.code, Some(status));
+    let named = |name: &str| {
+        res.headers
+            .iter()
+            .filter(|f| f.name.eq_ignore_ascii_case(name))
+            .map(|f| f.value)
+            .collect::<Vec<_>>()
+    };
+    for hop in [
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authenticate",
+    ]
+    .into_iter()
+    .chain(connection_named.iter().map(String::as_str))
+    {
+        assert!(named(hop).is_empty(), "{hop} crossed: {head:?}");
+    }
+    let framing = named("content-length").len() + named("transfer-encoding").len();
+    assert!(framing <= 1, "{}", String::from_utf8_lossy(head));
+    if let [te] = named("transfer-encoding")[..] {
+        assert_eq!(te, b"chunked");
+    }
+    let close: &[&[u8]] = if keep_alive { &[] } else { &[b"close"] };
+    assert_eq!(named("connection"), close);
+}
+
+/// The upstream side's parsers read bytes an upstream sends, which a broken or hostile MCP server
+/// chooses: mutated responses never panic; a head is read alike with and without the client's
+/// head written, and whatever prefix of it has come is incomplete, never an error; the client's
+/// head is well formed; a body decodes to the same bytes and the same end whether it comes whole
+/// or in random pieces.
+#[test]
+fn mutated_upstream_responses_are_read_alike_however_they_arrive() {
+    use mcp_gateway::upstream::wire::{parse_response, ClientHead};
+    use mcp_gateway::upstream::Failure;
+    let seeds = upstream_responses();
+    let mut rng = Rng(0xD1B5_4A32_D192_ED03);
+    let (mut heads, mut bodies) = (0, 0);
+    for i in 0..30_000 {
+        let input = match i < seeds.len() {
+            true => seeds[i].clone(),
+            false => {
+                let seed = &seeds[rng.below(seeds.len())];
+                mutate(&mut rng, seed)
+            }
+        };
+        let plain = parse_response(&input, None);
+        let mut out = b"queued".to_vec();
+        let (keep, http11) = (rng.below(2) == 0, rng.below(4) != 0);
+        let mut client = ClientHead {
+            out: &mut out,
+            start: 6,
+            tag: b"t0000000",
+            keep_alive: keep,
+            http11,
+        };
+        let rewritten = parse_response(&input, Some(&mut client));
+        let client_keeps = client.keep_alive;
+        let (n, head) = match (plain, rewritten) {
+            (Err(a), Err(b)) => {
+                assert_eq!(a, b);
+                continue;
+            }
+            (Ok(None), Ok(None)) => {
+                assert_eq!(out, b"queued", "nothing written for an incomplete head");
+                continue;
+            }
+            (Ok(Some((n, a))), Ok(Some((m, b)))) => {
+                assert_eq!(n, m);
+                let same = |h: &mcp_gateway::upstream::wire::ResponseHead| {
+                    (h.status, h.body, h.keep_alive, h.event_stream)
+                };
+                assert_eq!(same(&a), same(&b));
+                (n, a)
+            }
+            // The one field read only without the client's head: the session id a WebSocket or
+            // MCPB session keeps, which must be text (the HTTP door passes it on unread).
+            (Err(Failure::BadResponse), Ok(Some(_))) if session_id_not_text(&input) => continue,
+            (a, b) => panic!("{input:?}: {a:?} without the client's head, {b:?} with it"),
+        };
+        heads += 1;
+        assert!(n <= input.len());
+        let cut = rng.below(n);
+        assert!(
+            matches!(parse_response(&input[..cut], None), Ok(None)),
+            "the first {cut} bytes of {input:?}"
+        );
+        check_client_head(&input[..n], &out[6..], head.status, client_keeps && keep);
+        let body = &input[n..];
+        let (data, end) = decode_body(head.body, body, &[body.len()]);
+        let pieces = random_pieces(&mut rng, body.len());
+        let (data2, end2) = decode_body(head.body, body, &pieces);
+        assert_eq!(end, end2, "{input:?} in pieces {pieces:?}");
+        if end.is_ok() {
+            assert_eq!(data, data2, "{input:?} in pieces {pieces:?}");
+            bodies += 1;
+        }
+    }
+    eprintln!("heads read: {heads}, bodies decoded: {bodies}");
+    assert!(heads > 5_000 && bodies > 3_000, "{heads} {bodies}");
+}
+
+/// Server-sent events (an event stream reply relayed to a WebSocket or MCPB client) are taken
+/// whole, the same whether the stream comes at once or in random pieces, and none larger than
+/// the message size is handed over, whatever bytes the upstream sends.
+#[test]
+fn mutated_event_streams_give_the_same_events_however_they_arrive() {
+    use mcp_gateway::upstream::events::take_events;
+    let seeds: [&[u8]; 3] = [
+        b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":1}\n\n",
+        b": comment\n\ndata: a\r\ndata: b\r\n\r\nid: 7\nretry: 10\ndata:c\n\n",
+        b"data: \n\ndata:  two spaces\n\n\n\ndata: x",
+    ];
+    let mut rng = Rng(0xA076_1D64_78BD_642F);
+    let mut events_seen = 0;
+    for _ in 0..20_000 {
+        let mut stream = Vec::new();
+        for _ in 0..1 + rng.below(3) {
+            let seed = seeds[rng.below(seeds.len())];
+            stream.extend(mutate(&mut rng, seed));
+        }
+        // With room for anything: the same events, whole or in pieces.
+        let take_all = |data: &mut Vec<u8>, got: &mut Vec<Vec<u8>>| {
+            take_events(data, usize::MAX, |e| {
+                got.push(e.to_vec());
+                true
+            })
+            .is_ok_and(|all| all)
+        };
+        let (mut whole, mut at_once) = (stream.clone(), Vec::new());
+        assert!(take_all(&mut whole, &mut at_once));
+        let (mut data, mut in_pieces, mut at) = (Vec::new(), Vec::new(), 0);
+        for n in random_pieces(&mut rng, stream.len()) {
+            data.extend_from_slice(&stream[at..at + n]);
+            at += n;
+            assert!(take_all(&mut data, &mut in_pieces));
+        }
+        assert_eq!(at_once, in_pieces, "{stream:?}");
+        assert_eq!(whole, data, "the same rest is left");
+        events_seen += at_once.len();
+        // With a small message size: nothing larger is handed over, and a refusal leaves the
+        // stream as it was from the event that was too large.
+        let max = rng.below(24);
+        let mut data = stream.clone();
+        let mut sizes = Vec::new();
+        let _ = take_events(&mut data, max, |e| {
+            sizes.push(e.len());
+            true
+        });
+        assert!(sizes.iter().all(|&s| s <= max), "{sizes:?} over {max}");
+    }
+    assert!(events_seen > 20_000, "{events_seen}");
 }
