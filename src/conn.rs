@@ -35,7 +35,7 @@ pub async fn open(worker: &'static Worker, tcp: TcpStream, door: Frontend) -> Op
     let Some(config) = worker.tls() else {
         return Some(Stream::Plain(tcp));
     };
-    let deadline = Instant::now() + worker.settings().read_timeout;
+    let deadline = Instant::now() + worker.settings().timeouts.read();
     match until(deadline, TlsStream::accept(tcp, &config)).await {
         Ok(Ok(s)) => return Some(Stream::Tls(Box::new(s))),
         Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionAborted => return None,

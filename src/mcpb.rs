@@ -146,7 +146,7 @@ pub fn serve(
         loop {
             if pending.is_none() {
                 match session
-                    .next(worker, &reg, &mut stream, s.idle_timeout, &FRAMING, true)
+                    .next(worker, &reg, &mut stream, s.timeouts.idle(), &FRAMING, true)
                     .await
                 {
                     Next::Message => {}
@@ -187,7 +187,7 @@ async fn exchange(
     let s = worker.settings();
     let mut buf = pending.take().unwrap_or_else(take_buf);
     let mut out = take_buf();
-    let deadline = Instant::now() + s.read_timeout;
+    let deadline = Instant::now() + s.timeouts.read();
     if buf.is_empty() {
         // Woken by readiness: read what arrived (EOF or an error ends the connection).
         if read_more(stream, &mut buf, deadline).await.is_err() {
@@ -201,7 +201,7 @@ async fn exchange(
             Ok(found) => {
                 session.drain(&mut out, &FRAMING); // what forwarded requests already got back
                 if !out.is_empty() {
-                    match write_all(stream, out, s.write_timeout).await {
+                    match write_all(stream, out, s.timeouts.write()).await {
                         Ok(o) => out = o,
                         Err(_) => return Step::Close,
                     }
@@ -307,7 +307,7 @@ async fn refuse(
     echo::write_error(&mut payload, "null", bad.0, bad.1);
     write_frame(&mut out, FrameType::Error, &payload);
     give_buf(payload);
-    let _ = write_all(stream, out, worker.settings().write_timeout).await;
+    let _ = write_all(stream, out, worker.settings().timeouts.write()).await;
     Step::Linger(take_buf())
 }
 

@@ -2,7 +2,8 @@
 //! upstreams, take effect at once, without a restart that would cut every open session and event
 //! stream.
 //!
-//! Owns the rule of what reloads: `server.access_log`, `server.max_connections` (up to half the per-IP table, at
+//! Owns the rule of what reloads: `server.access_log`, the timeouts (`server.read_timeout`,
+//! `write_timeout`, `idle_timeout`: for the waits that start after the reload), `server.max_connections` (up to half the per-IP table, at
 //! least the value the gateway started with), `server.max_connections_per_ip` (while on),
 //! `server.max_requests_per_ip` and `server.request_burst_per_ip` (when a rate's state was made
 //! at startup), the doors' certificate (`server.tls_cert_file`, `server.tls_key_file`, and the
@@ -22,17 +23,21 @@ use std::path::Path;
 
 use serde_yaml::Value;
 
-use crate::config::Config;
+use crate::config::{secs, Config};
 use crate::limiter::Limiter;
 use crate::metrics::{describe_limits, Metrics, Reload};
 use crate::runtime::Descriptors;
 use crate::tls::DoorTls;
 use crate::upstream::registry::Registry;
+use crate::worker::Timeouts;
 
 /// The `server` keys a reload applies; beside them, every key of `routing` and
 /// `service_discovery` (see [`crate::upstream::registry`]).
-const LIVE: [&str; 9] = [
+const LIVE: [&str; 12] = [
     "server.access_log",
+    "server.read_timeout",
+    "server.write_timeout",
+    "server.idle_timeout",
     "server.max_connections",
     "server.max_connections_per_ip",
     "server.max_requests_per_ip",
@@ -51,6 +56,8 @@ pub struct Live<'a> {
     pub limiter: &'a Limiter,
     /// The doors' TLS, when they speak it.
     pub tls: Option<&'a DoorTls>,
+    /// The connections' timeouts.
+    pub timeouts: &'a Timeouts,
     pub upstreams: &'a Registry,
     pub metrics: &'a Metrics,
     /// What the open-file limit allows, checked again after the reload.
@@ -105,6 +112,19 @@ fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
             Ok(()) => was.max_connections_per_ip = now.max_connections_per_ip,
             Err(why) => refused.push(format!("server.max_connections_per_ip ({why})")),
         }
+    }
+    let timeouts =
+        |s: &crate::config::ServerConfig| (s.read_timeout, s.write_timeout, s.idle_timeout);
+    if timeouts(now) != timeouts(was) {
+        let (read, write, idle) = timeouts(now);
+        live.timeouts.set(secs(read), secs(write), secs(idle));
+        (was.read_timeout, was.write_timeout, was.idle_timeout) = (read, write, idle);
+        tracing::info!(
+            read,
+            write,
+            idle,
+            "timeouts changed: waits that start from now use them"
+        );
     }
     if now.access_log != was.access_log {
         crate::logging::set_access_log(now.access_log);
@@ -205,9 +225,11 @@ mod tests {
     /// What a reload changes, for a gateway started on the default upstreams.
     fn live<'a>(limiter: &'a Limiter, tls: Option<&'a DoorTls>) -> Live<'a> {
         let upstreams = Registry::new(&Config::default()).unwrap().leak();
+        let t = std::time::Duration::from_secs(1);
         Live {
             limiter,
             tls,
+            timeouts: Box::leak(Box::new(Timeouts::new(t, t, t))),
             upstreams,
             metrics: Metrics::new(1, Limiter::new(1, 0).leak(), upstreams).leak(),
             descriptors: Box::leak(Box::new(Descriptors {
@@ -258,11 +280,21 @@ mod tests {
         let live = live(limiter, None);
         std::fs::write(
             &path,
-            "server:\n  max_connections: 50\n  max_connections_per_ip: 2\n  max_requests_per_ip: 7\n  request_burst_per_ip: 9\n  workers: 3\n",
+            "server:\n  max_connections: 50\n  max_connections_per_ip: 2\n  max_requests_per_ip: 7\n  request_burst_per_ip: 9\n  workers: 3\n  read_timeout: 2.5\n  idle_timeout: 7\n",
         )
         .unwrap();
         assert_eq!(apply(&path, &mut running, &live), Reload::Partial);
         assert_eq!(limiter.max_connections(), 50);
+        let t = live.timeouts;
+        assert_eq!(
+            (
+                t.read().as_millis(),
+                t.write().as_millis(),
+                t.idle().as_millis()
+            ),
+            (2500, 30_000, 7000)
+        );
+        assert_eq!(running.server.read_timeout, 2.5);
         assert_eq!(limiter.max_per_ip(), 2);
         assert_eq!(limiter.request_rate(), Some((7, 9)));
         assert_eq!(running.server.max_connections, 50);

@@ -28,7 +28,7 @@ use crate::metrics::{describe_limits, Metrics};
 use crate::network::Network;
 use crate::proxy_protocol::Trusted;
 use crate::upstream::{self, registry::Registry};
-use crate::worker::{self, Listeners, Settings, Shared, Worker};
+use crate::worker::{self, Listeners, Settings, Shared, Timeouts, Worker};
 
 /// Runs the gateway until SIGTERM/SIGINT. Errors are startup failures.
 /// `file`: where `config` came from, re-read on SIGHUP (`None`: built-in defaults, nothing to
@@ -84,9 +84,11 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
     let metrics = Metrics::new(workers, limiter, upstreams).leak();
     let shared: &'static Shared = Box::leak(Box::new(Shared {
         settings: Settings {
-            read_timeout: secs(s.read_timeout),
-            write_timeout: secs(s.write_timeout),
-            idle_timeout: secs(s.idle_timeout),
+            timeouts: Timeouts::new(
+                secs(s.read_timeout),
+                secs(s.write_timeout),
+                secs(s.idle_timeout),
+            ),
             park_idle: s.park_idle_connections,
             shutdown_timeout: secs(s.shutdown_timeout),
             max_message_size: s.max_message_size,
@@ -200,6 +202,7 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
                     &crate::reload::Live {
                         limiter,
                         tls: shared.settings.tls.as_ref(),
+                        timeouts: &shared.settings.timeouts,
                         upstreams,
                         metrics,
                         descriptors: &descriptors,

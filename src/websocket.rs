@@ -252,7 +252,7 @@ pub fn serve(
                         worker,
                         &reg,
                         &mut stream,
-                        s.idle_timeout,
+                        s.timeouts.idle(),
                         &FRAMING,
                         may_park,
                     )
@@ -308,7 +308,7 @@ async fn exchange(
     let max = s.max_message_size;
     let mut buf = pending.unwrap_or_else(take_buf);
     let mut out = take_buf();
-    let deadline = Instant::now() + s.read_timeout;
+    let deadline = Instant::now() + s.timeouts.read();
     if buf.is_empty() {
         // Woken by readiness: read what arrived (EOF or an error ends the connection).
         if read_more(stream, &mut buf, deadline).await.is_err() {
@@ -325,7 +325,7 @@ async fn exchange(
                     // go back to waiting without a buffer.
                     give_buf(buf);
                     session.drain(&mut out, &FRAMING);
-                    return flush(stream, out, s.write_timeout)
+                    return flush(stream, out, s.timeouts.write())
                         .await
                         .map_or(WsStep::Close, |_| WsStep::Continue(None));
                 }
@@ -333,7 +333,7 @@ async fn exchange(
                     buf.reserve(h.header_len + h.payload_len - buf.len());
                 }
                 if !out.is_empty() {
-                    match write_all(stream, out, s.write_timeout).await {
+                    match write_all(stream, out, s.timeouts.write()).await {
                         Ok(o) => out = o,
                         Err(_) => return WsStep::Close,
                     }
@@ -387,7 +387,7 @@ async fn exchange(
                     }
                 };
                 write_close(&mut out, CloseWith(code, ""));
-                let _ = write_all(stream, out, s.write_timeout).await;
+                let _ = write_all(stream, out, s.timeouts.write()).await;
                 buf.drain(..end);
                 return WsStep::Linger(buf);
             }
@@ -477,7 +477,7 @@ async fn exchange(
 async fn close_idle(worker: &'static Worker, mut stream: Stream, why: CloseWith) {
     let mut out = take_buf();
     write_close(&mut out, why);
-    if write_all(&mut stream, out, worker.settings().write_timeout)
+    if write_all(&mut stream, out, worker.settings().timeouts.write())
         .await
         .is_ok()
     {
@@ -505,7 +505,7 @@ async fn close_with(
 ) -> WsStep {
     tracing::debug!(code = why.0, reason = why.1, "closing WebSocket");
     write_close(&mut out, why);
-    let _ = write_all(stream, out, worker.settings().write_timeout).await;
+    let _ = write_all(stream, out, worker.settings().timeouts.write()).await;
     WsStep::Linger(take_buf())
 }
 

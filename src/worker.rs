@@ -21,6 +21,7 @@
 use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,11 +47,10 @@ use accept::{accept_loop, relayed};
 use idle::{make_lot, Entry};
 pub use idle::{Registration, SessionStreamWatch, Unparked};
 
-/// Process-wide, read-only settings the connection tasks need, resolved from the configuration.
+/// Process-wide settings the connection tasks need, resolved from the configuration; read-only
+/// but for the timeouts and the doors' certificate, which a reload may change.
 pub struct Settings {
-    pub read_timeout: Duration,
-    pub write_timeout: Duration,
-    pub idle_timeout: Duration,
+    pub timeouts: Timeouts,
     /// `server.park_idle_connections` (see [`crate::park`]).
     pub park_idle: bool,
     pub shutdown_timeout: Duration,
@@ -63,6 +63,54 @@ pub struct Settings {
     /// (replaced on SIGHUP): the doors speak TLS when set. Each worker serves TLS with its own
     /// copy (see [`Worker::tls`]).
     pub tls: Option<crate::tls::DoorTls>,
+}
+
+/// `server.read_timeout`, `write_timeout` and `idle_timeout`, which a reload may change: each
+/// in an atomic (microseconds), read where a wait starts, so a change applies to the waits that
+/// start after it (a connection already waiting keeps the deadline it has).
+///
+/// Orderings: Relaxed. Each value guards nothing else; a wait that starts while a reload stores
+/// new values gets the old or the new one of each, and either is right.
+#[derive(Debug)]
+pub struct Timeouts {
+    read_us: AtomicU64,
+    write_us: AtomicU64,
+    idle_us: AtomicU64,
+}
+
+impl Timeouts {
+    pub fn new(read: Duration, write: Duration, idle: Duration) -> Timeouts {
+        let t = Timeouts {
+            read_us: AtomicU64::new(0),
+            write_us: AtomicU64::new(0),
+            idle_us: AtomicU64::new(0),
+        };
+        t.set(read, write, idle);
+        t
+    }
+
+    /// Sets all three (a reload).
+    pub fn set(&self, read: Duration, write: Duration, idle: Duration) {
+        let us = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
+        self.read_us.store(us(read), Relaxed);
+        self.write_us.store(us(write), Relaxed);
+        self.idle_us.store(us(idle), Relaxed);
+    }
+
+    /// For a request (head and body) to arrive, from its first byte, and for a TLS handshake.
+    pub fn read(&self) -> Duration {
+        Duration::from_micros(self.read_us.load(Relaxed))
+    }
+
+    /// For a write to make progress.
+    pub fn write(&self) -> Duration {
+        Duration::from_micros(self.write_us.load(Relaxed))
+    }
+
+    /// For a keep-alive connection's next request or a session's next message.
+    pub fn idle(&self) -> Duration {
+        Duration::from_micros(self.idle_us.load(Relaxed))
+    }
 }
 
 /// What every worker shares (all `&'static`, created once at startup).
@@ -265,9 +313,10 @@ pub async fn run(
 /// Deadlines are honoured within one tick.
 async fn sweep_idle(worker: &'static Worker) {
     let s = worker.settings();
-    let tick = (s.idle_timeout.min(s.read_timeout) / 8)
-        .clamp(Duration::from_millis(10), Duration::from_millis(500));
     loop {
+        // Taken anew each time: a reload may shorten the timeouts.
+        let tick = (s.timeouts.idle().min(s.timeouts.read()) / 8)
+            .clamp(Duration::from_millis(10), Duration::from_millis(500));
         monoio::time::sleep(tick).await;
         worker.sweep(false);
         worker.leave_removed_upstreams();
@@ -287,9 +336,7 @@ impl Worker {
         let t = Duration::from_secs(1);
         let shared = Box::leak(Box::new(Shared {
             settings: Settings {
-                read_timeout: t,
-                write_timeout: t,
-                idle_timeout: t,
+                timeouts: Timeouts::new(t, t, t),
                 park_idle: true,
                 shutdown_timeout: t,
                 max_message_size: 1024,

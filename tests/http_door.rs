@@ -241,9 +241,9 @@ fn bad_input_gets_the_right_status_then_a_close() {
     gw.wait_all_closed();
 }
 
-#[test]
-fn slow_request_gets_408_and_idle_keep_alive_is_closed() {
-    let gw = start("read_timeout: 0.3\nidle_timeout: 0.5");
+/// A gateway whose `read_timeout` is 0.3 s and `idle_timeout` 0.5 s answers a request head
+/// that stops coming 408, and closes a keep-alive connection idle that long.
+fn assert_slow_gets_408_and_idle_is_closed(gw: &Gateway) {
     let mut slow = connect_from("127.0.0.2", gw.http);
     slow.write_all(b"POST /mcp HTTP/1.1\r\nHost: t\r\n")
         .unwrap();
@@ -265,6 +265,12 @@ fn slow_request_gets_408_and_idle_keep_alive_is_closed() {
         took >= Duration::from_millis(400) && took < Duration::from_secs(5),
         "{took:?}"
     );
+}
+
+#[test]
+fn slow_request_gets_408_and_idle_keep_alive_is_closed() {
+    let gw = start("read_timeout: 0.3\nidle_timeout: 0.5");
+    assert_slow_gets_408_and_idle_is_closed(&gw);
 
     // A connection that never sends anything is closed after read_timeout.
     let mut silent = connect_from("127.0.0.2", gw.http);
@@ -274,6 +280,26 @@ fn slow_request_gets_408_and_idle_keep_alive_is_closed() {
         "mcp_gateway_protocol_errors_total{frontend=\"http\",kind=\"timeout\"}",
         1.0,
     );
+    gw.wait_all_closed();
+}
+
+#[test]
+fn sighup_changes_the_timeouts_of_the_waits_that_start_after_it() {
+    let gw = start("read_timeout: 60\nidle_timeout: 60");
+    let mut before = connect_from("127.0.0.3", gw.http);
+    assert_eq!(roundtrip(&mut before, &post_mcp(TOOLS_LIST)).status, 200);
+    gw.reload(
+        "read_timeout: 60\n  idle_timeout: 60",
+        "read_timeout: 0.3\n  idle_timeout: 0.5",
+    );
+    assert!(gw.log.lock().unwrap().contains("timeouts changed"));
+    assert_slow_gets_408_and_idle_is_closed(&gw);
+    // The connection that was waiting before the reload kept its deadline (60 s): it is still
+    // served, and its next wait has the new idle timeout.
+    assert_eq!(roundtrip(&mut before, &post_mcp(TOOLS_LIST)).status, 200);
+    let t = Instant::now();
+    assert!(closed_by_peer(&mut before));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     gw.wait_all_closed();
 }
 

@@ -91,9 +91,9 @@ pub fn serve(
                 }
                 let s = worker.settings();
                 let limit = if reg.served() {
-                    s.idle_timeout
+                    s.timeouts.idle()
                 } else {
-                    s.read_timeout
+                    s.timeouts.read()
                 };
                 match wait_idle(worker, &reg, &stream, limit).await {
                     Wait::Ready => {}
@@ -195,7 +195,7 @@ async fn exchange(
     let mut buf = pending.unwrap_or_else(take_buf);
     let mut out = take_buf();
     loop {
-        let deadline = Instant::now() + s.read_timeout;
+        let deadline = Instant::now() + s.timeouts.read();
         // The upstreams this request goes by, whatever a reload publishes meanwhile.
         let all = worker.upstreams();
         let head = loop {
@@ -213,7 +213,7 @@ async fn exchange(
             }
             // Answers already made go out before we wait on the client again.
             if !out.is_empty() {
-                match write_all(stream, out, s.write_timeout).await {
+                match write_all(stream, out, s.timeouts.write()).await {
                     Ok(o) => out = o,
                     Err(_) => return Step::Close,
                 }
@@ -248,7 +248,7 @@ async fn exchange(
         if let Some(ns) = proxied(all, &head).filter(|_| limited.is_none()) {
             // Answers queued for earlier pipelined requests go first, in order.
             if !out.is_empty() {
-                match write_all(stream, out, s.write_timeout).await {
+                match write_all(stream, out, s.timeouts.write()).await {
                     Ok(o) => out = o,
                     Err(_) => return Step::Close,
                 }
@@ -339,10 +339,10 @@ async fn exchange(
                     .metrics
                     .protocol_error(Frontend::Http, crate::metrics::ProtocolError::Malformed);
                 buf.drain(..consumed);
-                let _ = write_all(stream, out, s.write_timeout).await;
+                let _ = write_all(stream, out, s.timeouts.write()).await;
                 return Step::Linger(buf);
             }
-            match write_all(stream, out, s.write_timeout).await {
+            match write_all(stream, out, s.timeouts.write()).await {
                 Ok(o) => give_buf(o),
                 Err(_) => return Step::Close,
             }
@@ -373,7 +373,7 @@ async fn exchange(
         }
         buf.drain(..consumed);
         if !keep_alive || buf.is_empty() {
-            match write_all(stream, out, s.write_timeout).await {
+            match write_all(stream, out, s.timeouts.write()).await {
                 Ok(o) => give_buf(o),
                 Err(_) => return Step::Close,
             }
@@ -473,7 +473,7 @@ pub(crate) async fn continue_if_expected(
         return Ok(());
     }
     let msg = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
-    write_all(stream, msg, worker.settings().write_timeout)
+    write_all(stream, msg, worker.settings().timeouts.write())
         .await
         .map(drop)
         .map_err(|_| None)
@@ -596,7 +596,7 @@ async fn refuse(
     );
     let code = if r.status == 408 { -32000 } else { -32600 };
     response::error(&mut out, r.status, code, r.message, &[], false);
-    if let Ok(o) = write_all(stream, out, worker.settings().write_timeout).await {
+    if let Ok(o) = write_all(stream, out, worker.settings().timeouts.write()).await {
         give_buf(o);
     }
     Step::Linger(buf)
@@ -622,7 +622,8 @@ pub async fn reject(worker: &'static Worker, tcp: TcpStream, why: Rejection) {
     let deadline = Instant::now()
         + worker
             .settings()
-            .read_timeout
+            .timeouts
+            .read()
             .min(std::time::Duration::from_secs(2));
     while buf.len() < 8 * 1024 && !buf.windows(4).any(|w| w == b"\r\n\r\n") {
         if read_more(&mut stream, &mut buf, deadline).await.is_err() {
@@ -646,7 +647,7 @@ pub async fn reject(worker: &'static Worker, tcp: TcpStream, why: Rejection) {
         &[("Retry-After", "1")],
         false,
     );
-    if let Ok(o) = write_all(&mut stream, out, worker.settings().write_timeout).await {
+    if let Ok(o) = write_all(&mut stream, out, worker.settings().timeouts.write()).await {
         give_buf(o);
     }
     if matches!(stream, Stream::Plain(_)) && read_whole(&buf) {

@@ -449,7 +449,7 @@ async fn relay(
             break; // the head went out: all we can do is close
         };
         if !out.is_empty() {
-            match write_all(client, out, s.write_timeout).await {
+            match write_all(client, out, s.timeouts.write()).await {
                 Ok(o) => out = o,
                 Err(_) => {
                     out = take_buf();
@@ -543,7 +543,7 @@ pub async fn events(
         if out.is_empty() {
             give_buf(out); // part of an event: nothing to write yet
         } else {
-            match boxed::pin(write_all(client, out, s.write_timeout)).await {
+            match boxed::pin(write_all(client, out, s.timeouts.write())).await {
                 Ok(o) => give_buf(o),
                 Err(_) => break,
             }
@@ -611,7 +611,7 @@ async fn end_stream(worker: &Worker, client: &mut Stream, chunked: bool) {
     if chunked {
         let mut out = take_buf();
         out.extend_from_slice(b"0\r\n\r\n");
-        if let Ok(o) = write_all(client, out, worker.settings().write_timeout).await {
+        if let Ok(o) = write_all(client, out, worker.settings().timeouts.write()).await {
             give_buf(o);
         }
     }
@@ -669,7 +669,7 @@ async fn fail(
         &[]
     };
     response::error(&mut out, status, -32000, message, retry, keep_alive);
-    match write_all(client, out, worker.settings().write_timeout).await {
+    match write_all(client, out, worker.settings().timeouts.write()).await {
         Ok(o) => {
             give_buf(o);
             // Closing right after an error answer could reset it away: linger instead.

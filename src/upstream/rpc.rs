@@ -296,7 +296,13 @@ impl MsgSession {
         if out.is_empty() {
             return Ok(());
         }
-        match write_all(client, std::mem::take(out), worker.settings().write_timeout).await {
+        match write_all(
+            client,
+            std::mem::take(out),
+            worker.settings().timeouts.write(),
+        )
+        .await
+        {
             Ok(o) => {
                 *out = o;
                 Ok(())

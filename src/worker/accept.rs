@@ -175,7 +175,7 @@ async fn relay(
     permit: Permit,
     door: Frontend,
 ) {
-    let deadline = Instant::now() + worker.settings().read_timeout;
+    let deadline = Instant::now() + worker.settings().timeouts.read();
     let client = match proxy_protocol::read_header(&stream, deadline).await {
         Ok(named) => named.unwrap_or(peer),
         Err(e) => return bad_header(worker, stream, peer, door, e).await,
