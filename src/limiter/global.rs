@@ -150,17 +150,21 @@ mod lane {
     #[cfg(not(loom))]
     use std::sync::atomic::Ordering::Relaxed;
 
-    /// This thread's lane. Relaxed: the counter only hands out distinct numbers.
+    /// This thread's lane. Relaxed: the counter only hands out distinct numbers. A permit
+    /// dropped while its thread's locals are torn down uses lane 0: any lane is right, only
+    /// a thread's own is cheaper.
     #[inline]
     pub fn index() -> usize {
-        next::LANE.with(|lane| match lane.get() {
-            usize::MAX => {
-                let i = next::NEXT.fetch_add(1, Relaxed) % LANES;
-                lane.set(i);
-                i
-            }
-            i => i,
-        })
+        next::LANE
+            .try_with(|lane| match lane.get() {
+                usize::MAX => {
+                    let i = next::NEXT.fetch_add(1, Relaxed) % LANES;
+                    lane.set(i);
+                    i
+                }
+                i => i,
+            })
+            .unwrap_or(0)
     }
 
     /// Lanes handed out so far: the others are empty. Relaxed: a lane handed out after this
