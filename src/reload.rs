@@ -3,8 +3,9 @@
 //! stream.
 //!
 //! Owns the rule of what reloads: `server.access_log`, the timeouts (`server.read_timeout`,
-//! `write_timeout`, `idle_timeout`: for the waits that start after the reload), `server.max_connections` (up to half the per-IP table, at
-//! least the value the gateway started with), `server.max_connections_per_ip` (while on),
+//! `write_timeout`, `idle_timeout`: for the waits that start after the reload),
+//! `server.max_connections` (up to half the per-IP table, at least the value the gateway
+//! started with), `server.max_connections_per_ip` (while on),
 //! `server.max_requests_per_ip` and `server.request_burst_per_ip` (when a rate's state was made
 //! at startup), the doors' certificate (`server.tls_cert_file`, `server.tls_key_file`, and the
 //! client authorities `server.tls_client_ca_file`: the files are read again on every reload

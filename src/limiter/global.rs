@@ -87,8 +87,8 @@ impl GlobalCount {
     /// Gives back a place [`GlobalCount::try_take`] took (on any thread).
     pub fn give_back(&self) {
         let own = &self.lanes[lane::index()];
-        // Both loads are of lines written rarely (the reserve by its own thread, the count
-        // only when a reserve is empty or full), so they cost no cache-line transfer.
+        // Neither load moves a line between cores in the common case: the reserve's line is
+        // this thread's own, and the count's is written only when a reserve is empty or full.
         if own.load(Relaxed) < RESERVE && self.cap.count() <= self.cap.limit() {
             own.fetch_add(1, Relaxed);
         } else {
