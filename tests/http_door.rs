@@ -288,6 +288,9 @@ fn sighup_changes_the_timeouts_of_the_waits_that_start_after_it() {
     let gw = start("read_timeout: 60\nidle_timeout: 60");
     let mut before = connect_from("127.0.0.3", gw.http);
     assert_eq!(roundtrip(&mut before, &post_mcp(TOOLS_LIST)).status, 200);
+    // Its wait for the next request has begun (with the 60 s idle timeout) once it is parked:
+    // the client has its answer before the gateway's task gets there.
+    gw.wait_metric("mcp_gateway_connections_parked", 1.0);
     gw.reload(
         "read_timeout: 60\n  idle_timeout: 60",
         "read_timeout: 0.3\n  idle_timeout: 0.5",

@@ -496,14 +496,14 @@ fn sighup_applies_new_limits_to_new_connections_and_keeps_open_ones() {
     // A change that needs a restart is named, the rest applies; a bad file changes nothing.
     gw.reload(
         "max_connections_per_ip: 1",
-        "max_connections_per_ip: 2\n  idle_timeout: 99",
+        "max_connections_per_ip: 2\n  max_message_size: 99999",
     );
     assert_eq!(gw.metric(per_ip), 2.0);
     assert!(gw
         .log
         .lock()
         .unwrap()
-        .contains("after_restart=server.idle_timeout"));
+        .contains("after_restart=server.max_message_size"));
     gw.reload("max_connections_per_ip: 2", "max_connections_per_ip: lots");
     assert!(gw
         .log
