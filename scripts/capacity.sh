@@ -37,11 +37,8 @@ while [ $# -gt 0 ]; do
 done
 [ "$H" -le 300 ] || H=300
 cd "$(dirname "$0")/.."
-. scripts/lib/need.sh; build
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+. scripts/lib/need.sh; . scripts/lib/proc.sh; build
+scratch
 
 cat > "$work/gw.yaml" <<YAML
 server:
@@ -54,12 +51,8 @@ server:
   idle_timeout: $((H + 60))
 YAML
 [ "$P" = mcpb ] && sed -i "s/  tcp_port: 0/  tcp_port: $(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')/" "$work/gw.yaml"
-./target/release/mcp-gateway -c "$work/gw.yaml" 2> "$work/gw.log" &
-gw=$!; pids+=("$gw")
-until grep -q listening "$work/gw.log"; do sleep 0.1; kill -0 "$gw"; done
-http=$(grep -o 'http=[0-9.:]*' "$work/gw.log" | head -1 | cut -d= -f2)
+start_gateway "$work/gw.yaml" "$work/gw.log"
 tcp=$(grep -o 'tcp=[0-9.:]*' "$work/gw.log" | head -1 | cut -d= -f2 || true)
-admin=$(grep -o 'admin=[0-9.:]*' "$work/gw.log" | head -1 | cut -d= -f2)
 target=$http; [ "$P" = mcpb ] && target=$tcp
 metric() { curl -s "http://$admin/metrics" | awk -v m="$1" '$1==m {print $2}'; }
 rss() { awk '/VmRSS/{print $2}' "/proc/$gw/status"; }

@@ -27,12 +27,9 @@ done
 [ "$D" -le 60 ] || D=60
 [ "$C" -lt "$L" ] || { echo "--connections must stay under --max-per-ip (wrk uses one address)" >&2; exit 64; }
 cd "$(dirname "$0")/.."
-. scripts/lib/need.sh; need wrk
+. scripts/lib/need.sh; . scripts/lib/proc.sh; need wrk
 build
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+scratch
 cat > "$work/gw.yaml" <<YAML
 server:
   host: 127.0.0.1
@@ -44,11 +41,7 @@ server:
   # workers wait for the core wrk runs on; on dedicated cores pin_workers: true is the default).
   pin_workers: false
 YAML
-./target/release/mcp-gateway -c "$work/gw.yaml" 2> "$work/gw.log" &
-pids+=("$!")
-until grep -q listening "$work/gw.log"; do sleep 0.1; done
-http=$(grep -o 'http=[0-9.:]*' "$work/gw.log" | head -1 | cut -d= -f2)
-admin=$(grep -o 'admin=[0-9.:]*' "$work/gw.log" | head -1 | cut -d= -f2)
+start_gateway "$work/gw.yaml" "$work/gw.log"
 
 phase() { timeout $((D + 30)) wrk -t1 -c"$C" -d"${D}s" -s scripts/mcp.lua "http://$http/mcp" > "$work/$1.txt"; }
 phase quiet

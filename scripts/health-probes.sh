@@ -34,10 +34,7 @@ cd "$(dirname "$0")/.."
 export PATH=$PATH:/usr/sbin
 . scripts/lib/need.sh; . scripts/lib/proc.sh; need nginx
 build
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+scratch
 up=$(port)
 cat > "$work/nginx.conf" <<CONF
 worker_processes 1;

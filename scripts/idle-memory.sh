@@ -47,12 +47,8 @@ while [ $# -gt 0 ]; do
 done
 case "$MODE" in http|stream|ws|mcpb|all) ;; *) usage; exit 64 ;; esac
 cd "$(dirname "$0")/.."
-. scripts/lib/need.sh; build
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/lib/need.sh; . scripts/lib/proc.sh; build
+scratch
 
 measure() { # name mode port pid...
   local name=$1 mode=$2 port=$3; shift 3
@@ -81,13 +77,13 @@ if [ "$TLS" = 1 ]; then
 fi
 
 # The upstream that holds event streams open (stream mode).
-uport=$(free_port)
+uport=$(port)
 python3 scripts/lib/sse_upstream.py "$uport" > "$work/up.log" 2>&1 &
 pids+=("$!")
 until grep -q listening "$work/up.log"; do sleep 0.1; done
 
 start_gateway() { # mode -> sets gw, gport, gtcp, gmetrics
-  gport=$(free_port); gtcp=$(free_port); gmetrics=$(free_port)
+  gport=$(port); gtcp=$(port); gmetrics=$(port)
   local routing=""
   [ "$1" != http ] && routing="routing:
   health_check_interval: 3600
@@ -116,7 +112,7 @@ YAML
 
 start_nginx() { # mode -> sets master, nport
   need nginx
-  nport=$(free_port)
+  nport=$(port)
   mkdir -p "$work/nginx"
   local location="return 200 '{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}';"
   [ "$1" = stream ] && location="proxy_pass http://127.0.0.1:$uport; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off;"

@@ -31,10 +31,7 @@ cd "$(dirname "$0")/.."
 export PATH=$PATH:/usr/sbin
 . scripts/lib/need.sh; . scripts/lib/proc.sh; need wrk haproxy
 build
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+scratch
 declare -A gw_port lb_port gw_pid
 for mode in proxy plain; do
   gw_port[$mode]=$(port); lb_port[$mode]=$(port)

@@ -1,4 +1,20 @@
-# Sourced by the bench scripts: free ports, waiting for a listener, and CPU time from /proc.
+# Sourced by the bench scripts: a scratch folder with the processes to stop on exit, a gateway
+# started on a configuration file, free ports, waiting for a listener, and CPU time from /proc.
+
+scratch() { # -> $work, a folder removed on exit, and $pids, processes killed on exit
+  work=$(mktemp -d)
+  pids=()
+  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+}
+
+start_gateway() { # config log -> runs ./target/release/mcp-gateway until exit, waiting until it
+  # listens; sets $gw (its pid) and $http and $admin (the addresses its log names)
+  ./target/release/mcp-gateway -c "$1" 2> "$2" &
+  gw=$!; pids+=("$gw")
+  until grep -q listening "$2"; do sleep 0.1; kill -0 "$gw"; done
+  http=$(grep -o 'http=[0-9.:]*' "$2" | head -1 | cut -d= -f2)
+  admin=$(grep -o 'admin=[0-9.:]*' "$2" | head -1 | cut -d= -f2)
+}
 
 port() { # -> a free TCP port of 127.0.0.1
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
