@@ -2,7 +2,8 @@
 //! upgrade on the same paths.
 //!
 //! Owns an admitted HTTP connection from its first byte to its close (or to its hand-over to
-//! [`crate::websocket`] after an upgrade), and the replies owed to connections the limiter refused.
+//! [`crate::websocket`] after an upgrade); its refusals, and the replies owed to connections the
+//! limiter refused, are in `refuse`.
 //! Requests for a namespace of `builtin:echo` are answered here; those for HTTP upstreams are
 //! forwarded by [`proxy`], once their head is read (the body streams on from there).
 //!
@@ -25,23 +26,25 @@
 
 pub mod origin;
 pub mod proxy;
+mod refuse;
 pub mod request;
 pub mod response;
 
+use refuse::refuse;
+pub use refuse::{refuse_connection, reject};
+
 use std::future::Future;
 use std::time::Instant;
-
-use monoio::net::TcpStream;
 
 use crate::boxed;
 use crate::stream::Stream;
 
 use crate::access::{self, By};
 use crate::conn::{
-    give_buf, linger_close, open, read_more, take_buf, wait_idle, write_all, ReadError, Wait,
+    give_buf, linger_close, read_more, take_buf, wait_idle, write_all, ReadError, Wait,
 };
 use crate::echo;
-use crate::limiter::{rate, Permit, Rejection};
+use crate::limiter::{rate, Permit};
 use crate::metrics::Frontend;
 use crate::park::Held;
 use crate::upstream::{Namespace, Outcome, Upstreams};
@@ -577,100 +580,6 @@ fn answer(
             &[("Allow", "GET, POST, DELETE")],
             keep_alive,
         ),
-    }
-}
-
-/// Sends a refusal and tells the caller to linger-close.
-async fn refuse(
-    worker: &'static Worker,
-    stream: &mut Stream,
-    buf: Vec<u8>,
-    mut out: Vec<u8>,
-    r: Refusal,
-) -> Step {
-    worker.metrics.protocol_error(Frontend::Http, r.kind);
-    tracing::debug!(
-        status = r.status,
-        reason = r.message,
-        "refusing HTTP request"
-    );
-    let code = if r.status == 408 { -32000 } else { -32600 };
-    response::error(&mut out, r.status, code, r.message, &[], false);
-    if let Ok(o) = write_all(stream, out, worker.settings().timeouts.write()).await {
-        give_buf(o);
-    }
-    Step::Linger(buf)
-}
-
-/// Answers a connection refused before its first request (a bad PROXY header) with `r`, counted
-/// and logged like any refusal, then closes without a reset.
-pub async fn refuse_connection(worker: &'static Worker, tcp: TcpStream, r: Refusal) {
-    let mut stream = Stream::Plain(tcp);
-    if let Step::Linger(buf) = refuse(worker, &mut stream, take_buf(), take_buf(), r).await {
-        linger_close(stream, Some(buf)).await;
-    }
-}
-
-/// Answers a connection the limiter refused: reads its request head (bounded in size and time),
-/// sends 429 or 503 with `Retry-After: 1`, and closes without a reset. When the doors speak TLS,
-/// the handshake comes first (a browser or SDK client reads the status only inside TLS).
-pub async fn reject(worker: &'static Worker, tcp: TcpStream, why: Rejection) {
-    let Some(mut stream) = open(worker, tcp, Frontend::Http).await else {
-        return;
-    };
-    let mut buf = take_buf();
-    let deadline = Instant::now()
-        + worker
-            .settings()
-            .timeouts
-            .read()
-            .min(std::time::Duration::from_secs(2));
-    while buf.len() < 8 * 1024 && !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        if read_more(&mut stream, &mut buf, deadline).await.is_err() {
-            if buf.is_empty() {
-                return; // the client left (or sent nothing): nothing to answer
-            }
-            break;
-        }
-    }
-    let message = match why {
-        Rejection::PerIp => "too many connections from your address (max_connections_per_ip)",
-        Rejection::Global => "gateway at its connection limit (max_connections)",
-        Rejection::IpTableFull => "gateway cannot track more client addresses",
-    };
-    let mut out = take_buf();
-    response::error(
-        &mut out,
-        why.http_status(),
-        -32000,
-        message,
-        &[("Retry-After", "1")],
-        false,
-    );
-    if let Ok(o) = write_all(&mut stream, out, worker.settings().timeouts.write()).await {
-        give_buf(o);
-    }
-    if matches!(stream, Stream::Plain(_)) && read_whole(&buf) {
-        // Nothing of the request is left unread: closing now cannot reset the answer away, and
-        // saves the lingering read (about a fifth of what a refusal costs). TLS lingers to
-        // end its session properly.
-        give_buf(buf);
-        return;
-    }
-    buf.clear();
-    linger_close(stream, Some(buf)).await;
-}
-
-/// Whether `buf` holds a whole request (a head, and all of the body its `Content-Length` gives),
-/// so that a refused client has nothing more to send.
-fn read_whole(buf: &[u8]) -> bool {
-    match parse_head(buf, |_| None) {
-        Ok(Some(head)) => match head.body {
-            BodyKind::None => true,
-            BodyKind::Length(n) => buf.len() >= head.len + n,
-            BodyKind::Chunked => false,
-        },
-        _ => false,
     }
 }
 
