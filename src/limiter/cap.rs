@@ -54,7 +54,12 @@ impl Cap {
 
     /// Gives back a place [`Cap::try_take`] took.
     pub fn give_back(&self) {
-        self.count.fetch_sub(1, Relaxed);
+        self.give_back_many(1);
+    }
+
+    /// Gives back `n` places taken before.
+    pub fn give_back_many(&self, n: usize) {
+        self.count.fetch_sub(n, Relaxed);
     }
 
     /// Places taken now (a snapshot, for metrics and tests).

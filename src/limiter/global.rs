@@ -113,9 +113,7 @@ impl GlobalCount {
     pub fn set_limit(&self, limit: usize) {
         self.cap.set_limit(limit);
         for lane in self.lanes.iter() {
-            for _ in 0..lane.swap(0, Relaxed) {
-                self.cap.give_back();
-            }
+            self.cap.give_back_many(lane.swap(0, Relaxed));
         }
     }
 }
