@@ -31,7 +31,7 @@ pub struct Config {
 }
 
 /// One entry of `server.per_ip_overrides`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PerIpOverride {
     /// `a.b.c.d/len` or `v6::/len` (a bare address is a /32 or /128).
@@ -42,6 +42,19 @@ pub struct PerIpOverride {
     /// 0: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests_per_ip: Option<u64>,
+}
+
+impl PerIpOverride {
+    /// The entry as the limiter takes it; the entry was validated ([`Config::validate`]).
+    pub fn limits(&self) -> crate::limiter::PerIpLimits {
+        let (network, prefix_len) = parse_network(&self.network).expect("a validated network");
+        crate::limiter::PerIpLimits {
+            network,
+            prefix_len,
+            max_connections: self.max_connections_per_ip,
+            max_requests: self.max_requests_per_ip,
+        }
+    }
 }
 
 /// A parsed network: its first address and prefix length.

@@ -22,6 +22,8 @@
 //! - [`echo`]: `builtin:echo`, the MCP server inside the gateway.
 //! - [`upstream`]: upstream MCP servers: balancing, breakers, health checks, the HTTP client
 //!   and its per-core pool, message forwarding for WebSocket and MCPB.
+//! - [`indexed`]: append-only storage by an index never reused (per upstream, per override
+//!   network).
 //! - [`metrics`]: per-core counters, summed into Prometheus text at scrape.
 //! - [`logging`]: the log's writer thread, which no worker waits on; [`access`]: the access
 //!   log's lines.
@@ -35,6 +37,7 @@ pub mod config;
 pub mod conn;
 pub mod echo;
 pub mod http;
+pub mod indexed;
 pub mod limiter;
 pub mod loadgen;
 pub mod logging;

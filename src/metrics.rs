@@ -20,7 +20,7 @@ use prometheus::proto::{
 use prometheus::{Encoder, TextEncoder};
 
 use crate::limiter::{Limiter, Rejection};
-use crate::upstream::registry::{PerUpstream, Registry};
+use crate::upstream::registry::{PerUpstream, Registry, MAX_UPSTREAMS};
 use crate::upstream::{Outcome, Upstream, Upstreams};
 
 /// The front doors, as the `frontend` label.
@@ -159,7 +159,7 @@ impl CoreMetrics {
             latency: Default::default(),
             parked: Default::default(),
             parks: Default::default(),
-            upstreams: PerUpstream::new(upstreams),
+            upstreams: PerUpstream::new(MAX_UPSTREAMS, upstreams),
         }
     }
 

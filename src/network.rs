@@ -47,6 +47,11 @@ impl Network {
     pub fn contains(&self, ip: IpAddr) -> bool {
         self.holds(mapped(ip))
     }
+
+    /// True when every address of `other` is in this network (this one is `other` or wider).
+    pub fn covers(&self, other: &Network) -> bool {
+        self.mask & other.mask == self.mask && self.holds(other.net)
+    }
 }
 
 #[cfg(all(test, not(loom)))]
@@ -71,6 +76,18 @@ mod tests {
         assert!(host.contains(ip("127.0.0.2")) && !host.contains(ip("127.0.0.3")));
         assert!(Network::new(ip("0.0.0.0"), 0).contains(ip("192.0.2.1")));
         assert!(!Network::new(ip("0.0.0.0"), 0).contains(ip("2001:db8::1")));
+    }
+
+    #[test]
+    fn a_network_covers_itself_and_narrower_ones_of_it() {
+        let n = |s: &str, len| Network::new(ip(s), len);
+        assert!(n("10.0.0.0", 8).covers(&n("10.1.0.0", 16)));
+        assert!(n("10.0.0.0", 8).covers(&n("10.9.9.9", 8)), "itself");
+        assert!(!n("10.1.0.0", 16).covers(&n("10.0.0.0", 8)), "wider");
+        assert!(!n("10.0.0.0", 8).covers(&n("11.0.0.0", 16)), "elsewhere");
+        assert!(n("0.0.0.0", 0).covers(&n("192.0.2.0", 24)));
+        assert!(!n("0.0.0.0", 0).covers(&n("2001:db8::", 32)), "IPv4 only");
+        assert!(n("2001:db8::", 32).covers(&n("2001:db8:1::", 48)));
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! `server.max_connections` (up to half the per-IP table, at least the value the gateway
 //! started with), `server.max_connections_per_ip` (while on),
 //! `server.max_requests_per_ip` and `server.request_burst_per_ip` (when a rate's state was made
-//! at startup), the doors' certificate (`server.tls_cert_file`, `server.tls_key_file`, and the
+//! at startup), `server.per_ip_overrides` (while the per-IP limit is on; see
+//! [`crate::limiter::overrides`]), the doors' certificate (`server.tls_cert_file`, `server.tls_key_file`, and the
 //! client authorities `server.tls_client_ca_file`: the files are read again on every reload
 //! while the doors speak TLS, since a renewal keeps their paths), and all of `routing` and `service_discovery` (the upstreams, their CA files read
 //! again: see [`crate::upstream::registry`]). Everything else, and a change of these that cannot
@@ -34,7 +35,7 @@ use crate::worker::Timeouts;
 
 /// The `server` keys a reload applies; beside them, every key of `routing` and
 /// `service_discovery` (see [`crate::upstream::registry`]).
-const LIVE: [&str; 12] = [
+const LIVE: [&str; 13] = [
     "server.access_log",
     "server.read_timeout",
     "server.write_timeout",
@@ -43,6 +44,7 @@ const LIVE: [&str; 12] = [
     "server.max_connections_per_ip",
     "server.max_requests_per_ip",
     "server.request_burst_per_ip",
+    "server.per_ip_overrides",
     "server.tls_cert_file",
     "server.tls_key_file",
     "server.tls_certificates",
@@ -112,6 +114,19 @@ fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
         match limiter.set_max_per_ip(now.max_connections_per_ip) {
             Ok(()) => was.max_connections_per_ip = now.max_connections_per_ip,
             Err(why) => refused.push(format!("server.max_connections_per_ip ({why})")),
+        }
+    }
+    if now.per_ip_overrides != was.per_ip_overrides {
+        let list: Vec<_> = now.per_ip_overrides.iter().map(|o| o.limits()).collect();
+        match limiter.set_per_ip_overrides(&list) {
+            Ok(_) => {
+                was.per_ip_overrides.clone_from(&now.per_ip_overrides);
+                tracing::info!(
+                    networks = list.len(),
+                    "per-IP overrides replaced: new connections are admitted under them, and the open ones' requests follow their network's rate"
+                );
+            }
+            Err(why) => refused.push(format!("server.per_ip_overrides ({why})")),
         }
     }
     let timeouts =

@@ -61,20 +61,7 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
             )
         })?;
 
-    let overrides: Vec<_> = s
-        .per_ip_overrides
-        .iter()
-        .map(|o| {
-            let (network, prefix_len) =
-                parse_network(&o.network).expect("checked by Config::validate");
-            crate::limiter::PerIpLimits {
-                network,
-                prefix_len,
-                max_connections: o.max_connections_per_ip,
-                max_requests: o.max_requests_per_ip,
-            }
-        })
-        .collect();
+    let overrides: Vec<_> = s.per_ip_overrides.iter().map(|o| o.limits()).collect();
     let limiter = Limiter::new(s.max_connections, s.max_connections_per_ip)
         .with_request_rate(s.max_requests_per_ip, s.request_burst_per_ip)
         .with_ipv6_prefix(s.ipv6_prefix_len)

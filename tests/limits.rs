@@ -455,11 +455,7 @@ timeout 20 python3 "{client}"
 #[test]
 fn sighup_applies_new_limits_to_new_connections_and_keeps_open_ones() {
     let gw = start("max_connections_per_ip: 2\nmax_requests_per_ip: 1000");
-    let open = |gw: &Gateway| {
-        let mut c = connect_from("127.0.0.2", gw.http);
-        let status = roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status;
-        (c, status)
-    };
+    let open = |gw: &Gateway| open_from(gw, "127.0.0.2");
     let mut held: Vec<std::net::TcpStream> = (0..2)
         .map(|_| {
             let (c, status) = open(&gw);
@@ -488,10 +484,8 @@ fn sighup_applies_new_limits_to_new_connections_and_keeps_open_ones() {
     // The request rate too: at 1 a second with a burst of 1, the second request is refused.
     gw.reload("max_requests_per_ip: 1000", "max_requests_per_ip: 1");
     let c = &mut held[0];
-    let statuses: Vec<u16> = (0..3)
-        .map(|_| roundtrip(c, &post_mcp(TOOLS_LIST)).status)
-        .collect();
-    assert!(statuses.contains(&429), "{statuses:?}");
+    let got = statuses(c, 3);
+    assert!(got.contains(&429), "{got:?}");
 
     // A change that needs a restart is named, the rest applies; a bad file changes nothing.
     gw.reload(
@@ -521,6 +515,74 @@ fn sighup_applies_new_limits_to_new_connections_and_keeps_open_ones() {
         (3.0, 1.0, 1.0)
     );
     drop(held);
+    gw.wait_all_closed();
+}
+
+/// A connection from `ip` and the status of its first request.
+fn open_from(gw: &Gateway, ip: &str) -> (std::net::TcpStream, u16) {
+    let mut c = connect_from(ip, gw.http);
+    let status = roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status;
+    (c, status)
+}
+
+/// The statuses of `n` requests on `c`, one after the other.
+fn statuses(c: &mut std::net::TcpStream, n: usize) -> Vec<u16> {
+    (0..n)
+        .map(|_| roundtrip(c, &post_mcp(TOOLS_LIST)).status)
+        .collect()
+}
+
+/// SIGHUP replaces `server.per_ip_overrides`: a network added gets its limit for new
+/// connections, a changed rate applies to the requests of the connections admitted under it,
+/// and a network taken off the list goes back to the defaults.
+#[test]
+fn sighup_replaces_the_per_ip_overrides() {
+    let gw = start(
+        "max_connections_per_ip: 1
+max_requests_per_ip: 1000
+per_ip_overrides: []",
+    );
+    // `n` more connections from `ip` are admitted, and the next is refused.
+    let fill = |ip: &str, n: usize| -> Vec<std::net::TcpStream> {
+        let admitted = (0..n)
+            .map(|_| open_from(&gw, ip))
+            .map(|(c, status)| (status == 200).then_some(c).expect("admitted"))
+            .collect();
+        assert_eq!(open_from(&gw, ip).1, 429, "{ip} after {n} more");
+        admitted
+    };
+    let first = fill("127.0.0.2", 1);
+
+    // Added: 127.0.0.2 may have 3 connections from now on; another address still 1.
+    gw.reload(
+        "per_ip_overrides: []",
+        "per_ip_overrides: [{network: 127.0.0.2/32, max_connections_per_ip: 3}]",
+    );
+    let log = gw.log.lock().unwrap().clone();
+    assert!(log.contains("per-IP overrides replaced"), "{log}");
+    assert!(log.contains("per_ip_overrides=1"), "the limits line: {log}");
+    let mut admitted = fill("127.0.0.2", 2);
+    let other = fill("127.0.0.3", 1);
+
+    // Its rate set to 1 a second: a connection admitted under the entry is held to it.
+    gw.reload(
+        "max_connections_per_ip: 3}",
+        "max_connections_per_ip: 3, max_requests_per_ip: 1}",
+    );
+    let c = &mut admitted[0];
+    let got = statuses(c, 3);
+    assert!(got.contains(&429), "{got:?}");
+
+    // Taken off: new connections get the default limit again (3 are open, over it), and the
+    // open ones the default rate.
+    gw.reload(
+        "per_ip_overrides: [{network: 127.0.0.2/32, max_connections_per_ip: 3, max_requests_per_ip: 1}]",
+        "per_ip_overrides: []",
+    );
+    assert_eq!(open_from(&gw, "127.0.0.2").1, 429);
+    let ok = statuses(c, 20).iter().filter(|s| **s == 200).count();
+    assert!(ok >= 10, "{ok} of 20 at the default rate");
+    drop((first, admitted, other));
     gw.wait_all_closed();
 }
 

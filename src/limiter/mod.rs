@@ -26,16 +26,18 @@
 pub mod cap;
 pub mod global;
 pub mod ip_table;
+pub mod overrides;
 pub mod rate;
 
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::network::{mapped, Network};
+use crate::network::mapped;
 
 pub use cap::Cap;
 pub use global::GlobalCount;
 pub use ip_table::{IpTable, TableReject};
+pub use overrides::Overrides;
 use rate::{LiveRate, Rate, RequestRate};
 
 #[cfg(loom)]
@@ -91,8 +93,8 @@ pub struct Limiter {
     /// `/64`: its network), see [`Limiter::with_ipv6_prefix`].
     v6_mask: u128,
     /// Networks with per-IP limits of their own; the first that holds an address applies.
-    /// Scanned once per new connection, never per request.
-    overrides: Vec<Override>,
+    /// Scanned once per new connection, never per request; replaced by a reload.
+    overrides: Overrides,
 }
 
 /// One network's own per-IP limits.
@@ -104,14 +106,6 @@ pub struct PerIpLimits {
     pub max_connections: u64,
     /// Requests per second per address: `None` the default rate, `Some(0)` none.
     pub max_requests: Option<u64>,
-}
-
-/// A [`PerIpLimits`] ready for matching.
-struct Override {
-    network: Network,
-    max_connections: u64,
-    /// `None`: the default rate; `Some(None)`: no rate.
-    rate: Option<Option<Rate>>,
 }
 
 impl Limiter {
@@ -132,31 +126,39 @@ impl Limiter {
             rate_words: None,
             rate: LiveRate::default(),
             v6_mask: u128::MAX,
-            overrides: Vec::new(),
+            overrides: Overrides::default(),
         }
     }
 
     /// Gives the addresses of each network their own per-IP limits, the first matching entry
-    /// winning (fewer than 65 535 entries). Needs the per-IP table (`max_per_ip > 0`).
+    /// winning. Needs the per-IP table (`max_per_ip > 0`); IPv6 networks no narrower than the
+    /// IPv6 prefix (set it first).
     pub fn with_per_ip_overrides(mut self, list: &[PerIpLimits]) -> Self {
-        assert!(list.is_empty() || self.per_ip.is_some());
-        assert!(list.len() < usize::from(u16::MAX));
-        self.overrides = list
-            .iter()
-            .map(|o| {
-                let max_connections = match o.max_connections {
-                    0 => ip_table::MAX_COUNT,
-                    n => n.min(ip_table::MAX_COUNT),
-                };
-                Override {
-                    network: Network::new(o.network, o.prefix_len),
-                    max_connections,
-                    rate: o.max_requests.map(|r| (r > 0).then(|| Rate::new(r, 0))),
-                }
-            })
-            .collect();
-        self.make_rate_words();
+        if Overrides::own_rate(list) {
+            self.make_rate_words();
+        }
+        self.set_per_ip_overrides(list).expect("a valid list");
         self
+    }
+
+    /// Puts a reloaded list of per-IP overrides in force, for connections admitted from now on;
+    /// a network's request rate applies to the requests of its open connections too (see
+    /// [`overrides`]). `Ok(false)`: the list in force already. `Err`: nothing changed.
+    pub fn set_per_ip_overrides(&self, list: &[PerIpLimits]) -> Result<bool, &'static str> {
+        if !list.is_empty() && self.per_ip.is_none() {
+            return Err("overrides need the per-IP limit on, which needs a restart");
+        }
+        if Overrides::own_rate(list) && self.rate_words.is_none() {
+            return Err("a request rate where none was set at startup needs a restart");
+        }
+        let prefix = u8::try_from(self.ipv6_prefix()).expect("at most 128");
+        if list
+            .iter()
+            .any(|o| o.network.is_ipv6() && o.prefix_len > prefix)
+        {
+            return Err("an IPv6 network narrower than the server.ipv6_prefix_len in force");
+        }
+        self.overrides.replace(list)
     }
 
     /// Counts IPv6 clients (not IPv4-mapped ones) per `/prefix_len` network instead of per
@@ -183,18 +185,17 @@ impl Limiter {
     /// override (class `i + 1`), else `default` (class 0).
     fn per_ip_limit(&self, a: u128, default: u64) -> (u64, usize) {
         self.overrides
-            .iter()
-            .position(|o| o.network.holds(a))
-            .map_or((default, 0), |i| (self.overrides[i].max_connections, i + 1))
+            .find(a)
+            .map_or((default, 0), |(max, class)| (max, usize::from(class) + 1))
     }
 
     /// The request rate of addresses of class `class` (see [`Limiter::per_ip_limit`]).
     fn rate_of(&self, class: usize) -> Option<Rate> {
         match class
             .checked_sub(1)
-            .and_then(|i| self.overrides[i].rate.as_ref())
+            .and_then(|i| self.overrides.rate(i as u16))
         {
-            Some(own) => *own,
+            Some(own) => own,
             None => self.rate.get(),
         }
     }
@@ -212,18 +213,16 @@ impl Limiter {
     /// Also limits each address to `per_second` requests a second with bursts of `burst` (0: one
     /// second's worth); `per_second == 0`: no limit. Needs the per-IP table (`max_per_ip > 0`).
     pub fn with_request_rate(mut self, per_second: u64, burst: u64) -> Self {
-        self.rate
-            .set((per_second > 0).then(|| Rate::new(per_second, burst)));
-        self.make_rate_words();
+        if per_second > 0 {
+            self.rate.set(Some(Rate::new(per_second, burst)));
+            self.make_rate_words();
+        }
         self
     }
 
-    /// The rate words, once any rate is set (the default's or an override's).
+    /// The rate words, made at startup once a rate is set (the default's or an override's).
     fn make_rate_words(&mut self) {
-        let own = |o: &Override| matches!(o.rate, Some(Some(_)));
-        if (self.rate.get().is_some() || self.overrides.iter().any(own))
-            && self.rate_words.is_none()
-        {
+        if self.rate_words.is_none() {
             let (table, _) = self
                 .per_ip
                 .as_ref()
@@ -541,7 +540,8 @@ mod tests {
         assert_eq!(l.tracked_ips(), 3);
     }
 
-    fn limits(net: &str, len: u8, conns: u64, reqs: Option<u64>) -> PerIpLimits {
+    /// One entry of `per_ip_overrides`.
+    pub(crate) fn limits(net: &str, len: u8, conns: u64, reqs: Option<u64>) -> PerIpLimits {
         PerIpLimits {
             network: net.parse().unwrap(),
             prefix_len: len,
@@ -616,6 +616,70 @@ mod tests {
             Rejection::PerIp
         );
         drop((held, many, other));
+    }
+
+    #[test]
+    fn reloaded_overrides_admit_new_connections_and_rate_open_ones() {
+        let nat: IpAddr = "10.1.2.3".parse().unwrap();
+        let before: IpAddr = "10.2.0.1".parse().unwrap();
+        let l = Limiter::new(100, 1)
+            .with_request_rate(1000, 5000)
+            .with_ipv6_prefix(64)
+            .leak();
+        let open = l.try_acquire(before).unwrap();
+        let first = l.try_acquire(nat).unwrap();
+        assert_eq!(l.try_acquire(nat).unwrap_err(), Rejection::PerIp);
+        assert_eq!(
+            l.set_per_ip_overrides(&[limits("10.0.0.0", 8, 3, Some(1))]),
+            Ok(true)
+        );
+        assert_eq!(l.per_ip_overrides(), 1);
+        // Admitted under the new entry: 3 for the address, the one open before included.
+        let more = [l.try_acquire(nat).unwrap(), l.try_acquire(nat).unwrap()];
+        assert_eq!(l.try_acquire(nat).unwrap_err(), Rejection::PerIp);
+        // The new connections get the network's rate, 1 a second; one admitted under the
+        // defaults keeps the default rate (1000).
+        assert!(more[0].admit_request().is_ok() && more[1].admit_request().is_err());
+        assert!((0..100).all(|_| open.admit_request().is_ok()));
+        // Its rate changed by a reload: the network's open connections follow.
+        l.set_per_ip_overrides(&[limits("10.0.0.0", 8, 3, Some(0))])
+            .unwrap();
+        assert!(
+            (0..100).all(|_| more[1].admit_request().is_ok()),
+            "no rate now"
+        );
+        l.set_per_ip_overrides(&[limits("10.0.0.0", 8, 3, Some(1))])
+            .unwrap();
+        assert!(more[1].admit_request().is_err(), "1 a second again");
+        // Taken off the list: back to the defaults, for new and open connections alike (a
+        // burst of 5 000 over the address's state: the 1 a second had used a second's worth).
+        l.set_per_ip_overrides(&[]).unwrap();
+        assert_eq!(l.try_acquire(nat).unwrap_err(), Rejection::PerIp);
+        drop((first, open));
+        assert!((0..2000).all(|_| more[0].admit_request().is_ok()));
+        drop(more);
+
+        // What cannot apply changes nothing.
+        let narrow = limits("2001:db8::", 96, 5, None);
+        assert!(
+            l.set_per_ip_overrides(&[narrow]).is_err(),
+            "narrower than /64"
+        );
+        let off = Limiter::new(100, 0).leak();
+        assert!(off
+            .set_per_ip_overrides(&[limits("10.0.0.0", 8, 3, None)])
+            .is_err());
+        let no_rate = Limiter::new(100, 1).leak();
+        assert!(no_rate
+            .set_per_ip_overrides(&[limits("10.0.0.0", 8, 3, Some(5))])
+            .is_err());
+        assert_eq!(no_rate.per_ip_overrides(), 0);
+        assert_eq!(
+            no_rate.set_per_ip_overrides(&[limits("10.0.0.0", 8, 3, None)]),
+            Ok(true),
+            "a list without rates needs none"
+        );
+        assert_eq!(no_rate.try_acquire(nat).map(|_| ()), Ok(()));
     }
 
     #[test]

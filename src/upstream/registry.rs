@@ -28,7 +28,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicPtr, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use super::Upstream;
 use super::Upstreams;
@@ -36,42 +36,9 @@ use crate::config::Config;
 
 /// Upstreams the process may make, all reloads together (per-upstream storage is sized by it).
 pub const MAX_UPSTREAMS: usize = 4096;
-/// Per-upstream storage grows by this many slots at a time.
-const CHUNK: usize = 16;
-
-/// One `T` per upstream index, growing (by the reloading thread) without moving what is there,
-/// read from any thread without a lock: a core's per-upstream metrics, say.
-pub struct PerUpstream<T> {
-    chunks: Box<[OnceLock<Box<[T]>>]>,
-}
-
-impl<T: Default> PerUpstream<T> {
-    /// Room for indices below `len`.
-    pub fn new(len: usize) -> Self {
-        let s = PerUpstream {
-            chunks: (0..MAX_UPSTREAMS / CHUNK)
-                .map(|_| OnceLock::new())
-                .collect(),
-        };
-        s.make_room(len);
-        s
-    }
-
-    /// Makes room for indices below `len` (at most [`MAX_UPSTREAMS`]).
-    pub fn make_room(&self, len: usize) {
-        for c in &self.chunks[..len.div_ceil(CHUNK)] {
-            c.get_or_init(|| (0..CHUNK).map(|_| T::default()).collect());
-        }
-    }
-
-    /// The slot of upstream `index`; room for it was made before any view named it.
-    pub fn get(&self, index: usize) -> &T {
-        let chunk = self.chunks[index / CHUNK]
-            .get()
-            .expect("room is made before an upstream is published");
-        &chunk[index % CHUNK]
-    }
-}
+/// One `T` per upstream index (a core's counters for it), room made by the registry before an
+/// upstream is in force.
+pub type PerUpstream<T> = crate::indexed::Indexed<T>;
 
 /// See the module documentation.
 pub struct Registry {
@@ -401,16 +368,5 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("tls_ca_file"), "{err}");
         assert!(std::ptr::eq(r.current(), before));
-    }
-
-    #[test]
-    fn per_upstream_storage_grows_without_moving() {
-        let s: PerUpstream<std::sync::atomic::AtomicU64> = PerUpstream::new(1);
-        s.get(0).store(7, Ordering::Relaxed);
-        let at = s.get(0) as *const _;
-        s.make_room(CHUNK * 3 + 1);
-        assert_eq!(s.get(0).load(Ordering::Relaxed), 7);
-        assert!(std::ptr::eq(at, s.get(0)));
-        s.get(CHUNK * 3).store(1, Ordering::Relaxed);
     }
 }
