@@ -23,7 +23,7 @@
 //! - [`upstream`]: upstream MCP servers: balancing, breakers, health checks, the HTTP client
 //!   and its per-core pool, message forwarding for WebSocket and MCPB.
 //! - [`indexed`]: append-only storage by an index never reused (per upstream, per override
-//!   network).
+//!   network); [`published`]: a value a reload replaces whole, read without a lock.
 //! - [`metrics`]: per-core counters, summed into Prometheus text at scrape.
 //! - [`logging`]: the log's writer thread, which no worker waits on; [`access`]: the access
 //!   log's lines.
@@ -46,6 +46,7 @@ pub mod metrics;
 pub mod network;
 pub mod park;
 pub mod proxy_protocol;
+pub mod published;
 pub mod reload;
 pub mod runtime;
 pub mod stream;

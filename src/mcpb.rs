@@ -196,7 +196,7 @@ async fn exchange(
         }
     }
     loop {
-        let (kind, len) = match parse_header(&buf, s.max_message_size) {
+        let (kind, len) = match parse_header(&buf, s.max_message_size()) {
             Ok(Some((kind, len))) if buf.len() >= HEADER_LEN + len => (kind, len),
             Ok(found) => {
                 session.drain(&mut out, &FRAMING); // what forwarded requests already got back

@@ -43,6 +43,19 @@ impl Trusted {
         Trusted(networks)
     }
 
+    /// `server.proxy_protocol_networks`, validated ([`crate::config::Config::validate`]).
+    pub fn of(networks: &[String]) -> Trusted {
+        Trusted(
+            networks
+                .iter()
+                .map(|n| {
+                    let (addr, len) = crate::config::parse_network(n).expect("a validated network");
+                    Network::new(addr, len)
+                })
+                .collect(),
+        )
+    }
+
     /// True when connections from `peer` start with a PROXY header.
     pub fn trusts(&self, peer: IpAddr) -> bool {
         self.0.iter().any(|n| n.contains(peer))

@@ -8,7 +8,9 @@
 //! started with), `server.max_connections_per_ip` (while on),
 //! `server.max_requests_per_ip` and `server.request_burst_per_ip` (when a rate's state was made
 //! at startup), `server.per_ip_overrides` (while the per-IP limit is on; see
-//! [`crate::limiter::overrides`]), the doors' certificate (`server.tls_cert_file`, `server.tls_key_file`, and the
+//! [`crate::limiter::overrides`]), `server.max_message_size` (for bodies and messages that
+//! start after the reload), `server.allowed_origins` (for requests read after it),
+//! `server.proxy_protocol_networks` (for connections accepted after it), the doors' certificate (`server.tls_cert_file`, `server.tls_key_file`, and the
 //! client authorities `server.tls_client_ca_file`: the files are read again on every reload
 //! while the doors speak TLS, since a renewal keeps their paths), and all of `routing` and `service_discovery` (the upstreams, their CA files read
 //! again: see [`crate::upstream::registry`]). Everything else, and a change of these that cannot
@@ -22,20 +24,22 @@
 //!   applied.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 use serde_yaml::Value;
 
 use crate::config::{secs, Config};
+use crate::http::origin::Origins;
 use crate::limiter::Limiter;
 use crate::metrics::{describe_limits, Metrics, Reload};
+use crate::proxy_protocol::Trusted;
 use crate::runtime::Descriptors;
-use crate::tls::DoorTls;
 use crate::upstream::registry::Registry;
-use crate::worker::Timeouts;
+use crate::worker::Settings;
 
 /// The `server` keys a reload applies; beside them, every key of `routing` and
 /// `service_discovery` (see [`crate::upstream::registry`]).
-const LIVE: [&str; 13] = [
+const LIVE: [&str; 16] = [
     "server.access_log",
     "server.read_timeout",
     "server.write_timeout",
@@ -45,6 +49,9 @@ const LIVE: [&str; 13] = [
     "server.max_requests_per_ip",
     "server.request_burst_per_ip",
     "server.per_ip_overrides",
+    "server.max_message_size",
+    "server.allowed_origins",
+    "server.proxy_protocol_networks",
     "server.tls_cert_file",
     "server.tls_key_file",
     "server.tls_certificates",
@@ -57,10 +64,9 @@ const LIVE_SECTIONS: [&str; 2] = ["routing.", "service_discovery."];
 /// What a reload changes in the running gateway.
 pub struct Live<'a> {
     pub limiter: &'a Limiter,
-    /// The doors' TLS, when they speak it.
-    pub tls: Option<&'a DoorTls>,
-    /// The connections' timeouts.
-    pub timeouts: &'a Timeouts,
+    /// What the connections read: timeouts, message size, trusted networks, allowed origins,
+    /// the doors' TLS.
+    pub settings: &'a Settings,
     pub upstreams: &'a Registry,
     pub metrics: &'a Metrics,
     /// What the open-file limit allows, checked again after the reload.
@@ -81,7 +87,8 @@ fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
             return Reload::Failed;
         }
     };
-    let (limiter, tls) = (live.limiter, live.tls);
+    let (limiter, settings) = (live.limiter, live.settings);
+    let tls = settings.tls.as_ref();
     let mut refused: Vec<String> = Vec::new();
     // The upstreams first: the files they name (CA bundles) are read again on every reload.
     match live.upstreams.reload(&new, |n| live.metrics.make_room(n)) {
@@ -133,7 +140,7 @@ fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
         |s: &crate::config::ServerConfig| (s.read_timeout, s.write_timeout, s.idle_timeout);
     if timeouts(now) != timeouts(was) {
         let (read, write, idle) = timeouts(now);
-        live.timeouts.set(secs(read), secs(write), secs(idle));
+        settings.timeouts.set(secs(read), secs(write), secs(idle));
         (was.read_timeout, was.write_timeout, was.idle_timeout) = (read, write, idle);
         tracing::info!(
             read,
@@ -141,6 +148,31 @@ fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
             idle,
             "timeouts changed: waits that start from now use them"
         );
+    }
+    if now.max_message_size != was.max_message_size {
+        settings
+            .max_message_size
+            .store(now.max_message_size, Ordering::Relaxed);
+        was.max_message_size = now.max_message_size;
+        tracing::info!(
+            bytes = now.max_message_size,
+            "max_message_size changed: bodies and messages that start from now are held to it"
+        );
+    }
+    if now.allowed_origins != was.allowed_origins {
+        settings
+            .allowed_origins
+            .replace(Origins::new(&now.allowed_origins));
+        was.allowed_origins.clone_from(&now.allowed_origins);
+        tracing::info!(origins = %now.allowed_origins.join(" "), "allowed origins replaced: requests read from now are checked against them");
+    }
+    if now.proxy_protocol_networks != was.proxy_protocol_networks {
+        settings
+            .proxy_protocol
+            .replace(Trusted::of(&now.proxy_protocol_networks));
+        was.proxy_protocol_networks
+            .clone_from(&now.proxy_protocol_networks);
+        tracing::info!(networks = %now.proxy_protocol_networks.join(" "), "PROXY protocol networks replaced: connections accepted from now are read by them");
     }
     if now.access_log != was.access_log {
         crate::logging::set_access_log(now.access_log);
@@ -238,14 +270,12 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    /// What a reload changes, for a gateway started on the default upstreams.
-    fn live<'a>(limiter: &'a Limiter, tls: Option<&'a DoorTls>) -> Live<'a> {
+    /// What a reload changes, for a gateway started on `running` with the default upstreams.
+    fn live(limiter: &'static Limiter, running: &Config) -> Live<'static> {
         let upstreams = Registry::new(&Config::default()).unwrap().leak();
-        let t = std::time::Duration::from_secs(1);
         Live {
             limiter,
-            tls,
-            timeouts: Box::leak(Box::new(Timeouts::new(t, t, t))),
+            settings: Box::leak(Box::new(Settings::new(&running.server).unwrap())),
             upstreams,
             metrics: Metrics::new(1, Limiter::new(1, 0).leak(), upstreams).leak(),
             descriptors: Box::leak(Box::new(Descriptors {
@@ -293,7 +323,7 @@ mod tests {
         let start = "server:\n  max_connections: 100\n  max_connections_per_ip: 10\n  max_requests_per_ip: 5\n";
         let mut running = Config::parse(start, false).unwrap();
         let limiter = Limiter::new(100, 10).with_request_rate(5, 0).leak();
-        let live = live(limiter, None);
+        let live = live(limiter, &running);
         std::fs::write(
             &path,
             "server:\n  max_connections: 50\n  max_connections_per_ip: 2\n  max_requests_per_ip: 7\n  request_burst_per_ip: 9\n  workers: 3\n  read_timeout: 2.5\n  idle_timeout: 7\n",
@@ -301,7 +331,7 @@ mod tests {
         .unwrap();
         assert_eq!(apply(&path, &mut running, &live), Reload::Partial);
         assert_eq!(limiter.max_connections(), 50);
-        let t = live.timeouts;
+        let t = &live.settings.timeouts;
         assert_eq!(
             (
                 t.read().as_millis(),
@@ -348,25 +378,22 @@ mod tests {
         let path = dir.path().join("g.yaml");
         std::fs::write(&path, &with_tls).unwrap();
         let limiter = Limiter::new(100, 10).leak();
-        let live = live(limiter, None);
         // Started without TLS: it is not turned on.
         let mut running = Config::default();
-        assert_eq!(apply(&path, &mut running, &live), Reload::Partial);
+        let plain = live(limiter, &running);
+        assert_eq!(apply(&path, &mut running, &plain), Reload::Partial);
         assert_eq!(running.server.tls_cert_file, None);
         // Started with TLS: the files are read again even when their paths did not change.
         let mut running = Config::parse(&with_tls, false).unwrap();
-        let config = crate::tls::door_config(&running.server).unwrap().unwrap();
-        let door = DoorTls::new(config);
+        let live = live(limiter, &running);
+        let door = live.settings.tls.as_ref().unwrap();
         let own = std::cell::RefCell::new(None);
         let before = door.refresh(&own);
         assert!(
             Arc::ptr_eq(&before, &door.refresh(&own)),
             "settled: the same copy"
         );
-        assert_eq!(
-            apply(&path, &mut running, &self::live(limiter, Some(&door))),
-            Reload::Applied
-        );
+        assert_eq!(apply(&path, &mut running, &live), Reload::Applied);
         assert!(
             !Arc::ptr_eq(&before, &door.refresh(&own)),
             "a new configuration"
@@ -379,17 +406,11 @@ mod tests {
             format!("{with_tls}  tls_client_ca_file: {}\n", ca.display()),
         )
         .unwrap();
-        assert_eq!(
-            apply(&path, &mut running, &self::live(limiter, Some(&door))),
-            Reload::Applied
-        );
+        assert_eq!(apply(&path, &mut running, &live), Reload::Applied);
         assert_eq!(running.server.tls_client_ca_file, Some(ca));
         // Turning it off: refused, the doors keep theirs.
         std::fs::write(&path, "server:\n  max_connections: 100\n").unwrap();
-        assert_eq!(
-            apply(&path, &mut running, &self::live(limiter, Some(&door))),
-            Reload::Partial
-        );
+        assert_eq!(apply(&path, &mut running, &live), Reload::Partial);
         assert!(running.server.tls_cert_file.is_some());
     }
 }

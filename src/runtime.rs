@@ -22,13 +22,11 @@ use nix::sys::signal::{SigSet, Signal};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::admin;
-use crate::config::{parse_network, secs, Config, Driver};
+use crate::config::{Config, Driver};
 use crate::limiter::Limiter;
 use crate::metrics::{describe_limits, Metrics};
-use crate::network::Network;
-use crate::proxy_protocol::Trusted;
 use crate::upstream::{self, registry::Registry};
-use crate::worker::{self, Listeners, Settings, Shared, Timeouts, Worker};
+use crate::worker::{self, Listeners, Settings, Shared, Worker};
 
 /// Runs the gateway until SIGTERM/SIGINT. Errors are startup failures.
 /// `file`: where `config` came from, re-read on SIGHUP (`None`: built-in defaults, nothing to
@@ -70,29 +68,7 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
     let upstreams = Registry::new(&config)?.leak();
     let metrics = Metrics::new(workers, limiter, upstreams).leak();
     let shared: &'static Shared = Box::leak(Box::new(Shared {
-        settings: Settings {
-            timeouts: Timeouts::new(
-                secs(s.read_timeout),
-                secs(s.write_timeout),
-                secs(s.idle_timeout),
-            ),
-            park_idle: s.park_idle_connections,
-            shutdown_timeout: secs(s.shutdown_timeout),
-            max_message_size: s.max_message_size,
-            proxy_protocol: Trusted::new(
-                s.proxy_protocol_networks
-                    .iter()
-                    .map(|n| {
-                        let (addr, len) = parse_network(n).expect("checked by Config::validate");
-                        Network::new(addr, len)
-                    })
-                    .collect(),
-            ),
-            allowed_origins: crate::http::origin::Origins::new(&s.allowed_origins),
-            tls: crate::tls::door_config(s)
-                .map_err(std::io::Error::other)?
-                .map(crate::tls::DoorTls::new),
-        },
+        settings: Settings::new(s).map_err(std::io::Error::other)?,
         limiter,
         metrics,
         upstreams,
@@ -188,8 +164,7 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
                     &mut running,
                     &crate::reload::Live {
                         limiter,
-                        tls: shared.settings.tls.as_ref(),
-                        timeouts: &shared.settings.timeouts,
+                        settings: &shared.settings,
                         upstreams,
                         metrics,
                         descriptors: &descriptors,

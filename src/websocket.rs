@@ -305,7 +305,7 @@ async fn exchange(
     session: &mut MsgSession,
 ) -> WsStep {
     let s = worker.settings();
-    let max = s.max_message_size;
+    let max = s.max_message_size();
     let mut buf = pending.unwrap_or_else(take_buf);
     let mut out = take_buf();
     let deadline = Instant::now() + s.timeouts.read();

@@ -21,17 +21,20 @@
 use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use monoio::net::TcpListener;
 use slab::Slab;
 
+use crate::config::{secs, ServerConfig};
+use crate::http::origin::Origins;
 use crate::limiter::{Limiter, Permit};
 use crate::metrics::{CoreMetrics, Frontend, Metrics};
 use crate::park::Lot;
 use crate::proxy_protocol::Trusted;
+use crate::published::Published;
 use crate::stream::Stream;
 use crate::upstream::balance::Balancer;
 use crate::upstream::registry::Registry;
@@ -48,21 +51,50 @@ use idle::{make_lot, Entry};
 pub use idle::{Registration, SessionStreamWatch, Unparked};
 
 /// Process-wide settings the connection tasks need, resolved from the configuration; read-only
-/// but for the timeouts and the doors' certificate, which a reload may change.
+/// but for what a reload may change ([`crate::reload`]): the timeouts, the message size, the
+/// trusted and allowed networks and origins, and the doors' certificate.
 pub struct Settings {
     pub timeouts: Timeouts,
     /// `server.park_idle_connections` (see [`crate::park`]).
     pub park_idle: bool,
     pub shutdown_timeout: Duration,
-    pub max_message_size: usize,
-    /// `server.proxy_protocol_networks`.
-    pub proxy_protocol: Trusted,
-    /// `server.allowed_origins`.
-    pub allowed_origins: crate::http::origin::Origins,
+    /// `server.max_message_size`, read where a body or message starts: see
+    /// [`Settings::max_message_size`].
+    pub max_message_size: AtomicUsize,
+    /// `server.proxy_protocol_networks`, read as a connection is accepted.
+    pub proxy_protocol: Published<Trusted>,
+    /// `server.allowed_origins`, read for each request that has an `Origin`.
+    pub allowed_origins: Published<crate::http::origin::Origins>,
     /// `server.tls_cert_file` and `server.tls_key_file` made into a server configuration
     /// (replaced on SIGHUP): the doors speak TLS when set. Each worker serves TLS with its own
     /// copy (see [`Worker::tls`]).
     pub tls: Option<crate::tls::DoorTls>,
+}
+
+impl Settings {
+    /// The settings of `s` (validated); `Err` when the doors' certificate does not load.
+    pub fn new(s: &ServerConfig) -> Result<Settings, String> {
+        Ok(Settings {
+            timeouts: Timeouts::new(
+                secs(s.read_timeout),
+                secs(s.write_timeout),
+                secs(s.idle_timeout),
+            ),
+            park_idle: s.park_idle_connections,
+            shutdown_timeout: secs(s.shutdown_timeout),
+            max_message_size: s.max_message_size.into(),
+            proxy_protocol: Published::new(Trusted::of(&s.proxy_protocol_networks)),
+            allowed_origins: Published::new(Origins::new(&s.allowed_origins)),
+            tls: crate::tls::door_config(s)?.map(crate::tls::DoorTls::new),
+        })
+    }
+
+    /// The largest request body, WebSocket message, MCPB payload, upstream reply or event, in
+    /// bytes. Relaxed: it guards nothing else; what starts while a reload stores a new value is
+    /// held to the old or the new one, and either is right.
+    pub fn max_message_size(&self) -> usize {
+        self.max_message_size.load(Relaxed)
+    }
 }
 
 /// `server.read_timeout`, `write_timeout` and `idle_timeout`, which a reload may change: each
@@ -333,17 +365,17 @@ impl Worker {
             .unwrap()
             .leak();
         let metrics = Metrics::new(1, limiter, upstreams).leak();
-        let t = Duration::from_secs(1);
+        let server = crate::config::ServerConfig {
+            read_timeout: 1.0,
+            write_timeout: 1.0,
+            idle_timeout: 1.0,
+            shutdown_timeout: 1.0,
+            park_idle_connections: true,
+            max_message_size: 1024,
+            ..Default::default()
+        };
         let shared = Box::leak(Box::new(Shared {
-            settings: Settings {
-                timeouts: Timeouts::new(t, t, t),
-                park_idle: true,
-                shutdown_timeout: t,
-                max_message_size: 1024,
-                proxy_protocol: Default::default(),
-                allowed_origins: Default::default(),
-                tls: None,
-            },
+            settings: Settings::new(&server).unwrap(),
             limiter,
             metrics,
             upstreams,

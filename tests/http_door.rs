@@ -306,6 +306,56 @@ fn sighup_changes_the_timeouts_of_the_waits_that_start_after_it() {
     gw.wait_all_closed();
 }
 
+/// SIGHUP replaces `max_message_size` (for bodies that start after it), `allowed_origins` (for
+/// requests read after it) and `proxy_protocol_networks` (for connections accepted after it).
+#[test]
+fn sighup_replaces_the_message_size_the_origins_and_the_proxy_networks() {
+    let gw = start("max_message_size: 1048576\nallowed_origins: []\nproxy_protocol_networks: []");
+    let padded = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{{"pad":"{}"}}}}"#,
+        "x".repeat(2000)
+    );
+    let status = |from: &str, raw: &[u8]| {
+        let mut c = connect_from(from, gw.http);
+        c.write_all(raw).unwrap();
+        read_response(&mut c, &mut Vec::new()).map(|r| r.status)
+    };
+    let proxied = [
+        &b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 8080\r\n"[..],
+        post_mcp(TOOLS_LIST).as_bytes(),
+    ]
+    .concat();
+    let page = from_page("https://app.example.com", false);
+    assert_eq!(status("127.0.0.3", post_mcp(&padded).as_bytes()), Some(200));
+    assert_eq!(status("127.0.0.3", page.as_bytes()), Some(403));
+    assert_ne!(status("127.0.0.2", &proxied), Some(200), "not trusted yet");
+
+    gw.reload(
+        "max_message_size: 1048576\n  allowed_origins: []\n  proxy_protocol_networks: []",
+        "max_message_size: 1000\n  allowed_origins: [\"https://app.example.com\"]\n  proxy_protocol_networks: [127.0.0.2/32]",
+    );
+    let log = gw.log.lock().unwrap().clone();
+    for line in [
+        "max_message_size changed",
+        "allowed origins replaced",
+        "PROXY protocol networks replaced",
+    ] {
+        assert!(log.contains(line), "{line}: {log}");
+    }
+    assert_eq!(status("127.0.0.3", post_mcp(&padded).as_bytes()), Some(413));
+    assert_eq!(
+        status("127.0.0.3", post_mcp(TOOLS_LIST).as_bytes()),
+        Some(200)
+    );
+    assert_eq!(status("127.0.0.3", page.as_bytes()), Some(200));
+    assert_eq!(status("127.0.0.2", &proxied), Some(200));
+    assert_eq!(
+        gw.metric("mcp_gateway_proxy_headers_total{frontend=\"http\"}"),
+        1.0
+    );
+    gw.wait_all_closed();
+}
+
 #[test]
 fn connection_close_is_honoured() {
     let gw = start("");

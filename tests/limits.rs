@@ -490,14 +490,14 @@ fn sighup_applies_new_limits_to_new_connections_and_keeps_open_ones() {
     // A change that needs a restart is named, the rest applies; a bad file changes nothing.
     gw.reload(
         "max_connections_per_ip: 1",
-        "max_connections_per_ip: 2\n  max_message_size: 99999",
+        "max_connections_per_ip: 2\n  shutdown_timeout: 9",
     );
     assert_eq!(gw.metric(per_ip), 2.0);
     assert!(gw
         .log
         .lock()
         .unwrap()
-        .contains("after_restart=server.max_message_size"));
+        .contains("after_restart=server.shutdown_timeout"));
     gw.reload("max_connections_per_ip: 2", "max_connections_per_ip: lots");
     assert!(gw
         .log

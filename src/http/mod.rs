@@ -236,7 +236,7 @@ async fn exchange(
         let access = access::begin(&buf[..head.len]);
         // A browser page of an origin not allowed (DNS rebinding, cross-site WebSocket): 403.
         if let (Route::Mcp(_), Some((from, to))) = (&head.route, head.origin) {
-            if !s.allowed_origins.allows(&buf[from..to]) {
+            if !s.allowed_origins.get().allows(&buf[from..to]) {
                 let r = request::FORBIDDEN_ORIGIN;
                 access::end(access, worker, stream, r.status, By::Gateway, false);
                 return refuse(worker, stream, buf, out, r).await;
@@ -258,7 +258,7 @@ async fn exchange(
             }
             let body = match head.body {
                 BodyKind::None => ReqBody::InBuf(head.len..head.len),
-                BodyKind::Length(n) if n > s.max_message_size => {
+                BodyKind::Length(n) if n > s.max_message_size() => {
                     let r = request::BODY_TOO_LARGE;
                     access::end(access, worker, stream, r.status, By::Gateway, false);
                     return refuse(worker, stream, buf, out, r).await;
@@ -427,7 +427,7 @@ async fn read_body(
     match head.body {
         BodyKind::None => Ok((head.len, None)),
         BodyKind::Length(n) => {
-            if n > s.max_message_size {
+            if n > s.max_message_size() {
                 return Err(Some(request::BODY_TOO_LARGE));
             }
             let end = head.len + n;
@@ -444,8 +444,9 @@ async fn read_body(
             let mut decoder = Chunked::new(head.len);
             let mut body = take_buf();
             let mut asked = false;
+            let max = s.max_message_size();
             loop {
-                let step = decoder.decode(buf, &mut body, s.max_message_size);
+                let step = decoder.decode(buf, &mut body, max);
                 // What was decoded is in `body`: its framing goes, so the buffer holds no more
                 // than one read of it, whatever the framing costs. The head stays (its fields
                 // are read from it), and so does the rest (a pipelined request).

@@ -339,7 +339,7 @@ async fn stream_body(
     (all, mut up): (&Upstreams, Stream),
     mut req: Vec<u8>,
 ) -> Result<Stream, Sent> {
-    let max = worker.settings().max_message_size;
+    let max = worker.settings().max_message_size();
     let mut remaining = match kind {
         BodyKind::Length(n) => n,
         _ => 0,

@@ -16,13 +16,11 @@
 //!   force that covers that whole network (for a listed network, its own entry, unless an earlier
 //!   wider one shadows it, as it does for admissions), else the default rate. So connections of
 //!   a network taken off the list follow what its addresses would be admitted under now.
-//! - A class's rate is written before any list naming it is published, and a list is published
-//!   whole with one pointer store: an admission sees one list or the next, never half of one.
-//! - Lists are never freed (an admission on another core may be reading the old one): a reload
-//!   that changes the list keeps the old one (48 bytes an entry); one that changes nothing keeps
-//!   the list in force and makes nothing.
+//! - A class's rate is written before any list naming it is published, and a list is
+//!   [`Published`] whole: an admission sees one list or the next, never half of one.
+//! - A reload that changes the list keeps the old one in memory (48 bytes an entry); one that
+//!   changes nothing keeps the list in force and makes nothing.
 
-use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Mutex;
 
 #[cfg(loom)]
@@ -35,6 +33,7 @@ use super::rate::{LiveRate, Rate};
 use super::PerIpLimits;
 use crate::indexed::Indexed;
 use crate::network::Network;
+use crate::published::Published;
 
 /// Networks the overrides may name, all reloads together (a permit's class has 16 bits).
 pub const MAX_NETWORKS: usize = 4096;
@@ -64,9 +63,9 @@ struct ClassRate {
 
 /// See the module documentation.
 pub struct Overrides {
-    /// The list in force: a leaked `Box<Vec<Entry>>`. Release on store, Acquire on load: an
-    /// admission that sees a list sees its entries and the room and rates made for its classes.
-    current: AtomicPtr<Vec<Entry>>,
+    /// The list in force: an admission that sees a list sees the room and rates made for its
+    /// classes.
+    current: Published<Vec<Entry>>,
     /// The rate of each class, by class.
     classes: Indexed<ClassRate>,
     /// The network of each class, by class; written by reloads only, one at a time.
@@ -76,7 +75,7 @@ pub struct Overrides {
 impl Default for Overrides {
     fn default() -> Self {
         Overrides {
-            current: AtomicPtr::new(Box::into_raw(Box::default())),
+            current: Published::default(),
             classes: Indexed::new(MAX_NETWORKS, 0),
             named: Mutex::default(),
         }
@@ -85,9 +84,7 @@ impl Default for Overrides {
 
 impl Overrides {
     fn in_force(&self) -> &'static [Entry] {
-        // SAFETY: every pointer stored is a leaked `Box` (never freed), published whole (Acquire
-        // pairs with the Release store in `replace` and the one in `default`'s happens-before).
-        unsafe { &*self.current.load(Ordering::Acquire) }
+        self.current.get()
     }
 
     /// The per-IP limit and class of address `a` (in [`crate::network::mapped`] form): the first
@@ -170,8 +167,7 @@ impl Overrides {
                 None => c.own.store(false, Relaxed),
             }
         }
-        self.current
-            .store(Box::into_raw(Box::new(entries)), Ordering::Release);
+        self.current.replace(entries);
         Ok(true)
     }
 }

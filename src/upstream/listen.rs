@@ -81,7 +81,7 @@ async fn listen(
     let _watch = worker.watch_session_stream(up.tcp().as_raw_fd(), u.index);
     let mut body = Body::new(body);
     let mut data = take_buf();
-    let max = worker.settings().max_message_size;
+    let max = worker.settings().max_message_size();
     loop {
         if body.feed(&mut buf, &mut data).is_err() {
             break;

@@ -27,12 +27,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use super::Upstream;
 use super::Upstreams;
 use crate::config::Config;
+use crate::published::Published;
 
 /// Upstreams the process may make, all reloads together (per-upstream storage is sized by it).
 pub const MAX_UPSTREAMS: usize = 4096;
@@ -42,10 +43,9 @@ pub type PerUpstream<T> = crate::indexed::Indexed<T>;
 
 /// See the module documentation.
 pub struct Registry {
-    /// The view in force: a leaked `Box<Upstreams>`. Release on store, Acquire on load: a
-    /// reader that sees the pointer sees the view and every upstream it names built, and the
+    /// The view in force: a reader that sees it sees every upstream it names built, and the
     /// room made for them.
-    current: AtomicPtr<Upstreams>,
+    current: Published<Upstreams>,
     /// Every upstream made, by its identity; written by reloads only (one thread at a time).
     made: Mutex<HashMap<String, &'static Upstream>>,
 }
@@ -72,7 +72,7 @@ impl Registry {
         )
         .map_err(std::io::Error::other)?;
         Ok(Registry {
-            current: AtomicPtr::new(Box::into_raw(Box::new(view))),
+            current: Published::new(view),
             made,
         })
     }
@@ -83,9 +83,7 @@ impl Registry {
 
     /// The view in force.
     pub fn current(&self) -> &'static Upstreams {
-        // SAFETY: every pointer stored is a leaked `Box` (never freed), published whole (Acquire
-        // pairs with the Release store in `new` and `reload`).
-        unsafe { &*self.current.load(Ordering::Acquire) }
+        self.current.get()
     }
 
     /// Builds the view of `config` (CA files read again, new host names resolved), makes room
@@ -123,8 +121,7 @@ impl Registry {
         for u in &view.all {
             u.configure(&view.settings);
         }
-        self.current
-            .store(Box::into_raw(Box::new(view)), Ordering::Release);
+        self.current.replace(view);
         Ok(Some(change))
     }
 }

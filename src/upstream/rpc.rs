@@ -628,7 +628,7 @@ async fn forward(
     }
     let mut body = Body::new(head.body);
     let mut data = take_buf();
-    let max = worker.settings().max_message_size;
+    let max = worker.settings().max_message_size();
     loop {
         if let Err(f) = body.feed(&mut buf, &mut data) {
             fail(outbox, message, f.message());

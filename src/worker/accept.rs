@@ -49,7 +49,7 @@ fn admit(worker: &'static Worker, stream: TcpStream, ip: IpAddr, door: Frontend)
     let limiter = worker.shared.limiter;
     // A trusted load balancer's connection takes its per-IP place once its header names the
     // client (see `relay`).
-    let relayed = worker.settings().proxy_protocol.trusts(ip);
+    let relayed = worker.settings().proxy_protocol.get().trusts(ip);
     let admitted = match relayed {
         true => limiter.try_acquire_global(),
         false => limiter.try_acquire(ip),
