@@ -39,10 +39,6 @@ const V2_FIXED: usize = 16;
 pub struct Trusted(Vec<Network>);
 
 impl Trusted {
-    pub fn new(networks: Vec<Network>) -> Trusted {
-        Trusted(networks)
-    }
-
     /// `server.proxy_protocol_networks`, validated ([`crate::config::Config::validate`]).
     pub fn of(networks: &[String]) -> Trusted {
         Trusted(
@@ -405,7 +401,7 @@ mod tests {
 
     #[test]
     fn trusted_networks() {
-        let t = Trusted::new(vec![Network::new("10.0.0.0".parse().unwrap(), 8)]);
+        let t = Trusted::of(&["10.0.0.0/8".to_string()]);
         assert!(t.trusts("10.1.2.3".parse().unwrap()));
         assert!(t.trusts("::ffff:10.1.2.3".parse().unwrap()));
         assert!(!t.trusts("11.0.0.1".parse().unwrap()));

@@ -8,8 +8,8 @@
 //! started with), `server.max_connections_per_ip` (while on),
 //! `server.max_requests_per_ip` and `server.request_burst_per_ip` (when a rate's state was made
 //! at startup), `server.per_ip_overrides` (while the per-IP limit is on; see
-//! [`crate::limiter::overrides`]), `server.max_message_size` (for bodies and messages that
-//! start after the reload), `server.allowed_origins` (for requests read after it),
+//! [`crate::limiter::overrides`]), `server.max_message_size` (for bodies and messages read
+//! after the reload; one being read as it comes may be held to either value), `server.allowed_origins` (for requests read after it),
 //! `server.proxy_protocol_networks` (for connections accepted after it), the doors' certificate (`server.tls_cert_file`, `server.tls_key_file`, and the
 //! client authorities `server.tls_client_ca_file`: the files are read again on every reload
 //! while the doors speak TLS, since a renewal keeps their paths), and all of `routing` and `service_discovery` (the upstreams, their CA files read
@@ -156,7 +156,7 @@ fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
         was.max_message_size = now.max_message_size;
         tracing::info!(
             bytes = now.max_message_size,
-            "max_message_size changed: bodies and messages that start from now are held to it"
+            "max_message_size changed: bodies and messages read from now are held to it"
         );
     }
     if now.allowed_origins != was.allowed_origins {
