@@ -10,7 +10,8 @@
 //! - [`wire`]: the HTTP/1.1 wire format on the upstream side (heads written and parsed, bodies
 //!   decoded);
 //! - [`health`]: the active health checks (a scheduler thread handing probes to probe threads);
-//! - [`rpc`]: one JSON-RPC message forwarded within an upstream MCP session (WebSocket, MCPB);
+//! - [`rpc`]: the upstream MCP session of a WebSocket or MCPB connection, and [`forward`]:
+//!   one JSON-RPC message forwarded within it;
 //! - [`listen`]: that session's standalone `GET` stream, for what the server sends unprompted;
 //! - [`events`]: the server-sent events of both, taken whole out of what has come;
 //! - [`outbox`]: what goes back to such a client, queued for its connection to write.
@@ -31,6 +32,7 @@ pub mod balance;
 pub mod breaker;
 pub mod client;
 pub mod events;
+pub mod forward;
 pub mod health;
 pub mod listen;
 pub mod outbox;

@@ -14,7 +14,8 @@
 //! JSON-RPC error for that message (with the message's id), never the connection; a session
 //! whose upstream is gone (refused, or answering 404 for the id) is forgotten, so the client's
 //! next `initialize` starts a new one. What the upstream sends outside any request arrives
-//! through the session's standalone stream ([`super::listen`]) into the same outbox.
+//! through the session's standalone stream ([`super::listen`]) into the same outbox. Each
+//! message's forward, and the session state the forwards share, are [`super::forward`]'s.
 //!
 //! Invariants: a forward is in flight exactly while it is in the session's list (the count the
 //! limits and idleness go by); dropping the session drops its forwards (cancelled, their
@@ -23,7 +24,6 @@
 //! got nothing back (a notification) is idle, expires and parks like any other. Replies go out
 //! in the order they were queued, a part the socket did not take before anything after it.
 
-use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -37,19 +37,14 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::client;
-use super::events::{take_events, TooLarge};
-use super::listen::{self, Listener};
-use super::outbox::{Kind, Outbox};
+use super::forward::{forward, State};
+use super::outbox::Outbox;
 use super::wire::{self, Body, SessionFields};
-use super::{Failure, Namespace, Outcome, Upstream, Upstreams};
+use super::{Namespace, Upstream, Upstreams};
 use crate::access;
 use crate::conn::{give_buf, read_more, take_buf, wait_idle, write_all, ReadError, Wait};
 use crate::metrics::Frontend;
 use crate::worker::{Registration, Worker};
-
-/// The error a message gets when its reply (or one event of it) is larger than
-/// `server.max_message_size`: the largest message either way.
-const REPLY_TOO_LARGE: &str = "upstream reply larger than max_message_size";
 
 /// Forwards in flight per connection beyond which the connection stops reading its client.
 const MAX_IN_FLIGHT: usize = 16;
@@ -75,20 +70,6 @@ pub struct MsgSession {
     stay: u32,
 }
 
-/// What the forwards of one connection share.
-#[derive(Default)]
-struct State {
-    /// Picked by the first message; every later one goes there.
-    upstream: Cell<Option<&'static Upstream>>,
-    /// The upstream's session id, once it issued one.
-    id: RefCell<Option<Vec<u8>>>,
-    /// The negotiated protocol version (sent upstream as `MCP-Protocol-Version`) and the
-    /// client's address.
-    fields: RefCell<SessionFields>,
-    /// The session's standalone stream, once it has an id.
-    listener: RefCell<Option<Listener>>,
-}
-
 /// Polls the forwards in flight, dropping those that finished, beside a wait for something
 /// else; resolves when one has finished (never while none is in flight), so that the session
 /// looks again at what changed: room for a message, replies to send, idleness.
@@ -104,16 +85,6 @@ impl Future for Drive<'_> {
         } else {
             Poll::Pending
         }
-    }
-}
-
-impl State {
-    /// Drops the session without ending it upstream (it is gone there already).
-    fn forget(&self) {
-        self.id.borrow_mut().take();
-        self.fields.borrow_mut().protocol = None;
-        self.upstream.set(None);
-        self.listener.borrow_mut().take();
     }
 }
 
@@ -530,241 +501,8 @@ pub struct Framing {
 #[derive(Debug)]
 pub struct ClientGone;
 
-/// Forwards `message` to namespace `ns` of `all` within the connection's session and queues
-/// every message the upstream sends back, as it arrives. A session whose upstream a reload
-/// removed is forgotten (the client's next `initialize` starts one elsewhere); one whose
-/// upstream a reload changed goes on with the changed one (the same URL, the same server).
-async fn forward(
-    worker: &'static Worker,
-    (all, ns): (&'static Upstreams, Option<usize>),
-    state: &Rc<State>,
-    outbox: &Rc<Outbox>,
-    message: &[u8],
-) -> u16 {
-    let Some(ns) = ns else {
-        state.forget();
-        fail(outbox, message, NAMESPACE_GONE);
-        return 0;
-    };
-    if let Some(u) = state.upstream.get() {
-        match all.successor(ns, u) {
-            Some(now) => state.upstream.set(Some(now)),
-            None => {
-                state.forget();
-                fail(outbox, message, UPSTREAM_REMOVED);
-                return 0;
-            }
-        }
-    }
-    // The namespace's upstreams this message went to (see `pick_untried`).
-    let mut tried = 0;
-    let pinned = state.upstream.get().is_some();
-    let lease = match state.upstream.get() {
-        Some(u) => worker.balancer.pinned(u, true),
-        None => worker.balancer.pick_untried(all, ns, true, &mut tried),
-    };
-    let mut lease = match lease {
-        Ok(l) => l,
-        // A busy upstream keeps its session (and the balancer counted the refusal).
-        Err(Failure::Busy) => {
-            fail(outbox, message, Failure::Busy.message());
-            return 0;
-        }
-        Err(f) => {
-            if let Some(u) = state.upstream.get() {
-                worker.metrics.upstream(u.index, Outcome::of(f), None);
-            }
-            state.forget();
-            fail(outbox, message, f.message());
-            return 0;
-        }
-    };
-    let had_id = state.id.borrow().is_some();
-    // The replies to `initialize` carry the protocol version every later request must name.
-    // Only a session not set up yet looks (a scan of the message): `initialize` opens one.
-    let initializing =
-        !had_id && state.fields.borrow().protocol.is_none() && is_initialize(message);
-    let ((mut up, mut buf, head), started) = loop {
-        let u = lease.upstream;
-        state.upstream.set(Some(u));
-        let mut req = take_buf();
-        {
-            let (id, fields) = (state.id.borrow(), state.fields.borrow());
-            let len = Some(message.len());
-            wire::write_request(&mut req, "POST", u, "", fields.fields(), id.as_deref(), len);
-        }
-        req.extend_from_slice(message);
-        let started = Instant::now();
-        let f = match client::send(all, u, req, None).await {
-            Ok(r) => break (r, started),
-            Err(f) => f,
-        };
-        // Not reached (refused, no TLS with it, not connected in time): nothing was sent, so a
-        // message of no session yet goes to another upstream of the namespace, each tried once.
-        let failed = (f, started);
-        if !pinned
-            && worker
-                .balancer
-                .another(&mut lease, failed, (all, ns), true, &mut tried)
-        {
-            continue;
-        }
-        lease.record(worker.metrics, Err(f), started);
-        // A server that cannot be reached has no session for us any more; one not connected
-        // yet holds none of this connection's either (its next message picks afresh).
-        if f.unreachable() || (!had_id && f.nothing_sent()) {
-            state.forget();
-        }
-        fail(outbox, message, f.message());
-        return 0;
-    };
-    let u = lease.upstream;
-    lease.record(worker.metrics, Ok(head.status), started);
-    let new_session = !had_id && head.session.is_some();
-    if new_session {
-        *state.id.borrow_mut() = head.session.clone();
-    } else if had_id && head.status == 404 {
-        state.forget(); // the upstream no longer knows the session
-    }
-    let mut body = Body::new(head.body);
-    let mut data = take_buf();
-    let max = worker.settings().max_message_size();
-    loop {
-        if let Err(f) = body.feed(&mut buf, &mut data) {
-            fail(outbox, message, f.message());
-            break;
-        }
-        let sized = match head.event_stream {
-            true => take_events(&mut data, max, |event| {
-                if initializing {
-                    learn_protocol(state, event);
-                }
-                if !event.is_empty() && !outbox.push(Kind::Reply, event) {
-                    fail(outbox, message, "client too slow to take the replies");
-                }
-                true
-            }),
-            // A JSON reply: all of it is one message.
-            false if data.len() > max => Err(TooLarge),
-            false => Ok(true),
-        };
-        if sized.is_err() {
-            // One message for the client (a JSON reply, an event, or what has come of either)
-            // beyond what a message may be: an upstream sending more without end would have the
-            // gateway hold it all.
-            tracing::warn!(upstream = %u.url, "reply larger than max_message_size; dropped");
-            fail(outbox, message, REPLY_TOO_LARGE);
-            data.clear(); // nothing of it goes to the client
-            break;
-        }
-        if body.is_done() {
-            break;
-        }
-        // An event stream (a long tool call reporting progress, say) may be silent for long: no
-        // deadline; the connection ending cancels this task.
-        let deadline = (!head.event_stream).then(|| Instant::now() + all.request_timeout);
-        let got = match deadline {
-            Some(d) => read_more(&mut up, &mut buf, d).await,
-            None => read_more(&mut up, &mut buf, Instant::now() + FOREVER).await,
-        };
-        match got {
-            Ok(_) => {}
-            Err(ReadError::Eof) if body.eof().is_ok() => {}
-            Err(ReadError::TimedOut) => {
-                fail(outbox, message, Failure::Timeout.message());
-                break;
-            }
-            Err(_) => {
-                fail(outbox, message, Failure::Reset.message());
-                break;
-            }
-        }
-    }
-    if !head.event_stream && body.is_done() {
-        let json = data
-            .iter()
-            .find(|b| !b.is_ascii_whitespace())
-            .is_some_and(|b| *b == b'{' || *b == b'[');
-        if head.status < 300 && !data.is_empty() {
-            if initializing {
-                learn_protocol(state, &data);
-            }
-            outbox.push(Kind::Reply, &data);
-        } else if head.status >= 400 && json {
-            outbox.push(Kind::Fail, &data);
-        } else if head.status >= 300 {
-            fail(
-                outbox,
-                message,
-                &format!("upstream answered HTTP {}", head.status),
-            );
-        }
-    }
-    give_buf(data);
-    if body.is_done() && head.keep_alive && !body.until_close() && buf.is_empty() {
-        client::give_back(u, up);
-    }
-    give_buf(buf);
-    // The session's standalone stream, once `initialize` has been answered (so that its `GET`
-    // names the protocol version too).
-    if new_session {
-        if let Some(id) = state.id.borrow().clone() {
-            let fields = state.fields.borrow().clone();
-            let listener = listen::start(worker, u, id, fields, outbox.clone());
-            *state.listener.borrow_mut() = Some(listener);
-        }
-    }
-    head.status
-}
-
-/// Whether `message` is an `initialize` request (a substring test first: most messages are not).
-fn is_initialize(message: &[u8]) -> bool {
-    #[derive(Deserialize)]
-    struct Method<'a> {
-        #[serde(borrow)]
-        method: Option<&'a str>,
-    }
-    message.windows(12).any(|w| w == b"\"initialize\"")
-        && serde_json::from_slice::<Method>(message).is_ok_and(|m| m.method == Some("initialize"))
-}
-
-/// Keeps the protocol version of an `initialize` result in `reply`, if it has one that can go
-/// into a header field as it is (a short token: `2025-06-18`).
-fn learn_protocol(state: &State, reply: &[u8]) {
-    #[derive(Deserialize)]
-    struct Reply<'a> {
-        #[serde(borrow)]
-        result: Option<Init<'a>>,
-    }
-    #[derive(Deserialize)]
-    struct Init<'a> {
-        #[serde(rename = "protocolVersion", borrow)]
-        protocol_version: Option<&'a str>,
-    }
-    let Some(v) = serde_json::from_slice::<Reply>(reply)
-        .ok()
-        .and_then(|r| r.result?.protocol_version)
-    else {
-        return;
-    };
-    let token = (1..=32).contains(&v.len())
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    if token {
-        state.fields.borrow_mut().protocol = Some(v.as_bytes().to_vec());
-    }
-}
-
 /// A wait with no end in sight (event streams): far enough to never fire.
-const FOREVER: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
-
-/// Queues a JSON-RPC error for `message` (its id, or null).
-fn fail(outbox: &Outbox, message: &[u8], why: &str) {
-    let mut error = take_buf();
-    write_error_for(&mut error, message, why);
-    outbox.push(Kind::Fail, &error);
-    give_buf(error);
-}
+pub(super) const FOREVER: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
 
 /// A JSON-RPC error answering `message` (with its id, or null when it has none or is not JSON).
 pub fn error_for(message: &[u8], why: &str) -> Vec<u8> {
@@ -774,7 +512,7 @@ pub fn error_for(message: &[u8], why: &str) -> Vec<u8> {
 }
 
 /// Appends the JSON-RPC error answering `message` (see [`error_for`]) to `out`.
-fn write_error_for(out: &mut Vec<u8>, message: &[u8], why: &str) {
+pub(super) fn write_error_for(out: &mut Vec<u8>, message: &[u8], why: &str) {
     #[derive(Deserialize)]
     struct IdOnly<'a> {
         #[serde(borrow)]
@@ -785,37 +523,4 @@ fn write_error_for(out: &mut Vec<u8>, message: &[u8], why: &str) {
         .and_then(|m| m.id)
         .map_or("null", RawValue::get);
     crate::echo::write_error(out, id, -32000, why);
-}
-
-#[cfg(all(test, not(loom)))]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_an_initialize_result_with_a_plain_version_is_kept() {
-        assert!(is_initialize(
-            br#"{"jsonrpc":"2.0","id":0,"method":"initialize"}"#
-        ));
-        assert!(!is_initialize(
-            br#"{"jsonrpc":"2.0","id":0,"method":"tools/call","params":{"x":"initialize"}}"#
-        ));
-        let state = State::default();
-        let learned = |reply: &str| {
-            state.fields.borrow_mut().protocol = None;
-            learn_protocol(&state, reply.as_bytes());
-            state.fields.borrow().protocol.clone()
-        };
-        let ok = r#"{"jsonrpc":"2.0","id":0,"result":{"protocolVersion":"2025-06-18"}}"#;
-        assert_eq!(learned(ok).as_deref(), Some(&b"2025-06-18"[..]));
-        // It goes into a header field: anything but a short token is ignored.
-        let injected = r#"{"jsonrpc":"2.0","id":0,"result":{"protocolVersion":"1\r\nX-Evil: 1"}}"#;
-        assert_eq!(learned(injected), None);
-        let spaced = r#"{"jsonrpc":"2.0","id":0,"result":{"protocolVersion":"2025 06 18"}}"#;
-        assert_eq!(learned(spaced), None);
-        assert_eq!(
-            learned(r#"{"jsonrpc":"2.0","id":0,"result":{"tools":[]}}"#),
-            None
-        );
-        assert_eq!(learned("not json"), None);
-    }
 }
