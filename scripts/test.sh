@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit + integration tests (the real
-# binary on loopback), and the loom model checks of the per-IP table, the limit counters and the circuit breaker.
+# binary on loopback), and the loom model checks of the per-IP table, the limit counters, the
+# request rate, the per-IP overrides' reload and the circuit breaker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,5 +15,5 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --no-fail-fast
 fi
-echo "== loom model checks (per-IP table, limit counters, circuit breaker)"
+echo "== loom model checks (per-IP table, limit counters, request rate, overrides, circuit breaker)"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --lib loom

@@ -12,8 +12,8 @@
 
 use std::sync::OnceLock;
 
-/// Indices grow by this many slots at a time.
-const CHUNK: usize = 16;
+/// Indices grow by this many slots at a time (2 under loom, to keep its models small).
+const CHUNK: usize = if cfg!(loom) { 2 } else { 16 };
 
 /// See the module documentation.
 pub struct Indexed<T> {

@@ -12,6 +12,9 @@
 //!   upstreams to its end), and counting holders would be a shared write per read. So each
 //!   replacement keeps the value before it in memory; replace only what changed.
 
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicPtr, Ordering};
+#[cfg(not(loom))]
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 /// See the module documentation.

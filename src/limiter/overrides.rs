@@ -24,9 +24,9 @@
 use std::sync::Mutex;
 
 #[cfg(loom)]
-use loom::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use loom::sync::atomic::{AtomicBool, Ordering};
 #[cfg(not(loom))]
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::ip_table;
 use super::rate::{LiveRate, Rate};
@@ -52,11 +52,13 @@ struct Entry {
     class: u16,
 }
 
-/// A class's rate. Relaxed, as for the default [`LiveRate`]: a request that reads it while a
-/// reload writes it is judged by a mix of the two rates, once; nothing else depends on it.
+/// A class's rate. The rate's fields are Relaxed, as for the default [`LiveRate`]: a request
+/// that reads them while a reload changes them is judged by a mix of the two rates, once.
 #[derive(Default)]
 struct ClassRate {
-    /// False: the default rate applies.
+    /// False: the default rate applies. Release when set, Acquire when read: a request that sees
+    /// the class's own rate switched on sees that rate written, not the fields of a class that
+    /// never had one (which would read as no rate at all).
     own: AtomicBool,
     rate: LiveRate,
 }
@@ -99,7 +101,7 @@ impl Overrides {
     /// The request rate of `class` now: `None` the default rate, `Some(None)` no rate.
     pub fn rate(&self, class: u16) -> RatePolicy {
         let c = self.classes.get(usize::from(class));
-        c.own.load(Relaxed).then(|| c.rate.get())
+        c.own.load(Ordering::Acquire).then(|| c.rate.get())
     }
 
     /// Entries in force.
@@ -162,9 +164,10 @@ impl Overrides {
             match policy {
                 Some(rate) => {
                     c.rate.set(rate);
-                    c.own.store(true, Relaxed);
+                    c.own.store(true, Ordering::Release);
                 }
-                None => c.own.store(false, Relaxed),
+                // Relaxed: the default rate needs nothing of the class's own fields.
+                None => c.own.store(false, Ordering::Relaxed),
             }
         }
         self.current.replace(entries);
@@ -259,5 +262,44 @@ mod tests {
         );
         assert_eq!(o.len(), 1000, "the list in force stays");
         assert!(o.replace(&many(0)).is_ok(), "networks already named");
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    //! Run with `RUSTFLAGS="--cfg loom" cargo test --release --lib loom`.
+    use super::*;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    fn ten_slash_8(max_connections: u64, rate: Option<u64>) -> PerIpLimits {
+        PerIpLimits {
+            network: "10.0.0.0".parse().unwrap(),
+            prefix_len: 8,
+            max_connections,
+            max_requests: rate,
+        }
+    }
+
+    /// A request racing the reload that gives its network a rate sees the default rate or the
+    /// new one, whole; an admission that sees the new list sees its rate.
+    #[test]
+    fn loom_a_reloaded_rate_is_seen_whole() {
+        loom::model(|| {
+            let o = Arc::new(Overrides::default());
+            o.replace(&[ten_slash_8(5, None)]).unwrap();
+            let o2 = o.clone();
+            let reload = thread::spawn(move || o2.replace(&[ten_slash_8(6, Some(7))]).unwrap());
+            let new = Some(Some(Rate::new(7, 0)));
+            let now = o.rate(0);
+            assert!(now.is_none() || now == new, "{now:?}");
+            let a = crate::network::mapped("10.1.2.3".parse().unwrap());
+            let (max, class) = o.find(a).unwrap();
+            if max == 6 {
+                assert_eq!(o.rate(class), new, "admitted under the new list");
+            }
+            assert!(reload.join().unwrap());
+            assert_eq!(o.rate(0), new);
+        });
     }
 }
