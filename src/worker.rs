@@ -64,7 +64,7 @@ pub struct Settings {
     /// `server.proxy_protocol_networks`, read as a connection is accepted.
     pub proxy_protocol: Published<Trusted>,
     /// `server.allowed_origins`, read for each request that has an `Origin`.
-    pub allowed_origins: Published<crate::http::origin::Origins>,
+    pub allowed_origins: Published<Origins>,
     /// `server.tls_cert_file` and `server.tls_key_file` made into a server configuration
     /// (replaced on SIGHUP): the doors speak TLS when set. Each worker serves TLS with its own
     /// copy (see [`Worker::tls`]).
@@ -365,7 +365,7 @@ impl Worker {
             .unwrap()
             .leak();
         let metrics = Metrics::new(1, limiter, upstreams).leak();
-        let server = crate::config::ServerConfig {
+        let server = ServerConfig {
             read_timeout: 1.0,
             write_timeout: 1.0,
             idle_timeout: 1.0,
