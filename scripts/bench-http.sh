@@ -28,12 +28,9 @@ while [ $# -gt 0 ]; do
 done
 [ "$D" -le 120 ] || { echo "duration capped at 120 s" >&2; D=120; }
 cd "$(dirname "$0")/.."
-. scripts/lib/need.sh; need wrk
+. scripts/lib/need.sh; . scripts/lib/proc.sh; need wrk
 build
-work=$(mktemp -d)
-gw=""
-cleanup() { [ -n "$gw" ] && kill "$gw" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+scratch
 cat > "$work/gw.yaml" <<YAML
 server:
   host: 127.0.0.1
@@ -46,10 +43,8 @@ server:
   # workers wait for the core wrk runs on; on dedicated cores pin_workers: true is the default).
   pin_workers: false
 YAML
-./target/release/mcp-gateway -c "$work/gw.yaml" 2> "$work/gw.log" &
-gw=$!
-until grep -q listening "$work/gw.log"; do sleep 0.1; kill -0 "$gw"; done
-addr=$(grep -o 'http=[0-9.:]*' "$work/gw.log" | head -1 | cut -d= -f2)
+start_gateway "$work/gw.yaml" "$work/gw.log"
+addr=$http
 mode=$([ "$CLOSE" = 1 ] && echo "Connection: close" || echo "keep-alive")
 echo "mcp-gateway at $addr, $mode, $C connections, $D s, $T wrk thread(s)"
 CLOSE=$CLOSE timeout $((D + 30)) wrk -t"$T" -c"$C" -d"${D}s" -s scripts/mcp.lua "http://$addr/mcp"
