@@ -188,6 +188,7 @@ fn metrics_under_load_pass_promtool_and_match_held_connections() {
         ("mcp_gateway_tracked_ips", 7.0),
         ("mcp_gateway_connection_limit{scope=\"global\"}", 50000.0),
         ("mcp_gateway_connection_limit{scope=\"per_ip\"}", 1000.0),
+        ("mcp_gateway_per_ip_overrides", 0.0),
     ] {
         assert_eq!(sample_value(&text, sample), want, "{sample}");
     }

@@ -559,6 +559,7 @@ per_ip_overrides: []",
         "per_ip_overrides: []",
         "per_ip_overrides: [{network: 127.0.0.2/32, max_connections_per_ip: 3}]",
     );
+    assert_eq!(gw.metric("mcp_gateway_per_ip_overrides"), 1.0);
     let log = gw.log.lock().unwrap().clone();
     assert!(log.contains("per-IP overrides replaced"), "{log}");
     assert!(log.contains("per_ip_overrides=1"), "the limits line: {log}");
@@ -581,6 +582,7 @@ per_ip_overrides: []",
         "per_ip_overrides: [{network: 127.0.0.2/32, max_connections_per_ip: 3, max_requests_per_ip: 1}]",
         "per_ip_overrides: []",
     );
+    assert_eq!(gw.metric("mcp_gateway_per_ip_overrides"), 0.0);
     assert_eq!(open_from(&gw, "127.0.0.2").1, 429);
     let ok = statuses(c, 20).iter().filter(|s| **s == 200).count();
     assert_eq!(ok, 20, "at the default rate");

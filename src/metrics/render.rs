@@ -119,6 +119,11 @@ impl Metrics {
             ],
         ));
         fams.push(gauge(
+            "mcp_gateway_per_ip_overrides",
+            "Networks with per-IP limits of their own (server.per_ip_overrides) in force.",
+            vec![(vec![], self.limiter.per_ip_overrides() as f64)],
+        ));
+        fams.push(gauge(
             "mcp_gateway_tracked_ips",
             "Client addresses with at least one open connection.",
             vec![(vec![], self.limiter.tracked_ips() as f64)],
