@@ -31,20 +31,13 @@ cd "$(dirname "$0")/.."
 . scripts/lib/need.sh; . scripts/lib/proc.sh; need wrk
 build
 scratch
-cat > "$work/gw.yaml" <<YAML
-server:
-  host: 127.0.0.1
-  port: 0
-  tcp_port: 0
-  metrics_port: 0
-  workers: $W
-  max_connections_per_ip: 0
-  # The load generator shares these cores: unpinned, like nginx's and HAProxy's workers (pinned
-  # workers wait for the core wrk runs on; on dedicated cores pin_workers: true is the default).
-  pin_workers: false
+loopback_gateway <<YAML
+workers: $W
+max_connections_per_ip: 0
+# The load generator shares these cores: unpinned, like nginx's and HAProxy's workers (pinned
+# workers wait for the core wrk runs on; on dedicated cores pin_workers: true is the default).
+pin_workers: false
 YAML
-start_gateway "$work/gw.yaml" "$work/gw.log"
-addr=$http
 mode=$([ "$CLOSE" = 1 ] && echo "Connection: close" || echo "keep-alive")
-echo "mcp-gateway at $addr, $mode, $C connections, $D s, $T wrk thread(s)"
-CLOSE=$CLOSE timeout $((D + 30)) wrk -t"$T" -c"$C" -d"${D}s" -s scripts/mcp.lua "http://$addr/mcp"
+echo "mcp-gateway at $http, $mode, $C connections, $D s, $T wrk thread(s)"
+CLOSE=$CLOSE timeout $((D + 30)) wrk -t"$T" -c"$C" -d"${D}s" -s scripts/mcp.lua "http://$http/mcp"

@@ -40,18 +40,13 @@ cd "$(dirname "$0")/.."
 . scripts/lib/need.sh; . scripts/lib/proc.sh; build
 scratch
 
-cat > "$work/gw.yaml" <<YAML
-server:
-  host: 127.0.0.1
-  port: 0
-  tcp_port: 0
-  metrics_port: 0
-  max_connections: $MAXC
-  max_connections_per_ip: $MAXIP
-  idle_timeout: $((H + 60))
+tcp=0
+[ "$P" = mcpb ] && tcp=$(port)
+loopback_gateway "$tcp" <<YAML
+max_connections: $MAXC
+max_connections_per_ip: $MAXIP
+idle_timeout: $((H + 60))
 YAML
-[ "$P" = mcpb ] && sed -i "s/  tcp_port: 0/  tcp_port: $(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')/" "$work/gw.yaml"
-start_gateway "$work/gw.yaml" "$work/gw.log"
 tcp=$(grep -o 'tcp=[0-9.:]*' "$work/gw.log" | head -1 | cut -d= -f2 || true)
 target=$http; [ "$P" = mcpb ] && target=$tcp
 metric() { curl -s "http://$admin/metrics" | awk -v m="$1" '$1==m {print $2}'; }

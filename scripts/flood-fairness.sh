@@ -30,18 +30,12 @@ cd "$(dirname "$0")/.."
 . scripts/lib/need.sh; . scripts/lib/proc.sh; need wrk
 build
 scratch
-cat > "$work/gw.yaml" <<YAML
-server:
-  host: 127.0.0.1
-  port: 0
-  tcp_port: 0
-  metrics_port: 0
-  max_connections_per_ip: $L
-  # The load generator shares these cores: unpinned, like nginx's and HAProxy's workers (pinned
-  # workers wait for the core wrk runs on; on dedicated cores pin_workers: true is the default).
-  pin_workers: false
+loopback_gateway <<YAML
+max_connections_per_ip: $L
+# The load generator shares these cores: unpinned, like nginx's and HAProxy's workers (pinned
+# workers wait for the core wrk runs on; on dedicated cores pin_workers: true is the default).
+pin_workers: false
 YAML
-start_gateway "$work/gw.yaml" "$work/gw.log"
 
 phase() { timeout $((D + 30)) wrk -t1 -c"$C" -d"${D}s" -s scripts/mcp.lua "http://$http/mcp" > "$work/$1.txt"; }
 phase quiet

@@ -35,17 +35,11 @@ cd "$(dirname "$0")/.."
 . scripts/lib/need.sh; . scripts/lib/proc.sh; need wrk
 build
 scratch
-cat > "$work/gw.yaml" <<YAML
-server:
-  host: 127.0.0.1
-  port: 0
-  tcp_port: 0
-  metrics_port: 0
-  workers: $W
-  max_connections: $M
-  max_connections_per_ip: 0
+loopback_gateway <<YAML
+workers: $W
+max_connections: $M
+max_connections_per_ip: 0
 YAML
-start_gateway "$work/gw.yaml" "$work/gw.log"
 echo "gateway: $(grep -o 'workers=[0-9]*' "$work/gw.log" | head -1), max_connections=$M; wrk: $C connections, Connection: close, ${D}s a round"
 python3 - "$http" "$admin" "$M" "$C" "$D" "$R" <<'PY'
 import os, re, socket, subprocess, sys, time, urllib.request

@@ -1,5 +1,5 @@
 # Sourced by the bench scripts: a scratch folder with the processes to stop on exit, a gateway
-# started on a configuration file, free ports, waiting for a listener, and CPU time from /proc.
+# started on a configuration file (or on loopback with a few server keys), free ports, waiting for a listener, and CPU time from /proc.
 
 scratch() { # -> $work, a folder removed on exit, and $pids, processes killed on exit
   work=$(mktemp -d)
@@ -14,6 +14,14 @@ start_gateway() { # config log -> runs ./target/release/mcp-gateway until exit, 
   until grep -q listening "$2"; do sleep 0.1; kill -0 "$gw"; done
   http=$(grep -o 'http=[0-9.:]*' "$2" | head -1 | cut -d= -f2)
   admin=$(grep -o 'admin=[0-9.:]*' "$2" | head -1 | cut -d= -f2)
+}
+
+loopback_gateway() { # [tcp_port] <<< server keys -> writes $work/gw.yaml, a gateway on a free
+  # port of 127.0.0.1 (the TCP door off unless tcp_port is given, the admin port free too) with
+  # the server keys read from stdin, and starts it (see start_gateway)
+  { printf 'server:\n  host: 127.0.0.1\n  port: 0\n  tcp_port: %s\n  metrics_port: 0\n' "${1:-0}"
+    sed 's/^/  /'; } > "$work/gw.yaml"
+  start_gateway "$work/gw.yaml" "$work/gw.log"
 }
 
 port() { # -> a free TCP port of 127.0.0.1

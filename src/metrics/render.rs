@@ -362,26 +362,34 @@ fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
 }
 
 fn gauge(name: &str, help: &str, samples: Vec<Sample>) -> MetricFamily {
-    let mut f = family(name, help, MetricType::GAUGE);
-    for (l, v) in samples {
+    with_values(name, help, MetricType::GAUGE, samples, |m, v| {
         let mut g = Gauge::default();
         g.set_value(v);
-        let mut m = Metric::default();
-        m.set_label(labels(&l));
         m.set_gauge(g);
-        f.mut_metric().push(m);
-    }
-    f
+    })
 }
 
 fn counter(name: &str, help: &str, samples: Vec<Sample>) -> MetricFamily {
-    let mut f = family(name, help, MetricType::COUNTER);
-    for (l, v) in samples {
+    with_values(name, help, MetricType::COUNTER, samples, |m, v| {
         let mut c = Counter::default();
         c.set_value(v);
+        m.set_counter(c);
+    })
+}
+
+/// A family of `kind` with one metric per sample, its value put in by `set`.
+fn with_values(
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: Vec<Sample>,
+    set: impl Fn(&mut Metric, f64),
+) -> MetricFamily {
+    let mut f = family(name, help, kind);
+    for (l, v) in samples {
         let mut m = Metric::default();
         m.set_label(labels(&l));
-        m.set_counter(c);
+        set(&mut m, v);
         f.mut_metric().push(m);
     }
     f
