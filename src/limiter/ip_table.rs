@@ -8,17 +8,18 @@
 //!
 //! A slot is one `AtomicU64`: `[fingerprint: 40 bits][claiming: 1 bit][count: 23 bits]`.
 //! `0` is an empty slot. `fp|CLAIMING` is a slot being claimed for a new key (count 0). `fp|n` with
-//! `n >= 1` is a live key with `n` connections. The fingerprint and the home line come from one
-//! keyed hash of the address (`foldhash`, seeded with a per-process random key: a few ns where
-//! SipHash took about 15, measured with `cargo bench --bench limiter`), so nobody can aim
-//! collisions at a window;
-//! two addresses are confused only when 40 fingerprint bits *and* the home line agree.
+//! `n >= 1` is a live key with `n` connections; `fp|0` is a live key whose last connection has
+//! just been released, for the instant before that release empties the slot. The fingerprint
+//! and the home line come from one keyed hash of the address (`foldhash`, seeded with a
+//! per-process random key: a few ns where SipHash took about 15, measured with `cargo bench
+//! --bench limiter`), so nobody can aim collisions at a window; two addresses are confused only
+//! when 40 fingerprint bits *and* the home line agree.
 //!
 //! # Probing
 //!
 //! A key lives in a window of [`WINDOW`] slots: its home cache line and the next one (the lines are
 //! the shards: a core touches only the one or two lines of the keys it serves). No tombstones: a
-//! slot whose count drops to 0 becomes empty at once and any key may take it.
+//! slot whose count drops to 0 is emptied by that release and any key may take it.
 //!
 //! # Invariants
 //!
@@ -29,8 +30,9 @@
 //!   lower window position wins; the lower one waits until the higher one has backed off. Because a
 //!   claim is a store followed by a scan of the other slots (SeqCst, a Dekker pair), of two claimers
 //!   at least one sees the other, so two live slots for one key cannot both be published.
-//! - **Cleanup:** the release that takes a count from 1 to 0 writes 0 (empty), so after any churn
-//!   the table is empty again.
+//! - **Cleanup:** the release that takes a count from 1 to 0 then writes 0 (empty) unless an
+//!   acquirer of the key revived the slot first (`fp|0` counts as live for acquirers and
+//!   claimers alike), so after any churn the table is empty again.
 //! - A claimer that finds a pending claim for its key waits for it to resolve instead of claiming a
 //!   second slot, so contention on one new key costs one claim, not a storm of them.
 //!
@@ -38,14 +40,20 @@
 
 use std::hash::BuildHasher;
 
-use foldhash::quality::RandomState;
-
 use crossbeam_utils::CachePadded;
 
 #[cfg(loom)]
 use loom::sync::atomic::{AtomicU64, Ordering};
 #[cfg(not(loom))]
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The keyed hash: a per-process random key, except under loom, which replays a model's
+/// executions and needs each to place its keys in the same slots (a random key there made the
+/// replays diverge and loom report nonsense).
+#[cfg(not(loom))]
+type KeyedHash = foldhash::quality::RandomState;
+#[cfg(loom)]
+type KeyedHash = foldhash::quality::FixedState;
 
 /// Slots per cache line (8 x 8 bytes). Under loom a line is 2 slots to keep the model small.
 const SLOTS_PER_LINE: usize = if cfg!(loom) { 2 } else { 8 };
@@ -77,7 +85,7 @@ pub struct IpTable {
     lines: Box<[Line]>,
     /// `lines.len() - 1`; `lines.len()` is a power of two, at least 2.
     line_mask: usize,
-    hasher: RandomState,
+    hasher: KeyedHash,
 }
 
 impl IpTable {
@@ -93,7 +101,10 @@ impl IpTable {
         IpTable {
             line_mask: lines.len() - 1,
             lines,
-            hasher: RandomState::default(),
+            #[cfg(not(loom))]
+            hasher: KeyedHash::default(),
+            #[cfg(loom)]
+            hasher: KeyedHash::with_seed(0x9e37_79b9_7f4a_7c15),
         }
     }
 
@@ -163,10 +174,9 @@ impl IpTable {
                         Ordering::SeqCst,
                     ) {
                         Ok(_) => return Ok(index),
-                        // Still live for this key: retry with the fresh count.
-                        Err(now) if now & (FP_MASK | CLAIMING) == tag && now & COUNT_MASK > 0 => {
-                            word = now
-                        }
+                        // Still live for this key (count 0 too: a last release not yet
+                        // emptied, which the increment revives): retry with the fresh count.
+                        Err(now) if now & (FP_MASK | CLAIMING) == tag => word = now,
                         // Freed (or reused) under us: start over.
                         Err(_) => continue 'retry,
                     }
@@ -244,21 +254,27 @@ impl IpTable {
     }
 
     /// Releases one count taken by [`IpTable::acquire`] at `index`. The last release empties the
-    /// slot. SeqCst for the same reason as in `acquire`: emptying a slot is part of what a
-    /// concurrent claimer's scan must see in the one total order.
+    /// slot.
+    ///
+    /// One `fetch_sub`, never a retry: two threads releasing and acquiring on one address (a
+    /// client's connections spread over the cores) no longer fail each other's
+    /// compare-and-swap. The release that takes the count to 0 leaves `fp|0`, a live slot with
+    /// no connection, and then empties it, unless an acquirer of the same key has revived it
+    /// first (its count then goes 0 -> 1 in place, and its own last release empties it). Every
+    /// `fp|0` is so followed by an emptying attempt, and the attempt fails only when the word
+    /// has moved on (revived, or emptied by another last release), so churn still ends empty.
+    ///
+    /// SeqCst for the same reason as in `acquire`: emptying a slot is part of what a concurrent
+    /// claimer's scan must see in the one total order, and a claimer counts `fp|0` as live.
     pub fn release(&self, index: usize) {
         let slot = self.slot(index);
-        let mut word = slot.load(Ordering::SeqCst);
-        loop {
-            debug_assert!(
-                word & COUNT_MASK >= 1 && word & CLAIMING == 0,
-                "release of {word:#x}"
-            );
-            let next = if word & COUNT_MASK == 1 { 0 } else { word - 1 };
-            match slot.compare_exchange_weak(word, next, Ordering::SeqCst, Ordering::SeqCst) {
-                Ok(_) => return,
-                Err(now) => word = now,
-            }
+        let before = slot.fetch_sub(1, Ordering::SeqCst);
+        debug_assert!(
+            before & COUNT_MASK >= 1 && before & CLAIMING == 0,
+            "release of {before:#x}"
+        );
+        if before & COUNT_MASK == 1 {
+            let _ = slot.compare_exchange(before - 1, 0, Ordering::SeqCst, Ordering::SeqCst);
         }
     }
 
@@ -270,7 +286,7 @@ impl IpTable {
             .flat_map(|line| line.iter())
             .filter(|slot| {
                 let word = slot.load(Ordering::Relaxed);
-                word != 0 && word & CLAIMING == 0
+                word & CLAIMING == 0 && word & COUNT_MASK != 0
             })
             .count()
     }
