@@ -101,7 +101,12 @@ pub fn parse_response(
         Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => return Ok(None),
         _ => return Err(Failure::BadResponse),
     };
-    let status = res.code.ok_or(Failure::BadResponse)?;
+    // A status is three digits from 100 to 599 (RFC 9110, section 15): any other would reach the
+    // client as a status line it cannot read (`HTTP/1.1 0 OK` for an upstream's `000`).
+    let status = res
+        .code
+        .filter(|c| (100..600).contains(c))
+        .ok_or(Failure::BadResponse)?;
     let mut keep_alive = res.version == Some(1);
     let mut length: Option<u64> = None;
     let mut chunked = false;
@@ -525,6 +530,23 @@ mod tests {
             text,
             "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nMcp-Session-Id: 0123abcdabc\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn a_status_outside_100_to_599_is_a_bad_response() {
+        for status in ["000", "099", "600", "999"] {
+            let raw = format!("HTTP/1.1 {status} OK\r\nContent-Length: 0\r\n\r\n");
+            assert_eq!(
+                parse_response(raw.as_bytes(), None).err(),
+                Some(Failure::BadResponse),
+                "{status}"
+            );
+        }
+        for status in [100, 200, 599] {
+            let raw = format!("HTTP/1.1 {status} OK\r\nContent-Length: 0\r\n\r\n");
+            let head = parse_response(raw.as_bytes(), None).unwrap().unwrap().1;
+            assert_eq!(head.status, status);
+        }
     }
 
     #[test]
