@@ -18,6 +18,7 @@ use mcp_gateway::proxy_protocol::{self, Parsed, MAX_HEADER};
 use mcp_gateway::upstream::wire::{parse_response, BodyKind, ClientHead, ResponseHead};
 use mcp_gateway::upstream::Failure;
 use mcp_gateway::{echo, mcpb, websocket};
+use serde_json::value::RawValue;
 
 /// xorshift64*: deterministic, no dependency.
 pub struct Rng(pub u64);
@@ -68,7 +69,8 @@ pub struct Accepted {
 
 /// Bytes a client sends, given to every parser of the front doors: none panics, and whatever is
 /// accepted respects its caps (the request head, a chunked body, a WebSocket frame head, an
-/// MCPB header, a PROXY protocol header, the `Origin` check, the built-in echo server's reply).
+/// MCPB header, a PROXY protocol header, the `Origin` check, the JSON-RPC error a failed forward
+/// answers with, the built-in echo server's reply).
 pub fn client_bytes(input: &[u8], seen: &mut Accepted) {
     let ns = |n: &str| (n == "default" || n == "ns").then_some(0);
     if let Ok(Some(h)) = parse_head(input, ns) {
@@ -96,12 +98,39 @@ pub fn client_bytes(input: &[u8], seen: &mut Accepted) {
     if std::str::from_utf8(input).map_or(true, |v| origin::parse(v).is_none()) {
         assert!(!Origins::default().allows(input));
     }
+    // The error a failed forward answers any message with: JSON, an error code, and an id that
+    // is the message's own string or number, or null.
+    let error = mcp_gateway::upstream::rpc::error_for(input, "upstream failed");
+    let reply: ErrorReply = serde_json::from_slice(&error)
+        .unwrap_or_else(|e| panic!("{e} in the error {error:?} for {input:?}"));
+    let id = reply.id.get();
+    assert!(
+        id == "null" || id.starts_with(|c: char| c == '"' || c == '-' || c.is_ascii_digit()),
+        "id {id} for {input:?}"
+    );
     let mut out = Vec::new();
     if echo::handle(input, &mut out).replied {
-        serde_json::from_slice::<serde_json::Value>(&out)
+        // JSON as RFC 8259 has it: an id is echoed as it came, a number beyond what a double
+        // holds included.
+        serde_json::from_slice::<&RawValue>(&out)
             .unwrap_or_else(|e| panic!("echo wrote invalid JSON ({e}) for {input:?}"));
         seen.echo += 1;
     }
+}
+
+/// The parts of a JSON-RPC error reply checked.
+#[derive(serde::Deserialize)]
+struct ErrorReply<'a> {
+    #[serde(borrow)]
+    id: &'a RawValue,
+    #[allow(dead_code)] // read to check that it is there, and an integer
+    error: ErrorObject,
+}
+
+#[derive(serde::Deserialize)]
+struct ErrorObject {
+    #[allow(dead_code)]
+    code: i64,
 }
 
 /// What [`upstream_response`] got to.

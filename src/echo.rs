@@ -108,6 +108,12 @@ struct InitializeParams<'a> {
 
 const TOOLS: &str = r#"{"tools":[{"name":"echo","description":"Returns its message argument unchanged.","inputSchema":{"type":"object","properties":{"message":{"type":"string","description":"Text to echo back."}},"required":["message"]}}]}"#;
 
+/// Whether `json` is an object. A JSON-RPC message is one, and serde's derived structs read
+/// arrays too, by position (`["2.0", 1, "ping"]` would pass for a ping).
+pub fn is_object(json: &[u8]) -> bool {
+    json.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
+
 /// Handles one JSON-RPC message (or batch) and appends the reply, if any, to `out`.
 pub fn handle(input: &[u8], out: &mut Vec<u8>) -> Answer {
     let mut answer = Answer {
@@ -133,7 +139,10 @@ pub fn handle(input: &[u8], out: &mut Vec<u8>) -> Answer {
             if before > start + 1 {
                 out.push(b',');
             }
-            let message = serde_json::from_str::<Message>(item.get());
+            let message = match is_object(item.get().as_bytes()) {
+                true => serde_json::from_str::<Message>(item.get()),
+                false => Err(serde::de::Error::custom("not an object")),
+            };
             if !reply_to(message, out, &mut answer.initialize) && out.len() == before + 1 {
                 out.pop(); // no reply for this one: drop the comma
             }
@@ -367,5 +376,14 @@ mod tests {
         );
         assert_eq!(v.as_array().unwrap().len(), 2);
         assert_eq!(v[1]["id"], 2);
+    }
+
+    #[test]
+    fn a_batch_member_that_is_not_an_object_is_an_invalid_request() {
+        // Read by position, this array would be a ping with id 1.
+        let (_, v) = ask(r#"[["2.0",1,"ping"],{"jsonrpc":"2.0","id":2,"method":"ping"}]"#);
+        assert_eq!(v[0]["id"], Value::Null);
+        assert_eq!(v[0]["error"]["code"], -32600);
+        assert_eq!(v[1]["result"], serde_json::json!({}));
     }
 }
