@@ -250,6 +250,7 @@ fn is_initialize(message: &[u8]) -> bool {
         method: Option<&'a str>,
     }
     message.windows(12).any(|w| w == b"\"initialize\"")
+        && crate::echo::is_object(message)
         && serde_json::from_slice::<Method>(message).is_ok_and(|m| m.method == Some("initialize"))
 }
 
@@ -266,8 +267,9 @@ fn learn_protocol(state: &State, reply: &[u8]) {
         #[serde(rename = "protocolVersion", borrow)]
         protocol_version: Option<&'a str>,
     }
-    let Some(v) = serde_json::from_slice::<Reply>(reply)
-        .ok()
+    let Some(v) = crate::echo::is_object(reply)
+        .then(|| serde_json::from_slice::<Reply>(reply).ok())
+        .flatten()
         .and_then(|r| r.result?.protocol_version)
     else {
         return;
@@ -297,6 +299,7 @@ mod tests {
         assert!(is_initialize(
             br#"{"jsonrpc":"2.0","id":0,"method":"initialize"}"#
         ));
+        assert!(!is_initialize(br#"["initialize"]"#), "read by position");
         assert!(!is_initialize(
             br#"{"jsonrpc":"2.0","id":0,"method":"tools/call","params":{"x":"initialize"}}"#
         ));
@@ -318,5 +321,10 @@ mod tests {
             None
         );
         assert_eq!(learned("not json"), None);
+        assert_eq!(
+            learned(r#"[{"protocolVersion":"2025-06-18"}]"#),
+            None,
+            "by position"
+        );
     }
 }
