@@ -14,16 +14,20 @@ cd "$(dirname "$0")/.."
 
 usage() {
   cat <<USAGE
-usage: scripts/fuzz.sh [--seconds N] [TARGET...]
-  --seconds N  how long each target runs (default 20)
+usage: scripts/fuzz.sh [--seconds N | --runs N] [TARGET...]
+  --seconds N  how long each target runs (default 20), going on from what earlier runs found
+  --runs N     instead: N inputs each from the seeds alone, with a fixed random seed, so the
+               run is the same every time (what scripts/test.sh, and so CI, runs)
   TARGET       client_bytes, upstream_response, event_stream, configuration (default: all)
 USAGE
 }
 seconds=20
+runs=""
 targets=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds=$2; shift 2 ;;
+    --runs) runs=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     client_bytes|upstream_response|event_stream|configuration) targets+=("$1"); shift ;;
     *) usage; exit 64 ;;
@@ -39,14 +43,23 @@ fi
 cargo fuzz build -s none
 for t in "${targets[@]}"; do
   work="target/fuzz-corpus/$t"
+  limit=(-max_total_time="$seconds")
+  said="${seconds}s"
+  if [ -n "$runs" ]; then
+    # A fresh work corpus and a fixed seed: the same inputs every time.
+    work="target/fuzz-corpus/fixed/$t"
+    rm -rf "$work"
+    limit=(-runs="$runs" -seed=1)
+    said="$runs runs, seed 1"
+  fi
   mkdir -p "$work"
   seeds=("fuzz/corpus/$t")
   [ "$t" != configuration ] || seeds+=(config)
   log="target/fuzz-corpus/$t.log"
   if cargo fuzz run -s none "$t" "$work" "${seeds[@]}" -- \
-      -max_total_time="$seconds" -max_len=4096 >"$log" 2>&1; then
+      "${limit[@]}" -max_len=4096 >"$log" 2>&1; then
     stats=$(grep -E '#[0-9]+[[:space:]]+DONE' "$log" | tail -1 | sed 's/^#\([0-9]*\)[[:space:]]*DONE[[:space:]]*/\1 inputs, /')
-    echo "fuzz $t: ${seconds}s, $stats"
+    echo "fuzz $t: $said, $stats"
   else
     echo "fuzz $t FAILED:" >&2
     grep -E -A12 'panicked|ERROR|Test unit written' "$log" | head -40 >&2

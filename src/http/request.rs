@@ -420,6 +420,11 @@ pub struct Chunked {
 /// CVE-2023-39326).
 const MAX_EXCESS: usize = 16 * 1024;
 
+/// The longest chunk size line, extensions and line end included (Go's `net/http` allows 4 KiB
+/// too). The same whether the line comes whole or in pieces: a body is read alike however its
+/// bytes arrive.
+const MAX_SIZE_LINE: usize = 4096;
+
 /// Result of feeding [`Chunked::decode`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum ChunkStep {
@@ -484,6 +489,9 @@ impl Chunked {
             }
             match httparse::parse_chunk_size(&buf[self.pos..]) {
                 Ok(httparse::Status::Complete((used, size))) => {
+                    if used > MAX_SIZE_LINE {
+                        return Err(BAD_CHUNK); // as if it had come in pieces (below)
+                    }
                     self.pos += used;
                     // The size line and the line end after the data, against what the chunk earns.
                     self.framing(used + 2, size.saturating_mul(2).saturating_add(16))?;
@@ -499,8 +507,8 @@ impl Chunked {
                     self.in_data = true;
                 }
                 Ok(httparse::Status::Partial) => {
-                    if buf.len() - self.pos > 1024 {
-                        return Err(BAD_CHUNK);
+                    if buf.len() - self.pos >= MAX_SIZE_LINE {
+                        return Err(BAD_CHUNK); // it will be longer than the bound
                     }
                     return Ok(ChunkStep::More);
                 }
