@@ -220,4 +220,12 @@ fn a_long_size_line_is_judged_alike_whole_and_in_pieces() {
         assert_eq!(whole.is_ok(), ok, "{len} whole: {whole:?}");
         assert_eq!(pieces.is_ok(), ok, "{len} in pieces: {pieces:?}");
     }
+    // A size line that never ends is refused once the bound is buffered, not read forever.
+    let endless = [&b"5;x="[..], &[b'a'; 5000]].concat();
+    let mut c = Chunked::new(0);
+    let refused_at = (1..=endless.len()).find(|&end| {
+        c.decode(&endless[..end], &mut Vec::new(), usize::MAX)
+            .is_err()
+    });
+    assert_eq!(refused_at, Some(4096));
 }
