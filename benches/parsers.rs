@@ -3,7 +3,8 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use mcp_gateway::http::request::{parse_head, Chunked};
-use mcp_gateway::{echo, mcpb, proxy_protocol, websocket};
+use mcp_gateway::websocket::frames;
+use mcp_gateway::{echo, mcpb, proxy_protocol};
 
 const HEAD: &[u8] = b"POST /mcp HTTP/1.1\r\nHost: gateway.example\r\nUser-Agent: bench\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nMcp-Session-Id: 0123456789abcdef0123456789abcdef\r\nContent-Length: 103\r\n\r\n";
 const CALL: &[u8] = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hello"}}}"#;
@@ -25,7 +26,7 @@ fn bench(c: &mut Criterion) {
     });
     let frame = [0x81u8, 0xfe, 0x01, 0x00, 1, 2, 3, 4];
     c.bench_function("websocket_frame_head", |b| {
-        b.iter(|| websocket::parse_frame_head(black_box(&frame), 1 << 20).unwrap())
+        b.iter(|| frames::parse_frame_head(black_box(&frame), 1 << 20).unwrap())
     });
     let mut f = Vec::new();
     mcpb::write_frame(&mut f, mcpb::FrameType::Request, CALL);

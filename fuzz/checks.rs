@@ -17,7 +17,8 @@ use mcp_gateway::http::request::{parse_head, ChunkStep, Chunked, MAX_HEAD};
 use mcp_gateway::proxy_protocol::{self, Parsed, MAX_HEADER};
 use mcp_gateway::upstream::wire::{parse_response, BodyKind, ClientHead, ResponseHead};
 use mcp_gateway::upstream::Failure;
-use mcp_gateway::{echo, mcpb, websocket};
+use mcp_gateway::websocket::frames::parse_frame_head;
+use mcp_gateway::{echo, mcpb};
 use serde_json::value::RawValue;
 
 /// xorshift64*: deterministic, no dependency.
@@ -82,7 +83,7 @@ pub fn client_bytes(input: &[u8], seen: &mut Accepted) {
         assert!(end <= input.len() && body.len() <= 64);
         seen.chunked += 1;
     }
-    if let Ok(Some(f)) = websocket::parse_frame_head(input, 1000) {
+    if let Ok(Some(f)) = parse_frame_head(input, 1000) {
         assert!(f.header_len <= 14 && f.payload_len <= 1000);
         seen.frames += 1;
     }
@@ -105,17 +106,34 @@ pub fn client_bytes(input: &[u8], seen: &mut Accepted) {
         .unwrap_or_else(|e| panic!("{e} in the error {error:?} for {input:?}"));
     let id = reply.id.get();
     assert!(
-        id == "null" || id.starts_with(|c: char| c == '"' || c == '-' || c.is_ascii_digit()),
+        id == "null" || echo::is_string_or_number(id),
         "id {id} for {input:?}"
     );
     let mut out = Vec::new();
     if echo::handle(input, &mut out).replied {
         // JSON as RFC 8259 has it: an id is echoed as it came, a number beyond what a double
-        // holds included.
-        serde_json::from_slice::<&RawValue>(&out)
-            .unwrap_or_else(|e| panic!("echo wrote invalid JSON ({e}) for {input:?}"));
+        // holds included; each reply's id a string, a number or null.
+        let replies = match out.first() {
+            Some(b'[') => serde_json::from_slice::<Vec<IdOf>>(&out),
+            _ => serde_json::from_slice::<IdOf>(&out).map(|r| vec![r]),
+        }
+        .unwrap_or_else(|e| panic!("echo wrote invalid JSON ({e}) for {input:?}"));
+        for IdOf { id } in replies {
+            let id = id.get();
+            assert!(
+                id == "null" || echo::is_string_or_number(id),
+                "id {id} for {input:?}"
+            );
+        }
         seen.echo += 1;
     }
+}
+
+/// A JSON-RPC reply's id.
+#[derive(serde::Deserialize)]
+struct IdOf<'a> {
+    #[serde(borrow)]
+    id: &'a RawValue,
 }
 
 /// The parts of a JSON-RPC error reply checked.
@@ -322,6 +340,75 @@ pub fn event_stream(stream: &[u8], rng: &mut Rng) -> usize {
     });
     assert!(sizes.iter().all(|&s| s <= max), "{sizes:?} over {max}");
     at_once.len()
+}
+
+/// The frames a WebSocket client sends: the same messages, pongs and verdict (a close frame's
+/// code, or the violation the connection is closed with) whether the bytes come at once or in
+/// pieces; every message UTF-8 and within the message size (chosen from the input, so the
+/// 16- and 64-bit lengths are reached too); a wait for more only ever holds part of one frame;
+/// what the gateway writes back is unmasked pongs. Returns how many messages were read.
+pub fn websocket_frames(input: &[u8], rng: &mut Rng) -> usize {
+    use mcp_gateway::websocket::frames::{CloseWith, Frame, Messages, MAX_HEAD};
+    type Log = Vec<Result<Frame, CloseWith>>;
+    let max = [16, 125, 300, 70_000][rng.below(4)];
+    // Reads every whole frame in `buf`; true when the connection ends.
+    let read = |m: &mut Messages, buf: &mut Vec<u8>, out: &mut Vec<u8>, log: &mut Log| loop {
+        let frame = m.read(buf, max, out);
+        match &frame {
+            Ok(Frame::Handled) => {}
+            Ok(Frame::Message(message)) => {
+                assert!(
+                    message.len() <= max,
+                    "{} over {max}: {input:?}",
+                    message.len()
+                );
+                assert!(std::str::from_utf8(message).is_ok(), "{input:?}");
+            }
+            Ok(Frame::Incomplete(None)) => {
+                assert!(buf.len() < MAX_HEAD, "{input:?}");
+                return false;
+            }
+            Ok(Frame::Incomplete(Some(n))) => {
+                assert!(buf.len() < *n && *n <= MAX_HEAD + max, "{n}: {input:?}");
+                return false;
+            }
+            Ok(Frame::Close(_)) | Err(_) => {
+                log.push(frame);
+                return true;
+            }
+        }
+        log.push(frame);
+    };
+    let (mut whole, mut whole_out, mut at_once) = (Messages::default(), Vec::new(), Vec::new());
+    let mut buf = input.to_vec();
+    let ended = read(&mut whole, &mut buf, &mut whole_out, &mut at_once);
+    let (mut pieces, mut out, mut in_pieces) = (Messages::default(), Vec::new(), Vec::new());
+    let (mut data, mut at) = (Vec::new(), 0);
+    for n in rng.pieces(input.len()) {
+        data.extend_from_slice(&input[at..at + n]);
+        at += n;
+        if read(&mut pieces, &mut data, &mut out, &mut in_pieces) {
+            break;
+        }
+    }
+    assert_eq!(at_once, in_pieces, "{input:?}");
+    assert_eq!(whole_out, out, "{input:?}");
+    if !ended {
+        assert_eq!(buf, data, "the same rest is left: {input:?}");
+    }
+    // Only pongs go back, each an unmasked final frame of at most 125 bytes.
+    let mut rest = &out[..];
+    while let [0x8a, len @ 0..=125, tail @ ..] = rest {
+        let Some(after) = tail.get(*len as usize..) else {
+            break;
+        };
+        rest = after;
+    }
+    assert!(rest.is_empty(), "{out:?} for {input:?}");
+    at_once
+        .iter()
+        .filter(|f| matches!(f, Ok(Frame::Message(_))))
+        .count()
 }
 
 /// A configuration document (`toml`: read as TOML, else YAML): reading never panics, and a

@@ -5,7 +5,8 @@
 #
 # Targets: client_bytes (every front-door parser), upstream_response (an upstream's response
 # head and body, whole and in pieces), event_stream (an upstream's server-sent events),
-# configuration (a YAML or TOML file). Each starts from its seeds in fuzz/corpus/TARGET (the
+# websocket_frames (a WebSocket client's frames, whole and in pieces), configuration (a YAML or
+# TOML file). Each starts from its seeds in fuzz/corpus/TARGET (the
 # configuration target from config/ too) and keeps what it finds in target/fuzz-corpus/TARGET,
 # so a later run goes on from there. A failing input is saved under fuzz/artifacts/TARGET/ and
 # the script exits 1; `cargo fuzz run -s none TARGET FILE` replays it.
@@ -18,7 +19,8 @@ usage: scripts/fuzz.sh [--seconds N | --runs N] [TARGET...]
   --seconds N  how long each target runs (default 20), going on from what earlier runs found
   --runs N     instead: N inputs each from the seeds alone, with a fixed random seed, so the
                run is the same every time (what scripts/test.sh, and so CI, runs)
-  TARGET       client_bytes, upstream_response, event_stream, configuration (default: all)
+  TARGET       client_bytes, upstream_response, event_stream, websocket_frames,
+               configuration (default: all)
 USAGE
 }
 seconds=20
@@ -29,11 +31,11 @@ while [ $# -gt 0 ]; do
     --seconds) seconds=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
-    client_bytes|upstream_response|event_stream|configuration) targets+=("$1"); shift ;;
+    client_bytes|upstream_response|event_stream|websocket_frames|configuration) targets+=("$1"); shift ;;
     *) usage; exit 64 ;;
   esac
 done
-[ ${#targets[@]} -gt 0 ] || targets=(client_bytes upstream_response event_stream configuration)
+[ ${#targets[@]} -gt 0 ] || targets=(client_bytes upstream_response event_stream websocket_frames configuration)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "cargo-fuzz is missing: cargo install --locked cargo-fuzz" >&2

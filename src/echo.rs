@@ -114,6 +114,11 @@ pub fn is_object(json: &[u8]) -> bool {
     json.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
 
+/// Whether the raw JSON `id` is a string or a number, the ids JSON-RPC 2.0 allows besides null.
+pub fn is_string_or_number(id: &str) -> bool {
+    id.starts_with(|c: char| c == '"' || c == '-' || c.is_ascii_digit())
+}
+
 /// Handles one JSON-RPC message (or batch) and appends the reply, if any, to `out`.
 pub fn handle(input: &[u8], out: &mut Vec<u8>) -> Answer {
     let mut answer = Answer {
@@ -204,6 +209,16 @@ fn reply_to(
         return true;
     };
     let id = m.id.0.map_or("null", RawValue::get);
+    if id != "null" && !is_string_or_number(id) {
+        // An object, array or boolean id cannot be echoed as one: JSON-RPC 2.0 answers null.
+        write_error(
+            out,
+            "null",
+            -32600,
+            "invalid request: id must be a string, a number or null",
+        );
+        return true;
+    }
     if m.method.is_none() && (m.result.is_some() || m.error.is_some()) {
         return false; // a client's response to a server request
     }
@@ -367,6 +382,19 @@ mod tests {
             ask(r#"{"jsonrpc":"2.0","id":1,"method":7}"#).1["error"]["code"],
             -32600
         );
+    }
+
+    #[test]
+    fn an_id_that_is_not_a_string_a_number_or_null_is_an_invalid_request() {
+        for id in [r#"{"a":1}"#, "[1]", "true", "false"] {
+            let (_, v) = ask(&format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"ping"}}"#));
+            assert_eq!(v["error"]["code"], -32600, "{id}");
+            assert_eq!(v["id"], Value::Null, "{id}");
+        }
+        for id in ["-1.5e3", r#""x""#] {
+            let (_, v) = ask(&format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"ping"}}"#));
+            assert_eq!(v["result"], serde_json::json!({}), "{id}");
+        }
     }
 
     #[test]

@@ -75,6 +75,9 @@ impl FrameType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BadFrame(pub i64, pub &'static str);
 
+/// A payload over `max_message_size` (or the protocol's 10 MiB).
+pub const TOO_LARGE: BadFrame = BadFrame(-32600, "frame payload larger than max_message_size");
+
 /// Parses a frame header. `Ok(None)`: fewer than 12 bytes so far.
 pub fn parse_header(buf: &[u8], max: usize) -> Result<Option<(FrameType, usize)>, BadFrame> {
     if buf.len() < HEADER_LEN {
@@ -98,10 +101,7 @@ pub fn parse_header(buf: &[u8], max: usize) -> Result<Option<(FrameType, usize)>
     };
     let len = word(8) as usize;
     if len > max.min(MAX_PAYLOAD) {
-        return Err(BadFrame(
-            -32600,
-            "frame payload larger than max_message_size",
-        ));
+        return Err(TOO_LARGE);
     }
     Ok(Some((kind, len)))
 }
@@ -233,7 +233,7 @@ async fn exchange(
                 }
             }
             Err(bad) => {
-                let kind = if bad.1.contains("larger") {
+                let kind = if bad == TOO_LARGE {
                     ProtocolError::TooLarge
                 } else {
                     ProtocolError::Malformed
@@ -348,6 +348,6 @@ mod tests {
         let mut t9 = f.clone();
         t9[7] = 9;
         assert!(parse_header(&t9, 100).unwrap_err().1.contains("type"));
-        assert!(parse_header(&f, 1).unwrap_err().1.contains("larger"));
+        assert_eq!(parse_header(&f, 1), Err(TOO_LARGE));
     }
 }

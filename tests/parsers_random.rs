@@ -1,11 +1,5 @@
 //! Randomized robustness checks of every parser that reads client bytes, and of those that read
 //! what upstream MCP servers send: random inputs and mutations of valid ones must never panic,
-//! and whatever is accepted must respect its caps.
-//! (cargo-fuzz needs a nightly toolchain, which this project's machines do not have; this is the
-//! stable-toolchain stand-in, deterministic so a failure reproduces.)
-
-//! Randomized robustness checks of every parser that reads client bytes, and of those that read
-//! what upstream MCP servers send: random inputs and mutations of valid ones must never panic,
 //! and whatever is accepted must respect its caps. The properties themselves are in
 //! `fuzz/checks.rs`, shared with the coverage-guided fuzz targets (`fuzz/`); their seed inputs
 //! are the fuzz corpus's files (`fuzz/corpus/<target>/`). This is the deterministic half: a
@@ -289,16 +283,37 @@ fn mutated_upstream_responses_are_read_alike_however_they_arrive() {
 /// the message size is handed over, whatever bytes the upstream sends.
 #[test]
 fn mutated_event_streams_give_the_same_events_however_they_arrive() {
-    let seeds = seeds("event_stream");
-    let mut rng = Rng(0xA076_1D64_78BD_642F);
-    let mut events_seen = 0;
+    let events_seen =
+        on_mutated_streams("event_stream", 0xA076_1D64_78BD_642F, checks::event_stream);
+    assert!(events_seen > 20_000, "{events_seen}");
+}
+
+/// A WebSocket client's frames give the same messages, pongs and verdict whether they come at
+/// once or in random pieces, and no message is over the message size or not UTF-8, whatever
+/// bytes the client sends.
+#[test]
+fn mutated_websocket_frames_read_alike_however_they_arrive() {
+    let messages = on_mutated_streams(
+        "websocket_frames",
+        0x9E37_79B9_7F4A_7C15,
+        checks::websocket_frames,
+    );
+    assert!(messages > 2_000, "{messages}");
+}
+
+/// Runs `check` on 20 000 streams, each one to three mutated seeds of `target` end to end, with
+/// a generator seeded `seed`; returns the sum of what `check` counted.
+fn on_mutated_streams(target: &str, seed: u64, check: fn(&[u8], &mut Rng) -> usize) -> usize {
+    let seeds = seeds(target);
+    let mut rng = Rng(seed);
+    let mut counted = 0;
     for _ in 0..20_000 {
         let mut stream = Vec::new();
         for _ in 0..1 + rng.below(3) {
             let seed = &seeds[rng.below(seeds.len())];
             stream.extend(mutate(&mut rng, seed));
         }
-        events_seen += checks::event_stream(&stream, &mut rng);
+        counted += check(&stream, &mut rng);
     }
-    assert!(events_seen > 20_000, "{events_seen}");
+    counted
 }

@@ -107,6 +107,10 @@ fn protocol_violations_close_with_the_rfc_code() {
     s.write_all(&ws_frame(true, 2, b"{}")).unwrap();
     expect_close(&mut s, 1003);
 
+    let mut s = upgrade(&gw);
+    s.write_all(&ws_frame(true, 0, b"{}")).unwrap(); // a continuation of nothing
+    expect_close(&mut s, 1002);
+
     // A close frame: an application's code is echoed; one no endpoint may send (1005, 1006 and
     // 1015 only report what happened locally; others are undefined) is a protocol error, and so
     // is a one-byte payload; a reason that is not UTF-8 is 1007.
@@ -126,6 +130,11 @@ fn protocol_violations_close_with_the_rfc_code() {
     assert_eq!(
         gw.metric("mcp_gateway_protocol_errors_total{frontend=\"websocket\",kind=\"too_large\"}"),
         2.0
+    );
+    // Every other close above: unmasked, 1007, 1003, the continuation and six close frames.
+    assert_eq!(
+        gw.metric("mcp_gateway_protocol_errors_total{frontend=\"websocket\",kind=\"malformed\"}"),
+        10.0
     );
     gw.wait_all_closed();
 }

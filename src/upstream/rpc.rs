@@ -525,7 +525,7 @@ pub(super) fn write_error_for(out: &mut Vec<u8>, message: &[u8], why: &str) {
         .flatten()
         .and_then(|m| m.id)
         .map(RawValue::get)
-        .filter(|id| id.starts_with(|c: char| c == '"' || c == '-' || c.is_ascii_digit()))
+        .filter(|id| crate::echo::is_string_or_number(id))
         .unwrap_or("null");
     crate::echo::write_error(out, id, -32000, why);
 }
