@@ -24,10 +24,9 @@ use crate::stream::Stream;
 
 use crate::conn::{give_buf, linger_close, read_more, take_buf, write_all, ReadError};
 use crate::echo;
-use crate::limiter::{rate, Permit};
+use crate::limiter::Permit;
 use crate::metrics::{Frontend, ProtocolError};
-use crate::upstream::rpc::{self, Dest, Framing, MsgSession, Next};
-use crate::upstream::Outcome;
+use crate::upstream::rpc::{Framing, Message, MsgSession, Next};
 use crate::worker::{Registration, Worker};
 
 /// Upstream replies as Response frames, upstream failures as Error frames (the connection stays).
@@ -243,53 +242,23 @@ async fn exchange(
             }
         };
         let payload = &buf[HEADER_LEN..HEADER_LEN + len];
-        let started = Instant::now();
-        let message = matches!(kind, FrameType::Request | FrameType::Response);
-        if message && worker.admit_request(permit, Frontend::Tcp).is_err() {
-            // Over the address's request rate: an error for this message, the session kept.
-            (FRAMING.fail)(&mut out, &rpc::error_for(payload, rate::REFUSAL));
-            buf.drain(..HEADER_LEN + len);
-            continue;
-        }
-        let dest = if message {
-            session.dest(worker)
-        } else {
-            Dest::Gone // not a message: not asked
-        };
-        match (kind, dest) {
-            (FrameType::Request, Dest::Echo(builtin)) => {
-                let access = crate::access::message_begin(worker, stream);
-                let mut reply = take_buf();
-                if echo::handle(payload, &mut reply).replied {
-                    write_frame(&mut out, FrameType::Response, &reply);
-                }
-                crate::access::message_end(access, Frontend::Tcp, Some(builtin), 200);
-                give_buf(reply);
-                worker.metrics.upstream(builtin.index, Outcome::Ok, None);
-                worker.metrics.request(Frontend::Tcp, started.elapsed());
-            }
-            // builtin:echo never sends requests to clients: nothing to answer.
-            (FrameType::Response, Dest::Echo(_)) => {}
+        match kind {
             // A client's Response frame answers a request the server sent it (sampling,
             // elicitation): it goes upstream like a request.
-            (FrameType::Request | FrameType::Response, Dest::Forward) => {
-                let mut message = take_buf();
-                message.extend_from_slice(payload);
-                let sent = session.submit(worker, message, stream, &mut out, &FRAMING);
-                if boxed::pin(sent).await.is_err() {
+            FrameType::Request | FrameType::Response => {
+                let message = Message::Borrowed(payload);
+                let handled = session.handle(worker, permit, message, stream, &mut out, &FRAMING);
+                if handled.await.is_err() {
                     return Step::Close;
                 }
             }
-            (FrameType::Request | FrameType::Response, Dest::Gone) => {
-                (FRAMING.fail)(&mut out, &rpc::error_for(payload, rpc::NAMESPACE_GONE));
-            }
-            (FrameType::HealthCheck, _) => {
+            FrameType::HealthCheck => {
                 write_frame(&mut out, FrameType::HealthCheck, br#"{"status":"ok"}"#)
             }
-            (FrameType::VersionNegotiation, _) => {
+            FrameType::VersionNegotiation => {
                 write_frame(&mut out, FrameType::VersionAck, br#"{"version":1}"#)
             }
-            (FrameType::Control | FrameType::Error | FrameType::VersionAck, _) => {}
+            FrameType::Control | FrameType::Error | FrameType::VersionAck => {}
         }
         // Round again: the next frame if it is here, else flush and wait.
         buf.drain(..HEADER_LEN + len);

@@ -5,7 +5,9 @@
 //! as soon as it arrives.
 //!
 //! Owns the per-connection [`MsgSession`]: the upstream picked by the first message, the session
-//! id it issued, and the forwards in flight. Each message's forward is a future of its own, kept
+//! id it issued, and the forwards in flight. Both doors hand each message to
+//! [`MsgSession::handle`], which applies the request rate and sends the message to its
+//! destination (forwarded, `builtin:echo`, or an error when the namespace is gone). Each message's forward is a future of its own, kept
 //! by the session (boxed in a reused block) and polled by the connection's task whenever it waits
 //! (for the client's next message, the rest of one, or room to forward one), so the client may
 //! go on sending while a message is being answered (the response to a request the server sent it
@@ -40,9 +42,10 @@ use super::client;
 use super::forward::{forward, State};
 use super::outbox::Outbox;
 use super::wire::{self, Body, SessionFields};
-use super::{Namespace, Upstream, Upstreams};
+use super::{Namespace, Outcome, Upstream, Upstreams};
 use crate::access;
 use crate::conn::{give_buf, read_more, take_buf, wait_idle, write_all, ReadError, Wait};
+use crate::limiter::{rate, Permit};
 use crate::metrics::Frontend;
 use crate::worker::{Registration, Worker};
 
@@ -158,6 +161,52 @@ impl MsgSession {
             Some(n) if n.builtin => Dest::Echo(n.upstreams[0]),
             Some(_) => Dest::Forward,
         }
+    }
+
+    /// Handles one message the client sent: over its address's request rate, an error for it
+    /// (the session goes on); else forwarded ([`MsgSession::submit`]), answered by
+    /// `builtin:echo`, or, when the connection's namespace is gone, an error. What goes back to
+    /// the client is framed by `framing` into `out`.
+    pub async fn handle(
+        &mut self,
+        worker: &'static Worker,
+        permit: &Permit,
+        message: Message<'_>,
+        client: &mut Stream,
+        out: &mut Vec<u8>,
+        framing: &Framing,
+    ) -> Result<(), ClientGone> {
+        let door = self.door;
+        let text = message.bytes();
+        if worker.admit_request(permit, door).is_err() {
+            (framing.fail)(out, &error_for(text, rate::REFUSAL));
+            message.done();
+            return Ok(());
+        }
+        let builtin = match self.dest(worker) {
+            Dest::Forward => {
+                let sent = self.submit(worker, message.into_owned(), client, out, framing);
+                return boxed::pin(sent).await;
+            }
+            Dest::Echo(builtin) => builtin,
+            Dest::Gone => {
+                (framing.fail)(out, &error_for(text, NAMESPACE_GONE));
+                message.done();
+                return Ok(());
+            }
+        };
+        let started = Instant::now();
+        let access = access::message_begin(worker, client);
+        let mut reply = take_buf();
+        if crate::echo::handle(text, &mut reply).replied {
+            (framing.reply)(out, &reply);
+        }
+        access::message_end(access, door, Some(builtin), 200);
+        worker.metrics.upstream(builtin.index, Outcome::Ok, None);
+        worker.metrics.request(door, started.elapsed());
+        give_buf(reply);
+        message.done();
+        Ok(())
     }
 
     /// Forwards `message` to the session's namespace beside whatever the connection does next, so
@@ -471,6 +520,41 @@ async fn end_session(
         }
         give_buf(data);
         give_buf(buf);
+    }
+}
+
+/// A message a client sent, as its door holds it: a buffer of its own (a WebSocket message,
+/// assembled from frames) or a part of the connection's read buffer (an MCPB frame's payload),
+/// copied into a pooled buffer only when it is forwarded.
+pub enum Message<'a> {
+    Owned(Vec<u8>),
+    Borrowed(&'a [u8]),
+}
+
+impl Message<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Message::Owned(m) => m,
+            Message::Borrowed(m) => m,
+        }
+    }
+
+    fn into_owned(self) -> Vec<u8> {
+        match self {
+            Message::Owned(m) => m,
+            Message::Borrowed(m) => {
+                let mut owned = take_buf();
+                owned.extend_from_slice(m);
+                owned
+            }
+        }
+    }
+
+    /// Done with: an owned buffer goes back to the core's pool.
+    fn done(self) {
+        if let Message::Owned(m) = self {
+            give_buf(m);
+        }
     }
 }
 

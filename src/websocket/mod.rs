@@ -22,13 +22,11 @@ use base64::Engine as _;
 use sha1::{Digest, Sha1};
 
 use crate::conn::{give_buf, linger_close, read_more, take_buf, write_all, ReadError};
-use crate::echo;
 use crate::http::request::Upgrade;
 use crate::http::response;
-use crate::limiter::{rate, Permit};
+use crate::limiter::Permit;
 use crate::metrics::{Frontend, ProtocolError};
-use crate::upstream::rpc::{self, Dest, Framing, MsgSession, Next};
-use crate::upstream::Outcome;
+use crate::upstream::rpc::{Framing, Message, MsgSession, Next};
 use crate::worker::{Registration, Worker};
 
 pub mod frames;
@@ -249,40 +247,17 @@ async fn exchange(
                 return close_with(worker, stream, out, why).await;
             }
         };
-        if worker.admit_request(permit, Frontend::WebSocket).is_err() {
-            // Over the address's request rate: an error for this message, the session kept.
-            (FRAMING.fail)(&mut out, &rpc::error_for(&message, rate::REFUSAL));
-            give_buf(message);
-            continue;
+        let handled = session.handle(
+            worker,
+            permit,
+            Message::Owned(message),
+            stream,
+            &mut out,
+            &FRAMING,
+        );
+        if handled.await.is_err() {
+            return WsStep::Close;
         }
-        let builtin = match session.dest(worker) {
-            Dest::Forward => {
-                let sent = session.submit(worker, message, stream, &mut out, &FRAMING);
-                if boxed::pin(sent).await.is_err() {
-                    return WsStep::Close;
-                }
-                continue;
-            }
-            Dest::Echo(u) => u,
-            Dest::Gone => {
-                (FRAMING.fail)(&mut out, &rpc::error_for(&message, rpc::NAMESPACE_GONE));
-                give_buf(message);
-                continue;
-            }
-        };
-        let started = Instant::now();
-        let access = crate::access::message_begin(worker, stream);
-        let mut reply = take_buf();
-        if echo::handle(&message, &mut reply).replied {
-            write_frame(&mut out, OP_TEXT, &reply);
-        }
-        crate::access::message_end(access, Frontend::WebSocket, Some(builtin), 200);
-        worker.metrics.upstream(builtin.index, Outcome::Ok, None);
-        worker
-            .metrics
-            .request(Frontend::WebSocket, started.elapsed());
-        give_buf(reply);
-        give_buf(message);
     }
 }
 
