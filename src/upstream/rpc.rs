@@ -6,18 +6,19 @@
 //!
 //! Owns the per-connection [`MsgSession`]: the upstream picked by the first message, the session
 //! id it issued, and the forwards in flight. Both doors hand each message to
-//! [`MsgSession::handle`], which applies the request rate and sends the message to its
-//! destination (forwarded, `builtin:echo`, or an error when the namespace is gone). Each message's forward is a future of its own, kept
-//! by the session (boxed in a reused block) and polled by the connection's task whenever it waits
-//! (for the client's next message, the rest of one, or room to forward one), so the client may
-//! go on sending while a message is being answered (the response to a request the server sent it
-//! mid-call, a cancellation), with no task spawned per message; what comes back is queued in the
-//! connection's [`Outbox`] and written by the connection. An upstream failure costs the client a
-//! JSON-RPC error for that message (with the message's id), never the connection; a session
-//! whose upstream is gone (refused, or answering 404 for the id) is forgotten, so the client's
-//! next `initialize` starts a new one. What the upstream sends outside any request arrives
-//! through the session's standalone stream ([`super::listen`]) into the same outbox. Each
-//! message's forward, and the session state the forwards share, are [`super::forward`]'s.
+//! [`MsgSession::handle`], which applies the request rate and sends the message on (forwarded,
+//! answered by `builtin:echo`, or an error when the namespace is gone). Each message's forward
+//! is a future of its own, kept by the session (boxed in a reused block) and polled by the
+//! connection's task whenever it waits (for the client's next message, the rest of one, or room
+//! to forward one), so the client may go on sending while a message is being answered (the
+//! response to a request the server sent it mid-call, a cancellation), with no task spawned per
+//! message; what comes back is queued in the connection's [`Outbox`] and written by the
+//! connection. An upstream failure costs the client a JSON-RPC error for that message (with the
+//! message's id), never the connection; a session whose upstream is gone (refused, or answering
+//! 404 for the id) is forgotten, so the client's next `initialize` starts a new one. What the
+//! upstream sends outside any request arrives through the session's standalone stream
+//! ([`super::listen`]) into the same outbox. Each message's forward, and the session state the
+//! forwards share, are [`super::forward`]'s.
 //!
 //! Invariants: a forward is in flight exactly while it is in the session's list (the count the
 //! limits and idleness go by); dropping the session drops its forwards (cancelled, their
