@@ -168,7 +168,8 @@ impl Messages {
 
     /// Reads the first frame of `buf` if it is whole, and takes it out of `buf`; a pong for a
     /// ping goes to `out`. A message's buffer comes from the core's pool (`conn::take_buf`).
-    /// After an `Err` the connection is closed with it: `buf` and `self` are left as they are.
+    /// After an `Err` the connection is closed with it, and neither `buf` nor `self` is read
+    /// again (the frame may have been unmasked in place).
     pub fn read(
         &mut self,
         buf: &mut Vec<u8>,
