@@ -3,7 +3,8 @@
 //! stream.
 //!
 //! Owns the rule of what reloads: `server.access_log`, the timeouts (`server.read_timeout`,
-//! `write_timeout`, `idle_timeout`: for the waits that start after the reload),
+//! `write_timeout`, `idle_timeout`: for the waits that start after the reload;
+//! `shutdown_timeout`: for a drain that starts after it),
 //! `server.max_connections` (up to half the per-IP table, at least the value the gateway
 //! started with), `server.max_connections_per_ip` (while on),
 //! `server.max_requests_per_ip` and `server.request_burst_per_ip` (when a rate's state was made
@@ -39,11 +40,12 @@ use crate::worker::Settings;
 
 /// The `server` keys a reload applies; beside them, every key of `routing` and
 /// `service_discovery` (see [`crate::upstream::registry`]).
-const LIVE: [&str; 16] = [
+const LIVE: [&str; 17] = [
     "server.access_log",
     "server.read_timeout",
     "server.write_timeout",
     "server.idle_timeout",
+    "server.shutdown_timeout",
     "server.max_connections",
     "server.max_connections_per_ip",
     "server.max_requests_per_ip",
@@ -147,6 +149,14 @@ fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
             write,
             idle,
             "timeouts changed: waits that start from now use them"
+        );
+    }
+    if now.shutdown_timeout != was.shutdown_timeout {
+        settings.set_shutdown_timeout(secs(now.shutdown_timeout));
+        was.shutdown_timeout = now.shutdown_timeout;
+        tracing::info!(
+            seconds = now.shutdown_timeout,
+            "shutdown_timeout changed: a drain that starts from now waits for it"
         );
     }
     if now.max_message_size != was.max_message_size {

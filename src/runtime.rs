@@ -180,7 +180,7 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
     admin::READY.store(false, Ordering::Relaxed);
     tracing::info!(
         %signal,
-        shutdown_timeout = s.shutdown_timeout,
+        shutdown_timeout = ?shared.settings.shutdown_timeout(),
         open_connections = limiter.active(),
         "shutting down: no new connections, draining open ones"
     );

@@ -57,7 +57,9 @@ pub struct Settings {
     pub timeouts: Timeouts,
     /// `server.park_idle_connections` (see [`crate::park`]).
     pub park_idle: bool,
-    pub shutdown_timeout: Duration,
+    /// `server.shutdown_timeout` in microseconds, read when a drain starts: see
+    /// [`Settings::shutdown_timeout`].
+    pub shutdown_timeout_us: AtomicU64,
     /// `server.max_message_size`, read where a body or message starts: see
     /// [`Settings::max_message_size`].
     pub max_message_size: AtomicUsize,
@@ -81,12 +83,23 @@ impl Settings {
                 secs(s.idle_timeout),
             ),
             park_idle: s.park_idle_connections,
-            shutdown_timeout: secs(s.shutdown_timeout),
+            shutdown_timeout_us: AtomicU64::new(micros(secs(s.shutdown_timeout))),
             max_message_size: s.max_message_size.into(),
             proxy_protocol: Published::new(Trusted::of(&s.proxy_protocol_networks)),
             allowed_origins: Published::new(Origins::new(&s.allowed_origins)),
             tls: crate::tls::door_config(s)?.map(crate::tls::DoorTls::new),
         })
+    }
+
+    /// How long a drain waits for open connections. Relaxed: it guards nothing else, and a
+    /// drain that starts while a reload stores a new value waits for the old or the new one.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_micros(self.shutdown_timeout_us.load(Relaxed))
+    }
+
+    /// A reloaded `shutdown_timeout`, for drains that start from now.
+    pub fn set_shutdown_timeout(&self, d: Duration) {
+        self.shutdown_timeout_us.store(micros(d), Relaxed);
     }
 
     /// The largest request body, WebSocket message, MCPB payload, upstream reply or event, in
@@ -95,6 +108,11 @@ impl Settings {
     pub fn max_message_size(&self) -> usize {
         self.max_message_size.load(Relaxed)
     }
+}
+
+/// A duration in whole microseconds, as the settings' atomics hold it.
+fn micros(d: Duration) -> u64 {
+    d.as_micros().min(u128::from(u64::MAX)) as u64
 }
 
 /// `server.read_timeout`, `write_timeout` and `idle_timeout`, which a reload may change: each
@@ -123,10 +141,9 @@ impl Timeouts {
 
     /// Sets all three (a reload).
     pub fn set(&self, read: Duration, write: Duration, idle: Duration) {
-        let us = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
-        self.read_us.store(us(read), Relaxed);
-        self.write_us.store(us(write), Relaxed);
-        self.idle_us.store(us(idle), Relaxed);
+        self.read_us.store(micros(read), Relaxed);
+        self.write_us.store(micros(write), Relaxed);
+        self.idle_us.store(micros(idle), Relaxed);
     }
 
     /// For a request (head and body) to arrive, from its first byte, and for a TLS handshake.
@@ -324,7 +341,7 @@ pub async fn run(
         // The listeners are dropped here: this worker accepts nothing more.
     }
     worker.begin_drain();
-    let deadline = Instant::now() + worker.settings().shutdown_timeout;
+    let deadline = Instant::now() + worker.settings().shutdown_timeout();
     while worker.open_connections() > 0 && Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(10)).await;
     }

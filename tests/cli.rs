@@ -141,6 +141,28 @@ fn sigint_with_a_stuck_client_exits_zero_after_shutdown_timeout() {
     assert!(closed_by_peer(&mut stuck));
 }
 
+/// A reloaded `shutdown_timeout` is the one the next drain waits for.
+#[test]
+fn a_reloaded_shutdown_timeout_is_the_one_a_drain_waits_for() {
+    let mut gw = start("shutdown_timeout: 30\nread_timeout: 60");
+    gw.reload("shutdown_timeout: 30", "shutdown_timeout: 0.5");
+    assert!(gw.log.lock().unwrap().contains("shutdown_timeout changed"));
+    let mut stuck = connect_from("127.0.0.2", gw.http);
+    stuck
+        .write_all(b"POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{")
+        .unwrap();
+    gw.wait_metric("mcp_gateway_connections_active", 1.0);
+    let t = Instant::now();
+    let status = gw.stop(libc::SIGTERM, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(10),
+        "{took:?}: the drain waited for the startup value"
+    );
+    assert!(closed_by_peer(&mut stuck));
+}
+
 /// Every YAML example in the README is a configuration `check` accepts, so the documentation
 /// cannot drift from the keys the gateway takes.
 #[test]

@@ -490,14 +490,14 @@ fn sighup_applies_new_limits_to_new_connections_and_keeps_open_ones() {
     // A change that needs a restart is named, the rest applies; a bad file changes nothing.
     gw.reload(
         "max_connections_per_ip: 1",
-        "max_connections_per_ip: 2\n  shutdown_timeout: 9",
+        "max_connections_per_ip: 2\n  ipv6_prefix_len: 64",
     );
     assert_eq!(gw.metric(per_ip), 2.0);
     assert!(gw
         .log
         .lock()
         .unwrap()
-        .contains("after_restart=server.shutdown_timeout"));
+        .contains("after_restart=server.ipv6_prefix_len"));
     gw.reload("max_connections_per_ip: 2", "max_connections_per_ip: lots");
     assert!(gw
         .log
