@@ -125,20 +125,11 @@ fn sigterm_lets_a_request_in_flight_finish_then_exits_zero() {
 #[test]
 fn sigint_with_a_stuck_client_exits_zero_after_shutdown_timeout() {
     let mut gw = start("shutdown_timeout: 0.5\nread_timeout: 30");
-    let mut stuck = connect_from("127.0.0.2", gw.http);
-    stuck
-        .write_all(b"POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{")
-        .unwrap();
-    gw.wait_metric("mcp_gateway_connections_active", 1.0);
-    let t = Instant::now();
-    let status = gw.stop(libc::SIGINT, Duration::from_secs(10));
-    assert_eq!(status.code(), Some(0));
-    let took = t.elapsed();
+    let took = drain_with_a_stuck_client(&mut gw, libc::SIGINT);
     assert!(
         took >= Duration::from_millis(400) && took < Duration::from_secs(5),
         "{took:?}"
     );
-    assert!(closed_by_peer(&mut stuck));
 }
 
 /// A reloaded `shutdown_timeout` is the one the next drain waits for.
@@ -147,20 +138,27 @@ fn a_reloaded_shutdown_timeout_is_the_one_a_drain_waits_for() {
     let mut gw = start("shutdown_timeout: 30\nread_timeout: 60");
     gw.reload("shutdown_timeout: 30", "shutdown_timeout: 0.5");
     assert!(gw.log.lock().unwrap().contains("shutdown_timeout changed"));
+    let took = drain_with_a_stuck_client(&mut gw, libc::SIGTERM);
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(10),
+        "{took:?}: the drain waited for the startup value"
+    );
+}
+
+/// Stops `gw` with `signal` while a client is stuck in the middle of a request body: the
+/// gateway exits 0 and closes that client. Returns how long the exit took.
+fn drain_with_a_stuck_client(gw: &mut Gateway, signal: i32) -> Duration {
     let mut stuck = connect_from("127.0.0.2", gw.http);
     stuck
         .write_all(b"POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{")
         .unwrap();
     gw.wait_metric("mcp_gateway_connections_active", 1.0);
     let t = Instant::now();
-    let status = gw.stop(libc::SIGTERM, Duration::from_secs(20));
-    assert_eq!(status.code(), Some(0));
+    let status = gw.stop(signal, Duration::from_secs(20));
     let took = t.elapsed();
-    assert!(
-        took >= Duration::from_millis(400) && took < Duration::from_secs(10),
-        "{took:?}: the drain waited for the startup value"
-    );
+    assert_eq!(status.code(), Some(0));
     assert!(closed_by_peer(&mut stuck));
+    took
 }
 
 /// Every YAML example in the README is a configuration `check` accepts, so the documentation
