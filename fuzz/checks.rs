@@ -267,7 +267,9 @@ fn check_client_head(upstream: &[u8], head: &[u8], status: u16, keep_alive: bool
         .filter(|f| f.name.eq_ignore_ascii_case("connection"))
         .filter_map(|f| std::str::from_utf8(f.value).ok())
         .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
-        .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
+        // A `Connection` field naming itself (`Connection: Connection`) says nothing more: the
+        // client's own `Connection` field is checked below.
+        .filter(|t| !t.is_empty() && !["close", "keep-alive", "connection"].contains(&t.as_str()))
         .collect();
     let mut fields = [httparse::EMPTY_HEADER; 128];
     let mut res = httparse::Response::new(&mut fields);
