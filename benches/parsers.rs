@@ -1,7 +1,8 @@
-//! Hot parsing paths: an HTTP request head, a chunked body, a WebSocket frame header, an MCPB
-//! frame header, and the builtin:echo JSON-RPC handler. `cargo bench --bench parsers`.
+//! Hot parsing paths: an HTTP request head, a chunked body, a WebSocket frame header and a whole
+//! WebSocket message, an MCPB frame header, and the builtin:echo JSON-RPC handler. `cargo bench --bench parsers`.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use mcp_gateway::conn::give_buf;
 use mcp_gateway::http::request::{parse_head, Chunked};
 use mcp_gateway::websocket::frames;
 use mcp_gateway::{echo, mcpb, proxy_protocol};
@@ -27,6 +28,24 @@ fn bench(c: &mut Criterion) {
     let frame = [0x81u8, 0xfe, 0x01, 0x00, 1, 2, 3, 4];
     c.bench_function("websocket_frame_head", |b| {
         b.iter(|| frames::parse_frame_head(black_box(&frame), 1 << 20).unwrap())
+    });
+    // A whole 4 KiB text message read from its masked frame: head, unmasking, UTF-8 check.
+    let text: Vec<u8> = CALL.iter().copied().cycle().take(4096).collect();
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut masked = vec![0x81, 0xfe, 0x10, 0x00];
+    masked.extend(mask);
+    masked.extend(text.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    c.bench_function("websocket_message_4k", |b| {
+        let (mut buf, mut out) = (Vec::with_capacity(8192), Vec::new());
+        let mut messages = frames::Messages::default();
+        b.iter(|| {
+            buf.clear();
+            buf.extend_from_slice(&masked);
+            match messages.read(&mut buf, 1 << 20, &mut out) {
+                Ok(frames::Frame::Message(m)) => give_buf(black_box(m)),
+                other => panic!("{other:?}"),
+            }
+        })
     });
     let mut f = Vec::new();
     mcpb::write_frame(&mut f, mcpb::FrameType::Request, CALL);
