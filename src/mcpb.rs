@@ -9,7 +9,9 @@
 //!   (a notification gets none).
 //! - HealthCheck: answered with a HealthCheck frame, payload `{"status":"ok"}`.
 //! - VersionNegotiation: answered with VersionAck, payload `{"version":1}`.
-//! - Response, Control, Error and VersionAck from a client are accepted and ignored.
+//! - Response: a client's answer to a request the server sent it, handled like a Request
+//!   (forwarded upstream; `builtin:echo` has nothing to answer).
+//! - Control, Error and VersionAck from a client are accepted and ignored.
 //! - A bad magic, version, type or length gets an Error frame whose payload is a JSON-RPC error
 //!   object, then a lingering close. The length is checked before any payload byte is read, so a
 //!   frame can never make the gateway buffer more than `max_message_size` (at most 10 MiB).
