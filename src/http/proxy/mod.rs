@@ -1,7 +1,9 @@
 //! The HTTP door's reverse proxy: one request to a namespace served by HTTP upstreams, forwarded
 //! and its response streamed back.
 //!
-//! Owns one proxied exchange, from choosing the upstream to the last byte of the response:
+//! Owns one proxied exchange, from choosing the upstream to the last byte of the response (a
+//! request body still arriving is sent by `body.rs`, the response and event streams relayed by
+//! `relay.rs`):
 //! - A request with an `Mcp-Session-Id` goes to the upstream named by the id's tag (see
 //!   [`crate::upstream`]), with the tag removed; a tag no upstream of the namespace has, or whose
 //!   upstream is gone (out of service, refusing connections), gets 404, which tells an MCP
@@ -25,21 +27,27 @@
 //!   (timeout) before any byte of the response went out; after that, the client connection is
 //!   closed (a response cannot be taken back).
 
+mod body;
+mod relay;
+
+use body::{stream_body, Sent};
+pub use relay::{events, Events, Relayed};
+
 use std::ops::Range;
 use std::time::Instant;
 
 use crate::boxed;
 use crate::stream::Stream;
 
-use super::request::{self, BodyKind, ChunkStep, Chunked, Head, Method, Refusal};
+use super::request::{self, BodyKind, Head, Method, Refusal};
 use super::response;
 use crate::access::By;
-use crate::conn::{give_buf, read_more, read_watching, take_buf, write_all, ReadError, Watched};
+use crate::conn::{give_buf, take_buf, write_all};
 use crate::upstream::balance::Lease;
 use crate::upstream::client;
-use crate::upstream::wire::{self, Body, ClientHead};
+use crate::upstream::wire::{self, ClientHead};
 use crate::upstream::{Failure, Upstream, Upstreams};
-use crate::worker::{Registration, Worker};
+use crate::worker::Worker;
 
 /// How the exchange left the client connection.
 pub enum Proxied {
@@ -53,43 +61,6 @@ pub enum Proxied {
     /// relays the rest with [`events`], after this exchange's state is gone (a stream may stay
     /// open for as long as the session; what it holds meanwhile is only [`Events`]).
     Events(Box<Events>),
-}
-
-/// An event stream being relayed to the client: the upstream connection, the body's decoding
-/// state, and the lease on the upstream (a stream counts as in flight until it ends).
-pub struct Events {
-    up: Stream,
-    buf: Vec<u8>,
-    decoded: Body,
-    /// The client gets the body chunked.
-    chunk: bool,
-    /// The client's connection stays open after the stream.
-    keep_alive: bool,
-    /// The upstream's connection may be pooled after the stream.
-    upstream_keep_alive: bool,
-    lease: Lease<'static>,
-    /// The door's: the bytes of a pipelined request that followed, and when the request
-    /// started (set by the door when it takes the stream over).
-    pub rest: Option<Vec<u8>>,
-    pub started: Instant,
-}
-
-impl Events {
-    /// A stream from `up` under `lease`, as a relay would hand it over (for size checks).
-    #[cfg(all(test, not(loom)))]
-    pub(crate) fn for_test(up: Stream, lease: Lease<'static>) -> Box<Events> {
-        Box::new(Events {
-            up,
-            buf: Vec::new(),
-            decoded: Body::new(wire::BodyKind::Chunked),
-            chunk: true,
-            keep_alive: true,
-            upstream_keep_alive: true,
-            lease,
-            rest: None,
-            started: Instant::now(),
-        })
-    }
 }
 
 /// What the client got, for the access log: the status of its answer (0: none went out) and who
@@ -290,7 +261,7 @@ pub async fn forward(
         // back meanwhile (the door takes another for the next request).
         give_buf(std::mem::take(buf));
     }
-    relay(
+    relay::response(
         worker,
         client,
         up,
@@ -319,304 +290,6 @@ fn drained(buf: &mut Vec<u8>, head: &Head, body: &ReqBody, ended: Proxied) -> Pr
     }
 }
 
-/// Why a streamed request body did not reach the upstream whole.
-enum Sent {
-    Upstream(Failure),
-    Client(Proxied),
-}
-
-/// Sends `req` (the request head) over `up` followed by the body as it arrives from the
-/// client: `Content-Length` bytes or a chunked body (decoded, sent chunked), within
-/// `max_message_size` and before `deadline`. The body's bytes are drained from `buf`.
-#[allow(clippy::too_many_arguments)]
-async fn stream_body(
-    worker: &'static Worker,
-    client: &mut Stream,
-    buf: &mut Vec<u8>,
-    head: &Head,
-    kind: BodyKind,
-    deadline: Instant,
-    (all, mut up): (&Upstreams, Stream),
-    mut req: Vec<u8>,
-) -> Result<Stream, Sent> {
-    let max = worker.settings().max_message_size();
-    let mut remaining = match kind {
-        BodyKind::Length(n) => n,
-        _ => 0,
-    };
-    let mut chunked = Chunked::new(0);
-    let mut data = take_buf();
-    let mut total = 0usize;
-    let mut asked = false;
-    loop {
-        let done = match kind {
-            BodyKind::Chunked => {
-                let step = chunked.decode(buf, &mut data, max - total);
-                buf.drain(..chunked.pos);
-                chunked.pos = 0;
-                if !data.is_empty() {
-                    total += data.len();
-                    frame_chunk(&mut req, &data);
-                    data.clear();
-                }
-                match step {
-                    Ok(ChunkStep::Done(_)) => {
-                        req.extend_from_slice(b"0\r\n\r\n");
-                        true
-                    }
-                    Ok(ChunkStep::More) => false,
-                    Err(r) => {
-                        give_buf(data);
-                        return Err(Sent::Client(Proxied::Refused(r)));
-                    }
-                }
-            }
-            _ => {
-                let take = buf.len().min(remaining);
-                req.extend_from_slice(&buf[..take]);
-                buf.drain(..take);
-                remaining -= take;
-                remaining == 0
-            }
-        };
-        if !req.is_empty() {
-            let until = Instant::now() + all.request_timeout;
-            req = match client::write(&mut up, req, until).await {
-                Ok(mut sent) => {
-                    sent.clear();
-                    sent
-                }
-                Err((f, r)) => {
-                    give_buf(r);
-                    give_buf(data);
-                    return Err(Sent::Upstream(f));
-                }
-            };
-        }
-        if done {
-            give_buf(req);
-            give_buf(data);
-            return Ok(up);
-        }
-        if !asked {
-            asked = true;
-            if super::continue_if_expected(worker, client, head)
-                .await
-                .is_err()
-            {
-                give_buf(data);
-                return Err(Sent::Client(Proxied::Close));
-            }
-        }
-        match read_more(client, buf, deadline).await {
-            Ok(_) => {}
-            Err(ReadError::TimedOut) => {
-                give_buf(data);
-                return Err(Sent::Client(Proxied::Refused(request::TIMEOUT)));
-            }
-            Err(_) => {
-                give_buf(data);
-                return Err(Sent::Client(Proxied::Close));
-            }
-        }
-    }
-}
-
-/// Streams the upstream's response (its head is already in `out`) to the client, piece by
-/// piece; pools the upstream connection when the response ended cleanly. An event stream is
-/// handed back to the door once what came with its head went out ([`Proxied::Events`]).
-#[allow(clippy::too_many_arguments)]
-async fn relay(
-    worker: &'static Worker,
-    client: &mut Stream,
-    mut up: Stream,
-    mut buf: Vec<u8>,
-    rh: &wire::ResponseHead,
-    http11: bool,
-    keep_alive: bool,
-    mut out: Vec<u8>,
-    (all, lease): (&Upstreams, Lease<'static>),
-) -> Proxied {
-    let s = worker.settings();
-    let chunk = !matches!(rh.body, wire::BodyKind::Length(_)) && http11;
-    let mut decoded = Body::new(rh.body);
-    let mut data = take_buf();
-    let mut ended = Proxied::Close;
-    let mut reusable = false;
-    loop {
-        let done = frame_body(&mut decoded, &mut buf, &mut data, &mut out, chunk);
-        let Ok(done) = done else {
-            break; // the head went out: all we can do is close
-        };
-        if !out.is_empty() {
-            match write_all(client, out, s.timeouts.write()).await {
-                Ok(o) => out = o,
-                Err(_) => {
-                    out = take_buf();
-                    break;
-                }
-            }
-        }
-        if done {
-            reusable = rh.keep_alive && !decoded.until_close() && buf.is_empty();
-            ended = end(keep_alive);
-            break;
-        }
-        if rh.event_stream {
-            give_buf(data);
-            give_buf(out);
-            return Proxied::Events(boxed::new(Events {
-                up,
-                buf,
-                decoded,
-                chunk,
-                keep_alive,
-                upstream_keep_alive: rh.keep_alive,
-                lease,
-                rest: None,
-                started: Instant::now(),
-            }));
-        }
-        match read_more(&mut up, &mut buf, Instant::now() + all.request_timeout).await {
-            Ok(_) => {}
-            Err(ReadError::Eof) if decoded.eof().is_ok() => {}
-            Err(_) => break,
-        }
-    }
-    if reusable {
-        client::give_back(lease.upstream, up);
-    }
-    give_buf(data);
-    give_buf(buf);
-    give_buf(out);
-    ended
-}
-
-/// Relays an event stream to the client until it ends. It may be silent for long: no deadline,
-/// but a client that leaves ends it, and so do a drain and a reload removing the upstream:
-/// meanwhile the connection counts as idle, so the worker shuts its read side, which the watch
-/// sees. Between events it holds no buffer and no timer (its writes are boxed). With `parks`
-/// (nothing of a next request came with it), a plain stream waiting for its next event with
-/// nothing of one in hand and the client silent may be asked to park ([`crate::park`]):
-/// [`Relayed::Park`] gives the stream back for that.
-pub async fn events(
-    worker: &'static Worker,
-    reg: &Registration,
-    client: &mut Stream,
-    mut e: Box<Events>,
-    parks: bool,
-) -> Relayed {
-    let s = worker.settings();
-    let u = e.lease.upstream;
-    let mut watch = true;
-    let mut ended = Proxied::Close;
-    let mut reusable = false;
-    loop {
-        if worker.draining() {
-            boxed::pin(end_stream(worker, client, e.chunk)).await;
-            break;
-        }
-        worker.stream_begin(reg, u.index);
-        let parking = (parks && matches!(e.up, Stream::Plain(_))).then_some(reg);
-        let got = read_watching(&mut e.up, &mut e.buf, client, &mut watch, parking).await;
-        if let Watched::Park = got {
-            return Relayed::Park(e); // its registry entry stays as it is: asked to park
-        }
-        // Expired: the gateway drains, or a reload removed the stream's upstream.
-        let expired = worker.idle_end(reg);
-        match got {
-            Watched::Data => {}
-            Watched::Eof if e.decoded.eof().is_ok() => {}
-            Watched::ClientGone if expired => {
-                boxed::pin(end_stream(worker, client, e.chunk)).await;
-                break;
-            }
-            Watched::Eof | Watched::Failed | Watched::ClientGone | Watched::Park => break,
-        }
-        let (mut data, mut out) = (take_buf(), take_buf());
-        let done = frame_body(&mut e.decoded, &mut e.buf, &mut data, &mut out, e.chunk);
-        give_buf(data);
-        let Ok(done) = done else {
-            give_buf(out);
-            break; // the upstream's framing broke: all we can do is close
-        };
-        if out.is_empty() {
-            give_buf(out); // part of an event: nothing to write yet
-        } else {
-            match boxed::pin(write_all(client, out, s.timeouts.write())).await {
-                Ok(o) => give_buf(o),
-                Err(_) => break,
-            }
-        }
-        if done {
-            reusable = e.upstream_keep_alive && !e.decoded.until_close() && e.buf.is_empty();
-            ended = end(e.keep_alive);
-            break;
-        }
-    }
-    let Events { up, buf, .. } = boxed::unbox(e);
-    if reusable {
-        client::give_back(u, up);
-    }
-    give_buf(buf);
-    Relayed::Ended(ended)
-}
-
-/// How [`events`] ended.
-pub enum Relayed {
-    /// The stream ended: what the connection does next.
-    Ended(Proxied),
-    /// The sweeper asks the connection to park with its stream.
-    Park(Box<Events>),
-}
-
-impl Events {
-    /// The upstream socket the parking lot watches while the stream is parked: readable when
-    /// the next event (or the stream's end) comes.
-    pub fn upstream_fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.up.tcp().as_raw_fd()
-    }
-}
-
-/// Decodes what `buf` holds of the response body and frames it into `out` for the client
-/// (chunked when `chunk`, with the last chunk once the body is complete). `Ok(true)`: the body is
-/// complete; `Err`: the upstream's framing is broken.
-fn frame_body(
-    decoded: &mut Body,
-    buf: &mut Vec<u8>,
-    data: &mut Vec<u8>,
-    out: &mut Vec<u8>,
-    chunk: bool,
-) -> Result<bool, ()> {
-    decoded.feed(buf, data).map_err(|_| ())?;
-    if !data.is_empty() {
-        if chunk {
-            frame_chunk(out, data);
-        } else {
-            out.extend_from_slice(data);
-        }
-        data.clear();
-    }
-    let done = decoded.is_done();
-    if done && chunk {
-        out.extend_from_slice(b"0\r\n\r\n");
-    }
-    Ok(done)
-}
-
-/// Ends a chunked event stream cleanly (the gateway is draining, or a reload removed its
-/// upstream); the connection then closes.
-async fn end_stream(worker: &Worker, client: &mut Stream, chunked: bool) {
-    if chunked {
-        let mut out = take_buf();
-        out.extend_from_slice(b"0\r\n\r\n");
-        if let Ok(o) = write_all(client, out, worker.settings().timeouts.write()).await {
-            give_buf(o);
-        }
-    }
-}
-
 fn end(keep_alive: bool) -> Proxied {
     if keep_alive {
         Proxied::KeepAlive
@@ -629,13 +302,6 @@ fn end(keep_alive: bool) -> Proxied {
 fn query(raw_head: &[u8]) -> &str {
     let target = std::str::from_utf8(request::request_line(raw_head).1).unwrap_or("");
     target.find('?').map_or("", |i| &target[i..])
-}
-
-fn frame_chunk(out: &mut Vec<u8>, data: &[u8]) {
-    use std::io::Write as _;
-    let _ = write!(out, "{:x}\r\n", data.len());
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Answers a request that could not be forwarded. `pinned`: it named a session whose upstream
