@@ -198,6 +198,22 @@ pub enum ReadError {
     Io(io::Error),
 }
 
+/// The bytes a message door's exchange starts from: those already `pending`, or, for a
+/// connection woken by readiness, what has arrived by `deadline` (`None`: the client closed, or
+/// the read failed; the connection ends).
+pub async fn first_bytes<S: AsyncReadRent>(
+    stream: &mut S,
+    pending: Option<Vec<u8>>,
+    deadline: Instant,
+) -> Option<Vec<u8>> {
+    let mut buf = pending.unwrap_or_else(take_buf);
+    if buf.is_empty() && read_more(stream, &mut buf, deadline).await.is_err() {
+        give_buf(buf);
+        return None;
+    }
+    Some(buf)
+}
+
 /// Appends at least one byte to `buf` (growing it by up to `BUF_SIZE` when full) before
 /// `deadline`. For a client's socket and an upstream's connection alike.
 pub async fn read_more<S: AsyncReadRent>(

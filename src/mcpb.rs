@@ -24,7 +24,7 @@ use monoio::net::TcpStream;
 use crate::boxed;
 use crate::stream::Stream;
 
-use crate::conn::{give_buf, linger_close, read_more, take_buf, write_all, ReadError};
+use crate::conn::{first_bytes, give_buf, linger_close, take_buf, write_all, ReadError};
 use crate::echo;
 use crate::limiter::Permit;
 use crate::metrics::{Frontend, ProtocolError};
@@ -186,16 +186,11 @@ async fn exchange(
     session: &mut MsgSession,
 ) -> Step {
     let s = worker.settings();
-    let mut buf = pending.take().unwrap_or_else(take_buf);
-    let mut out = take_buf();
     let deadline = Instant::now() + s.timeouts.read();
-    if buf.is_empty() {
-        // Woken by readiness: read what arrived (EOF or an error ends the connection).
-        if read_more(stream, &mut buf, deadline).await.is_err() {
-            give_buf(out);
-            return Step::Close;
-        }
-    }
+    let Some(mut buf) = first_bytes(stream, pending.take(), deadline).await else {
+        return Step::Close;
+    };
+    let mut out = take_buf();
     loop {
         let (kind, len) = match parse_header(&buf, s.max_message_size()) {
             Ok(Some((kind, len))) if buf.len() >= HEADER_LEN + len => (kind, len),

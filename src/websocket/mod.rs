@@ -21,7 +21,7 @@ use crate::stream::Stream;
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
 
-use crate::conn::{give_buf, linger_close, read_more, take_buf, write_all, ReadError};
+use crate::conn::{first_bytes, give_buf, linger_close, take_buf, write_all, ReadError};
 use crate::http::request::Upgrade;
 use crate::http::response;
 use crate::limiter::Permit;
@@ -180,16 +180,11 @@ async fn exchange(
 ) -> WsStep {
     let s = worker.settings();
     let max = s.max_message_size();
-    let mut buf = pending.unwrap_or_else(take_buf);
-    let mut out = take_buf();
     let deadline = Instant::now() + s.timeouts.read();
-    if buf.is_empty() {
-        // Woken by readiness: read what arrived (EOF or an error ends the connection).
-        if read_more(stream, &mut buf, deadline).await.is_err() {
-            give_buf(out);
-            return WsStep::Close;
-        }
-    }
+    let Some(mut buf) = first_bytes(stream, pending, deadline).await else {
+        return WsStep::Close;
+    };
+    let mut out = take_buf();
     loop {
         let message = match messages.read(&mut buf, max, &mut out) {
             Ok(Frame::Message(m)) => m,
