@@ -17,7 +17,8 @@
 //! - [`stream`]: a connection, plain or TLS, on either side; [`tls`]: rustls, its
 //!   configurations and the TLS stream.
 //! - [`http`]: the Streamable HTTP front door (and the WebSocket upgrade).
-//! - [`websocket`]: the WebSocket front door after the upgrade.
+//! - [`websocket`]: the WebSocket front door after the upgrade; its frame codec and message
+//!   assembly, with no I/O, in [`websocket::frames`].
 //! - [`mcpb`]: the framed-TCP (MCPB) front door.
 //! - [`echo`]: `builtin:echo`, the MCP server inside the gateway.
 //! - [`upstream`]: upstream MCP servers: balancing, breakers, health checks, the HTTP client
