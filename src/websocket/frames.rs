@@ -10,8 +10,8 @@
 //!
 //! Invariants:
 //! - A message (all fragments together) never exceeds `max`: a frame's head is checked before
-//!   its payload is waited for, each fragment against what is already assembled, so a client can
-//!   make the gateway hold at most one message and one frame of `max` bytes each.
+//!   its payload is waited for, a fragment's against what is already assembled, so what a client
+//!   can make the gateway hold for its message is at most `max` bytes in all.
 //! - Whatever pieces the bytes come in, the reader gives the same messages, answers and verdict
 //!   (it only ever reads whole frames).
 //! - A violation is a [`CloseWith`] carrying the code the RFC gives: 1002 protocol error,
@@ -76,7 +76,7 @@ pub fn parse_frame_head(buf: &[u8], max: usize) -> Result<Option<FrameHead>, Clo
         return Err(CloseWith(1002, "invalid control frame"));
     }
     if len > max as u64 {
-        return Err(CloseWith(1009, "message too big"));
+        return Err(TOO_BIG);
     }
     if buf.len() < at + 4 {
         return Ok(None);
@@ -158,6 +158,10 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
     }
 }
 
+const NEW_INSIDE_FRAGMENTED: CloseWith = CloseWith(1002, "new message inside a fragmented one");
+const CONTINUATION_WITHOUT_MESSAGE: CloseWith = CloseWith(1002, "continuation without a message");
+const TOO_BIG: CloseWith = CloseWith(1009, "message too big");
+
 /// What the next frame in a connection's buffer comes to, as [`Messages::read`] says.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -194,15 +198,23 @@ impl Messages {
         max: usize,
         out: &mut Vec<u8>,
     ) -> Result<Frame, CloseWith> {
-        let head = match parse_frame_head(buf, max)? {
-            Some(h) if buf.len() >= h.header_len + h.payload_len => h,
-            found => {
-                return Ok(Frame::Incomplete(
-                    found.map(|h| h.header_len + h.payload_len),
-                ))
-            }
+        let Some(head) = parse_frame_head(buf, max)? else {
+            return Ok(Frame::Incomplete(None));
         };
+        // What the head alone decides, before any of the payload is waited for: a fragment
+        // that would take the message past `max` is refused as soon as its head is here.
+        let assembled = self.assembling.as_ref().map(Vec::len);
+        match (head.opcode, assembled) {
+            (OP_TEXT | OP_BINARY, Some(_)) => return Err(NEW_INSIDE_FRAGMENTED),
+            (OP_BINARY, None) => return Err(CloseWith(1003, "send JSON-RPC as text messages")),
+            (OP_CONT, None) => return Err(CONTINUATION_WITHOUT_MESSAGE),
+            (OP_CONT, Some(n)) if n + head.payload_len > max => return Err(TOO_BIG),
+            _ => {}
+        }
         let (start, end) = (head.header_len, head.header_len + head.payload_len);
+        if buf.len() < end {
+            return Ok(Frame::Incomplete(Some(end)));
+        }
         unmask(&mut buf[start..end], head.mask);
         let payload = &buf[start..end];
         let frame = match head.opcode {
@@ -212,22 +224,13 @@ impl Messages {
             }
             OP_PONG => Frame::Handled,
             OP_CLOSE => Frame::Close(close_code(payload)?),
-            OP_TEXT | OP_BINARY if self.assembling.is_some() => {
-                return Err(CloseWith(1002, "new message inside a fragmented one"))
-            }
-            OP_BINARY => return Err(CloseWith(1003, "send JSON-RPC as text messages")),
             OP_TEXT => {
                 let mut m = crate::conn::take_buf();
                 m.extend_from_slice(payload);
                 self.finish(m, head.fin)?
             }
-            _ /* OP_CONT */ => {
-                let Some(mut m) = self.assembling.take() else {
-                    return Err(CloseWith(1002, "continuation without a message"));
-                };
-                if m.len() + payload.len() > max {
-                    return Err(CloseWith(1009, "message too big"));
-                }
+            _ /* OP_CONT, a message begun: checked above */ => {
+                let mut m = self.assembling.take().ok_or(CONTINUATION_WITHOUT_MESSAGE)?;
                 m.extend_from_slice(payload);
                 self.finish(m, head.fin)?
             }
@@ -404,6 +407,10 @@ mod tests {
         let mut big = client(false, OP_TEXT, &[b'x'; 60]);
         big.extend(client(true, OP_CONT, &[b'x'; 60]));
         assert_eq!(code(big, 100), 1009);
+        // ... refused from the second fragment's head alone, before its payload comes.
+        let mut head_only = client(false, OP_TEXT, &[b'x'; 60]);
+        head_only.extend(&client(true, OP_CONT, &[b'x'; 60])[..6]);
+        assert_eq!(code(head_only, 100), 1009);
         // A close frame of one byte, and one with a code no endpoint may send.
         assert_eq!(code(client(true, OP_CLOSE, &[3]), 100), 1002);
         assert_eq!(code(client(true, OP_CLOSE, &[0x03, 0xed]), 100), 1002);
