@@ -209,6 +209,9 @@ fn reply_to(
         return true;
     };
     let id = m.id.0.map_or("null", RawValue::get);
+    if m.method.is_none() && (m.result.is_some() || m.error.is_some()) {
+        return false; // a client's response to a server request: never answered
+    }
     if id != "null" && !is_string_or_number(id) {
         // An object, array or boolean id cannot be echoed as one: JSON-RPC 2.0 answers null.
         write_error(
@@ -218,9 +221,6 @@ fn reply_to(
             "invalid request: id must be a string, a number or null",
         );
         return true;
-    }
-    if m.method.is_none() && (m.result.is_some() || m.error.is_some()) {
-        return false; // a client's response to a server request
     }
     let Some(method) = m.method.filter(|_| m.jsonrpc.as_deref() == Some("2.0")) else {
         write_error(
@@ -391,6 +391,9 @@ mod tests {
             assert_eq!(v["error"]["code"], -32600, "{id}");
             assert_eq!(v["id"], Value::Null, "{id}");
         }
+        // A client's response is never answered, whatever its id.
+        let response = r#"{"jsonrpc":"2.0","id":{"a":1},"result":{}}"#;
+        assert!(!ask(response).0.replied);
         for id in ["-1.5e3", r#""x""#] {
             let (_, v) = ask(&format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"ping"}}"#));
             assert_eq!(v["result"], serde_json::json!({}), "{id}");
