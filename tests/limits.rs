@@ -117,6 +117,46 @@ fn the_global_limit_stays_exact_while_closed_places_wait_on_the_workers() {
 }
 
 #[test]
+fn the_per_ip_limit_stays_exact_while_closed_places_wait_on_the_workers() {
+    // A closed connection of an address with others open leaves its place in its worker's
+    // reserve for the address's next connection there; whichever worker accepts the next
+    // connections must still find every free place (taking them back from the other's
+    // reserve at the limit), the gauge of tracked addresses must not count reserved places,
+    // and a lowered limit must hold whatever the reserves keep.
+    let gw = start("max_connections_per_ip: 8");
+    let open = |gw: &Gateway| {
+        let mut c = connect_from("127.0.0.2", gw.http);
+        let status = roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status;
+        (c, status)
+    };
+    for round in 0..6 {
+        let held: Vec<_> = (0..8)
+            .map(|i| {
+                let (c, status) = open(&gw);
+                assert_eq!(status, 200, "round {round}, connection {i}");
+                c
+            })
+            .collect();
+        assert_eq!(open(&gw).1, 429, "round {round}: the ninth");
+        assert_eq!(gw.metric("mcp_gateway_tracked_ips"), 1.0);
+        drop(held);
+        gw.wait_metric("mcp_gateway_connections_active", 0.0);
+        assert_eq!(gw.metric("mcp_gateway_tracked_ips"), 0.0, "round {round}");
+    }
+    gw.reload("max_connections_per_ip: 8", "max_connections_per_ip: 3");
+    let held: Vec<_> = (0..3)
+        .map(|i| {
+            let (c, status) = open(&gw);
+            assert_eq!(status, 200, "connection {i} under the lowered limit");
+            c
+        })
+        .collect();
+    assert_eq!(open(&gw).1, 429, "the lowered limit holds");
+    drop(held);
+    gw.wait_all_closed();
+}
+
+#[test]
 fn doors_share_one_per_ip_count() {
     let gw = start("max_connections_per_ip: 3");
     // One HTTP, one WebSocket (upgraded), one MCPB connection from the same address.

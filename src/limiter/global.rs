@@ -38,15 +38,12 @@
 use crossbeam_utils::CachePadded;
 
 use super::cap::Cap;
+use super::lane::{self, LANES};
 
 #[cfg(loom)]
 use loom::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 #[cfg(not(loom))]
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-
-/// Reserves, one per thread up to this many; further threads share them (round robin).
-/// Under loom two, so that threads also share one.
-const LANES: usize = if cfg!(loom) { 2 } else { 64 };
 
 /// The most places one reserve keeps (a core that closes more at once gives the rest back).
 const RESERVE: usize = if cfg!(loom) { 2 } else { 64 };
@@ -122,54 +119,6 @@ impl GlobalCount {
 fn take_one(lane: &AtomicUsize) -> bool {
     lane.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
         .is_ok()
-}
-
-/// Which reserve a thread uses: the first [`LANES`] threads that admit or close a connection
-/// get one each, in the order they first do.
-mod lane {
-    use super::LANES;
-
-    #[cfg(not(loom))]
-    mod next {
-        use std::sync::atomic::AtomicUsize;
-        /// Threads that have asked for a lane so far (process-wide).
-        pub static NEXT: AtomicUsize = AtomicUsize::new(0);
-        std::thread_local!(pub static LANE: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) });
-    }
-    #[cfg(loom)]
-    mod next {
-        loom::lazy_static! {
-            pub static ref NEXT: loom::sync::atomic::AtomicUsize = loom::sync::atomic::AtomicUsize::new(0);
-        }
-        loom::thread_local!(pub static LANE: std::cell::Cell<usize> = std::cell::Cell::new(usize::MAX));
-    }
-    #[cfg(loom)]
-    use loom::sync::atomic::Ordering::Relaxed;
-    #[cfg(not(loom))]
-    use std::sync::atomic::Ordering::Relaxed;
-
-    /// This thread's lane. Relaxed: the counter only hands out distinct numbers. A permit
-    /// dropped while its thread's locals are torn down uses lane 0: any lane is right, only
-    /// a thread's own is cheaper.
-    #[inline]
-    pub fn index() -> usize {
-        next::LANE
-            .try_with(|lane| match lane.get() {
-                usize::MAX => {
-                    let i = next::NEXT.fetch_add(1, Relaxed) % LANES;
-                    lane.set(i);
-                    i
-                }
-                i => i,
-            })
-            .unwrap_or(0)
-    }
-
-    /// Lanes handed out so far: the others are empty. Relaxed: a lane handed out after this
-    /// read belongs to a thread whose reserve filled after it, a close racing the take.
-    pub fn in_use() -> usize {
-        next::NEXT.load(Relaxed).min(LANES)
-    }
 }
 
 #[cfg(all(test, not(loom)))]

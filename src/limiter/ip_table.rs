@@ -1,15 +1,17 @@
 //! The per-client-IP connection table: sharded, fixed-size, open-addressed, lock-free.
 //!
-//! Owns one count per live client IP. Sized once at startup (twice `max_connections` slots, rounded
-//! up to a power of two of cache lines); it never grows, never allocates after construction and
-//! never takes a lock.
+//! Owns one count per live client IP, and the per-thread reserves of places in front of it
+//! ([`super::ip_reserve`]). Sized once at startup (twice `max_connections` slots, rounded up to a
+//! power of two of cache lines); it never grows, never allocates after construction and never
+//! takes a lock.
 //!
 //! # Slot word
 //!
 //! A slot is one `AtomicU64`: `[fingerprint: 40 bits][claiming: 1 bit][count: 23 bits]`.
 //! `0` is an empty slot. `fp|CLAIMING` is a slot being claimed for a new key (count 0). `fp|n` with
-//! `n >= 1` is a live key with `n` connections; `fp|0` is a live key whose last connection has
-//! just been released, for the instant before that release empties the slot. The fingerprint
+//! `n >= 1` is a live key with `n` places: its connections, and the places of its closed
+//! connections kept in threads' reserves; `fp|0` is a live key whose last place has just been
+//! released, for the instant before that release empties the slot. The fingerprint
 //! and the home line come from one keyed hash of the address (`foldhash`, seeded with a
 //! per-process random key: a few ns where SipHash took about 15, measured with `cargo bench
 //! --bench limiter`), so nobody can aim collisions at a window; two addresses are confused only
@@ -21,10 +23,26 @@
 //! the shards: a core touches only the one or two lines of the keys it serves). No tombstones: a
 //! slot whose count drops to 0 is emptied by that release and any key may take it.
 //!
+//! # Reserves
+//!
+//! A connection admitted while its address held other places (a client with several
+//! connections, spread over the cores) leaves its place, when it closes, in its thread's reserve
+//! rather than taking it off the count ([`IpTable::release`]); the address's next connection on
+//! that thread takes it back without writing the slot, whose line the cores then only read. A
+//! thread that finds the address at its limit takes the places of the other threads' reserves
+//! back to the count first, and so does one that finds its window full, so a reserved place is
+//! free for whoever needs it. A key is counted among the live ones ([`IpTable::live_keys`],
+//! the tracked-address gauge) only while it has connections.
+//!
 //! # Invariants
 //!
-//! - **Exact:** at any moment a key has at most one live slot in its window, and a live count never
-//!   exceeds the limit, not even transiently (increments are compare-and-swap against the limit).
+//! - **Exact:** at any moment a key has at most one live slot in its window, and a live count
+//!   (connections and reserved places) never exceeds the limit, not even transiently (increments
+//!   are compare-and-swap against the limit; a reserved place was counted when its connection
+//!   came). A connection takes a reserved place only while the count is within the limit (a
+//!   reload may have lowered it), and is refused only when the count is at the limit after the
+//!   reserves gave theirs back: as in [`super::global`], a close racing that look may be missed,
+//!   as it would be at the count.
 //! - **Claim rule:** a claimer first stores `fp|CLAIMING` into an empty slot, then rescans its
 //!   window. Live beats claiming (it backs off and increments the live slot); between two claims the
 //!   lower window position wins; the lower one waits until the higher one has backed off. Because a
@@ -32,7 +50,9 @@
 //!   at least one sees the other, so two live slots for one key cannot both be published.
 //! - **Cleanup:** the release that takes a count from 1 to 0 then writes 0 (empty) unless an
 //!   acquirer of the key revived the slot first (`fp|0` counts as live for acquirers and
-//!   claimers alike), so after any churn the table is empty again.
+//!   claimers alike), so after any churn the table is empty again but for the slots of
+//!   reserved places, which go back when the reserves give them back (or another slot's places
+//!   displace them from their reserve entry).
 //! - A claimer that finds a pending claim for its key waits for it to resolve instead of claiming a
 //!   second slot, so contention on one new key costs one claim, not a storm of them.
 //!
@@ -41,6 +61,8 @@
 use std::hash::BuildHasher;
 
 use crossbeam_utils::CachePadded;
+
+use super::ip_reserve::{Put, Reserves};
 
 #[cfg(loom)]
 use loom::sync::atomic::{AtomicU64, Ordering};
@@ -80,12 +102,24 @@ pub enum TableReject {
 
 type Line = CachePadded<[AtomicU64; SLOTS_PER_LINE]>;
 
+/// A place taken by [`IpTable::acquire`], to hand back to [`IpTable::release`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place {
+    /// The address's slot.
+    pub slot: usize,
+    /// The address held other places when this one was taken: its release goes to the
+    /// thread's reserve (see [`IpTable::release`]).
+    pub shared: bool,
+}
+
 /// See the module documentation.
 pub struct IpTable {
     lines: Box<[Line]>,
     /// `lines.len() - 1`; `lines.len()` is a power of two, at least 2.
     line_mask: usize,
     hasher: KeyedHash,
+    /// Places of closed connections kept per thread for their addresses' next connections.
+    reserves: Reserves,
 }
 
 impl IpTable {
@@ -105,6 +139,7 @@ impl IpTable {
             hasher: KeyedHash::default(),
             #[cfg(loom)]
             hasher: KeyedHash::with_seed(0x9e37_79b9_7f4a_7c15),
+            reserves: Reserves::default(),
         }
     }
 
@@ -134,13 +169,13 @@ impl IpTable {
     }
 
     /// Counts one more connection for `key` unless it already has `limit` (`1..=MAX_COUNT`).
-    /// Returns the slot index to hand back to [`IpTable::release`].
+    /// Returns the place to hand back to [`IpTable::release`].
     ///
     /// Orderings: every access here is SeqCst. The claim protocol is a store-then-scan across
     /// different slots (Dekker), which needs a single total order of the claim stores and the scan
     /// loads; weaker orderings would let two claimers miss each other. On x86 a SeqCst load is a
     /// plain load and every read-modify-write is already a full barrier, so this costs nothing.
-    pub fn acquire(&self, key: u128, limit: u64) -> Result<usize, TableReject> {
+    pub fn acquire(&self, key: u128, limit: u64) -> Result<Place, TableReject> {
         debug_assert!((1..=MAX_COUNT).contains(&limit));
         let (home, tag) = self.locate(key);
         let mut spins = 0u32;
@@ -162,9 +197,29 @@ impl IpTable {
                     pending_claim = true;
                     continue;
                 }
-                // The key is live here: one compare-and-swap against the limit.
+                // The key is live here. A place this thread reserved when one of the key's
+                // connections closed is already counted (within the limit, unless a reload
+                // lowered it: then the compare-and-swap below decides).
+                if word & COUNT_MASK <= limit && self.reserves.take_own(index) {
+                    // The place is of whichever key lives in the slot while it is reserved:
+                    // ours, unless the slot changed hands since the scan (and another thread
+                    // sharing this lane reserved a place of its new key).
+                    if slot.load(Ordering::SeqCst) & (FP_MASK | CLAIMING) == tag {
+                        return Ok(Place {
+                            slot: index,
+                            shared: word & COUNT_MASK >= 2,
+                        });
+                    }
+                    self.release_n(index, 1);
+                    continue 'retry;
+                }
+                // One compare-and-swap against the limit.
                 loop {
                     if word & COUNT_MASK >= limit {
+                        // Free places of the key may sit in other threads' reserves.
+                        if self.reclaim(index) > 0 {
+                            continue 'retry;
+                        }
                         return Err(TableReject::LimitReached);
                     }
                     match slot.compare_exchange_weak(
@@ -173,7 +228,12 @@ impl IpTable {
                         Ordering::SeqCst,
                         Ordering::SeqCst,
                     ) {
-                        Ok(_) => return Ok(index),
+                        Ok(_) => {
+                            return Ok(Place {
+                                slot: index,
+                                shared: word & COUNT_MASK >= 1,
+                            })
+                        }
                         // Still live for this key (count 0 too: a last release not yet
                         // emptied, which the increment revives): retry with the fresh count.
                         Err(now) if now & (FP_MASK | CLAIMING) == tag => word = now,
@@ -188,6 +248,13 @@ impl IpTable {
                 continue 'retry;
             }
             let Some(claimed) = empty else {
+                // Some slots of the window may be live only for places in reserves.
+                let reclaimed: u64 = (0..WINDOW)
+                    .map(|pos| self.reclaim(self.index(home, pos)))
+                    .sum();
+                if reclaimed > 0 {
+                    continue 'retry;
+                }
                 return Err(TableReject::Full);
             };
             let slot = self.slot(claimed);
@@ -205,7 +272,10 @@ impl IpTable {
                         // enough: a competitor's scan counts claiming and live alike, so what it
                         // must see (our claim) was already published by the SeqCst claim.
                         slot.store(tag | 1, Ordering::Release);
-                        return Ok(claimed);
+                        return Ok(Place {
+                            slot: claimed,
+                            shared: false,
+                        });
                     }
                     Competitor::Wins => {
                         // Backing off: a waiter only needs to see this eventually (coherence).
@@ -253,47 +323,123 @@ impl IpTable {
         self.slot(index).load(Ordering::Relaxed) >> FP_SHIFT
     }
 
-    /// Releases one count taken by [`IpTable::acquire`] at `index`. The last release empties the
-    /// slot.
-    ///
-    /// One `fetch_sub`, never a retry: two threads releasing and acquiring on one address (a
-    /// client's connections spread over the cores) no longer fail each other's
-    /// compare-and-swap. The release that takes the count to 0 leaves `fp|0`, a live slot with
-    /// no connection, and then empties it, unless an acquirer of the same key has revived it
-    /// first (its count then goes 0 -> 1 in place, and its own last release empties it). Every
-    /// `fp|0` is so followed by an emptying attempt, and the attempt fails only when the word
-    /// has moved on (revived, or emptied by another last release), so churn still ends empty.
-    ///
-    /// SeqCst for the same reason as in `acquire`: emptying a slot is part of what a concurrent
-    /// claimer's scan must see in the one total order, and a claimer counts `fp|0` as live.
-    pub fn release(&self, index: usize) {
-        let slot = self.slot(index);
-        let before = slot.fetch_sub(1, Ordering::SeqCst);
-        debug_assert!(
-            before & COUNT_MASK >= 1 && before & CLAIMING == 0,
-            "release of {before:#x}"
-        );
-        if before & COUNT_MASK == 1 {
-            let _ = slot.compare_exchange(before - 1, 0, Ordering::SeqCst, Ordering::SeqCst);
+    /// Releases a place taken by [`IpTable::acquire`]. The place of an address that held
+    /// others when it was taken (other connections, or places reserved) goes to this thread's
+    /// reserve, for the address's next connection on this thread, unless the reserve has enough
+    /// of them; any other goes back to its slot (and empties it when it was the last), so a
+    /// client of one connection at a time costs no reserve and holds no slot once it has gone.
+    /// (Deciding from the count at the release instead, one more load, cost the benchmark's
+    /// new address 3 ns a pair.)
+    pub fn release(&self, place: Place) {
+        let index = place.slot;
+        if !place.shared {
+            return self.release_n(index, 1);
+        }
+        match self.reserves.put(index) {
+            Put::Kept => {}
+            Put::Displaced(other, places) => self.release_n(other, places),
+            Put::Full => self.release_n(index, 1),
         }
     }
 
-    /// Number of keys with live connections (a scan; for scrapes and tests, not the hot path).
-    /// Relaxed: a statistic of independent slots, not used to synchronize anything.
+    /// Takes the places of slot `index` out of every reserve and off its count (emptying it when
+    /// that leaves none): how many.
+    #[cold]
+    #[inline(never)]
+    fn reclaim(&self, index: usize) -> u64 {
+        let places = self.reserves.take_all(index);
+        if places > 0 {
+            self.release_n(index, places);
+        }
+        places
+    }
+
+    /// Takes `n` places off the count of live slot `index`; the last release empties the slot.
+    ///
+    /// One `fetch_sub`, never a retry: two threads releasing and acquiring on one address (a
+    /// client's connections spread over the cores) never fail each other's compare-and-swap.
+    /// The release that takes the count to 0 leaves `fp|0`, a live slot with no connection, and
+    /// then empties it, unless an acquirer of the same key has revived it first (its count then
+    /// goes 0 -> 1 in place, and its own last release empties it). Every `fp|0` is so followed
+    /// by an emptying attempt, and the attempt fails only when the word has moved on (revived,
+    /// or emptied by another last release), so churn still ends empty.
+    ///
+    /// SeqCst for the same reason as in `acquire`: emptying a slot is part of what a concurrent
+    /// claimer's scan must see in the one total order, and a claimer counts `fp|0` as live.
+    fn release_n(&self, index: usize, n: u64) {
+        let slot = self.slot(index);
+        let before = slot.fetch_sub(n, Ordering::SeqCst);
+        debug_assert!(
+            before & COUNT_MASK >= n && before & CLAIMING == 0,
+            "release of {n} from {before:#x}"
+        );
+        if before & COUNT_MASK == n {
+            let _ = slot.compare_exchange(before - n, 0, Ordering::SeqCst, Ordering::SeqCst);
+        }
+    }
+
+    /// Places reserved per slot, summed over the threads (a snapshot).
+    fn reserved(&self) -> Vec<(usize, u64)> {
+        let mut reserved: Vec<(usize, u64)> = self.reserves.reserved().collect();
+        reserved.sort_unstable();
+        reserved.dedup_by(|later, first| {
+            let same = later.0 == first.0;
+            if same {
+                first.1 += later.1;
+            }
+            same
+        });
+        reserved
+    }
+
+    /// Number of keys with live connections (a scan; for scrapes and tests, not the hot path):
+    /// slots live only for places in reserves do not count. Exact when nothing changes while it
+    /// runs. Relaxed: a statistic of independent slots, not used to synchronize anything (the
+    /// reserves are read first, so a slot's count read after includes its reserved places).
     pub fn live_keys(&self) -> usize {
-        self.lines
+        let reserved = self.reserved();
+        let live = self
+            .lines
             .iter()
             .flat_map(|line| line.iter())
             .filter(|slot| {
                 let word = slot.load(Ordering::Relaxed);
                 word & CLAIMING == 0 && word & COUNT_MASK != 0
             })
-            .count()
+            .count();
+        let reserves_only = reserved
+            .iter()
+            .filter(|&&(index, places)| {
+                let word = self.slot(index).load(Ordering::Relaxed);
+                word & CLAIMING == 0 && word & COUNT_MASK <= places
+            })
+            .count();
+        live.saturating_sub(reserves_only)
     }
 
-    /// The count held at `index` (tests and diagnostics).
-    pub fn count_at(&self, index: usize) -> u64 {
+    /// The connections counted at `index`, its places less those in reserves (tests and
+    /// diagnostics).
+    pub fn connections_at(&self, index: usize) -> u64 {
+        let reserved = self
+            .reserved()
+            .into_iter()
+            .find(|&(slot, _)| slot == index)
+            .map_or(0, |(_, places)| places);
+        self.places_at(index).saturating_sub(reserved)
+    }
+
+    /// The places counted at `index`: its connections and the places reserved for them.
+    pub fn places_at(&self, index: usize) -> u64 {
         self.slot(index).load(Ordering::SeqCst) & COUNT_MASK
+    }
+
+    /// Gives every reserved place back to its slot (tests: after it, a table whose connections
+    /// have all closed is empty again, every slot 0).
+    #[cfg(test)]
+    pub fn give_back_reserves(&self) {
+        for (index, _) in self.reserved() {
+            self.reclaim(index);
+        }
     }
 }
 
@@ -321,21 +467,139 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    fn all_empty(t: &IpTable) -> bool {
+        (0..t.capacity()).all(|i| t.slot(i).load(Ordering::SeqCst) == 0)
+    }
+
+    /// The slot of an acquire's place.
+    fn slot(got: Result<Place, TableReject>) -> Result<usize, TableReject> {
+        got.map(|place| place.slot)
+    }
+
     #[test]
     fn same_key_shares_one_slot_and_empties() {
         let t = IpTable::with_min_slots(64);
-        let a = t.acquire(7, 3).unwrap();
-        let b = t.acquire(7, 3).unwrap();
-        let c = t.acquire(7, 3).unwrap();
-        assert_eq!((a, b), (b, c));
+        let held: Vec<Place> = (0..3).map(|_| t.acquire(7, 3).unwrap()).collect();
+        let a = held[0].slot;
+        assert!(held.iter().all(|p| p.slot == a));
+        assert_eq!(
+            held.iter().map(|p| p.shared).collect::<Vec<_>>(),
+            [false, true, true],
+            "the first had no other place"
+        );
         assert_eq!(t.acquire(7, 3), Err(TableReject::LimitReached));
-        assert_eq!(t.count_at(a), 3);
+        assert_eq!(t.places_at(a), 3);
         assert_eq!(t.live_keys(), 1);
-        for _ in 0..3 {
-            t.release(a);
+        for place in held {
+            t.release(place);
         }
         assert_eq!(t.live_keys(), 0);
-        assert_eq!(t.count_at(a), 0);
+        assert_eq!(t.connections_at(a), 0);
+        assert_eq!(t.places_at(a), 2, "the two shared ones in the reserve");
+        t.give_back_reserves();
+        assert!(all_empty(&t));
+    }
+
+    #[test]
+    fn a_closed_connections_place_waits_for_the_address_in_its_threads_reserve() {
+        let t = Arc::new(IpTable::with_min_slots(64));
+        let first = t.acquire(7, 2).unwrap();
+        let second = t.acquire(7, 2).unwrap();
+        let a = second.slot;
+        t.release(second);
+        assert_eq!((t.live_keys(), t.connections_at(a)), (1, 1));
+        assert_eq!(t.places_at(a), 2, "the place stays counted, in the reserve");
+        let again = t.acquire(7, 2).unwrap();
+        assert_eq!(again.slot, a, "and the next connection takes it");
+        assert_eq!((t.places_at(a), t.connections_at(a)), (2, 2));
+        assert_eq!(t.acquire(7, 2), Err(TableReject::LimitReached));
+        t.release(again);
+        // Another thread finds the address at its limit, and the place in this one's reserve.
+        let other = t.clone();
+        let b = std::thread::spawn(move || other.acquire(7, 2))
+            .join()
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.slot, a);
+        assert_eq!((t.places_at(a), t.connections_at(a)), (2, 2));
+        assert_eq!(t.acquire(7, 2), Err(TableReject::LimitReached));
+        // Its last two connections close: the one that came with another goes to the reserve.
+        t.release(b);
+        t.release(first);
+        assert_eq!(
+            (t.live_keys(), t.connections_at(a), t.places_at(a)),
+            (0, 0, 1)
+        );
+        t.give_back_reserves();
+        assert!(all_empty(&t));
+    }
+
+    #[test]
+    fn an_address_of_one_connection_at_a_time_holds_no_reserve() {
+        let t = IpTable::with_min_slots(64);
+        for _ in 0..3 {
+            let place = t.acquire(7, 5).unwrap();
+            assert!(!place.shared);
+            t.release(place);
+            assert!(all_empty(&t));
+        }
+    }
+
+    #[test]
+    fn a_reserve_keeps_a_few_places_of_an_address() {
+        let t = IpTable::with_min_slots(64);
+        let held: Vec<Place> = (0..10).map(|_| t.acquire(7, 10).unwrap()).collect();
+        let a = held[0].slot;
+        for place in held {
+            t.release(place);
+        }
+        assert_eq!(t.places_at(a), super::super::ip_reserve::PER_ADDRESS);
+        assert_eq!(t.live_keys(), 0);
+    }
+
+    #[test]
+    fn a_lower_limit_holds_whatever_the_reserves_keep() {
+        // A reload lowers the limit from 3 to 1 while two places sit in the reserve.
+        let t = IpTable::with_min_slots(64);
+        let held: Vec<Place> = (0..3).map(|_| t.acquire(7, 3).unwrap()).collect();
+        let a = held[0].slot;
+        for place in held.into_iter().rev() {
+            t.release(place);
+        }
+        assert_eq!((t.places_at(a), t.connections_at(a)), (2, 0));
+        let one = t.acquire(7, 1).unwrap();
+        assert_eq!(t.acquire(7, 1), Err(TableReject::LimitReached));
+        assert_eq!((t.places_at(one.slot), t.connections_at(one.slot)), (1, 1));
+    }
+
+    #[test]
+    fn a_reserve_entry_gives_an_address_that_stopped_coming_back_to_its_slot() {
+        let t = IpTable::with_min_slots(64);
+        let _first = t.acquire(1, 10).unwrap();
+        let first = t.acquire(1, 10).unwrap();
+        // Another address whose slot shares the reserve's entry with the first's.
+        let (key, second) = (2..10_000u128)
+            .find_map(|k| {
+                let place = t.acquire(k, 10).unwrap();
+                if place.slot % 8 == first.slot % 8 && place.slot != first.slot {
+                    return Some((k, t.acquire(k, 10).unwrap()));
+                }
+                t.release(place);
+                None
+            })
+            .unwrap();
+        let (a, b) = (first.slot, second.slot);
+        t.release(first);
+        assert_eq!((t.places_at(a), t.connections_at(a)), (2, 1));
+        t.release(second);
+        assert_eq!(
+            (t.places_at(a), t.connections_at(a)),
+            (1, 1),
+            "displaced, back to its slot"
+        );
+        assert_eq!((t.places_at(b), t.connections_at(b)), (2, 1));
+        assert_eq!(slot(t.acquire(key, 10)), Ok(b));
+        assert_eq!((t.places_at(b), t.connections_at(b)), (2, 2));
     }
 
     #[test]
@@ -343,16 +607,36 @@ mod tests {
         // A 2-line table: every key's window is the whole table.
         let t = IpTable::with_min_slots(1);
         assert_eq!(t.capacity(), WINDOW);
-        let held: Vec<usize> = (0..WINDOW as u128)
+        let held: Vec<Place> = (0..WINDOW as u128)
             .map(|k| t.acquire(k, 1).unwrap())
             .collect();
         assert_eq!(t.live_keys(), WINDOW);
         assert_eq!(t.acquire(1000, 1), Err(TableReject::Full));
         t.release(held[3]);
-        assert!(
-            t.acquire(1000, 1).is_ok(),
+        assert_eq!(
+            slot(t.acquire(1000, 1)),
+            Ok(held[3].slot),
             "a freed slot is reused by another key"
         );
+    }
+
+    #[test]
+    fn a_slot_live_only_for_reserved_places_is_taken_back_for_a_new_key() {
+        let t = IpTable::with_min_slots(1);
+        let (first, second) = (t.acquire(0, 2).unwrap(), t.acquire(0, 2).unwrap());
+        for k in 1..WINDOW as u128 {
+            t.acquire(k, 1).unwrap();
+        }
+        t.release(second);
+        t.release(first);
+        let a = first.slot;
+        assert_eq!((t.live_keys(), t.places_at(a)), (WINDOW - 1, 1));
+        assert_eq!(
+            slot(t.acquire(1000, 1)),
+            Ok(a),
+            "the reserved place went back"
+        );
+        assert_eq!((t.live_keys(), t.places_at(a)), (WINDOW, 1));
     }
 
     #[test]
@@ -368,10 +652,10 @@ mod tests {
                     (0..2_000u128)
                         .map(|round| {
                             barrier.wait();
-                            let slot = t.acquire(round, 100).unwrap();
+                            let place = t.acquire(round, 100).unwrap();
                             barrier.wait();
-                            t.release(slot);
-                            slot
+                            t.release(place);
+                            place.slot
                         })
                         .collect::<Vec<_>>()
                 })
@@ -385,6 +669,8 @@ mod tests {
             );
         }
         assert_eq!(t.live_keys(), 0);
+        t.give_back_reserves();
+        assert!(all_empty(&t));
     }
 
     #[test]
@@ -399,20 +685,21 @@ mod tests {
                     let mut held = Vec::new();
                     for i in 0..50_000u128 {
                         let key = (i * 7 + n) % 13;
-                        if let Ok(idx) = t.acquire(key, 5) {
-                            if t.count_at(idx) > 5 {
+                        if let Ok(place) = t.acquire(key, 5) {
+                            // Connections and reserved places together, within the limit.
+                            if t.places_at(place.slot) > 5 {
                                 over.store(true, std::sync::atomic::Ordering::Relaxed);
                             }
-                            held.push(idx);
+                            held.push(place);
                         }
                         if held.len() > 3 || i % 3 == 0 {
-                            if let Some(idx) = held.pop() {
-                                t.release(idx);
+                            if let Some(place) = held.pop() {
+                                t.release(place);
                             }
                         }
                     }
-                    for idx in held {
-                        t.release(idx);
+                    for place in held {
+                        t.release(place);
                     }
                 })
             })
@@ -422,18 +709,28 @@ mod tests {
         }
         assert!(!over.load(std::sync::atomic::Ordering::Relaxed));
         assert_eq!(t.live_keys(), 0);
-        assert!((0..t.capacity()).all(|i| t.slot(i).load(Ordering::SeqCst) == 0));
+        t.give_back_reserves();
+        assert!(all_empty(&t));
     }
 }
 
 #[cfg(all(test, loom))]
 mod loom_tests {
-    //! Run with `RUSTFLAGS="--cfg loom" cargo test --release --lib loom`.
+    //! Run with `RUSTFLAGS="--cfg loom" cargo test --release --lib loom`. Under loom two threads
+    //! of three share a lane, so some executions take a reserved place from a shared lane.
     use super::*;
+    use loom::sync::atomic::{
+        AtomicBool, AtomicUsize,
+        Ordering::{Acquire, Relaxed, Release},
+    };
     use loom::sync::Arc;
     use loom::thread;
 
+    /// Every place was released: no key is live, and after the reserves give theirs back,
+    /// every slot is empty.
     fn all_empty(t: &IpTable) -> bool {
+        assert_eq!(t.live_keys(), 0);
+        t.give_back_reserves();
         (0..t.capacity()).all(|i| t.slot(i).load(Ordering::SeqCst) == 0)
     }
 
@@ -445,8 +742,8 @@ mod loom_tests {
             let h = thread::spawn(move || t2.acquire(42, 10).unwrap());
             let a = t.acquire(42, 10).unwrap();
             let b = h.join().unwrap();
-            assert_eq!(a, b, "one key, one slot");
-            assert_eq!(t.count_at(a), 2);
+            assert_eq!(a.slot, b.slot, "one key, one slot");
+            assert_eq!(t.places_at(a.slot), 2);
             t.release(a);
             t.release(b);
             assert!(all_empty(&t));
@@ -465,9 +762,9 @@ mod loom_tests {
                 a.is_ok() ^ b.is_ok(),
                 "exactly one of two gets the only place"
             );
-            let idx = a.or(b).unwrap();
-            assert_eq!(t.count_at(idx), 1);
-            t.release(idx);
+            let place = a.or(b).unwrap();
+            assert_eq!(t.places_at(place.slot), 1);
+            t.release(place);
             assert!(all_empty(&t));
         });
     }
@@ -482,7 +779,7 @@ mod loom_tests {
             let second = t.acquire(9, 10).unwrap();
             h.join().unwrap();
             assert_eq!(t.live_keys(), 1);
-            assert_eq!(t.count_at(second), 1);
+            assert_eq!(t.connections_at(second.slot), 1);
             t.release(second);
             assert!(all_empty(&t));
         });
@@ -493,7 +790,7 @@ mod loom_tests {
         loom::model(|| {
             // A full table: the only way in for a new key is the slot another key frees.
             let t = Arc::new(IpTable::with_min_slots(1));
-            let held: Vec<usize> = (10..10 + WINDOW as u128)
+            let held: Vec<Place> = (10..10 + WINDOW as u128)
                 .map(|k| t.acquire(k, 10).unwrap())
                 .collect();
             let freed = held[0];
@@ -502,16 +799,102 @@ mod loom_tests {
             let got = t.acquire(99, 10);
             h.join().unwrap();
             match got {
-                Ok(slot) => assert_eq!(slot, freed, "the new key took the freed slot"),
+                Ok(place) => assert_eq!(place.slot, freed.slot, "the new key took the freed slot"),
                 Err(e) => assert_eq!(
                     e,
                     TableReject::Full,
                     "before the release the table was full"
                 ),
             }
-            for slot in got.into_iter().chain(held.into_iter().skip(1)) {
-                t.release(slot);
+            for place in got.into_iter().chain(held.into_iter().skip(1)) {
+                t.release(place);
             }
+            assert!(all_empty(&t));
+        });
+    }
+
+    /// A table where address 1 holds two connections, the second of them shared (its place
+    /// goes to a reserve when it closes).
+    fn two_connections_of_one_address(limit: u64) -> (Arc<IpTable>, Place, Place) {
+        let t = Arc::new(IpTable::with_min_slots(1));
+        let first = t.acquire(1, limit).unwrap();
+        let second = t.acquire(1, limit).unwrap();
+        assert!(second.shared);
+        (t, first, second)
+    }
+
+    #[test]
+    fn loom_a_close_into_a_reserve_racing_a_connection_of_the_address_on_another_thread() {
+        loom::model(|| {
+            let (t, first, second) = two_connections_of_one_address(2);
+            let closed = Arc::new(AtomicBool::new(false));
+            let (t2, closed2) = (t.clone(), closed.clone());
+            // Before the close the address is at its limit; after it the place is free, in the
+            // closer's reserve.
+            let taker = thread::spawn(move || {
+                let early = t2.acquire(1, 2);
+                while !closed2.load(Acquire) {
+                    thread::yield_now();
+                }
+                early.or_else(|_| t2.acquire(1, 2))
+            });
+            t.release(second);
+            closed.store(true, Release);
+            let got = taker
+                .join()
+                .unwrap()
+                .expect("the freed place reaches the other thread");
+            assert_eq!(got.slot, first.slot);
+            assert_eq!((t.places_at(got.slot), t.connections_at(got.slot)), (2, 2));
+            assert_eq!(t.acquire(1, 2), Err(TableReject::LimitReached));
+            t.release(got);
+            t.release(first);
+            assert!(all_empty(&t));
+        });
+    }
+
+    #[test]
+    fn loom_two_takers_of_a_reserved_place_get_it_once() {
+        loom::model(|| {
+            let (t, first, second) = two_connections_of_one_address(2);
+            t.release(second); // the free place is now in this thread's reserve
+            let (t2, t3) = (t.clone(), t.clone());
+            let a = thread::spawn(move || t2.acquire(1, 2));
+            let b = thread::spawn(move || t3.acquire(1, 2));
+            let (a, b) = (a.join().unwrap(), b.join().unwrap());
+            assert!(
+                a.is_ok() ^ b.is_ok(),
+                "exactly one of two gets the only place"
+            );
+            assert_eq!(t.connections_at(first.slot), 2);
+            t.release(a.or(b).unwrap());
+            t.release(first);
+            assert!(all_empty(&t));
+        });
+    }
+
+    #[test]
+    fn loom_churn_of_one_address_on_two_threads_never_passes_the_limit() {
+        loom::model(|| {
+            let (t, first, second) = two_connections_of_one_address(2);
+            t.release(second);
+            let held = Arc::new(AtomicUsize::new(0));
+            let churn = |t: Arc<IpTable>, held: Arc<AtomicUsize>| {
+                move || {
+                    for _ in 0..2 {
+                        if let Ok(place) = t.acquire(1, 2) {
+                            assert_eq!(held.fetch_add(1, Relaxed), 0, "three connections at once");
+                            held.fetch_sub(1, Relaxed);
+                            t.release(place);
+                        }
+                    }
+                }
+            };
+            let other = thread::spawn(churn(t.clone(), held.clone()));
+            churn(t.clone(), held)();
+            other.join().unwrap();
+            assert_eq!((t.live_keys(), t.connections_at(first.slot)), (1, 1));
+            t.release(first);
             assert!(all_empty(&t));
         });
     }

@@ -2,7 +2,8 @@
 //! all cores and front doors without locks.
 //!
 //! Owns the global count (a [`GlobalCount`]: one cache-padded `AtomicUsize`, with a reserve of
-//! free places per core) and the per-IP [`IpTable`]. Every admitted
+//! free places per core) and the per-IP [`IpTable`] (with a reserve of per-address places per
+//! core). Every admitted
 //! connection holds a [`Permit`] from accept to close; dropping it releases both counts, so a count
 //! cannot leak whatever path ends the connection (error, timeout, panic unwinding a task, shutdown
 //! dropping the runtime). When a request rate per address is set, the permit also admits each
@@ -25,7 +26,9 @@
 
 pub mod cap;
 pub mod global;
+pub mod ip_reserve;
 pub mod ip_table;
+pub mod lane;
 pub mod overrides;
 pub mod rate;
 
@@ -36,7 +39,7 @@ use crate::network::mapped;
 
 pub use cap::Cap;
 pub use global::GlobalCount;
-pub use ip_table::{IpTable, TableReject};
+pub use ip_table::{IpTable, Place, TableReject};
 pub use overrides::Overrides;
 use rate::{LiveRate, Rate, RequestRate};
 
@@ -323,13 +326,18 @@ impl Limiter {
 
 /// A permit's `place` when the per-IP table is off.
 const NO_SLOT: u64 = u32::MAX as u64;
+/// The bit of a permit's `place` that keeps [`Place::shared`].
+const SHARED_BIT: u32 = 63;
+/// A permit's class, bits 48..63 (below `overrides::MAX_NETWORKS + 1`, far below 2^15).
+const CLASS_MASK: u64 = 0x7fff;
 
 /// One admitted connection's place in both counts; released on drop.
 pub struct Permit {
     limiter: &'static Limiter,
     /// Its address's slot in the per-IP table (low 32 bits; `NO_SLOT` when the table is off),
     /// 16 bits of the address's fingerprint for the request rate (bits 32..48, 0 when it is off)
-    /// and its class (bits 48..64: 0, or `i + 1` when override `i` applies).
+    /// its class (bits 48..63: 0, or `i + 1` when override `i` applies) and whether its
+    /// address held other places when it was admitted (bit 63, see [`IpTable::release`]).
     /// One word, written at once: two narrower fields cost the benchmark's acquire+release pair
     /// 9 ns (a store-forwarding stall when the permit is read back whole).
     place: u64,
@@ -351,12 +359,15 @@ impl Permit {
             let a = mapped(ip);
             let (limit, class) = l.per_ip_limit(a, limit.load(Relaxed));
             match table.acquire(l.key_of(a), limit) {
-                Ok(slot) => {
+                Ok(place) => {
                     let fp = match l.rate_words {
-                        Some(_) => table.fingerprint(slot) & 0xffff,
+                        Some(_) => table.fingerprint(place.slot) & 0xffff,
                         None => 0,
                     };
-                    self.place = (class as u64) << 48 | fp << 32 | slot as u64;
+                    self.place = u64::from(place.shared) << SHARED_BIT
+                        | (class as u64) << 48
+                        | fp << 32
+                        | place.slot as u64;
                 }
                 Err(TableReject::LimitReached) => return Err(Rejection::PerIp),
                 Err(TableReject::Full) => return Err(Rejection::IpTableFull),
@@ -373,7 +384,7 @@ impl Permit {
         let (Some(words), Some(slot)) = (&l.rate_words, self.slot()) else {
             return Ok(()); // no rate set anywhere
         };
-        match l.rate_of((self.place >> 48) as usize) {
+        match l.rate_of((self.place >> 48 & CLASS_MASK) as usize) {
             Some(rate) => words.admit(slot, (self.place >> 32) & 0xffff, &rate, rate::now_us()),
             None => Ok(()),
         }
@@ -383,7 +394,10 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if let (Some(slot), Some((table, _))) = (self.slot(), &self.limiter.per_ip) {
-            table.release(slot);
+            table.release(Place {
+                slot,
+                shared: self.place >> SHARED_BIT != 0,
+            });
         }
         self.limiter.global.give_back();
     }
