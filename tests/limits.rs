@@ -80,39 +80,50 @@ fn global_limit_rejects_everyone_on_every_door() {
     gw.wait_all_closed();
 }
 
+/// Opens `n` connections, connection `i` from address `from(i)`, each admitted with its first
+/// request answered 200; then one more, from `from(n)`, must be refused with `refused`.
+fn fill_to_the_limit(
+    gw: &Gateway,
+    n: usize,
+    from: impl Fn(usize) -> String,
+    refused: u16,
+    what: &str,
+) -> Vec<std::net::TcpStream> {
+    let open = |i: usize| {
+        let mut c = connect_from(&from(i), gw.http);
+        let status = roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status;
+        (c, status)
+    };
+    let held = (0..n)
+        .map(|i| {
+            let (c, status) = open(i);
+            assert_eq!(status, 200, "{what}: connection {i}");
+            c
+        })
+        .collect();
+    assert_eq!(open(n).1, refused, "{what}: the one over the limit");
+    held
+}
+
 #[test]
 fn the_global_limit_stays_exact_while_closed_places_wait_on_the_workers() {
     // A closed connection's place waits in its worker's reserve for that worker's next one;
     // whichever of the two workers accepts the next connections must still find every free
     // place, and a lowered limit must take the reserved places back.
     let gw = start("max_connections: 8\nmax_connections_per_ip: 0");
-    let open = |gw: &Gateway, i: usize| {
-        let mut c = connect_from(&format!("127.0.1.{}", 2 + i), gw.http);
-        let status = roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status;
-        (c, status)
-    };
+    let from = |i: usize| format!("127.0.1.{}", 2 + i);
     for round in 0..5 {
-        let held: Vec<_> = (0..8)
-            .map(|i| {
-                let (c, status) = open(&gw, i);
-                assert_eq!(status, 200, "round {round}, connection {i}");
-                c
-            })
-            .collect();
-        assert_eq!(open(&gw, 9).1, 503, "round {round}: the ninth");
-        drop(held);
+        drop(fill_to_the_limit(
+            &gw,
+            8,
+            from,
+            503,
+            &format!("round {round}"),
+        ));
         gw.wait_metric("mcp_gateway_connections_active", 0.0);
     }
     gw.reload("max_connections: 8", "max_connections: 3");
-    let held: Vec<_> = (0..3)
-        .map(|i| {
-            let (c, status) = open(&gw, i);
-            assert_eq!(status, 200);
-            c
-        })
-        .collect();
-    assert_eq!(open(&gw, 4).1, 503, "the lowered limit holds");
-    drop(held);
+    drop(fill_to_the_limit(&gw, 3, from, 503, "the lowered limit"));
     gw.wait_all_closed();
 }
 
@@ -124,35 +135,16 @@ fn the_per_ip_limit_stays_exact_while_closed_places_wait_on_the_workers() {
     // reserve at the limit), the gauge of tracked addresses must not count reserved places,
     // and a lowered limit must hold whatever the reserves keep.
     let gw = start("max_connections_per_ip: 8");
-    let open = |gw: &Gateway| {
-        let mut c = connect_from("127.0.0.2", gw.http);
-        let status = roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status;
-        (c, status)
-    };
+    let from = |_| "127.0.0.2".to_string();
     for round in 0..6 {
-        let held: Vec<_> = (0..8)
-            .map(|i| {
-                let (c, status) = open(&gw);
-                assert_eq!(status, 200, "round {round}, connection {i}");
-                c
-            })
-            .collect();
-        assert_eq!(open(&gw).1, 429, "round {round}: the ninth");
+        let held = fill_to_the_limit(&gw, 8, from, 429, &format!("round {round}"));
         assert_eq!(gw.metric("mcp_gateway_tracked_ips"), 1.0);
         drop(held);
         gw.wait_metric("mcp_gateway_connections_active", 0.0);
         assert_eq!(gw.metric("mcp_gateway_tracked_ips"), 0.0, "round {round}");
     }
     gw.reload("max_connections_per_ip: 8", "max_connections_per_ip: 3");
-    let held: Vec<_> = (0..3)
-        .map(|i| {
-            let (c, status) = open(&gw);
-            assert_eq!(status, 200, "connection {i} under the lowered limit");
-            c
-        })
-        .collect();
-    assert_eq!(open(&gw).1, 429, "the lowered limit holds");
-    drop(held);
+    drop(fill_to_the_limit(&gw, 3, from, 429, "the lowered limit"));
     gw.wait_all_closed();
 }
 
