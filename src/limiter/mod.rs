@@ -335,7 +335,7 @@ const CLASS_MASK: u64 = 0x7fff;
 pub struct Permit {
     limiter: &'static Limiter,
     /// Its address's slot in the per-IP table (low 32 bits; `NO_SLOT` when the table is off),
-    /// 16 bits of the address's fingerprint for the request rate (bits 32..48, 0 when it is off)
+    /// 16 bits of the address's fingerprint for the request rate (bits 32..48, 0 when it is off),
     /// its class (bits 48..63: 0, or `i + 1` when override `i` applies) and whether its
     /// address held other places when it was admitted (bit 63, see [`IpTable::release`]).
     /// One word, written at once: two narrower fields cost the benchmark's acquire+release pair
