@@ -874,6 +874,31 @@ mod loom_tests {
     }
 
     #[test]
+    fn loom_a_lowered_limit_holds_while_a_close_fills_a_reserve() {
+        loom::model(|| {
+            // A reload lowers the address's limit from 2 to 1 while one of its two connections
+            // closes into this thread's reserve: one connection is left, at the new limit, so
+            // the other thread is refused whether it comes before, during or after the close.
+            // The late thread shares this thread's lane (two lanes under loom: another thread
+            // takes the second first), so the closed place is in its own reserve.
+            let (t, first, second) = two_connections_of_one_address(2);
+            thread::spawn(|| super::super::lane::index())
+                .join()
+                .unwrap();
+            let t2 = t.clone();
+            let late = thread::spawn(move || {
+                assert_eq!(super::super::lane::index(), 0);
+                t2.acquire(1, 1)
+            });
+            t.release(second);
+            assert_eq!(late.join().unwrap(), Err(TableReject::LimitReached));
+            assert_eq!(t.connections_at(first.slot), 1);
+            t.release(first);
+            assert!(all_empty(&t));
+        });
+    }
+
+    #[test]
     fn loom_churn_of_one_address_on_two_threads_never_passes_the_limit() {
         loom::model(|| {
             let (t, first, second) = two_connections_of_one_address(2);
