@@ -8,8 +8,8 @@
 //! - [`worker`]: one core's runtime: accept loops, admission, drain.
 //! - [`park`]: the parking lot, where idle plain connections (HTTP, WebSocket, MCPB, event
 //!   streams between events) wait outside any task.
-//! - [`limiter`]: the global count (with its per-core reserves), the per-IP table and request
-//!   rate, and the RAII permit.
+//! - [`limiter`]: the global count and the per-IP table (each with its per-core reserves), the
+//!   request rate, and the RAII permit.
 //! - [`proxy_protocol`]: PROXY protocol headers from trusted load balancers.
 //! - [`network`]: IP networks (CIDR) and the one form addresses are compared in.
 //! - [`conn`]: connection I/O shared by the doors: buffer pool, idle wait, timed reads/writes.
