@@ -2,12 +2,13 @@
 //!
 //! Owns, per lane ([`super::lane`]: one per worker thread), one cache line of `ENTRIES` (8)
 //! entries, each holding up to [`PER_ADDRESS`] free places of one table slot. A connection that
-//! came while its address held other places leaves its place, when it closes, in its core's entry
-//! for the slot instead of taking it off the slot's count, and the core's next connection from
-//! that address takes it back from there: a client whose connections open and close on several cores (many users
-//! behind one NAT address) then writes only each core's own line, not the slot's line that the
-//! cores share (two threads of one address spent 42-72 ns a pair moving that line between them
-//! on the 2-core VM; `cargo bench --bench limiter`).
+//! came while its address held other places leaves its place, when it closes, in its core's
+//! entry for the slot instead of taking it off the slot's count, and the core's next connection
+//! from that address takes it back from there. A client whose connections open and close on
+//! several cores (many users behind one NAT address) then writes only each core's own line, not
+//! the slot's line that the cores share: two threads of one address took 32-72 ns a pair moving
+//! that line between them on the 2-core VM, and take 15-16 with the reserves (`cargo bench
+//! --bench limiter`, see the README's "Limiter micro-benchmarks").
 //!
 //! # Entry word
 //!
@@ -26,8 +27,10 @@
 //! - Every move of a place is one read-modify-write of the entry: closing into it, taking one
 //!   for a connection, taking them all back for the table ([`Reserves::take_all`]). Two takers
 //!   never take one place, and no place is in flight between two holders.
-//! - Only the holder of a lane (and a thread that shares it) puts places into it; other threads
-//!   only take them.
+//! - Only the holder of a lane puts places into it (and a thread that shares it, or one that
+//!   drops a permit while its thread-locals are torn down, see [`super::lane::index`]); other
+//!   threads only take them. So a take from a thread's own lane checks the slot's key after
+//!   ([`super::ip_table`]), in case a sharer reserved a place of a key new to a reused slot.
 //!
 //! Orderings: AcqRel on every change of an entry (Relaxed on a failed compare-and-swap, which
 //! changes nothing). A place moves from the thread that counted it in its slot (or last held
