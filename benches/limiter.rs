@@ -2,8 +2,8 @@
 //! on the same IP and on different IPs, against a `Mutex<HashMap>` baseline in the same run.
 //! "present" addresses already hold a connection (the slot exists); "new" ones do not: each
 //! connection of a "new" case comes from another address, 4 096 in turn, so every acquire claims
-//! a slot and every release frees one (a thread's reserve of per-address places keeps those of
-//! its last 8 or so addresses, not 4 096).
+//! a slot and every release frees one (an address with one connection at a time never goes
+//! through a thread's reserve of per-address places).
 //!
 //! A third design, `global-count-only`, is the limiter with the per-IP limit off: only the global
 //! count (the contract's one cache-padded `AtomicUsize`, with a reserve of free places per
@@ -63,7 +63,7 @@ fn ip(n: u8) -> IpAddr {
 
 /// Where one thread's connections come from.
 #[derive(Clone, Copy)]
-enum From {
+enum Source {
     /// Always this address.
     One(IpAddr),
     /// A new address each time: `10.net.x.y`, 4 096 in turn (none of them present).
@@ -72,22 +72,22 @@ enum From {
 
 /// One thread's client: its addresses, in turn.
 struct Client {
-    from: From,
+    source: Source,
     next: Cell<u16>,
 }
 
 impl Client {
-    fn new(from: From) -> Client {
+    fn new(source: Source) -> Client {
         Client {
-            from,
+            source,
             next: Cell::new(0),
         }
     }
 
     fn address(&self) -> IpAddr {
-        match self.from {
-            From::One(a) => a,
-            From::Many(net) => {
+        match self.source {
+            Source::One(a) => a,
+            Source::Many(net) => {
                 let n = self.next.get();
                 self.next.set((n + 1) % 4096);
                 IpAddr::V4(Ipv4Addr::new(10, net, (n >> 8) as u8, n as u8))
@@ -170,29 +170,38 @@ fn bench(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(3))
         .warm_up_time(Duration::from_millis(500));
     for (name, design) in designs() {
-        let eight: Vec<From> = (1..=3).chain(100..105).map(|n| From::One(ip(n))).collect();
-        let (one, two) = (From::One(ip(1)), From::One(ip(2)));
-        let cases: [(&str, &[From]); 6] = [
-            ("1-thread-new-ip", &[From::Many(11)]),
+        let eight: Vec<Source> = (1..=3)
+            .chain(100..105)
+            .map(|n| Source::One(ip(n)))
+            .collect();
+        let (one, two) = (Source::One(ip(1)), Source::One(ip(2)));
+        let cases: [(&str, &[Source]); 6] = [
+            ("1-thread-new-ip", &[Source::Many(11)]),
             ("1-thread-present-ip", &[one]),
             ("2-threads-same-ip", &[one, one]),
             ("2-threads-different-present-ips", &[one, two]),
             (
                 "2-threads-different-new-ips",
-                &[From::Many(11), From::Many(12)],
+                &[Source::Many(11), Source::Many(12)],
             ),
             ("8-threads-different-present-ips", &eight),
         ];
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        for (case, from) in cases.into_iter().filter(|(_, from)| from.len() <= cores) {
+        for (case, sources) in cases
+            .into_iter()
+            .filter(|(_, sources)| sources.len() <= cores)
+        {
             let d = design.clone();
             g.bench_function(BenchmarkId::new(case, name), |b| {
-                if from.len() == 1 {
-                    let client = Client::new(from[0]);
+                if sources.len() == 1 {
+                    let client = Client::new(sources[0]);
                     b.iter(|| d.pair(client.address()))
                 } else {
                     b.iter_custom(|iters| {
-                        let each = from.iter().map(|&f| (d.clone(), Client::new(f))).collect();
+                        let each = sources
+                            .iter()
+                            .map(|&f| (d.clone(), Client::new(f)))
+                            .collect();
                         threaded(each, iters, |(d, client)| d.pair(client.address()))
                     })
                 }
