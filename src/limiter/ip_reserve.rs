@@ -104,9 +104,7 @@ impl Reserves {
     #[inline]
     pub fn take_own(&self, slot: usize) -> bool {
         self.entry(lane::index(), slot)
-            .fetch_update(AcqRel, Relaxed, |word| {
-                (word >> 32 == slot as u64 && word & PLACES > 0).then(|| word - 1)
-            })
+            .fetch_update(AcqRel, Relaxed, |word| holds(word, slot).then(|| word - 1))
             .is_ok()
     }
 
@@ -120,7 +118,7 @@ impl Reserves {
             let places = word & PLACES;
             let (new, put) = if places == 0 {
                 (mine | 1, Put::Kept)
-            } else if word >> 32 == slot as u64 {
+            } else if holds(word, slot) {
                 if places >= PER_ADDRESS {
                     return Put::Full;
                 }
@@ -142,9 +140,7 @@ impl Reserves {
         (0..lane::in_use())
             .map(|lane| {
                 self.entry(lane, slot)
-                    .fetch_update(AcqRel, Relaxed, |word| {
-                        (word >> 32 == slot as u64 && word & PLACES > 0).then_some(0)
-                    })
+                    .fetch_update(AcqRel, Relaxed, |word| holds(word, slot).then_some(0))
                     .map_or(0, |word| word & PLACES)
             })
             .sum()
@@ -161,4 +157,9 @@ impl Reserves {
             })
         })
     }
+}
+
+/// Whether entry word `word` holds places of `slot`.
+fn holds(word: u64, slot: usize) -> bool {
+    word >> 32 == slot as u64 && word & PLACES > 0
 }

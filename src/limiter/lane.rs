@@ -46,7 +46,8 @@ pub fn index() -> usize {
 }
 
 /// Lanes handed out so far: the others are empty. Relaxed: a lane handed out after this
-/// read belongs to a thread whose reserve filled after it, a close racing the take.
+/// read belongs to a thread whose reserve filled after it, a close racing the take. At least
+/// one: lane 0 is also that of a thread whose locals are torn down (see [`index`]).
 pub fn in_use() -> usize {
-    next::NEXT.load(Relaxed).min(LANES)
+    next::NEXT.load(Relaxed).clamp(1, LANES)
 }

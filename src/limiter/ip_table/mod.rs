@@ -29,9 +29,10 @@
 //! connections, spread over the cores) leaves its place, when it closes, in its thread's reserve
 //! rather than taking it off the count ([`IpTable::release`]); the address's next connection on
 //! that thread takes it back without writing the slot, whose line the cores then only read. A
-//! thread that finds the address at its limit takes the places of the other threads' reserves
-//! back to the count first, and so does one that finds its window full, so a reserved place is
-//! free for whoever needs it. A key is counted among the live ones ([`IpTable::live_keys`],
+//! thread that finds the address at its limit first takes the places out of every thread's
+//! reserve and off the slot's count, then counts itself if that made room; so does one that
+//! finds its window full, for the window's slots. So a reserved place is free for whoever
+//! needs it. A key is counted among the live ones ([`IpTable::live_keys`],
 //! the tracked-address gauge) only while it has connections.
 //!
 //! # Invariants
@@ -417,8 +418,8 @@ impl IpTable {
         live.saturating_sub(reserves_only)
     }
 
-    /// The connections counted at `index`, its places less those in reserves (tests and
-    /// diagnostics).
+    /// The connections counted at `index`, its places less those in reserves (tests).
+    #[cfg(test)]
     pub fn connections_at(&self, index: usize) -> u64 {
         let reserved = self
             .reserved()
@@ -428,7 +429,8 @@ impl IpTable {
         self.places_at(index).saturating_sub(reserved)
     }
 
-    /// The places counted at `index`: its connections and the places reserved for them.
+    /// The places counted at `index`: its connections and the places reserved for them (tests).
+    #[cfg(test)]
     pub fn places_at(&self, index: usize) -> u64 {
         self.slot(index).load(Ordering::SeqCst) & COUNT_MASK
     }
