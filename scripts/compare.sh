@@ -15,7 +15,7 @@
 set -euo pipefail
 usage() {
   cat <<USAGE
-usage: scripts/compare.sh [--mode proxy|direct] [--duration S] [--connections C] [--idle N] [--max-per-ip L] [--rounds R]
+usage: scripts/compare.sh [--mode proxy|direct] [--duration S] [--connections C] [--idle N] [--max-per-ip L] [--rounds R] [--workers W]
   --mode M         proxy (default): forward to one shared upstream; direct: answer locally
   --duration S     seconds per throughput measurement (default 5, at most 60)
   --connections C  wrk connections (default 32; must stay under --max-per-ip)
@@ -23,9 +23,11 @@ usage: scripts/compare.sh [--mode proxy|direct] [--duration S] [--connections C]
                    maxconn 9900, as it reserves two descriptors per connection)
   --max-per-ip L   per-IP limit on every server (default 50)
   --rounds R       alternating rounds; the table shows the best of them (default 1)
+  --workers W      workers of each server: mcp-gateway's workers, nginx's worker_processes,
+                   HAProxy's nbthread (default 2, one per core of the 2-core machine)
 USAGE
 }
-D=5; C=32; IDLE=8000; L=50; ROUNDS=1; MODE=proxy
+D=5; C=32; IDLE=8000; L=50; ROUNDS=1; MODE=proxy; W=2
 while [ $# -gt 0 ]; do
   case "$1" in
     --mode) MODE=$2; shift 2 ;;
@@ -34,12 +36,14 @@ while [ $# -gt 0 ]; do
     --idle) IDLE=$2; shift 2 ;;
     --max-per-ip) L=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
+    --workers) W=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) usage; exit 64 ;;
   esac
 done
 [ "$D" -le 60 ] || D=60
 case "$MODE" in proxy|direct) ;; *) usage; exit 64 ;; esac
+[[ "$W" =~ ^[1-9][0-9]*$ ]] || { echo "--workers must be a positive number" >&2; exit 64; }
 [ "$C" -lt "$L" ] || { echo "--connections must stay under --max-per-ip (wrk uses one address)" >&2; exit 64; }
 cd "$(dirname "$0")/.."
 . scripts/lib/need.sh; . scripts/lib/proc.sh; need nginx haproxy wrk
@@ -100,6 +104,7 @@ server:
   metrics_port: $gmetrics
   max_connections: 19000
   max_connections_per_ip: $L
+  workers: $W
   # The load generator shares these cores: unpinned, like nginx's and HAProxy's workers (pinned
   # workers wait for the core wrk runs on; on dedicated cores pin_workers: true is the default).
   pin_workers: false
@@ -111,7 +116,7 @@ gw=$!; pids+=("$gw")
 # nginx
 nport=$(port); mkdir -p "$work/nginx"
 cat > "$work/nginx/nginx.conf" <<CONF
-worker_processes 2;
+worker_processes $W;
 worker_rlimit_nofile 20000;
 pid $work/nginx/nginx.pid;
 error_log $work/nginx/error.log crit;
@@ -137,7 +142,7 @@ cat > "$work/haproxy.cfg" <<CFG
 global
   maxconn 9900
   ulimit-n 20000
-  nbthread 2
+  nbthread $W
 defaults
   mode http
   timeout client 600s
@@ -227,4 +232,4 @@ for s in "${servers[@]}"; do
 done
 echo
 what=$([ "$MODE" = proxy ] && echo "proxy mode: each server forwards to one shared upstream MCP server (mcp-gateway, builtin:echo, 1 worker)" || echo "direct mode: each server answers the POST itself")
-echo "$what; $C wrk connections, ${D} s per run, $IDLE idle connections, per-IP limit $L, $ROUNDS round(s), best of rounds (memory: first round)"
+echo "$what; $W worker(s) each, $C wrk connections, ${D} s per run, $IDLE idle connections, per-IP limit $L, $ROUNDS round(s), best of rounds (memory: first round)"
