@@ -357,9 +357,9 @@ pub async fn run(
 }
 
 /// One coarse timer per core instead of one per connection: every tick, expire the idle
-/// connections past their deadline, and leave the upstreams a reload removed (their pooled
-/// connections and event streams).
-/// Deadlines are honoured within one tick.
+/// connections past their deadline, leave the upstreams a reload removed (their pooled
+/// connections and event streams), and give the core's reserved places back to the limiter
+/// ([`Limiter::give_back_own_reserves`]). Deadlines are honoured within one tick.
 async fn sweep_idle(worker: &'static Worker) {
     let s = worker.settings();
     loop {
@@ -369,6 +369,7 @@ async fn sweep_idle(worker: &'static Worker) {
         monoio::time::sleep(tick).await;
         worker.sweep(false);
         worker.leave_removed_upstreams();
+        worker.shared.limiter.give_back_own_reserves();
     }
 }
 

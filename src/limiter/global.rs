@@ -16,7 +16,11 @@
 //!   was empty. A place enters a reserve only when a connection closes (one read-modify-write moves
 //!   it from the connection to the reserve: no place is ever in flight between the two), so a
 //!   take that races no close is refused only when every place is held by a connection; one
-//!   that races a close may miss that place, as it would miss it in the global count.
+//!   that races a close may miss that place, as it would miss it in the global count. Places
+//!   also leave the reserves for the count: each worker gives its own back on every tick of its
+//!   sweeper ([`GlobalCount::give_back_own_reserve`]), and a reload gives all of them back. A
+//!   take racing that move may miss the places on their way (swapped out of the reserve, not yet
+//!   off the count: nanoseconds), never take one twice.
 //! - A reserve holds at most `RESERVE` (64) places (a few more where threads share a lane), and a
 //!   place goes to a reserve only while the count is within the limit: after a reload lowers
 //!   the limit, closing connections bring the count down to it as before ([`GlobalCount::set_limit`]
@@ -93,6 +97,15 @@ impl GlobalCount {
         }
     }
 
+    /// Gives the places in this thread's reserve back to the global count (each worker's
+    /// sweeper, every tick, so that the count is back to its connections within a tick of rest).
+    pub fn give_back_own_reserve(&self) {
+        let places = self.lanes[lane::index()].swap(0, Relaxed);
+        if places > 0 {
+            self.cap.give_back_many(places);
+        }
+    }
+
     /// Places held by connections now (a snapshot, for metrics and tests).
     pub fn count(&self) -> usize {
         let reserved: usize = self.lanes.iter().map(|l| l.load(Relaxed)).sum();
@@ -124,6 +137,22 @@ fn take_one(lane: &AtomicUsize) -> bool {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_thread_gives_its_reserved_places_back_to_the_count() {
+        let g = GlobalCount::new(3);
+        assert!(g.try_take() && g.try_take());
+        g.give_back();
+        g.give_back();
+        assert_eq!(
+            (g.count(), g.cap.count()),
+            (0, 2),
+            "two places wait in the reserve"
+        );
+        g.give_back_own_reserve();
+        assert_eq!((g.count(), g.cap.count()), (0, 0));
+        assert!(g.try_take() && g.try_take() && g.try_take() && !g.try_take());
+    }
 
     #[test]
     fn a_place_closed_on_one_thread_admits_on_another() {
@@ -200,23 +229,31 @@ mod loom_tests {
     use loom::sync::Arc;
     use loom::thread;
 
+    /// On another thread, a take at once and, if refused, once more after `done` is set: a
+    /// place freed before that must then be found.
+    fn take_now_and_after(
+        g: &Arc<GlobalCount>,
+        done: &Arc<AtomicBool>,
+    ) -> thread::JoinHandle<bool> {
+        let (g, done) = (g.clone(), done.clone());
+        thread::spawn(move || {
+            let early = g.try_take();
+            while !done.load(Acquire) {
+                thread::yield_now();
+            }
+            early || g.try_take()
+        })
+    }
+
     #[test]
     fn loom_a_close_racing_a_take_of_the_last_place() {
         loom::model(|| {
             let g = Arc::new(GlobalCount::new(1));
-            let closed = Arc::new(AtomicBool::new(false));
-            let (g2, closed2) = (g.clone(), closed.clone());
             assert!(g.try_take());
             // One thread closes its connection while another asks for a place: before the
             // close the count is full, after it the place is free, in the closer's reserve.
-            let taker = thread::spawn(move || {
-                let first = g2.try_take();
-                while !closed2.load(Acquire) {
-                    thread::yield_now();
-                }
-                // Once the close is seen, the place is this thread's, from whichever reserve.
-                first || g2.try_take()
-            });
+            let closed = Arc::new(AtomicBool::new(false));
+            let taker = take_now_and_after(&g, &closed);
             g.give_back();
             closed.store(true, Release);
             assert!(
@@ -290,6 +327,26 @@ mod loom_tests {
             t.join().unwrap();
             assert_eq!(g.count(), 0);
             assert!(g.try_take() && !g.try_take(), "the place is not lost");
+        });
+    }
+
+    #[test]
+    fn loom_a_thread_giving_its_reserve_back_races_a_take() {
+        loom::model(|| {
+            // The one place waits in this thread's reserve; its sweeper gives it back to the
+            // count while another thread asks for a place. A try racing the give-back may miss
+            // the place in transit, as one racing a close misses the place that close frees;
+            // once the give-back is done, the place is there, and taken once.
+            let g = Arc::new(GlobalCount::new(1));
+            assert!(g.try_take());
+            g.give_back();
+            let done = Arc::new(AtomicBool::new(false));
+            let taker = take_now_and_after(&g, &done);
+            g.give_back_own_reserve();
+            done.store(true, Release);
+            assert!(taker.join().unwrap(), "the place is free once given back");
+            assert_eq!((g.count(), g.cap.count()), (1, 1));
+            assert!(!g.try_take());
         });
     }
 }

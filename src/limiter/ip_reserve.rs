@@ -25,8 +25,9 @@
 //!   the moment they are reserved until they leave the reserve; `(slot, n)` with `n > 0` names
 //!   the places of the address now live in that slot.
 //! - Every move of a place is one read-modify-write of the entry: closing into it, taking one
-//!   for a connection, taking them all back for the table ([`Reserves::take_all`]). Two takers
-//!   never take one place, and no place is in flight between two holders.
+//!   for a connection, taking them all back for the table ([`Reserves::take_all`], and
+//!   [`Reserves::take_own_lane`] on a sweeper's tick). Two takers never take one place; the
+//!   table takes what it took back off the slot's count right after.
 //! - Only the holder of a lane puts places into it (and a thread that shares it, or one that
 //!   drops a permit while its thread-locals are torn down, see [`super::lane::index`]); other
 //!   threads only take them. So a take from a thread's own lane checks the slot's key after
@@ -146,15 +147,22 @@ impl Reserves {
             .sum()
     }
 
+    /// Takes every place out of this thread's reserve (for the table to take off their slots'
+    /// counts): `(slot, places)` per entry that held some. Each entry is emptied by one swap,
+    /// AcqRel as every change of an entry.
+    pub fn take_own_lane(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.lanes[lane::index()]
+            .iter()
+            .filter_map(|entry| places_of(entry.swap(0, AcqRel)))
+    }
+
     /// Every reserved place as `(slot, places)`, a slot once per lane that holds some (a
     /// snapshot, for metrics and tests). Acquire, as for a take: a caller that then reads the
     /// slot reads a count that includes these places.
     pub fn reserved(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
         self.lanes.iter().flat_map(|lane| {
-            lane.iter().filter_map(|entry| {
-                let word = entry.load(Acquire);
-                (word & PLACES > 0).then_some(((word >> 32) as usize, word & PLACES))
-            })
+            lane.iter()
+                .filter_map(|entry| places_of(entry.load(Acquire)))
         })
     }
 }
@@ -162,4 +170,9 @@ impl Reserves {
 /// Whether entry word `word` holds places of `slot`.
 fn holds(word: u64, slot: usize) -> bool {
     word >> 32 == slot as u64 && word & PLACES > 0
+}
+
+/// The places entry word `word` holds, as `(slot, places)`; `None` when it holds none.
+fn places_of(word: u64) -> Option<(usize, u64)> {
+    (word & PLACES > 0).then_some(((word >> 32) as usize, word & PLACES))
 }

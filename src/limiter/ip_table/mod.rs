@@ -32,8 +32,10 @@
 //! thread that finds the address at its limit first takes the places out of every thread's
 //! reserve and off the slot's count, then counts itself if that made room; so does one that
 //! finds its window full, for the window's slots. So a reserved place is free for whoever
-//! needs it. A key is counted among the live ones ([`IpTable::live_keys`],
-//! the tracked-address gauge) only while it has connections.
+//! needs it. Each worker also gives its reserve back to the slots on every tick of its sweeper
+//! ([`IpTable::give_back_own_reserve`]), so a place outlives its connection by at most a tick
+//! of rest. A key is counted among the live ones ([`IpTable::live_keys`], the tracked-address
+//! gauge) only while it has connections.
 //!
 //! # Invariants
 //!
@@ -43,7 +45,9 @@
 //!   came). A connection takes a reserved place only while the count is within the limit (a
 //!   reload may have lowered it), and is refused only when the count is at the limit after the
 //!   reserves gave theirs back: as in [`super::global`], a close racing that look may be missed,
-//!   as it would be at the count.
+//!   as it would be at the count, and so may places on their way from a reserve to the count
+//!   (taken out of it and not yet off the count, by another refusal's take-back or a sweeper's
+//!   give-back racing the look: nanoseconds, never a place counted twice or lost).
 //! - **Claim rule:** a claimer first stores `fp|CLAIMING` into an empty slot, then rescans its
 //!   window. Live beats claiming (it backs off and increments the live slot); between two claims the
 //!   lower window position wins; the lower one waits until the higher one has backed off. Because a
@@ -52,8 +56,8 @@
 //! - **Cleanup:** the release that takes a count from 1 to 0 then writes 0 (empty) unless an
 //!   acquirer of the key revived the slot first (`fp|0` counts as live for acquirers and
 //!   claimers alike), so after any churn the table is empty again but for the slots of
-//!   reserved places, which go back when the reserves give them back (or another slot's places
-//!   displace them from their reserve entry).
+//!   reserved places, which go back when the reserves give them back: within one sweeper tick,
+//!   or sooner when another slot's places displace them from their reserve entry.
 //! - A claimer that finds a pending claim for its key waits for it to resolve instead of claiming a
 //!   second slot, so contention on one new key costs one claim, not a storm of them.
 //!
@@ -340,6 +344,16 @@ impl IpTable {
             Put::Kept => {}
             Put::Displaced(other, places) => self.release_n(other, places),
             Put::Full => self.release_n(index, 1),
+        }
+    }
+
+    /// Gives the places in this thread's reserve back to their slots, emptying a slot that holds
+    /// nothing else. Each worker does so on every tick of its sweeper, so a slot kept only by
+    /// reserved places (its address's connections all closed) is free again within one tick,
+    /// and a table whose connections have all closed is empty again.
+    pub fn give_back_own_reserve(&self) {
+        for (index, places) in self.reserves.take_own_lane() {
+            self.release_n(index, places);
         }
     }
 

@@ -94,6 +94,41 @@ fn a_reserve_keeps_a_few_places_of_an_address() {
 }
 
 #[test]
+fn a_thread_gives_its_reserved_places_back_and_the_table_is_empty_again() {
+    // What each worker's sweeper does every tick: after churn, no slot is kept by reserves.
+    let t = Arc::new(IpTable::with_min_slots(64));
+    let churn = |t: &IpTable, key| {
+        let held: Vec<Place> = (0..3).map(|_| t.acquire(key, 10).unwrap()).collect();
+        let a = held[0].slot;
+        for place in held {
+            t.release(place);
+        }
+        a
+    };
+    let a = churn(&t, 7);
+    // Another thread churns its own address, then gives its reserve back when told.
+    let (churned, go) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+    let other = t.clone();
+    let worker = std::thread::spawn(move || {
+        churned.0.send(churn(&other, 8)).unwrap();
+        go.1.recv().unwrap();
+        other.give_back_own_reserve();
+    });
+    let b = churned.1.recv().unwrap();
+    assert_eq!((t.places_at(a), t.places_at(b), t.live_keys()), (2, 2, 0));
+    t.give_back_own_reserve();
+    assert_eq!(
+        (t.places_at(a), t.places_at(b)),
+        (0, 2),
+        "this thread's places are back, the other thread's reserve is its own"
+    );
+    assert_eq!(t.fingerprint(a), 0, "slot a is free for any key again");
+    go.0.send(()).unwrap();
+    worker.join().unwrap();
+    assert!(all_empty(&t));
+}
+
+#[test]
 fn a_lower_limit_holds_whatever_the_reserves_keep() {
     // A reload lowers the limit from 3 to 1 while two places sit in the reserve.
     let t = IpTable::with_min_slots(64);
