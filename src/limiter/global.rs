@@ -98,9 +98,14 @@ impl GlobalCount {
     }
 
     /// Gives the places in this thread's reserve back to the global count (each worker's
-    /// sweeper, every tick, so that the count is back to its connections within a tick of rest).
+    /// sweeper, every tick, so that the count is back to its connections within a tick).
     pub fn give_back_own_reserve(&self) {
-        let places = self.lanes[lane::index()].swap(0, Relaxed);
+        self.give_back_reserve(&self.lanes[lane::index()]);
+    }
+
+    /// Gives the places in `reserve` back to the global count.
+    fn give_back_reserve(&self, reserve: &AtomicUsize) {
+        let places = reserve.swap(0, Relaxed);
         if places > 0 {
             self.cap.give_back_many(places);
         }
@@ -122,8 +127,8 @@ impl GlobalCount {
     /// under the old limit, as a take racing it may take one.
     pub fn set_limit(&self, limit: usize) {
         self.cap.set_limit(limit);
-        for lane in self.lanes.iter() {
-            self.cap.give_back_many(lane.swap(0, Relaxed));
+        for reserve in self.lanes.iter() {
+            self.give_back_reserve(reserve);
         }
     }
 }

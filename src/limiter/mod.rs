@@ -296,8 +296,8 @@ impl Limiter {
 
     /// Gives the places waiting in this thread's reserves back: the global ones to the global
     /// count, the per-address ones to their table slots. Each worker calls it on every tick of
-    /// its sweeper, so no place outlives its connection by more than a tick of rest, and after
-    /// any amount of churn the table is empty again within one tick.
+    /// its sweeper, so no place outlives its connection by more than a tick, and after any
+    /// amount of churn the table is empty again within one tick.
     pub fn give_back_own_reserves(&self) {
         self.global.give_back_own_reserve();
         if let Some((table, _)) = &self.per_ip {

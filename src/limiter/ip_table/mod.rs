@@ -33,8 +33,8 @@
 //! reserve and off the slot's count, then counts itself if that made room; so does one that
 //! finds its window full, for the window's slots. So a reserved place is free for whoever
 //! needs it. Each worker also gives its reserve back to the slots on every tick of its sweeper
-//! ([`IpTable::give_back_own_reserve`]), so a place outlives its connection by at most a tick
-//! of rest. A key is counted among the live ones ([`IpTable::live_keys`], the tracked-address
+//! ([`IpTable::give_back_own_reserve`]), so a place outlives its connection by at most one
+//! tick. A key is counted among the live ones ([`IpTable::live_keys`], the tracked-address
 //! gauge) only while it has connections.
 //!
 //! # Invariants
