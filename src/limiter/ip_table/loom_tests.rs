@@ -96,6 +96,15 @@ fn loom_slot_reuse_after_zero() {
     });
 }
 
+/// Makes the next thread to ask for a lane share this thread's (two lanes under loom): this
+/// thread has lane 0, and a thread in between takes lane 1.
+fn let_the_next_thread_share_this_lane() {
+    assert_eq!(super::super::lane::index(), 0);
+    thread::spawn(|| super::super::lane::index())
+        .join()
+        .unwrap();
+}
+
 /// A table where address 1 holds two connections, the second of them shared (its place
 /// goes to a reserve when it closes).
 fn two_connections_of_one_address(limit: u64) -> (Arc<IpTable>, Place, Place) {
@@ -175,9 +184,7 @@ fn loom_a_lowered_limit_holds_while_a_close_fills_a_reserve() {
         // The late thread shares this thread's lane (two lanes under loom: another thread
         // takes the second first), so the closed place is in its own reserve.
         let (t, first, second) = two_connections_of_one_address(2);
-        thread::spawn(|| super::super::lane::index())
-            .join()
-            .unwrap();
+        let_the_next_thread_share_this_lane();
         let t2 = t.clone();
         let late = thread::spawn(move || {
             assert_eq!(super::super::lane::index(), 0);
@@ -267,10 +274,7 @@ fn loom_a_place_taken_from_a_shared_lane_for_a_slot_that_changed_hands_goes_back
         // back, and b is counted in a slot of its own.
         let t = Arc::new(IpTable::with_min_slots(1));
         let (a, b) = two_addresses_of_one_home(&t);
-        assert_eq!(super::super::lane::index(), 0);
-        thread::spawn(|| super::super::lane::index()) // lane 1: the next to ask shares lane 0
-            .join()
-            .unwrap();
+        let_the_next_thread_share_this_lane();
         let held = t.acquire(b, 10).unwrap();
         let closer = {
             let t = t.clone();

@@ -7,6 +7,16 @@ fn all_empty(t: &IpTable) -> bool {
     (0..t.capacity()).all(|i| t.slot(i).load(Ordering::SeqCst) == 0)
 }
 
+/// Opens `n` connections of `key`, then closes them all: the key's slot.
+fn open_and_close(t: &IpTable, key: u128, n: usize) -> usize {
+    let held: Vec<Place> = (0..n).map(|_| t.acquire(key, 10).unwrap()).collect();
+    let a = held[0].slot;
+    for place in held {
+        t.release(place);
+    }
+    a
+}
+
 /// The slot of an acquire's place.
 fn slot(got: Result<Place, TableReject>) -> Result<usize, TableReject> {
     got.map(|place| place.slot)
@@ -84,11 +94,7 @@ fn an_address_of_one_connection_at_a_time_holds_no_reserve() {
 #[test]
 fn a_reserve_keeps_a_few_places_of_an_address() {
     let t = IpTable::with_min_slots(64);
-    let held: Vec<Place> = (0..10).map(|_| t.acquire(7, 10).unwrap()).collect();
-    let a = held[0].slot;
-    for place in held {
-        t.release(place);
-    }
+    let a = open_and_close(&t, 7, 10);
     assert_eq!(t.places_at(a), super::super::ip_reserve::PER_ADDRESS);
     assert_eq!(t.live_keys(), 0);
 }
@@ -97,20 +103,12 @@ fn a_reserve_keeps_a_few_places_of_an_address() {
 fn a_thread_gives_its_reserved_places_back_and_the_table_is_empty_again() {
     // What each worker's sweeper does every tick: after churn, no slot is kept by reserves.
     let t = Arc::new(IpTable::with_min_slots(64));
-    let churn = |t: &IpTable, key| {
-        let held: Vec<Place> = (0..3).map(|_| t.acquire(key, 10).unwrap()).collect();
-        let a = held[0].slot;
-        for place in held {
-            t.release(place);
-        }
-        a
-    };
-    let a = churn(&t, 7);
+    let a = open_and_close(&t, 7, 3);
     // Another thread churns its own address, then gives its reserve back when told.
     let (churned, go) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
     let other = t.clone();
     let worker = std::thread::spawn(move || {
-        churned.0.send(churn(&other, 8)).unwrap();
+        churned.0.send(open_and_close(&other, 8, 3)).unwrap();
         go.1.recv().unwrap();
         other.give_back_own_reserve();
     });
