@@ -186,6 +186,7 @@ fn metrics_under_load_pass_promtool_and_match_held_connections() {
         ("mcp_gateway_tcp_connections_active", 2.0),
         ("mcp_gateway_tcp_connections_total", 2.0),
         ("mcp_gateway_tracked_ips", 7.0),
+        ("mcp_gateway_ip_table_slots_used", 7.0),
         ("mcp_gateway_connection_limit{scope=\"global\"}", 50000.0),
         ("mcp_gateway_connection_limit{scope=\"per_ip\"}", 1000.0),
         ("mcp_gateway_per_ip_overrides", 0.0),

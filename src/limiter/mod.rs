@@ -333,6 +333,11 @@ impl Limiter {
     pub fn ip_table_slots(&self) -> usize {
         self.per_ip.as_ref().map_or(0, |(t, _)| t.capacity())
     }
+
+    /// Slots of the per-IP table in use (0 when per-IP limiting is off).
+    pub fn ip_table_slots_used(&self) -> usize {
+        self.per_ip.as_ref().map_or(0, |(t, _)| t.used_slots())
+    }
 }
 
 /// A permit's `place` when the per-IP table is off.

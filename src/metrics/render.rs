@@ -133,6 +133,12 @@ impl Metrics {
             "Slots in the per-IP table (fixed at startup).",
             vec![(vec![], self.limiter.ip_table_slots() as f64)],
         ));
+        fams.push(gauge(
+            "mcp_gateway_ip_table_slots_used",
+            "Slots of the per-IP table in use: addresses with connections, and for at most one \
+             sweeper tick those whose closed connections' places wait in a core's reserve.",
+            vec![(vec![], self.limiter.ip_table_slots_used() as f64)],
+        ));
         let mut accept_errors = Vec::new();
         let mut protocol_errors = Vec::new();
         for d in doors {

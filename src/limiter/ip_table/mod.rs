@@ -432,6 +432,17 @@ impl IpTable {
         live.saturating_sub(reserves_only)
     }
 
+    /// Slots in use (a scan; for scrapes and tests): live keys, slots being claimed, and slots
+    /// live only for places in reserves, until their cores' sweepers give them back. Relaxed, as
+    /// in [`IpTable::live_keys`].
+    pub fn used_slots(&self) -> usize {
+        self.lines
+            .iter()
+            .flat_map(|line| line.iter())
+            .filter(|slot| slot.load(Ordering::Relaxed) != 0)
+            .count()
+    }
+
     /// The connections counted at `index`, its places less those in reserves (tests).
     #[cfg(test)]
     pub fn connections_at(&self, index: usize) -> u64 {

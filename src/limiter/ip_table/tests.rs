@@ -114,6 +114,7 @@ fn a_thread_gives_its_reserved_places_back_and_the_table_is_empty_again() {
     });
     let b = churned.1.recv().unwrap();
     assert_eq!((t.places_at(a), t.places_at(b), t.live_keys()), (2, 2, 0));
+    assert_eq!(t.used_slots(), 2, "both slots are kept by the reserves");
     t.give_back_own_reserve();
     assert_eq!(
         (t.places_at(a), t.places_at(b)),
@@ -121,6 +122,7 @@ fn a_thread_gives_its_reserved_places_back_and_the_table_is_empty_again() {
         "this thread's places are back, the other thread's reserve is its own"
     );
     assert_eq!(t.fingerprint(a), 0, "slot a is free for any key again");
+    assert_eq!(t.used_slots(), 1);
     go.0.send(()).unwrap();
     worker.join().unwrap();
     assert!(all_empty(&t));
