@@ -282,7 +282,8 @@ impl Gateway {
         }
     }
 
-    /// Waits until every connection gauge and the tracked-IP count are zero.
+    /// Waits until every connection gauge and the tracked-IP count are zero, and the per-IP
+    /// table is empty (the workers give the places their reserves keep back within a tick).
     pub fn wait_all_closed(&self) {
         for s in [
             "mcp_gateway_connections_active",
@@ -292,6 +293,7 @@ impl Gateway {
             "mcp_gateway_frontend_connections_active{frontend=\"websocket\"}",
             "mcp_gateway_frontend_connections_active{frontend=\"tcp\"}",
             "mcp_gateway_tracked_ips",
+            "mcp_gateway_ip_table_slots_used",
         ] {
             self.wait_metric(s, 0.0);
         }
