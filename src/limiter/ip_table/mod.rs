@@ -414,13 +414,8 @@ impl IpTable {
     pub fn live_keys(&self) -> usize {
         let reserved = self.reserved();
         let live = self
-            .lines
-            .iter()
-            .flat_map(|line| line.iter())
-            .filter(|slot| {
-                let word = slot.load(Ordering::Relaxed);
-                word & CLAIMING == 0 && word & COUNT_MASK != 0
-            })
+            .words()
+            .filter(|word| word & CLAIMING == 0 && word & COUNT_MASK != 0)
             .count();
         let reserves_only = reserved
             .iter()
@@ -433,14 +428,18 @@ impl IpTable {
     }
 
     /// Slots in use (a scan; for scrapes and tests): live keys, slots being claimed, and slots
-    /// live only for places in reserves, until their cores' sweepers give them back. Relaxed, as
-    /// in [`IpTable::live_keys`].
+    /// live only for places in reserves, until their cores' sweepers give them back.
     pub fn used_slots(&self) -> usize {
+        self.words().filter(|&word| word != 0).count()
+    }
+
+    /// Every slot's word, in order (a scan for scrapes and tests). Relaxed: a statistic of
+    /// independent slots, not used to synchronize anything.
+    fn words(&self) -> impl Iterator<Item = u64> + '_ {
         self.lines
             .iter()
             .flat_map(|line| line.iter())
-            .filter(|slot| slot.load(Ordering::Relaxed) != 0)
-            .count()
+            .map(|slot| slot.load(Ordering::Relaxed))
     }
 
     /// The connections counted at `index`, its places less those in reserves (tests).

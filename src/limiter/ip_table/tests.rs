@@ -4,7 +4,7 @@ use super::*;
 use std::sync::Arc;
 
 fn all_empty(t: &IpTable) -> bool {
-    (0..t.capacity()).all(|i| t.slot(i).load(Ordering::SeqCst) == 0)
+    t.used_slots() == 0
 }
 
 /// Opens `n` connections of `key`, then closes them all: the key's slot.
