@@ -2,20 +2,28 @@
 //! upstreams, take effect at once, without a restart that would cut every open session and event
 //! stream.
 //!
-//! Owns the rule of what reloads: `server.access_log`, the timeouts (`server.read_timeout`,
-//! `write_timeout`, `idle_timeout`: for the waits that start after the reload;
-//! `shutdown_timeout`: for a drain that starts after it),
-//! `server.max_connections` (up to half the per-IP table, at least the value the gateway
-//! started with), `server.max_connections_per_ip` (while on),
-//! `server.max_requests_per_ip` and `server.request_burst_per_ip` (when a rate's state was made
-//! at startup), `server.per_ip_overrides` (while the per-IP limit is on; see
-//! [`crate::limiter::overrides`]), `server.max_message_size` (for bodies and messages read
-//! after the reload; one being read as it comes may be held to either value), `server.allowed_origins` (for requests read after it),
-//! `server.proxy_protocol_networks` (for connections accepted after it), the doors' certificate (`server.tls_cert_file`, `server.tls_key_file`, and the
-//! client authorities `server.tls_client_ca_file`: the files are read again on every reload
-//! while the doors speak TLS, since a renewal keeps their paths), and all of `routing` and `service_discovery` (the upstreams, their CA files read
-//! again: see [`crate::upstream::registry`]). Everything else, and a change of these that cannot
-//! apply, is named in a warning and waits for a restart.
+//! Owns the rule of what reloads:
+//! - the limits: `server.max_connections` (up to half the per-IP table, at least the value the
+//!   gateway started with), `server.max_connections_per_ip` (while on),
+//!   `server.max_requests_per_ip` and `server.request_burst_per_ip` (when a rate's state was
+//!   made at startup), `server.per_ip_overrides` (while the per-IP limit is on; see
+//!   [`crate::limiter::overrides`]) and `server.ipv6_prefix_len` (checked together with the
+//!   overrides; open connections stay counted where they were admitted);
+//! - the timeouts `server.read_timeout`, `write_timeout`, `idle_timeout` (for the waits that
+//!   start after the reload) and `shutdown_timeout` (for a drain that starts after it);
+//! - `server.max_message_size` (for bodies and messages read after the reload; one being read
+//!   as it comes may be held to either value), `server.allowed_origins` (for requests read
+//!   after it), `server.proxy_protocol_networks` (for connections accepted after it);
+//! - `server.access_log`, and `server.park_idle_connections` (for connections that go idle
+//!   after the reload, or are waiting when it turns parking on; parked ones stay parked);
+//! - the doors' certificate (`server.tls_cert_file`, `server.tls_key_file`, and the client
+//!   authorities `server.tls_client_ca_file`: the files are read again on every reload while
+//!   the doors speak TLS, since a renewal keeps their paths);
+//! - all of `routing` and `service_discovery` (the upstreams, their CA files read again: see
+//!   [`crate::upstream::registry`]).
+//!
+//! Everything else, and a change of these that cannot apply, is named in a warning and waits
+//! for a restart.
 //!
 //! Invariants:
 //! - A file that does not load or validate changes nothing (the error is logged whole).
@@ -29,7 +37,7 @@ use std::sync::atomic::Ordering;
 
 use serde_yaml::Value;
 
-use crate::config::{secs, Config};
+use crate::config::{secs, Config, ServerConfig};
 use crate::http::origin::Origins;
 use crate::limiter::Limiter;
 use crate::metrics::{describe_limits, Metrics, Reload};
@@ -40,8 +48,10 @@ use crate::worker::Settings;
 
 /// The `server` keys a reload applies; beside them, every key of `routing` and
 /// `service_discovery` (see [`crate::upstream::registry`]).
-const LIVE: [&str; 17] = [
+const LIVE: [&str; 19] = [
     "server.access_log",
+    "server.park_idle_connections",
+    "server.ipv6_prefix_len",
     "server.read_timeout",
     "server.write_timeout",
     "server.idle_timeout",
@@ -125,19 +135,7 @@ fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
             Err(why) => refused.push(format!("server.max_connections_per_ip ({why})")),
         }
     }
-    if now.per_ip_overrides != was.per_ip_overrides {
-        let list: Vec<_> = now.per_ip_overrides.iter().map(|o| o.limits()).collect();
-        match limiter.set_per_ip_overrides(&list) {
-            Ok(_) => {
-                was.per_ip_overrides.clone_from(&now.per_ip_overrides);
-                tracing::info!(
-                    networks = list.len(),
-                    "per-IP overrides replaced: new connections are admitted under them, and the open ones' requests follow their network's rate"
-                );
-            }
-            Err(why) => refused.push(format!("server.per_ip_overrides ({why})")),
-        }
-    }
+    per_ip_keys(limiter, was, now, &mut refused);
     let timeouts =
         |s: &crate::config::ServerConfig| (s.read_timeout, s.write_timeout, s.idle_timeout);
     if timeouts(now) != timeouts(was) {
@@ -183,6 +181,17 @@ fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
         was.proxy_protocol_networks
             .clone_from(&now.proxy_protocol_networks);
         tracing::info!(networks = %now.proxy_protocol_networks.join(" "), "PROXY protocol networks replaced: connections accepted from now are read by them");
+    }
+    if now.park_idle_connections != was.park_idle_connections {
+        settings
+            .park_idle
+            .store(now.park_idle_connections, Ordering::Relaxed);
+        was.park_idle_connections = now.park_idle_connections;
+        if now.park_idle_connections {
+            tracing::info!("idle connections park from the next sweep on");
+        } else {
+            tracing::info!("idle connections park no more; parked ones stay until their next request, their close or their deadline");
+        }
     }
     if now.access_log != was.access_log {
         crate::logging::set_access_log(now.access_log);
@@ -239,6 +248,54 @@ fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
         Reload::Partial
     } else {
         Reload::Applied
+    }
+}
+
+/// Applies `server.ipv6_prefix_len` and `server.per_ip_overrides`, which are checked together
+/// (no IPv6 override network narrower than the prefix). When the list cannot apply, a changed
+/// prefix still does if the list in force allows it.
+fn per_ip_keys(
+    limiter: &Limiter,
+    was: &mut ServerConfig,
+    now: &ServerConfig,
+    refused: &mut Vec<String>,
+) {
+    let limits =
+        |s: &ServerConfig| -> Vec<_> { s.per_ip_overrides.iter().map(|o| o.limits()).collect() };
+    let new_prefix = now.ipv6_prefix_len != was.ipv6_prefix_len;
+    let new_list = now.per_ip_overrides != was.per_ip_overrides;
+    if !new_prefix && !new_list {
+        return;
+    }
+    let (prefix_applied, list_applied) =
+        match limiter.set_per_ip_keys(now.ipv6_prefix_len, &limits(now)) {
+            Ok(_) => (new_prefix, new_list),
+            Err(why) => {
+                if new_list {
+                    refused.push(format!("server.per_ip_overrides ({why})"));
+                }
+                // The prefix alone, with the list in force.
+                let prefix = new_prefix
+                    && limiter
+                        .set_per_ip_keys(now.ipv6_prefix_len, &limits(was))
+                        .map_err(|why| refused.push(format!("server.ipv6_prefix_len ({why})")))
+                        .is_ok();
+                (prefix, false)
+            }
+        };
+    if prefix_applied {
+        was.ipv6_prefix_len = now.ipv6_prefix_len;
+        tracing::info!(
+            ipv6_prefix_len = now.ipv6_prefix_len,
+            "IPv6 prefix changed: new IPv6 connections count per network of this length; open ones stay counted where they were admitted"
+        );
+    }
+    if list_applied {
+        was.per_ip_overrides.clone_from(&now.per_ip_overrides);
+        tracing::info!(
+            networks = now.per_ip_overrides.len(),
+            "per-IP overrides replaced: new connections are admitted under them, and the open ones' requests follow their network's rate"
+        );
     }
 }
 
@@ -371,6 +428,50 @@ mod tests {
         // What is running now, written back: nothing to do.
         std::fs::write(&path, running.to_yaml()).unwrap();
         assert_eq!(apply(&path, &mut running, &live), Reload::Applied);
+    }
+
+    #[test]
+    fn the_ipv6_prefix_reloads_with_the_overrides_or_alone_when_they_cannot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.yaml");
+        let start = "server:\n  max_connections: 100\n  max_connections_per_ip: 10\n";
+        let mut running = Config::parse(start, false).unwrap();
+        let limiter = Limiter::new(100, 10).leak();
+        let live = live(limiter, &running);
+        let narrow =
+            "  per_ip_overrides:\n    - network: 2001:db8::/96\n      max_connections_per_ip: 20\n";
+        let file = |prefix: u8, overrides: &str| {
+            let text = format!(
+                "{start}  ipv6_prefix_len: {prefix}\n  park_idle_connections: false\n{overrides}"
+            );
+            std::fs::write(&path, text).unwrap();
+        };
+        // Both at once: the /96 network needs a prefix of 96 or more.
+        file(96, narrow);
+        assert_eq!(apply(&path, &mut running, &live), Reload::Applied);
+        assert_eq!((limiter.ipv6_prefix(), limiter.per_ip_overrides()), (96, 1));
+        assert!(!live.settings.parks_idle());
+        // A list that cannot apply (a rate where none was on at startup) leaves the prefix to
+        // apply alone, while the list in force allows it...
+        let rated = "  per_ip_overrides:\n    - network: 10.0.0.0/8\n      max_connections_per_ip: 20\n      max_requests_per_ip: 5\n";
+        file(112, rated);
+        assert_eq!(apply(&path, &mut running, &live), Reload::Partial);
+        assert_eq!(
+            (limiter.ipv6_prefix(), limiter.per_ip_overrides()),
+            (112, 1)
+        );
+        assert_eq!(running.server.ipv6_prefix_len, 112);
+        // ...and not when the /96 network in force would be narrower than it.
+        file(64, rated);
+        assert_eq!(apply(&path, &mut running, &live), Reload::Partial);
+        assert_eq!(
+            (limiter.ipv6_prefix(), running.server.ipv6_prefix_len),
+            (112, 112)
+        );
+        assert_eq!(running.server.per_ip_overrides.len(), 1);
+        file(64, "");
+        assert_eq!(apply(&path, &mut running, &live), Reload::Applied);
+        assert_eq!((limiter.ipv6_prefix(), limiter.per_ip_overrides()), (64, 0));
     }
 
     #[test]

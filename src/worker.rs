@@ -21,7 +21,7 @@
 use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,8 +55,9 @@ pub use idle::{Registration, SessionStreamWatch, Unparked};
 /// trusted and allowed networks and origins, and the doors' certificate.
 pub struct Settings {
     pub timeouts: Timeouts,
-    /// `server.park_idle_connections` (see [`crate::park`]).
-    pub park_idle: bool,
+    /// `server.park_idle_connections` (see [`crate::park`]), read by each sweep and each idle
+    /// wait: see [`Settings::parks_idle`].
+    pub park_idle: AtomicBool,
     /// `server.shutdown_timeout` in microseconds, read when a drain starts: see
     /// [`Settings::shutdown_timeout`].
     pub shutdown_timeout_us: AtomicU64,
@@ -82,7 +83,7 @@ impl Settings {
                 secs(s.write_timeout),
                 secs(s.idle_timeout),
             ),
-            park_idle: s.park_idle_connections,
+            park_idle: s.park_idle_connections.into(),
             shutdown_timeout_us: AtomicU64::new(micros(secs(s.shutdown_timeout))),
             max_message_size: s.max_message_size.into(),
             proxy_protocol: Published::new(Trusted::of(&s.proxy_protocol_networks)),
@@ -100,6 +101,14 @@ impl Settings {
     /// A reloaded `shutdown_timeout`, for drains that start from now.
     pub fn set_shutdown_timeout(&self, d: Duration) {
         self.shutdown_timeout_us.store(micros(d), Relaxed);
+    }
+
+    /// Whether idle connections park. Relaxed: it guards nothing else; a sweep or a wait that
+    /// runs while a reload stores a new value follows the old or the new one, and either is
+    /// right (a connection asked to park under the old one parks; parked ones stay until they
+    /// come back).
+    pub fn parks_idle(&self) -> bool {
+        self.park_idle.load(Relaxed)
     }
 
     /// The largest request body, WebSocket message, MCPB payload, upstream reply or event, in
@@ -194,8 +203,9 @@ pub struct Worker {
     /// This core's copy of the doors' TLS configuration and the generation it was made from
     /// (see [`crate::tls::DoorTls::refresh`]).
     tls: RefCell<Option<(u64, Arc<rustls::ServerConfig>)>>,
-    /// Where idle connections park (`None`: `server.park_idle_connections` is off, or the
-    /// lot could not be made).
+    /// Where idle connections park (`None`: the lot could not be made). Made whatever
+    /// `server.park_idle_connections` says, since a reload may turn it on: an empty lot costs
+    /// one epoll set and one readiness wait that nothing wakes.
     lot: Option<Lot>,
 }
 
@@ -205,7 +215,7 @@ impl Worker {
             &std::collections::hash_map::RandomState::new(),
             index,
         );
-        let lot = shared.settings.park_idle.then(make_lot).flatten();
+        let lot = make_lot();
         Box::leak(Box::new(Worker {
             index,
             shared,

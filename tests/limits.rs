@@ -395,11 +395,12 @@ fn request_rate_per_ip_refuses_the_excess_on_every_door() {
 }
 
 /// `server.ipv6_prefix_len: 64`: two IPv6 addresses of one /64 share the per-IP count, an address
-/// of the next /64 does not, IPv4 is untouched. Loopback has one IPv6 address, so the gateway and
+/// of the next /64 does not, IPv4 is untouched; a reload changes it for new connections, and
+/// open ones stay counted under the key they were admitted with. Loopback has one IPv6 address, so the gateway and
 /// a client run in a network namespace of their own (`unshare -rn`) whose loopback carries three
 /// addresses of two /64 networks; skipped where namespaces cannot be made.
 #[test]
-fn ipv6_clients_count_per_prefix_in_a_network_namespace() {
+fn ipv6_clients_count_per_prefix_and_a_reload_changes_it_in_a_network_namespace() {
     let can = std::process::Command::new("unshare")
         .args(["-rn", "ip", "link", "set", "lo", "up"])
         .status()
@@ -418,7 +419,7 @@ fn ipv6_clients_count_per_prefix_in_a_network_namespace() {
     std::fs::write(
         path("client.py"),
         r#"
-import socket, time
+import os, re, signal, socket, sys, time
 def post(src, dst):
     for _ in range(200):  # until the gateway listens
         s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET)
@@ -438,13 +439,35 @@ def post(src, dst):
             break
         head += got
     return s, head.split(b" ")[1].decode()
+def reload(gw, cfg, log, prefix):
+    """Sets ipv6_prefix_len in the file, sends SIGHUP, waits for the reload's log line."""
+    done = lambda: open(log).read().count("configuration reloaded")
+    before = done()
+    text = open(cfg).read()
+    open(cfg, "w").write(re.sub(r"ipv6_prefix_len: \d+", "ipv6_prefix_len: %d" % prefix, text))
+    os.kill(gw, signal.SIGHUP)
+    while done() == before:
+        time.sleep(0.02)
+    print("reloaded", prefix)
 held = []
-for src, dst in [("2001:db8:1:2::1", "2001:db8:1:2::1"), ("2001:db8:1:2::2", "2001:db8:1:2::1"),
-                 ("2001:db8:1:3::1", "2001:db8:1:2::1"), ("127.0.0.2", "127.0.0.1"),
-                 ("127.0.0.3", "127.0.0.1")]:
+def connect(src, dst="2001:db8:1:2::1"):
     s, status = post(src, dst)
     held.append(s)
     print(src, status)
+gw, cfg, log = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+for src in ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:3::1"]:
+    connect(src)
+for src in ["127.0.0.2", "127.0.0.3"]:
+    connect(src, "127.0.0.1")
+# Per address from now on: ::2 is a client of its own (the open connections stay counted
+# under their /64), limited to 1.
+reload(gw, cfg, log, 128)
+connect("2001:db8:1:2::2")
+connect("2001:db8:1:2::2")
+# Per /64 again: the connections held since the start still count for their networks.
+reload(gw, cfg, log, 64)
+connect("2001:db8:1:2::1")
+connect("2001:db8:1:3::1")
 "#,
     )
     .unwrap();
@@ -455,7 +478,7 @@ for a in 2001:db8:1:2::1 2001:db8:1:2::2 2001:db8:1:3::1; do ip -6 addr add $a/6
 "{bin}" -c "{cfg}" 2> "{log}" &
 gw=$!
 trap 'kill $gw; wait $gw || true; cat "{log}" >&2' EXIT
-timeout 20 python3 "{client}"
+timeout 20 python3 "{client}" $gw "{cfg}" "{log}"
 "#,
         bin = env!("CARGO_BIN_EXE_mcp-gateway"),
         cfg = path("gw.yaml"),
@@ -477,12 +500,22 @@ timeout 20 python3 "{client}"
             "2001:db8:1:3::1 200",
             "127.0.0.2 200",
             "127.0.0.3 200",
+            "reloaded 128",
+            "2001:db8:1:2::2 200",
+            "2001:db8:1:2::2 429",
+            "reloaded 64",
+            "2001:db8:1:2::1 429",
+            "2001:db8:1:3::1 429",
         ],
         "{all}"
     );
     assert!(
         all.contains("ipv6_prefix_len=64"),
         "the startup line names it: {all}"
+    );
+    assert!(
+        all.contains("IPv6 prefix changed") && !all.contains("after_restart"),
+        "each reload applies it: {all}"
     );
 }
 
@@ -524,14 +557,14 @@ fn sighup_applies_new_limits_to_new_connections_and_keeps_open_ones() {
     // A change that needs a restart is named, the rest applies; a bad file changes nothing.
     gw.reload(
         "max_connections_per_ip: 1",
-        "max_connections_per_ip: 2\n  ipv6_prefix_len: 64",
+        "max_connections_per_ip: 2\n  driver: epoll",
     );
     assert_eq!(gw.metric(per_ip), 2.0);
     assert!(gw
         .log
         .lock()
         .unwrap()
-        .contains("after_restart=server.ipv6_prefix_len"));
+        .contains("after_restart=server.driver"));
     gw.reload("max_connections_per_ip: 2", "max_connections_per_ip: lots");
     assert!(gw
         .log

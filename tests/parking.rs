@@ -163,6 +163,56 @@ fn connections_wait_in_their_tasks_when_parking_is_off() {
     gw.wait_all_closed();
 }
 
+/// `server.park_idle_connections` reloads: turned off, no connection parks from then on (a
+/// parked one stays, and comes back as ever); turned on, connections already waiting park too.
+#[test]
+fn a_reload_turns_parking_off_and_on() {
+    let gw = start("read_timeout: 0.8\nidle_timeout: 30\npark_idle_connections: true");
+    let mut parked = connect_from("127.0.0.2", gw.http);
+    assert_eq!(roundtrip(&mut parked, &call(1)).status, 200);
+    gw.wait_metric(PARKS, 1.0);
+    gw.wait_metric(PARKED, 1.0);
+
+    gw.reload(
+        "park_idle_connections: true",
+        "park_idle_connections: false",
+    );
+    assert!(gw
+        .log
+        .lock()
+        .unwrap()
+        .contains("idle connections park no more"));
+    // Idle for 1 s from now on: a connection that goes idle is expired by the sweeper after
+    // many sweeps, none of which parked it.
+    gw.reload("idle_timeout: 30", "idle_timeout: 1");
+    let mut waits = connect_from("127.0.0.3", gw.http);
+    assert_eq!(roundtrip(&mut waits, &call(2)).status, 200);
+    assert!(closed_by_peer(&mut waits));
+    assert_eq!(gw.metric(PARKS), 1.0);
+    // The one parked before the reload is still parked (its deadline is 30 s), and comes back.
+    assert_eq!(gw.metric(PARKED), 1.0);
+    assert_eq!(roundtrip(&mut parked, &call(3)).status, 200);
+    gw.wait_metric(PARKED, 0.0);
+    // Back in its task, it is expired there too, unparked.
+    assert!(closed_by_peer(&mut parked));
+    assert_eq!(gw.metric(PARKS), 1.0);
+
+    // A connection that went idle while parking was off parks once a reload turns it on.
+    gw.reload("idle_timeout: 1", "idle_timeout: 30");
+    let mut later = connect_from("127.0.0.4", gw.http);
+    assert_eq!(roundtrip(&mut later, &call(4)).status, 200);
+    gw.reload(
+        "park_idle_connections: false",
+        "park_idle_connections: true",
+    );
+    gw.wait_metric(PARKS, 2.0);
+    gw.wait_metric(PARKED, 1.0);
+    assert_eq!(roundtrip(&mut later, &call(5)).status, 200);
+    assert!(!gw.log.lock().unwrap().contains("after_restart"));
+    drop(later);
+    gw.wait_all_closed();
+}
+
 /// Sets the open-file limit (soft and hard) of the running process `pid`.
 fn set_nofile(pid: i32, n: usize) {
     let limit = libc::rlimit {

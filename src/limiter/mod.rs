@@ -17,9 +17,10 @@
 //! - IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) count as the IPv4 address; other IPv6 addresses
 //!   count per `server.ipv6_prefix_len` network (each address by default).
 //!
-//! The default limits (`max_connections`, `max_connections_per_ip`, the default request rate)
-//! may change while it runs ([`crate::reload`]): each is an atomic read by every admission, and a
-//! change applies to what is admitted after it; permits already held stay valid.
+//! The default limits (`max_connections`, `max_connections_per_ip`, the default request rate),
+//! the overrides and the IPv6 prefix may change while it runs ([`crate::reload`]): each is
+//! read by every admission, and a change applies to what is admitted after it; permits already
+//! held stay valid, and release where they were counted (a permit keeps its slot, not its key).
 //!
 //! The limiter is created once and leaked (`&'static`): a permit then needs no reference count,
 //! which would be one more shared cache line written per connection.
@@ -92,9 +93,12 @@ pub struct Limiter {
     rate_words: Option<RequestRate>,
     /// The request rate of addresses no override names (none when unset).
     rate: LiveRate,
-    /// Mask applied to an IPv6 client's address before counting it (all ones: each address;
-    /// `/64`: its network), see [`Limiter::with_ipv6_prefix`].
-    v6_mask: u128,
+    /// Prefix length an IPv6 client's address is cut to before counting it (128: each
+    /// address; 64: its /64 network), see [`Limiter::with_ipv6_prefix`]; changed by a reload.
+    /// Relaxed: it guards nothing else; a connection admitted while a reload changes it is
+    /// keyed by the old or the new length, and either is right (a permit releases by its slot,
+    /// never by its key).
+    v6_prefix: AtomicU64,
     /// Networks with per-IP limits of their own; the first that holds an address applies.
     /// Scanned once per new connection, never per request; replaced by a reload.
     overrides: Overrides,
@@ -128,7 +132,7 @@ impl Limiter {
             per_ip,
             rate_words: None,
             rate: LiveRate::default(),
-            v6_mask: u128::MAX,
+            v6_prefix: AtomicU64::new(128),
             overrides: Overrides::default(),
         }
     }
@@ -140,36 +144,47 @@ impl Limiter {
         if Overrides::own_rate(list) {
             self.make_rate_words();
         }
-        self.set_per_ip_overrides(list).expect("a valid list");
+        let prefix = u8::try_from(self.ipv6_prefix()).expect("at most 128");
+        self.set_per_ip_keys(prefix, list).expect("a valid list");
         self
     }
 
-    /// Puts a reloaded list of per-IP overrides in force, for connections admitted from now on;
-    /// a network's request rate applies to the requests of its open connections too (see
-    /// [`overrides`]). `Ok(false)`: the list in force already. `Err`: nothing changed.
-    pub fn set_per_ip_overrides(&self, list: &[PerIpLimits]) -> Result<bool, &'static str> {
+    /// Puts a reloaded IPv6 prefix length (see [`Limiter::with_ipv6_prefix`]) and list of
+    /// per-IP overrides in force together, since no IPv6 network of the list may be narrower
+    /// than the prefix (addresses that share a count must share its limit). For connections
+    /// admitted from now on: an open one stays counted where it was admitted (its address's old
+    /// key or entry), though a network's request rate applies to the requests of its open
+    /// connections too (see [`overrides`]). `Ok(false)`: both in force already. `Err`: nothing
+    /// changed.
+    pub fn set_per_ip_keys(
+        &self,
+        ipv6_prefix: u8,
+        list: &[PerIpLimits],
+    ) -> Result<bool, &'static str> {
+        assert!((1..=128).contains(&ipv6_prefix));
         if !list.is_empty() && self.per_ip.is_none() {
             return Err("overrides need the per-IP limit on, which needs a restart");
         }
         if Overrides::own_rate(list) && self.rate_words.is_none() {
             return Err("a request rate where none was set at startup needs a restart");
         }
-        let prefix = u8::try_from(self.ipv6_prefix()).expect("at most 128");
         if list
             .iter()
-            .any(|o| o.network.is_ipv6() && o.prefix_len > prefix)
+            .any(|o| o.network.is_ipv6() && o.prefix_len > ipv6_prefix)
         {
-            return Err("an IPv6 network narrower than the server.ipv6_prefix_len in force");
+            return Err("an IPv6 override network narrower than server.ipv6_prefix_len");
         }
-        self.overrides.replace(list)
+        let replaced = self.overrides.replace(list)?;
+        let was = self.v6_prefix.swap(u64::from(ipv6_prefix), Relaxed);
+        Ok(replaced || was != u64::from(ipv6_prefix))
     }
 
     /// Counts IPv6 clients (not IPv4-mapped ones) per `/prefix_len` network instead of per
     /// address, for the per-IP limit and the request rate: one holder of a /64 has 2^64 addresses.
     /// `prefix_len` in `1..=128`; 128 (the default) counts each address.
-    pub fn with_ipv6_prefix(mut self, prefix_len: u8) -> Self {
+    pub fn with_ipv6_prefix(self, prefix_len: u8) -> Self {
         assert!((1..=128).contains(&prefix_len));
-        self.v6_mask = u128::MAX << (128 - u32::from(prefix_len));
+        self.v6_prefix.store(u64::from(prefix_len), Relaxed);
         self
     }
 
@@ -180,7 +195,7 @@ impl Limiter {
         if a >> 32 == V4_MAPPED {
             a
         } else {
-            a & self.v6_mask
+            a & (u128::MAX << (128 - self.v6_prefix.load(Relaxed)))
         }
     }
 
@@ -210,7 +225,7 @@ impl Limiter {
 
     /// The configured IPv6 prefix length (128: per address).
     pub fn ipv6_prefix(&self) -> u32 {
-        self.v6_mask.count_ones()
+        self.v6_prefix.load(Relaxed) as u32
     }
 
     /// Also limits each address to `per_second` requests a second with bursts of `burst` (0: one

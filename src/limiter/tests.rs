@@ -142,6 +142,40 @@ fn ipv6_clients_can_be_counted_per_network() {
     assert_eq!(l.tracked_ips(), 3);
 }
 
+#[test]
+fn a_reloaded_ipv6_prefix_keys_new_connections_and_open_ones_release_where_they_were_counted() {
+    let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+    let b: IpAddr = "2001:db8:1:2::2".parse().unwrap();
+    let c: IpAddr = "2001:db8:1:2::3".parse().unwrap();
+    let l = Limiter::new(10, 1).leak();
+    let per_address = [l.try_acquire(a).unwrap(), l.try_acquire(b).unwrap()];
+    // Per /64 from now on: the network's first connection is admitted under its new key, the
+    // next refused, though the two open ones stay counted under their addresses.
+    assert_eq!(l.set_per_ip_keys(64, &[]), Ok(true));
+    assert_eq!(l.ipv6_prefix(), 64);
+    let network = l.try_acquire(c).unwrap();
+    assert_eq!(l.try_acquire(a).unwrap_err(), Rejection::PerIp);
+    assert_eq!(l.tracked_ips(), 3);
+    // Each releases its own count: the table ends empty.
+    drop(per_address);
+    assert_eq!(l.tracked_ips(), 1);
+    assert_eq!(l.try_acquire(b).unwrap_err(), Rejection::PerIp);
+    drop(network);
+    assert_eq!(l.tracked_ips(), 0);
+    assert_eq!(l.set_per_ip_keys(64, &[]), Ok(false), "in force already");
+    // An IPv6 override narrower than the prefix is refused with it, and nothing changes; with a
+    // prefix that allows it, both apply.
+    let narrow = limits("2001:db8:1:2::", 96, 2, None);
+    assert!(l.set_per_ip_keys(64, &[narrow]).is_err());
+    assert_eq!((l.ipv6_prefix(), l.per_ip_overrides()), (64, 0));
+    assert_eq!(l.set_per_ip_keys(96, &[narrow]), Ok(true));
+    assert_eq!((l.ipv6_prefix(), l.per_ip_overrides()), (96, 1));
+    let two = [l.try_acquire(a).unwrap(), l.try_acquire(b).unwrap()];
+    assert_eq!(l.try_acquire(c).unwrap_err(), Rejection::PerIp);
+    drop(two);
+    assert_eq!(l.tracked_ips(), 0);
+}
+
 /// One entry of `per_ip_overrides`.
 pub(crate) fn limits(net: &str, len: u8, conns: u64, reqs: Option<u64>) -> PerIpLimits {
     PerIpLimits {
@@ -232,7 +266,7 @@ fn reloaded_overrides_admit_new_connections_and_rate_open_ones() {
     let first = l.try_acquire(nat).unwrap();
     assert_eq!(l.try_acquire(nat).unwrap_err(), Rejection::PerIp);
     assert_eq!(
-        l.set_per_ip_overrides(&[limits("10.0.0.0", 8, 3, Some(1))]),
+        l.set_per_ip_keys(64, &[limits("10.0.0.0", 8, 3, Some(1))]),
         Ok(true)
     );
     assert_eq!(l.per_ip_overrides(), 1);
@@ -244,18 +278,18 @@ fn reloaded_overrides_admit_new_connections_and_rate_open_ones() {
     assert!(more[0].admit_request().is_ok() && more[1].admit_request().is_err());
     assert!((0..100).all(|_| open.admit_request().is_ok()));
     // Its rate changed by a reload: the network's open connections follow.
-    l.set_per_ip_overrides(&[limits("10.0.0.0", 8, 3, Some(0))])
+    l.set_per_ip_keys(64, &[limits("10.0.0.0", 8, 3, Some(0))])
         .unwrap();
     assert!(
         (0..100).all(|_| more[1].admit_request().is_ok()),
         "no rate now"
     );
-    l.set_per_ip_overrides(&[limits("10.0.0.0", 8, 3, Some(1))])
+    l.set_per_ip_keys(64, &[limits("10.0.0.0", 8, 3, Some(1))])
         .unwrap();
     assert!(more[1].admit_request().is_err(), "1 a second again");
     // Taken off the list: back to the defaults, for new and open connections alike (a
     // burst of 5 000 over the address's state: the 1 a second had used a second's worth).
-    l.set_per_ip_overrides(&[]).unwrap();
+    l.set_per_ip_keys(64, &[]).unwrap();
     assert_eq!(l.try_acquire(nat).unwrap_err(), Rejection::PerIp);
     drop((first, open));
     assert!((0..2000).all(|_| more[0].admit_request().is_ok()));
@@ -264,20 +298,20 @@ fn reloaded_overrides_admit_new_connections_and_rate_open_ones() {
     // What cannot apply changes nothing.
     let narrow = limits("2001:db8::", 96, 5, None);
     assert!(
-        l.set_per_ip_overrides(&[narrow]).is_err(),
+        l.set_per_ip_keys(64, &[narrow]).is_err(),
         "narrower than /64"
     );
     let off = Limiter::new(100, 0).leak();
     assert!(off
-        .set_per_ip_overrides(&[limits("10.0.0.0", 8, 3, None)])
+        .set_per_ip_keys(128, &[limits("10.0.0.0", 8, 3, None)])
         .is_err());
     let no_rate = Limiter::new(100, 1).leak();
     assert!(no_rate
-        .set_per_ip_overrides(&[limits("10.0.0.0", 8, 3, Some(5))])
+        .set_per_ip_keys(128, &[limits("10.0.0.0", 8, 3, Some(5))])
         .is_err());
     assert_eq!(no_rate.per_ip_overrides(), 0);
     assert_eq!(
-        no_rate.set_per_ip_overrides(&[limits("10.0.0.0", 8, 3, None)]),
+        no_rate.set_per_ip_keys(128, &[limits("10.0.0.0", 8, 3, None)]),
         Ok(true),
         "a list without rates needs none"
     );

@@ -46,10 +46,13 @@ impl Worker {
         }
     }
 
-    /// Idle connections on this worker park (see [`crate::park`]): it has a lot that works,
-    /// and it is not draining.
+    /// Idle connections on this worker park (see [`crate::park`]): parking is on
+    /// (`server.park_idle_connections`, which a reload may change), the worker has a lot that
+    /// works, and it is not draining.
     pub fn parks(&self) -> bool {
-        self.lot.as_ref().is_some_and(Lot::works) && !self.draining()
+        self.shared.settings.parks_idle()
+            && self.lot.as_ref().is_some_and(Lot::works)
+            && !self.draining()
     }
 
     /// This core's parking lot, if it has one.
@@ -148,17 +151,25 @@ impl Worker {
 
     /// See [`Registration::idle_pending`].
     pub(super) fn idle_pending(&self, reg: &Registration, waker: &Waker) -> bool {
-        if !reg.may_park.get() || self.speaks_tls() || !self.parks() {
+        if !reg.may_park.get() || self.speaks_tls() {
             return false;
         }
+        let parks = self.parks();
         let mut conns = self.conns.borrow_mut();
         let Some(e) = conns.get_mut(reg.key) else {
             return false;
         };
-        if let Idle::Park(_) = e.idle {
-            e.waker = None;
-            return true;
+        if let Idle::Park(d) = e.idle {
+            if parks {
+                e.waker = None;
+                return true;
+            }
+            // Asked before a reload turned parking off (or a drain began): it waits on, and is
+            // asked again if parking comes back on.
+            e.idle = Idle::Until(d);
         }
+        // The waker is kept while parking is off too, so that a reload turning it on reaches
+        // connections already waiting.
         if !e.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
             e.waker = Some(waker.clone());
         }
@@ -285,7 +296,7 @@ impl Worker {
     pub(super) fn sweep(&self, all: bool) {
         let now = self.now_ms();
         let mut asked = 0;
-        let may_ask = self.lot.as_ref().is_some_and(|lot| lot.may_ask());
+        let may_ask = self.parks() && self.lot.as_ref().is_some_and(Lot::may_ask);
         for (_, e) in self.conns.borrow_mut().iter_mut() {
             match e.idle {
                 Idle::Until(d) | Idle::Seen(d) | Idle::Park(d) if all || d <= now => e.expire(),
