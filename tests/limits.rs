@@ -657,24 +657,31 @@ per_ip_overrides: []",
     gw.wait_all_closed();
 }
 
-/// Overrides replaced 20 times while clients of four addresses open, use and close connections
-/// (some over the limit in force, some admitted under an entry that is then taken away): every
-/// answer is 200 or 429, and every count is back at zero at the end.
+/// Overrides replaced, and the IPv6 prefix switched between 128 and 64, 20 times while clients
+/// of four IPv4 addresses and `::1` open, use and close connections (some over the limit in
+/// force, some admitted under an entry that is then taken away, `::1`'s admitted under one key
+/// and closed under the other): every answer is 200 or 429, and every count is back at zero at
+/// the end.
 #[test]
-fn overrides_reloaded_under_churn_leave_the_counts_exact() {
-    let gw = start("max_connections_per_ip: 2\nmax_requests_per_ip: 100000\nper_ip_overrides: []");
+fn overrides_and_the_ipv6_prefix_reloaded_under_churn_leave_the_counts_exact() {
+    let gw = start(
+        "max_connections_per_ip: 2\nmax_requests_per_ip: 100000\nper_ip_overrides: []\nipv6_prefix_len: 128",
+    );
     let (none, some) = (
-        "per_ip_overrides: []",
-        "per_ip_overrides: [{network: 127.0.3.0/24, max_connections_per_ip: 4, max_requests_per_ip: 50000}]",
+        "per_ip_overrides: []\n  ipv6_prefix_len: 128",
+        "per_ip_overrides: [{network: 127.0.3.0/24, max_connections_per_ip: 4, max_requests_per_ip: 50000}]\n  ipv6_prefix_len: 64",
     );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let http = gw.http;
-    let clients: Vec<_> = (0..4)
+    let clients: Vec<_> = (0..5)
         .map(|i| {
             let (stop, done) = (stop.clone(), done.clone());
             std::thread::spawn(move || {
-                let ip = format!("127.0.3.{}", 2 + i);
+                let ip = match i {
+                    4 => "::1".to_string(),
+                    _ => format!("127.0.3.{}", 2 + i),
+                };
                 let mut held = std::collections::VecDeque::new();
                 let mut answers = std::collections::BTreeMap::new();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
