@@ -136,8 +136,7 @@ fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
         }
     }
     per_ip_keys(limiter, was, now, &mut refused);
-    let timeouts =
-        |s: &crate::config::ServerConfig| (s.read_timeout, s.write_timeout, s.idle_timeout);
+    let timeouts = |s: &ServerConfig| (s.read_timeout, s.write_timeout, s.idle_timeout);
     if timeouts(now) != timeouts(was) {
         let (read, write, idle) = timeouts(now);
         settings.timeouts.set(secs(read), secs(write), secs(idle));

@@ -51,8 +51,9 @@ use idle::{make_lot, Entry};
 pub use idle::{Registration, SessionStreamWatch, Unparked};
 
 /// Process-wide settings the connection tasks need, resolved from the configuration; read-only
-/// but for what a reload may change ([`crate::reload`]): the timeouts, the message size, the
-/// trusted and allowed networks and origins, and the doors' certificate.
+/// but for what a reload may change ([`crate::reload`]): the timeouts, whether idle
+/// connections park, the message size, the trusted and allowed networks and origins, and the
+/// doors' certificate.
 pub struct Settings {
     pub timeouts: Timeouts,
     /// `server.park_idle_connections` (see [`crate::park`]), read by each sweep and each idle
