@@ -39,16 +39,9 @@ case "$SIDE" in upstream|doors) ;; *) usage; exit 64 ;; esac
 [ "$D" -le 60 ] || D=60
 cd "$(dirname "$0")/.."
 export PATH=$PATH:/usr/sbin
-. scripts/lib/need.sh; . scripts/lib/proc.sh; need wrk nginx openssl
+. scripts/lib/need.sh; . scripts/lib/proc.sh; . scripts/lib/nginx.sh; need wrk nginx openssl
 build
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -s "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
-  wait 2>/dev/null || true; rm -rf "$work"
-}
-trap cleanup EXIT
+scratch
 
 # A CA and a server certificate for 127.0.0.1 (P-256, valid for two days).
 (
@@ -62,32 +55,11 @@ trap cleanup EXIT
     -extfile ext.cnf -out srv.pem 2>/dev/null
 )
 
-fixed_nginx() { # -> starts nginx (1 worker, a fixed answer) on a plain and a TLS port: sets
-  # $plain, $tls and $nginx_worker
-  plain=$(port); tls=$(port)
-  local answer='{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"hello"}],"isError":false}}'
-  cat > "$work/nginx.conf" <<CONF
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  keepalive_timeout 300s;
-  client_body_temp_path $work;
-  server {
-    listen 127.0.0.1:$plain;
-    listen 127.0.0.1:$tls ssl;
-    ssl_certificate $work/srv.pem;
-    ssl_certificate_key $work/srv.key;
-    location / { default_type application/json; return 200 '$answer'; }
-  }
-}
-CONF
-  nginx -c "$work/nginx.conf" -e "$work/nginx.log"
+ssl_cert=$work/srv.pem; ssl_key=$work/srv.key
+plain=$(port); tls=$(port)
+start_nginx() { # -> nginx (1 worker, a fixed answer) on the plain port and the TLS one
+  fixed_nginx "127.0.0.1:$plain" "127.0.0.1:$tls ssl"
   listening "$plain"; listening "$tls"
-  nginx_worker=$(pgrep -P "$(cat "$work/nginx.pid")" | head -n 1)
 }
 
 declare -A gw_port gw_pid url
@@ -104,7 +76,7 @@ YAML
 
 modes=(http https)
 if [ "$SIDE" = upstream ]; then
-  fixed_nginx
+  start_nginx
   for mode in http https; do
     up="http://127.0.0.1:$plain/mcp"; extra=""
     [ "$mode" = https ] && up="https://127.0.0.1:$tls/mcp" && extra="
@@ -123,7 +95,7 @@ else
   url[http]="http://127.0.0.1:${gw_port[http]}/mcp"
   url[https]="https://127.0.0.1:${gw_port[https]}/mcp"
   # nginx terminating the same TLS, answering a fixed body: the reference for the cost.
-  fixed_nginx
+  start_nginx
   gw_pid[nginx-http]=$nginx_worker; gw_pid[nginx-https]=$nginx_worker
   url[nginx-http]="http://127.0.0.1:$plain/mcp"; url[nginx-https]="https://127.0.0.1:$tls/mcp"
   modes+=(nginx-http nginx-https)

@@ -37,7 +37,7 @@ pub async fn open(worker: &'static Worker, tcp: TcpStream, door: Frontend) -> Op
     };
     let deadline = Instant::now() + worker.settings().timeouts.read();
     match until(deadline, TlsStream::accept(tcp, &config)).await {
-        Ok(Ok(s)) => return Some(Stream::Tls(Box::new(s))),
+        Ok(Ok(s)) => return Some(Stream::tls(s)),
         Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionAborted => return None,
         Ok(Err(e)) => tracing::debug!(frontend = door.label(), error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(
@@ -109,8 +109,11 @@ pub fn wait_idle<'a>(
         return IdleWait::Now; // a TLS connection's next request is already decrypted
     }
     worker.idle_begin(reg, limit);
+    let Some(tcp) = stream.tcp() else {
+        return IdleWait::Now; // a Unix socket (an upstream's, never waited on here): read it
+    };
     IdleWait::Wait {
-        ready: stream.tcp().readable(false),
+        ready: tcp.readable(false),
         worker,
         reg,
     }
@@ -160,14 +163,13 @@ pub enum Peek {
     Nothing,
 }
 
-/// Looks at `stream` without blocking and without consuming a byte.
-pub fn peek(stream: &TcpStream) -> Peek {
-    use std::os::fd::AsRawFd;
+/// Looks at `socket` without blocking and without consuming a byte.
+pub fn peek(socket: &impl std::os::fd::AsRawFd) -> Peek {
     let mut byte = 0u8;
     // SAFETY: a one-byte peek into a local on a socket the caller holds; nothing is consumed.
     let n = unsafe {
         libc::recv(
-            stream.as_raw_fd(),
+            socket.as_raw_fd(),
             (&mut byte as *mut u8).cast(),
             1,
             libc::MSG_PEEK | libc::MSG_DONTWAIT,

@@ -14,7 +14,7 @@
 //! - [`network`]: IP networks (CIDR) and the one form addresses are compared in.
 //! - [`conn`]: connection I/O shared by the doors: buffer pool, idle wait, timed reads/writes.
 //! - [`boxed`]: `Box::pin` for a request's state, in blocks each core reuses.
-//! - [`stream`]: a connection, plain or TLS, on either side; [`tls`]: rustls, its
+//! - [`stream`]: a connection, plain TCP, TLS or (an upstream's) a Unix socket; [`tls`]: rustls, its
 //!   configurations and the TLS stream.
 //! - [`http`]: the Streamable HTTP front door (and the WebSocket upgrade).
 //! - [`websocket`]: the WebSocket front door after the upgrade; its frame codec and message

@@ -1,11 +1,15 @@
 //! A connection, plain TCP or TLS: a client's on a door (`server.tls_cert_file` set), or the
-//! gateway's to an upstream (`http://` or `https://`). One type for every door, the upstream pool
-//! and every forwarding path, so none of them is written twice.
+//! gateway's to an upstream (`http://` or `https://`; `http://unix:`, a Unix socket). One type
+//! for every door, the upstream pool and every forwarding path, so none of them is written
+//! twice.
 //!
 //! Invariants:
-//! - The plain variant adds nothing to a `TcpStream` but the variant's tag; the TLS one, and
-//!   its I/O futures, are boxed, so plain connections' state (what an idle one costs) does not
-//!   grow by rustls'.
+//! - The plain variant adds nothing to a `TcpStream` (80 bytes); the others (TLS, a Unix
+//!   socket), and their I/O futures, are boxed, so plain connections' state (what an idle one
+//!   costs) does not grow by rustls'. The two boxes are one variant holding an enum of them:
+//!   as two variants beside the plain one they would add a tag word (88 bytes), where one fits
+//!   in a niche of the `TcpStream`.
+//! - A client's connection is TCP (plain or TLS); only an upstream's is a Unix socket.
 //! - A readiness wait is ready while decrypted bytes wait in the TLS session ([`Stream::buffered`]),
 //!   not only when the socket is.
 
@@ -16,8 +20,9 @@ use std::task::{Context, Poll};
 
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
-use monoio::net::TcpStream;
+use monoio::net::{TcpStream, UnixStream};
 use monoio::BufResult;
+use std::os::fd::{AsRawFd, RawFd};
 
 use crate::boxed::{self, Boxed};
 use crate::conn::{peek, Peek};
@@ -25,33 +30,62 @@ use crate::tls::TlsStream;
 
 pub enum Stream {
     Plain(TcpStream),
+    /// TLS over TCP, or a Unix socket (see the module's invariants for why one variant).
+    Other(Other),
+}
+
+/// The connections that are not plain TCP, each boxed.
+pub enum Other {
     Tls(Box<TlsStream>),
+    /// An `http://unix:` upstream's connection.
+    Unix(Box<UnixStream>),
 }
 
 impl Stream {
-    /// A door's client that presented a verified certificate: it, as `X-Forwarded-Client-Cert`
-    /// says it (plain TCP, or TLS without client certificates: `None`).
-    pub fn identity(&self) -> Option<&str> {
+    pub fn tls(s: TlsStream) -> Stream {
+        Stream::Other(Other::Tls(Box::new(s)))
+    }
+
+    pub fn unix(s: UnixStream) -> Stream {
+        Stream::Other(Other::Unix(Box::new(s)))
+    }
+
+    /// The TLS session, if the connection has one.
+    fn tls_session(&self) -> Option<&TlsStream> {
         match self {
+            Stream::Other(o) => match o {
+                Other::Tls(s) => Some(s),
+                Other::Unix(_) => None,
+            },
             Stream::Plain(_) => None,
-            Stream::Tls(s) => s.identity(),
         }
     }
 
-    /// The socket (under the TLS session, if any).
-    pub fn tcp(&self) -> &TcpStream {
+    pub fn is_tls(&self) -> bool {
+        self.tls_session().is_some()
+    }
+
+    /// A door's client that presented a verified certificate: it, as `X-Forwarded-Client-Cert`
+    /// says it (plain TCP, or TLS without client certificates: `None`).
+    pub fn identity(&self) -> Option<&str> {
+        self.tls_session()?.identity()
+    }
+
+    /// The TCP socket (under the TLS session, if any); `None` for a Unix socket (an
+    /// upstream's: a client's connection is always TCP).
+    pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.tcp(),
+            Stream::Plain(s) => Some(s),
+            Stream::Other(o) => match o {
+                Other::Tls(s) => Some(s.tcp()),
+                Other::Unix(_) => None,
+            },
         }
     }
 
     /// A read would return at once without the socket: decrypted bytes wait (TLS only).
     pub fn buffered(&self) -> bool {
-        match self {
-            Stream::Plain(_) => false,
-            Stream::Tls(s) => s.buffered(),
-        }
+        self.tls_session().is_some_and(TlsStream::buffered)
     }
 
     /// Waits until a read would make progress: decrypted bytes wait, or the socket has
@@ -60,7 +94,14 @@ impl Stream {
         if self.buffered() {
             return Ok(());
         }
-        self.tcp().readable(false).await
+        match self {
+            Stream::Plain(s) => s.readable(false).await,
+            // Boxed, as the I/O futures are: what a plain connection waits in does not grow.
+            Stream::Other(o) => match o {
+                Other::Tls(s) => s.tcp().readable(false).await,
+                Other::Unix(s) => boxed::pin(s.readable(false)).await,
+            },
+        }
     }
 
     /// What the peer has sent, without waiting and without taking any of its data: decrypted
@@ -69,7 +110,10 @@ impl Stream {
     pub fn peek(&mut self) -> Peek {
         match self {
             Stream::Plain(s) => peek(s),
-            Stream::Tls(s) => s.pull(),
+            Stream::Other(o) => match o {
+                Other::Tls(s) => s.pull(),
+                Other::Unix(s) => peek(s),
+            },
         }
     }
 
@@ -80,68 +124,96 @@ impl Stream {
     }
 }
 
+impl AsRawFd for Stream {
+    /// The socket's descriptor (under the TLS session, if any): what an epoll set or the
+    /// idle sweeper watches.
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Plain(s) => s.as_raw_fd(),
+            Stream::Other(o) => match o {
+                Other::Tls(s) => s.tcp().as_raw_fd(),
+                Other::Unix(s) => s.as_raw_fd(),
+            },
+        }
+    }
+}
+
+/// The I/O call `$call` on any variant, as an [`Either`].
+macro_rules! either {
+    ($stream:expr, $s:ident => $call:expr) => {
+        match $stream {
+            Stream::Plain($s) => Either::Plain($call),
+            Stream::Other(o) => match o {
+                Other::Tls($s) => Either::Other(boxed::pin(Io::Tls($call))),
+                Other::Unix($s) => Either::Other(boxed::pin(Io::Unix($call))),
+            },
+        }
+    };
+}
+
 impl AsyncReadRent for Stream {
     fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        match self {
-            Stream::Plain(s) => Either::Plain(s.read(buf)),
-            Stream::Tls(s) => Either::Tls(boxed::pin(s.read(buf))),
-        }
+        either!(self, s => s.read(buf))
     }
 
     fn readv<T: IoVecBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        match self {
-            Stream::Plain(s) => Either::Plain(s.readv(buf)),
-            Stream::Tls(s) => Either::Tls(boxed::pin(s.readv(buf))),
-        }
+        either!(self, s => s.readv(buf))
     }
 }
 
 impl AsyncWriteRent for Stream {
     fn write<T: IoBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        match self {
-            Stream::Plain(s) => Either::Plain(s.write(buf)),
-            Stream::Tls(s) => Either::Tls(boxed::pin(s.write(buf))),
-        }
+        either!(self, s => s.write(buf))
     }
 
     fn writev<T: IoVecBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        match self {
-            Stream::Plain(s) => Either::Plain(s.writev(buf)),
-            Stream::Tls(s) => Either::Tls(boxed::pin(s.writev(buf))),
-        }
+        either!(self, s => s.writev(buf))
     }
 
-    async fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.flush().await,
-            Stream::Tls(s) => boxed::pin(s.flush()).await,
-        }
+    fn flush(&mut self) -> impl Future<Output = io::Result<()>> {
+        either!(self, s => s.flush())
     }
 
-    async fn shutdown(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.shutdown().await,
-            Stream::Tls(s) => boxed::pin(s.shutdown()).await,
-        }
+    fn shutdown(&mut self) -> impl Future<Output = io::Result<()>> {
+        either!(self, s => s.shutdown())
     }
 }
 
-/// The future of an I/O call on either variant: the plain one's future as it is (an `async fn`
-/// would also keep a copy of the buffer and of `self` in every reader's state), the TLS one's
+/// The future of an I/O call on any variant: a plain socket's future as it is (an `async fn`
+/// would also keep a copy of the buffer and of `self` in every reader's state), the others'
 /// boxed.
-enum Either<A, B> {
+enum Either<A, B, U> {
     Plain(A),
-    Tls(Boxed<B>),
+    Other(Boxed<Io<B, U>>),
 }
 
-impl<A: Future, B: Future<Output = A::Output>> Future for Either<A, B> {
+/// The future of an I/O call on a TLS session or a Unix socket.
+enum Io<B, U> {
+    Tls(B),
+    Unix(U),
+}
+
+impl<A: Future, B: Future<Output = A::Output>, U: Future<Output = A::Output>> Future
+    for Either<A, B, U>
+{
     type Output = A::Output;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<A::Output> {
         // SAFETY: the plain future is structurally pinned: it is never moved out of the pinned
         // enum; the boxed one is pinned in its block (see `crate::boxed`).
         match unsafe { self.get_unchecked_mut() } {
             Either::Plain(f) => unsafe { Pin::new_unchecked(f) }.poll(cx),
-            Either::Tls(f) => Pin::new(f).poll(cx),
+            Either::Other(f) => Pin::new(f).poll(cx),
+        }
+    }
+}
+
+impl<O, B: Future<Output = O>, U: Future<Output = O>> Future for Io<B, U> {
+    type Output = O;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<O> {
+        // SAFETY: both futures are structurally pinned: never moved out of the pinned enum.
+        match unsafe { self.get_unchecked_mut() } {
+            Io::Tls(f) => unsafe { Pin::new_unchecked(f) }.poll(cx),
+            Io::Unix(f) => unsafe { Pin::new_unchecked(f) }.poll(cx),
         }
     }
 }

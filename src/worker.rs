@@ -290,7 +290,10 @@ impl Worker {
     /// peer's.
     pub fn client_addr(&self, stream: &Stream) -> Option<IpAddr> {
         // monoio asks the kernel once per connection, then keeps the address.
-        relayed().or_else(|| stream.tcp().peer_addr().ok().map(|a| a.ip().to_canonical()))
+        relayed().or_else(|| {
+            let peer = stream.tcp()?.peer_addr().ok()?;
+            Some(peer.ip().to_canonical())
+        })
     }
 
     /// 64 random bits (splitmix64, seeded per process and core): session ids.

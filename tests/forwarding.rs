@@ -251,9 +251,31 @@ fn mcpb_initialized(gw: &Gateway) -> TcpStream {
 fn sessions_stick_to_their_upstream_and_a_gone_one_gives_404() {
     let a = Mock::start_on("127.0.0.1:0", named("a"));
     let b = Mock::start_on("127.0.0.1:0", named("b"));
+    let urls = [a.url(), b.url()];
+    sessions_stick(&urls, move || drop(a));
+    drop(b);
+}
+
+/// The same with both upstreams on Unix sockets (`http://unix:`): upstream a is gone when its
+/// socket is.
+#[test]
+fn sessions_stick_to_their_unix_socket_upstream_and_a_gone_one_gives_404() {
+    let a = Mock::start_on("127.0.0.1:0", named("a"));
+    let b = Mock::start_on("127.0.0.1:0", named("b"));
+    let dir = tempfile::tempdir().unwrap();
+    let front_a = mock::UnixFront::start(&dir.path().join("a.sock"), a.addr);
+    let front_b = mock::UnixFront::start(&dir.path().join("b.sock"), b.addr);
+    let urls = [front_a.url("/mcp"), front_b.url("/mcp")];
+    sessions_stick(&urls, move || drop(front_a));
+    drop((front_b, a, b));
+}
+
+/// Sessions opened through a gateway on upstreams `urls` (answering as [`named`] `a` and `b`)
+/// stay on theirs, on any connection; once `gone` takes `a` away, its sessions get 404.
+fn sessions_stick(urls: &[String; 2], gone: impl FnOnce()) {
     let gw = start_with(
         "",
-        &endpoints(&[("default", &[&a.url(), &b.url()])], ROUTING),
+        &endpoints(&[("default", &[&urls[0], &urls[1]])], ROUTING),
     );
     let mut sessions = Vec::new();
     for i in 0..6 {
@@ -278,28 +300,19 @@ fn sessions_stick_to_their_upstream_and_a_gone_one_gives_404() {
     for (id, server) in &sessions {
         for i in 0..4 {
             let mut c = connect_from(&format!("127.0.1.{}", 2 + i), gw.http);
-            let req = post_mcp(TOOLS_LIST).replacen(
-                "\r\n\r\n",
-                &format!("\r\nMcp-Session-Id: {id}\r\n\r\n"),
-                1,
-            );
+            let req = in_session(&post_mcp(TOOLS_LIST), id);
             let r = roundtrip(&mut c, &req);
             assert_eq!(r.json()["result"]["server"], server.as_str());
             assert_eq!(r.json()["result"]["session"], format!("sess-{server}"));
         }
     }
     let mut c = connect_from("127.0.0.2", gw.http);
-    let unknown =
-        post_mcp(TOOLS_LIST).replacen("\r\n\r\n", "\r\nMcp-Session-Id: 00000000sess-a\r\n\r\n", 1);
+    let unknown = in_session(&post_mcp(TOOLS_LIST), "00000000sess-a");
     assert_eq!(roundtrip(&mut c, &unknown).status, 404);
     // Upstream a goes away: its sessions get 404 (start a new session); b's carry on.
-    drop(a);
+    gone();
     for (id, server) in &sessions {
-        let req = post_mcp(TOOLS_LIST).replacen(
-            "\r\n\r\n",
-            &format!("\r\nMcp-Session-Id: {id}\r\n\r\n"),
-            1,
-        );
+        let req = in_session(&post_mcp(TOOLS_LIST), id);
         let mut c = connect_from("127.0.0.3", gw.http);
         let r = roundtrip(&mut c, &req);
         if server == "a" {
@@ -309,7 +322,6 @@ fn sessions_stick_to_their_upstream_and_a_gone_one_gives_404() {
             assert_eq!(r.status, 200);
         }
     }
-    drop(b);
 }
 
 #[test]
@@ -711,11 +723,7 @@ fn health_checks_take_an_upstream_out_and_put_it_back_while_others_never_notice(
         let (stop, http, session) = (stop.clone(), gw.http, session.clone());
         std::thread::spawn(move || {
             let mut c = connect_from("127.0.0.5", http);
-            let req = post_mcp(TOOLS_LIST).replacen(
-                "\r\n\r\n",
-                &format!("\r\nMcp-Session-Id: {session}\r\n\r\n"),
-                1,
-            );
+            let req = in_session(&post_mcp(TOOLS_LIST), &session);
             let mut n = 0;
             while !stop.load(Ordering::SeqCst) {
                 let r = roundtrip(&mut c, &req);

@@ -42,12 +42,34 @@ fn py(dir: &str) -> String {
     format!("{}/tests/py/{dir}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Starts an SDK server named `name`, over TLS with a certificate from `ca` when given; it
-/// prints the port it listens on once it does.
-fn upstream(name: &str, ca: Option<&tls::Ca>, dir: &std::path::Path) -> (Py, String) {
+/// Where the SDK servers listen, and how the gateway reaches them.
+#[derive(Clone, Copy)]
+enum Up<'a> {
+    /// A TCP port of 127.0.0.1, over TLS with a certificate from the CA when given.
+    Tcp(Option<&'a tls::Ca>),
+    /// A Unix socket (`http://unix:`).
+    Unix,
+}
+
+impl<'a> Up<'a> {
+    fn ca(self) -> Option<&'a tls::Ca> {
+        match self {
+            Up::Tcp(ca) => ca,
+            Up::Unix => None,
+        }
+    }
+}
+
+/// Starts an SDK server named `name`, listening as `up` says; it prints the port (or socket)
+/// it listens on once it does.
+fn upstream(name: &str, up: Up, dir: &std::path::Path) -> (Py, String) {
     use std::io::BufRead;
     let mut cmd = Command::new("python3");
     cmd.args([&py("upstream.py"), "--name", name]);
+    let ca = up.ca();
+    if let Up::Unix = up {
+        cmd.arg("--uds").arg(dir.join(format!("{name}.sock")));
+    }
     if let Some(ca) = ca {
         let own = dir.join(name);
         std::fs::create_dir_all(&own).unwrap();
@@ -63,6 +85,13 @@ fn upstream(name: &str, ca: Option<&tls::Ca>, dir: &std::path::Path) -> (Py, Str
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
+    if let Up::Unix = up {
+        assert!(
+            line.ends_with(".sock\n"),
+            "SDK server {name} did not start: {line:?}"
+        );
+        return (Py(child), format!("http://unix:{}:/mcp", line.trim()));
+    }
     let port: u16 = line
         .trim()
         .parse()
@@ -125,29 +154,35 @@ fn check(report: &serde_json::Value, sessions: usize) {
 
 #[test]
 fn sdk_clients_work_through_the_gateway_and_sessions_stick() {
-    through_the_gateway(None, false);
+    through_the_gateway(Up::Tcp(None), false);
 }
 
 #[test]
 fn sdk_clients_work_through_the_gateway_with_https_upstreams() {
-    through_the_gateway(Some(&tls::Ca::new()), false);
+    through_the_gateway(Up::Tcp(Some(&tls::Ca::new())), false);
 }
 
 #[test]
 fn sdk_clients_work_over_https_and_wss_through_the_gateway_to_https_upstreams() {
-    through_the_gateway(Some(&tls::Ca::new()), true);
+    through_the_gateway(Up::Tcp(Some(&tls::Ca::new())), true);
 }
 
-/// Two SDK servers (over TLS with certificates from `ca`, which the gateway is told to trust),
-/// the SDK's clients through the gateway on both its doors (over TLS too with `tls_doors`), and
-/// no upstream request failed.
-fn through_the_gateway(ca: Option<&tls::Ca>, tls_doors: bool) {
+#[test]
+fn sdk_clients_work_through_the_gateway_to_upstreams_on_unix_sockets() {
+    through_the_gateway(Up::Unix, false);
+}
+
+/// Two SDK servers listening as `up` says (over TLS with certificates from its CA, which the
+/// gateway is told to trust), the SDK's clients through the gateway on both its doors (over TLS
+/// too with `tls_doors`), and no upstream request failed.
+fn through_the_gateway(up: Up, tls_doors: bool) {
     if !sdk_available() {
         return;
     }
+    let ca = up.ca();
     let dir = tempfile::tempdir().unwrap();
-    let (_a, a) = upstream("up-a", ca, dir.path());
-    let (_b, b) = upstream("up-b", ca, dir.path());
+    let (_a, a) = upstream("up-a", up, dir.path());
+    let (_b, b) = upstream("up-b", up, dir.path());
     let trust = ca.map_or(String::new(), |ca| {
         format!("          tls_ca_file: {}\n", ca.ca_file.display())
     });

@@ -221,7 +221,7 @@ fn tls_session<F: std::future::Future<Output = ()>>(
         .unwrap();
     rt.block_on(async move {
         let tcp = monoio::net::TcpStream::connect_addr(addr).await.unwrap();
-        let mut s = Stream::Tls(Box::new(TlsStream::connect(tcp, &tls).await.unwrap()));
+        let mut s = Stream::tls(TlsStream::connect(tcp, &tls).await.unwrap());
         let (r, _) = s.write_all(b"hello".to_vec()).await;
         r.unwrap();
         client(s).await;

@@ -1,10 +1,11 @@
 # Sourced by the bench scripts: a scratch folder with the processes to stop on exit, a gateway
 # started on a configuration file (or on loopback with a few server keys), free ports, waiting for a listener, and CPU time from /proc.
 
-scratch() { # -> $work, a folder removed on exit, and $pids, processes killed on exit
+scratch() { # -> $work, a folder removed on exit, and $pids, processes killed on exit (and an
+  # nginx whose pid file is $work/nginx.pid, see lib/nginx.sh)
   work=$(mktemp -d)
   pids=()
-  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; [ -s "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 }
 
 start_gateway() { # config log -> runs ./target/release/mcp-gateway until exit, waiting until it

@@ -1,4 +1,6 @@
-//! Upstream URLs (`http://host[:port][/path]`, `https://...`), split into what a request needs.
+//! Upstream URLs (`http://host[:port][/path]`, `https://...`, and `http://unix:/socket[:/path]`
+//! for a server on a Unix socket of this host, as nginx writes it), split into what a request
+//! needs.
 
 use super::BUILTIN_ECHO;
 
@@ -18,7 +20,13 @@ pub struct UpstreamUrl {
     pub path: String,
     /// `https`: the connection is TLS.
     pub tls: bool,
+    /// `http://unix:/run/mcp.sock[:/path]`: the server listens on this Unix socket of the same
+    /// host (`host` and `authority` are then `localhost`, `port` 0).
+    pub unix: Option<std::path::PathBuf>,
 }
+
+/// What a Unix-socket upstream's requests name as their `Host`.
+const UNIX_HOST: &str = "localhost";
 
 impl UpstreamUrl {
     pub fn parse(url: &str) -> Result<UpstreamUrl, String> {
@@ -31,6 +39,9 @@ impl UpstreamUrl {
                 ))
             }
         };
+        if let Some(socket) = rest.strip_prefix("unix:") {
+            return UpstreamUrl::unix(socket, tls);
+        }
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/mcp"),
@@ -97,6 +108,40 @@ impl UpstreamUrl {
             port,
             path: path.to_string(),
             tls,
+            unix: None,
+        })
+    }
+
+    /// `http://unix:` and what follows it: an absolute socket path, then `:` and the request
+    /// path, if any (the first `:/` after the socket path separates them, as in nginx).
+    fn unix(rest: &str, tls: bool) -> Result<UpstreamUrl, String> {
+        if tls {
+            return Err("TLS to a Unix socket is not supported: use http://unix:".into());
+        }
+        let (socket, path) = match rest.find(":/") {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, "/mcp"),
+        };
+        if !socket.starts_with('/') || socket.len() < 2 {
+            return Err("expected http://unix:/absolute/socket/path[:/request/path]".into());
+        }
+        if path.contains(['?', '#', ' ']) || socket.contains('\0') {
+            return Err("expected http://unix:/socket[:/path] (no query or fragment)".into());
+        }
+        // The kernel's limit on a socket path (`sun_path`, 108 bytes with its terminating 0).
+        if socket.len() > 107 {
+            return Err(format!(
+                "the socket path is {} bytes, over the 107 a Unix socket address holds",
+                socket.len()
+            ));
+        }
+        Ok(UpstreamUrl {
+            authority: UNIX_HOST.to_string(),
+            host: UNIX_HOST.to_string(),
+            port: 0,
+            path: path.to_string(),
+            tls: false,
+            unix: Some(socket.into()),
         })
     }
 }
@@ -143,6 +188,23 @@ mod tests {
             ("[::1]:8443", "::1", 8443)
         );
         assert!(!UpstreamUrl::parse("http://h").unwrap().tls);
+        // A Unix socket, with the default request path or its own.
+        let u = UpstreamUrl::parse("http://unix:/run/mcp/server.sock").unwrap();
+        assert_eq!(
+            (u.unix.as_deref(), u.path.as_str(), u.authority.as_str()),
+            (
+                Some(std::path::Path::new("/run/mcp/server.sock")),
+                "/mcp",
+                "localhost"
+            )
+        );
+        let u = UpstreamUrl::parse("http://unix:/tmp/a.sock:/v1/mcp").unwrap();
+        assert_eq!(
+            (u.unix.as_deref(), u.path.as_str()),
+            (Some(std::path::Path::new("/tmp/a.sock")), "/v1/mcp")
+        );
+        assert_eq!(UpstreamUrl::parse("http://h/mcp").unwrap().unix, None);
+        let long = format!("http://unix:/{}", "s".repeat(107));
         for bad in [
             "ftp://x",
             "https://:443/",
@@ -160,6 +222,12 @@ mod tests {
             "http://x:+80/",
             "http://ex%61mple/",
             "http://[]/",
+            "https://unix:/run/mcp.sock",
+            "http://unix:",
+            "http://unix:relative.sock",
+            "http://unix:/",
+            "http://unix:/s.sock:/mcp?x",
+            &long,
         ] {
             assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
         }

@@ -18,7 +18,7 @@ use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
 use monoio::io::AsyncWriteRentExt;
-use monoio::net::TcpStream;
+use monoio::net::{TcpStream, UnixStream};
 
 use super::wire::{parse_response, ClientHead, ResponseHead};
 use super::{Failure, Upstream, Upstreams};
@@ -80,11 +80,18 @@ fn pooled(upstream: &Upstream) -> Option<Idle> {
     POOL.with(|p| p.borrow_mut().get_mut(upstream.index).and_then(Vec::pop))
 }
 
-/// A new connection to `upstream`, its TLS handshake done for an `https://` one, within
-/// `connect_timeout`.
+/// A new connection to `upstream` (TCP, or its Unix socket), its TLS handshake done for an
+/// `https://` one, within `connect_timeout`.
 async fn connect(all: &Upstreams, upstream: &Upstream) -> Result<Stream, Failure> {
     let http = upstream.http().ok_or(Failure::Connect)?;
     let deadline = std::time::Instant::now() + all.connect_timeout;
+    if let Some(path) = &http.unix {
+        return match until(deadline, UnixStream::connect(path)).await {
+            Ok(Ok(s)) => Ok(Stream::unix(s)),
+            Ok(Err(_)) => Err(Failure::Connect),
+            Err(_) => Err(Failure::ConnectTimeout),
+        };
+    }
     let tcp = match until(deadline, TcpStream::connect_addr(http.addr())).await {
         Ok(Ok(s)) => s,
         Ok(Err(_)) => return Err(Failure::Connect),
@@ -96,7 +103,7 @@ async fn connect(all: &Upstreams, upstream: &Upstream) -> Result<Stream, Failure
     };
     // Boxed: plain upstreams' exchanges do not grow by the handshake's state.
     match until(deadline, boxed::pin(TlsStream::connect(tcp, tls))).await {
-        Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s))),
+        Ok(Ok(s)) => Ok(Stream::tls(s)),
         Ok(Err(e)) => {
             tracing::debug!(upstream = %upstream.url, error = %e, "TLS handshake failed");
             Err(Failure::Tls)

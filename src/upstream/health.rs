@@ -34,6 +34,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -228,6 +229,13 @@ pub fn probe(all: &Upstreams, u: &Upstream) -> Result<(), String> {
     };
     let (authority, path) = (&http.authority, &http.path);
     let wait = all.request_timeout.min(Duration::from_secs(5));
+    if let Some(socket) = &http.unix {
+        let s = connect_unix(socket, all.connect_timeout)
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        let _ = s.set_read_timeout(Some(wait));
+        let _ = s.set_write_timeout(Some(wait));
+        return exchange(s, authority, path);
+    }
     let s = TcpStream::connect_timeout(&http.addr(), all.connect_timeout)
         .map_err(|e| format!("cannot connect: {e}"))?;
     let _ = s.set_read_timeout(Some(wait));
@@ -240,6 +248,15 @@ pub fn probe(all: &Upstreams, u: &Upstream) -> Result<(), String> {
             exchange(rustls::StreamOwned::new(conn, s), authority, path)
         }
     }
+}
+
+/// A connection to the Unix socket at `path`, within `timeout` (a server whose backlog is full
+/// fails it at once).
+fn connect_unix(path: &std::path::Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let s = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    s.connect_timeout(&SockAddr::unix(path)?, timeout)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(s)))
 }
 
 /// Sends the probe over `s` and judges the status line.

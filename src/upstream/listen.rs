@@ -78,7 +78,7 @@ async fn listen(
     };
     // A reload removing the upstream ends the stream (the session's next message then finds
     // the session gone).
-    let _watch = worker.watch_session_stream(up.tcp().as_raw_fd(), u.index);
+    let _watch = worker.watch_session_stream(up.as_raw_fd(), u.index);
     let mut body = Body::new(body);
     let mut data = take_buf();
     let max = worker.settings().max_message_size();

@@ -62,7 +62,7 @@ pub enum Target {
     Http(Http),
 }
 
-/// An `http://` or `https://` upstream.
+/// An `http://` or `https://` upstream, over TCP or (`http://unix:`) a Unix socket.
 #[derive(Debug)]
 pub struct Http {
     /// The URL's `host[:port]` as written, sent as `Host`.
@@ -76,8 +76,10 @@ pub struct Http {
     port: u16,
     /// Where connections go: resolved at startup, and again by the health checker before each
     /// probe (see [`Http::re_resolve`]). Read once per new connection: a seqlock read (no shared
-    /// write), and written only when the address changes.
+    /// write), and written only when the address changes. Unused for a Unix socket.
     addr: AtomicCell<SocketAddr>,
+    /// `http://unix:`: the Unix socket connections go to instead of `addr`.
+    pub unix: Option<std::path::PathBuf>,
 }
 
 impl Http {
@@ -159,10 +161,13 @@ impl Upstream {
             Target::Builtin
         } else {
             let u = UpstreamUrl::parse(&e.url).map_err(fail)?;
-            let addr = resolve(&u.host, u.port)
-                .ok()
-                .and_then(|a| a.first().copied())
-                .ok_or_else(|| fail(format!("cannot resolve {}", u.host)))?;
+            let addr = match u.unix {
+                Some(_) => SocketAddr::from(([0, 0, 0, 0], 0)), // unused: see `Http::addr`
+                None => resolve(&u.host, u.port)
+                    .ok()
+                    .and_then(|a| a.first().copied())
+                    .ok_or_else(|| fail(format!("cannot resolve {}", u.host)))?,
+            };
             let tls = match u.tls {
                 false => None,
                 true => {
@@ -175,16 +180,15 @@ impl Upstream {
                 }
             };
             Target::Http(Http {
-                name: u
-                    .host
-                    .parse::<std::net::IpAddr>()
-                    .is_err()
+                // Nothing to resolve for an address or a Unix socket.
+                name: (u.unix.is_none() && u.host.parse::<std::net::IpAddr>().is_err())
                     .then_some(u.host),
                 port: u.port,
                 addr: AtomicCell::new(addr),
                 authority: u.authority,
                 path: u.path,
                 tls,
+                unix: u.unix,
             })
         };
         let s = Settings::of(r);

@@ -287,3 +287,93 @@ pub fn stream_until_closed(
         }
     }
 }
+
+/// A Unix-socket front for a mock: connections to `path` are relayed to the mock's TCP port,
+/// byte for byte as they come, so any mock serves as an `http://unix:` upstream. On drop it
+/// stops accepting, removes the socket file and closes the connections it relays, as a
+/// dropped [`Mock`] closes its own.
+pub struct UnixFront {
+    pub path: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UnixFront {
+    pub fn start(path: &std::path::Path, to: SocketAddr) -> UnixFront {
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let acceptor = {
+            let (stop, conns) = (stop.clone(), conns.clone());
+            std::thread::spawn(move || {
+                for s in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let (Ok(s), Ok(t)) = (s, TcpStream::connect(to)) else {
+                        continue;
+                    };
+                    conns.lock().unwrap().push(s.try_clone().unwrap());
+                    let (s2, t2) = (s.try_clone().unwrap(), t.try_clone().unwrap());
+                    std::thread::spawn(move || pipe(s, t));
+                    std::thread::spawn(move || pipe(t2, s2));
+                }
+            })
+        };
+        UnixFront {
+            path: path.to_path_buf(),
+            stop,
+            conns,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    /// The upstream URL of this socket, with request path `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://unix:{}:{path}", self.path.display())
+    }
+}
+
+/// Copies `from` to `to` until `from` ends, then ends `to`'s writing side.
+fn pipe(mut from: impl Read + AsShutdown, mut to: impl Write + AsShutdown) {
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf) {
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    to.shut(std::net::Shutdown::Write);
+    from.shut(std::net::Shutdown::Read);
+}
+
+/// `shutdown` for both kinds of socket the front relays between.
+pub trait AsShutdown {
+    fn shut(&self, how: std::net::Shutdown);
+}
+
+impl AsShutdown for TcpStream {
+    fn shut(&self, how: std::net::Shutdown) {
+        let _ = self.shutdown(how);
+    }
+}
+
+impl AsShutdown for std::os::unix::net::UnixStream {
+    fn shut(&self, how: std::net::Shutdown) {
+        let _ = self.shutdown(how);
+    }
+}
+
+impl Drop for UnixFront {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::os::unix::net::UnixStream::connect(&self.path); // wakes the accept loop
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}

@@ -411,6 +411,11 @@ pub fn post_mcp(body: &str) -> String {
     post_mcp_head(body.len()) + body
 }
 
+/// `request` (a head, and its body if any) with `Mcp-Session-Id: id` added to its head.
+pub fn in_session(request: &str, id: &str) -> String {
+    request.replacen("\r\n\r\n", &format!("\r\nMcp-Session-Id: {id}\r\n\r\n"), 1)
+}
+
 /// The head of a JSON-RPC POST to `/mcp` whose `body_len`-byte body the caller sends itself
 /// (in pieces, late, or not at all).
 pub fn post_mcp_head(body_len: usize) -> String {

@@ -1,8 +1,10 @@
 """A real MCP server (official Python SDK, Streamable HTTP) used as an upstream in tests.
 
-usage: upstream.py --name NAME [--json] [--tls-cert PEM --tls-key PEM]
+usage: upstream.py --name NAME [--json] [--tls-cert PEM --tls-key PEM | --uds PATH]
 Listens on a free port of 127.0.0.1 of its own choosing and prints that port on its first line;
-with --tls-cert and --tls-key, over TLS (https) with that certificate chain and key.
+with --tls-cert and --tls-key, over TLS (https) with that certificate chain and key; with --uds,
+on the Unix socket PATH instead (printing PATH), taking `Host: localhost`, what the gateway
+sends to a Unix-socket upstream.
 Tools: whoami (returns NAME), echo(message), progress(steps, pause) which sends `steps`
 progress notifications `pause` seconds apart before answering, and announce, which sends
 notifications/tools/list_changed on the session's standalone stream.
@@ -14,15 +16,30 @@ import socket
 import uvicorn
 
 from mcp.server.fastmcp import Context, FastMCP
+from mcp.server.transport_security import TransportSecuritySettings
 
 p = argparse.ArgumentParser()
 p.add_argument("--name", required=True)
 p.add_argument("--json", action="store_true", help="answer with JSON instead of SSE")
 p.add_argument("--tls-cert", help="certificate chain (PEM): serve https")
 p.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
+p.add_argument("--uds", help="listen on this Unix socket instead of a TCP port")
 args = p.parse_args()
 
-mcp = FastMCP(args.name, host="127.0.0.1", json_response=args.json, log_level="WARNING")
+# On 127.0.0.1 the SDK checks `Host` against `127.0.0.1:*`, `localhost:*` and `[::1]:*` (DNS
+# rebinding protection); a request over a Unix socket names `localhost`, with no port.
+security = None
+if args.uds:
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True, allowed_hosts=["localhost"]
+    )
+mcp = FastMCP(
+    args.name,
+    host="127.0.0.1",
+    json_response=args.json,
+    log_level="WARNING",
+    transport_security=security,
+)
 
 
 @mcp.tool()
@@ -55,10 +72,16 @@ async def progress(steps: int, pause: float, ctx: Context) -> str:
 
 # The listening socket is made here, so the port is this process's from the start (no window in
 # which another process could take a port found free a moment ago).
-sock = socket.socket()
-sock.bind(("127.0.0.1", 0))
-sock.listen(128)
-print(sock.getsockname()[1], flush=True)
+if args.uds:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(args.uds)
+    sock.listen(128)
+    print(args.uds, flush=True)
+else:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    print(sock.getsockname()[1], flush=True)
 server = uvicorn.Server(
     uvicorn.Config(
         mcp.streamable_http_app(),

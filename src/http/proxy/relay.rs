@@ -153,7 +153,8 @@ pub async fn events(
             break;
         }
         worker.stream_begin(reg, u.index);
-        let parking = (parks && matches!(e.up, Stream::Plain(_))).then_some(reg);
+        // A TLS upstream's session state lives in the stream, not in its socket: it waits here.
+        let parking = (parks && !e.up.is_tls()).then_some(reg);
         let got = read_watching(&mut e.up, &mut e.buf, client, &mut watch, parking).await;
         if let Watched::Park = got {
             return Relayed::Park(e); // its registry entry stays as it is: asked to park
@@ -211,7 +212,7 @@ impl Events {
     /// the next event (or the stream's end) comes.
     pub fn upstream_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
-        self.up.tcp().as_raw_fd()
+        self.up.as_raw_fd()
     }
 }
 
