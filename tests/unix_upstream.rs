@@ -1,9 +1,10 @@
 //! Upstreams on a Unix socket of the same host (`http://unix:/path[:/request/path]`) through the
-//! real binary: requests and their pooled connections, an event stream event by event (parked
-//! between two events), a socket nobody listens on (502, the health check taking it out, and
-//! back once it listens). (Sessions sticking to one of two are in `forwarding.rs`, beside the
-//! same test over TCP.) The upstreams are the scripted mocks of `common::mock` behind a
-//! `UnixFront`, which relays a Unix socket's connections to a mock's TCP port.
+//! real binary: requests and their pooled connections (one the upstream closed replaced), an
+//! event stream event by event (parked between two events), a socket nobody listens on (502, the
+//! health check taking it out, and back once it listens). (Sessions sticking to one of two are
+//! in `forwarding.rs`, beside the same test over TCP.) The upstreams are the scripted mocks of
+//! `common::mock` behind a `UnixFront`, which relays a Unix socket's connections to a mock's TCP
+//! port.
 
 mod common;
 
@@ -66,6 +67,36 @@ fn requests_reach_an_upstream_on_a_unix_socket_over_pooled_connections() {
         "mcp_gateway_upstream_requests_total{{namespace=\"default\",upstream=\"{url}\",outcome=\"ok\"}}"
     );
     assert_eq!(gw.metric(&ok), 3.0);
+    drop(c);
+    gw.wait_all_closed();
+}
+
+/// An upstream that closes its connection after each answer (as servers do at their keep-alive
+/// timeout): the pooled connection is replaced (found closed by the look before reuse, or by
+/// the one retry of a request that got no byte back), and no request fails.
+#[test]
+fn a_pooled_unix_socket_connection_the_upstream_closed_is_replaced() {
+    let up = Mock::start(|req, s| {
+        json_reply(s, req, "{}", &[]);
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let front = UnixFront::start(&dir.path().join("up.sock"), up.addr);
+    let url = front.url("/mcp");
+    let gw = start_with("", &upstreams(&[&url], ROUTING));
+    let mut c = connect_from("127.0.0.2", gw.http);
+    for _ in 0..3 {
+        assert_eq!(roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status, 200);
+        // Longer than a pooled connection is taken without a look at its socket (100 ms).
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    assert_eq!(up.connections(), 3, "a new connection for each");
+    let outcome = |o: &str| {
+        gw.metric(&format!(
+            "mcp_gateway_upstream_requests_total{{namespace=\"default\",upstream=\"{url}\",outcome=\"{o}\"}}"
+        ))
+    };
+    assert_eq!((outcome("ok"), outcome("reset")), (3.0, 0.0));
     drop(c);
     gw.wait_all_closed();
 }
