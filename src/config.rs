@@ -289,6 +289,9 @@ pub struct RoutingConfig {
     /// Seconds an upstream may take to start its response, and to send each next piece of a
     /// non-streaming body (504 beyond). Event streams (`text/event-stream`) may be silent longer.
     pub request_timeout: f64,
+    /// Seconds an idle upstream connection is kept in a core's pool for reuse; one the upstream
+    /// closed (at its own keep-alive timeout) is let go within a sweeper tick whatever this says.
+    pub pool_idle_timeout: f64,
     /// Tell upstreams the client's address in `X-Forwarded-For` (appended to the client's own).
     pub forwarded_for: bool,
     /// Requests in flight to one upstream, all cores together (a client's standalone `GET`
@@ -305,6 +308,7 @@ impl Default for RoutingConfig {
             health_check_interval: 10.0,
             connect_timeout: 5.0,
             request_timeout: 30.0,
+            pool_idle_timeout: 60.0,
             forwarded_for: true,
             max_in_flight: 0,
             circuit_breaker: CircuitBreakerConfig::default(),

@@ -383,6 +383,7 @@ async fn sweep_idle(worker: &'static Worker) {
         monoio::time::sleep(tick).await;
         worker.sweep(false);
         worker.leave_removed_upstreams();
+        crate::upstream::client::prune_pool(worker.shared.upstreams.current().pool_idle_timeout);
         worker.shared.limiter.give_back_own_reserves();
     }
 }

@@ -2008,3 +2008,87 @@ fn replies_to_a_slow_websocket_reader_arrive_whole_and_in_order() {
     ids.sort_unstable();
     assert_eq!(ids, (1..=16).collect::<Vec<_>>());
 }
+
+/// `n` requests to `/mcp{path}` at once, from `n` addresses, each answered 200.
+fn burst(gw: &Gateway, path: &str, n: usize) {
+    let http = gw.http;
+    let clients: Vec<_> = (0..n)
+        .map(|i| {
+            let req = post_mcp(TOOLS_LIST).replacen("/mcp", &format!("/mcp{path}"), 1);
+            std::thread::spawn(move || {
+                let mut c = connect_from(&format!("127.0.0.{}", 2 + i), http);
+                roundtrip(&mut c, &req).status
+            })
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap(), 200);
+    }
+}
+
+/// Polls `done` every 10 ms for up to 10 s; panics with `what` if it never holds.
+fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Pooled upstream connections are kept for reuse, closed once they have waited
+/// `routing.pool_idle_timeout`, and let go within a sweeper tick once the upstream closes them
+/// (as servers do at their own keep-alive timeout), instead of staying open on the gateway's
+/// side until a later burst finds them.
+#[test]
+fn pooled_connections_go_after_pool_idle_timeout_or_once_their_upstream_closed_them() {
+    const N: usize = 6;
+    // Each upstream answers once all N requests have arrived, so N connections are open at once.
+    let keeps = {
+        let all_in = Arc::new(std::sync::Barrier::new(N));
+        Mock::start(move |req, s| {
+            all_in.wait();
+            json_reply(s, req, "{}", &[]);
+        })
+    };
+    let closes = {
+        let all_in = Arc::new(std::sync::Barrier::new(N));
+        Mock::start(move |req, s| {
+            all_in.wait();
+            json_reply(s, req, "{}", &[]);
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        })
+    };
+    let routing = "  health_check_interval: 3600\n  request_timeout: 5\n  connect_timeout: 1\n  pool_idle_timeout: 1\n";
+    let gw = start_with(
+        "",
+        &endpoints(
+            &[("default", &[&keeps.url()]), ("closes", &[&closes.url()])],
+            routing,
+        ),
+    );
+    burst(&gw, "", N);
+    let pooled = Instant::now();
+    assert_eq!(keeps.open_connections(), N, "kept in the pools for reuse");
+    eventually("closed after pool_idle_timeout", || {
+        keeps.open_connections() == 0
+    });
+    assert!(
+        pooled.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}, before pool_idle_timeout (1 s)",
+        pooled.elapsed()
+    );
+    gw.wait_all_closed();
+
+    // With an hour's pool_idle_timeout, connections the upstream closed still go at once: the
+    // gateway's descriptors come back to what they were.
+    gw.reload("pool_idle_timeout: 1", "pool_idle_timeout: 3600");
+    let descriptors = || {
+        std::fs::read_dir(format!("/proc/{}/fd", gw.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = descriptors();
+    burst(&gw, "/closes", N);
+    gw.wait_all_closed();
+    eventually("the closed connections let go", || descriptors() == before);
+}

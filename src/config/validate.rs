@@ -146,6 +146,7 @@ impl Config {
             ),
             ("routing.connect_timeout", self.routing.connect_timeout),
             ("routing.request_timeout", self.routing.request_timeout),
+            ("routing.pool_idle_timeout", self.routing.pool_idle_timeout),
             (
                 "routing.circuit_breaker.timeout_seconds",
                 self.routing.circuit_breaker.timeout_seconds,

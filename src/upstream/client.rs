@@ -6,6 +6,9 @@
 //!   pool only after its response was read to the end and the upstream did not ask to close, and
 //!   one taken from the pool after more than [`UNCHECKED_IDLE`] there is checked to be still open
 //!   first (a look at the socket, one system call).
+//! - A pooled connection is closed by the core's sweeper once it has waited
+//!   `routing.pool_idle_timeout`, or sooner, within a tick, once the upstream has closed it
+//!   ([`prune_pool`]): the pool holds no socket the upstream is done with for longer than that.
 //! - A request that failed on a pooled connection before any response byte arrived (the upstream
 //!   had closed it while idle) is retried once on a new connection; nothing else is retried
 //!   here (whether a request an upstream refused goes to another is the caller's choice:
@@ -72,6 +75,23 @@ pub fn keep_pooled(keep: impl Fn(usize) -> bool) {
             if !keep(index) {
                 *idle = Vec::new();
             }
+        }
+    });
+}
+
+/// Closes this core's pooled connections that waited longer than `limit`, and those that
+/// waited longer than [`UNCHECKED_IDLE`] and that the upstream closed meanwhile (or sent stray
+/// bytes on): the sweeper's job, each tick, so that an upstream's keep-alive timeout does not
+/// leave the gateway holding closed sockets until the next burst reuses them. The pool is a
+/// stack: a burst's extra connections sink to the bottom and go first.
+pub fn prune_pool(limit: Duration) {
+    let now = Instant::now();
+    POOL.with(|p| {
+        for idle in p.borrow_mut().iter_mut() {
+            idle.retain_mut(|(stream, since)| {
+                let waited = now.saturating_duration_since(*since);
+                waited < limit && (waited < UNCHECKED_IDLE || stream.idle_usable())
+            });
         }
     });
 }

@@ -325,6 +325,8 @@ pub struct Upstreams {
     pub strategy: Strategy,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// `routing.pool_idle_timeout`: how long an idle connection stays in a core's pool.
+    pub pool_idle_timeout: Duration,
     pub health_check_interval: Duration,
     /// `routing.forwarded_for`: requests carry the client's address in `X-Forwarded-For`.
     pub forwarded_for: bool,
@@ -369,6 +371,7 @@ impl Upstreams {
             strategy: r.strategy,
             connect_timeout: secs(r.connect_timeout),
             request_timeout: secs(r.request_timeout),
+            pool_idle_timeout: secs(r.pool_idle_timeout),
             forwarded_for: r.forwarded_for,
             health_check_interval: secs(r.health_check_interval),
             settings: Settings::of(r),
@@ -394,6 +397,7 @@ impl Upstreams {
                 v.strategy,
                 v.connect_timeout,
                 v.request_timeout,
+                v.pool_idle_timeout,
                 v.health_check_interval,
                 v.forwarded_for,
             )

@@ -43,6 +43,8 @@ pub type TlsConn = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
 pub struct Mock {
     pub addr: SocketAddr,
     pub requests: Arc<AtomicUsize>,
+    /// Connections accepted and not yet closed by the gateway (nor by the handler).
+    open: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     conns: Arc<std::sync::Mutex<Vec<TcpStream>>>,
     acceptor: Option<std::thread::JoinHandle<()>>,
@@ -82,9 +84,11 @@ impl Mock {
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
         let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
         let acceptor = {
-            let (stop, requests, conns) = (stop.clone(), requests.clone(), conns.clone());
+            let (stop, requests, conns, open) =
+                (stop.clone(), requests.clone(), conns.clone(), open.clone());
             std::thread::spawn(move || {
                 for s in listener.incoming() {
                     if stop.load(Ordering::SeqCst) {
@@ -93,14 +97,20 @@ impl Mock {
                     let Ok(s) = s else { continue };
                     conns.lock().unwrap().push(s.try_clone().unwrap());
                     let Some(s) = wrap(s) else { continue };
-                    let (handler, requests) = (handler.clone(), requests.clone());
-                    std::thread::spawn(move || serve(s, &*handler, &requests));
+                    let (handler, requests, open) =
+                        (handler.clone(), requests.clone(), open.clone());
+                    open.fetch_add(1, Ordering::SeqCst);
+                    std::thread::spawn(move || {
+                        serve(s, &*handler, &requests);
+                        open.fetch_sub(1, Ordering::SeqCst);
+                    });
                 }
             })
         };
         Mock {
             addr,
             requests,
+            open,
             stop,
             conns,
             acceptor: Some(acceptor),
@@ -114,6 +124,11 @@ impl Mock {
     /// Connections accepted so far.
     pub fn connections(&self) -> usize {
         self.conns.lock().unwrap().len()
+    }
+
+    /// Connections open now: accepted, and neither side has closed.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// The URL of a TLS mock.
