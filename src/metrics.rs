@@ -142,6 +142,9 @@ struct UpstreamCounters {
     latency: Histo,
     /// Requests (and event streams) in flight from this core: what `least_connections` compares.
     in_flight: AtomicI64,
+    /// Idle connections in this core's pool, as the sweeper last counted them (the pool is the
+    /// core's own: counting it per request would write this line twice a request).
+    pooled: AtomicU64,
 }
 
 impl CoreMetrics {
@@ -184,6 +187,16 @@ impl CoreMetrics {
     /// Requests in flight to upstream `i` from this core.
     pub fn upstream_in_flight(&self, i: usize) -> i64 {
         self.upstreams.get(i).in_flight.load(Relaxed)
+    }
+
+    /// This core's pool holds `n` idle connections to upstream `i` (the sweeper's count).
+    pub fn set_upstream_pooled(&self, i: usize, n: usize) {
+        self.upstreams.get(i).pooled.store(n as u64, Relaxed);
+    }
+
+    /// Idle connections to upstream `i` in this core's pool at the last sweep.
+    pub fn upstream_pooled(&self, i: usize) -> u64 {
+        self.upstreams.get(i).pooled.load(Relaxed)
     }
 
     /// A connection was admitted on `door`.

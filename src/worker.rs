@@ -383,7 +383,8 @@ async fn sweep_idle(worker: &'static Worker) {
         monoio::time::sleep(tick).await;
         worker.sweep(false);
         worker.leave_removed_upstreams();
-        crate::upstream::client::prune_pool(worker.shared.upstreams.current().pool_idle_timeout);
+        let limit = worker.shared.upstreams.current().pool_idle_timeout;
+        crate::upstream::client::prune_pool(limit, |i, n| worker.metrics.set_upstream_pooled(i, n));
         worker.shared.limiter.give_back_own_reserves();
     }
 }

@@ -2066,12 +2066,20 @@ fn pooled_connections_go_after_pool_idle_timeout_or_once_their_upstream_closed_t
             routing,
         ),
     );
+    let gauge = |u: &Mock, ns: &str| {
+        format!(
+            "mcp_gateway_upstream_pooled_connections{{namespace=\"{ns}\",upstream=\"{}\"}}",
+            u.url()
+        )
+    };
     burst(&gw, "", N);
     let pooled = Instant::now();
     assert_eq!(keeps.open_connections(), N, "kept in the pools for reuse");
+    gw.wait_metric(&gauge(&keeps, "default"), N as f64);
     eventually("closed after pool_idle_timeout", || {
         keeps.open_connections() == 0
     });
+    gw.wait_metric(&gauge(&keeps, "default"), 0.0);
     assert!(
         pooled.elapsed() >= Duration::from_millis(900),
         "closed after {:?}, before pool_idle_timeout (1 s)",
@@ -2091,4 +2099,5 @@ fn pooled_connections_go_after_pool_idle_timeout_or_once_their_upstream_closed_t
     burst(&gw, "/closes", N);
     gw.wait_all_closed();
     eventually("the closed connections let go", || descriptors() == before);
+    assert_eq!(gw.metric(&gauge(&closes, "closes")), 0.0);
 }

@@ -264,6 +264,14 @@ impl Metrics {
                 })
                 .collect(),
         ));
+        fams.push(gauge(
+            "mcp_gateway_upstream_pooled_connections",
+            "Idle connections to each upstream kept for reuse, all cores, as of each core's last sweep.",
+            view.all
+                .iter()
+                .map(|u| (up(u), self.sum(|c| c.upstream_pooled(u.index)) as f64))
+                .collect(),
+        ));
         let mut outcomes = Vec::new();
         for u in &view.all {
             for (k, label) in Outcome::LABELS.iter().enumerate() {

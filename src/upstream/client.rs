@@ -83,15 +83,17 @@ pub fn keep_pooled(keep: impl Fn(usize) -> bool) {
 /// waited longer than [`UNCHECKED_IDLE`] and that the upstream closed meanwhile (or sent stray
 /// bytes on): the sweeper's job, each tick, so that an upstream's keep-alive timeout does not
 /// leave the gateway holding closed sockets until the next burst reuses them. The pool is a
-/// stack: a burst's extra connections sink to the bottom and go first.
-pub fn prune_pool(limit: Duration) {
+/// stack: a burst's extra connections sink to the bottom and go first. Tells `kept` how many
+/// stay, upstream by upstream (by index).
+pub fn prune_pool(limit: Duration, mut kept: impl FnMut(usize, usize)) {
     let now = Instant::now();
     POOL.with(|p| {
-        for idle in p.borrow_mut().iter_mut() {
+        for (index, idle) in p.borrow_mut().iter_mut().enumerate() {
             idle.retain_mut(|(stream, since)| {
                 let waited = now.saturating_duration_since(*since);
                 waited < limit && (waited < UNCHECKED_IDLE || stream.idle_usable())
             });
+            kept(index, idle.len());
         }
     });
 }
