@@ -16,7 +16,6 @@ import socket
 import uvicorn
 
 from mcp.server.fastmcp import Context, FastMCP
-from mcp.server.transport_security import TransportSecuritySettings
 
 p = argparse.ArgumentParser()
 p.add_argument("--name", required=True)
@@ -28,17 +27,19 @@ args = p.parse_args()
 
 # On 127.0.0.1 the SDK checks `Host` against `127.0.0.1:*`, `localhost:*` and `[::1]:*` (DNS
 # rebinding protection); a request over a Unix socket names `localhost`, with no port.
-security = None
+# SDK versions older than the check have neither it nor the argument: nothing to set there.
+extra = {}
 if args.uds:
-    security = TransportSecuritySettings(
-        enable_dns_rebinding_protection=True, allowed_hosts=["localhost"]
-    )
+    try:
+        from mcp.server.transport_security import TransportSecuritySettings
+    except ImportError:
+        TransportSecuritySettings = None
+    if TransportSecuritySettings is not None:
+        extra["transport_security"] = TransportSecuritySettings(
+            enable_dns_rebinding_protection=True, allowed_hosts=["localhost"]
+        )
 mcp = FastMCP(
-    args.name,
-    host="127.0.0.1",
-    json_response=args.json,
-    log_level="WARNING",
-    transport_security=security,
+    args.name, host="127.0.0.1", json_response=args.json, log_level="WARNING", **extra
 )
 
 
