@@ -212,6 +212,7 @@ impl Default for ServiceDiscovery {
                 tls_server_name: None,
                 tls_cert_file: None,
                 tls_key_file: None,
+                host_header: None,
             }],
         );
         ServiceDiscovery {
@@ -253,6 +254,11 @@ pub struct Endpoint {
     /// The PEM private key of `tls_cert_file`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
+    /// The `Host` its requests (and health checks) name instead of the URL's `host[:port]`
+    /// (`localhost` for a Unix socket): an upstream reached by address behind something that
+    /// routes by host name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_header: Option<String>,
 }
 
 impl Endpoint {

@@ -2101,3 +2101,46 @@ fn pooled_connections_go_after_pool_idle_timeout_or_once_their_upstream_closed_t
     eventually("the closed connections let go", || descriptors() == before);
     assert_eq!(gw.metric(&gauge(&closes, "closes")), 0.0);
 }
+
+/// An endpoint's `host_header` is the `Host` its requests and its health checks name, instead
+/// of the URL's authority (an upstream reached by address behind something that routes by
+/// name); the other endpoint keeps its URL's.
+#[test]
+fn an_endpoints_host_header_replaces_the_urls_authority_in_requests_and_health_checks() {
+    let hosts = |seen: Arc<Mutex<Vec<(bool, String)>>>| {
+        Mock::start(move |req, s| {
+            let probe = req.body_str().contains("mcp-gateway-health");
+            let host = req.header("host").unwrap_or("").to_string();
+            seen.lock().unwrap().push((probe, host));
+            json_reply(s, req, "{}", &[]);
+        })
+    };
+    let (named_seen, plain_seen) = (Arc::default(), Arc::default());
+    let (named, plain) = (
+        hosts(Arc::clone(&named_seen)),
+        hosts(Arc::clone(&plain_seen)),
+    );
+    let rest = format!(
+        "routing:\n  health_check_interval: 0.2\nservice_discovery:\n  static:\n    endpoints:\n      default:\n        - url: {}\n          host_header: mcp.internal:8443\n      plain:\n        - url: {}\n",
+        named.url(),
+        plain.url()
+    );
+    let gw = start_with("", &rest);
+    let mut c = connect_from("127.0.0.2", gw.http);
+    assert_eq!(roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status, 200);
+    let to_plain = post_mcp(TOOLS_LIST).replacen("/mcp", "/mcp/plain", 1);
+    assert_eq!(roundtrip(&mut c, &to_plain).status, 200);
+    let probed = |seen: &Mutex<Vec<(bool, String)>>| seen.lock().unwrap().iter().any(|s| s.0);
+    eventually("both upstreams probed", || {
+        probed(&named_seen) && probed(&plain_seen)
+    });
+    let all = |seen: &Mutex<Vec<(bool, String)>>| {
+        let hosts: std::collections::BTreeSet<String> =
+            seen.lock().unwrap().iter().map(|s| s.1.clone()).collect();
+        hosts.into_iter().collect::<Vec<_>>()
+    };
+    assert_eq!(all(&named_seen), ["mcp.internal:8443"]);
+    assert_eq!(all(&plain_seen), [plain.addr.to_string()]);
+    drop(c);
+    gw.wait_all_closed();
+}

@@ -246,6 +246,19 @@ mod tests {
             ),
             "{e:?}"
         );
+        // `host_header`: a host[:port], nothing that could end the header field.
+        let host = |h: &str| {
+            Config::parse(&format!("service_discovery:\n  static:\n    endpoints:\n      default:\n        - url: http://10.0.0.5/mcp\n          host_header: {h:?}\n"), false)
+        };
+        assert!(host("mcp.internal:8080").is_ok());
+        assert!(host("[::1]:80").is_ok());
+        for bad in ["", "a b", "a\r\nX-Injected: 1", "a/b"] {
+            let e = host(bad).unwrap_err();
+            assert!(
+                e[0].starts_with("service_discovery.static.endpoints.default[0].host_header:"),
+                "{bad:?}: {e:?}"
+            );
+        }
         // One server listed twice in a namespace would be two upstreams with the same labels.
         let twice = "service_discovery:\n  static:\n    endpoints:\n      default:\n        - url: http://h/mcp\n        - url: http://h/mcp\n";
         assert_eq!(

@@ -11,6 +11,15 @@ fn at_most(key: &str, v: u64, max: u64) -> Option<String> {
 }
 
 /// The error for a `key` whose value `v` is not an address or network.
+/// A `Host` value the gateway may send as it is: a name, an IPv4 address or a bracketed IPv6
+/// one, and a port; nothing that could end the field (no space, no control byte).
+fn is_host_header(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 255
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
+}
+
 fn not_a_network(key: &str, v: &str) -> String {
     format!("{key}: {v:?} is not an address or network (a.b.c.d/len, v6::/len)")
 }
@@ -270,6 +279,13 @@ impl Config {
                         "{key}[{i}].tls_cert_file: needed with tls_key_file"
                     )),
                     _ => {}
+                }
+                if let Some(h) = &e.host_header {
+                    if !is_host_header(h) {
+                        p.push(format!(
+                            "{key}[{i}].host_header: {h:?} is not a host[:port] (letters, digits, '-', '.', '_', ':', '[', ']')"
+                        ));
+                    }
                 }
                 if let Some(n) = &e.tls_server_name {
                     if let Err(why) = crate::tls::server_name(n) {

@@ -185,7 +185,7 @@ impl Upstream {
                     .then_some(u.host),
                 port: u.port,
                 addr: AtomicCell::new(addr),
-                authority: u.authority,
+                authority: e.host_header.clone().unwrap_or(u.authority),
                 path: u.path,
                 tls,
                 unix: u.unix,

@@ -192,8 +192,8 @@ fn identity(ns: &str, e: &crate::config::Endpoint) -> Result<String, String> {
         contents("tls_key_file", &e.tls_key_file)?,
     ];
     Ok(format!(
-        "{ns}\n{}\n{:?} {:?} {:?} {files:x?}\n{:?}",
-        e.url, e.tls_ca_file, e.tls_cert_file, e.tls_key_file, e.tls_server_name,
+        "{ns}\n{}\n{:?} {:?} {:?} {files:x?}\n{:?} {:?}",
+        e.url, e.tls_ca_file, e.tls_cert_file, e.tls_key_file, e.tls_server_name, e.host_header,
     ))
 }
 
@@ -271,6 +271,25 @@ mod tests {
         let third = r.current();
         assert!(std::ptr::eq(third.all[1], ub));
         assert!(ub.is_healthy() && !ub.is_retired());
+    }
+
+    #[test]
+    fn a_changed_host_header_makes_the_upstream_anew_and_requests_name_it() {
+        let yaml = |host: &str| {
+            config(&endpoints("default=http://127.0.0.1:9001/mcp").replacen(
+                "/mcp\n",
+                &format!("/mcp\n{host}"),
+                1,
+            ))
+        };
+        let authority = |r: &Registry| r.current().all[0].http().unwrap().authority.clone();
+        let r = Registry::new(&yaml("")).unwrap();
+        assert_eq!(authority(&r), "127.0.0.1:9001");
+        let first = r.current().all[0];
+        r.reload(&yaml("          host_header: mcp.internal\n"), |_| {})
+            .unwrap();
+        assert_eq!(authority(&r), "mcp.internal");
+        assert!(!std::ptr::eq(r.current().all[0], first), "made anew");
     }
 
     #[test]
