@@ -95,15 +95,7 @@ fn admin_connections_beyond_the_cap_are_closed_and_places_come_back() {
     );
     assert!(threads() <= before + max, "{} threads", threads());
     // Once the silent ones are cut off, their threads are gone and a probe is answered.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while threads() != before {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} threads",
-            threads()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    eventually(|| threads() == before, || format!("{} threads", threads()));
     assert_eq!(http_get(gw.admin, "/healthz").0, 200);
     drop(silent);
 }

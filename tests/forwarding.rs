@@ -2026,15 +2026,6 @@ fn burst(gw: &Gateway, path: &str, n: usize) {
     }
 }
 
-/// Polls `done` every 10 ms for up to 10 s; panics with `what` if it never holds.
-fn eventually(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Pooled upstream connections are kept for reuse, closed once they have waited
 /// `routing.pool_idle_timeout`, and let go within a sweeper tick once the upstream closes them
 /// (as servers do at their own keep-alive timeout), instead of staying open on the gateway's
@@ -2076,9 +2067,10 @@ fn pooled_connections_go_after_pool_idle_timeout_or_once_their_upstream_closed_t
     let pooled = Instant::now();
     assert_eq!(keeps.open_connections(), N, "kept in the pools for reuse");
     gw.wait_metric(&gauge(&keeps, "default"), N as f64);
-    eventually("closed after pool_idle_timeout", || {
-        keeps.open_connections() == 0
-    });
+    eventually(
+        || keeps.open_connections() == 0,
+        || "not closed after pool_idle_timeout".into(),
+    );
     gw.wait_metric(&gauge(&keeps, "default"), 0.0);
     assert!(
         pooled.elapsed() >= Duration::from_millis(900),
@@ -2098,7 +2090,10 @@ fn pooled_connections_go_after_pool_idle_timeout_or_once_their_upstream_closed_t
     let before = descriptors();
     burst(&gw, "/closes", N);
     gw.wait_all_closed();
-    eventually("the closed connections let go", || descriptors() == before);
+    eventually(
+        || descriptors() == before,
+        || format!("{} descriptors, {before} before", descriptors()),
+    );
     assert_eq!(gw.metric(&gauge(&closes, "closes")), 0.0);
 }
 
@@ -2131,9 +2126,10 @@ fn an_endpoints_host_header_replaces_the_urls_authority_in_requests_and_health_c
     let to_plain = post_mcp(TOOLS_LIST).replacen("/mcp", "/mcp/plain", 1);
     assert_eq!(roundtrip(&mut c, &to_plain).status, 200);
     let probed = |seen: &Mutex<Vec<(bool, String)>>| seen.lock().unwrap().iter().any(|s| s.0);
-    eventually("both upstreams probed", || {
-        probed(&named_seen) && probed(&plain_seen)
-    });
+    eventually(
+        || probed(&named_seen) && probed(&plain_seen),
+        || "not both upstreams probed".into(),
+    );
     let all = |seen: &Mutex<Vec<(bool, String)>>| {
         let hosts: std::collections::BTreeSet<String> =
             seen.lock().unwrap().iter().map(|s| s.1.clone()).collect();

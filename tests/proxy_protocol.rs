@@ -360,14 +360,11 @@ fn a_real_haproxy_in_front_relays_its_clients_with_v1_and_v2() {
         .spawn()
         .unwrap();
     let _haproxy = Haproxy { child, _dir: dir };
-    let deadline = Instant::now() + Duration::from_secs(10);
     // Not probed by connecting: HAProxy would relay the probe to the gateway.
-    for port in [v1_port, v2_port] {
-        while !listening(port) {
-            assert!(Instant::now() < deadline, "haproxy does not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    eventually(
+        || [v1_port, v2_port].into_iter().all(listening),
+        || "haproxy does not listen".into(),
+    );
     let via = |from: &str, port: u16| connect_from(from, ([127, 0, 0, 1], port).into());
     // Each client of HAProxy has its own place, though all come from HAProxy's one address and
     // the limit is 1: the gateway counts the clients the headers name.

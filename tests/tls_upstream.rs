@@ -171,14 +171,10 @@ fn the_health_check_speaks_tls_and_says_why_it_failed() {
     };
     // Trusted: probes (POSTs of a ping) arrive over TLS and the upstream stays in.
     let gw = start_with("", &often(&ca_key(&ca)));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while up.requests.load(std::sync::atomic::Ordering::SeqCst) < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no probe reached the upstream over TLS"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually(
+        || up.requests.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        || "no probe reached the upstream over TLS".into(),
+    );
     assert_eq!(gw.metric(&healthy), 1.0);
     drop(gw);
     // Untrusted: taken out, and the log names the certificate problem.

@@ -210,30 +210,24 @@ impl Gateway {
     /// Polls the metrics until `sample` equals `want` (a gauge settles as soon as the gateway
     /// has processed a close; the poll only absorbs that scheduling delay), or panics.
     pub fn wait_metric(&self, sample: &str, want: f64) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let got = self.metric(sample);
-            if got == want {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!("{sample} is {got}, expected {want}\n{}", self.scrape());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        eventually(
+            || self.metric(sample) == want,
+            || {
+                format!(
+                    "{sample} is {}, expected {want}\n{}",
+                    self.metric(sample),
+                    self.scrape()
+                )
+            },
+        );
     }
 
     /// Waits until the gateway's log contains `needle`, or panics after 10 s.
     pub fn wait_log(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.log.lock().unwrap().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} in the log:\n{}",
-                self.log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        eventually(
+            || self.log.lock().unwrap().contains(needle),
+            || format!("no {needle:?} in the log:\n{}", self.log.lock().unwrap()),
+        );
     }
 
     /// Waits until the gateway has accepted `n` connections in all (HTTP and MCPB doors). A
@@ -306,6 +300,19 @@ impl Drop for Gateway {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Polls `done` every 10 ms until it holds, or panics after 10 s with what `why` says (asked
+/// only then). For what settles as soon as another process or thread gets to it: the poll only
+/// absorbs that scheduling delay.
+pub fn eventually(mut done: impl FnMut() -> bool, why: impl FnOnce() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        if Instant::now() > deadline {
+            panic!("{}", why());
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
