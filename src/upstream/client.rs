@@ -24,7 +24,7 @@ use monoio::io::AsyncWriteRentExt;
 use monoio::net::{TcpStream, UnixStream};
 
 use super::wire::{parse_response, ClientHead, ResponseHead};
-use super::{Failure, Upstream, Upstreams};
+use super::{Dest, Failure, Upstream, Upstreams};
 use crate::boxed;
 use crate::conn::{give_buf, read_more, take_buf, until, ReadError};
 use crate::stream::Stream;
@@ -107,17 +107,19 @@ fn pooled(upstream: &Upstream) -> Option<Idle> {
 async fn connect(all: &Upstreams, upstream: &Upstream) -> Result<Stream, Failure> {
     let http = upstream.http().ok_or(Failure::Connect)?;
     let deadline = std::time::Instant::now() + all.connect_timeout;
-    if let Some(path) = &http.unix {
-        return match until(deadline, UnixStream::connect(path)).await {
-            Ok(Ok(s)) => Ok(Stream::unix(s)),
-            Ok(Err(_)) => Err(Failure::Connect),
-            Err(_) => Err(Failure::ConnectTimeout),
-        };
-    }
-    let tcp = match until(deadline, TcpStream::connect_addr(http.addr())).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(_)) => return Err(Failure::Connect),
-        Err(_) => return Err(Failure::ConnectTimeout),
+    let tcp = match &http.dest {
+        Dest::Unix(path) => {
+            return match until(deadline, UnixStream::connect(path)).await {
+                Ok(Ok(s)) => Ok(Stream::unix(s)),
+                Ok(Err(_)) => Err(Failure::Connect),
+                Err(_) => Err(Failure::ConnectTimeout),
+            };
+        }
+        Dest::Tcp(tcp) => match until(deadline, TcpStream::connect_addr(tcp.addr())).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(_)) => return Err(Failure::Connect),
+            Err(_) => return Err(Failure::ConnectTimeout),
+        },
     };
     let _ = tcp.set_nodelay(true);
     let Some(tls) = &http.tls else {

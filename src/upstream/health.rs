@@ -39,7 +39,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::registry::Registry;
-use super::{Upstream, Upstreams};
+use super::{Dest, Upstream, Upstreams};
 
 /// The longest the scheduler goes without looking whether a probe is due (it looks sooner
 /// when one is due sooner, or when a probe ends while another waits for a place): a reload
@@ -229,15 +229,17 @@ pub fn probe(all: &Upstreams, u: &Upstream) -> Result<(), String> {
     };
     let (authority, path) = (&http.authority, &http.path);
     let wait = all.request_timeout.min(Duration::from_secs(5));
-    if let Some(socket) = &http.unix {
-        let s = connect_unix(socket, all.connect_timeout)
-            .map_err(|e| format!("cannot connect: {e}"))?;
-        let _ = s.set_read_timeout(Some(wait));
-        let _ = s.set_write_timeout(Some(wait));
-        return exchange(s, authority, path);
-    }
-    let s = TcpStream::connect_timeout(&http.addr(), all.connect_timeout)
-        .map_err(|e| format!("cannot connect: {e}"))?;
+    let s = match &http.dest {
+        Dest::Unix(socket) => {
+            let s = connect_unix(socket, all.connect_timeout)
+                .map_err(|e| format!("cannot connect: {e}"))?;
+            let _ = s.set_read_timeout(Some(wait));
+            let _ = s.set_write_timeout(Some(wait));
+            return exchange(s, authority, path);
+        }
+        Dest::Tcp(tcp) => TcpStream::connect_timeout(&tcp.addr(), all.connect_timeout)
+            .map_err(|e| format!("cannot connect: {e}"))?,
+    };
     let _ = s.set_read_timeout(Some(wait));
     let _ = s.set_write_timeout(Some(wait));
     match &http.tls {

@@ -65,47 +65,69 @@ pub enum Target {
 /// An `http://` or `https://` upstream, over TCP or (`http://unix:`) a Unix socket.
 #[derive(Debug)]
 pub struct Http {
-    /// The URL's `host[:port]` as written, sent as `Host`.
+    /// The URL's `host[:port]` as written (or the endpoint's `host_header`), sent as `Host`.
     pub authority: String,
     /// Request path (`/mcp` unless configured).
     pub path: String,
     /// `https://`: how to open TLS to it.
     pub tls: Option<crate::tls::Tls>,
+    /// Where its connections go.
+    pub dest: Dest,
+}
+
+/// Where an [`Http`] upstream's connections go.
+#[derive(Debug)]
+pub enum Dest {
+    /// A TCP address, written as one or resolved from a host name.
+    Tcp(TcpDest),
+    /// `http://unix:`: a Unix socket of this host (plain HTTP only).
+    Unix(std::path::PathBuf),
+}
+
+/// A TCP destination: its address, and the name it was resolved from, if any.
+#[derive(Debug)]
+pub struct TcpDest {
     /// The host to resolve (`None` for an address: nothing to resolve) and the port.
     name: Option<String>,
     port: u16,
     /// Where connections go: resolved at startup, and again by the health checker before each
     /// probe (see [`Http::re_resolve`]). Read once per new connection: a seqlock read (no shared
-    /// write), and written only when the address changes. Unused for a Unix socket.
+    /// write), and written only when the address changes.
     addr: AtomicCell<SocketAddr>,
-    /// `http://unix:`: the Unix socket connections go to instead of `addr`.
-    pub unix: Option<std::path::PathBuf>,
 }
 
-impl Http {
+impl TcpDest {
     /// The address new connections go to.
     pub fn addr(&self) -> SocketAddr {
         self.addr.load()
     }
+}
 
+impl Http {
     /// Resolves the host name again with `resolve`: the address in use stays while the name
     /// still resolves to it (pooled connections and the breaker's view stay meaningful), else
     /// the first address resolved replaces it. A failed or empty resolution keeps it. Returns
-    /// the change, if any. An upstream configured by address is never resolved.
+    /// the change, if any. An upstream configured by address, or on a Unix socket, is never
+    /// resolved.
     pub fn re_resolve(
         &self,
         resolve: impl FnOnce(&str, u16) -> std::io::Result<Vec<SocketAddr>>,
     ) -> Result<Option<(SocketAddr, SocketAddr)>, String> {
-        let Some(name) = &self.name else {
+        let Dest::Tcp(
+            tcp @ TcpDest {
+                name: Some(name), ..
+            },
+        ) = &self.dest
+        else {
             return Ok(None);
         };
-        let found = resolve(name, self.port).map_err(|e| format!("cannot resolve {name}: {e}"))?;
-        let now = self.addr();
+        let found = resolve(name, tcp.port).map_err(|e| format!("cannot resolve {name}: {e}"))?;
+        let now = tcp.addr();
         match found.first() {
             None => Err(format!("{name} resolved to no address")),
             Some(_) if found.contains(&now) => Ok(None),
             Some(&new) => {
-                self.addr.store(new);
+                tcp.addr.store(new);
                 Ok(Some((now, new)))
             }
         }
@@ -161,12 +183,23 @@ impl Upstream {
             Target::Builtin
         } else {
             let u = UpstreamUrl::parse(&e.url).map_err(fail)?;
-            let addr = match u.unix {
-                Some(_) => SocketAddr::from(([0, 0, 0, 0], 0)), // unused: see `Http::addr`
-                None => resolve(&u.host, u.port)
-                    .ok()
-                    .and_then(|a| a.first().copied())
-                    .ok_or_else(|| fail(format!("cannot resolve {}", u.host)))?,
+            let dest = match u.unix {
+                Some(path) => Dest::Unix(path),
+                None => Dest::Tcp(TcpDest {
+                    addr: AtomicCell::new(
+                        resolve(&u.host, u.port)
+                            .ok()
+                            .and_then(|a| a.first().copied())
+                            .ok_or_else(|| fail(format!("cannot resolve {}", u.host)))?,
+                    ),
+                    // Nothing to resolve for an address.
+                    name: u
+                        .host
+                        .parse::<std::net::IpAddr>()
+                        .is_err()
+                        .then_some(u.host.clone()),
+                    port: u.port,
+                }),
             };
             let tls = match u.tls {
                 false => None,
@@ -180,15 +213,10 @@ impl Upstream {
                 }
             };
             Target::Http(Http {
-                // Nothing to resolve for an address or a Unix socket.
-                name: (u.unix.is_none() && u.host.parse::<std::net::IpAddr>().is_err())
-                    .then_some(u.host),
-                port: u.port,
-                addr: AtomicCell::new(addr),
                 authority: e.host_header.clone().unwrap_or(u.authority),
                 path: u.path,
                 tls,
-                unix: u.unix,
+                dest,
             })
         };
         let s = Settings::of(r);
@@ -588,7 +616,11 @@ mod tests {
             .leak()
             .current();
         let (named, literal) = (u.all[0].http().unwrap(), u.all[1].http().unwrap());
-        let start = named.addr();
+        let addr = |h: &Http| match &h.dest {
+            Dest::Tcp(tcp) => tcp.addr(),
+            Dest::Unix(_) => unreachable!("both upstreams are TCP"),
+        };
+        let start = addr(named);
         assert_eq!(start.port(), 9001);
         let other: SocketAddr = "10.9.9.9:9001".parse().unwrap();
         let moved: SocketAddr = "10.1.1.1:9001".parse().unwrap();
@@ -597,20 +629,20 @@ mod tests {
             assert_eq!((host, port), ("localhost", 9001));
             Ok(vec![other, start])
         });
-        assert_eq!((r, named.addr()), (Ok(None), start));
+        assert_eq!((r, addr(named)), (Ok(None), start));
         // Gone from the answers: the first one is taken.
         let r = named.re_resolve(|_, _| Ok(vec![moved, other]));
-        assert_eq!((r, named.addr()), (Ok(Some((start, moved))), moved));
+        assert_eq!((r, addr(named)), (Ok(Some((start, moved))), moved));
         // A failed or empty answer keeps what is in use.
         let r = named.re_resolve(|_, _| Err(std::io::Error::other("no DNS")));
         assert_eq!(r, Err("cannot resolve localhost: no DNS".to_string()));
         let r = named.re_resolve(|_, _| Ok(vec![]));
         assert!(r.is_err());
-        assert_eq!(named.addr(), moved);
+        assert_eq!(addr(named), moved);
         // An address is not resolved at all.
         let r = literal.re_resolve(|_, _| panic!("an address needs no resolving"));
         assert_eq!(
-            (r, literal.addr()),
+            (r, addr(literal)),
             (Ok(None), "127.0.0.1:9002".parse().unwrap())
         );
     }
