@@ -82,3 +82,19 @@ fn report_counts_admissions_and_rejections_per_door() {
     );
     gw.wait_all_closed();
 }
+
+#[test]
+fn help_describes_the_load_generator_not_the_gateway() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mcp-loadgen"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let first = help.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("Opens connections to an MCP gateway"),
+        "{help}"
+    );
+    assert!(help.contains("--sources"), "{help}");
+}

@@ -10,7 +10,7 @@ use mcp_gateway::loadgen::{parse_sources, run, Plan, Protocol};
 /// Opens connections to an MCP gateway at a given rate from a range of loopback source
 /// addresses, sends a JSON-RPC tools/call per interval on each, holds them, and prints a report.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     /// Gateway address (HTTP/WebSocket port, or the MCPB port with --protocol mcpb).
     #[arg(long, default_value = "127.0.0.1:8080")]
