@@ -14,9 +14,16 @@ use std::io::Write as _;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-/// The protocol version offered when the client asks for one we do not know.
-pub const PROTOCOL_VERSION: &str = "2025-06-18";
-const KNOWN_VERSIONS: [&str; 3] = ["2024-11-05", "2025-03-26", "2025-06-18"];
+/// The protocol version offered when the client asks for one we do not know: the latest.
+const PROTOCOL_VERSION: &str = "2025-11-25";
+/// The MCP revisions it speaks. What it serves is the same in each; from 2025-11-25 on, a tool
+/// call's bad arguments are the tool's error (`isError`), which earlier revisions allow too.
+const KNOWN_VERSIONS: [&str; 4] = ["2024-11-05", "2025-03-26", "2025-06-18", PROTOCOL_VERSION];
+
+/// Whether `version` (an `MCP-Protocol-Version` header's value) is a revision it speaks.
+pub fn speaks(version: &str) -> bool {
+    KNOWN_VERSIONS.contains(&version)
+}
 
 /// What [`handle`] produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,8 +97,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for Id<'a> {
 struct CallParams<'a> {
     #[serde(default, borrow)]
     name: Option<Str<'a>>,
+    /// Read apart from the name, so that arguments of the wrong shape are the tool's error,
+    /// not an unknown tool.
     #[serde(default, borrow)]
-    arguments: Option<EchoArguments<'a>>,
+    arguments: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -176,6 +185,19 @@ fn parse_error(out: &mut Vec<u8>, e: &serde_json::Error, mut answer: Answer) -> 
     answer
 }
 
+/// Appends a `tools/call` result whose content is `text`, flagged as the tool's error or not.
+fn write_tool_result(out: &mut Vec<u8>, id: &str, text: &str, is_error: bool) {
+    write_result(out, id, |out| {
+        out.extend_from_slice(br#"{"content":[{"type":"text","text":"#);
+        serde_json::to_writer(&mut *out, text).expect("Vec<u8> write");
+        out.extend_from_slice(if is_error {
+            br#"}],"isError":true}"#
+        } else {
+            br#"}],"isError":false}"#
+        });
+    });
+}
+
 /// Appends `{"jsonrpc":"2.0","id":ID,"error":{"code":C,"message":M}}`; `id` is raw JSON.
 pub fn write_error(out: &mut Vec<u8>, id: &str, code: i64, message: &str) {
     out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
@@ -243,7 +265,7 @@ fn reply_to(
                 .and_then(|p| p.protocol_version);
             let version = asked
                 .as_deref()
-                .filter(|v| KNOWN_VERSIONS.contains(v))
+                .filter(|v| speaks(v))
                 .unwrap_or(PROTOCOL_VERSION);
             write_result(out, id, |out| {
                 let _ = write!(
@@ -258,17 +280,20 @@ fn reply_to(
         "tools/call" => {
             let call = serde_json::from_str::<CallParams>(params).ok();
             let (name, message) = match call {
-                Some(c) => (c.name, c.arguments.and_then(|a| a.message)),
+                Some(c) => (
+                    c.name,
+                    c.arguments
+                        .and_then(|a| serde_json::from_str::<EchoArguments>(a.get()).ok())
+                        .and_then(|a| a.message),
+                ),
                 None => (None, None),
             };
             match (name.as_deref(), message) {
-                (Some("echo"), Some(text)) => write_result(out, id, |out| {
-                    out.extend_from_slice(br#"{"content":[{"type":"text","text":"#);
-                    serde_json::to_writer(&mut *out, &*text).expect("Vec<u8> write");
-                    out.extend_from_slice(br#"}],"isError":false}"#);
-                }),
+                (Some("echo"), Some(text)) => write_tool_result(out, id, &text, false),
+                // Bad arguments are the tool's error, for the model to read and correct (MCP
+                // 2025-11-25: input validation errors are tool execution errors).
                 (Some("echo"), None) => {
-                    write_error(out, id, -32602, "echo needs a string argument \"message\"")
+                    write_tool_result(out, id, "echo needs a string argument \"message\"", true)
                 }
                 (other, _) => write_error(
                     out,
@@ -299,7 +324,8 @@ mod tests {
         let c: CallParams =
             serde_json::from_str(r#"{"name":"echo","arguments":{"message":"a\nb"}}"#).unwrap();
         assert!(matches!(c.name.unwrap().0, Cow::Borrowed("echo")));
-        assert_eq!(&*c.arguments.unwrap().message.unwrap(), "a\nb");
+        let a: EchoArguments = serde_json::from_str(c.arguments.unwrap().get()).unwrap();
+        assert_eq!(&*a.message.unwrap(), "a\nb");
         assert!(serde_json::from_str::<Message>(r#"{"method":7}"#).is_err());
     }
 
@@ -323,6 +349,15 @@ mod tests {
         );
         assert_eq!(v["id"], "a");
         assert_eq!(v["result"]["content"][0]["text"], "hi");
+        assert_eq!(v["result"]["isError"], false);
+        // Bad arguments: the tool's error, in a result. An unknown tool: a protocol error.
+        let (_, v) = ask(
+            r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"message":3}}}"#,
+        );
+        assert_eq!(v["result"]["isError"], true, "{v}");
+        let (_, v) =
+            ask(r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"nope"}}"#);
+        assert_eq!(v["error"]["code"], -32602, "{v}");
     }
 
     #[test]

@@ -88,6 +88,51 @@ fn mcp_shapes_json_sse_session_and_notifications() {
 }
 
 #[test]
+fn builtin_echo_negotiates_and_checks_the_protocol_revision() {
+    let gw = start("");
+    let mut s = connect_from("127.0.0.2", gw.http);
+    let init = |v: &str| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":0,"method":"initialize","params":{{"protocolVersion":"{v}","capabilities":{{}},"clientInfo":{{"name":"t","version":"1"}}}}}}"#
+        )
+    };
+    // The latest revision, and an older one, are answered in kind; an unknown one gets the
+    // latest.
+    for (asked, got) in [
+        ("2025-11-25", "2025-11-25"),
+        ("2025-03-26", "2025-03-26"),
+        ("2099-01-01", "2025-11-25"),
+    ] {
+        let r = roundtrip(&mut s, &post_mcp(&init(asked)));
+        assert_eq!(r.json()["result"]["protocolVersion"], got, "{asked}");
+    }
+    let with_revision = |v: &str, body: &str| {
+        post_mcp(body).replacen("\r\n", &format!("\r\nMCP-Protocol-Version: {v}\r\n"), 1)
+    };
+    // Later requests name the revision: one it speaks is served...
+    let r = roundtrip(&mut s, &with_revision("2025-11-25", TOOLS_LIST));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["result"]["tools"][0]["name"], "echo");
+    // ...one it does not gets 400 (MCP: "invalid or unsupported"), and the connection stays.
+    let r = roundtrip(&mut s, &with_revision("1999-01-01", TOOLS_LIST));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], -32600);
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("1999-01-01"), "{message}");
+    let del = "DELETE /mcp HTTP/1.1\r\nHost: t\r\nMcp-Session-Id: x\r\nMCP-Protocol-Version: nope\r\n\r\n";
+    assert_eq!(roundtrip(&mut s, del).status, 400);
+    // A tool call's bad arguments are the tool's error, in a result (MCP 2025-11-25).
+    let call =
+        r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
+    let r = roundtrip(&mut s, &with_revision("2025-11-25", call));
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["result"]["isError"], true, "{v}");
+    let text = v["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(text.contains("message"), "{text}");
+}
+
+#[test]
 fn namespaces_route_by_path() {
     let gw = start_with(
         "",

@@ -356,7 +356,8 @@ async fn exchange(
                 Some(decoded) => decoded.as_slice(),
                 None => &buf[head.len..consumed],
             };
-            answer(worker, all, &head, body_bytes, keep_alive, &mut out);
+            let raw = &buf[..head.len];
+            answer(worker, all, (&head, raw), body_bytes, keep_alive, &mut out);
             worker.metrics.request(Frontend::Http, started.elapsed());
             let by = match head.route {
                 Route::Mcp(ns) => By::Upstream(all.namespaces[ns].upstreams[0]),
@@ -483,11 +484,11 @@ pub(crate) async fn continue_if_expected(
         .map_err(|_| None)
 }
 
-/// Appends the answer to one complete request to `out`.
+/// Appends the answer to one complete request, its head parsed and as it came, to `out`.
 fn answer(
     worker: &'static Worker,
     all: &Upstreams,
-    head: &Head,
+    (head, raw): (&Head, &[u8]),
     body: &[u8],
     keep_alive: bool,
     out: &mut Vec<u8>,
@@ -509,6 +510,17 @@ fn answer(
             )
         }
     };
+    // A revision it does not speak, named by a client after `initialize` (MCP: 400).
+    // (Checked to be UTF-8 when the head was parsed.)
+    let revision = head
+        .protocol_version
+        .and_then(|(a, b)| std::str::from_utf8(&raw[a..b]).ok());
+    if let Some(v) = revision.filter(|v| !echo::speaks(v)) {
+        if matches!(head.method, Method::Post | Method::Get | Method::Delete) {
+            let message = format!("unsupported MCP-Protocol-Version: {v}");
+            return error(out, 400, -32600, &message, &[], keep_alive);
+        }
+    }
     match head.method {
         Method::Post if head.bad_content_type => error(
             out,

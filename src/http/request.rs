@@ -68,6 +68,9 @@ pub struct Head {
     pub session: Option<(usize, usize)>,
     /// Where the `Origin` value is in the head, if one was sent (browsers do).
     pub origin: Option<(usize, usize)>,
+    /// Where the `MCP-Protocol-Version` value is in the head, if one was sent (MCP clients
+    /// send the negotiated revision with every request after `initialize`).
+    pub protocol_version: Option<(usize, usize)>,
     /// HTTP/1.1 (not 1.0): can take a chunked response.
     pub http11: bool,
     pub upgrade: Option<Upgrade>,
@@ -170,6 +173,7 @@ enum Field {
     Accept,
     ContentType,
     SessionId,
+    ProtocolVersion,
     Origin,
     Upgrade,
     WebSocketKey,
@@ -180,12 +184,13 @@ enum Field {
 impl Field {
     /// The field named `name` (any case), if the door reads it.
     fn of(name: &str) -> Option<Field> {
-        const NAMES: [(&str, Field); 13] = [
+        const NAMES: [(&str, Field); 14] = [
             ("host", Field::Host),
             ("content-type", Field::ContentType),
             ("content-length", Field::ContentLength),
             ("accept", Field::Accept),
             ("mcp-session-id", Field::SessionId),
+            ("mcp-protocol-version", Field::ProtocolVersion),
             ("connection", Field::Connection),
             ("transfer-encoding", Field::TransferEncoding),
             ("expect", Field::Expect),
@@ -242,6 +247,7 @@ pub fn parse_head(
     let mut bad_content_type = false;
     let mut session = None;
     let mut origin = None;
+    let mut protocol_version = None;
     let mut upgrade_ws = false;
     let mut connection_upgrade = false;
     let mut ws = Upgrade {
@@ -315,14 +321,11 @@ pub fn parse_head(
             }
             Field::SessionId => {
                 if !value.is_empty() {
-                    let at = value.as_ptr() as usize - buf.as_ptr() as usize;
-                    session = Some((at, at + value.len()));
+                    session = Some(span(buf, value));
                 }
             }
-            Field::Origin => {
-                let at = value.as_ptr() as usize - buf.as_ptr() as usize;
-                origin = Some((at, at + value.len()));
-            }
+            Field::Origin => origin = Some(span(buf, value)),
+            Field::ProtocolVersion => protocol_version = Some(span(buf, value)),
             Field::Upgrade => {
                 upgrade_ws = value
                     .split(',')
@@ -361,10 +364,17 @@ pub fn parse_head(
         bad_content_type,
         session,
         origin,
+        protocol_version,
         http11,
         upgrade,
         len,
     }))
+}
+
+/// Where `value`, a slice of `buf`, lies in it.
+fn span(buf: &[u8], value: &str) -> (usize, usize) {
+    let at = value.as_ptr() as usize - buf.as_ptr() as usize;
+    (at, at + value.len())
 }
 
 fn route(target: &str, namespace: impl Fn(&str) -> Option<usize>) -> Route {
