@@ -128,6 +128,19 @@ pub fn is_string_or_number(id: &str) -> bool {
     id.starts_with(|c: char| c == '"' || c == '-' || c.is_ascii_digit())
 }
 
+/// Whether two raw JSON-RPC ids (strings or numbers, as [`is_string_or_number`] takes them)
+/// name the same request: strings by their text, escapes read (`"\u0061"` is `"a"`), numbers
+/// as written (a server answers with the id it was sent).
+pub fn same_id(a: &str, b: &str) -> bool {
+    a == b
+        || (a.starts_with('"')
+            && b.starts_with('"')
+            && matches!(
+                (serde_json::from_str::<Str>(a), serde_json::from_str::<Str>(b)),
+                (Ok(a), Ok(b)) if *a == *b
+            ))
+}
+
 /// Handles one JSON-RPC message (or batch) and appends the reply, if any, to `out`.
 pub fn handle(input: &[u8], out: &mut Vec<u8>) -> Answer {
     let mut answer = Answer {
@@ -367,6 +380,15 @@ mod tests {
         );
         assert!(a.initialize);
         assert_eq!(v["result"]["protocolVersion"], "2025-03-26");
+    }
+
+    #[test]
+    fn ids_are_the_same_by_their_text() {
+        assert!(same_id("7", "7"));
+        assert!(same_id(r#""a""#, r#""\u0061""#));
+        assert!(!same_id(r#""7""#, "7"));
+        assert!(!same_id(r#""a""#, r#""b""#));
+        assert!(!same_id("1", "2"));
     }
 
     #[test]

@@ -2140,3 +2140,56 @@ fn an_endpoints_host_header_replaces_the_urls_authority_in_requests_and_health_c
     drop(c);
     gw.wait_all_closed();
 }
+
+/// An event-stream reply that ends without the response to the message's request (a server
+/// that closed it early, or crashed mid-call after an event) costs the client a JSON-RPC error
+/// for that request, after the events that did come: never a wait for a reply that will not
+/// come. One that brings the response (its id written another way) costs nothing more.
+#[test]
+fn an_event_stream_that_ends_without_the_reply_costs_a_json_rpc_error() {
+    let up = session_upstream("S8", |req, s| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        chunk(s, "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":1}}\n\n");
+        let body: serde_json::Value = serde_json::from_str(req.body_str()).unwrap();
+        if body["method"] != "slow" {
+            // The reply, its id escaped: the same id to JSON.
+            let id = body["id"].as_str().unwrap().replace('c', "\\u0063");
+            let reply = format!("{{\"jsonrpc\":\"2.0\",\"id\":\"{id}\",\"result\":{{}}}}");
+            chunk(s, &format!("data: {reply}\n\n"));
+        }
+        let _ = s.write_all(b"0\r\n\r\n");
+    });
+    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
+    let mut c = mcpb_initialized(&gw);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let call = |id: &str, method: &str| {
+        let m = format!(r#"{{"jsonrpc":"2.0","id":"{id}","method":"{method}","params":{{}}}}"#);
+        mcpb_frame(1, m.as_bytes())
+    };
+    for round in 0..2 {
+        c.write_all(&call("call-1", "slow")).unwrap();
+        let (_, event) = read_mcpb(&mut c);
+        assert_eq!(event["method"], "notifications/progress", "{event}");
+        let (kind, r) = read_mcpb(&mut c);
+        assert_eq!(
+            (kind, &r["id"]),
+            (5, &"call-1".into()),
+            "an Error frame: {r}"
+        );
+        let why = r["error"]["message"].as_str().unwrap();
+        assert!(why.contains("without a reply"), "{why}");
+        // The connection and session go on; a stream that brings the reply costs no error,
+        // so the next frame after it is the next message's.
+        c.write_all(&call(&format!("call-{round}"), "tools/call"))
+            .unwrap();
+        assert_eq!(read_mcpb(&mut c).1["method"], "notifications/progress");
+        let (kind, r) = read_mcpb(&mut c);
+        assert_eq!(
+            (kind, r["result"].clone()),
+            (2, serde_json::json!({})),
+            "{r}"
+        );
+    }
+    drop(c);
+    gw.wait_all_closed();
+}

@@ -16,6 +16,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use super::client;
 use super::events::{take_events, TooLarge};
@@ -30,6 +31,9 @@ use crate::worker::Worker;
 /// The error a message gets when its reply (or one event of it) is larger than
 /// `server.max_message_size`: the largest message either way.
 const REPLY_TOO_LARGE: &str = "upstream reply larger than max_message_size";
+
+/// The error a request gets when its event-stream reply ended without its response.
+const NO_REPLY: &str = "upstream ended the event stream without a reply";
 
 /// What the forwards of one connection share.
 #[derive(Default)]
@@ -154,9 +158,16 @@ pub(super) async fn forward(
     let mut body = Body::new(head.body);
     let mut data = take_buf();
     let max = worker.settings().max_message_size();
+    // A request answered with an event stream: its response must be among the events, or the
+    // client gets an error for it when the stream ends (it would wait for it forever).
+    let awaited = head.event_stream.then(|| request_id(message)).flatten();
+    let mut answered = awaited.is_none();
+    // An error for the message went to the client already.
+    let mut failed = false;
     loop {
         if let Err(f) = body.feed(&mut buf, &mut data) {
             fail(outbox, message, f.message());
+            failed = true;
             break;
         }
         let sized = match head.event_stream {
@@ -164,8 +175,10 @@ pub(super) async fn forward(
                 if initializing {
                     learn_protocol(state, event);
                 }
+                answered = answered || awaited.is_some_and(|id| answers(event, id));
                 if !event.is_empty() && !outbox.push(Kind::Reply, event) {
                     fail(outbox, message, "client too slow to take the replies");
+                    failed = true;
                 }
                 true
             }),
@@ -179,6 +192,7 @@ pub(super) async fn forward(
             // gateway hold it all.
             tracing::warn!(upstream = %u.url, "reply larger than max_message_size; dropped");
             fail(outbox, message, REPLY_TOO_LARGE);
+            failed = true;
             data.clear(); // nothing of it goes to the client
             break;
         }
@@ -197,13 +211,19 @@ pub(super) async fn forward(
             Err(ReadError::Eof) if body.eof().is_ok() => {}
             Err(ReadError::TimedOut) => {
                 fail(outbox, message, Failure::Timeout.message());
+                failed = true;
                 break;
             }
             Err(_) => {
                 fail(outbox, message, Failure::Reset.message());
+                failed = true;
                 break;
             }
         }
+    }
+    if !answered && !failed {
+        tracing::debug!(upstream = %u.url, "event stream ended without the reply");
+        fail(outbox, message, NO_REPLY);
     }
     if !head.event_stream && body.is_done() {
         let json = data
@@ -240,6 +260,35 @@ pub(super) async fn forward(
         }
     }
     head.status
+}
+
+/// The id of the request `message` is (`None` for a notification, a response or a batch),
+/// whose response an event-stream reply must bring.
+fn request_id(message: &[u8]) -> Option<&RawValue> {
+    let m = crate::echo::is_object(message)
+        .then(|| serde_json::from_slice::<Fields>(message).ok())
+        .flatten()?;
+    m.method?;
+    m.id.filter(|id| crate::echo::is_string_or_number(id.get()))
+}
+
+/// Whether `event` (an event's data) is the response to the request whose id is `id`.
+fn answers(event: &[u8], id: &RawValue) -> bool {
+    crate::echo::is_object(event)
+        && serde_json::from_slice::<Fields>(event).is_ok_and(|r| {
+            r.method.is_none()
+                && r.id
+                    .is_some_and(|i| crate::echo::same_id(i.get(), id.get()))
+        })
+}
+
+/// The two fields that tell a JSON-RPC request from a response, and whose it is.
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    method: Option<&'a RawValue>,
 }
 
 /// Whether `message` is an `initialize` request (a substring test first: most messages are not).
