@@ -314,10 +314,11 @@ fn check_client_head(upstream: &[u8], head: &[u8], status: u16, keep_alive: bool
 /// message size is handed over. Returns how many events the stream held.
 pub fn event_stream(stream: &[u8], rng: &mut Rng) -> usize {
     use mcp_gateway::upstream::events::take_events;
-    // With room for anything: the same events, whole or in pieces.
-    let take_all = |data: &mut Vec<u8>, got: &mut Vec<Vec<u8>>| {
+    // With room for anything: the same events (data, id and retry), whole or in pieces.
+    type Got = Vec<(Vec<u8>, Option<Vec<u8>>, Option<u64>)>;
+    let take_all = |data: &mut Vec<u8>, got: &mut Got| {
         take_events(data, usize::MAX, |e| {
-            got.push(e.to_vec());
+            got.push((e.data.to_vec(), e.id.map(<[u8]>::to_vec), e.retry));
             true
         })
         .is_ok_and(|all| all)
@@ -337,7 +338,7 @@ pub fn event_stream(stream: &[u8], rng: &mut Rng) -> usize {
     let mut data = stream.to_vec();
     let mut sizes = Vec::new();
     let _ = take_events(&mut data, max, |e| {
-        sizes.push(e.len());
+        sizes.push(e.data.len());
         true
     });
     assert!(sizes.iter().all(|&s| s <= max), "{sizes:?} over {max}");

@@ -2193,3 +2193,149 @@ fn an_event_stream_that_ends_without_the_reply_costs_a_json_rpc_error() {
     drop(c);
     gw.wait_all_closed();
 }
+
+/// MCP 2025-11-25: a server may end a request's event stream before the response, its events
+/// carrying ids, to have the client poll. The gateway resumes it for a WebSocket or MCPB client
+/// (`GET` with `Last-Event-ID` within the session, after the `retry` the stream asked for),
+/// relaying what comes until the response; a stream that brings nothing when resumed is given
+/// up after three tries, with an error for the request.
+#[test]
+fn an_event_stream_closed_before_its_reply_is_resumed_after_its_last_event() {
+    let (get_tx, get_rx) = mpsc::channel::<(Option<String>, Option<String>)>();
+    let get_tx = Mutex::new(get_tx);
+    const SSE: &[u8] =
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let up = Mock::start(move |req, s| {
+        if req.body_str().contains("\"initialize\"") {
+            return json_reply(s, req, "{}", &[("Mcp-Session-Id", "S9")]);
+        }
+        if req.method == "DELETE" {
+            return respond(s, 200, &[], "");
+        }
+        let last = req.header("last-event-id").map(str::to_string);
+        if req.method == "GET" {
+            let session = req.header("mcp-session-id").map(str::to_string);
+            let _ = get_tx.lock().unwrap().send((last.clone(), session));
+        }
+        match (req.method.as_str(), last.as_deref()) {
+            // The session's own stream: none.
+            ("GET", None) => return respond(s, 405, &[], ""),
+            // The call: a priming event, progress, then the stream ends.
+            ("POST", _) if req.body_str().contains("\"stuck\"") => {
+                let _ = s.write_all(SSE);
+                chunk(s, "id: s1\nretry: 20\ndata:\n\n");
+            }
+            ("POST", _) => {
+                let _ = s.write_all(SSE);
+                let call = req.body_str().contains("\"call\"");
+                let first = if call { "c1" } else { "x1" };
+                chunk(s, &format!("id: {first}\nretry: 20\ndata:\n\n"));
+                chunk(s, "id: c2\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":1}}\n\n");
+                if !call {
+                    // Nothing resumable after this: an id no header field can carry.
+                    chunk(s, "id: bad\u{1}id\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":2}}\n\n");
+                }
+            }
+            // Resumed after the progress: the response.
+            ("GET", Some("c2")) => {
+                let _ = s.write_all(SSE);
+                chunk(s, "id: c3\ndata: {\"jsonrpc\":\"2.0\",\"id\":\"call-1\",\"result\":{\"done\":true}}\n\n");
+            }
+            // Resumed after the response: nothing more comes.
+            _ => {
+                let _ = s.write_all(SSE);
+            }
+        }
+        let _ = s.write_all(b"0\r\n\r\n");
+    });
+    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
+    let mut c = mcpb_initialized(&gw);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(
+        get_rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        (None, Some("S9".into()))
+    );
+    let call = br#"{"jsonrpc":"2.0","id":"call-1","method":"call","params":{}}"#;
+    c.write_all(&mcpb_frame(1, call)).unwrap();
+    assert_eq!(read_mcpb(&mut c).1["method"], "notifications/progress");
+    let (kind, r) = read_mcpb(&mut c);
+    assert_eq!(
+        (kind, &r["id"], &r["result"]["done"]),
+        (2, &"call-1".into(), &true.into()),
+        "{r}"
+    );
+    // The resumption named the last event, within the session.
+    let resumed = get_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(resumed, (Some("c2".into()), Some("S9".into())));
+
+    // A stream whose last id cannot be sent: no resumption, an error after its events.
+    let other = br#"{"jsonrpc":"2.0","id":8,"method":"other","params":{}}"#;
+    c.write_all(&mcpb_frame(1, other)).unwrap();
+    assert_eq!(read_mcpb(&mut c).1["params"]["progress"], 1);
+    assert_eq!(read_mcpb(&mut c).1["params"]["progress"], 2);
+    let (kind, r) = read_mcpb(&mut c);
+    assert_eq!((kind, &r["id"]), (5, &8.into()), "{r}");
+    assert!(
+        get_rx.try_recv().is_err(),
+        "no resumption without an id to resume from"
+    );
+
+    // A stream that brings nothing each time it is resumed: three tries, then an error.
+    let stuck = br#"{"jsonrpc":"2.0","id":9,"method":"stuck","params":{}}"#;
+    c.write_all(&mcpb_frame(1, stuck)).unwrap();
+    let (kind, r) = read_mcpb(&mut c);
+    assert_eq!((kind, &r["id"]), (5, &9.into()), "{r}");
+    let tries: Vec<_> = get_rx.try_iter().collect();
+    assert_eq!(
+        tries,
+        vec![(Some("s1".to_string()), Some("S9".to_string())); 3]
+    );
+    drop(c);
+    gw.wait_all_closed();
+}
+
+/// The session's standalone stream too: ended by the server after an event with an id, it is
+/// opened again after that event (`Last-Event-ID`), and what the server sends there reaches the
+/// client.
+#[test]
+fn a_session_stream_the_server_ends_is_resumed_after_its_last_event() {
+    let (get_tx, get_rx) = mpsc::channel::<Option<String>>();
+    let get_tx = Mutex::new(get_tx);
+    let note = |n: u32| {
+        format!("data: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{{\"n\":{n}}}}}\n\n")
+    };
+    let up = Mock::start(move |req, s| {
+        if req.method == "DELETE" {
+            return respond(s, 200, &[], "");
+        }
+        if req.method == "POST" {
+            return json_reply(s, req, "{}", &[("Mcp-Session-Id", "S10")]);
+        }
+        let last = req.header("last-event-id").map(str::to_string);
+        let _ = get_tx.lock().unwrap().send(last.clone());
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        match last.as_deref() {
+            None => {
+                chunk(s, &format!("id: g1\nretry: 20\n{}", note(1)));
+                let _ = s.write_all(b"0\r\n\r\n");
+            }
+            Some("g1") => {
+                chunk(s, &format!("id: g2\n{}", note(2)));
+                let mut b = [0u8; 16];
+                let _ = s.read(&mut b); // open until the gateway leaves
+            }
+            Some(_) => {
+                let _ = s.write_all(b"0\r\n\r\n");
+            }
+        }
+    });
+    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
+    let mut c = mcpb_initialized(&gw);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(read_mcpb(&mut c).1["params"]["n"], 1);
+    assert_eq!(read_mcpb(&mut c).1["params"]["n"], 2);
+    let gets: Vec<_> = get_rx.try_iter().collect();
+    assert_eq!(gets, [None, Some("g1".to_string())]);
+    drop(c);
+    gw.wait_all_closed();
+}

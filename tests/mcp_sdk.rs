@@ -60,12 +60,16 @@ impl<'a> Up<'a> {
     }
 }
 
-/// Starts an SDK server named `name`, listening as `up` says; it prints the port (or socket)
-/// it listens on once it does.
-fn upstream(name: &str, up: Up, dir: &std::path::Path) -> (Py, String) {
+/// Starts an SDK server named `name`, listening as `up` says (closing its calls' streams for the
+/// client to resume them when `resumable`); it prints the port (or socket) it listens on once
+/// it does.
+fn upstream(name: &str, (up, resumable): (Up, bool), dir: &std::path::Path) -> (Py, String) {
     use std::io::BufRead;
     let mut cmd = Command::new("python3");
     cmd.args([&py("upstream.py"), "--name", name]);
+    if resumable {
+        cmd.arg("--resumable");
+    }
     let ca = up.ca();
     if let Up::Unix = up {
         cmd.arg("--uds").arg(dir.join(format!("{name}.sock")));
@@ -154,35 +158,45 @@ fn check(report: &serde_json::Value, sessions: usize) {
 
 #[test]
 fn sdk_clients_work_through_the_gateway_and_sessions_stick() {
-    through_the_gateway(Up::Tcp(None), false);
+    through_the_gateway(Up::Tcp(None), false, false);
 }
 
 #[test]
 fn sdk_clients_work_through_the_gateway_with_https_upstreams() {
-    through_the_gateway(Up::Tcp(Some(&tls::Ca::new())), false);
+    through_the_gateway(Up::Tcp(Some(&tls::Ca::new())), false, false);
 }
 
 #[test]
 fn sdk_clients_work_over_https_and_wss_through_the_gateway_to_https_upstreams() {
-    through_the_gateway(Up::Tcp(Some(&tls::Ca::new())), true);
+    through_the_gateway(Up::Tcp(Some(&tls::Ca::new())), true, false);
 }
 
 #[test]
 fn sdk_clients_work_through_the_gateway_to_upstreams_on_unix_sockets() {
-    through_the_gateway(Up::Unix, false);
+    through_the_gateway(Up::Unix, false, false);
+}
+
+/// MCP 2025-11-25's polling: the SDK servers close each `progress` call's stream after its first
+/// notification. The SDK's HTTP client resumes it through the gateway (its `GET` with
+/// `Last-Event-ID` goes to the session's upstream), and the gateway resumes it for the
+/// WebSocket client; every call still gets all of its notifications and its result.
+#[test]
+fn sdk_servers_closing_streams_early_are_resumed_through_the_gateway() {
+    through_the_gateway(Up::Tcp(None), false, true);
 }
 
 /// Two SDK servers listening as `up` says (over TLS with certificates from its CA, which the
-/// gateway is told to trust), the SDK's clients through the gateway on both its doors (over TLS
-/// too with `tls_doors`), and no upstream request failed.
-fn through_the_gateway(up: Up, tls_doors: bool) {
+/// gateway is told to trust; closing streams early with `resumable`), the SDK's clients through
+/// the gateway on both its doors (over TLS too with `tls_doors`), and no upstream request
+/// failed.
+fn through_the_gateway(up: Up, tls_doors: bool, resumable: bool) {
     if !sdk_available() {
         return;
     }
     let ca = up.ca();
     let dir = tempfile::tempdir().unwrap();
-    let (_a, a) = upstream("up-a", up, dir.path());
-    let (_b, b) = upstream("up-b", up, dir.path());
+    let (_a, a) = upstream("up-a", (up, resumable), dir.path());
+    let (_b, b) = upstream("up-b", (up, resumable), dir.path());
     let trust = ca.map_or(String::new(), |ca| {
         format!("          tls_ca_file: {}\n", ca.ca_file.display())
     });

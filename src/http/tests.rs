@@ -95,7 +95,8 @@ fn idle_connection_futures_stay_small() {
         assert!(size <= 672, "websocket::serve future is {size} bytes");
         // A WebSocket or MCPB session's standalone stream: its listener task lives as long
         // as the session. 1 144 bytes with the opening of the stream (the request, the
-        // send, the session's id and fields) inline; boxed, 456.
+        // send, the session's id and fields) inline; boxed, 456; 496 since it can resume the
+        // stream (its resumption boxed).
         let u = upstreams.current().namespaces[0].upstreams[0];
         let (_stop, stop) = futures_channel::oneshot::channel();
         let fields = crate::upstream::wire::SessionFields::default();

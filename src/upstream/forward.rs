@@ -22,6 +22,7 @@ use super::client;
 use super::events::{take_events, TooLarge};
 use super::listen::{self, Listener};
 use super::outbox::{Kind, Outbox};
+use super::resume::Resume;
 use super::rpc::{write_error_for, FOREVER, NAMESPACE_GONE, UPSTREAM_REMOVED};
 use super::wire::{self, Body, SessionFields};
 use super::{Failure, Outcome, Upstream, Upstreams};
@@ -158,72 +159,90 @@ pub(super) async fn forward(
     let mut body = Body::new(head.body);
     let mut data = take_buf();
     let max = worker.settings().max_message_size();
-    // A request answered with an event stream: its response must be among the events, or the
-    // client gets an error for it when the stream ends (it would wait for it forever).
+    // A request answered with an event stream: its response must be among the events. A stream
+    // that ends or breaks without it is resumed after its last event, when its events had ids
+    // (MCP 2025-11-25: a server may close the stream to have its client poll it); else the
+    // client gets an error for the request instead of waiting for it forever.
     let awaited = head.event_stream.then(|| request_id(message)).flatten();
-    let mut answered = awaited.is_none();
+    let mut answered = false;
+    let mut resume = Resume::default();
     // An error for the message went to the client already.
     let mut failed = false;
+    // Whether the connection may go back to the pool once the body is done.
+    let mut reusable = head.keep_alive;
     loop {
-        if let Err(f) = body.feed(&mut buf, &mut data) {
-            fail(outbox, message, f.message());
-            failed = true;
-            break;
-        }
-        let sized = match head.event_stream {
-            true => take_events(&mut data, max, |event| {
-                if initializing {
-                    learn_protocol(state, event);
-                }
-                answered = answered || awaited.is_some_and(|id| answers(event, id));
-                if !event.is_empty() && !outbox.push(Kind::Reply, event) {
-                    fail(outbox, message, "client too slow to take the replies");
-                    failed = true;
-                }
-                true
-            }),
-            // A JSON reply: all of it is one message.
-            false if data.len() > max => Err(TooLarge),
-            false => Ok(true),
-        };
-        if sized.is_err() {
-            // One message for the client (a JSON reply, an event, or what has come of either)
-            // beyond what a message may be: an upstream sending more without end would have the
-            // gateway hold it all.
-            tracing::warn!(upstream = %u.url, "reply larger than max_message_size; dropped");
-            fail(outbox, message, REPLY_TOO_LARGE);
-            failed = true;
-            data.clear(); // nothing of it goes to the client
-            break;
-        }
-        if body.is_done() {
-            break;
-        }
-        // An event stream (a long tool call reporting progress, say) may be silent for long: no
-        // deadline; the connection ending cancels this task.
-        let deadline = (!head.event_stream).then(|| Instant::now() + all.request_timeout);
-        let got = match deadline {
-            Some(d) => read_more(&mut up, &mut buf, d).await,
-            None => read_more(&mut up, &mut buf, Instant::now() + FOREVER).await,
-        };
-        match got {
-            Ok(_) => {}
-            Err(ReadError::Eof) if body.eof().is_ok() => {}
-            Err(ReadError::TimedOut) => {
-                fail(outbox, message, Failure::Timeout.message());
-                failed = true;
-                break;
+        let ended = loop {
+            if let Err(f) = body.feed(&mut buf, &mut data) {
+                fail(outbox, message, f.message());
+                break Ended::Failed;
             }
-            Err(_) => {
-                fail(outbox, message, Failure::Reset.message());
-                failed = true;
-                break;
+            let sized = match head.event_stream {
+                true => take_events(&mut data, max, |event| {
+                    if initializing {
+                        learn_protocol(state, event.data);
+                    }
+                    resume.saw(event);
+                    answered = answered || awaited.is_some_and(|id| answers(event.data, id));
+                    if !event.data.is_empty() && !outbox.push(Kind::Reply, event.data) {
+                        fail(outbox, message, "client too slow to take the replies");
+                        failed = true;
+                    }
+                    true
+                }),
+                // A JSON reply: all of it is one message.
+                false if data.len() > max => Err(TooLarge),
+                false => Ok(true),
+            };
+            if sized.is_err() {
+                // One message for the client (a JSON reply, an event, or what has come of
+                // either) beyond what a message may be: an upstream sending more without end
+                // would have the gateway hold it all.
+                tracing::warn!(upstream = %u.url, "reply larger than max_message_size; dropped");
+                fail(outbox, message, REPLY_TOO_LARGE);
+                data.clear(); // nothing of it goes to the client
+                break Ended::Failed;
+            }
+            if body.is_done() {
+                break Ended::Done;
+            }
+            // An event stream (a long tool call reporting progress, say) may be silent for
+            // long: no deadline; the connection ending cancels this task.
+            let deadline = (!head.event_stream).then(|| Instant::now() + all.request_timeout);
+            let got = match deadline {
+                Some(d) => read_more(&mut up, &mut buf, d).await,
+                None => read_more(&mut up, &mut buf, Instant::now() + FOREVER).await,
+            };
+            match got {
+                Ok(_) => {}
+                Err(ReadError::Eof) if body.eof().is_ok() => {}
+                Err(ReadError::TimedOut) => break Ended::Lost(Failure::Timeout.message()),
+                Err(_) => break Ended::Lost(Failure::Reset.message()),
+            }
+        };
+        let why = match ended {
+            Ended::Failed => break,
+            // The response came (a stream that breaks after it costs nothing), or an error
+            // went out already, or no response is awaited from a stream that ended.
+            _ if answered || failed => break,
+            Ended::Done if awaited.is_none() => break,
+            Ended::Done => NO_REPLY,
+            Ended::Lost(why) => why,
+        };
+        // Resumed within the session, if it still has one.
+        let session = awaited.and_then(|_| state.id.borrow().clone());
+        if let Some(id) = session {
+            let fields = state.fields.borrow().clone();
+            if let Some((again, rest, kind)) = resume.reopen(worker, u, &id, &fields).await {
+                tracing::debug!(upstream = %u.url, "event stream resumed after its last event");
+                (up, body, reusable) = (again, Body::new(kind), false);
+                give_buf(std::mem::replace(&mut buf, rest));
+                data.clear(); // part of an event: it comes again after the last whole one
+                continue;
             }
         }
-    }
-    if !answered && !failed {
-        tracing::debug!(upstream = %u.url, "event stream ended without the reply");
-        fail(outbox, message, NO_REPLY);
+        tracing::debug!(upstream = %u.url, why, "reply failed");
+        fail(outbox, message, why);
+        break;
     }
     if !head.event_stream && body.is_done() {
         let json = data
@@ -246,7 +265,7 @@ pub(super) async fn forward(
         }
     }
     give_buf(data);
-    if body.is_done() && head.keep_alive && !body.until_close() && buf.is_empty() {
+    if body.is_done() && reusable && !body.until_close() && buf.is_empty() {
         client::give_back(u, up);
     }
     give_buf(buf);
@@ -260,6 +279,16 @@ pub(super) async fn forward(
         }
     }
     head.status
+}
+
+/// How one event stream's relay ended.
+enum Ended {
+    /// The body is done.
+    Done,
+    /// An error for the message went to the client.
+    Failed,
+    /// Broken (reset, timed out) before its end, for this reason.
+    Lost(&'static str),
 }
 
 /// The id of the request `message` is (`None` for a notification, a response or a batch),

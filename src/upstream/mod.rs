@@ -37,6 +37,7 @@ pub mod health;
 pub mod listen;
 pub mod outbox;
 pub mod registry;
+pub mod resume;
 pub mod rpc;
 pub mod wire;
 

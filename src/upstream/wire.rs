@@ -241,6 +241,8 @@ pub enum Fields<'a> {
         protocol: Option<&'a [u8]>,
         client: Option<IpAddr>,
         identity: Option<&'a str>,
+        /// A stream resumed after this event (`Last-Event-ID`; visible ASCII only).
+        last_event_id: Option<&'a [u8]>,
     },
 }
 
@@ -257,10 +259,16 @@ pub struct SessionFields {
 
 impl SessionFields {
     pub fn fields(&self) -> Fields<'_> {
+        self.resuming(None)
+    }
+
+    /// The fields, for a `GET` that resumes a stream after event `last_event_id`, if any.
+    pub fn resuming<'a>(&'a self, last_event_id: Option<&'a [u8]>) -> Fields<'a> {
         Fields::Gateway {
             protocol: self.protocol.as_deref(),
             client: self.client,
             identity: self.identity.as_deref(),
+            last_event_id,
         }
     }
 }
@@ -340,6 +348,7 @@ pub fn write_request(
             protocol,
             client,
             identity,
+            last_event_id,
         } => {
             if let Some(ip) = client {
                 out.extend_from_slice(b"X-Forwarded-For: ");
@@ -353,6 +362,11 @@ pub fn write_request(
             if let Some(v) = protocol {
                 out.extend_from_slice(b"MCP-Protocol-Version: ");
                 out.extend_from_slice(v);
+                out.extend_from_slice(b"\r\n");
+            }
+            if let Some(id) = last_event_id {
+                out.extend_from_slice(b"Last-Event-ID: ");
+                out.extend_from_slice(id);
                 out.extend_from_slice(b"\r\n");
             }
         }

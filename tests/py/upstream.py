@@ -1,6 +1,6 @@
 """A real MCP server (official Python SDK, Streamable HTTP) used as an upstream in tests.
 
-usage: upstream.py --name NAME [--json] [--tls-cert PEM --tls-key PEM | --uds PATH]
+usage: upstream.py --name NAME [--json] [--resumable] [--tls-cert PEM --tls-key PEM | --uds PATH]
 Listens on a free port of 127.0.0.1 of its own choosing and prints that port on its first line;
 with --tls-cert and --tls-key, over TLS (https) with that certificate chain and key; with --uds,
 on the Unix socket PATH instead (printing PATH), taking `Host: localhost`, what the gateway
@@ -8,6 +8,10 @@ sends to a Unix-socket upstream.
 Tools: whoami (returns NAME), echo(message), progress(steps, pause) which sends `steps`
 progress notifications `pause` seconds apart before answering, and announce, which sends
 notifications/tools/list_changed on the session's standalone stream.
+With --resumable, its requests' event streams can be resumed (an event store, events with ids,
+`retry: 50`), and `progress` closes its request's stream after the first notification (MCP
+2025-11-25: the client is to resume it with `Last-Event-ID`, and the rest of the call comes
+then). (SDK 1.30 gives the session's standalone stream no event id to resume from.)
 """
 import argparse
 import asyncio
@@ -23,6 +27,7 @@ p.add_argument("--json", action="store_true", help="answer with JSON instead of 
 p.add_argument("--tls-cert", help="certificate chain (PEM): serve https")
 p.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
 p.add_argument("--uds", help="listen on this Unix socket instead of a TCP port")
+p.add_argument("--resumable", action="store_true", help="resumable streams; progress polls")
 args = p.parse_args()
 
 # On 127.0.0.1 the SDK checks `Host` against `127.0.0.1:*`, `localhost:*` and `[::1]:*` (DNS
@@ -38,6 +43,35 @@ if args.uds:
         extra["transport_security"] = TransportSecuritySettings(
             enable_dns_rebinding_protection=True, allowed_hosts=["localhost"]
         )
+
+
+class MemoryEvents:
+    """The events of every stream, kept for replay after a given one (an EventStore)."""
+
+    def __init__(self):
+        self.events = []  # (event id, stream id, message)
+
+    async def store_event(self, stream_id, message):
+        event_id = str(len(self.events) + 1)
+        self.events.append((event_id, stream_id, message))
+        return event_id
+
+    async def replay_events_after(self, last_event_id, send_callback):
+        from mcp.server.streamable_http import EventMessage
+
+        at = next((i for i, e in enumerate(self.events) if e[0] == last_event_id), None)
+        if at is None:
+            return None
+        stream = self.events[at][1]
+        for event_id, stream_id, message in self.events[at + 1 :]:
+            if stream_id == stream and message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream
+
+
+if args.resumable:
+    extra["event_store"] = MemoryEvents()
+    extra["retry_interval"] = 50
 mcp = FastMCP(
     args.name, host="127.0.0.1", json_response=args.json, log_level="WARNING", **extra
 )
@@ -67,6 +101,9 @@ async def progress(steps: int, pause: float, ctx: Context) -> str:
     """Reports progress `steps` times, `pause` seconds apart."""
     for i in range(steps):
         await ctx.report_progress(i + 1, steps)
+        if args.resumable and i == 0:
+            # Polling: the client resumes the stream and gets the rest of the call then.
+            await ctx.close_sse_stream()
         await asyncio.sleep(pause)
     return f"{args.name} done"
 

@@ -1,0 +1,128 @@
+//! Resuming an upstream's event stream where it left off (MCP 2025-11-25, "Resumability and
+//! Redelivery"): a server may end a stream before it is done, its events carrying ids, to have
+//! its client poll it; the client asks for the rest with a `GET` naming the last event it got
+//! (`Last-Event-ID`), within the session, after the `retry` the stream asked for.
+//!
+//! Owns [`Resume`], what a WebSocket or MCPB session's reader of a stream (a request's reply,
+//! the session's standalone stream) keeps of it. The gateway does this for those clients, which
+//! see messages, not streams; an HTTP client's streams are its own to resume (its `GET` goes to
+//! the session's upstream like any other request).
+//!
+//! Invariants: a stream is resumed only from an id a header field can carry as it came; a
+//! stream that brings no event when resumed is given up after [`MAX_IDLE_RESUMES`] tries in a
+//! row; no stream of an upstream a reload removed is resumed; nothing is allocated per event
+//! (the last id is kept in one buffer).
+
+use std::time::Duration;
+
+use super::events::Event;
+use super::listen;
+use super::wire::{BodyKind, SessionFields};
+use super::Upstream;
+use crate::stream::Stream;
+use crate::worker::Worker;
+
+/// Resumptions in a row that bring no event before a stream is given up.
+pub const MAX_IDLE_RESUMES: u32 = 3;
+
+/// The wait before resuming when a stream asked for none (the MCP Python SDK's client waits as
+/// long), and the longest `retry` heeded, in milliseconds.
+const DEFAULT_RETRY_MS: u32 = 1_000;
+const MAX_RETRY_MS: u32 = 60_000;
+
+/// Where an event stream left off: what resuming it needs.
+#[derive(Default)]
+pub struct Resume {
+    /// The last event id the stream gave (`None`: none, an empty one, which forgets the one
+    /// before, or one no header field can carry as it is), kept in one buffer.
+    last_id: Option<Vec<u8>>,
+    /// The last `retry` it asked for, in milliseconds.
+    retry: Option<u32>,
+    /// Resumptions since the last event with data.
+    idle: u32,
+}
+
+impl Resume {
+    /// Keeps what `event` says about resuming its stream.
+    pub fn saw(&mut self, event: &Event<'_>) {
+        if let Some(id) = event.id {
+            // Visible ASCII and spaces only: it goes into a header field as it is.
+            let fits = !id.is_empty() && id.iter().all(|b| matches!(b, b' ' | b'\t' | 0x21..=0x7e));
+            match (&mut self.last_id, fits) {
+                (Some(kept), true) => {
+                    kept.clear();
+                    kept.extend_from_slice(id);
+                }
+                (kept, true) => *kept = Some(id.to_vec()),
+                (kept, false) => *kept = None,
+            }
+        }
+        if let Some(ms) = event.retry {
+            self.retry = Some(u32::try_from(ms).unwrap_or(u32::MAX));
+        }
+        if !event.data.is_empty() {
+            self.idle = 0;
+        }
+    }
+
+    /// The stream of `u` opened again after its last event, `retry` after it ended, within
+    /// session `id` (its requests carry `fields`): `None` when it gave no id to resume from,
+    /// when resuming brought no event [`MAX_IDLE_RESUMES`] times in a row, when a reload
+    /// removed `u`, or when `u` would not resume it.
+    pub async fn reopen(
+        &mut self,
+        worker: &'static Worker,
+        u: &'static Upstream,
+        id: &[u8],
+        fields: &SessionFields,
+    ) -> Option<(Stream, Vec<u8>, BodyKind)> {
+        while self.idle < MAX_IDLE_RESUMES {
+            let last = self.last_id.as_deref()?;
+            self.idle += 1;
+            let wait = self.retry.unwrap_or(DEFAULT_RETRY_MS).min(MAX_RETRY_MS);
+            monoio::time::sleep(Duration::from_millis(wait.into())).await;
+            if u.is_retired() {
+                return None;
+            }
+            if let Some(opened) = listen::open(worker, u, id, fields, Some(last)).await {
+                return Some(opened);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn event<'a>(data: &'a [u8], id: Option<&'a [u8]>, retry: Option<u64>) -> Event<'a> {
+        Event { data, id, retry }
+    }
+
+    #[test]
+    fn the_last_id_a_header_can_carry_is_kept() {
+        let mut r = Resume::default();
+        r.saw(&event(b"", Some(b"1"), Some(250)));
+        assert_eq!(
+            (r.last_id.as_deref(), r.retry),
+            (Some(&b"1"[..]), Some(250))
+        );
+        r.saw(&event(b"x", None, None));
+        assert_eq!(
+            (r.last_id.as_deref(), r.retry),
+            (Some(&b"1"[..]), Some(250))
+        );
+        r.saw(&event(b"x", Some(b"two 2"), None));
+        assert_eq!(r.last_id.as_deref(), Some(&b"two 2"[..]));
+        // Not for a header field: forgotten, as an empty id forgets it.
+        r.saw(&event(b"x", Some("é".as_bytes()), None));
+        assert_eq!(r.last_id, None);
+        r.saw(&event(b"x", Some(b"3"), None));
+        r.saw(&event(b"x", Some(b""), None));
+        assert_eq!(r.last_id, None);
+        // A retry too large for the wait is the longest.
+        r.saw(&event(b"", None, Some(u64::MAX)));
+        assert_eq!(r.retry, Some(u32::MAX));
+    }
+}
