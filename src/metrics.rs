@@ -145,6 +145,8 @@ struct UpstreamCounters {
     /// Idle connections in this core's pool, as the sweeper last counted them (the pool is the
     /// core's own: counting it per request would write this line twice a request).
     pooled: AtomicU64,
+    /// Event streams resumed after the upstream ended them early (see `upstream::resume`).
+    resumed: AtomicU64,
 }
 
 impl CoreMetrics {
@@ -192,6 +194,16 @@ impl CoreMetrics {
     /// This core's pool holds `n` idle connections to upstream `i` (the sweeper's count).
     pub fn set_upstream_pooled(&self, i: usize, n: usize) {
         self.upstreams.get(i).pooled.store(n as u64, Relaxed);
+    }
+
+    /// An event stream of upstream `i` was resumed after it ended early.
+    pub fn upstream_resumed(&self, i: usize) {
+        self.upstreams.get(i).resumed.fetch_add(1, Relaxed);
+    }
+
+    /// Event streams of upstream `i` this core resumed.
+    pub fn upstream_resumptions(&self, i: usize) -> u64 {
+        self.upstreams.get(i).resumed.load(Relaxed)
     }
 
     /// Idle connections to upstream `i` in this core's pool at the last sweep.

@@ -2290,6 +2290,15 @@ fn an_event_stream_closed_before_its_reply_is_resumed_after_its_last_event() {
         tries,
         vec![(Some("s1".to_string()), Some("S9".to_string())); 3]
     );
+    let resumed = format!(
+        "mcp_gateway_upstream_stream_resumptions_total{{namespace=\"default\",upstream=\"{}\"}}",
+        up.url()
+    );
+    assert_eq!(
+        gw.metric(&resumed),
+        4.0,
+        "once for the call, three times the stuck one"
+    );
     drop(c);
     gw.wait_all_closed();
 }
@@ -2336,6 +2345,11 @@ fn a_session_stream_the_server_ends_is_resumed_after_its_last_event() {
     assert_eq!(read_mcpb(&mut c).1["params"]["n"], 2);
     let gets: Vec<_> = get_rx.try_iter().collect();
     assert_eq!(gets, [None, Some("g1".to_string())]);
+    let resumed = format!(
+        "mcp_gateway_upstream_stream_resumptions_total{{namespace=\"default\",upstream=\"{}\"}}",
+        up.url()
+    );
+    assert_eq!(gw.metric(&resumed), 1.0);
     drop(c);
     gw.wait_all_closed();
 }

@@ -272,6 +272,14 @@ impl Metrics {
                 .map(|u| (up(u), self.sum(|c| c.upstream_pooled(u.index)) as f64))
                 .collect(),
         ));
+        fams.push(counter(
+            "mcp_gateway_upstream_stream_resumptions_total",
+            "Event streams of WebSocket and MCPB sessions resumed (Last-Event-ID) after the upstream ended them early.",
+            view.all
+                .iter()
+                .map(|u| (up(u), self.sum(|c| c.upstream_resumptions(u.index)) as f64))
+                .collect(),
+        ));
         let mut outcomes = Vec::new();
         for u in &view.all {
             for (k, label) in Outcome::LABELS.iter().enumerate() {

@@ -23,7 +23,7 @@ use super::events::{take_events, TooLarge};
 use super::listen::{self, Listener};
 use super::outbox::{Kind, Outbox};
 use super::resume::Resume;
-use super::rpc::{write_error_for, FOREVER, NAMESPACE_GONE, UPSTREAM_REMOVED};
+use super::rpc::{fields_of, write_error_for, FOREVER, NAMESPACE_GONE, UPSTREAM_REMOVED};
 use super::wire::{self, Body, SessionFields};
 use super::{Failure, Outcome, Upstream, Upstreams};
 use crate::conn::{give_buf, read_more, take_buf, ReadError};
@@ -294,30 +294,16 @@ enum Ended {
 /// The id of the request `message` is (`None` for a notification, a response or a batch),
 /// whose response an event-stream reply must bring.
 fn request_id(message: &[u8]) -> Option<&RawValue> {
-    let m = crate::echo::is_object(message)
-        .then(|| serde_json::from_slice::<Fields>(message).ok())
-        .flatten()?;
-    m.method?;
-    m.id.filter(|id| crate::echo::is_string_or_number(id.get()))
+    let m = fields_of(message);
+    m.id.filter(|_| m.method)
 }
 
 /// Whether `event` (an event's data) is the response to the request whose id is `id`.
 fn answers(event: &[u8], id: &RawValue) -> bool {
-    crate::echo::is_object(event)
-        && serde_json::from_slice::<Fields>(event).is_ok_and(|r| {
-            r.method.is_none()
-                && r.id
-                    .is_some_and(|i| crate::echo::same_id(i.get(), id.get()))
-        })
-}
-
-/// The two fields that tell a JSON-RPC request from a response, and whose it is.
-#[derive(Deserialize)]
-struct Fields<'a> {
-    #[serde(borrow)]
-    id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    method: Option<&'a RawValue>,
+    let e = fields_of(event);
+    !e.method
+        && e.id
+            .is_some_and(|i| crate::echo::same_id(i.get(), id.get()))
 }
 
 /// Whether `message` is an `initialize` request (a substring test first: most messages are not).

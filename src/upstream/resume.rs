@@ -85,6 +85,7 @@ impl Resume {
                 return None;
             }
             if let Some(opened) = listen::open(worker, u, id, fields, Some(last)).await {
+                worker.metrics.upstream_resumed(u.index);
                 return Some(opened);
             }
         }

@@ -600,19 +600,36 @@ pub fn error_for(message: &[u8], why: &str) -> Vec<u8> {
 
 /// Appends the JSON-RPC error answering `message` (see [`error_for`]) to `out`.
 pub(super) fn write_error_for(out: &mut Vec<u8>, message: &[u8], why: &str) {
+    let id = fields_of(message).id.map_or("null", RawValue::get);
+    crate::echo::write_error(out, id, -32000, why);
+}
+
+/// What tells a JSON-RPC message's kind and whose it is: its id, when it is a string or a
+/// number (the ids JSON-RPC 2.0 allows besides null), and whether it names a method (a request
+/// or a notification, not a response). Nothing for what is not a JSON object.
+pub(super) struct MessageFields<'a> {
+    pub id: Option<&'a RawValue>,
+    pub method: bool,
+}
+
+pub(super) fn fields_of(message: &[u8]) -> MessageFields<'_> {
     #[derive(Deserialize)]
-    struct IdOnly<'a> {
+    struct Fields<'a> {
         #[serde(borrow)]
         id: Option<&'a RawValue>,
+        #[serde(borrow)]
+        method: Option<&'a RawValue>,
     }
-    let id = crate::echo::is_object(message)
-        .then(|| serde_json::from_slice::<IdOnly>(message).ok())
-        .flatten()
-        .and_then(|m| m.id)
-        .map(RawValue::get)
-        .filter(|id| crate::echo::is_string_or_number(id))
-        .unwrap_or("null");
-    crate::echo::write_error(out, id, -32000, why);
+    let read = crate::echo::is_object(message)
+        .then(|| serde_json::from_slice::<Fields>(message).ok())
+        .flatten();
+    MessageFields {
+        id: read
+            .as_ref()
+            .and_then(|m| m.id)
+            .filter(|id| crate::echo::is_string_or_number(id.get())),
+        method: read.is_some_and(|m| m.method.is_some()),
+    }
 }
 
 #[cfg(all(test, not(loom)))]

@@ -46,23 +46,43 @@ if args.uds:
 
 
 class MemoryEvents:
-    """The events of every stream, kept for replay after a given one (an EventStore)."""
+    """The events of every stream, kept for replay after a given one (an EventStore). A request's
+    stream is replayed once its response is stored: the SDK's server hands what comes after a
+    replay to the resumed stream only once it has registered it, and a message sent in between
+    would be lost (its "replay to live-tail window"), which would make the test's outcome depend
+    on timing."""
 
     def __init__(self):
         self.events = []  # (event id, stream id, message)
+        self.stored = asyncio.Condition()
 
     async def store_event(self, stream_id, message):
         event_id = str(len(self.events) + 1)
         self.events.append((event_id, stream_id, message))
+        async with self.stored:
+            self.stored.notify_all()
         return event_id
 
     async def replay_events_after(self, last_event_id, send_callback):
         from mcp.server.streamable_http import EventMessage
+        from mcp.types import JSONRPCError, JSONRPCResponse
 
         at = next((i for i, e in enumerate(self.events) if e[0] == last_event_id), None)
         if at is None:
             return None
         stream = self.events[at][1]
+
+        def answered():
+            return any(
+                s == stream and isinstance(getattr(m, "root", None), (JSONRPCResponse, JSONRPCError))
+                for _, s, m in self.events[at + 1 :]
+            )
+
+        async with self.stored:
+            try:
+                await asyncio.wait_for(self.stored.wait_for(answered), 10)
+            except asyncio.TimeoutError:
+                pass
         for event_id, stream_id, message in self.events[at + 1 :]:
             if stream_id == stream and message is not None:
                 await send_callback(EventMessage(message, event_id))
