@@ -2197,14 +2197,18 @@ fn an_event_stream_that_ends_without_the_reply_costs_a_json_rpc_error() {
 /// MCP 2025-11-25: a server may end a request's event stream before the response, its events
 /// carrying ids, to have the client poll. The gateway resumes it for a WebSocket or MCPB client
 /// (`GET` with `Last-Event-ID` within the session, after the `retry` the stream asked for),
-/// relaying what comes until the response; a stream that brings nothing when resumed is given
-/// up after three tries, with an error for the request.
+/// relaying what comes until the response, however many times the server ends it; a stream
+/// whose resumption the server refuses is given up after three tries, with an error for the
+/// request.
 #[test]
 fn an_event_stream_closed_before_its_reply_is_resumed_after_its_last_event() {
     let (get_tx, get_rx) = mpsc::channel::<(Option<String>, Option<String>)>();
     let get_tx = Mutex::new(get_tx);
     const SSE: &[u8] =
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let progress = |n: u32| {
+        format!("data: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{{\"progress\":{n}}}}}\n\n")
+    };
     let up = Mock::start(move |req, s| {
         if req.body_str().contains("\"initialize\"") {
             return json_reply(s, req, "{}", &[("Mcp-Session-Id", "S9")]);
@@ -2217,38 +2221,48 @@ fn an_event_stream_closed_before_its_reply_is_resumed_after_its_last_event() {
             let session = req.header("mcp-session-id").map(str::to_string);
             let _ = get_tx.lock().unwrap().send((last.clone(), session));
         }
+        let body = req.body_str();
         match (req.method.as_str(), last.as_deref()) {
             // The session's own stream: none.
             ("GET", None) => return respond(s, 405, &[], ""),
-            // The call: a priming event, progress, then the stream ends.
-            ("POST", _) if req.body_str().contains("\"stuck\"") => {
+            // A priming event, progress, then the stream ends.
+            ("POST", _) if body.contains("\"call\"") => {
+                let _ = s.write_all(SSE);
+                chunk(s, "id: c1\nretry: 20\ndata:\n\n");
+                chunk(s, &format!("id: c2\n{}", progress(1)));
+            }
+            // Resumed after the progress: nothing yet (a priming event), and ended again, three
+            // times (a quiet server polled)...
+            ("GET", Some(n @ ("c2" | "c3" | "c4"))) => {
+                let _ = s.write_all(SSE);
+                let next = n[1..].parse::<u32>().unwrap() + 1;
+                chunk(s, &format!("id: c{next}\ndata:\n\n"));
+            }
+            // ...then the response.
+            ("GET", Some("c5")) => {
+                let _ = s.write_all(SSE);
+                chunk(s, "id: c6\ndata: {\"jsonrpc\":\"2.0\",\"id\":\"call-1\",\"result\":{\"done\":true}}\n\n");
+            }
+            // Progress whose last id no header field can carry: nothing to resume from.
+            ("POST", _) if body.contains("\"other\"") => {
+                let _ = s.write_all(SSE);
+                chunk(s, &format!("id: o1\n{}", progress(1)));
+                chunk(s, &format!("id: bad\u{1}id\n{}", progress(2)));
+            }
+            // A stream the server will not resume (it forgot the event, say).
+            ("POST", _) => {
                 let _ = s.write_all(SSE);
                 chunk(s, "id: s1\nretry: 20\ndata:\n\n");
             }
-            ("POST", _) => {
-                let _ = s.write_all(SSE);
-                let call = req.body_str().contains("\"call\"");
-                let first = if call { "c1" } else { "x1" };
-                chunk(s, &format!("id: {first}\nretry: 20\ndata:\n\n"));
-                chunk(s, "id: c2\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":1}}\n\n");
-                if !call {
-                    // Nothing resumable after this: an id no header field can carry.
-                    chunk(s, "id: bad\u{1}id\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":2}}\n\n");
-                }
-            }
-            // Resumed after the progress: the response.
-            ("GET", Some("c2")) => {
-                let _ = s.write_all(SSE);
-                chunk(s, "id: c3\ndata: {\"jsonrpc\":\"2.0\",\"id\":\"call-1\",\"result\":{\"done\":true}}\n\n");
-            }
-            // Resumed after the response: nothing more comes.
-            _ => {
-                let _ = s.write_all(SSE);
-            }
+            _ => return respond(s, 400, &[], ""),
         }
         let _ = s.write_all(b"0\r\n\r\n");
     });
     let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
+    let resumed = format!(
+        "mcp_gateway_upstream_stream_resumptions_total{{namespace=\"default\",upstream=\"{}\"}}",
+        up.url()
+    );
     let mut c = mcpb_initialized(&gw);
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert_eq!(
@@ -2264,9 +2278,12 @@ fn an_event_stream_closed_before_its_reply_is_resumed_after_its_last_event() {
         (2, &"call-1".into(), &true.into()),
         "{r}"
     );
-    // The resumption named the last event, within the session.
-    let resumed = get_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    assert_eq!(resumed, (Some("c2".into()), Some("S9".into())));
+    // Each resumption named the last event, within the session.
+    let resumptions: Vec<_> = get_rx.try_iter().collect();
+    let within = |id: &str| (Some(id.to_string()), Some("S9".to_string()));
+    let ids = ["c2", "c3", "c4", "c5"];
+    assert_eq!(resumptions, ids.map(within));
+    assert_eq!(gw.metric(&resumed), 4.0);
 
     // A stream whose last id cannot be sent: no resumption, an error after its events.
     let other = br#"{"jsonrpc":"2.0","id":8,"method":"other","params":{}}"#;
@@ -2280,24 +2297,17 @@ fn an_event_stream_closed_before_its_reply_is_resumed_after_its_last_event() {
         "no resumption without an id to resume from"
     );
 
-    // A stream that brings nothing each time it is resumed: three tries, then an error.
-    let stuck = br#"{"jsonrpc":"2.0","id":9,"method":"stuck","params":{}}"#;
-    c.write_all(&mcpb_frame(1, stuck)).unwrap();
+    // A stream the server refuses to resume: three tries, then an error.
+    let refused = br#"{"jsonrpc":"2.0","id":9,"method":"refused","params":{}}"#;
+    c.write_all(&mcpb_frame(1, refused)).unwrap();
     let (kind, r) = read_mcpb(&mut c);
     assert_eq!((kind, &r["id"]), (5, &9.into()), "{r}");
     let tries: Vec<_> = get_rx.try_iter().collect();
-    assert_eq!(
-        tries,
-        vec![(Some("s1".to_string()), Some("S9".to_string())); 3]
-    );
-    let resumed = format!(
-        "mcp_gateway_upstream_stream_resumptions_total{{namespace=\"default\",upstream=\"{}\"}}",
-        up.url()
-    );
+    assert_eq!(tries, vec![within("s1"); 3]);
     assert_eq!(
         gw.metric(&resumed),
         4.0,
-        "once for the call, three times the stuck one"
+        "a refused resumption is not counted"
     );
     drop(c);
     gw.wait_all_closed();

@@ -138,7 +138,7 @@ async fn listen(
         drop(watch);
         // A server may end the stream to have its client poll it (MCP 2025-11-25): open it
         // again after its last event.
-        let again = match (dropped, resume.as_deref_mut()) {
+        let again = match (dropped, resume.as_deref()) {
             (false, Some(r)) => boxed::pin(r.reopen(worker, u, id, fields)).await,
             _ => None,
         };

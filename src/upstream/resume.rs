@@ -8,10 +8,12 @@
 //! see messages, not streams; an HTTP client's streams are its own to resume (its `GET` goes to
 //! the session's upstream like any other request).
 //!
-//! Invariants: a stream is resumed only from an id a header field can carry as it came; a
-//! stream that brings no event when resumed is given up after [`MAX_IDLE_RESUMES`] tries in a
-//! row; no stream of an upstream a reload removed is resumed; nothing is allocated per event
-//! (the last id is kept in one buffer).
+//! Invariants: a stream is resumed only from an id a header field can carry as it came, for as
+//! long as the upstream resumes it (a server polled at its own `retry` is polled for as long as
+//! it likes, never more often than every [`MIN_RETRY_MS`]); it is given up after
+//! [`MAX_FAILED_RESUMES`] resumptions in a row the upstream refused or did not answer; no
+//! stream of an upstream a reload removed is resumed; nothing is allocated per event (the last
+//! id is kept in one buffer).
 
 use std::time::Duration;
 
@@ -22,12 +24,15 @@ use super::Upstream;
 use crate::stream::Stream;
 use crate::worker::Worker;
 
-/// Resumptions in a row that bring no event before a stream is given up.
-pub const MAX_IDLE_RESUMES: u32 = 3;
+/// Resumptions in a row the upstream refuses (or does not answer) before a stream is given up.
+pub const MAX_FAILED_RESUMES: u32 = 3;
 
 /// The wait before resuming when a stream asked for none (the MCP Python SDK's client waits as
-/// long), and the longest `retry` heeded, in milliseconds.
+/// long), and the bounds on the `retry` heeded, in milliseconds: never sooner than 50 ms (a
+/// server ending its stream at once with `retry: 0` would have the gateway reconnect in a busy
+/// loop), never later than a minute.
 const DEFAULT_RETRY_MS: u32 = 1_000;
+pub const MIN_RETRY_MS: u32 = 50;
 const MAX_RETRY_MS: u32 = 60_000;
 
 /// Where an event stream left off: what resuming it needs.
@@ -38,8 +43,6 @@ pub struct Resume {
     last_id: Option<Vec<u8>>,
     /// The last `retry` it asked for, in milliseconds.
     retry: Option<u32>,
-    /// Resumptions since the last event with data.
-    idle: u32,
 }
 
 impl Resume {
@@ -60,27 +63,24 @@ impl Resume {
         if let Some(ms) = event.retry {
             self.retry = Some(u32::try_from(ms).unwrap_or(u32::MAX));
         }
-        if !event.data.is_empty() {
-            self.idle = 0;
-        }
     }
 
     /// The stream of `u` opened again after its last event, `retry` after it ended, within
     /// session `id` (its requests carry `fields`): `None` when it gave no id to resume from,
-    /// when resuming brought no event [`MAX_IDLE_RESUMES`] times in a row, when a reload
-    /// removed `u`, or when `u` would not resume it.
+    /// when a reload removed `u`, or when `u` refused (or did not answer) [`MAX_FAILED_RESUMES`]
+    /// resumptions in a row.
     pub async fn reopen(
-        &mut self,
+        &self,
         worker: &'static Worker,
         u: &'static Upstream,
         id: &[u8],
         fields: &SessionFields,
     ) -> Option<(Stream, Vec<u8>, BodyKind)> {
-        while self.idle < MAX_IDLE_RESUMES {
-            let last = self.last_id.as_deref()?;
-            self.idle += 1;
-            let wait = self.retry.unwrap_or(DEFAULT_RETRY_MS).min(MAX_RETRY_MS);
-            monoio::time::sleep(Duration::from_millis(wait.into())).await;
+        let last = self.last_id.as_deref()?;
+        let wait = self.retry.unwrap_or(DEFAULT_RETRY_MS);
+        let wait = Duration::from_millis(wait.clamp(MIN_RETRY_MS, MAX_RETRY_MS).into());
+        for _ in 0..MAX_FAILED_RESUMES {
+            monoio::time::sleep(wait).await;
             if u.is_retired() {
                 return None;
             }
