@@ -2363,3 +2363,58 @@ fn a_session_stream_the_server_ends_is_resumed_after_its_last_event() {
     drop(c);
     gw.wait_all_closed();
 }
+
+/// A request's event stream that stays open after its response (MCP: the server should end it
+/// then) is closed once `routing.request_timeout` passes without its end, with no error for the
+/// client: the forward is done, not left in flight for as long as the server keeps the stream.
+#[test]
+fn an_event_stream_left_open_after_its_reply_is_closed_after_request_timeout() {
+    let (gone_tx, gone_rx) = mpsc::channel::<()>();
+    let gone_tx = Mutex::new(gone_tx);
+    let up = session_upstream("S11", move |req, s| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let body: serde_json::Value = serde_json::from_str(req.body_str()).unwrap();
+        let id = &body["id"];
+        chunk(
+            s,
+            &format!("data: {{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{}}}}\n\n"),
+        );
+        held_until_dropped(s, &gone_tx);
+    });
+    let gw = start_with(
+        "",
+        &endpoints(
+            &[("default", &[&up.url()])],
+            "  health_check_interval: 3600\n  request_timeout: 1\n",
+        ),
+    );
+    let mut c = mcpb_initialized(&gw);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(&mcpb_frame(
+        1,
+        br#"{"jsonrpc":"2.0","id":3,"method":"tools/call"}"#,
+    ))
+    .unwrap();
+    let started = std::time::Instant::now();
+    let (kind, r) = read_mcpb(&mut c);
+    assert_eq!((kind, &r["id"]), (2, &3.into()), "{r}");
+    gone_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the stream closed after request_timeout");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "not before it"
+    );
+    let in_flight = format!(
+        "mcp_gateway_upstream_in_flight{{namespace=\"default\",upstream=\"{}\"}}",
+        up.url()
+    );
+    gw.wait_metric(&in_flight, 0.0);
+    // Nothing more for the client: its next message is answered next.
+    c.write_all(&mcpb_frame(
+        1,
+        br#"{"jsonrpc":"2.0","id":4,"method":"tools/call"}"#,
+    ))
+    .unwrap();
+    assert_eq!(read_mcpb(&mut c).1["id"], 4);
+}

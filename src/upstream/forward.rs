@@ -206,8 +206,12 @@ pub(super) async fn forward(
                 break Ended::Done;
             }
             // An event stream (a long tool call reporting progress, say) may be silent for
-            // long: no deadline; the connection ending cancels this task.
-            let deadline = (!head.event_stream).then(|| Instant::now() + all.request_timeout);
+            // long: no deadline until the response came; the connection ending cancels this
+            // task. Once it came, the stream is to end (MCP: the server SHOULD end it then):
+            // one that goes on past `request_timeout` is closed, its forward done, rather than
+            // holding one of the session's forwards in flight.
+            let deadline =
+                (!head.event_stream || answered).then(|| Instant::now() + all.request_timeout);
             let got = match deadline {
                 Some(d) => read_more(&mut up, &mut buf, d).await,
                 None => read_more(&mut up, &mut buf, Instant::now() + FOREVER).await,
