@@ -50,7 +50,9 @@ class MemoryEvents:
     stream is replayed once its response is stored: the SDK's server hands what comes after a
     replay to the resumed stream only once it has registered it, and a message sent in between
     would be lost (its "replay to live-tail window"), which would make the test's outcome depend
-    on timing."""
+    on timing. The SDK names a request's stream by the request's id, so one store shared by
+    sessions that run at once with the same ids would mix their streams: the tests' clients run
+    their sessions one after another."""
 
     def __init__(self):
         self.events = []  # (event id, stream id, message)
