@@ -13,7 +13,8 @@
 //! - [`rpc`]: the upstream MCP session of a WebSocket or MCPB connection, and [`forward`]:
 //!   one JSON-RPC message forwarded within it;
 //! - [`listen`]: that session's standalone `GET` stream, for what the server sends unprompted;
-//! - [`events`]: the server-sent events of both, taken whole out of what has come;
+//! - [`events`]: the server-sent events of both, taken whole out of what has come, and
+//!   [`resume`]: either stream resumed after its last event when the server ends it early;
 //! - [`outbox`]: what goes back to such a client, queued for its connection to write.
 //!
 //! Sessions stick without a shared session map: the `Mcp-Session-Id` a client sees is the
