@@ -170,6 +170,8 @@ pub(super) async fn forward(
     let mut failed = false;
     // Whether the connection may go back to the pool once the body is done.
     let mut reusable = head.keep_alive;
+    // When an event stream must have ended, once the response came in it.
+    let mut ends_by = None;
     loop {
         let ended = loop {
             if let Err(f) = body.feed(&mut buf, &mut data) {
@@ -208,14 +210,17 @@ pub(super) async fn forward(
             // An event stream (a long tool call reporting progress, say) may be silent for
             // long: no deadline until the response came; the connection ending cancels this
             // task. Once it came, the stream is to end (MCP: the server SHOULD end it then):
-            // one that goes on past `request_timeout` is closed, its forward done, rather than
+            // one still open `request_timeout` later is closed, its forward done, rather than
             // holding one of the session's forwards in flight.
-            let deadline =
-                (!head.event_stream || answered).then(|| Instant::now() + all.request_timeout);
-            let got = match deadline {
-                Some(d) => read_more(&mut up, &mut buf, d).await,
-                None => read_more(&mut up, &mut buf, Instant::now() + FOREVER).await,
+            if answered && ends_by.is_none() {
+                ends_by = Some(Instant::now() + all.request_timeout);
+            }
+            let deadline = match (head.event_stream, ends_by) {
+                (false, _) => Instant::now() + all.request_timeout,
+                (true, Some(by)) => by,
+                (true, None) => Instant::now() + FOREVER,
             };
+            let got = read_more(&mut up, &mut buf, deadline).await;
             match got {
                 Ok(_) => {}
                 Err(ReadError::Eof) if body.eof().is_ok() => {}
