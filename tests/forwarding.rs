@@ -2426,3 +2426,42 @@ fn an_event_stream_left_open_after_its_reply_is_closed_after_request_timeout() {
     .unwrap();
     assert_eq!(read_mcpb(&mut c).1["id"], 4);
 }
+
+/// A session stream the server ends without having given an event id is opened again afresh
+/// (as the SDK's own client does), after the stream's `retry`: what the server sends on the new
+/// stream reaches the client.
+#[test]
+fn a_session_stream_ended_without_ids_is_opened_again() {
+    let (get_tx, get_rx) = mpsc::channel::<Option<String>>();
+    let get_tx = Mutex::new(get_tx);
+    let opened = std::sync::atomic::AtomicUsize::new(0);
+    let up = Mock::start(move |req, s| {
+        if req.method == "DELETE" {
+            return respond(s, 200, &[], "");
+        }
+        if req.method == "POST" {
+            return json_reply(s, req, "{}", &[("Mcp-Session-Id", "S12")]);
+        }
+        let _ = get_tx
+            .lock()
+            .unwrap()
+            .send(req.header("last-event-id").map(str::to_string));
+        let n = opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        chunk(s, &format!("retry: 20\ndata: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{{\"n\":{n}}}}}\n\n"));
+        if n == 1 {
+            let _ = s.write_all(b"0\r\n\r\n");
+        } else {
+            let mut b = [0u8; 16];
+            let _ = s.read(&mut b); // open until the gateway leaves
+        }
+    });
+    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
+    let mut c = mcpb_initialized(&gw);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(read_mcpb(&mut c).1["params"]["n"], 1);
+    assert_eq!(read_mcpb(&mut c).1["params"]["n"], 2);
+    assert_eq!(get_rx.try_iter().collect::<Vec<_>>(), [None, None]);
+    drop(c);
+    gw.wait_all_closed();
+}

@@ -274,7 +274,7 @@ impl Metrics {
         ));
         fams.push(counter(
             "mcp_gateway_upstream_stream_resumptions_total",
-            "Event streams of WebSocket and MCPB sessions resumed (Last-Event-ID) after the upstream ended them early.",
+            "Event streams of WebSocket and MCPB sessions opened again after the upstream ended them early (with Last-Event-ID when they gave an event id).",
             view.all
                 .iter()
                 .map(|u| (up(u), self.sum(|c| c.upstream_resumptions(u.index)) as f64))

@@ -5,9 +5,11 @@
 //! Owns the listener task. It is spawned on the connection's core once the session has an id; it
 //! `GET`s the session's stream and queues every event's data in the connection's
 //! [`Outbox`], which the connection writes. Dropping the [`Listener`] (the connection ended)
-//! cancels the task at once, whatever it is waiting on. An upstream that offers no stream (405)
-//! or drops it simply ends the task: requests and their replies go on; so does a reload that
-//! removes the upstream (see [`Worker::watch_session_stream`]). A client too slow to take
+//! cancels the task at once, whatever it is waiting on. A stream the upstream ends is opened
+//! again (MCP 2025-11-25: a server may end it to have its client poll), after its last event
+//! when it gave an id (see [`super::resume`]). An upstream that offers no stream (405), or will
+//! not open it again, simply ends the task: requests and their replies go on; so does a reload
+//! that removes the upstream (see [`Worker::watch_session_stream`]). A client too slow to take
 //! what the stream brings (the outbox full) loses the stream, like a server would drop a
 //! subscriber that does not read.
 
@@ -80,8 +82,8 @@ async fn listen(
         return;
     };
     let max = worker.settings().max_message_size();
-    // Where the stream left off, once one of its events had an id (boxed: most servers give
-    // none, and the task lives as long as the session).
+    // Where the stream left off, once one of its events had an id or a `retry` (boxed: most
+    // servers give neither, and the task lives as long as the session).
     let mut resume: Option<Box<Resume>> = None;
     loop {
         // A reload removing the upstream ends the stream (the session's next message then
@@ -95,7 +97,7 @@ async fn listen(
                 break false;
             }
             match take_events(&mut data, max, |event| {
-                if event.id.is_some() || resume.is_some() {
+                if event.id.is_some() || event.retry.is_some() || resume.is_some() {
                     resume.get_or_insert_with(Box::default).saw(event);
                 }
                 event.data.is_empty() || queue.push(Kind::Reply, event.data)
@@ -137,10 +139,13 @@ async fn listen(
         give_buf(data);
         drop(watch);
         // A server may end the stream to have its client poll it (MCP 2025-11-25): open it
-        // again after its last event.
-        let again = match (dropped, resume.as_deref()) {
-            (false, Some(r)) => boxed::pin(r.reopen(worker, u, id, fields)).await,
-            _ => None,
+        // again, after its last event if it gave one.
+        let again = match dropped {
+            false => {
+                let r = resume.as_deref();
+                boxed::pin(Resume::reopen_session_stream(r, worker, u, id, fields)).await
+            }
+            true => None,
         };
         let Some(again) = again else {
             break;

@@ -4,7 +4,8 @@
 //! (`Last-Event-ID`), within the session, after the `retry` the stream asked for.
 //!
 //! Owns [`Resume`], what a WebSocket or MCPB session's reader of a stream (a request's reply,
-//! the session's standalone stream) keeps of it. The gateway does this for those clients, which
+//! the session's standalone stream) keeps of it. The session's standalone stream is opened
+//! again when it ends even without an id to resume from (afresh, as the SDK's client does). The gateway does this for those clients, which
 //! see messages, not streams; an HTTP client's streams are its own to resume (its `GET` goes to
 //! the session's upstream like any other request).
 //!
@@ -65,10 +66,10 @@ impl Resume {
         }
     }
 
-    /// The stream of `u` opened again after its last event, `retry` after it ended, within
-    /// session `id` (its requests carry `fields`): `None` when it gave no id to resume from,
-    /// when a reload removed `u`, or when `u` refused (or did not answer) [`MAX_FAILED_RESUMES`]
-    /// resumptions in a row.
+    /// A request's stream of `u` opened again after its last event, `retry` after it ended,
+    /// within session `id` (its requests carry `fields`): `None` when it gave no id to resume
+    /// from (only a resumption brings a request's stream back), when a reload removed `u`, or
+    /// when `u` refused (or did not answer) [`MAX_FAILED_RESUMES`] resumptions in a row.
     pub async fn reopen(
         &self,
         worker: &'static Worker,
@@ -77,20 +78,47 @@ impl Resume {
         fields: &SessionFields,
     ) -> Option<(Stream, Vec<u8>, BodyKind)> {
         let last = self.last_id.as_deref()?;
-        let wait = self.retry.unwrap_or(DEFAULT_RETRY_MS);
-        let wait = Duration::from_millis(wait.clamp(MIN_RETRY_MS, MAX_RETRY_MS).into());
-        for _ in 0..MAX_FAILED_RESUMES {
-            monoio::time::sleep(wait).await;
-            if u.is_retired() {
-                return None;
-            }
-            if let Some(opened) = listen::open(worker, u, id, fields, Some(last)).await {
-                worker.metrics.upstream_resumed(u.index);
-                return Some(opened);
-            }
-        }
-        None
+        reopen(self.retry, Some(last), worker, u, (id, fields)).await
     }
+
+    /// The session's own stream of `u` opened again after it ended: resumed after its last
+    /// event when it gave one (`resume`), else afresh (what the server sent in between is lost,
+    /// as it is for any client), `retry` after it ended; `None` as for [`Resume::reopen`].
+    pub async fn reopen_session_stream(
+        resume: Option<&Resume>,
+        worker: &'static Worker,
+        u: &'static Upstream,
+        id: &[u8],
+        fields: &SessionFields,
+    ) -> Option<(Stream, Vec<u8>, BodyKind)> {
+        let retry = resume.and_then(|r| r.retry);
+        let last = resume.and_then(|r| r.last_id.as_deref());
+        reopen(retry, last, worker, u, (id, fields)).await
+    }
+}
+
+/// Opens session `id`'s stream of `u` again, after event `last` if any, `retry` (or the default)
+/// from now; counted.
+async fn reopen(
+    retry: Option<u32>,
+    last: Option<&[u8]>,
+    worker: &'static Worker,
+    u: &'static Upstream,
+    (id, fields): (&[u8], &SessionFields),
+) -> Option<(Stream, Vec<u8>, BodyKind)> {
+    let wait = retry.unwrap_or(DEFAULT_RETRY_MS);
+    let wait = Duration::from_millis(wait.clamp(MIN_RETRY_MS, MAX_RETRY_MS).into());
+    for _ in 0..MAX_FAILED_RESUMES {
+        monoio::time::sleep(wait).await;
+        if u.is_retired() {
+            return None;
+        }
+        if let Some(opened) = listen::open(worker, u, id, fields, last).await {
+            worker.metrics.upstream_resumed(u.index);
+            return Some(opened);
+        }
+    }
+    None
 }
 
 #[cfg(all(test, not(loom)))]
