@@ -121,9 +121,6 @@ const FORWARDED: usize = 7_000;
 
 const STREAM: &str = "GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n";
 
-const SSE_HEAD: &[u8] =
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
-
 /// Reads from `s` until `needle` has arrived (the test's read timeout bounds the wait).
 fn read_until(s: &mut TcpStream, needle: &[u8]) {
     let mut got = Vec::new();
@@ -145,7 +142,7 @@ fn forwarded_connections_that_leave_midway_leave_every_count_at_zero() {
     let up = Mock::start(|req, s| match (req.method.as_str(), req.body_str()) {
         // The standalone stream: a comment every 10 ms until the gateway closes it.
         ("GET", _) => {
-            let _ = s.write_all(SSE_HEAD);
+            let _ = s.write_all(mock::SSE_HEAD);
             let until = Instant::now() + Duration::from_secs(5);
             while Instant::now() < until && s.write_all(b"3\r\n:\n\n\r\n").is_ok() {
                 std::thread::sleep(Duration::from_millis(10));
@@ -157,7 +154,7 @@ fn forwarded_connections_that_leave_midway_leave_every_count_at_zero() {
             json_reply(s, req, "{}", &[]);
         }
         (_, body) if body.contains("stream") => {
-            let _ = s.write_all(SSE_HEAD);
+            let _ = s.write_all(mock::SSE_HEAD);
             chunk(s, "event: message\ndata: {\"first\":1}\n\n");
             std::thread::sleep(Duration::from_millis(5));
             chunk(s, "event: message\ndata: {\"second\":2}\n\n");
@@ -311,7 +308,7 @@ fn sessions_and_streams_that_park_while_their_upstreams_send_leave_every_count_a
     let ended_up = ended.clone();
     let up = Mock::start(move |req, s| match req.method.as_str() {
         "GET" => {
-            let _ = s.write_all(SSE_HEAD);
+            let _ = s.write_all(mock::SSE_HEAD);
             let until = Instant::now() + Duration::from_secs(6);
             let mut n = 0;
             while Instant::now() < until {

@@ -39,12 +39,12 @@ fn event_stream_reaches_the_client_event_by_event() {
         }
         if req.method == "GET" {
             // A standalone stream: silent longer than request_timeout, then one event.
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+            let _ = s.write_all(mock::SSE_HEAD);
             std::thread::sleep(Duration::from_millis(2500));
             chunk(s, "event: message\ndata: {\"late\":true}\n\n");
             return;
         }
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let _ = s.write_all(mock::SSE_HEAD);
         chunk(s, "event: message\ndata: {\"first\":1}\n\n");
         // The second event waits until the client has seen the first.
         let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(10));
@@ -871,7 +871,7 @@ fn mcpb_requests_are_forwarded_with_notifications_and_failures_keep_the_connecti
             "later requests carry the session"
         );
         let id = serde_json::from_slice::<serde_json::Value>(&req.body).unwrap()["id"].clone();
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let _ = s.write_all(mock::SSE_HEAD);
         chunk(s, "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":1}}\n\n");
         chunk(s, &format!("event: message\ndata: {{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"ok\":true}}}}\n\n"));
         let _ = s.write_all(b"0\r\n\r\n");
@@ -928,7 +928,7 @@ fn replies_larger_than_max_message_size_become_errors() {
         };
         let reply = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#);
         if body.contains("\"stream\"") {
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+            let _ = s.write_all(mock::SSE_HEAD);
             chunk(s, &format!("event: message\ndata: {reply}\n\n"));
             let _ = s.write_all(b"0\r\n\r\n");
         } else {
@@ -973,7 +973,7 @@ fn a_session_stream_event_larger_than_max_message_size_ends_the_stream() {
     let gone_tx = Mutex::new(gone_tx);
     let up = Mock::start(move |req, s| {
         if req.method == "GET" {
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+            let _ = s.write_all(mock::SSE_HEAD);
             let big = format!(
                 "data: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{{\"data\":\"{}\"}}}}\n\n",
                 "x".repeat(2000)
@@ -1150,7 +1150,7 @@ fn what_the_upstream_sends_on_its_own_reaches_an_mcpb_client_between_messages() 
     let up = Mock::start(move |req, s| {
         if req.method == "GET" {
             assert_eq!(req.header("mcp-session-id"), Some("S3"));
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+            let _ = s.write_all(mock::SSE_HEAD);
             let _ = notify_rx
                 .lock()
                 .unwrap()
@@ -1458,7 +1458,7 @@ fn request_bodies_stream_to_the_upstream_as_they_arrive() {
 #[test]
 fn shutdown_ends_open_event_streams_cleanly_instead_of_waiting_for_them() {
     let up = Mock::start(|_, s| {
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let _ = s.write_all(mock::SSE_HEAD);
         chunk(s, ": open\n\n");
         std::thread::sleep(Duration::from_secs(30)); // a standalone stream with nothing to say
     });
@@ -1506,7 +1506,7 @@ fn a_client_answers_a_request_the_server_sends_in_the_middle_of_a_call() {
                 .send(body["result"]["action"].to_string());
             return respond(s, 202, &[], "");
         }
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let _ = s.write_all(mock::SSE_HEAD);
         chunk(s, "data: {\"jsonrpc\":\"2.0\",\"id\":\"srv-1\",\"method\":\"elicitation/create\",\"params\":{}}\n\n");
         let got = answer_rx
             .lock()
@@ -2148,7 +2148,7 @@ fn an_endpoints_host_header_replaces_the_urls_authority_in_requests_and_health_c
 #[test]
 fn an_event_stream_that_ends_without_the_reply_costs_a_json_rpc_error() {
     let up = session_upstream("S8", |req, s| {
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let _ = s.write_all(mock::SSE_HEAD);
         chunk(s, "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":1}}\n\n");
         let body: serde_json::Value = serde_json::from_str(req.body_str()).unwrap();
         if body["method"] != "slow" {
@@ -2194,6 +2194,14 @@ fn an_event_stream_that_ends_without_the_reply_costs_a_json_rpc_error() {
     gw.wait_all_closed();
 }
 
+/// The event streams of `up` the gateway opened again after `up` ended them early.
+fn resumptions(gw: &Gateway, up: &Mock) -> f64 {
+    gw.metric(&format!(
+        "mcp_gateway_upstream_stream_resumptions_total{{namespace=\"default\",upstream=\"{}\"}}",
+        up.url()
+    ))
+}
+
 /// MCP 2025-11-25: a server may end a request's event stream before the response, its events
 /// carrying ids, to have the client poll. The gateway resumes it for a WebSocket or MCPB client
 /// (`GET` with `Last-Event-ID` within the session, after the `retry` the stream asked for),
@@ -2204,8 +2212,6 @@ fn an_event_stream_that_ends_without_the_reply_costs_a_json_rpc_error() {
 fn an_event_stream_closed_before_its_reply_is_resumed_after_its_last_event() {
     let (get_tx, get_rx) = mpsc::channel::<(Option<String>, Option<String>)>();
     let get_tx = Mutex::new(get_tx);
-    const SSE: &[u8] =
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
     let progress = |n: u32| {
         format!("data: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{{\"progress\":{n}}}}}\n\n")
     };
@@ -2227,31 +2233,31 @@ fn an_event_stream_closed_before_its_reply_is_resumed_after_its_last_event() {
             ("GET", None) => return respond(s, 405, &[], ""),
             // A priming event, progress, then the stream ends.
             ("POST", _) if body.contains("\"call\"") => {
-                let _ = s.write_all(SSE);
+                let _ = s.write_all(mock::SSE_HEAD);
                 chunk(s, "id: c1\nretry: 20\ndata:\n\n");
                 chunk(s, &format!("id: c2\n{}", progress(1)));
             }
             // Resumed after the progress: nothing yet (a priming event), and ended again, three
             // times (a quiet server polled)...
             ("GET", Some(n @ ("c2" | "c3" | "c4"))) => {
-                let _ = s.write_all(SSE);
+                let _ = s.write_all(mock::SSE_HEAD);
                 let next = n[1..].parse::<u32>().unwrap() + 1;
                 chunk(s, &format!("id: c{next}\ndata:\n\n"));
             }
             // ...then the response.
             ("GET", Some("c5")) => {
-                let _ = s.write_all(SSE);
+                let _ = s.write_all(mock::SSE_HEAD);
                 chunk(s, "id: c6\ndata: {\"jsonrpc\":\"2.0\",\"id\":\"call-1\",\"result\":{\"done\":true}}\n\n");
             }
             // Progress whose last id no header field can carry: nothing to resume from.
             ("POST", _) if body.contains("\"other\"") => {
-                let _ = s.write_all(SSE);
+                let _ = s.write_all(mock::SSE_HEAD);
                 chunk(s, &format!("id: o1\n{}", progress(1)));
                 chunk(s, &format!("id: bad\u{1}id\n{}", progress(2)));
             }
             // A stream the server will not resume (it forgot the event, say).
             ("POST", _) => {
-                let _ = s.write_all(SSE);
+                let _ = s.write_all(mock::SSE_HEAD);
                 chunk(s, "id: s1\nretry: 20\ndata:\n\n");
             }
             _ => return respond(s, 400, &[], ""),
@@ -2259,10 +2265,6 @@ fn an_event_stream_closed_before_its_reply_is_resumed_after_its_last_event() {
         let _ = s.write_all(b"0\r\n\r\n");
     });
     let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
-    let resumed = format!(
-        "mcp_gateway_upstream_stream_resumptions_total{{namespace=\"default\",upstream=\"{}\"}}",
-        up.url()
-    );
     let mut c = mcpb_initialized(&gw);
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert_eq!(
@@ -2279,11 +2281,11 @@ fn an_event_stream_closed_before_its_reply_is_resumed_after_its_last_event() {
         "{r}"
     );
     // Each resumption named the last event, within the session.
-    let resumptions: Vec<_> = get_rx.try_iter().collect();
+    let gets: Vec<_> = get_rx.try_iter().collect();
     let within = |id: &str| (Some(id.to_string()), Some("S9".to_string()));
     let ids = ["c2", "c3", "c4", "c5"];
-    assert_eq!(resumptions, ids.map(within));
-    assert_eq!(gw.metric(&resumed), 4.0);
+    assert_eq!(gets, ids.map(within));
+    assert_eq!(resumptions(&gw, &up), 4.0);
 
     // A stream whose last id cannot be sent: no resumption, an error after its events.
     let other = br#"{"jsonrpc":"2.0","id":8,"method":"other","params":{}}"#;
@@ -2305,7 +2307,7 @@ fn an_event_stream_closed_before_its_reply_is_resumed_after_its_last_event() {
     let tries: Vec<_> = get_rx.try_iter().collect();
     assert_eq!(tries, vec![within("s1"); 3]);
     assert_eq!(
-        gw.metric(&resumed),
+        resumptions(&gw, &up),
         4.0,
         "a refused resumption is not counted"
     );
@@ -2332,7 +2334,7 @@ fn a_session_stream_the_server_ends_is_resumed_after_its_last_event() {
         }
         let last = req.header("last-event-id").map(str::to_string);
         let _ = get_tx.lock().unwrap().send(last.clone());
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let _ = s.write_all(mock::SSE_HEAD);
         match last.as_deref() {
             None => {
                 chunk(s, &format!("id: g1\nretry: 20\n{}", note(1)));
@@ -2355,11 +2357,7 @@ fn a_session_stream_the_server_ends_is_resumed_after_its_last_event() {
     assert_eq!(read_mcpb(&mut c).1["params"]["n"], 2);
     let gets: Vec<_> = get_rx.try_iter().collect();
     assert_eq!(gets, [None, Some("g1".to_string())]);
-    let resumed = format!(
-        "mcp_gateway_upstream_stream_resumptions_total{{namespace=\"default\",upstream=\"{}\"}}",
-        up.url()
-    );
-    assert_eq!(gw.metric(&resumed), 1.0);
+    assert_eq!(resumptions(&gw, &up), 1.0);
     drop(c);
     gw.wait_all_closed();
 }
@@ -2373,7 +2371,7 @@ fn an_event_stream_left_open_after_its_reply_is_closed_after_request_timeout() {
     let (gone_tx, gone_rx) = mpsc::channel::<()>();
     let gone_tx = Mutex::new(gone_tx);
     let up = session_upstream("S11", move |req, s| {
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let _ = s.write_all(mock::SSE_HEAD);
         let body: serde_json::Value = serde_json::from_str(req.body_str()).unwrap();
         let id = &body["id"];
         chunk(
@@ -2447,7 +2445,7 @@ fn a_session_stream_ended_without_ids_is_opened_again() {
             .unwrap()
             .send(req.header("last-event-id").map(str::to_string));
         let n = opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let _ = s.write_all(mock::SSE_HEAD);
         chunk(s, &format!("retry: 20\ndata: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{{\"n\":{n}}}}}\n\n"));
         if n == 1 {
             let _ = s.write_all(b"0\r\n\r\n");

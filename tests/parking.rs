@@ -270,7 +270,7 @@ fn upstream(id: &'static str, events: mpsc::Receiver<bool>, gone: mpsc::Sender<(
     let (events, gone) = (Mutex::new(events), Mutex::new(gone));
     Mock::start(move |req, s| match req.method.as_str() {
         "GET" => {
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+            let _ = s.write_all(SSE_HEAD);
             s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
             let (mut n, mut b) = (0, [0u8; 16]);
             for _ in 0..1500 {

@@ -92,7 +92,7 @@ fn an_event_stream_over_tls_arrives_event_by_event() {
     let (go_tx, go_rx) = mpsc::channel::<()>();
     let go_rx = Mutex::new(go_rx);
     let up = Mock::start_tls(ca.server_config(&["127.0.0.1"]), move |_, s| {
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let _ = s.write_all(mock::SSE_HEAD);
         // Two events in two TLS records, back to back: the second may arrive in the same read
         // as the first and wait, decrypted, inside the gateway's TLS state.
         chunk(s, "event: message\ndata: {\"first\":1}\n\n");

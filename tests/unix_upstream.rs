@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::mock::{chunk, json_reply, Mock, UnixFront};
+use common::mock::{self, chunk, json_reply, Mock, UnixFront};
 use common::*;
 
 /// The gateway's configuration with `urls` as the `default` namespace's upstreams.
@@ -106,7 +106,7 @@ fn an_event_stream_from_a_unix_socket_upstream_arrives_event_by_event() {
     let (go_tx, go_rx) = mpsc::channel::<()>();
     let go_rx = Mutex::new(go_rx);
     let up = Mock::start(move |req, s| {
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let _ = s.write_all(mock::SSE_HEAD);
         chunk(s, "event: message\ndata: {\"first\":1}\n\n");
         // The second event waits until the client has seen the first.
         let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(10));

@@ -274,6 +274,11 @@ pub fn json_reply(s: &mut impl Write, req: &Req, result: &str, extra: &[(&str, &
     respond(s, 200, &headers, &body);
 }
 
+/// The head of a `200` event-stream response with a chunked body: each event then goes as a
+/// [`chunk`], and `0\r\n\r\n` ends the stream.
+pub const SSE_HEAD: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+
 /// One chunk of a chunked body.
 pub fn chunk(s: &mut impl Write, data: &str) {
     let _ = write!(s, "{:x}\r\n{data}\r\n", data.len());
@@ -289,7 +294,7 @@ pub fn stream_until_closed(
 ) -> impl Fn(&Req, &mut TcpStream) + Send + Sync + 'static {
     let closed = std::sync::Mutex::new(closed);
     move |_, s| {
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let _ = s.write_all(SSE_HEAD);
         chunk(s, ": open\n\n");
         let mut b = [0u8; 16];
         s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
