@@ -100,15 +100,22 @@ pub fn client_bytes(input: &[u8], seen: &mut Accepted) {
         assert!(!Origins::default().allows(input));
     }
     // The error a failed forward answers any message with: JSON, an error code, and an id that
-    // is the message's own string or number, or null.
-    let error = mcp_gateway::upstream::rpc::error_for(input, "upstream failed");
-    let reply: ErrorReply = serde_json::from_slice(&error)
-        .unwrap_or_else(|e| panic!("{e} in the error {error:?} for {input:?}"));
-    let id = reply.id.get();
-    assert!(
-        id == "null" || echo::is_string_or_number(id),
-        "id {id} for {input:?}"
-    );
+    // is the message's own string or number, or null; for a batch of requests, an array of
+    // such errors, one per request.
+    let error = mcp_gateway::upstream::message::error_for(input, "upstream failed");
+    let replies: Vec<ErrorReply> = match error.first() {
+        Some(b'[') => serde_json::from_slice(&error),
+        _ => serde_json::from_slice(&error).map(|one| vec![one]),
+    }
+    .unwrap_or_else(|e| panic!("{e} in the error {error:?} for {input:?}"));
+    assert!(!replies.is_empty(), "no error for {input:?}");
+    for reply in replies {
+        let id = reply.id.get();
+        assert!(
+            id == "null" || echo::is_string_or_number(id),
+            "id {id} for {input:?}"
+        );
+    }
     let mut out = Vec::new();
     if echo::handle(input, &mut out).replied {
         // JSON as RFC 8259 has it: an id is echoed as it came, a number beyond what a double

@@ -2194,6 +2194,124 @@ fn an_event_stream_that_ends_without_the_reply_costs_a_json_rpc_error() {
     gw.wait_all_closed();
 }
 
+/// A batch (MCP revisions before 2025-06-18 allow them) waits for the responses to each of its
+/// requests: an event stream that ends with some unanswered costs an error for each of those
+/// (one array), after what did come; one that ends early is resumed until all are answered; and
+/// an upstream that cannot be reached costs an error for each request, with its own id.
+#[test]
+fn a_batch_gets_a_response_or_an_error_for_each_of_its_requests() {
+    let up = Mock::start(|req, s| {
+        let body = req.body_str();
+        if body.contains("\"initialize\"") {
+            return json_reply(s, req, "{}", &[("Mcp-Session-Id", "SB")]);
+        }
+        if req.method != "POST" && req.header("last-event-id").is_none() {
+            return respond(s, 405, &[], ""); // no session stream; DELETE at the end
+        }
+        if req.method == "GET" {
+            // The resumption of the "resumed" batch's stream: the last response.
+            assert_eq!(req.header("last-event-id"), Some("r1"));
+            let _ = s.write_all(mock::SSE_HEAD);
+            chunk(
+                s,
+                "id: r2\ndata: {\"jsonrpc\":\"2.0\",\"id\":\"r-2\",\"result\":{}}\n\n",
+            );
+        } else if body.contains("\"partly\"") {
+            // The first request's response (itself a batch of one), progress, and the end.
+            let _ = s.write_all(mock::SSE_HEAD);
+            chunk(
+                s,
+                "data: [{\"jsonrpc\":\"2.0\",\"id\":\"b-1\",\"result\":{}}]\n\n",
+            );
+            chunk(s, "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":1}}\n\n");
+        } else if body.contains("\"resumed\"") {
+            let _ = s.write_all(mock::SSE_HEAD);
+            chunk(
+                s,
+                "id: r1\nretry: 20\ndata: {\"jsonrpc\":\"2.0\",\"id\":\"r-1\",\"result\":{}}\n\n",
+            );
+        } else {
+            let id = serde_json::from_slice::<serde_json::Value>(&req.body).unwrap()["id"].clone();
+            return json_reply(
+                s,
+                req,
+                &format!("{{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{}}}}"),
+                &[],
+            );
+        }
+        let _ = s.write_all(b"0\r\n\r\n");
+    });
+    let (_refusing, port) = refusing_port();
+    let refused = format!("http://127.0.0.1:{port}/mcp");
+    let gw = start_with(
+        "",
+        &endpoints(
+            &[("default", &[&up.url()]), ("refused", &[&refused])],
+            ROUTING,
+        ),
+    );
+    let mut c = mcpb_initialized(&gw);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let ids = |errors: &serde_json::Value| -> Vec<serde_json::Value> {
+        let all = errors
+            .as_array()
+            .unwrap_or_else(|| panic!("an array: {errors}"));
+        assert!(all.iter().all(|e| e["error"]["code"] == -32000), "{errors}");
+        all.iter().map(|e| e["id"].clone()).collect()
+    };
+    let request = |id: &str, method: &str| {
+        format!(r#"{{"jsonrpc":"2.0","id":"{id}","method":"{method}","params":{{}}}}"#)
+    };
+    let note = r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{}}"#;
+    let batch = |parts: &[String]| mcpb_frame(1, format!("[{}]", parts.join(",")).as_bytes());
+
+    let partly = batch(&[
+        request("b-1", "partly"),
+        note.into(),
+        request("b-2", "partly"),
+    ]);
+    c.write_all(&partly).unwrap();
+    let (kind, r) = read_mcpb(&mut c);
+    assert_eq!((kind, &r[0]["id"]), (2, &"b-1".into()), "{r}");
+    assert_eq!(read_mcpb(&mut c).1["method"], "notifications/progress");
+    let (kind, errors) = read_mcpb(&mut c);
+    assert_eq!(kind, 5, "{errors}");
+    assert_eq!(ids(&errors), ["b-2"], "only the request not answered");
+    assert!(errors[0]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("without a reply"));
+
+    // Resumed until both are answered: no error, so the next frame is the next message's.
+    c.write_all(&batch(&[
+        request("r-1", "resumed"),
+        request("r-2", "resumed"),
+    ]))
+    .unwrap();
+    assert_eq!(read_mcpb(&mut c).1["id"], "r-1");
+    assert_eq!(read_mcpb(&mut c).1["id"], "r-2");
+    c.write_all(&mcpb_frame(1, request("after", "ping").as_bytes()))
+        .unwrap();
+    let (kind, r) = read_mcpb(&mut c);
+    assert_eq!((kind, &r["id"]), (2, &"after".into()), "{r}");
+    assert_eq!(resumptions(&gw, &up), 1.0);
+    drop(c);
+
+    // An upstream that cannot be reached (over WebSocket: MCPB serves `default` only): an error
+    // for each request, none for the notification.
+    let mut c = connect_from("127.0.0.2", gw.http);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let upgrade = WS_UPGRADE.replacen("/mcp", "/mcp/refused", 1);
+    assert_eq!(roundtrip(&mut c, &upgrade).status, 101);
+    let batch = format!("[{},{note},{}]", request("x-1", "a"), request("x-2", "b"));
+    c.write_all(&ws_frame(true, 1, batch.as_bytes())).unwrap();
+    let (op, errors) = read_ws_frame(&mut c);
+    let errors = serde_json::from_slice(&errors).unwrap();
+    assert_eq!((op, ids(&errors)), (1, vec!["x-1".into(), "x-2".into()]));
+    drop(c);
+    gw.wait_all_closed();
+}
+
 /// The event streams of `up` the gateway opened again after `up` ended them early.
 fn resumptions(gw: &Gateway, up: &Mock) -> f64 {
     gw.metric(&format!(

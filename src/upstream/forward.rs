@@ -16,14 +16,14 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use super::client;
 use super::events::{take_events, TooLarge};
 use super::listen::{self, Listener};
+use super::message::{write_error_for, Awaited};
 use super::outbox::{Kind, Outbox};
 use super::resume::Resume;
-use super::rpc::{fields_of, write_error_for, FOREVER, NAMESPACE_GONE, UPSTREAM_REMOVED};
+use super::rpc::{FOREVER, NAMESPACE_GONE, UPSTREAM_REMOVED};
 use super::wire::{self, Body, SessionFields};
 use super::{Failure, Outcome, Upstream, Upstreams};
 use crate::conn::{give_buf, read_more, take_buf, ReadError};
@@ -159,11 +159,16 @@ pub(super) async fn forward(
     let mut body = Body::new(head.body);
     let mut data = take_buf();
     let max = worker.settings().max_message_size();
-    // A request answered with an event stream: its response must be among the events. A stream
-    // that ends or breaks without it is resumed after its last event, when its events had ids
-    // (MCP 2025-11-25: a server may close the stream to have its client poll it); else the
-    // client gets an error for the request instead of waiting for it forever.
-    let awaited = head.event_stream.then(|| request_id(message)).flatten();
+    // A request answered with an event stream: its response must be among the events (a
+    // batch's: the response to each of its requests). A stream that ends or breaks without
+    // them is resumed after its last event, when its events had ids (MCP 2025-11-25: a server
+    // may close the stream to have its client poll it); else the client gets an error for each
+    // request not answered instead of waiting for it forever.
+    let mut awaited = match head.event_stream {
+        true => Awaited::of(message),
+        false => Awaited::default(),
+    };
+    let awaits = !awaited.is_empty();
     let mut answered = false;
     let mut resume = Resume::default();
     // An error for the message went to the client already.
@@ -175,7 +180,7 @@ pub(super) async fn forward(
     loop {
         let ended = loop {
             if let Err(f) = body.feed(&mut buf, &mut data) {
-                fail(outbox, message, f.message());
+                fail_awaited(outbox, &awaited, message, f.message());
                 break Ended::Failed;
             }
             let sized = match head.event_stream {
@@ -184,9 +189,13 @@ pub(super) async fn forward(
                         learn_protocol(state, event.data);
                     }
                     resume.saw(event);
-                    answered = answered || awaited.is_some_and(|id| answers(event.data, id));
+                    if !answered {
+                        awaited.answered_by(event.data);
+                        answered = awaits && awaited.is_empty();
+                    }
                     if !event.data.is_empty() && !outbox.push(Kind::Reply, event.data) {
-                        fail(outbox, message, "client too slow to take the replies");
+                        let why = "client too slow to take the replies";
+                        fail_awaited(outbox, &awaited, message, why);
                         failed = true;
                     }
                     true
@@ -200,7 +209,7 @@ pub(super) async fn forward(
                 // either) beyond what a message may be: an upstream sending more without end
                 // would have the gateway hold it all.
                 tracing::warn!(upstream = %u.url, "reply larger than max_message_size; dropped");
-                fail(outbox, message, REPLY_TOO_LARGE);
+                fail_awaited(outbox, &awaited, message, REPLY_TOO_LARGE);
                 data.clear(); // nothing of it goes to the client
                 break Ended::Failed;
             }
@@ -233,12 +242,12 @@ pub(super) async fn forward(
             // The response came (a stream that breaks after it costs nothing), or an error
             // went out already, or no response is awaited from a stream that ended.
             _ if answered || failed => break,
-            Ended::Done if awaited.is_none() => break,
+            Ended::Done if !awaits => break,
             Ended::Done => NO_REPLY,
             Ended::Lost(why) => why,
         };
         // Resumed within the session, if it still has one.
-        let session = awaited.and_then(|_| state.id.borrow().clone());
+        let session = awaits.then(|| state.id.borrow().clone()).flatten();
         if let Some(id) = session {
             let fields = state.fields.borrow().clone();
             if let Some((again, rest, kind)) = resume.reopen(worker, u, &id, &fields).await {
@@ -250,7 +259,7 @@ pub(super) async fn forward(
             }
         }
         tracing::debug!(upstream = %u.url, why, "reply failed");
-        fail(outbox, message, why);
+        fail_awaited(outbox, &awaited, message, why);
         break;
     }
     if !head.event_stream && body.is_done() {
@@ -300,21 +309,6 @@ enum Ended {
     Lost(&'static str),
 }
 
-/// The id of the request `message` is (`None` for a notification, a response or a batch),
-/// whose response an event-stream reply must bring.
-fn request_id(message: &[u8]) -> Option<&RawValue> {
-    let m = fields_of(message);
-    m.id.filter(|_| m.method)
-}
-
-/// Whether `event` (an event's data) is the response to the request whose id is `id`.
-fn answers(event: &[u8], id: &RawValue) -> bool {
-    let e = fields_of(event);
-    !e.method
-        && e.id
-            .is_some_and(|i| crate::echo::same_id(i.get(), id.get()))
-}
-
 /// Whether `message` is an `initialize` request (a substring test first: most messages are not).
 fn is_initialize(message: &[u8]) -> bool {
     #[derive(Deserialize)]
@@ -355,10 +349,19 @@ fn learn_protocol(state: &State, reply: &[u8]) {
     }
 }
 
-/// Queues a JSON-RPC error for `message` (its id, or null).
+/// Queues the JSON-RPC error for `message` (see [`write_error_for`]).
 fn fail(outbox: &Outbox, message: &[u8], why: &str) {
+    fail_awaited(outbox, &Awaited::default(), message, why);
+}
+
+/// Queues the JSON-RPC errors for the requests of `message` still `awaited` (some of a batch's
+/// may have been answered), or, when none is, the error for `message`.
+fn fail_awaited(outbox: &Outbox, awaited: &Awaited, message: &[u8], why: &str) {
     let mut error = take_buf();
-    write_error_for(&mut error, message, why);
+    awaited.write_errors(&mut error, why);
+    if error.is_empty() {
+        write_error_for(&mut error, message, why);
+    }
     outbox.push(Kind::Fail, &error);
     give_buf(error);
 }

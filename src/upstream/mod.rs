@@ -11,7 +11,8 @@
 //!   decoded);
 //! - [`health`]: the active health checks (a scheduler thread handing probes to probe threads);
 //! - [`rpc`]: the upstream MCP session of a WebSocket or MCPB connection, and [`forward`]:
-//!   one JSON-RPC message forwarded within it;
+//!   one JSON-RPC message forwarded within it, and [`message`]: what they read of a client's
+//!   message (its id, a batch's requests, which a reply answers, the error answering it);
 //! - [`listen`]: that session's standalone `GET` stream, for what the server sends unprompted;
 //! - [`events`]: the server-sent events of both, taken whole out of what has come, and
 //!   [`resume`]: either stream resumed after its last event when the server ends it early;
@@ -36,6 +37,7 @@ pub mod events;
 pub mod forward;
 pub mod health;
 pub mod listen;
+pub mod message;
 pub mod outbox;
 pub mod registry;
 pub mod resume;

@@ -36,11 +36,10 @@ use std::time::Instant;
 
 use crate::boxed::{self, Task};
 use crate::stream::Stream;
-use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use super::client;
 use super::forward::{forward, State};
+use super::message::error_for;
 use super::outbox::Outbox;
 use super::wire::{self, Body, SessionFields};
 use super::{Namespace, Outcome, Upstream, Upstreams};
@@ -588,79 +587,3 @@ pub struct ClientGone;
 
 /// A wait with no end in sight (event streams): far enough to never fire.
 pub(super) const FOREVER: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
-
-/// A JSON-RPC error answering `message`: with its id, or null when it has none, is not a string
-/// or a number (JSON-RPC 2.0: an id that cannot be read is answered with null) or the message is
-/// not a JSON object.
-pub fn error_for(message: &[u8], why: &str) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(96 + why.len());
-    write_error_for(&mut payload, message, why);
-    payload
-}
-
-/// Appends the JSON-RPC error answering `message` (see [`error_for`]) to `out`.
-pub(super) fn write_error_for(out: &mut Vec<u8>, message: &[u8], why: &str) {
-    let id = fields_of(message).id.map_or("null", RawValue::get);
-    crate::echo::write_error(out, id, -32000, why);
-}
-
-/// What tells a JSON-RPC message's kind and whose it is: its id, when it is a string or a
-/// number (the ids JSON-RPC 2.0 allows besides null), and whether it names a method (a request
-/// or a notification, not a response). Nothing for what is not a JSON object.
-pub(super) struct MessageFields<'a> {
-    pub id: Option<&'a RawValue>,
-    pub method: bool,
-}
-
-pub(super) fn fields_of(message: &[u8]) -> MessageFields<'_> {
-    #[derive(Deserialize)]
-    struct Fields<'a> {
-        #[serde(borrow)]
-        id: Option<&'a RawValue>,
-        #[serde(borrow)]
-        method: Option<&'a RawValue>,
-    }
-    let read = crate::echo::is_object(message)
-        .then(|| serde_json::from_slice::<Fields>(message).ok())
-        .flatten();
-    MessageFields {
-        id: read
-            .as_ref()
-            .and_then(|m| m.id)
-            .filter(|id| crate::echo::is_string_or_number(id.get())),
-        method: read.is_some_and(|m| m.method.is_some()),
-    }
-}
-
-#[cfg(all(test, not(loom)))]
-mod tests {
-    use super::error_for;
-
-    #[test]
-    fn an_error_names_the_message_id_only_when_it_is_a_string_or_a_number() {
-        let id = |message: &str| {
-            let error = error_for(message.as_bytes(), "failed");
-            let reply: serde_json::Value = match serde_json::from_slice(&error) {
-                Ok(v) => v,
-                // A number beyond a double's range: check the text instead.
-                Err(_) => return String::from_utf8(error).unwrap(),
-            };
-            assert_eq!(reply["error"]["code"], -32000);
-            reply["id"].to_string()
-        };
-        assert_eq!(id(r#"{"jsonrpc":"2.0","id":7,"method":"x"}"#), "7");
-        assert_eq!(id(r#"{"id":"a-1"}"#), r#""a-1""#);
-        assert_eq!(id(r#"{"id":{"a":1}}"#), "null", "an object is no id");
-        assert_eq!(id(r#"{"id":true}"#), "null");
-        assert_eq!(
-            id(r#"[{"jsonrpc":"2.0","id":5,"method":"x"}]"#),
-            "null",
-            "a batch"
-        );
-        assert_eq!(id("not json"), "null");
-        assert!(
-            id(r#"{"id":-3e0544}"#).contains(r#""id":-3e0544,"#),
-            "as it came"
-        );
-    }
-}
