@@ -214,6 +214,85 @@ fn hop_by_hop_fields_do_not_cross_and_the_rest_does() {
     );
 }
 
+/// A WebSocket client's credentials reach its upstream session: every request the gateway sends
+/// for it (`initialize`, later messages, the session's stream, the `DELETE` at the end) carries
+/// the upgrade's query and end-to-end fields (`Authorization`, custom ones), as an HTTP
+/// client's requests would, but not the upgrade's own fields or those the gateway writes itself.
+#[test]
+fn a_websocket_upgrades_credentials_go_with_every_request_of_its_session() {
+    let (tx, rx) = mpsc::channel::<Req>();
+    let tx = Mutex::new(tx);
+    let up = Mock::start(move |req, s| {
+        let _ = tx.lock().unwrap().send(req.clone());
+        match req.method.as_str() {
+            "POST" if req.body_str().contains("\"initialize\"") => {
+                json_reply(s, req, "{}", &[("Mcp-Session-Id", "SC")])
+            }
+            "POST" => json_reply(s, req, "{}", &[]),
+            "GET" => respond(s, 405, &[], ""), // no session stream
+            _ => respond(s, 200, &[], ""),
+        }
+    });
+    let gw = start_with("", &endpoints(&[("default", &[&up.url()])], ROUTING));
+    let mut c = connect_from("127.0.0.2", gw.http);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let upgrade = WS_UPGRADE
+        .replacen("GET /mcp ", "GET /mcp?token=t1 ", 1)
+        .replacen(
+            "\r\n\r\n",
+            "\r\nAuthorization: Bearer abc\r\nX-Tenant: acme\r\nAccept-Encoding: gzip\r\nAccept: */*\r\n\r\n",
+            1,
+        );
+    assert_eq!(roundtrip(&mut c, &upgrade).status, 101);
+    for message in [INIT, TOOLS_LIST] {
+        c.write_all(&ws_frame(true, 1, message.as_bytes())).unwrap();
+        assert_eq!(read_ws_frame(&mut c).0, 1);
+    }
+    // The session's stream is opened once `initialize` is answered; the client leaves after it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = Vec::new();
+    let until = |method: &str, seen: &mut Vec<Req>| {
+        while !seen.iter().any(|r: &Req| r.method == method) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            seen.push(rx.recv_timeout(left).expect(method));
+        }
+    };
+    until("GET", &mut seen);
+    drop(c);
+    until("DELETE", &mut seen);
+    gw.wait_all_closed();
+    let methods: Vec<&str> = seen.iter().map(|r| r.method.as_str()).collect();
+    assert!(
+        methods.contains(&"GET"),
+        "the session's stream: {methods:?}"
+    );
+    assert_eq!(methods.iter().filter(|m| **m == "POST").count(), 2);
+    for r in &seen {
+        let m = &r.method;
+        assert_eq!(r.target, "/mcp?token=t1", "{m}");
+        assert_eq!(r.header("authorization"), Some("Bearer abc"), "{m}");
+        assert_eq!(r.header("x-tenant"), Some("acme"), "{m}");
+        assert_eq!(
+            r.header("accept"),
+            Some("application/json, text/event-stream"),
+            "{m}"
+        );
+        assert_eq!(
+            r.headers.iter().filter(|(k, _)| k == "accept").count(),
+            1,
+            "{m}"
+        );
+        for own in [
+            "accept-encoding",
+            "sec-websocket-key",
+            "sec-websocket-protocol",
+            "upgrade",
+        ] {
+            assert_eq!(r.header(own), None, "{own} crossed on {m}");
+        }
+    }
+}
+
 /// An upstream that names itself in every reply and issues `sess-{name}` on initialize.
 fn named(name: &'static str) -> Arc<mock::Handler> {
     Arc::new(move |req: &Req, s: &mut TcpStream| {

@@ -34,6 +34,7 @@ use refuse::refuse;
 pub use refuse::{refuse_connection, reject};
 
 use std::future::Future;
+use std::rc::Rc;
 use std::time::Instant;
 
 use crate::boxed;
@@ -47,11 +48,22 @@ use crate::echo;
 use crate::limiter::{rate, Permit};
 use crate::metrics::Frontend;
 use crate::park::Held;
+use crate::upstream::wire::Carried;
 use crate::upstream::{Namespace, Outcome, Upstreams};
 use crate::websocket;
 use crate::worker::{Registration, Worker};
 use proxy::{Proxied, ReqBody};
 use request::{parse_head, BodyKind, ChunkStep, Chunked, Head, Method, Refusal, Route};
+
+/// A connection switched to WebSocket: what the WebSocket door goes on with.
+pub struct Upgraded {
+    /// What the client sent after the upgrade request.
+    pub rest: Vec<u8>,
+    /// The namespace its messages go to (of the view in force at the upgrade).
+    pub namespace: &'static Namespace,
+    /// What the upgrade request says that the session's upstream requests say too.
+    pub carried: Option<Rc<Carried>>,
+}
 
 /// How one exchange (one or more requests) left the connection.
 enum Step {
@@ -61,9 +73,9 @@ enum Step {
     Close,
     /// An error reply was sent: close without resetting it away.
     Linger(Vec<u8>),
-    /// Switched protocols: hand the connection to the WebSocket door with these bytes, for this
-    /// namespace (of the view in force at the upgrade).
-    Upgrade(Vec<u8>, &'static Namespace),
+    /// Switched protocols: hand the connection to the WebSocket door (boxed: a step is held in
+    /// every HTTP connection's future).
+    Upgrade(Box<Upgraded>),
     /// A proxied response is an event stream: relay it ([`proxy::events`]), then go on with the
     /// bytes of a pipelined request, if any.
     Events(Box<proxy::Events>),
@@ -87,7 +99,7 @@ pub fn serve(
     mut pending: Option<Vec<u8>>,
 ) -> impl Future<Output = ()> {
     async move {
-        let (rest, namespace) = 'serve: loop {
+        let upgraded = 'serve: loop {
             if pending.is_none() {
                 if worker.draining() {
                     return;
@@ -130,13 +142,13 @@ pub fn serve(
                             step = Step::Events(events); // it waits on in this task
                         }
                     },
-                    Step::Upgrade(rest, namespace) => break 'serve (rest, namespace),
+                    Step::Upgrade(upgraded) => break 'serve upgraded,
                 }
             };
         };
         // The WebSocket door goes on in a task of its own: what this one held is freed.
         reg.switch(Frontend::WebSocket);
-        crate::worker::serve_upgraded(worker, stream, permit, reg, rest, namespace);
+        crate::worker::serve_upgraded(worker, stream, permit, reg, *upgraded);
     }
 }
 
@@ -349,8 +361,13 @@ async fn exchange(
                 Ok(o) => give_buf(o),
                 Err(_) => return Step::Close,
             }
+            let carried = Carried::of_upgrade(&buf[..head.len]);
             buf.drain(..consumed);
-            return Step::Upgrade(buf, &all.namespaces[ns]);
+            return Step::Upgrade(Box::new(Upgraded {
+                rest: buf,
+                namespace: &all.namespaces[ns],
+                carried,
+            }));
         } else {
             let body_bytes = match &body {
                 Some(decoded) => decoded.as_slice(),

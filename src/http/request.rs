@@ -142,6 +142,12 @@ pub fn request_line(raw_head: &[u8]) -> (&[u8], &[u8]) {
     (parts.next().unwrap_or(b""), parts.next().unwrap_or(b""))
 }
 
+/// The query part (with its `?`) of the request target in `raw_head`, or "".
+pub fn query(raw_head: &[u8]) -> &str {
+    let target = std::str::from_utf8(request_line(raw_head).1).unwrap_or("");
+    target.find('?').map_or("", |i| &target[i..])
+}
+
 /// Whether `buf` starts with a whole head that is HTTP/1.x by its syntax, whatever its fields
 /// say (for the access log of a refused request; off the path of admitted ones).
 pub fn is_http(buf: &[u8]) -> bool {

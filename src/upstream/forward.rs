@@ -121,7 +121,7 @@ pub(super) async fn forward(
         {
             let (id, fields) = (state.id.borrow(), state.fields.borrow());
             let len = Some(message.len());
-            wire::write_request(&mut req, "POST", u, "", fields.fields(), id.as_deref(), len);
+            wire::write_request(&mut req, "POST", u, fields.fields(), id.as_deref(), len);
         }
         req.extend_from_slice(message);
         let started = Instant::now();

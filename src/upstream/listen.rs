@@ -169,7 +169,7 @@ pub(super) async fn open(
 ) -> Option<(Stream, Vec<u8>, BodyKind)> {
     let mut req = take_buf();
     let f = fields.resuming(last_event_id);
-    wire::write_request(&mut req, "GET", u, "", f, Some(id), Some(0));
+    wire::write_request(&mut req, "GET", u, f, Some(id), Some(0));
     let (up, buf, head) = client::send(worker.upstreams(), u, req, None).await.ok()?;
     if head.status != 200 || !head.event_stream {
         tracing::debug!(upstream = %u.url, status = head.status, "upstream offers no session stream");

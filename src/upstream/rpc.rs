@@ -41,7 +41,7 @@ use super::client;
 use super::forward::{forward, State};
 use super::message::error_for;
 use super::outbox::Outbox;
-use super::wire::{self, Body, SessionFields};
+use super::wire::{self, Body, Carried, SessionFields};
 use super::{Namespace, Outcome, Upstream, Upstreams};
 use crate::access;
 use crate::conn::{give_buf, read_more, take_buf, wait_idle, write_all, ReadError, Wait};
@@ -138,6 +138,12 @@ impl MsgSession {
             worker: None,
             stay: 0,
         }
+    }
+
+    /// Has every upstream request of the session say what the client's WebSocket upgrade said
+    /// for them (see [`Carried`]).
+    pub fn carry(&mut self, carried: Option<Rc<Carried>>) {
+        self.state.fields.borrow_mut().carried = carried;
     }
 
     /// The address to name in `X-Forwarded-For` for the client on `stream` whose messages go to
@@ -495,15 +501,7 @@ async fn end_session(
     fields: SessionFields,
 ) {
     let mut req = take_buf();
-    wire::write_request(
-        &mut req,
-        "DELETE",
-        u,
-        "",
-        fields.fields(),
-        Some(&id),
-        Some(0),
-    );
+    wire::write_request(&mut req, "DELETE", u, fields.fields(), Some(&id), Some(0));
     let all = worker.upstreams();
     if let Ok((mut up, mut buf, head)) = client::send(all, u, req, None).await {
         let mut body = Body::new(head.body);

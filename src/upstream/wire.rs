@@ -10,6 +10,7 @@
 
 use std::io::Write as _;
 use std::net::IpAddr;
+use std::rc::Rc;
 
 use super::{Failure, Upstream, TAG_LEN};
 use crate::http::request::{ChunkStep, Chunked};
@@ -225,12 +226,13 @@ pub fn parse_response(
 /// the client's address for `X-Forwarded-For` (`routing.forwarded_for`); `identity`, its
 /// verified certificate for `X-Forwarded-Client-Cert` (see [`crate::tls::client_identity`]).
 pub enum Fields<'a> {
-    /// An HTTP client's (its raw request head): its end-to-end fields are copied, except those
-    /// the gateway re-does (framing, `Host`, the session id, `Expect`) and any
-    /// `X-Forwarded-Client-Cert` (only the gateway may say which certificate a client showed);
-    /// `client` is appended to the `X-Forwarded-For` it sent, if any.
+    /// An HTTP client's (its raw request head, and the query of its target): its end-to-end
+    /// fields are copied, except those the gateway re-does (framing, `Host`, the session id,
+    /// `Expect`) and any `X-Forwarded-Client-Cert` (only the gateway may say which certificate
+    /// a client showed); `client` is appended to the `X-Forwarded-For` it sent, if any.
     Client {
         head: &'a [u8],
+        query: &'a str,
         client: Option<IpAddr>,
         identity: Option<&'a str>,
     },
@@ -243,12 +245,102 @@ pub enum Fields<'a> {
         identity: Option<&'a str>,
         /// A stream resumed after this event (`Last-Event-ID`; visible ASCII only).
         last_event_id: Option<&'a [u8]>,
+        /// What the client's WebSocket upgrade said that every request of its session says too.
+        carried: Option<&'a Carried>,
     },
+}
+
+/// What a WebSocket client's upgrade request says that every request of its upstream session
+/// says too, as an HTTP client's requests would (MCP asks a client to send its credentials,
+/// `Authorization`, with every request): the query of its target, and its end-to-end fields
+/// except those the gateway writes itself for the session (`Accept`, `Content-Type`,
+/// `MCP-Protocol-Version`, `Last-Event-ID`, `X-Forwarded-For`; `Accept-Encoding` too, since
+/// the gateway reads the replies) and the upgrade's own (`Sec-WebSocket-*`). Made once per
+/// session, and only when there is something to carry.
+#[derive(Debug)]
+pub struct Carried {
+    /// The query (`?...`, or nothing), then the field lines (`Name: value\r\n` each).
+    bytes: Box<[u8]>,
+    query_len: usize,
+}
+
+impl Carried {
+    /// What the upgrade request `raw_head` (a whole, parsed head) has to carry; `None` when
+    /// nothing.
+    pub fn of_upgrade(raw_head: &[u8]) -> Option<Rc<Carried>> {
+        const OWN: [&str; 6] = [
+            "accept",
+            "accept-encoding",
+            "content-type",
+            "mcp-protocol-version",
+            "last-event-id",
+            "x-forwarded-for",
+        ];
+        let mut headers = [httparse::EMPTY_HEADER; crate::http::request::MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        let Ok(httparse::Status::Complete(_)) = req.parse(raw_head) else {
+            return None;
+        };
+        let query = crate::http::request::query(raw_head);
+        let mut bytes = query.as_bytes().to_vec();
+        let named = names_fields(req.headers);
+        for h in req.headers.iter() {
+            let websocket =
+                h.name.len() > 14 && h.name[..14].eq_ignore_ascii_case("sec-websocket-");
+            if crosses(h.name, req.headers, named)
+                && !websocket
+                && !OWN.iter().any(|n| h.name.eq_ignore_ascii_case(n))
+            {
+                write_field(&mut bytes, h.name, h.value);
+            }
+        }
+        (!bytes.is_empty()).then(|| {
+            Rc::new(Carried {
+                bytes: bytes.into_boxed_slice(),
+                query_len: query.len(),
+            })
+        })
+    }
+
+    fn query(&self) -> &str {
+        // The query came from a `&str` and ends at a character boundary.
+        std::str::from_utf8(&self.bytes[..self.query_len]).unwrap_or("")
+    }
+
+    fn fields(&self) -> &[u8] {
+        &self.bytes[self.query_len..]
+    }
+}
+
+/// Whether a field of a client's head crosses to the upstream: end to end, and not one the
+/// gateway re-does (framing, `Host`, the session id, `Expect`), one meant for the gateway
+/// (`Proxy-Authorization`), or an `X-Forwarded-Client-Cert` (only the gateway may say which
+/// certificate a client showed).
+fn crosses(name: &str, headers: &[httparse::Header<'_>], named: bool) -> bool {
+    const REDONE: [&str; 6] = [
+        "host",
+        "content-length",
+        "mcp-session-id",
+        "expect",
+        "proxy-authorization",
+        "x-forwarded-client-cert",
+    ];
+    !is_hop_by_hop(name, headers, named) && !REDONE.iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// Appends the field line `name: value`.
+fn write_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// What the gateway's own requests for a WebSocket or MCPB session say besides the session id.
 #[derive(Debug, Clone, Default)]
 pub struct SessionFields {
+    /// What the client's WebSocket upgrade said for every request, if anything.
+    pub carried: Option<Rc<Carried>>,
     /// The protocol version `initialize` negotiated, once it has.
     pub protocol: Option<Vec<u8>>,
     /// The client's address, when `routing.forwarded_for` is on.
@@ -269,25 +361,30 @@ impl SessionFields {
             client: self.client,
             identity: self.identity.as_deref(),
             last_event_id,
+            carried: self.carried.as_deref(),
         }
     }
 }
 
-/// Writes the request line and fields for `upstream`: `method`, the upstream's path plus
-/// `query`, `Host` set to the upstream, the end-to-end `fields`, then `session` and the framing:
+/// Writes the request line and fields for `upstream`: `method`, the upstream's path plus the
+/// query of `fields`, `Host` set to the upstream, the end-to-end `fields`, then `session` and
+/// the framing:
 /// a `Content-Length` of `body_len`, or `Transfer-Encoding: chunked` when it is `None` (a body
 /// forwarded as it arrives).
 pub fn write_request(
     out: &mut Vec<u8>,
     method: &str,
     upstream: &Upstream,
-    query: &str,
     fields: Fields<'_>,
     session: Option<&[u8]>,
     body_len: Option<usize>,
 ) {
     let http = upstream.http().expect("an HTTP upstream");
     let (authority, path) = (&http.authority, &http.path);
+    let query = match &fields {
+        Fields::Client { query, .. } => query,
+        Fields::Gateway { carried, .. } => carried.map_or("", |c| c.query()),
+    };
     // Appended piece by piece, here and below: `write!`'s formatting machinery was about 1% of
     // the gateway's CPU per proxied request (`perf`), a tenth of its user-space time.
     for piece in [
@@ -304,6 +401,7 @@ pub fn write_request(
     match fields {
         Fields::Client {
             head: raw,
+            query: _,
             client,
             identity,
         } => {
@@ -313,23 +411,8 @@ pub fn write_request(
                 let named = names_fields(req.headers);
                 let xff = |h: &&httparse::Header| h.name.eq_ignore_ascii_case("x-forwarded-for");
                 for h in req.headers.iter() {
-                    let skip = is_hop_by_hop(h.name, req.headers, named)
-                        || (client.is_some() && xff(&h))
-                        || [
-                            "host",
-                            "content-length",
-                            "mcp-session-id",
-                            "expect",
-                            "proxy-authorization",
-                            "x-forwarded-client-cert",
-                        ]
-                        .iter()
-                        .any(|n| h.name.eq_ignore_ascii_case(n));
-                    if !skip {
-                        out.extend_from_slice(h.name.as_bytes());
-                        out.extend_from_slice(b": ");
-                        out.extend_from_slice(h.value);
-                        out.extend_from_slice(b"\r\n");
+                    if crosses(h.name, req.headers, named) && !(client.is_some() && xff(&h)) {
+                        write_field(out, h.name, h.value);
                     }
                 }
                 if let Some(ip) = client {
@@ -349,6 +432,7 @@ pub fn write_request(
             client,
             identity,
             last_event_id,
+            carried,
         } => {
             if let Some(ip) = client {
                 out.extend_from_slice(b"X-Forwarded-For: ");
@@ -356,6 +440,9 @@ pub fn write_request(
                 out.extend_from_slice(b"\r\n");
             }
             write_identity(out, identity);
+            if let Some(c) = carried {
+                out.extend_from_slice(c.fields());
+            }
             out.extend_from_slice(
                 b"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n",
             );
@@ -501,6 +588,32 @@ impl Body {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upgrade_carries_its_query_and_end_to_end_fields_only() {
+        let upgrade = b"GET /mcp/tools?token=t1&x=2 HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\n\
+            Connection: Upgrade, X-Hop\r\nX-Hop: 1\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+            Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mcp\r\n\
+            Authorization: Bearer abc\r\nAccept-Encoding: gzip\r\nAccept: */*\r\n\
+            X-Forwarded-For: 10.9.9.9\r\nProxy-Authorization: Basic eA==\r\n\
+            MCP-Protocol-Version: 1999-01-01\r\nUser-Agent: tester/1 (\xe9)\r\nX-Tenant: acme\r\n\r\n";
+        let c = Carried::of_upgrade(upgrade).unwrap();
+        assert_eq!(c.query(), "?token=t1&x=2");
+        assert_eq!(
+            c.fields(),
+            b"Authorization: Bearer abc\r\nUser-Agent: tester/1 (\xe9)\r\nX-Tenant: acme\r\n"
+        );
+        let bare =
+            b"GET /mcp HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+            Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        assert!(
+            Carried::of_upgrade(bare).is_none(),
+            "nothing to carry: nothing kept"
+        );
+        let query_only = b"GET /mcp?k=v HTTP/1.1\r\nHost: gw\r\n\r\n";
+        let c = Carried::of_upgrade(query_only).unwrap();
+        assert_eq!((c.query(), c.fields()), ("?k=v", &b""[..]));
+    }
 
     #[test]
     fn addresses_read_as_display_writes_them() {

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use monoio::net::{TcpListener, TcpStream};
 
+use crate::http::Upgraded;
 use crate::limiter::{Permit, Rejection};
 use crate::metrics::{AcceptError, Frontend, ProtocolError};
 use crate::proxy_protocol::{self, HeaderError};
 use crate::stream::Stream;
 use crate::upstream::rpc::MsgSession;
-use crate::upstream::Namespace;
 use crate::{conn, http, mcpb, websocket};
 
 use super::{Registration, Worker};
@@ -121,16 +121,21 @@ pub fn serve_upgraded(
     stream: Stream,
     permit: Permit,
     reg: Registration,
-    first: Vec<u8>,
-    namespace: &'static Namespace,
+    upgraded: Upgraded,
 ) {
+    let Upgraded {
+        rest: first,
+        namespace,
+        carried,
+    } = upgraded;
     let pending = if first.is_empty() {
         conn::give_buf(first);
         None
     } else {
         Some(first)
     };
-    let session = MsgSession::new(worker, Some(namespace), Frontend::WebSocket, &stream);
+    let mut session = MsgSession::new(worker, Some(namespace), Frontend::WebSocket, &stream);
+    session.carry(carried);
     let ws = websocket::serve(
         worker,
         stream,

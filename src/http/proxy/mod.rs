@@ -135,24 +135,17 @@ pub async fn forward(
         } => Some(*n),
         ReqBody::Stream { .. } => None, // chunked: forwarded chunked
     };
-    let query = query(raw_head);
+    let query = request::query(raw_head);
     let (forwarded_for, identity) = (worker.forwarded_for(all, ns, client), client.identity());
     let request_to = |u: &Upstream| {
         let mut req = take_buf();
         let fields = wire::Fields::Client {
             head: raw_head,
+            query,
             client: forwarded_for,
             identity,
         };
-        wire::write_request(
-            &mut req,
-            method,
-            u,
-            query,
-            fields,
-            upstream_session,
-            body_len,
-        );
+        wire::write_request(&mut req, method, u, fields, upstream_session, body_len);
         req
     };
     let mut req = request_to(lease.upstream);
@@ -298,12 +291,6 @@ fn end(keep_alive: bool) -> Proxied {
     }
 }
 
-/// The query part (with its `?`) of the request target in `raw_head`, or "".
-fn query(raw_head: &[u8]) -> &str {
-    let target = std::str::from_utf8(request::request_line(raw_head).1).unwrap_or("");
-    target.find('?').map_or("", |i| &target[i..])
-}
-
 /// Answers a request that could not be forwarded. `pinned`: it named a session whose upstream
 /// is gone, which MCP answers with 404 (start a new session).
 async fn fail(
@@ -346,19 +333,5 @@ async fn fail(
             }
         }
         Err(_) => Proxied::Close,
-    }
-}
-
-#[cfg(all(test, not(loom)))]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn query_is_kept() {
-        assert_eq!(
-            query(b"GET /mcp/x?a=1&b=2 HTTP/1.1\r\nHost: h\r\n\r\n"),
-            "?a=1&b=2"
-        );
-        assert_eq!(query(b"POST /mcp HTTP/1.1\r\n\r\n"), "");
     }
 }

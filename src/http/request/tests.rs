@@ -229,3 +229,12 @@ fn a_long_size_line_is_judged_alike_whole_and_in_pieces() {
     });
     assert_eq!(refused_at, Some(4096));
 }
+
+#[test]
+fn query_is_kept() {
+    assert_eq!(
+        query(b"GET /mcp/x?a=1&b=2 HTTP/1.1\r\nHost: h\r\n\r\n"),
+        "?a=1&b=2"
+    );
+    assert_eq!(query(b"POST /mcp HTTP/1.1\r\n\r\n"), "");
+}
