@@ -309,8 +309,6 @@ fn named(name: &'static str) -> Arc<mock::Handler> {
     })
 }
 
-const INIT: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#;
-
 /// An MCPB connection to `gw`'s TCP door (reads bounded to 10 s).
 fn mcpb_client(gw: &Gateway) -> TcpStream {
     let c = TcpStream::connect(gw.tcp.unwrap()).unwrap();

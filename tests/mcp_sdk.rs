@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::io::Write as _;
 use std::process::{Child, Command, Stdio};
 
 use common::*;
@@ -60,15 +61,26 @@ impl<'a> Up<'a> {
     }
 }
 
-/// Starts an SDK server named `name`, listening as `up` says (closing its calls' streams for the
-/// client to resume them when `resumable`); it prints the port (or socket) it listens on once
-/// it does.
-fn upstream(name: &str, (up, resumable): (Up, bool), dir: &std::path::Path) -> (Py, String) {
+/// What the SDK servers of a test do besides serving their tools.
+#[derive(Clone, Copy, Default)]
+struct Servers {
+    /// Close each call's stream early, for the client to resume it.
+    resumable: bool,
+    /// Take only requests with `Authorization: Bearer` this token (OAuth resource servers).
+    token: Option<&'static str>,
+}
+
+/// Starts an SDK server named `name`, listening as `up` says and behaving as `servers` says; it
+/// prints the port (or socket) it listens on once it does.
+fn upstream(name: &str, (up, servers): (Up, Servers), dir: &std::path::Path) -> (Py, String) {
     use std::io::BufRead;
     let mut cmd = Command::new("python3");
     cmd.args([&py("upstream.py"), "--name", name]);
-    if resumable {
+    if servers.resumable {
         cmd.arg("--resumable");
+    }
+    if let Some(token) = servers.token {
+        cmd.args(["--token", token]);
     }
     let ca = up.ca();
     if let Up::Unix = up {
@@ -105,15 +117,23 @@ fn upstream(name: &str, (up, resumable): (Up, bool), dir: &std::path::Path) -> (
     (Py(child), format!("{scheme}://127.0.0.1:{port}/mcp"))
 }
 
-/// Runs the SDK's client against `url`; over TLS it trusts `ca` (`SSL_CERT_FILE`, which both
-/// httpx and Python's `ssl` read).
-fn client(url: &str, transport: &str, sessions: usize, ca: Option<&tls::Ca>) -> serde_json::Value {
+/// Runs the SDK's client against `url`, sending `token` with every request when given; over
+/// TLS it trusts `ca` (`SSL_CERT_FILE`, which both httpx and Python's `ssl` read).
+fn client(
+    url: &str,
+    transport: &str,
+    sessions: usize,
+    (ca, token): (Option<&tls::Ca>, Option<&str>),
+) -> serde_json::Value {
     let mut cmd = Command::new("python3");
     if let Some(ca) = ca {
         cmd.env("SSL_CERT_FILE", &ca.ca_file);
     }
+    cmd.args([&py("client.py"), "--url", url, "--transport", transport]);
+    if let Some(token) = token {
+        cmd.args(["--token", token]);
+    }
     let out = cmd
-        .args([&py("client.py"), "--url", url, "--transport", transport])
         .args(["--sessions", &sessions.to_string(), "--calls", "4"])
         .stderr(Stdio::inherit())
         .output()
@@ -158,22 +178,22 @@ fn check(report: &serde_json::Value, sessions: usize) {
 
 #[test]
 fn sdk_clients_work_through_the_gateway_and_sessions_stick() {
-    through_the_gateway(Up::Tcp(None), false, false);
+    through_the_gateway(Up::Tcp(None), false, Servers::default());
 }
 
 #[test]
 fn sdk_clients_work_through_the_gateway_with_https_upstreams() {
-    through_the_gateway(Up::Tcp(Some(&tls::Ca::new())), false, false);
+    through_the_gateway(Up::Tcp(Some(&tls::Ca::new())), false, Servers::default());
 }
 
 #[test]
 fn sdk_clients_work_over_https_and_wss_through_the_gateway_to_https_upstreams() {
-    through_the_gateway(Up::Tcp(Some(&tls::Ca::new())), true, false);
+    through_the_gateway(Up::Tcp(Some(&tls::Ca::new())), true, Servers::default());
 }
 
 #[test]
 fn sdk_clients_work_through_the_gateway_to_upstreams_on_unix_sockets() {
-    through_the_gateway(Up::Unix, false, false);
+    through_the_gateway(Up::Unix, false, Servers::default());
 }
 
 /// MCP 2025-11-25's polling: the SDK servers close each `progress` call's stream after its first
@@ -182,21 +202,60 @@ fn sdk_clients_work_through_the_gateway_to_upstreams_on_unix_sockets() {
 /// WebSocket client; every call still gets all of its notifications and its result.
 #[test]
 fn sdk_servers_closing_streams_early_are_resumed_through_the_gateway() {
-    through_the_gateway(Up::Tcp(None), false, true);
+    let servers = Servers {
+        resumable: true,
+        ..Servers::default()
+    };
+    through_the_gateway(Up::Tcp(None), false, servers);
+}
+
+/// OAuth resource servers (the SDK's `auth`, taking one bearer token): the SDK's HTTP client
+/// sends the token with each request, and the WebSocket client in its upgrade request, which
+/// the gateway sends on with every request of the session. Without it, the HTTP client gets the
+/// server's `401` as it came (with `WWW-Authenticate`, which tells an MCP client where to
+/// authorize), and a WebSocket client an error for its message naming the status, not the
+/// server's OAuth error body (no JSON-RPC response, it would leave the client waiting).
+#[test]
+fn sdk_servers_that_require_a_bearer_token_get_it_from_both_doors() {
+    let servers = Servers {
+        token: Some("t0k3n"),
+        ..Servers::default()
+    };
+    through_the_gateway(Up::Tcp(None), false, servers);
 }
 
 /// Two SDK servers listening as `up` says (over TLS with certificates from its CA, which the
 /// gateway is told to trust; closing streams early with `resumable`), the SDK's clients through
 /// the gateway on both its doors (over TLS too with `tls_doors`), and no upstream request
 /// failed.
-fn through_the_gateway(up: Up, tls_doors: bool, resumable: bool) {
+/// A client without the token the servers ask for, through the gateway's plain doors.
+fn without_the_token(gw: &Gateway) {
+    let mut c = connect_from("127.0.0.2", gw.http);
+    let r = roundtrip(&mut c, &post_mcp(INIT));
+    assert_eq!(r.status, 401, "the server's answer, as it came");
+    assert!(r
+        .header("www-authenticate")
+        .is_some_and(|v| v.starts_with("Bearer ")));
+    let mut c = connect_from("127.0.0.2", gw.http);
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(roundtrip(&mut c, WS_UPGRADE).status, 101);
+    c.write_all(&ws_frame(true, 1, INIT.as_bytes())).unwrap();
+    let (op, reply) = read_ws_frame(&mut c);
+    let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+    assert_eq!((op, &reply["id"]), (1, &0.into()), "{reply}");
+    let why = reply["error"]["message"].as_str().unwrap();
+    assert!(why.contains("HTTP 401"), "{why}");
+}
+
+fn through_the_gateway(up: Up, tls_doors: bool, servers: Servers) {
     if !sdk_available() {
         return;
     }
     let ca = up.ca();
     let dir = tempfile::tempdir().unwrap();
-    let (_a, a) = upstream("up-a", (up, resumable), dir.path());
-    let (_b, b) = upstream("up-b", (up, resumable), dir.path());
+    let (_a, a) = upstream("up-a", (up, servers), dir.path());
+    let (_b, b) = upstream("up-b", (up, servers), dir.path());
     let trust = ca.map_or(String::new(), |ca| {
         format!("          tls_ca_file: {}\n", ca.ca_file.display())
     });
@@ -213,14 +272,23 @@ fn through_the_gateway(up: Up, tls_doors: bool, resumable: bool) {
         true => ("https", "wss", ca),
         false => ("http", "ws", None),
     };
+    let as_client = (trust, servers.token);
     check(
-        &client(&format!("{http}://127.0.0.1:{port}/mcp"), "http", 4, trust),
+        &client(
+            &format!("{http}://127.0.0.1:{port}/mcp"),
+            "http",
+            4,
+            as_client,
+        ),
         4,
     );
     check(
-        &client(&format!("{ws}://127.0.0.1:{port}/mcp"), "ws", 2, trust),
+        &client(&format!("{ws}://127.0.0.1:{port}/mcp"), "ws", 2, as_client),
         2,
     );
+    if servers.token.is_some() {
+        without_the_token(&gw);
+    }
     gw.wait_all_closed();
     for u in [&a, &b] {
         let bad = [

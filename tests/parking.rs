@@ -259,7 +259,6 @@ fn at_its_descriptor_limit_the_gateway_keeps_idle_connections_it_cannot_park() {
     gw.wait_metric(PARKED, 0.0);
 }
 
-const INIT: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#;
 const PING: &str = r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#;
 
 /// An upstream MCP server: every `POST` answered (in session `id`); each standalone stream

@@ -32,8 +32,6 @@ fn named(name: &'static str) -> Arc<mock::Handler> {
     })
 }
 
-const INIT: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#;
-
 /// The `service_discovery` section for `namespaces`, between markers the tests replace.
 fn endpoints(namespaces: &[(&str, &[&str])]) -> String {
     let mut y = String::from("#upstreams\nservice_discovery:\n  static:\n    endpoints:\n");

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use super::client;
 use super::events::{take_events, TooLarge};
 use super::listen::{self, Listener};
-use super::message::{write_error_for, Awaited};
+use super::message::{is_response, write_error_for, Awaited};
 use super::outbox::{Kind, Outbox};
 use super::resume::Resume;
 use super::rpc::{FOREVER, NAMESPACE_GONE, UPSTREAM_REMOVED};
@@ -263,16 +263,12 @@ pub(super) async fn forward(
         break;
     }
     if !head.event_stream && body.is_done() {
-        let json = data
-            .iter()
-            .find(|b| !b.is_ascii_whitespace())
-            .is_some_and(|b| *b == b'{' || *b == b'[');
         if head.status < 300 && !data.is_empty() {
             if initializing {
                 learn_protocol(state, &data);
             }
             outbox.push(Kind::Reply, &data);
-        } else if head.status >= 400 && json {
+        } else if head.status >= 400 && is_response(&data) {
             outbox.push(Kind::Fail, &data);
         } else if head.status >= 300 {
             fail(

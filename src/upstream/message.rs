@@ -41,6 +41,31 @@ pub(super) fn fields_of(message: &[u8]) -> MessageFields<'_> {
     }
 }
 
+/// Whether `reply` is a JSON-RPC response (an object with `jsonrpc` and a `result` or an
+/// `error`), or a batch of them: what an upstream's error status may carry for the client. An
+/// OAuth error (`{"error": "invalid_token"}`) or an error page is none, and would leave a
+/// client waiting for its response.
+pub(super) fn is_response(reply: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Response<'a> {
+        #[serde(borrow)]
+        jsonrpc: Option<&'a RawValue>,
+        #[serde(borrow)]
+        result: Option<&'a RawValue>,
+        #[serde(borrow)]
+        error: Option<&'a RawValue>,
+    }
+    let one = |m: &[u8]| {
+        crate::echo::is_object(m)
+            && serde_json::from_slice::<Response>(m)
+                .is_ok_and(|r| r.jsonrpc.is_some() && (r.result.is_some() || r.error.is_some()))
+    };
+    match batch_of(reply) {
+        Some(members) => !members.is_empty() && members.iter().all(|m| one(m.get().as_bytes())),
+        None => one(reply),
+    }
+}
+
 /// The members of `message` when it is a batch (a JSON array), read; `None` for anything else.
 fn batch_of(message: &[u8]) -> Option<Vec<&RawValue>> {
     let array = message.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
@@ -193,6 +218,24 @@ mod tests {
             id(r#"{"id":-3e0544}"#).contains(r#""id":-3e0544,"#),
             "as it came"
         );
+    }
+
+    #[test]
+    fn only_json_rpc_responses_are_responses() {
+        let error = r#"{"jsonrpc":"2.0","id":1,"error":{"code":-32600,"message":"x"}}"#;
+        assert!(is_response(error.as_bytes()));
+        assert!(is_response(br#"{"jsonrpc":"2.0","id":null,"result":{}}"#));
+        assert!(is_response(format!(" [{error},{error}]").as_bytes()));
+        for not in [
+            &br#"{"error": "invalid_token", "error_description": "Authentication required"}"#[..],
+            br#"{"jsonrpc":"2.0","id":1,"method":"a"}"#,
+            br#"[]"#,
+            br#"[{"jsonrpc":"2.0","id":1,"result":{}},{"error":"x"}]"#,
+            b"<html>502 Bad Gateway</html>",
+            b"",
+        ] {
+            assert!(!is_response(not), "{}", String::from_utf8_lossy(not));
+        }
     }
 
     #[test]

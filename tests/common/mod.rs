@@ -433,6 +433,9 @@ pub fn post_mcp_head(body_len: usize) -> String {
 
 pub const TOOLS_LIST: &str = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
 
+/// An `initialize` request with id 0 (what mock upstreams look for; not a whole one).
+pub const INIT: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#;
+
 /// A WebSocket upgrade of `/mcp` (the RFC 6455 sample key; the answer's accept value is
 /// `s3pPLMBiTxaQ9kYGzzhZRbK+xOo=`).
 pub const WS_UPGRADE: &str = "GET /mcp HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mcp\r\n\r\n";

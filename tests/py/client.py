@@ -1,10 +1,13 @@
 """The official MCP Python SDK client, through the gateway. Prints one JSON object.
 
-usage: client.py --url URL [--sessions N] [--calls K] [--transport http|ws]
+usage: client.py --url URL [--sessions N] [--calls K] [--transport http|ws] [--token T]
 For each of N sessions: initialize, tools/list, K x whoami, one progress call (its progress
 notifications counted), one announce call (whose tools/list_changed notification must arrive on
 the standalone stream), then close. Output: {"sessions": [{"tools": [...], "served_by": [...],
 "progress_events": n, "progress_result": "..."}...]}
+With --token, every request says `Authorization: Bearer T`: as an argument of the SDK's
+Streamable HTTP client, and in the WebSocket upgrade request (the SDK's WebSocket client takes
+no fields, so its connect is given them here, as a client that can set fields would send them).
 """
 import argparse
 import asyncio
@@ -17,6 +20,7 @@ p.add_argument("--url", required=True)
 p.add_argument("--sessions", type=int, default=1)
 p.add_argument("--calls", type=int, default=3)
 p.add_argument("--transport", default="http", choices=["http", "ws"])
+p.add_argument("--token", help="bearer token for every request")
 args = p.parse_args()
 
 
@@ -25,14 +29,18 @@ def text(result):
 
 
 async def one_session():
+    fields = {"Authorization": f"Bearer {args.token}"} if args.token else None
     if args.transport == "ws":
-        from mcp.client.websocket import websocket_client
+        import mcp.client.websocket as ws
+        from websockets.asyncio.client import connect
 
-        transport = websocket_client(args.url)
+        if fields:
+            ws.ws_connect = lambda url, **kw: connect(url, additional_headers=fields, **kw)
+        transport = ws.websocket_client(args.url)
     else:
         from mcp.client.streamable_http import streamablehttp_client
 
-        transport = streamablehttp_client(args.url)
+        transport = streamablehttp_client(args.url, headers=fields)
     changed = asyncio.Event()
 
     async def on_message(message):

@@ -1,6 +1,7 @@
 """A real MCP server (official Python SDK, Streamable HTTP) used as an upstream in tests.
 
-usage: upstream.py --name NAME [--json] [--resumable] [--tls-cert PEM --tls-key PEM | --uds PATH]
+usage: upstream.py --name NAME [--json] [--resumable] [--token T]
+                   [--tls-cert PEM --tls-key PEM | --uds PATH]
 Listens on a free port of 127.0.0.1 of its own choosing and prints that port on its first line;
 with --tls-cert and --tls-key, over TLS (https) with that certificate chain and key; with --uds,
 on the Unix socket PATH instead (printing PATH), taking `Host: localhost`, what the gateway
@@ -12,6 +13,8 @@ With --resumable, its requests' event streams can be resumed (an event store, ev
 `retry: 50`), and `progress` closes its request's stream after the first notification (MCP
 2025-11-25: the client is to resume it with `Last-Event-ID`, and the rest of the call comes
 then). (SDK 1.30 gives the session's standalone stream no event id to resume from.)
+With --token, it is an OAuth resource server (the SDK's `auth`) that takes one bearer token,
+T: every request without `Authorization: Bearer T` gets 401.
 """
 import argparse
 import asyncio
@@ -28,6 +31,7 @@ p.add_argument("--tls-cert", help="certificate chain (PEM): serve https")
 p.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
 p.add_argument("--uds", help="listen on this Unix socket instead of a TCP port")
 p.add_argument("--resumable", action="store_true", help="resumable streams; progress polls")
+p.add_argument("--token", help="require this bearer token on every request")
 args = p.parse_args()
 
 # On 127.0.0.1 the SDK checks `Host` against `127.0.0.1:*`, `localhost:*` and `[::1]:*` (DNS
@@ -91,6 +95,26 @@ class MemoryEvents:
         return stream
 
 
+class OneToken:
+    """A token verifier (the SDK's TokenVerifier) that knows one token."""
+
+    async def verify_token(self, token):
+        from mcp.server.auth.provider import AccessToken
+
+        if token != args.token:
+            return None
+        return AccessToken(token=token, client_id="tests", scopes=[])
+
+
+if args.token:
+    from mcp.server.auth.settings import AuthSettings
+
+    extra["token_verifier"] = OneToken()
+    extra["auth"] = AuthSettings(
+        issuer_url="https://auth.example.com",
+        resource_server_url="http://127.0.0.1/mcp",
+        validate_token_resource=False,
+    )
 if args.resumable:
     extra["event_store"] = MemoryEvents()
     extra["retry_interval"] = 50
