@@ -15,7 +15,7 @@
 use mcp_gateway::http::origin::{self, Origins};
 use mcp_gateway::http::request::{parse_head, ChunkStep, Chunked, MAX_HEAD};
 use mcp_gateway::proxy_protocol::{self, Parsed, MAX_HEADER};
-use mcp_gateway::upstream::wire::{parse_response, BodyKind, ClientHead, ResponseHead};
+use mcp_gateway::upstream::wire::{parse_response, BodyKind, Carried, ClientHead, ResponseHead};
 use mcp_gateway::upstream::Failure;
 use mcp_gateway::websocket::frames::parse_frame_head;
 use mcp_gateway::{echo, mcpb};
@@ -77,6 +77,31 @@ pub fn client_bytes(input: &[u8], seen: &mut Accepted) {
     if let Ok(Some(h)) = parse_head(input, ns) {
         assert!(h.len <= input.len() && h.len <= MAX_HEAD);
         seen.heads += 1;
+        // What a WebSocket session carries of its upgrade: its query, and whole field lines,
+        // none of them one the gateway writes itself or the upgrade's own.
+        if let Some(c) = Carried::of_upgrade(&input[..h.len]) {
+            assert!(c.query().is_empty() || c.query().starts_with('?'));
+            for line in c.fields().split_inclusive(|b| *b == b'\n') {
+                assert!(line.ends_with(b"\r\n"), "{line:?} of {input:?}");
+                let name =
+                    String::from_utf8_lossy(&line[..line.iter().position(|b| *b == b':').unwrap()])
+                        .to_ascii_lowercase();
+                assert!(
+                    !name.starts_with("sec-websocket-")
+                        && ![
+                            "host",
+                            "accept",
+                            "accept-encoding",
+                            "connection",
+                            "upgrade",
+                            "content-length",
+                            "x-forwarded-for"
+                        ]
+                        .contains(&name.as_str()),
+                    "{name} carried from {input:?}"
+                );
+            }
+        }
     }
     let mut body = Vec::new();
     if let Ok(ChunkStep::Done(end)) = Chunked::new(0).decode(input, &mut body, 64) {

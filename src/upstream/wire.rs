@@ -285,8 +285,8 @@ impl Carried {
         let mut bytes = query.as_bytes().to_vec();
         let named = names_fields(req.headers);
         for h in req.headers.iter() {
-            let websocket =
-                h.name.len() > 14 && h.name[..14].eq_ignore_ascii_case("sec-websocket-");
+            let websocket = (h.name.as_bytes().get(..14))
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"sec-websocket-"));
             if crosses(h.name, req.headers, named)
                 && !websocket
                 && !OWN.iter().any(|n| h.name.eq_ignore_ascii_case(n))
@@ -302,12 +302,14 @@ impl Carried {
         })
     }
 
-    fn query(&self) -> &str {
+    /// The query to send (`?...`), or "".
+    pub fn query(&self) -> &str {
         // The query came from a `&str` and ends at a character boundary.
         std::str::from_utf8(&self.bytes[..self.query_len]).unwrap_or("")
     }
 
-    fn fields(&self) -> &[u8] {
+    /// The field lines to send.
+    pub fn fields(&self) -> &[u8] {
         &self.bytes[self.query_len..]
     }
 }
