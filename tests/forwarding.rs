@@ -293,6 +293,79 @@ fn a_websocket_upgrades_credentials_go_with_every_request_of_its_session() {
     }
 }
 
+/// OAuth discovery through the gateway (RFC 9728, as MCP's authorization asks): the metadata
+/// of `/mcp[/{ns}]` is asked for at `/.well-known/oauth-protected-resource/mcp[/{ns}]` (or at
+/// the bare prefix, for `/mcp`), and the gateway asks an upstream of the namespace for the
+/// metadata of its own endpoint, the answer coming back as it is. Only `GET` goes; a namespace
+/// served by `builtin:echo` has none.
+#[test]
+fn protected_resource_metadata_comes_from_the_namespaces_upstream() {
+    let (tx, rx) = mpsc::channel::<String>();
+    let tx = Mutex::new(tx);
+    let up = Mock::start(move |req, s| {
+        let _ = tx
+            .lock()
+            .unwrap()
+            .send(format!("{} {}", req.method, req.target));
+        let body = r#"{"resource":"https://gw.example/mcp/tools","authorization_servers":["https://auth.example"]}"#;
+        respond(s, 200, &[("Content-Type", "application/json")], body);
+    });
+    let url = format!("{}/v1/mcp", up.url().trim_end_matches("/mcp"));
+    let rest = endpoints(
+        &[
+            ("tools", &[&url]),
+            ("default", &[&url]),
+            ("local", &["builtin:echo"]),
+        ],
+        ROUTING,
+    );
+    let gw = start_with("", &rest);
+    let mut c = connect_from("127.0.0.2", gw.http);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: gw.example\r\n\r\n");
+    let metadata = "/.well-known/oauth-protected-resource";
+    for (path, asked) in [
+        (
+            format!("{metadata}/mcp/tools?x=1"),
+            "GET /.well-known/oauth-protected-resource/v1/mcp?x=1",
+        ),
+        (
+            format!("{metadata}/mcp"),
+            "GET /.well-known/oauth-protected-resource/v1/mcp",
+        ),
+        (
+            metadata.to_string(),
+            "GET /.well-known/oauth-protected-resource/v1/mcp",
+        ),
+    ] {
+        let r = roundtrip(&mut c, &get(&path));
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(
+            r.json()["authorization_servers"][0],
+            "https://auth.example",
+            "{path}"
+        );
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), asked);
+    }
+    // Answered by the gateway, the upstream asked nothing.
+    let post = format!("POST {metadata}/mcp HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{{}}");
+    let r = roundtrip(&mut c, &post);
+    assert_eq!((r.status, r.header("allow")), (405, Some("GET")));
+    for (path, status) in [
+        (format!("{metadata}/mcp/local"), 404),
+        (format!("{metadata}/mcp/nope"), 404),
+        (format!("{metadata}/elsewhere"), 404),
+    ] {
+        assert_eq!(roundtrip(&mut c, &get(&path)).status, status, "{path}");
+    }
+    assert!(
+        rx.try_recv().is_err(),
+        "the upstream was asked for nothing else"
+    );
+    drop(c);
+    gw.wait_all_closed();
+}
+
 /// An upstream that names itself in every reply and issues `sess-{name}` on initialize.
 fn named(name: &'static str) -> Arc<mock::Handler> {
     Arc::new(move |req: &Req, s: &mut TcpStream| {

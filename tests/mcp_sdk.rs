@@ -213,8 +213,9 @@ fn sdk_servers_closing_streams_early_are_resumed_through_the_gateway() {
 /// sends the token with each request, and the WebSocket client in its upgrade request, which
 /// the gateway sends on with every request of the session. Without it, the HTTP client gets the
 /// server's `401` as it came (with `WWW-Authenticate`, which tells an MCP client where to
-/// authorize), and a WebSocket client an error for its message naming the status, not the
-/// server's OAuth error body (no JSON-RPC response, it would leave the client waiting).
+/// authorize) and the server's protected-resource metadata where MCP clients look for it, and a
+/// WebSocket client an error for its message naming the status, not the server's OAuth error
+/// body (no JSON-RPC response, it would leave the client waiting).
 #[test]
 fn sdk_servers_that_require_a_bearer_token_get_it_from_both_doors() {
     let servers = Servers {
@@ -224,11 +225,8 @@ fn sdk_servers_that_require_a_bearer_token_get_it_from_both_doors() {
     through_the_gateway(Up::Tcp(None), false, servers);
 }
 
-/// Two SDK servers listening as `up` says (over TLS with certificates from its CA, which the
-/// gateway is told to trust; closing streams early with `resumable`), the SDK's clients through
-/// the gateway on both its doors (over TLS too with `tls_doors`), and no upstream request
-/// failed.
-/// A client without the token the servers ask for, through the gateway's plain doors.
+/// A client without the token the servers ask for, through the gateway's plain doors, and
+/// where such a client learns how to get one.
 fn without_the_token(gw: &Gateway) {
     let mut c = connect_from("127.0.0.2", gw.http);
     let r = roundtrip(&mut c, &post_mcp(INIT));
@@ -236,6 +234,16 @@ fn without_the_token(gw: &Gateway) {
     assert!(r
         .header("www-authenticate")
         .is_some_and(|v| v.starts_with("Bearer ")));
+    // The server's protected-resource metadata (RFC 9728), where MCP clients look for it.
+    let get = "GET /.well-known/oauth-protected-resource/mcp HTTP/1.1\r\nHost: t\r\n\r\n";
+    let r = roundtrip(&mut c, get);
+    assert_eq!(r.status, 200);
+    let metadata = r.json();
+    assert_eq!(metadata["resource"], "http://127.0.0.1/mcp", "{metadata}");
+    assert_eq!(
+        metadata["authorization_servers"][0], "https://auth.example.com/",
+        "{metadata}"
+    );
     let mut c = connect_from("127.0.0.2", gw.http);
     c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
@@ -248,6 +256,10 @@ fn without_the_token(gw: &Gateway) {
     assert!(why.contains("HTTP 401"), "{why}");
 }
 
+/// Two SDK servers listening as `up` says (over TLS with certificates from its CA, which the
+/// gateway is told to trust; behaving as `servers` says), the SDK's clients through
+/// the gateway on both its doors (over TLS too with `tls_doors`), and no upstream request
+/// failed.
 fn through_the_gateway(up: Up, tls_doors: bool, servers: Servers) {
     if !sdk_available() {
         return;

@@ -257,7 +257,9 @@ async fn exchange(
         // Over the address's request rate: the request is read (its body discarded) and answered
         // 429, and the connection stays open.
         let limited = match head.route {
-            Route::Mcp(_) => worker.admit_request(permit, Frontend::Http).err(),
+            Route::Mcp(_) | Route::Metadata(_) => {
+                worker.admit_request(permit, Frontend::Http).err()
+            }
             _ => None,
         };
         if let Some(ns) = proxied(all, &head).filter(|_| limited.is_none()) {
@@ -377,7 +379,9 @@ async fn exchange(
             answer(worker, all, (&head, raw), body_bytes, keep_alive, &mut out);
             worker.metrics.request(Frontend::Http, started.elapsed());
             let by = match head.route {
-                Route::Mcp(ns) => By::Upstream(all.namespaces[ns].upstreams[0]),
+                Route::Mcp(ns) | Route::Metadata(ns) => {
+                    By::Upstream(all.namespaces[ns].upstreams[0])
+                }
                 _ => By::Gateway,
             };
             access::end(
@@ -412,12 +416,20 @@ async fn exchange(
     }
 }
 
-/// The namespace when `head` is a request for HTTP upstreams (not `builtin:echo`, not an upgrade).
+/// The namespace when `head` is a request for HTTP upstreams (not `builtin:echo`, not an
+/// upgrade; for the protected-resource metadata, a `GET`).
 fn proxied(all: &Upstreams, head: &Head) -> Option<usize> {
     match head.route {
         Route::Mcp(ns)
             if !all.namespaces[ns].builtin
                 && head.method != Method::Other
+                && head.upgrade.is_none() =>
+        {
+            Some(ns)
+        }
+        Route::Metadata(ns)
+            if !all.namespaces[ns].builtin
+                && head.method == Method::Get
                 && head.upgrade.is_none() =>
         {
             Some(ns)
@@ -513,6 +525,21 @@ fn answer(
     use response::{error, write};
     let upstream = match head.route {
         Route::Mcp(ns) => all.namespaces[ns].upstreams[0].index,
+        Route::Metadata(_) if head.method != Method::Get => {
+            let allow = [("Allow", "GET")];
+            return error(out, 405, -32000, "method not allowed", &allow, keep_alive);
+        }
+        // `builtin:echo` asks for no authorization.
+        Route::Metadata(_) => {
+            return error(
+                out,
+                404,
+                -32000,
+                "no protected-resource metadata",
+                &[],
+                keep_alive,
+            )
+        }
         Route::UnknownNamespace => {
             return error(out, 404, -32000, "unknown MCP namespace", &[], keep_alive)
         }

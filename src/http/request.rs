@@ -30,6 +30,10 @@ pub enum Method {
 pub enum Route {
     /// `/mcp` (the `default` namespace) or `/mcp/{ns}`: the namespace's upstream index.
     Mcp(usize),
+    /// `/.well-known/oauth-protected-resource/mcp[/{ns}]` (RFC 9728's place for the metadata of
+    /// the resource `/mcp[/{ns}]`), or `/.well-known/oauth-protected-resource` for `/mcp`: the
+    /// namespace's upstream index, whose upstreams say where their clients get tokens.
+    Metadata(usize),
     /// `/mcp/{ns}` for a namespace that is not configured.
     UnknownNamespace,
     NotFound,
@@ -383,9 +387,18 @@ fn span(buf: &[u8], value: &str) -> (usize, usize) {
     (at, at + value.len())
 }
 
+/// Where the protected-resource metadata of an MCP endpoint is: this, then the endpoint's path
+/// (RFC 9728, section 3.1).
+pub const METADATA_PREFIX: &str = "/.well-known/oauth-protected-resource";
+
 fn route(target: &str, namespace: impl Fn(&str) -> Option<usize>) -> Route {
     let path = origin_form(target).split(['?', '#']).next().unwrap_or("");
-    let ns = match path.strip_prefix("/mcp") {
+    let (endpoint, route): (_, fn(usize) -> Route) = match path.strip_prefix(METADATA_PREFIX) {
+        Some("" | "/") => ("/mcp", Route::Metadata),
+        Some(endpoint) => (endpoint, Route::Metadata),
+        None => (path, Route::Mcp),
+    };
+    let ns = match endpoint.strip_prefix("/mcp") {
         Some("") | Some("/") => "default",
         Some(rest) => match rest.strip_prefix('/') {
             Some(ns) if !ns.contains('/') => ns.strip_suffix('/').unwrap_or(ns),
@@ -393,7 +406,7 @@ fn route(target: &str, namespace: impl Fn(&str) -> Option<usize>) -> Route {
         },
         None => return Route::NotFound,
     };
-    namespace(ns).map_or(Route::UnknownNamespace, Route::Mcp)
+    namespace(ns).map_or(Route::UnknownNamespace, route)
 }
 
 /// The path and query of a request target. A server must accept the absolute form too

@@ -136,11 +136,16 @@ pub async fn forward(
         ReqBody::Stream { .. } => None, // chunked: forwarded chunked
     };
     let query = request::query(raw_head);
+    let path_prefix = match head.route {
+        request::Route::Metadata(_) => request::METADATA_PREFIX,
+        _ => "",
+    };
     let (forwarded_for, identity) = (worker.forwarded_for(all, ns, client), client.identity());
     let request_to = |u: &Upstream| {
         let mut req = take_buf();
         let fields = wire::Fields::Client {
             head: raw_head,
+            path_prefix,
             query,
             client: forwarded_for,
             identity,

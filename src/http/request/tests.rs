@@ -20,6 +20,18 @@ fn routes() {
     assert_eq!(h("/mcpx"), Route::NotFound);
     assert_eq!(h("/"), Route::NotFound);
     assert_eq!(h("/mcp/a/b"), Route::NotFound);
+    let metadata = "/.well-known/oauth-protected-resource";
+    assert_eq!(h(metadata), Route::Metadata(0));
+    assert_eq!(h(&format!("{metadata}/")), Route::Metadata(0));
+    assert_eq!(h(&format!("{metadata}/mcp")), Route::Metadata(0));
+    assert_eq!(h(&format!("{metadata}/mcp/tools?x=1")), Route::Metadata(1));
+    assert_eq!(h(&format!("{metadata}/mcp/nope")), Route::UnknownNamespace);
+    assert_eq!(h(&format!("{metadata}/other")), Route::NotFound);
+    assert_eq!(h(&format!("{metadata}x/mcp")), Route::NotFound);
+    assert_eq!(
+        h("/.well-known/oauth-authorization-server/mcp"),
+        Route::NotFound
+    );
     // The absolute form, as sent to a proxy.
     assert_eq!(h("http://gw.example:8080/mcp/tools?x=1"), Route::Mcp(1));
     assert_eq!(h("HTTPS://gw.example/mcp"), Route::Mcp(0));
