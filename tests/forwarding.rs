@@ -295,9 +295,10 @@ fn a_websocket_upgrades_credentials_go_with_every_request_of_its_session() {
 
 /// OAuth discovery through the gateway (RFC 9728, as MCP's authorization asks): the metadata
 /// of `/mcp[/{ns}]` is asked for at `/.well-known/oauth-protected-resource/mcp[/{ns}]` (or at
-/// the bare prefix, for `/mcp`), and the gateway asks an upstream of the namespace for the
-/// metadata of its own endpoint, the answer coming back as it is. Only `GET` goes; a namespace
-/// served by `builtin:echo` has none.
+/// the bare prefix, for `/mcp`), and the gateway asks an upstream of the namespace at that
+/// same path (which names the resource as clients see it, whatever the upstream's own path),
+/// the answer coming back as it is. Only `GET` goes; a namespace served by `builtin:echo` has
+/// none.
 #[test]
 fn protected_resource_metadata_comes_from_the_namespaces_upstream() {
     let (tx, rx) = mpsc::channel::<String>();
@@ -327,15 +328,15 @@ fn protected_resource_metadata_comes_from_the_namespaces_upstream() {
     for (path, asked) in [
         (
             format!("{metadata}/mcp/tools?x=1"),
-            "GET /.well-known/oauth-protected-resource/v1/mcp?x=1",
+            "GET /.well-known/oauth-protected-resource/mcp/tools?x=1",
         ),
         (
-            format!("{metadata}/mcp"),
-            "GET /.well-known/oauth-protected-resource/v1/mcp",
+            format!("http://gw.example{metadata}/mcp"),
+            "GET /.well-known/oauth-protected-resource/mcp",
         ),
         (
             metadata.to_string(),
-            "GET /.well-known/oauth-protected-resource/v1/mcp",
+            "GET /.well-known/oauth-protected-resource",
         ),
     ] {
         let r = roundtrip(&mut c, &get(&path));

@@ -152,6 +152,13 @@ pub fn query(raw_head: &[u8]) -> &str {
     target.find('?').map_or("", |i| &target[i..])
 }
 
+/// The path of the request target in `raw_head` (in origin form: `/mcp` of
+/// `http://host/mcp?x`).
+pub fn path(raw_head: &[u8]) -> &str {
+    let target = std::str::from_utf8(request_line(raw_head).1).unwrap_or("");
+    origin_form(target).split(['?', '#']).next().unwrap_or("")
+}
+
 /// Whether `buf` starts with a whole head that is HTTP/1.x by its syntax, whatever its fields
 /// say (for the access log of a refused request; off the path of admitted ones).
 pub fn is_http(buf: &[u8]) -> bool {

@@ -232,9 +232,9 @@ pub enum Fields<'a> {
     /// a client showed); `client` is appended to the `X-Forwarded-For` it sent, if any.
     Client {
         head: &'a [u8],
-        /// Put before the upstream's path: the metadata of its endpoint is asked for
-        /// (`/.well-known/oauth-protected-resource`), or nothing.
-        path_prefix: &'a str,
+        /// The path to ask for instead of the upstream's own (the client's, for what is not
+        /// the MCP endpoint: its protected-resource metadata).
+        path: Option<&'a str>,
         query: &'a str,
         client: Option<IpAddr>,
         identity: Option<&'a str>,
@@ -386,18 +386,15 @@ pub fn write_request(
 ) {
     let http = upstream.http().expect("an HTTP upstream");
     let (authority, path) = (&http.authority, &http.path);
-    let (prefix, query) = match &fields {
-        Fields::Client {
-            path_prefix, query, ..
-        } => (*path_prefix, *query),
-        Fields::Gateway { carried, .. } => ("", carried.map_or("", |c| c.query())),
+    let (path, query) = match &fields {
+        Fields::Client { path: p, query, .. } => (p.unwrap_or(path), *query),
+        Fields::Gateway { carried, .. } => (path.as_str(), carried.map_or("", |c| c.query())),
     };
     // Appended piece by piece, here and below: `write!`'s formatting machinery was about 1% of
     // the gateway's CPU per proxied request (`perf`), a tenth of its user-space time.
     for piece in [
         method,
         " ",
-        prefix,
         path,
         query,
         " HTTP/1.1\r\nHost: ",
@@ -409,7 +406,7 @@ pub fn write_request(
     match fields {
         Fields::Client {
             head: raw,
-            path_prefix: _,
+            path: _,
             query: _,
             client,
             identity,

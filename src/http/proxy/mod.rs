@@ -136,16 +136,18 @@ pub async fn forward(
         ReqBody::Stream { .. } => None, // chunked: forwarded chunked
     };
     let query = request::query(raw_head);
-    let path_prefix = match head.route {
-        request::Route::Metadata(_) => request::METADATA_PREFIX,
-        _ => "",
+    // Protected-resource metadata is asked for at the client's path, which names the resource
+    // as the client sees it, as a properly configured upstream names itself (RFC 8707).
+    let path = match head.route {
+        request::Route::Metadata(_) => Some(request::path(raw_head)),
+        _ => None,
     };
     let (forwarded_for, identity) = (worker.forwarded_for(all, ns, client), client.identity());
     let request_to = |u: &Upstream| {
         let mut req = take_buf();
         let fields = wire::Fields::Client {
             head: raw_head,
-            path_prefix,
+            path,
             query,
             client: forwarded_for,
             identity,

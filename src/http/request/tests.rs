@@ -243,10 +243,15 @@ fn a_long_size_line_is_judged_alike_whole_and_in_pieces() {
 }
 
 #[test]
-fn query_is_kept() {
+fn query_and_path() {
     assert_eq!(
         query(b"GET /mcp/x?a=1&b=2 HTTP/1.1\r\nHost: h\r\n\r\n"),
         "?a=1&b=2"
     );
     assert_eq!(query(b"POST /mcp HTTP/1.1\r\n\r\n"), "");
+    assert_eq!(
+        path(b"GET /mcp/x?a=1 HTTP/1.1\r\nHost: h\r\n\r\n"),
+        "/mcp/x"
+    );
+    assert_eq!(path(b"GET http://h:80/mcp#f HTTP/1.1\r\n\r\n"), "/mcp");
 }
