@@ -248,6 +248,11 @@ fn a_websocket_upgrades_credentials_go_with_every_request_of_its_session() {
         c.write_all(&ws_frame(true, 1, message.as_bytes())).unwrap();
         assert_eq!(read_ws_frame(&mut c).0, 1);
     }
+    // Idle, the session parks (outside any task) with what it carries, and comes back with it.
+    gw.wait_metric("mcp_gateway_connections_parked", 1.0);
+    c.write_all(&ws_frame(true, 1, TOOLS_LIST.as_bytes()))
+        .unwrap();
+    assert_eq!(read_ws_frame(&mut c).0, 1);
     // The session's stream is opened once `initialize` is answered; the client leaves after it.
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut seen = Vec::new();
@@ -266,7 +271,7 @@ fn a_websocket_upgrades_credentials_go_with_every_request_of_its_session() {
         methods.contains(&"GET"),
         "the session's stream: {methods:?}"
     );
-    assert_eq!(methods.iter().filter(|m| **m == "POST").count(), 2);
+    assert_eq!(methods.iter().filter(|m| **m == "POST").count(), 3);
     for r in &seen {
         let m = &r.method;
         assert_eq!(r.target, "/mcp?token=t1", "{m}");
