@@ -100,6 +100,12 @@ pub struct ServerConfig {
     pub max_requests_per_ip: u64,
     /// Requests one address may send at once before the rate applies; 0 = one second's worth.
     pub request_burst_per_ip: u64,
+    /// New connections per second from one client address, all doors together (addresses of
+    /// `per_ip_overrides` networks excepted); 0 disables the connection rate limit.
+    pub max_new_connections_per_ip: u64,
+    /// Connections one address may open at once before that rate applies; 0 = one second's
+    /// worth.
+    pub new_connection_burst_per_ip: u64,
     /// IPv6 clients count per network of this prefix length for the per-IP limits (128: per
     /// address; 64: per /64, what one subscriber usually holds).
     pub ipv6_prefix_len: u8,
@@ -164,6 +170,8 @@ impl Default for ServerConfig {
             max_connections_per_ip: 1_000,
             max_requests_per_ip: 0,
             request_burst_per_ip: 0,
+            max_new_connections_per_ip: 0,
+            new_connection_burst_per_ip: 0,
             ipv6_prefix_len: 128,
             per_ip_overrides: Vec::new(),
             proxy_protocol_networks: Vec::new(),
@@ -430,6 +438,34 @@ mod tests {
             e[0].starts_with("server.max_connections: invalid type"),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn the_connection_rate_needs_the_per_ip_table_and_a_sane_value() {
+        let e = Config::parse(
+            "server:\n  max_connections_per_ip: 0\n  max_new_connections_per_ip: 5\n  new_connection_burst_per_ip: 9\n",
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            e[0].starts_with(
+                "server.max_new_connections_per_ip: needs server.max_connections_per_ip"
+            ),
+            "{e:?}"
+        );
+        let e =
+            Config::parse("server:\n  max_new_connections_per_ip: 2000000\n", false).unwrap_err();
+        assert!(
+            e[0].starts_with("server.max_new_connections_per_ip:"),
+            "{e:?}"
+        );
+        let e = Config::parse("server:\n  new_connection_burst_per_ip: 5\n", false).unwrap_err();
+        assert!(
+            e[0].starts_with("server.new_connection_burst_per_ip: set without"),
+            "{e:?}"
+        );
+        let c = Config::parse("server:\n  max_new_connections_per_ip: 20\n", false).unwrap();
+        assert_eq!(c.server.max_new_connections_per_ip, 20);
     }
 
     #[test]

@@ -116,7 +116,7 @@ impl Histo {
 pub struct CoreMetrics {
     accepted: [AtomicU64; 3],
     active: [AtomicI64; 3],
-    rejected: [[AtomicU64; 3]; 3],
+    rejected: [[AtomicU64; Rejection::ALL.len()]; 3],
     accept_errors: [[AtomicU64; 3]; 3],
     protocol_errors: [[AtomicU64; ProtocolError::LABELS.len()]; 3],
     /// Connections whose PROXY protocol header was read.
@@ -373,6 +373,9 @@ pub fn describe_limits(l: &Limiter) -> String {
     }
     if let Some((rate, burst)) = l.request_rate() {
         let _ = write!(s, " max_requests_per_ip={rate}/s burst={burst}");
+    }
+    if let Some((rate, burst)) = l.connection_rate() {
+        let _ = write!(s, " max_new_connections_per_ip={rate}/s burst={burst}");
     }
     s
 }

@@ -6,7 +6,8 @@
 //! - the limits: `server.max_connections` (up to half the per-IP table, at least the value the
 //!   gateway started with), `server.max_connections_per_ip` (while on),
 //!   `server.max_requests_per_ip` and `server.request_burst_per_ip` (when a rate's state was
-//!   made at startup), `server.per_ip_overrides` (while the per-IP limit is on; see
+//!   made at startup), `server.max_new_connections_per_ip` and
+//!   `server.new_connection_burst_per_ip` (likewise), `server.per_ip_overrides` (while the per-IP limit is on; see
 //!   [`crate::limiter::overrides`]) and `server.ipv6_prefix_len` (checked together with the
 //!   overrides; open connections stay counted where they were admitted);
 //! - the timeouts `server.read_timeout`, `write_timeout`, `idle_timeout` (for the waits that
@@ -48,7 +49,7 @@ use crate::worker::Settings;
 
 /// The `server` keys a reload applies; beside them, every key of `routing` and
 /// `service_discovery` (see [`crate::upstream::registry`]).
-const LIVE: [&str; 19] = [
+const LIVE: [&str; 21] = [
     "server.access_log",
     "server.park_idle_connections",
     "server.ipv6_prefix_len",
@@ -60,6 +61,8 @@ const LIVE: [&str; 19] = [
     "server.max_connections_per_ip",
     "server.max_requests_per_ip",
     "server.request_burst_per_ip",
+    "server.max_new_connections_per_ip",
+    "server.new_connection_burst_per_ip",
     "server.per_ip_overrides",
     "server.max_message_size",
     "server.allowed_origins",
@@ -202,6 +205,26 @@ fn apply(path: &Path, running: &mut Config, live: &Live) -> Reload {
         match limiter.set_request_rate(rate.0, rate.1) {
             Ok(()) => (was.max_requests_per_ip, was.request_burst_per_ip) = rate,
             Err(why) => refused.push(format!("server.max_requests_per_ip ({why})")),
+        }
+    }
+    let rate = (
+        now.max_new_connections_per_ip,
+        now.new_connection_burst_per_ip,
+    );
+    if rate
+        != (
+            was.max_new_connections_per_ip,
+            was.new_connection_burst_per_ip,
+        )
+    {
+        match limiter.set_connection_rate(rate.0, rate.1) {
+            Ok(()) => {
+                (
+                    was.max_new_connections_per_ip,
+                    was.new_connection_burst_per_ip,
+                ) = rate;
+            }
+            Err(why) => refused.push(format!("server.max_new_connections_per_ip ({why})")),
         }
     }
     match (tls, crate::tls::door_config(now)) {
@@ -386,13 +409,16 @@ mod tests {
     fn reload_applies_the_live_limits_and_keeps_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("g.yaml");
-        let start = "server:\n  max_connections: 100\n  max_connections_per_ip: 10\n  max_requests_per_ip: 5\n";
+        let start = "server:\n  max_connections: 100\n  max_connections_per_ip: 10\n  max_requests_per_ip: 5\n  max_new_connections_per_ip: 4\n";
         let mut running = Config::parse(start, false).unwrap();
-        let limiter = Limiter::new(100, 10).with_request_rate(5, 0).leak();
+        let limiter = Limiter::new(100, 10)
+            .with_request_rate(5, 0)
+            .with_connection_rate(4, 0)
+            .leak();
         let live = live(limiter, &running);
         std::fs::write(
             &path,
-            "server:\n  max_connections: 50\n  max_connections_per_ip: 2\n  max_requests_per_ip: 7\n  request_burst_per_ip: 9\n  workers: 3\n  read_timeout: 2.5\n  idle_timeout: 7\n",
+            "server:\n  max_connections: 50\n  max_connections_per_ip: 2\n  max_requests_per_ip: 7\n  request_burst_per_ip: 9\n  max_new_connections_per_ip: 3\n  new_connection_burst_per_ip: 6\n  workers: 3\n  read_timeout: 2.5\n  idle_timeout: 7\n",
         )
         .unwrap();
         assert_eq!(apply(&path, &mut running, &live), Reload::Partial);
@@ -409,6 +435,7 @@ mod tests {
         assert_eq!(running.server.read_timeout, 2.5);
         assert_eq!(limiter.max_per_ip(), 2);
         assert_eq!(limiter.request_rate(), Some((7, 9)));
+        assert_eq!(limiter.connection_rate(), Some((3, 6)));
         assert_eq!(running.server.max_connections, 50);
         assert_eq!(running.server.workers, 0, "workers waits for a restart");
 

@@ -62,6 +62,7 @@ pub fn run(config: Config, file: Option<&std::path::Path>) -> io::Result<()> {
     let overrides: Vec<_> = s.per_ip_overrides.iter().map(|o| o.limits()).collect();
     let limiter = Limiter::new(s.max_connections, s.max_connections_per_ip)
         .with_request_rate(s.max_requests_per_ip, s.request_burst_per_ip)
+        .with_connection_rate(s.max_new_connections_per_ip, s.new_connection_burst_per_ip)
         .with_ipv6_prefix(s.ipv6_prefix_len)
         .with_per_ip_overrides(&overrides)
         .leak();

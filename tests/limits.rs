@@ -150,6 +150,76 @@ fn the_per_ip_limit_stays_exact_while_closed_places_wait_on_the_workers() {
     gw.wait_all_closed();
 }
 
+/// `max_new_connections_per_ip`: an address that opens connections faster than its rate (here
+/// a burst of three, then one a second) is refused at accept, on every door, whether its
+/// earlier connections are still open or closed at once; its open connections go on, and other
+/// addresses, and those of an override network, are not refused. Nothing of the refused ones
+/// stays counted. Admissions are checked against what the rate allows for the time the test
+/// took, so a slow machine cannot make it flaky.
+#[test]
+fn an_address_opening_connections_too_fast_is_refused_on_every_door() {
+    let gw = start(
+        "max_new_connections_per_ip: 1\n  new_connection_burst_per_ip: 3\n  per_ip_overrides:\n    - {network: 127.0.0.9, max_connections_per_ip: 100}",
+    );
+    let started = std::time::Instant::now();
+    let (mut kept, mut refused) = (Vec::new(), [0.0, 0.0]);
+    for i in 0..10 {
+        if i % 5 == 4 {
+            // MCPB: a ping frame is answered, or the connection is closed at once.
+            let mut tcp = connect_from("127.0.0.2", gw.tcp.unwrap());
+            tcp.write_all(&[b'M', b'C', b'P', b'B', 0, 1, 0, 4, 0, 0, 0, 0])
+                .unwrap();
+            let mut hdr = [0u8; 12];
+            match tcp.read_exact(&mut hdr) {
+                Ok(()) => kept.push(tcp),
+                Err(_) => refused[1] += 1.0,
+            }
+            continue;
+        }
+        let mut c = connect_from("127.0.0.2", gw.http);
+        let r = roundtrip(&mut c, &post_mcp(TOOLS_LIST));
+        if r.status == 200 {
+            if i % 2 == 0 {
+                kept.push(c); // open or closed at once: either takes from the allowance
+            }
+            continue;
+        }
+        assert_rejected(&r, 429);
+        let why = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(why.contains("max_new_connections_per_ip"), "{why}");
+        refused[0] += 1.0;
+    }
+    let allowed = 3.0 + started.elapsed().as_secs_f64().ceil();
+    let admitted = 10.0 - refused[0] - refused[1];
+    assert!(
+        (3.0..=allowed).contains(&admitted),
+        "{admitted} admitted, {allowed} allowed"
+    );
+    for (frontend, n) in [("http", refused[0]), ("tcp", refused[1])] {
+        let sample = format!("mcp_gateway_connections_rejected_total{{frontend=\"{frontend}\",reason=\"connection_rate\"}}");
+        assert_eq!(gw.metric(&sample), n, "{sample}");
+    }
+    // Its open connections go on; other addresses, and an override network's, are not refused.
+    let mut http_kept = kept.swap_remove(0);
+    assert_eq!(roundtrip(&mut http_kept, &post_mcp(TOOLS_LIST)).status, 200);
+    for ip in [
+        "127.0.0.3",
+        "127.0.0.3",
+        "127.0.0.3",
+        "127.0.0.9",
+        "127.0.0.9",
+    ]
+    .into_iter()
+    .chain(["127.0.0.9"; 6])
+    {
+        let mut c = connect_from(ip, gw.http);
+        assert_eq!(roundtrip(&mut c, &post_mcp(TOOLS_LIST)).status, 200, "{ip}");
+    }
+    drop((kept, http_kept));
+    gw.wait_all_closed();
+    assert_eq!(gw.metric("mcp_gateway_tracked_ips"), 0.0);
+}
+
 #[test]
 fn doors_share_one_per_ip_count() {
     let gw = start("max_connections_per_ip: 3");

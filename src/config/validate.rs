@@ -37,17 +37,20 @@ impl Config {
             s.max_connections as u64,
             1 << 30,
         ));
-        p.extend(at_most(
-            "server.max_requests_per_ip",
-            s.max_requests_per_ip,
-            crate::limiter::rate::MAX_RATE,
-        ));
-        if s.max_requests_per_ip > 0 && s.max_connections_per_ip == 0 {
-            p.push(
-                "server.max_requests_per_ip: needs server.max_connections_per_ip above 0 \
-                 (the per-IP table keeps each address's rate)"
-                    .into(),
-            );
+        for (key, rate) in [
+            ("server.max_requests_per_ip", s.max_requests_per_ip),
+            (
+                "server.max_new_connections_per_ip",
+                s.max_new_connections_per_ip,
+            ),
+        ] {
+            p.extend(at_most(key, rate, crate::limiter::rate::MAX_RATE));
+            if rate > 0 && s.max_connections_per_ip == 0 {
+                p.push(format!(
+                    "{key}: needs server.max_connections_per_ip above 0 \
+                     (the per-IP table keeps each address's rate)"
+                ));
+            }
         }
         if !(1..=128).contains(&s.ipv6_prefix_len) {
             p.push(format!(
@@ -138,6 +141,12 @@ impl Config {
         }
         if s.request_burst_per_ip > 0 && s.max_requests_per_ip == 0 {
             p.push("server.request_burst_per_ip: set without server.max_requests_per_ip".into());
+        }
+        if s.new_connection_burst_per_ip > 0 && s.max_new_connections_per_ip == 0 {
+            p.push(
+                "server.new_connection_burst_per_ip: set without server.max_new_connections_per_ip"
+                    .into(),
+            );
         }
         p.extend(at_most(
             "server.max_connections_per_ip",

@@ -75,6 +75,9 @@ pub async fn reject(worker: &'static Worker, tcp: TcpStream, why: Rejection) {
     }
     let message = match why {
         Rejection::PerIp => "too many connections from your address (max_connections_per_ip)",
+        Rejection::ConnectionRate => {
+            "your address opens connections too fast (max_new_connections_per_ip)"
+        }
         Rejection::Global => "gateway at its connection limit (max_connections)",
         Rejection::IpTableFull => "gateway cannot track more client addresses",
     };

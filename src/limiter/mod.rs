@@ -7,7 +7,12 @@
 //! connection holds a [`Permit`] from accept to close; dropping it releases both counts, so a count
 //! cannot leak whatever path ends the connection (error, timeout, panic unwinding a task, shutdown
 //! dropping the runtime). When a request rate per address is set, the permit also admits each
-//! request against it ([`RequestRate`], state kept beside the address's table slot).
+//! request against it ([`RequestRate`], state kept beside the address's table slot). When a
+//! new-connection rate per address is set, admission charges each connection against it too
+//! (the same algorithm, in words of its own), before any byte of the connection is read: a
+//! client opening and closing connections faster (each a TLS handshake, say) is refused at
+//! once. The addresses of override networks are not charged: they are listed because they are
+//! many clients behind one address.
 //!
 //! Invariants:
 //! - `active() <= max_connections` at every instant (see [`global`]).
@@ -56,18 +61,26 @@ pub enum Rejection {
     Global,
     /// `max_connections_per_ip` reached for this client address.
     PerIp,
+    /// This client address opens connections faster than `max_new_connections_per_ip`.
+    ConnectionRate,
     /// No slot in the per-IP table for a new address (attack or misconfiguration).
     IpTableFull,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 3] = [Rejection::Global, Rejection::PerIp, Rejection::IpTableFull];
+    pub const ALL: [Rejection; 4] = [
+        Rejection::Global,
+        Rejection::PerIp,
+        Rejection::ConnectionRate,
+        Rejection::IpTableFull,
+    ];
 
     /// Metric label value.
     pub fn label(self) -> &'static str {
         match self {
             Rejection::Global => "global",
             Rejection::PerIp => "per_ip",
+            Rejection::ConnectionRate => "connection_rate",
             Rejection::IpTableFull => "ip_table_full",
         }
     }
@@ -75,7 +88,7 @@ impl Rejection {
     /// HTTP status owed to a rejected client: 429 when it is this client's own fault, 503 otherwise.
     pub fn http_status(self) -> u16 {
         match self {
-            Rejection::PerIp => 429,
+            Rejection::PerIp | Rejection::ConnectionRate => 429,
             Rejection::Global | Rejection::IpTableFull => 503,
         }
     }
@@ -93,6 +106,11 @@ pub struct Limiter {
     rate_words: Option<RequestRate>,
     /// The request rate of addresses no override names (none when unset).
     rate: LiveRate,
+    /// The words of the new-connection rate, one per table slot; `None` when it was not set at
+    /// startup.
+    connection_words: Option<RequestRate>,
+    /// The new-connection rate of addresses no override names (none when unset).
+    connection_rate: LiveRate,
     /// Prefix length an IPv6 client's address is cut to before counting it (128: each
     /// address; 64: its /64 network), see [`Limiter::with_ipv6_prefix`]; changed by a reload.
     /// Relaxed: it guards nothing else; a connection admitted while a reload changes it is
@@ -132,6 +150,8 @@ impl Limiter {
             per_ip,
             rate_words: None,
             rate: LiveRate::default(),
+            connection_words: None,
+            connection_rate: LiveRate::default(),
             v6_prefix: AtomicU64::new(128),
             overrides: Overrides::default(),
         }
@@ -238,6 +258,21 @@ impl Limiter {
         self
     }
 
+    /// Also limits how fast each address may open connections: `per_second` a second, with
+    /// bursts of `burst` (0: one second's worth); `per_second == 0`: no limit. Addresses of
+    /// override networks are not limited. Needs the per-IP table (`max_per_ip > 0`).
+    pub fn with_connection_rate(mut self, per_second: u64, burst: u64) -> Self {
+        if per_second > 0 {
+            let (table, _) = self
+                .per_ip
+                .as_ref()
+                .expect("a connection rate needs the per-IP table");
+            self.connection_words = Some(RequestRate::new(table.capacity()));
+            self.connection_rate.set(Some(Rate::new(per_second, burst)));
+        }
+        self
+    }
+
     /// The rate words, made at startup once a rate is set (the default's or an override's).
     fn make_rate_words(&mut self) {
         if self.rate_words.is_none() {
@@ -301,12 +336,16 @@ impl Limiter {
     /// A reloaded default request rate (`per_second == 0`: none). A rate where none was set at
     /// startup (and no override had one) needs a restart: its per-address state is made then.
     pub fn set_request_rate(&self, per_second: u64, burst: u64) -> Result<(), &'static str> {
-        if per_second > 0 && self.rate_words.is_none() {
-            return Err("a request rate where none was set at startup needs a restart");
-        }
-        self.rate
-            .set((per_second > 0).then(|| Rate::new(per_second, burst)));
-        Ok(())
+        let why = "a request rate where none was set at startup needs a restart";
+        reload_rate((&self.rate, &self.rate_words), per_second, burst, why)
+    }
+
+    /// A reloaded new-connection rate (`per_second == 0`: none); turning it on where it was off
+    /// at startup needs a restart (its per-address state is made then).
+    pub fn set_connection_rate(&self, per_second: u64, burst: u64) -> Result<(), &'static str> {
+        let why = "a connection rate where none was set at startup needs a restart";
+        let rate = (&self.connection_rate, &self.connection_words);
+        reload_rate(rate, per_second, burst, why)
     }
 
     /// Gives the places waiting in this thread's reserves back: the global ones to the global
@@ -344,6 +383,11 @@ impl Limiter {
         self.rate.get().map(|r| (r.per_second, r.burst))
     }
 
+    /// The new-connection rate per address and its burst, `None` when off.
+    pub fn connection_rate(&self) -> Option<(u64, u64)> {
+        self.connection_rate.get().map(|r| (r.per_second, r.burst))
+    }
+
     /// Slots in the per-IP table (0 when per-IP limiting is off).
     pub fn ip_table_slots(&self) -> usize {
         self.per_ip.as_ref().map_or(0, |(t, _)| t.capacity())
@@ -353,6 +397,21 @@ impl Limiter {
     pub fn ip_table_slots_used(&self) -> usize {
         self.per_ip.as_ref().map_or(0, |(t, _)| t.used_slots())
     }
+}
+
+/// Puts a reloaded rate in force in `live` (`per_second == 0`: none), or refuses (`why`) one
+/// that would need per-address `words` not made at startup.
+fn reload_rate(
+    (live, words): (&LiveRate, &Option<RequestRate>),
+    per_second: u64,
+    burst: u64,
+    why: &'static str,
+) -> Result<(), &'static str> {
+    if per_second > 0 && words.is_none() {
+        return Err(why);
+    }
+    live.set((per_second > 0).then(|| Rate::new(per_second, burst)));
+    Ok(())
 }
 
 /// A permit's `place` when the per-IP table is off.
@@ -399,6 +458,15 @@ impl Permit {
                         | (class as u64) << 48
                         | fp << 32
                         | place.slot as u64;
+                    // Charged once the place is held (the words of a slot are its address's;
+                    // on refusal, dropping the permit gives the place back).
+                    let rate = l.connection_rate.get().filter(|_| class == 0);
+                    if let (Some(words), Some(rate)) = (&l.connection_words, rate) {
+                        let fp = table.fingerprint(place.slot) & 0xffff;
+                        if words.admit(place.slot, fp, &rate, rate::now_us()).is_err() {
+                            return Err(Rejection::ConnectionRate);
+                        }
+                    }
                 }
                 Err(TableReject::LimitReached) => return Err(Rejection::PerIp),
                 Err(TableReject::Full) => return Err(Rejection::IpTableFull),

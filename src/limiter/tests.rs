@@ -121,6 +121,41 @@ fn the_request_rate_is_per_address_over_all_its_connections() {
 }
 
 #[test]
+fn the_connection_rate_refuses_an_address_opening_connections_too_fast() {
+    let overrides = [limits("127.0.9.0", 24, 50, None)];
+    let l = Limiter::new(100, 50)
+        .with_connection_rate(1, 3)
+        .with_per_ip_overrides(&overrides)
+        .leak();
+    // A burst of three, whether they stay open or close at once: closing buys nothing back.
+    let kept = l.try_acquire(v4(2)).unwrap();
+    drop(l.try_acquire(v4(2)).unwrap());
+    drop(l.try_acquire(v4(2)).unwrap());
+    assert_eq!(l.try_acquire(v4(2)).unwrap_err(), Rejection::ConnectionRate);
+    assert_eq!(l.active(), 1, "the refused one holds no place");
+    assert_eq!(l.tracked_ips(), 1);
+    drop(kept);
+    assert_eq!(
+        l.try_acquire(v4(2)).unwrap_err(),
+        Rejection::ConnectionRate,
+        "its state outlives its last connection"
+    );
+    assert_eq!((l.active(), l.tracked_ips()), (0, 0));
+    // Another address has its own allowance; an override network's addresses are not charged.
+    let _b: Vec<_> = (0..3).map(|_| l.try_acquire(v4(3)).unwrap()).collect();
+    let nat: IpAddr = "127.0.9.1".parse().unwrap();
+    let _nat: Vec<_> = (0..10).map(|_| l.try_acquire(nat).unwrap()).collect();
+    // A reload lifts it; one where none was set at startup is refused.
+    assert_eq!(l.connection_rate(), Some((1, 3)));
+    l.set_connection_rate(0, 0).unwrap();
+    assert!(l.try_acquire(v4(2)).is_ok());
+    assert!(Limiter::new(10, 5)
+        .leak()
+        .set_connection_rate(5, 0)
+        .is_err());
+}
+
+#[test]
 fn ipv6_clients_can_be_counted_per_network() {
     let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
     let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
