@@ -141,11 +141,17 @@ fn threaded<T: Send + 'static>(each: Vec<T>, iters: u64, op: fn(&T)) -> Duration
 
 fn designs() -> Vec<(&'static str, Arc<dyn Design>)> {
     let held = Limiter::new(50_000, 1_000).leak();
+    // The same with `server.max_new_connections_per_ip` on: one more compare-and-swap per
+    // admission (the burst so large that every connection is admitted).
+    let rated = Limiter::new(50_000, 1_000)
+        .with_connection_rate(1_000_000, u64::MAX / 4)
+        .leak();
     // Some other live keys, as in a running gateway.
     // Addresses 1..=3 keep one connection open ("present"); 11 and 12 have none ("new").
     let present = (100..200).chain(1..=3);
     for n in present.clone() {
         std::mem::forget(held.try_acquire(ip(n)).unwrap());
+        std::mem::forget(rated.try_acquire(ip(n)).unwrap());
     }
     let map: HashMap<IpAddr, u32> = present.map(|n| (ip(n), 1)).collect();
     let mutex = MutexLimiter {
@@ -155,6 +161,7 @@ fn designs() -> Vec<(&'static str, Arc<dyn Design>)> {
     };
     vec![
         ("lock-free", Arc::new(Ours(held))),
+        ("lock-free-connection-rate", Arc::new(Ours(rated))),
         ("mutex-hashmap", Arc::new(mutex)),
         // The floor of the contract's shape: the global count alone (per-IP limit off), which
         // every admission and release goes through whatever the per-IP table does.
