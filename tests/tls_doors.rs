@@ -258,6 +258,12 @@ fn a_tls_client_that_leaves_ends_its_event_stream_upstream() {
     gw.wait_all_closed();
 }
 
+/// A TLS connection from `from` to the HTTP door, its handshake done (or why not).
+fn handshake(ca: &Ca, gw: &Gateway, from: &str) -> std::io::Result<common::tls::TlsClient> {
+    let mut c = ca.connect(from, gw.http);
+    c.conn.complete_io(&mut c.sock).map(|_| c)
+}
+
 /// With a request rate set, each TLS handshake counts as a request of its client: a burst of new
 /// connections from one address past the rate is closed before its handshake costs anything.
 #[test]
@@ -269,10 +275,7 @@ fn handshakes_over_the_request_rate_are_refused_before_they_cost() {
         dir.path(),
         "max_requests_per_ip: 1\nrequest_burst_per_ip: 2\n",
     );
-    let handshake = |from: &str| {
-        let mut c = ca.connect(from, gw.http);
-        c.conn.complete_io(&mut c.sock).map(|_| c)
-    };
+    let handshake = |from: &str| handshake(&ca, &gw, from);
     let _first = handshake("127.0.0.2").expect("within the burst");
     let _second = handshake("127.0.0.2").expect("within the burst");
     assert!(handshake("127.0.0.2").is_err(), "past the burst: closed");
@@ -284,6 +287,32 @@ fn handshakes_over_the_request_rate_are_refused_before_they_cost() {
         gw.metric("mcp_gateway_requests_rate_limited_total{frontend=\"http\"}"),
         1.0
     );
+    assert_eq!(tls_errors(&gw, "http"), 0.0, "not a TLS error");
+}
+
+/// Over `max_new_connections_per_ip`, a connection to a TLS door is closed at once, with no
+/// handshake: answering its `429` inside TLS would cost the handshake the rate is there to spare.
+#[test]
+fn connections_over_the_connection_rate_are_closed_before_the_handshake() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = tls_gateway(
+        &ca,
+        dir.path(),
+        "max_new_connections_per_ip: 1\nnew_connection_burst_per_ip: 2\n",
+    );
+    let handshake = |from: &str| handshake(&ca, &gw, from);
+    let first = handshake("127.0.0.2").expect("within the burst");
+    drop(first);
+    let _second = handshake("127.0.0.2").expect("within the burst");
+    assert!(handshake("127.0.0.2").is_err(), "past the burst: closed");
+    assert!(
+        handshake("127.0.0.3").is_ok(),
+        "another address has its own"
+    );
+    let sample =
+        "mcp_gateway_connections_rejected_total{frontend=\"http\",reason=\"connection_rate\"}";
+    assert_eq!(gw.metric(sample), 1.0);
     assert_eq!(tls_errors(&gw, "http"), 0.0, "not a TLS error");
 }
 

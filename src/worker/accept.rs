@@ -161,7 +161,10 @@ pub(super) fn spawn_connection(door: impl Future<Output = ()> + 'static, client:
 fn refuse(worker: &'static Worker, stream: TcpStream, ip: IpAddr, why: Rejection, door: Frontend) {
     worker.metrics.rejected(door, why);
     tracing::debug!(%ip, frontend = door.label(), reason = why.label(), "connection rejected");
-    if door == Frontend::Http && worker.rejecting.get() < MAX_REJECTING {
+    // Over the connection rate on a TLS door, the answer would cost the handshake that the rate
+    // is there to spare: closed at once, as the request rate closes such a connection.
+    let spared = why == Rejection::ConnectionRate && worker.tls().is_some();
+    if door == Frontend::Http && !spared && worker.rejecting.get() < MAX_REJECTING {
         let slot = RejectSlot::take(worker);
         monoio::spawn(CatchUnwind(async move {
             let _slot = slot;
