@@ -459,12 +459,14 @@ impl Permit {
                         | fp << 32
                         | place.slot as u64;
                     // Charged once the place is held (the words of a slot are its address's;
-                    // on refusal, dropping the permit gives the place back).
-                    let rate = l.connection_rate.get().filter(|_| class == 0);
-                    if let (Some(words), Some(rate)) = (&l.connection_words, rate) {
-                        let fp = table.fingerprint(place.slot) & 0xffff;
-                        if words.admit(place.slot, fp, &rate, rate::now_us()).is_err() {
-                            return Err(Rejection::ConnectionRate);
+                    // on refusal, dropping the permit gives the place back). Nothing is read
+                    // when the rate was off at startup.
+                    if let Some(words) = l.connection_words.as_ref().filter(|_| class == 0) {
+                        if let Some(rate) = l.connection_rate.get() {
+                            let fp = table.fingerprint(place.slot) & 0xffff;
+                            if words.admit(place.slot, fp, &rate, rate::now_us()).is_err() {
+                                return Err(Rejection::ConnectionRate);
+                            }
                         }
                     }
                 }
