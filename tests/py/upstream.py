@@ -109,12 +109,14 @@ class OneToken:
 if args.token:
     from mcp.server.auth.settings import AuthSettings
 
+    settings = {
+        "issuer_url": "https://auth.example.com",
+        "resource_server_url": "http://127.0.0.1/mcp",
+    }
+    if "validate_token_resource" in AuthSettings.model_fields:  # SDK 1.30 warns without it
+        settings["validate_token_resource"] = False
     extra["token_verifier"] = OneToken()
-    extra["auth"] = AuthSettings(
-        issuer_url="https://auth.example.com",
-        resource_server_url="http://127.0.0.1/mcp",
-        validate_token_resource=False,
-    )
+    extra["auth"] = AuthSettings(**settings)
 if args.resumable:
     extra["event_store"] = MemoryEvents()
     extra["retry_interval"] = 50
