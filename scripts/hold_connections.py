@@ -23,6 +23,9 @@ p.add_argument("--proxy-header", action="store_true",
 p.add_argument("--settle-url", default="",
                help="the gateway's /metrics: once all are held, wait until its count of parked "
                     "connections (mcp_gateway_connections_parked) stops moving before going on")
+p.add_argument("--field", action="append", default=[],
+               help="a field line ('Authorization: Bearer x') every request head (http, stream, ws) "
+                    "carries too; repeatable")
 p.add_argument("--measure-pids", default="",
                help="comma-separated pids: print their RSS growth per held connection, then close")
 a = p.parse_args()
@@ -69,12 +72,13 @@ if a.connections + 16 > hard:
 body = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
 mask = b"\x12\x34\x56\x78"
 # (bytes to send, bytes that end a good answer's start, what the answer starts with)
+fields = b"".join(f.encode() + b"\r\n" for f in a.field)
 SEND = {
-    "http": (b"POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-             % len(body)) + body,
-    "stream": b"GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n",
+    "http": (b"POST /mcp HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
+             % (len(body), fields)) + body,
+    "stream": b"GET /mcp HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n" + fields + b"\r\n",
     "ws": b"GET /mcp HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" + fields + b"\r\n"
           + bytes([0x81, 0x80 | len(body)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(body)),
     "mcpb": b"MCPB" + struct.pack(">HHI", 1, 1, len(body)) + body,
 }

@@ -6,7 +6,7 @@
 set -euo pipefail
 usage() {
   cat <<USAGE
-usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx] [--proxy-protocol] [--tls] [--heap] [--no-park]
+usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx] [--proxy-protocol] [--tls] [--heap] [--no-park] [--field F]...
   --mode M          http (default): keep-alive connections idle after a request;
                     stream: open event streams (GET /mcp) through the proxy to an upstream that
                     holds them silent (scripts/lib/sse_upstream.py), as every MCP client keeps one;
@@ -28,10 +28,13 @@ usage: scripts/idle-memory.sh [--mode M] [--connections N] [--nginx] [--proxy-pr
   --no-park         server.park_idle_connections: false (idle connections wait in their
                     tasks); by default plain ones park, and each measurement waits until the
                     gateway's count of parked connections settles
+  --field F         a field line every client's request head carries too (repeatable): say
+                    'Authorization: Bearer ...' in ws mode, which the gateway keeps with each
+                    WebSocket session for its upstream requests
 Runs on loopback only and stops everything it started.
 USAGE
 }
-N=""; NGINX=0; MODE=http; PP=0; TLS=0; HEAP=0; PARK=true
+N=""; NGINX=0; MODE=http; PP=0; TLS=0; HEAP=0; PARK=true; FIELDS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --mode) MODE=$2; shift 2 ;;
@@ -41,6 +44,7 @@ while [ $# -gt 0 ]; do
     --tls) TLS=1; shift ;;
     --heap) HEAP=1; shift ;;
     --no-park) PARK=false; shift ;;
+    --field) FIELDS+=(--field "$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) usage; exit 64 ;;
   esac
@@ -60,6 +64,7 @@ measure() { # name mode port pid...
   # readings are then taken in that state.
   local pp=(); [ "$PP" = 1 ] && [ "$name" != "${name#mcp-gateway}" ] && pp=(--proxy-header)
   [ "$TLS" = 1 ] && pp+=(--tls)
+  pp+=(${FIELDS[@]+"${FIELDS[@]}"})
   local settle=() warm=200
   if [ "$name" != "${name#mcp-gateway}" ]; then
     settle=(--settle-url "http://127.0.0.1:$gmetrics/metrics")
@@ -156,6 +161,7 @@ heap() { # mode port pid: live heap per connection while N connections are held 
   local mode=$1 port=$2 pid=$3
   local n=${N:-$([ "$mode" = http ] && echo 15000 || echo 8000)}
   local pp=(); [ "$PP" = 1 ] && pp=(--proxy-header); [ "$TLS" = 1 ] && pp+=(--tls)
+  pp+=(${FIELDS[@]+"${FIELDS[@]}"})
   local h0 h1 holder
   python3 scripts/hold_connections.py --mode "$mode" --port "$port" --connections 200 --hold 0 "${pp[@]}" >/dev/null
   sleep 0.5
