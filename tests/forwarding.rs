@@ -2386,6 +2386,12 @@ fn a_batch_gets_a_response_or_an_error_for_each_of_its_requests() {
                 s,
                 "id: r1\nretry: 20\ndata: {\"jsonrpc\":\"2.0\",\"id\":\"r-1\",\"result\":{}}\n\n",
             );
+        } else if body.contains("\"late\"") {
+            // Both responses, then an event over max_message_size (1 MiB): dropped, with no
+            // second answer for ids already answered.
+            let _ = s.write_all(mock::SSE_HEAD);
+            chunk(s, "data: [{\"jsonrpc\":\"2.0\",\"id\":\"l-1\",\"result\":{}},{\"jsonrpc\":\"2.0\",\"id\":\"l-2\",\"result\":{}}]\n\n");
+            chunk(s, &format!("data: \"{}\"\n\n", "x".repeat(1_100_000)));
         } else {
             let id = serde_json::from_slice::<serde_json::Value>(&req.body).unwrap()["id"].clone();
             return json_reply(
@@ -2451,6 +2457,17 @@ fn a_batch_gets_a_response_or_an_error_for_each_of_its_requests() {
     let (kind, r) = read_mcpb(&mut c);
     assert_eq!((kind, &r["id"]), (2, &"after".into()), "{r}");
     assert_eq!(resumptions(&gw, &up), 1.0);
+
+    // Whatever fails after every response came costs no error (a second answer for their ids).
+    c.write_all(&batch(&[request("l-1", "late"), request("l-2", "late")]))
+        .unwrap();
+    let (kind, r) = read_mcpb(&mut c);
+    assert_eq!((kind, r.as_array().map(Vec::len)), (2, Some(2)), "{r}");
+    gw.wait_log("reply larger than max_message_size");
+    c.write_all(&mcpb_frame(1, request("after-late", "ping").as_bytes()))
+        .unwrap();
+    let (kind, r) = read_mcpb(&mut c);
+    assert_eq!((kind, &r["id"]), (2, &"after-late".into()), "{r}");
     drop(c);
 
     // An upstream that cannot be reached (over WebSocket: MCPB serves `default` only): an error

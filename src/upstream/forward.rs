@@ -168,8 +168,6 @@ pub(super) async fn forward(
         true => Awaited::of(message),
         false => Awaited::default(),
     };
-    let awaits = !awaited.is_empty();
-    let mut answered = false;
     let mut resume = Resume::default();
     // An error for the message went to the client already.
     let mut failed = false;
@@ -189,14 +187,17 @@ pub(super) async fn forward(
                         learn_protocol(state, event.data);
                     }
                     resume.saw(event);
-                    if !answered {
-                        awaited.answered_by(event.data);
-                        answered = awaits && awaited.is_empty();
-                    }
-                    if !event.data.is_empty() && !outbox.push(Kind::Reply, event.data) {
-                        let why = "client too slow to take the replies";
-                        fail_awaited(outbox, &awaited, message, why);
-                        failed = true;
+                    // A response counts once it is on its way to the client: one that did not
+                    // fit in the queue still costs its request an error.
+                    if !event.data.is_empty() {
+                        if outbox.push(Kind::Reply, event.data) {
+                            awaited.answered_by(event.data);
+                        } else if !failed {
+                            // Once: the requests still waiting get one error each.
+                            let why = "client too slow to take the replies";
+                            fail_awaited(outbox, &awaited, message, why);
+                            failed = true;
+                        }
                     }
                     true
                 }),
@@ -221,7 +222,7 @@ pub(super) async fn forward(
             // task. Once it came, the stream is to end (MCP: the server SHOULD end it then):
             // one still open `request_timeout` later is closed, its forward done, rather than
             // holding one of the session's forwards in flight.
-            if answered && ends_by.is_none() {
+            if awaited.all_answered() && ends_by.is_none() {
                 ends_by = Some(Instant::now() + all.request_timeout);
             }
             let deadline = match (head.event_stream, ends_by) {
@@ -241,13 +242,16 @@ pub(super) async fn forward(
             Ended::Failed => break,
             // The response came (a stream that breaks after it costs nothing), or an error
             // went out already, or no response is awaited from a stream that ended.
-            _ if answered || failed => break,
-            Ended::Done if !awaits => break,
+            _ if awaited.all_answered() || failed => break,
+            Ended::Done if !awaited.awaits() => break,
             Ended::Done => NO_REPLY,
             Ended::Lost(why) => why,
         };
         // Resumed within the session, if it still has one.
-        let session = awaits.then(|| state.id.borrow().clone()).flatten();
+        let session = awaited
+            .awaits()
+            .then(|| state.id.borrow().clone())
+            .flatten();
         if let Some(id) = session {
             let fields = state.fields.borrow().clone();
             if let Some((again, rest, kind)) = resume.reopen(worker, u, &id, &fields).await {
@@ -351,8 +355,13 @@ fn fail(outbox: &Outbox, message: &[u8], why: &str) {
 }
 
 /// Queues the JSON-RPC errors for the requests of `message` still `awaited` (some of a batch's
-/// may have been answered), or, when none is, the error for `message`.
+/// may have been answered), or, when it awaited none, the error for `message`. Nothing once
+/// every request has its response: a second answer for an id would break JSON-RPC, and what
+/// failed after them (an event the client does not get) is logged where it failed.
 fn fail_awaited(outbox: &Outbox, awaited: &Awaited, message: &[u8], why: &str) {
+    if awaited.all_answered() {
+        return;
+    }
     let mut error = take_buf();
     awaited.write_errors(&mut error, why);
     if error.is_empty() {

@@ -21,17 +21,30 @@ pub(super) struct MessageFields<'a> {
     pub method: bool,
 }
 
+/// The members of a JSON-RPC message that tell its kind, each as it came.
+#[derive(Deserialize)]
+struct Parts<'a> {
+    #[serde(borrow)]
+    jsonrpc: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    method: Option<&'a RawValue>,
+    #[serde(borrow)]
+    result: Option<&'a RawValue>,
+    #[serde(borrow)]
+    error: Option<&'a RawValue>,
+}
+
+/// The parts of `message` when it is a JSON object.
+fn parts(message: &[u8]) -> Option<Parts<'_>> {
+    crate::echo::is_object(message)
+        .then(|| serde_json::from_slice(message).ok())
+        .flatten()
+}
+
 pub(super) fn fields_of(message: &[u8]) -> MessageFields<'_> {
-    #[derive(Deserialize)]
-    struct Fields<'a> {
-        #[serde(borrow)]
-        id: Option<&'a RawValue>,
-        #[serde(borrow)]
-        method: Option<&'a RawValue>,
-    }
-    let read = crate::echo::is_object(message)
-        .then(|| serde_json::from_slice::<Fields>(message).ok())
-        .flatten();
+    let read = parts(message);
     MessageFields {
         id: read
             .as_ref()
@@ -46,19 +59,8 @@ pub(super) fn fields_of(message: &[u8]) -> MessageFields<'_> {
 /// OAuth error (`{"error": "invalid_token"}`) or an error page is none, and would leave a
 /// client waiting for its response.
 pub(super) fn is_response(reply: &[u8]) -> bool {
-    #[derive(Deserialize)]
-    struct Response<'a> {
-        #[serde(borrow)]
-        jsonrpc: Option<&'a RawValue>,
-        #[serde(borrow)]
-        result: Option<&'a RawValue>,
-        #[serde(borrow)]
-        error: Option<&'a RawValue>,
-    }
     let one = |m: &[u8]| {
-        crate::echo::is_object(m)
-            && serde_json::from_slice::<Response>(m)
-                .is_ok_and(|r| r.jsonrpc.is_some() && (r.result.is_some() || r.error.is_some()))
+        parts(m).is_some_and(|r| r.jsonrpc.is_some() && (r.result.is_some() || r.error.is_some()))
     };
     match batch_of(reply) {
         Some(members) => !members.is_empty() && members.iter().all(|m| one(m.get().as_bytes())),
@@ -80,6 +82,8 @@ fn batch_of(message: &[u8]) -> Option<Vec<&RawValue>> {
 pub(super) struct Awaited<'a> {
     /// Whether the message is a batch: the errors for its requests are one array.
     batch: bool,
+    /// Whether the message held a request at all (so a reply must bring responses).
+    awaits: bool,
     /// A single request's id (no allocation for the common case).
     one: Option<&'a RawValue>,
     /// A batch's requests' ids.
@@ -91,25 +95,37 @@ impl<'a> Awaited<'a> {
     /// no string or number, or what is not JSON-RPC.
     pub(super) fn of(message: &'a [u8]) -> Self {
         let request = |m: MessageFields<'a>| m.id.filter(|_| m.method);
-        match batch_of(message) {
+        let mut awaited = match batch_of(message) {
             Some(members) => Awaited {
                 batch: true,
-                one: None,
                 many: members
                     .iter()
                     .filter_map(|m| request(fields_of(m.get().as_bytes())))
                     .collect(),
+                ..Awaited::default()
             },
             None => Awaited {
                 one: request(fields_of(message)),
                 ..Awaited::default()
             },
-        }
+        };
+        awaited.awaits = !awaited.is_empty();
+        awaited
     }
 
     /// Whether no request waits (any more).
     pub(super) fn is_empty(&self) -> bool {
         self.one.is_none() && self.many.is_empty()
+    }
+
+    /// Whether the message held requests.
+    pub(super) fn awaits(&self) -> bool {
+        self.awaits
+    }
+
+    /// Whether the message held requests and every one of them has its response.
+    pub(super) fn all_answered(&self) -> bool {
+        self.awaits && self.is_empty()
     }
 
     /// Crosses off the requests that `reply` (one message from the upstream, or a batch of
@@ -256,6 +272,7 @@ mod tests {
     fn replies_cross_off_the_requests_they_answer() {
         let batch = br#"[{"jsonrpc":"2.0","id":1,"method":"a"},{"jsonrpc":"2.0","id":"b","method":"b"},{"jsonrpc":"2.0","id":3,"method":"c"}]"#;
         let mut awaited = Awaited::of(batch);
+        assert!(awaited.awaits() && !awaited.all_answered());
         // A server's request with an awaited id, and a notification, answer nothing.
         awaited.answered_by(br#"{"jsonrpc":"2.0","id":1,"method":"sampling/createMessage"}"#);
         awaited.answered_by(br#"{"jsonrpc":"2.0","method":"notifications/progress"}"#);
@@ -275,7 +292,7 @@ mod tests {
         assert_eq!(left.len(), 1);
         assert_eq!(left[0]["id"], 1);
         awaited.answered_by(br#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"x"}}"#);
-        assert!(awaited.is_empty());
+        assert!(awaited.is_empty() && awaited.all_answered());
         assert_eq!(errors(&awaited), "");
 
         let mut one = Awaited::of(br#"{"jsonrpc":"2.0","id":"x","method":"a"}"#);
@@ -292,7 +309,11 @@ mod tests {
             b"[]",
             b"garbage",
         ] {
-            assert!(Awaited::of(nothing).is_empty(), "{nothing:?}");
+            let none = Awaited::of(nothing);
+            assert!(
+                none.is_empty() && !none.awaits() && !none.all_answered(),
+                "{nothing:?}"
+            );
         }
     }
 }
